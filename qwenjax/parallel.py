@@ -1,0 +1,151 @@
+"""Device mesh, the one logical→mesh sharding table, and the attention head plan.
+
+Layer code names logical axes only (``"vocab"``, ``"embed"``, ``"kv_heads"``, …);
+``ShardingRules`` maps them to mesh axes. With the mesh in Auto mode XLA's
+partitioner inserts the Megatron collectives itself: one all-reduce after the
+attention output projection and one after the MLP down projection per layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwenjax.config import ModelConfig
+
+MESH_AXES = ("dp", "tp")
+
+LogicalAxes = tuple[str | None, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name → mesh axis (``None`` = replicated)."""
+
+    batch: str | None = None
+    vocab: str | None = "tp"
+    embed: str | None = None
+    q_heads: str | None = "tp"
+    kv_heads: str | None = "tp"
+    head_dim: str | None = None
+    mlp: str | None = "tp"
+    layers: str | None = None
+    # KV cache pages and the tokens inside a page are never split.
+    pages: str | None = None
+    page_slot: str | None = None
+
+    def spec(self, axes: LogicalAxes) -> PartitionSpec:
+        mesh_axes = []
+        for name in axes:
+            if name is None:
+                mesh_axes.append(None)
+                continue
+            if not hasattr(self, name):
+                raise ValueError(f"unknown logical axis {name!r} (known: {', '.join(_logical_names())})")
+            mesh_axes.append(getattr(self, name))
+        used = [a for a in mesh_axes if a is not None]
+        if len(used) != len(set(used)):
+            raise ValueError(f"logical axes {axes} map two dimensions onto one mesh axis: {mesh_axes}")
+        return PartitionSpec(*mesh_axes)
+
+    def sharding(self, mesh: Mesh, axes: LogicalAxes) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes))
+
+
+def _logical_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ShardingRules)]
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (or the ones given).
+
+    Axes are Auto (sharding propagation by XLA) rather than jax's Explicit default:
+    the model annotates weights and a few activations and lets the partitioner
+    place the collectives.
+    """
+    if tp < 1 or dp < 1:
+        raise ValueError(f"mesh sizes must be ≥ 1, got dp={dp}, tp={tp}")
+    if devices is None:
+        available = jax.devices()
+        if dp * tp > len(available):
+            raise ValueError(
+                f"mesh dp={dp} × tp={tp} needs {dp * tp} devices; only {len(available)} "
+                f"{available[0].platform.upper()} device(s) are visible")
+        devices = available[: dp * tp]
+    if len(devices) != dp * tp:
+        raise ValueError(f"mesh dp={dp} × tp={tp} needs {dp * tp} devices, got {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(dp, tp)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_tp(mesh: Mesh) -> int:
+    return mesh.shape.get("tp", 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadPlan:
+    """How the checkpoint's heads are laid out for a tensor-parallel degree.
+
+    Attention runs per KV head on whole GQA groups, so each device must hold
+    whole groups. With ``tp`` not dividing the KV heads (e.g. 72B's 8 KV heads
+    at TP16, or 0.5B's 2 at TP4), each KV head is replicated ``kv_replicas``
+    times at load. Each replica serves a slice of its group's q heads; when the
+    group does not split evenly, it is padded with zero q heads whose o_proj
+    rows are zero, so outputs are unchanged.
+    """
+
+    num_heads: int          # q heads in the checkpoint
+    num_kv_heads: int       # KV heads in the checkpoint
+    tp: int
+    kv_replicas: int        # copies of each checkpoint KV head
+    q_per_kv: int           # q heads served by each (replicated) KV head, padding included
+
+    @classmethod
+    def create(cls, config: ModelConfig, tp: int) -> "HeadPlan":
+        kv_heads = math.lcm(config.num_kv_heads, tp)
+        replicas = kv_heads // config.num_kv_heads
+        return cls(
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            tp=tp,
+            kv_replicas=replicas,
+            q_per_kv=-(-config.q_per_kv // replicas),
+        )
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads after replication (a multiple of tp)."""
+        return self.num_kv_heads * self.kv_replicas
+
+    @property
+    def q_heads(self) -> int:
+        """q heads after padding (kv_heads × q_per_kv)."""
+        return self.kv_heads * self.q_per_kv
+
+    @property
+    def padded(self) -> bool:
+        return self.q_heads != self.num_heads or self.kv_replicas > 1
+
+    def kv_source(self, kv_head: int) -> int:
+        """Checkpoint KV head that planned KV head ``kv_head`` copies."""
+        return kv_head // self.kv_replicas
+
+    def q_source(self, kv_head: int, slot: int) -> int | None:
+        """Checkpoint q head for slot ``slot`` of planned KV head ``kv_head``; None = padding."""
+        group = self.num_heads // self.num_kv_heads
+        within = (kv_head % self.kv_replicas) * self.q_per_kv + slot
+        if within >= group:
+            return None
+        return self.kv_source(kv_head) * group + within
+
+
+def padded_size(size: int, tp: int) -> int:
+    """``size`` rounded up to a multiple of ``tp`` (MLP width and vocab are zero-padded)."""
+    return -(-size // tp) * tp

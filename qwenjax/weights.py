@@ -1,0 +1,238 @@
+"""HF safetensors checkpoints → sharded device arrays, each device reading only its slice.
+
+The reader memory-maps each file (numpy has no bfloat16, so ``safetensors``' own
+numpy reader cannot open bf16 checkpoints; ``ml_dtypes`` can view the bytes),
+and each device's callback copies just the rows/columns its shard needs. A 72B
+checkpoint is therefore never materialized whole in host RAM: the largest host
+buffer is one parameter's local shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+
+from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, param_specs
+from qwenjax.parallel import DEFAULT_RULES, ShardingRules
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def resolve_dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+class Checkpoint:
+    """Lazy, memory-mapped view of an HF checkpoint directory (one file or an index)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            with open(index) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors files in {self.directory}")
+        self._tensors: dict[str, tuple[Path, str, tuple[int, ...], int]] = {}
+        for name in files:
+            self._read_header(self.directory / name)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def _read_header(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for tensor, info in header.items():
+            if tensor == "__metadata__":
+                continue
+            start, _ = info["data_offsets"]
+            self._tensors[tensor] = (path, info["dtype"], tuple(info["shape"]), base + start)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._tensor_info(name)[2]
+
+    def _tensor_info(self, name: str):
+        if name not in self._tensors:
+            raise KeyError(f"checkpoint {self.directory} has no tensor {name!r}")
+        return self._tensors[name]
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A zero-copy view; slicing it and copying reads only those bytes from disk."""
+        path, dtype, shape, offset = self._tensor_info(name)
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        np_dtype = np.dtype(_ST_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = self._maps[path][offset: offset + count * np_dtype.itemsize]
+        return raw.view(np_dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+# ---- per-parameter slice readers ----------------------------------------------------------
+# Each reader takes the device's index into the *target* array (a tuple of slices) and
+# returns that block as float32 numpy, reading only the rows/columns it needs.
+
+def _range(s: slice, size: int) -> range:
+    return range(*s.indices(size))
+
+
+def _row_block(src: np.ndarray, rows: slice, cols: slice, padded_rows: int) -> np.ndarray:
+    """``src[rows, cols]`` as float32, where ``rows`` indexes a zero-padded copy of ``src``."""
+    row_range = _range(rows, padded_rows)
+    block = np.zeros((len(row_range), len(_range(cols, src.shape[1]))), np.float32)
+    # Rows are ascending, so the ones that exist in src are a prefix of the block.
+    valid = [r for r in row_range if r < src.shape[0]]
+    if valid:
+        block[: len(valid)] = src[valid[0]: valid[-1] + 1, cols]
+    return block
+
+
+def _vector(ckpt, name):
+    return lambda index: np.asarray(ckpt.tensor(name)[index[0]], np.float32)
+
+
+def _layer_readers(ckpt: Checkpoint, layout: Layout, i: int) -> dict[str, Callable]:
+    c, plan = layout.config, layout.heads
+    d = c.head_dim
+    p = f"model.layers.{i}."
+
+    def head_rows(kv_head: int, slot: int) -> tuple[str, int | None]:
+        """Which checkpoint projection and head fill (kv_head, slot) of the fused qkv."""
+        if slot < plan.q_per_kv:
+            return "q_proj", plan.q_source(kv_head, slot)
+        return ("k_proj" if slot == plan.q_per_kv else "v_proj"), plan.kv_source(kv_head)
+
+    def qkv(index):
+        se, sg, sj, sd = index
+        src_e = _range(se, c.hidden_size)
+        gs, js, ds = _range(sg, plan.kv_heads), _range(sj, plan.q_per_kv + 2), _range(sd, d)
+        out = np.zeros((len(src_e), len(gs), len(js), len(ds)), np.float32)
+        for a, g in enumerate(gs):
+            for b, j in enumerate(js):
+                proj, head = head_rows(g, j)
+                if head is None:
+                    continue  # padded q head: zeros
+                w = ckpt.tensor(p + f"self_attn.{proj}.weight")
+                rows = w[head * d + ds.start: head * d + ds.stop: ds.step or 1, se]
+                out[:, a, b, :] = np.asarray(rows, np.float32).T
+        return out
+
+    def qkv_bias(index):
+        sg, sj, sd = index
+        gs, js, ds = _range(sg, plan.kv_heads), _range(sj, plan.q_per_kv + 2), _range(sd, d)
+        out = np.zeros((len(gs), len(js), len(ds)), np.float32)
+        for a, g in enumerate(gs):
+            for b, j in enumerate(js):
+                proj, head = head_rows(g, j)
+                if head is None:
+                    continue
+                bias = ckpt.tensor(p + f"self_attn.{proj}.bias")
+                out[a, b] = bias[head * d + ds.start: head * d + ds.stop: ds.step or 1]
+        return out
+
+    def o(index):
+        sg, sj, sd, se = index
+        gs, js, ds = _range(sg, plan.kv_heads), _range(sj, plan.q_per_kv), _range(sd, d)
+        w = ckpt.tensor(p + "self_attn.o_proj.weight")  # [embed, heads * d]
+        out = np.zeros((len(gs), len(js), len(ds), len(_range(se, c.hidden_size))), np.float32)
+        for a, g in enumerate(gs):
+            for b, j in enumerate(js):
+                head = plan.q_source(g, j)
+                if head is None:
+                    continue  # zero rows: padded heads contribute nothing
+                cols = w[se, head * d + ds.start: head * d + ds.stop: ds.step or 1]
+                out[a, b] = np.asarray(cols, np.float32).T
+        return out
+
+    def gate_up(index):
+        se, st, sm = index
+        # HF gate/up are [intermediate, embed]; the target is [embed, 2, mlp].
+        parts = [_row_block(ckpt.tensor(p + f"mlp.{name}.weight"), sm, se, layout.mlp).T
+                 for name in ("gate_proj", "up_proj")[st]]
+        return np.stack(parts, axis=1)
+
+    def down(index):
+        sm, se = index
+        # HF down is [embed, intermediate]; the target is [mlp, embed].
+        return _row_block(ckpt.tensor(p + "mlp.down_proj.weight").T, sm, se, layout.mlp)
+
+    return dict(
+        attn_norm=_vector(ckpt, p + "input_layernorm.weight"),
+        qkv=qkv, qkv_bias=qkv_bias, o=o,
+        mlp_norm=_vector(ckpt, p + "post_attention_layernorm.weight"),
+        gate_up=gate_up, down=down,
+    )
+
+
+def _readers(ckpt: Checkpoint, layout: Layout) -> Weights:
+    c = layout.config
+
+    def embed(index):
+        sv, se = index
+        return _row_block(ckpt.tensor("model.embed_tokens.weight"), sv, se, layout.vocab)
+
+    def lm_head(index):
+        se, sv = index
+        return _row_block(ckpt.tensor("lm_head.weight"), sv, se, layout.vocab).T
+
+    return Weights(
+        embed=embed,
+        layers=[LayerWeights(**_layer_readers(ckpt, layout, i)) for i in range(c.num_layers)],
+        final_norm=_vector(ckpt, "model.norm.weight"),
+        lm_head=None if c.tie_word_embeddings else lm_head,
+    )
+
+
+def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dtype=jnp.bfloat16,
+                    rules: ShardingRules = DEFAULT_RULES) -> Weights:
+    """Load an HF Qwen2 checkpoint into ``layout``'s sharded arrays of ``dtype``."""
+    ckpt = Checkpoint(directory)
+    c = layout.config
+    if not c.tie_word_embeddings and "lm_head.weight" not in ckpt:
+        raise ValueError(f"{directory}: config says untied embeddings but there is no lm_head.weight")
+    embed_shape = ckpt.shape("model.embed_tokens.weight")
+    if embed_shape != (c.vocab_size, c.hidden_size):
+        raise ValueError(f"{directory}: embed_tokens is {embed_shape}, config expects "
+                         f"{(c.vocab_size, c.hidden_size)}")
+    np_dtype = np.dtype(dtype)
+    try:
+        specs = param_specs(layout)
+        readers = _readers(ckpt, layout)
+        spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+        reader_leaves = treedef.flatten_up_to(readers)
+        arrays = []
+        for spec, read in zip(spec_leaves, reader_leaves):
+            sharding = rules.sharding(mesh, spec.axes)
+            arrays.append(jax.make_array_from_callback(
+                spec.shape, sharding, lambda index, read=read: read(index).astype(np_dtype)))
+        return jax.tree.unflatten(treedef, arrays)
+    finally:
+        ckpt.close()
