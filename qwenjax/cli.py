@@ -1,0 +1,98 @@
+"""``qwenjax`` command line: fetch-model, convert, generate.
+
+Only results go to stdout (generated text, a directory); progress and logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory or preset name (qwen2.5-0.5b … qwen2.5-72b, random "
+                        "weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_fetch_model(args) -> int:
+    from qwenjax.model_fetch import fetch_default_model
+
+    print(fetch_default_model(progress=not args.quiet))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from qwenjax.gguf_convert import convert_gguf_to_hf
+
+    convert_gguf_to_hf(args.gguf, args.out, progress=True)
+    print(args.out)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from qwenjax.greedy import GreedyGenerator
+    from qwenjax.loading import device_summary, load_model
+
+    start = time.perf_counter()
+    lm = load_model(args.model, tp=args.tp, dtype=args.dtype)
+    _log(f"loaded {lm.source} ({lm.dtype}, tp={args.tp}) on {device_summary()} "
+         f"in {time.perf_counter() - start:.1f}s")
+    tokenizer = lm.tokenizer
+    if tokenizer is None:
+        raise SystemExit(f"--model {args.model}: random-weight presets have no tokenizer; "
+                         "pass an HF checkpoint directory to generate text")
+    if args.chat:
+        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    start = time.perf_counter()
+    output = GreedyGenerator(lm).generate([prompt_ids], args.max_tokens, tokenizer.eos_token_ids)[0]
+    elapsed = time.perf_counter() - start
+    print(tokenizer.decode(output))
+    _log(f"{len(prompt_ids)} prompt + {len(output)} generated tokens in {elapsed:.2f}s "
+         "(includes compilation)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-model", help="build the default Qwen2.5-Coder-0.5B-Instruct into the "
+                                           "cache and print its directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("convert", help="convert a Qwen2 GGUF file into an HF checkpoint directory")
+    p.add_argument("gguf")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="greedy generation for one prompt; prints only the text")
+    _add_model_args(p)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the "
+                                                       "model's chat template")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        _log(f"qwenjax {args.command}: error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
