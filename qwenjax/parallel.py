@@ -149,3 +149,21 @@ class HeadPlan:
 def padded_size(size: int, tp: int) -> int:
     """``size`` rounded up to a multiple of ``tp`` (MLP width and vocab are zero-padded)."""
     return -(-size // tp) * tp
+
+
+def one_device_shard(config: ModelConfig, tp: int) -> ModelConfig:
+    """A config whose tp=1 model is exactly one device's share of ``config`` at ``tp``.
+
+    Benchmarks on one GPU run this to stand in for a TP group (DESIGN.md,
+    "Performance method"): e.g. 72B at TP4 → 16 q heads, 2 KV heads, MLP 7392,
+    vocab 38016 per device.
+    """
+    plan = HeadPlan.create(config, tp)
+    return dataclasses.replace(
+        config,
+        num_heads=plan.q_heads // tp,
+        num_kv_heads=plan.kv_heads // tp,
+        intermediate_size=padded_size(config.intermediate_size, tp) // tp,
+        vocab_size=padded_size(config.vocab_size, tp) // tp,
+        name=f"{config.name}/tp{tp}-shard",
+    )

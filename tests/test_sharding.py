@@ -101,3 +101,13 @@ def test_head_plan(name, tp, kv_heads, q_heads):
 def test_mesh_errors_name_the_limit():
     with pytest.raises(ValueError, match="needs 16 devices; only 8"):
         make_mesh(tp=16)
+
+
+def test_one_device_shard_of_72b_at_tp4():
+    from qwenjax.parallel import one_device_shard
+
+    shard = one_device_shard(preset("qwen2.5-72b"), 4)
+    assert (shard.num_heads, shard.num_kv_heads, shard.intermediate_size, shard.vocab_size) == (16, 2, 7392, 38016)
+    # A quarter of the model's weights (norms are replicated, so slightly more).
+    full = preset("qwen2.5-72b").weight_bytes()
+    assert full / 4 < shard.weight_bytes() < full / 4 * 1.001

@@ -1,0 +1,178 @@
+"""Decode step time of one device's shard of a TP group, against HBM read bandwidth.
+
+Method (DESIGN.md, "one GPU stands in for a TP group"): random weights for one
+device's share of the model at ``--shard-of-tp`` (e.g. 72B at TP4: 16 q heads,
+2 KV heads, MLP 7392, vocab/4), a paged KV cache holding ``--ctx`` tokens per
+sequence, and ``--steps`` greedy decode steps run inside ONE jitted program
+(a lone small call would time Python dispatch, not the GPU). HBM read bandwidth
+is measured in the same run. Printed per batch size: ms/step, bytes moved
+(weights + valid KV), TB/s and MBU (= bytes / time / measured bandwidth), and
+separately the modeled collectives of the full TP group and the resulting
+modeled tokens/s.
+
+    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 1,8,32,64 --ctx 2048
+    python scripts/bench_decode.py --smoke      # tiny, CPU, seconds (run by the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenjax.config import preset
+from qwenjax.kv_cache import KVCache
+from qwenjax.model import Layout, Model, StepBatch, random_weights
+from qwenjax.parallel import make_mesh, one_device_shard
+
+
+def _time(fn, *args, reps: int) -> float:
+    """Median seconds of ``fn(*args)`` after a warm-up call (compile)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_read_bandwidth(gib: float, reps: int) -> float:
+    """Bytes/s of a streaming read: a reduction over a large array, 10× inside one program."""
+    n = int(gib * 2**30) // 2
+    x = jnp.ones((n,), jnp.bfloat16)
+    inner = 10
+
+    @jax.jit
+    def read(x):
+        # The loop index enters the reduction so XLA cannot hoist it out of the loop.
+        body = lambda i, acc: acc + jnp.sum(x * i.astype(x.dtype), dtype=jnp.float32)
+        return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
+
+    seconds = _time(read, x, reps=reps)
+    del x
+    return n * 2 * inner / seconds
+
+
+def modeled_collectives_ms(config, tp: int, batch: int, link_gbps: float, latency_us: float) -> float:
+    """Ring all-reduce of the residual stream, 2 per layer + 1 for the vocab-sharded embedding."""
+    if tp == 1:
+        return 0.0
+    count = 2 * config.num_layers + 1
+    bytes_per = batch * config.hidden_size * 2  # bf16 activations
+    per = latency_us * 1e-6 + 2 * (tp - 1) / tp * bytes_per / (link_gbps * 1e9)
+    return count * per * 1e3
+
+
+def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
+                dtype, reps: int) -> dict:
+    pages_per_seq = -(-(ctx + steps) // page_size)
+    cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
+                           head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
+                           page_size=page_size, dtype=dtype, mesh=model.mesh)
+    block_tables = jnp.arange(batch * pages_per_seq, dtype=jnp.int32).reshape(batch, pages_per_seq)
+
+    def decode(weights, cache, tokens):
+        def step(i, carry):
+            cache, tokens = carry
+            pos = jnp.full((batch, 1), ctx, jnp.int32) + i
+            logits, cache = model.last_logits(
+                weights, cache, StepBatch(tokens, pos, pos[:, 0] + 1, block_tables))
+            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
+
+        return jax.lax.fori_loop(0, steps, step, (cache, tokens))
+
+    # Donating the cache lets the steps update the pools in place, as serving does.
+    run = jax.jit(decode, donate_argnums=(1,))
+    tokens = jnp.zeros((batch, 1), jnp.int32)
+    cache, _ = run(weights, cache, tokens)  # compile + warm-up
+    jax.block_until_ready(cache)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        cache, out = run(weights, cache, tokens)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times)) / steps
+    itemsize = jnp.dtype(dtype).itemsize
+    weight_bytes = shard.param_count() * itemsize
+    kv_bytes = batch * (ctx + steps / 2) * shard.kv_bytes_per_token(jnp.dtype(dtype).name)
+    return dict(batch=batch, ctx=ctx, seconds_per_step=seconds, weight_bytes=weight_bytes,
+                kv_bytes=kv_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen2.5-72b")
+    p.add_argument("--shard-of-tp", type=int, default=4)
+    p.add_argument("--batch", default="1,8,32,64")
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=32, help="decode steps inside one program")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--bandwidth-gib", type=float, default=4.0, help="array size for the HBM read test")
+    p.add_argument("--link-gbps", type=float, default=450.0,
+                   help="per-direction link bandwidth per device for the collective model (NVLink-4: 450)")
+    p.add_argument("--link-latency-us", type=float, default=8.0, help="all-reduce latency (NVLink-4 ≈ 8 µs)")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes for a CPU check")
+    args = p.parse_args(argv)
+
+    config = preset(args.preset)
+    if args.smoke:
+        config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
+        args.batch, args.ctx, args.steps, args.reps, args.bandwidth_gib = "1,2", 40, 2, 1, 0.01
+    shard = one_device_shard(config, args.shard_of_tp)
+    dtype = jnp.dtype(args.dtype)
+    mesh = make_mesh(tp=1)
+    layout = Layout.create(shard, 1)
+    weights = random_weights(layout, mesh, dtype)
+    model = Model(layout, mesh)
+    bandwidth = measure_read_bandwidth(args.bandwidth_gib, reps=max(args.reps, 3))
+
+    device = jax.devices()[0]
+    header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, device=device.device_kind,
+                  platform=device.platform, model=config.name, shard_of_tp=args.shard_of_tp,
+                  shard=dict(q_heads=shard.num_heads, kv_heads=shard.num_kv_heads,
+                             mlp=shard.intermediate_size, vocab=shard.vocab_size,
+                             layers=shard.num_layers),
+                  dtype=args.dtype, measured_read_tbps=bandwidth / 1e12,
+                  collective_model=dict(link_gbps=args.link_gbps, latency_us=args.link_latency_us,
+                                        all_reduces_per_step=2 * config.num_layers + 1))
+    print(f"# decode: {config.name} shard of TP{args.shard_of_tp} on {device.device_kind} "
+          f"(jax {jax.__version__}, {args.dtype}, {header['date']})")
+    print(f"# shard: {header['shard']}; measured HBM read {bandwidth / 1e12:.2f} TB/s")
+    print("| batch | ctx | ms/step (measured) | weights GB | KV GB | TB/s | MBU | "
+          "collectives ms (modeled) | tok/s per seq (modeled) | tok/s total (modeled) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for batch in (int(b) for b in args.batch.split(",")):
+        r = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size, dtype, args.reps)
+        moved = r["weight_bytes"] + r["kv_bytes"]
+        r["tbps"] = moved / r["seconds_per_step"] / 1e12
+        r["mbu"] = moved / r["seconds_per_step"] / bandwidth
+        r["collectives_ms_modeled"] = modeled_collectives_ms(config, args.shard_of_tp, batch,
+                                                             args.link_gbps, args.link_latency_us)
+        step_ms = r["seconds_per_step"] * 1e3 + r["collectives_ms_modeled"]
+        r["tok_s_per_seq_modeled"] = 1e3 / step_ms
+        r["tok_s_total_modeled"] = batch * 1e3 / step_ms
+        rows.append(r)
+        print(f"| {batch} | {args.ctx} | {r['seconds_per_step'] * 1e3:.2f} | {r['weight_bytes'] / 1e9:.2f} | "
+              f"{r['kv_bytes'] / 1e9:.2f} | {r['tbps']:.2f} | {r['mbu']:.0%} | "
+              f"{r['collectives_ms_modeled']:.2f} | {r['tok_s_per_seq_modeled']:.1f} | "
+              f"{r['tok_s_total_modeled']:.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

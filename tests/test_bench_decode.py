@@ -1,0 +1,40 @@
+"""scripts/bench_decode.py runs end to end (tiny shapes on CPU) and reports consistent figures."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_decode.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_reports_figures(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "decode.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["shard"] == {"q_heads": 4, "kv_heads": 1, "mlp": 1216, "vocab": 37984, "layers": 2}
+    assert [r["batch"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["seconds_per_step"] > 0
+        assert abs(row["mbu"] - row["tbps"] * 1e12 / (result["measured_read_tbps"] * 1e12)) < 1e-9
+        # Modeled collectives: (2 layers × 2 + 1) all-reduces at ≥ 8 µs each.
+        assert row["collectives_ms_modeled"] >= 5 * 8e-3
+    assert "| 2 | 40 |" in capsys.readouterr().out
+
+
+def test_collective_model_numbers():
+    bench = _load()
+    from qwenjax.config import preset
+
+    c = preset("qwen2.5-72b")
+    # 161 all-reduces × (8 µs + 1.5 × 16 KiB / 450 GB/s) ≈ 1.30 ms per token at TP4, batch 1.
+    ms = bench.modeled_collectives_ms(c, 4, 1, 450.0, 8.0)
+    assert abs(ms - 161 * (8e-3 + 1.5 * 8192 * 2 / 450e9 * 1e3)) < 1e-9
+    assert 1.2 < ms < 1.4
+    assert bench.modeled_collectives_ms(c, 1, 1, 450.0, 8.0) == 0.0
