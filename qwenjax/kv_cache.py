@@ -6,7 +6,9 @@ page of one head is a contiguous ``page_size × head_dim`` tile for the kernel.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +62,98 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
         return pages.at[:, page, slot].set(new, mode="drop")
 
     return scatter(k_pages, k), scatter(v_pages, v)
+
+
+def page_bytes_per_device(*, num_layers: int, kv_heads_per_device: int, head_dim: int,
+                          page_size: int, dtype) -> int:
+    """Device memory one page costs across all layers' K and V pools."""
+    return num_layers * 2 * kv_heads_per_device * page_size * head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_for_memory(*, memory_fraction: float, page_bytes: int, devices: Iterable[jax.Device]) -> int:
+    """How many pages fit in ``memory_fraction`` of each device's memory, after what is in use
+    (call it once the weights are loaded). Like vLLM's ``gpu_memory_utilization``."""
+    if not 0.0 < memory_fraction <= 1.0:
+        raise ValueError(f"kv_cache_fraction must be in (0, 1], got {memory_fraction}")
+    budgets = []
+    for device in devices:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            raise ValueError(f"{device.platform} device {device.id} reports no memory limit; "
+                             "give the KV cache an explicit page count (num_pages)")
+        budgets.append(stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0))
+    pages = int(min(budgets) // page_bytes)
+    if pages < 1:
+        raise ValueError(f"no device memory left for the KV cache at kv_cache_fraction={memory_fraction}: "
+                         f"{min(budgets) / 2**30:.2f} GiB available, one page needs {page_bytes / 2**20:.2f} MiB")
+    return pages
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PageAllocator:
+    """Host-side owner of page ids: O(1) alloc/free with reference counts.
+
+    A page is free exactly when its count is 0. Prefix sharing bumps a page's
+    count (``share``) so a page several sequences read is returned to the pool
+    only when the last of them frees it.
+    """
+
+    def __init__(self, num_pages: int):
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be ≥ 1, got {num_pages}")
+        self.num_pages = num_pages
+        self._free: collections.deque[int] = collections.deque(range(num_pages))
+        self._refs = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def can_alloc(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} pages, {len(self._free)} of {self.num_pages} free")
+        pages = [self._free.popleft() for _ in range(n)]
+        for page in pages:
+            self._refs[page] = 1
+        return pages
+
+    def share(self, pages: Iterable[int]) -> None:
+        for page in pages:
+            if self._refs[page] == 0:
+                raise ValueError(f"page {page} is free; only a page in use can be shared")
+            self._refs[page] += 1
+
+    def free(self, pages: Iterable[int]) -> None:
+        for page in pages:
+            if self._refs[page] == 0:
+                raise ValueError(f"page {page} freed twice")
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+
+    def refcount(self, page: int) -> int:
+        return self._refs[page]
+
+    def check(self, owners: Mapping[object, Iterable[int]] | None = None) -> None:
+        """Raise AssertionError unless: no page is free twice, free ⇔ count 0, nothing is lost,
+        and (given who holds which pages) each count equals its number of holders."""
+        free = list(self._free)
+        assert len(free) == len(set(free)), "a page is in the free list twice"
+        free_set = set(free)
+        for page, count in enumerate(self._refs):
+            assert count >= 0, f"page {page} has count {count}"
+            assert (count == 0) == (page in free_set), f"page {page}: count {count}, free={page in free_set}"
+        if owners is not None:
+            held = collections.Counter(p for pages in owners.values() for p in pages)
+            for page, count in enumerate(self._refs):
+                assert held.get(page, 0) == count, f"page {page}: count {count}, held by {held.get(page, 0)}"
