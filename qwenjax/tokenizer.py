@@ -1,0 +1,181 @@
+"""Text <-> token ids and chat prompts for an HF-layout model directory, without transformers."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+# The roles the Qwen2 chat template renders; it silently drops any other role, so catch
+# typos here instead.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer plus the special ids and chat template from the model directory."""
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        *,
+        chat_template: str | None,
+        bos_token: str | None,
+        eos_token: str | None,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int | None,
+    ):
+        self._tokenizer = tokenizer
+        self._bos_token = bos_token
+        self._eos_token = eos_token
+        self._eos_token_ids = tuple(eos_token_ids)
+        self._pad_token_id = pad_token_id
+        self._chat_template = _compile_chat_template(chat_template) if chat_template else None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and (if present) generation_config.json."""
+        path = pathlib.Path(path)
+        tokenizer = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        config = _read_json(path / "tokenizer_config.json") or {}
+        generation_config = _read_json(path / "generation_config.json") or {}
+
+        def token_id(field: str) -> int | None:
+            token = _token_content(config.get(field))
+            if token is None:
+                return None
+            index = tokenizer.token_to_id(token)
+            if index is None:
+                raise ValueError(f"tokenizer_config.json {field} {token!r} is not in the vocabulary")
+            return index
+
+        # generation_config.json lists every id that ends a reply (Qwen instruct: <|im_end|>
+        # and <|endoftext|>); tokenizer_config.json names only one.
+        eos_token_ids = generation_config.get("eos_token_id")
+        if eos_token_ids is None:
+            eos_token_ids = [index for index in [token_id("eos_token")] if index is not None]
+        elif isinstance(eos_token_ids, int):
+            eos_token_ids = [eos_token_ids]
+        pad_token_id = token_id("pad_token")
+        if pad_token_id is None:
+            pad_token_id = generation_config.get("pad_token_id")
+
+        # transformers 5 saves the template beside the config; older saves keep it inside.
+        template_file = path / "chat_template.jinja"
+        chat_template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(
+                f"tokenizer_config.json chat_template is a {type(chat_template).__name__}; "
+                "only a single template string is supported"
+            )
+        return cls(
+            tokenizer,
+            chat_template=chat_template,
+            bos_token=_token_content(config.get("bos_token")),
+            eos_token=_token_content(config.get("eos_token")),
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+        )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos_token_ids
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. No BOS is added (Qwen2 uses none); special-token text such as
+        "<|im_start|>" maps to its special id."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render `messages` ({"role": ..., "content": ...} dicts) into the model's prompt text."""
+        if self._chat_template is None:
+            raise ValueError("this tokenizer has no chat_template")
+        _check_messages(messages)
+        return self._chat_template.render(
+            messages=[dict(message) for message in messages],
+            add_generation_prompt=add_generation_prompt,
+            # transformers leaves unset special tokens undefined, which renders as "".
+            bos_token=self._bos_token or "",
+            eos_token=self._eos_token or "",
+            tools=None,
+        )
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def _compile_chat_template(source: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        # Jinja's built-in tojson escapes HTML characters ("<" -> "\u003c"); chat templates
+        # expect plain JSON, as transformers renders it.
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    # The environment transformers renders chat templates in; templates rely on the
+    # trim/lstrip whitespace rules and on loop controls.
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{index}] must be a dict, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{index}].role is {role!r}; expected one of {CHAT_ROLES}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(
+                f"messages[{index}].content must be a str, got {type(message.get('content')).__name__}"
+            )
+
+
+def _token_content(value: Any) -> str | None:
+    # Older tokenizer_config.json files store special tokens as AddedToken dicts.
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())

@@ -1,0 +1,182 @@
+"""qwenjax.tokenizer against transformers' Qwen2 tokenizer on the real model."""
+import shutil
+import unicodedata
+
+import pytest
+
+from qwenjax.model_fetch import DEFAULT_ASSET
+from qwenjax.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.real_model
+
+TEXTS = [
+    "Hello, world!",
+    "The capital of France is",
+    "I'll say they're here, we've gone, she'd've LEFT.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }",
+    "import numpy as np\r\nx = np.zeros((3, 4), dtype=np.float32)\r\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>",
+    "<|endoftext|><|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>",
+    "<tool_call>\n{\"name\": \"f\"}\n</tool_call>",
+    "我爱北京天安门。你好，世界！",
+    "日本語のテキストと한국어 텍스트",
+    "Emoji: 🙂👍🏽🇫🇷 👨‍👩‍👧",
+    "    leading spaces",
+    "trailing spaces    ",
+    "a  b   c\t\td\n\n\ne",
+    "\n\n\n",
+    " ",
+    "",
+    "1234567890 3.14159 1e-6 0xDEADBEEF",
+    "Cafe\u0301 and Caf\u00e9",
+    "Ωμέγα, Привет, مرحبا, שלום",
+    "https://example.com/path?q=1&r=two#frag",
+    "<|im_start|> not at start <|im_end|>extra",
+    "[PAD151665] is a vocab entry, not an added token",
+    "\u00a0non-breaking\u2003em-space",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_model_dir):
+    return Tokenizer.from_dir(real_model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(real_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_model_dir)
+
+
+@pytest.fixture(scope="module")
+def gguf_hf_tokenizer(real_model_dir):
+    """transformers' own reading of the GGUF's tokenizer metadata (~8 s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        real_model_dir.parent.parent / "downloads", gguf_file=DEFAULT_ASSET.gguf_name
+    )
+
+
+def test_known_ids(tokenizer):
+    assert tokenizer.encode("Hello world") == [9707, 1879]
+    assert tokenizer.encode("<|im_start|>user\nhi<|im_end|>") == [151644, 872, 198, 6023, 151645]
+    assert tokenizer.encode("12345") == [16, 17, 18, 19, 20]  # Qwen2 splits digits one by one
+    assert tokenizer.encode("") == []
+
+
+def test_special_ids(tokenizer):
+    assert tokenizer.eos_token_ids == (151645, 151643)
+    assert tokenizer.pad_token_id == 151643
+    assert tokenizer.vocab_size == 151936
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_transformers(tokenizer, hf_tokenizer, text):
+    assert tokenizer.encode(text) == hf_tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_matches_transformers_reading_the_gguf(tokenizer, gguf_hf_tokenizer, text):
+    # transformers' GGUF reader sets no normalizer while its Qwen2 tokenizer applies NFC, so
+    # the two agree once the input is NFC; only "Cafe\u0301" here is not.
+    assert tokenizer.encode(text) == gguf_hf_tokenizer.encode(unicodedata.normalize("NFC", text))
+
+
+def test_nfc_changes_decomposed_input(tokenizer):
+    assert tokenizer.encode("Cafe\u0301") == tokenizer.encode("Caf\u00e9") == [34, 2577, 963]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trips_and_matches_transformers(tokenizer, hf_tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", text)
+    for skip in (True, False):
+        assert tokenizer.decode(ids, skip_special_tokens=skip) == hf_tokenizer.decode(
+            ids, skip_special_tokens=skip
+        )
+
+
+def test_decode_skips_special_but_keeps_non_special_added_tokens(tokenizer):
+    ids = tokenizer.encode("<|im_start|>user\n<tool_call>x</tool_call><|im_end|>")
+    assert tokenizer.decode(ids) == "user\n<tool_call>x</tool_call>"
+    assert tokenizer.decode(ids, skip_special_tokens=False) == (
+        "<|im_start|>user\n<tool_call>x</tool_call><|im_end|>"
+    )
+
+
+CONVERSATIONS = {
+    "single_user": [{"role": "user", "content": "What is the capital of Australia?"}],
+    "system_and_user": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Write hello world in C."},
+    ],
+    "multi_turn": [
+        {"role": "system", "content": "You write Python."},
+        {"role": "user", "content": "Reverse a list."},
+        {"role": "assistant", "content": "Use `xs[::-1]`."},
+        {"role": "user", "content": "In place?"},
+        {"role": "assistant", "content": "`xs.reverse()`"},
+        {"role": "user", "content": "Thanks! 谢谢 🙂"},
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_chat_template_matches_transformers(tokenizer, hf_tokenizer, name):
+    messages = CONVERSATIONS[name]
+    rendered = tokenizer.apply_chat_template(messages)
+    assert rendered == hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert rendered.endswith("<|im_start|>assistant\n")
+    expected_ids = hf_tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True
+    )["input_ids"]
+    assert tokenizer.encode_chat(messages) == expected_ids
+
+
+def test_chat_template_default_system_prompt(tokenizer):
+    rendered = tokenizer.apply_chat_template(CONVERSATIONS["single_user"])
+    assert rendered == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        "<|im_end|>\n<|im_start|>user\nWhat is the capital of Australia?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_chat_template_without_generation_prompt(tokenizer, hf_tokenizer):
+    messages = CONVERSATIONS["multi_turn"]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    assert rendered == hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False
+    )
+    assert rendered.endswith("Thanks! 谢谢 🙂<|im_end|>\n")
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        ([], "messages is empty"),
+        ("hello", "messages must be a list"),
+        ([{"role": "user", "content": "a"}, "b"], r"messages\[1\] must be a dict"),
+        ([{"content": "a"}], r"messages\[0\]\.role is None"),
+        ([{"role": "usr", "content": "a"}], r"messages\[0\]\.role is 'usr'"),
+        ([{"role": "user"}], r"messages\[0\]\.content must be a str, got NoneType"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}],
+         r"messages\[1\]\.content must be a str, got int"),
+    ],
+)
+def test_malformed_messages_name_the_field(tokenizer, messages, error):
+    with pytest.raises(ValueError, match=error):
+        tokenizer.apply_chat_template(messages)
+
+
+def test_eos_falls_back_to_tokenizer_config(real_model_dir, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(real_model_dir / name, tmp_path / name)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eos_token_ids == (151645,)  # <|im_end|> only
+    assert tokenizer.pad_token_id == 151643
