@@ -17,7 +17,7 @@ Layout choices (all for one device's view to be whole GQA groups):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -189,48 +189,66 @@ class Model:
     def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.rules.sharding(self.mesh, axes))
 
-    def embed(self, weights: Weights, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(weights.embed, tokens, axis=0)
-        return self.constrain(x, ("batch", None, "embed"))
+    def hidden_states(self, weights: Weights, cache: KVCache, batch: StepBatch | Sequence[StepBatch]
+                      ) -> tuple[list[jax.Array], KVCache]:
+        """Final-normed hidden states per part ``[batch, chunk, embed]`` and the updated cache.
 
-    def hidden_states(self, weights: Weights, cache: KVCache, batch: StepBatch
-                      ) -> tuple[jax.Array, KVCache]:
-        """Final-normed hidden states ``[batch, chunk, embed]`` and the updated cache."""
+        A step may have several parts of different shapes (the engine sends decode rows
+        ``[n, 1]`` and prefill rows ``[m, chunk]``): the projections and MLP run once over
+        all their tokens flattened, while RoPE, KV writes and attention run per part, so
+        decode rows never pay for prefill padding.
+        """
+        parts = (batch,) if isinstance(batch, StepBatch) else tuple(batch)
         c = self.config
-        x = self.embed(weights, batch.tokens)
-        cos, sin = rope_tables(batch.positions, c)
-        cos, sin = cos[:, :, None, None, :], sin[:, :, None, None, :]
+        tokens = jnp.concatenate([p.tokens.reshape(-1) for p in parts])
+        x = self.constrain(jnp.take(weights.embed, tokens, axis=0), ("batch", "embed"))
+        ropes = []
+        for p in parts:
+            cos, sin = rope_tables(p.positions, c)
+            ropes.append((cos[:, :, None, None, :], sin[:, :, None, None, :]))
         new_k, new_v = [], []
         for i, layer in enumerate(weights.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = self._layer(layer, x, cos, sin, cache.k[i], cache.v[i], batch)
+                x, k_pages, v_pages = self._layer(layer, x, ropes, cache.k[i], cache.v[i], parts)
             new_k.append(k_pages)
             new_v.append(v_pages)
         x = rms_norm(x, weights.final_norm, c.rms_norm_eps)
-        return x, KVCache(k=new_k, v=new_v)
+        hidden, offset = [], 0
+        for p in parts:
+            n = p.tokens.size
+            hidden.append(x[offset: offset + n].reshape(*p.tokens.shape, -1))
+            offset += n
+        return hidden, KVCache(k=new_k, v=new_v)
 
-    def _layer(self, w: LayerWeights, x, cos, sin, k_pages, v_pages, batch: StepBatch):
+    def _layer(self, w: LayerWeights, x, ropes, k_pages, v_pages, parts: tuple[StepBatch, ...]):
         c, q_per_kv = self.config, self.layout.heads.q_per_kv
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-            qkv = _matmul("bse,egjd->bsgjd", h, w.qkv) + w.qkv_bias
-            qkv = self.constrain(qkv, ("batch", None, "kv_heads", None, "head_dim"))
-            q = apply_rope(qkv[:, :, :, :q_per_kv], cos, sin)       # [b, s, g, j, d]
-            k = apply_rope(qkv[:, :, :, q_per_kv:q_per_kv + 1], cos, sin)[:, :, :, 0]
-            v = qkv[:, :, :, q_per_kv + 1]                          # [b, s, g, d]
-            k_pages, v_pages = write_kv(k_pages, v_pages, k, v, batch.positions, batch.block_tables)
-            attn = attention.paged_attention(
-                q, k_pages, v_pages, batch.positions, batch.seq_lens, batch.block_tables,
-                decode_kernel=self.decode_attention)
-            out = _matmul("bsgjd,gjde->bse", attn, w.o)
-            x = self.constrain(x + out, ("batch", None, "embed"))
+            qkv = _matmul("te,egjd->tgjd", h, w.qkv) + w.qkv_bias
+            qkv = self.constrain(qkv, ("batch", "kv_heads", None, "head_dim"))
+            outs, offset = [], 0
+            for p, (cos, sin) in zip(parts, ropes):
+                n = p.tokens.size
+                part = qkv[offset: offset + n].reshape(*p.tokens.shape, *qkv.shape[1:])
+                offset += n
+                q = apply_rope(part[:, :, :, :q_per_kv], cos, sin)       # [b, s, g, j, d]
+                k = apply_rope(part[:, :, :, q_per_kv:q_per_kv + 1], cos, sin)[:, :, :, 0]
+                v = part[:, :, :, q_per_kv + 1]                          # [b, s, g, d]
+                k_pages, v_pages = write_kv(k_pages, v_pages, k, v, p.positions, p.block_tables)
+                attn = attention.paged_attention(
+                    q, k_pages, v_pages, p.positions, p.seq_lens, p.block_tables,
+                    decode_kernel=self.decode_attention)
+                outs.append(attn.reshape(n, *attn.shape[2:]))
+            attn = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
+            out = _matmul("tgjd,gjde->te", attn, w.o)
+            x = self.constrain(x + out, ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-            gate_up = _matmul("bse,etm->bstm", h, w.gate_up)
-            gate_up = self.constrain(gate_up, ("batch", None, None, "mlp"))
-            act = jax.nn.silu(gate_up[:, :, 0].astype(jnp.float32)) * gate_up[:, :, 1].astype(jnp.float32)
-            out = _matmul("bsm,me->bse", act.astype(x.dtype), w.down)
-            x = self.constrain(x + out, ("batch", None, "embed"))
+            gate_up = _matmul("te,ekm->tkm", h, w.gate_up)
+            gate_up = self.constrain(gate_up, ("batch", None, "mlp"))
+            act = jax.nn.silu(gate_up[:, 0].astype(jnp.float32)) * gate_up[:, 1].astype(jnp.float32)
+            out = _matmul("tm,me->te", act.astype(x.dtype), w.down)
+            x = self.constrain(x + out, ("batch", "embed"))
         return x, k_pages, v_pages
 
     def logits(self, weights: Weights, hidden: jax.Array) -> jax.Array:
@@ -246,13 +264,16 @@ class Model:
     def forward(self, weights: Weights, cache: KVCache, batch: StepBatch
                 ) -> tuple[jax.Array, KVCache]:
         """Logits for every position ``[batch, chunk, vocab]`` (tests, scoring)."""
-        hidden, cache = self.hidden_states(weights, cache, batch)
+        (hidden,), cache = self.hidden_states(weights, cache, batch)
         return self.logits(weights, hidden), cache
 
-    def last_logits(self, weights: Weights, cache: KVCache, batch: StepBatch
+    def last_logits(self, weights: Weights, cache: KVCache, batch: StepBatch | Sequence[StepBatch]
                     ) -> tuple[jax.Array, KVCache]:
-        """Logits of each sequence's last real token ``[batch, vocab]`` (generation)."""
+        """Logits of each row's last real token ``[rows, vocab]``, rows of all parts in order."""
         hidden, cache = self.hidden_states(weights, cache, batch)
-        last = jnp.argmax(batch.positions, axis=1)  # positions rise along the chunk
-        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        return self.logits(weights, hidden), cache
+        parts = (batch,) if isinstance(batch, StepBatch) else tuple(batch)
+        last = []
+        for p, h in zip(parts, hidden):
+            index = jnp.argmax(p.positions, axis=1)  # positions rise along the chunk
+            last.append(jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0])
+        return self.logits(weights, jnp.concatenate(last) if len(last) > 1 else last[0]), cache

@@ -95,3 +95,22 @@ def test_ragged_batch_with_padding(checkpoint, tp):
     assert np.abs(logits[1, :17] - ref[1, :17]).max() <= TOL
     last, _ = jax.jit(model.last_logits)(weights, cache, _batch(toks, pos, lengths, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]))
     assert np.abs(np.asarray(last)[1] - ref[1, 16]).max() <= TOL
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_mixed_step_decode_part_and_prefill_part(checkpoint, tp):
+    """One program, two parts: sequence 0 decodes one token while sequence 1 prefills a chunk."""
+    config, directory, ref, tokens = checkpoint
+    model, weights, cache = _setup(config, directory, tp, 10)
+    tables = np.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    pos = np.arange(30)[None]
+    _, cache = jax.jit(model.forward)(weights, cache, _batch(tokens[:1, :30], pos, [30], tables[:1]))
+    decode = _batch(tokens[:1, 30:31], [[30]], [31], tables[:1])
+    # Prefill rows padded past the prompt (chunk 24 for 20 tokens), as the engine pads them.
+    prefill_pos = np.where(np.arange(24) < 20, np.arange(24), -1)[None]
+    prefill = _batch(np.pad(tokens[1:, :20], ((0, 0), (0, 4))), prefill_pos, [20], tables[1:])
+    last, cache = jax.jit(model.last_logits)(weights, cache, (decode, prefill))
+    last = np.asarray(last)
+    assert last.shape == (2, config.vocab_size)
+    assert np.abs(last[0] - ref[0, 30]).max() <= TOL
+    assert np.abs(last[1] - ref[1, 19]).max() <= TOL
