@@ -1,4 +1,4 @@
-"""``qwenjax`` command line: fetch-model, convert, generate.
+"""``qwenjax`` command line: fetch-model, convert, generate, plan.
 
 Only results go to stdout (generated text, a directory); progress and logs go to stderr.
 """
@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "model's chat template")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
+
+    from qwenjax.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

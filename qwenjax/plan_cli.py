@@ -1,0 +1,58 @@
+"""``qwenjax plan``: per-device memory, KV capacity and modeled decode speed of a model on a box.
+
+Registered on the main parser by ``add_plan_parser(sub)``. Nothing is loaded onto
+a device: the plan is arithmetic over the model's parameter declaration.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qwenjax.config import PRESETS, ModelConfig, is_preset, preset
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="will a model fit on a mesh: per-device weights, KV capacity, modeled ms/token",
+        description="Per-device weights and KV cache of a model on a mesh config, whether it "
+                    "fits, and a modeled batch-1 decode time split into HBM, collective and "
+                    "pipeline parts (docs/meshes.md).")
+    p.add_argument("--model", required=True,
+                   help=f"preset ({', '.join(PRESETS)}) or an HF checkpoint directory / config.json")
+    p.add_argument("--mesh", required=True,
+                   help="mesh config name under configs/meshes (or $QWENJAX_MESH_DIR), or a YAML path")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="tokens per sequence (default: the mesh's max_model_len, capped at the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences per step, sizes the workspace (default 256)")
+    p.add_argument("--context", type=int, default=None,
+                   help="KV tokens read by the modeled decode step (default 2048)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="weight and KV dtype (default: the mesh's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+    return p
+
+
+def resolve_model(name_or_path: str) -> ModelConfig:
+    if is_preset(name_or_path):
+        return preset(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file() or path.is_file():
+        return ModelConfig.from_hf(path)
+    raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+                     "nor a checkpoint directory with config.json")
+
+
+def cmd_plan(args) -> int:
+    from qwenjax.mesh_config import load_mesh_config
+    from qwenjax.planner import DEFAULT_CONTEXT, plan
+
+    config = resolve_model(args.model)
+    mesh = load_mesh_config(args.mesh)
+    result = plan(config, mesh, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  dtype=args.dtype,
+                  context=DEFAULT_CONTEXT if args.context is None else args.context)
+    print(result.to_json() if args.json else result.format())
+    # A plan that does not fit is an answer, not a failure of the command.
+    return 0
