@@ -249,8 +249,8 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if tp > 1:
         link = mesh.collective_link
         link_name = "inter_node" if mesh.tp_spans_hosts else "intra_node"
-        num_ar = 2 * config.num_layers + 1  # attention-out + MLP-down per layer, + embedding lookup
-        ar_us = link.latency_us + 2 * (tp - 1) / tp * act_bytes / (link.bandwidth_gbps * 1e9) * 1e6
+        num_ar = allreduces_per_step(config.num_layers)
+        ar_us = allreduce_us(tp, act_bytes, link.latency_us, link.bandwidth_gbps)
     else:
         link, link_name, num_ar, ar_us = None, "none", 0, 0.0
     collective_ms = num_ar * ar_us / 1e3
@@ -317,6 +317,18 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
         modeled_decode_ms=decode_ms, modeled_tokens_per_s=1e3 / decode_ms,
         notes=tuple(notes),
     )
+
+
+def allreduces_per_step(num_layers: int) -> int:
+    """Attention-out and MLP-down per layer, plus the vocab-sharded embedding lookup."""
+    return 2 * num_layers + 1
+
+
+def allreduce_us(tp: int, nbytes: float, latency_us: float, bandwidth_gbps: float) -> float:
+    """One ring all-reduce of ``nbytes`` over ``tp`` devices: latency + 2(tp−1)/tp × bytes / bandwidth."""
+    if tp == 1:
+        return 0.0
+    return latency_us + 2 * (tp - 1) / tp * nbytes / (bandwidth_gbps * 1e9) * 1e6
 
 
 def _device_elements(spec: ParamSpec, sizes: dict[str, int], rules: ShardingRules) -> int:

@@ -30,6 +30,7 @@ from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
 from qwenjax.model import Layout, Model, StepBatch, random_weights
 from qwenjax.parallel import make_mesh, one_device_shard
+from qwenjax.planner import allreduce_us, allreduces_per_step
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -61,13 +62,9 @@ def measure_read_bandwidth(gib: float, reps: int) -> float:
 
 
 def modeled_collectives_ms(config, tp: int, batch: int, link_gbps: float, latency_us: float) -> float:
-    """Ring all-reduce of the residual stream, 2 per layer + 1 for the vocab-sharded embedding."""
-    if tp == 1:
-        return 0.0
-    count = 2 * config.num_layers + 1
-    bytes_per = batch * config.hidden_size * 2  # bf16 activations
-    per = latency_us * 1e-6 + 2 * (tp - 1) / tp * bytes_per / (link_gbps * 1e9)
-    return count * per * 1e3
+    """The planner's collective model for this batch's residual stream (bf16)."""
+    per_us = allreduce_us(tp, batch * config.hidden_size * 2, latency_us, link_gbps)
+    return allreduces_per_step(config.num_layers) * per_us / 1e3
 
 
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
