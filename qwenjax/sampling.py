@@ -1,0 +1,407 @@
+"""Sampling: per-request parameters, the host-side batch builder and the on-device sampler.
+
+Three stages, as everywhere in the engine:
+
+* ``SamplingParams`` — what a client asked for, validated once at admission.
+* ``build_sampling_batch`` — host numpy: one padded row per sequence in the step.
+* ``sample`` — pure JAX inside the jitted step: penalties → suppression →
+  greedy / (temperature → top-k → top-p → min-p → Gumbel-max).
+
+Reproducibility contract: a sampled row's token depends only on its own seed,
+step and logits. Every operation is row-local (no batch-wide reductions feed a
+row's result) and the random noise comes from a per-row key
+``fold_in(key(seed), step)``, so the same seeded request gives the same tokens
+whatever else shares its batch and whichever row it lands in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Temperatures below this are treated as greedy, as vLLM does: dividing logits by
+# ~1e-6 pushes them towards float32 overflow and the distribution is an argmax
+# for any practical purpose anyway.
+GREEDY_TEMPERATURE_EPS = 1e-5
+
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2] (OpenAI API)
+MAX_SEED = 2**63  # exclusive; seeds are int64 on the wire
+
+# Smallest non-zero width of the penalty and suppression tables. Widths are
+# powers of two from here, so the jitted step sees at most ~log2(max_history)
+# distinct K values (16, 32, …, 65536 for a 64k context) instead of one per length.
+MIN_TABLE_WIDTH = 16
+
+
+# --------------------------------------------------------------------------- params
+
+
+def _fail(field: str, requirement: str, value) -> ValueError:
+    return ValueError(f"{field} must be {requirement}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass in Python; True as max_tokens is a caller bug.
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling options, vLLM-compatible names and defaults.
+
+    Validated on construction; a bad value raises ``ValueError`` naming the
+    field, the value and the allowed range. ``stop`` and ``stop_token_ids``
+    accept a single value or any sequence and are stored as tuples.
+    """
+
+    max_tokens: int = 256
+    min_tokens: int = 0  # EOS / stop ids are suppressed until this many tokens exist
+    temperature: float = 1.0  # 0 (or < GREEDY_TEMPERATURE_EPS) = greedy
+    top_k: int = -1  # -1 or 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # HF/vLLM style, on prompt ∪ output tokens
+    presence_penalty: float = 0.0  # OpenAI style, on output tokens only
+    frequency_penalty: float = 0.0  # OpenAI style, on output tokens only
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top alternatives per token; 0 = chosen token only
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+
+        for name in ("max_tokens", "min_tokens", "top_k"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise _fail(name, "an int", value)
+            set_(name, int(value))
+        if self.max_tokens < 1:
+            raise _fail("max_tokens", "≥ 1", self.max_tokens)
+        if self.min_tokens < 0:
+            raise _fail("min_tokens", "≥ 0", self.min_tokens)
+        if self.min_tokens > self.max_tokens:
+            raise _fail("min_tokens", f"≤ max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.top_k < -1:
+            raise _fail("top_k", "-1 (off), 0 (off) or ≥ 1", self.top_k)
+
+        # (field, allowed range in words, predicate); NaN fails every predicate.
+        real_fields = (
+            ("temperature", "a finite number ≥ 0", lambda x: 0.0 <= x < math.inf),
+            ("top_p", "in (0, 1]", lambda x: 0.0 < x <= 1.0),
+            ("min_p", "in [0, 1]", lambda x: 0.0 <= x <= 1.0),
+            ("repetition_penalty", "a finite number > 0", lambda x: 0.0 < x < math.inf),
+            ("presence_penalty", f"in [{-PENALTY_RANGE:g}, {PENALTY_RANGE:g}]",
+             lambda x: -PENALTY_RANGE <= x <= PENALTY_RANGE),
+            ("frequency_penalty", f"in [{-PENALTY_RANGE:g}, {PENALTY_RANGE:g}]",
+             lambda x: -PENALTY_RANGE <= x <= PENALTY_RANGE),
+        )
+        for name, requirement, ok in real_fields:
+            value = getattr(self, name)
+            if not _is_real(value) or not ok(float(value)):
+                raise _fail(name, requirement, value)
+            set_(name, float(value))
+
+        if self.seed is not None:
+            if not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
+                raise _fail("seed", "None or an int in [0, 2**63)", self.seed)
+            set_("seed", int(self.seed))
+
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise _fail("stop", "a str or a sequence of str", stop)
+        stop = tuple(stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise _fail("stop", "non-empty strings", s)
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} chars, "
+                                 f"got {len(s)} chars ({s[:20]!r}…)")
+        set_("stop", stop)
+
+        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise _fail("stop_token_ids", "an int or a sequence of ints", ids)
+        for i in ids:
+            if not _is_int(i) or i < 0:
+                raise _fail("stop_token_ids", "ints ≥ 0", i)
+        set_("stop_token_ids", tuple(int(i) for i in ids))
+
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise _fail(name, "a bool", getattr(self, name))
+            set_(name, bool(getattr(self, name)))
+
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise _fail("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
+            set_("logprobs", int(self.logprobs))
+
+    @property
+    def greedy(self) -> bool:
+        """True when the sampler takes the argmax (temperature 0 or below GREEDY_TEMPERATURE_EPS)."""
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when the sampler needs this request's prompt/output token history."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+
+# --------------------------------------------------------------------------- device batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingBatch:
+    """Per-row sampling state for one step, padded to R rows (padding rows are greedy)."""
+
+    temperature: jax.Array  # [R] float32, < GREEDY_TEMPERATURE_EPS = greedy
+    top_k: jax.Array  # [R] int32, 0 = off
+    top_p: jax.Array  # [R] float32, 1 = off
+    min_p: jax.Array  # [R] float32, 0 = off
+    seeds: jax.Array  # [R] uint32, per-request seed
+    steps: jax.Array  # [R] int32, tokens this request has generated so far
+    repetition_penalty: jax.Array  # [R] float32, 1 = off
+    presence_penalty: jax.Array  # [R] float32, 0 = off
+    frequency_penalty: jax.Array  # [R] float32, 0 = off
+    penalty_ids: jax.Array  # [R, K] int32, -1 = padding; distinct ids seen in prompt or output
+    penalty_counts: jax.Array  # [R, K] int32, occurrences of each id in the OUTPUT
+    penalty_in_prompt: jax.Array  # [R, K] bool, whether each id occurs in the PROMPT
+    suppress_ids: jax.Array  # [R, S] int32, -1 = padding; ids banned this step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SampleOutput:
+    token_ids: jax.Array  # [R] int32
+    logprobs: jax.Array  # [R] float32, chosen token under log_softmax(raw logits)
+    top_ids: jax.Array  # [R, N] int32, most likely first under the raw distribution
+    top_logprobs: jax.Array  # [R, N] float32, raw distribution
+
+
+@dataclasses.dataclass
+class SamplingRow:
+    """One sequence's host-side sampling inputs for a step."""
+
+    params: SamplingParams
+    seed: int  # effective seed (the engine draws one when params.seed is None)
+    step: int  # len(output_ids)
+    prompt_ids: Sequence[int] = ()  # read only when params.uses_penalties
+    output_ids: Sequence[int] = ()  # read only when params.uses_penalties
+    suppress_ids: Sequence[int] = ()  # EOS + stop ids while len(output) < min_tokens
+
+
+def table_width(n: int) -> int:
+    """Width of a penalty/suppression table holding ``n`` entries per row.
+
+    0 when no row needs one (the sampler then compiles without that stage),
+    otherwise the next power of two ≥ MIN_TABLE_WIDTH, so the number of
+    distinct compiled shapes grows with log2 of the history length.
+    """
+    if n <= 0:
+        return 0
+    return max(MIN_TABLE_WIDTH, 1 << (n - 1).bit_length())
+
+
+def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> SamplingBatch:
+    """Pack ``rows`` into numpy arrays padded to ``num_rows`` (padding rows are greedy, no-ops).
+
+    Penalty tables are filled only for rows whose params use penalties, so a
+    penalty-free row's logits are untouched whatever else shares the batch.
+    """
+    if num_rows < len(rows):
+        raise ValueError(f"num_rows must be ≥ len(rows) ({len(rows)}), got {num_rows}")
+
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    min_p = np.zeros(num_rows, np.float32)
+    seeds = np.zeros(num_rows, np.uint32)
+    steps = np.zeros(num_rows, np.int32)
+    rep = np.ones(num_rows, np.float32)
+    presence = np.zeros(num_rows, np.float32)
+    frequency = np.zeros(num_rows, np.float32)
+
+    histories: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    suppress: list[np.ndarray] = []
+    for i, row in enumerate(rows):
+        p = row.params
+        if row.step < 0:
+            raise ValueError(f"rows[{i}].step must be ≥ 0, got {row.step}")
+        temperature[i] = 0.0 if p.greedy else p.temperature
+        top_k[i] = max(p.top_k, 0)
+        top_p[i] = p.top_p
+        min_p[i] = p.min_p
+        seeds[i] = row.seed % 2**32
+        steps[i] = row.step
+        rep[i] = p.repetition_penalty
+        presence[i] = p.presence_penalty
+        frequency[i] = p.frequency_penalty
+        if p.uses_penalties:
+            prompt = np.asarray(row.prompt_ids, np.int64).reshape(-1)
+            output = np.asarray(row.output_ids, np.int64).reshape(-1)
+            ids = np.union1d(prompt, output)
+            out_ids, out_counts = np.unique(output, return_counts=True)
+            counts = np.zeros(len(ids), np.int32)
+            counts[np.searchsorted(ids, out_ids)] = out_counts
+            histories.append((ids, counts, np.isin(ids, prompt)))
+        else:
+            histories.append(None)
+        suppress.append(np.unique(np.asarray(row.suppress_ids, np.int64).reshape(-1)))
+
+    k = table_width(max((len(h[0]) for h in histories if h is not None), default=0))
+    s = table_width(max((len(x) for x in suppress), default=0))
+    penalty_ids = np.full((num_rows, k), -1, np.int32)
+    penalty_counts = np.zeros((num_rows, k), np.int32)
+    penalty_in_prompt = np.zeros((num_rows, k), bool)
+    suppress_ids = np.full((num_rows, s), -1, np.int32)
+    for i, h in enumerate(histories):
+        if h is not None:
+            ids, counts, in_prompt = h
+            penalty_ids[i, : len(ids)] = ids
+            penalty_counts[i, : len(ids)] = counts
+            penalty_in_prompt[i, : len(ids)] = in_prompt
+        suppress_ids[i, : len(suppress[i])] = suppress[i]
+    return SamplingBatch(temperature, top_k, top_p, min_p, seeds, steps, rep, presence,
+                         frequency, penalty_ids, penalty_counts, penalty_in_prompt, suppress_ids)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _scatter_ids(ids: jax.Array, vocab: int) -> jax.Array:
+    # Negative indices wrap in JAX scatters; aim padding one past the vocab so
+    # mode="drop" discards it instead of hitting the last token.
+    return jnp.where(ids < 0, vocab, ids)
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Repetition (prompt ∪ output), then presence and frequency (output only). [R, V] → [R, V].
+
+    The ids in a row are distinct, so the gather → update → scatter below never
+    writes one token twice.
+    """
+    if batch.penalty_ids.shape[1] == 0:
+        return logits
+    num_rows, vocab = logits.shape
+    rows = jnp.arange(num_rows)[:, None]
+    ids = _scatter_ids(batch.penalty_ids, vocab)
+    current = logits.at[rows, ids].get(mode="fill", fill_value=0.0)  # [R, K]
+    rp = batch.repetition_penalty[:, None]
+    penalized = jnp.where(current > 0, current / rp, current * rp)
+    counts = batch.penalty_counts
+    penalized = (penalized
+                 - batch.presence_penalty[:, None] * (counts > 0)
+                 - batch.frequency_penalty[:, None] * counts)
+    return logits.at[rows, ids].set(penalized, mode="drop")
+
+
+def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
+    """Ban ``suppress_ids`` [R, S] (-1 = padding) by setting their logits to -inf."""
+    if suppress_ids.shape[1] == 0:
+        return logits
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, _scatter_ids(suppress_ids, logits.shape[1])].set(-jnp.inf, mode="drop")
+
+
+def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per-row logit threshold [R] implementing top-k then top-p on ``scaled`` [R, V].
+
+    Tokens with ``scaled >= threshold`` survive (ties with the last kept token
+    survive too, as in HF). Top-p keeps the shortest most-likely prefix whose
+    mass reaches top_p, measured after top-k renormalisation; the top token is
+    always kept because its exclusive prefix mass is 0.
+    """
+    vocab = scaled.shape[1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [R, V]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [R]
+    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+    # Exclusive prefix sum by shifting rather than cumsum - probs, which would
+    # add a rounding error of its own.
+    mass_before = jnp.concatenate(
+        [jnp.zeros_like(probs[:, :1]), jnp.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+    keep_p = jnp.sum(mass_before < top_p[:, None], axis=-1)
+    # top_p = 1 must keep everything exactly: float32 prefix sums can reach 1.0
+    # before the tail and would otherwise cut tokens a no-sort batch keeps.
+    keep_p = jnp.where(top_p < 1.0, keep_p, vocab)
+    num_keep = jnp.minimum(k, keep_p)  # [R] ≥ 1
+    return jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)[:, 0]
+
+
+def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+
+def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Temperature → top-k → top-p → min-p → Gumbel-max, per row. [R, V] → [R] int32."""
+    num_rows, vocab = logits.shape
+    greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
+    scaled = logits / jnp.where(greedy, 1.0, batch.temperature)[:, None]
+
+    # The [R, V] sort dominates the sampler's cost; skip it when no row asks
+    # for top-k/top-p. Skipping is row-neutral: a row with both off gets a
+    # -inf threshold from either branch.
+    needs_sort = jnp.any(~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0)))
+    threshold = jax.lax.cond(
+        needs_sort,
+        lambda: _truncation_threshold(scaled, batch.top_k, batch.top_p),
+        lambda: jnp.full((num_rows,), -jnp.inf, scaled.dtype))
+    # min-p relative to the max prob is unchanged by top-k/top-p renormalisation
+    # (the max token is always kept), so it is a log-space offset from the max.
+    # log(0) = -inf turns it off.
+    max_scaled = jnp.max(scaled, axis=-1)
+    threshold = jnp.maximum(threshold, max_scaled + jnp.log(batch.min_p))
+    masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+
+    noise = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(batch.seeds, batch.steps, vocab)
+    return jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleOutput:
+    """Choose one token per row of ``logits`` [R, V] float32; ``num_top`` must be static.
+
+    Order (vLLM/HF): penalties → suppress_ids → greedy argmax, or temperature →
+    top-k → top-p → min-p → Gumbel-max with key ``fold_in(key(seed), step)``.
+    Logprobs describe the raw model distribution (log_softmax of ``logits``),
+    not the penalised/truncated one, as vLLM's default does.
+    """
+    logits = logits.astype(jnp.float32)
+    with jax.named_scope("penalties"):
+        adjusted = suppress_tokens(apply_penalties(logits, batch), batch.suppress_ids)
+    greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
+    greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)
+    with jax.named_scope("sample"):
+        # An all-greedy step (the common serving default) skips the noise and
+        # sort entirely.
+        token_ids = jax.lax.cond(
+            jnp.all(greedy), lambda: greedy_ids,
+            lambda: jnp.where(greedy, greedy_ids, _sample_rows(adjusted, batch)))
+    with jax.named_scope("logprobs"):
+        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+        if num_top > 0:
+            top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top)
+        else:
+            top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
+            top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return SampleOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs)
