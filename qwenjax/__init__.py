@@ -1,0 +1,22 @@
+"""qwenjax: a JAX/XLA SPMD inference runtime for Qwen2.5 models."""
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput"]
+
+
+def __getattr__(name):
+    # Lazy: `import qwenjax` must not import JAX (tests set XLA flags first; the CLI parses args first).
+    if name in ("LLM", "AsyncLLM"):
+        from qwenjax import llm
+
+        return getattr(llm, name)
+    if name == "SamplingParams":
+        from qwenjax.sampling import SamplingParams
+
+        return SamplingParams
+    if name == "RequestOutput":
+        from qwenjax.engine.request import RequestOutput
+
+        return RequestOutput
+    raise AttributeError(f"module 'qwenjax' has no attribute {name!r}")

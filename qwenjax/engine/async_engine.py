@@ -1,0 +1,111 @@
+"""The engine on a thread of its own, feeding per-request asyncio queues.
+
+The engine is single-threaded; callers on any event loop (AsyncLLM, the gRPC
+server) talk to it through a command queue, and it answers on the loop of the
+caller that added the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Sequence
+
+from qwenjax.engine.engine import Engine
+from qwenjax.engine.request import RequestOutput
+from qwenjax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Subscriber:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineThread:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread ------------------------------------------------------------
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine produces them; leaving early aborts it."""
+        self.engine.validate(prompt_ids, params)  # raise in the caller, before anything is queued
+        subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", request_id, list(prompt_ids), params, subscriber))
+        finished = False
+        try:
+            while True:
+                item = await subscriber.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _publish(self, request_id: str, item) -> None:
+        subscriber = self._subscribers.get(request_id)
+        if subscriber is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._subscribers[request_id]
+        try:
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed; nobody is listening
+            pass
+
+    def _handle(self, command) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt_ids, params, subscriber = command
+            self._subscribers[request_id] = subscriber
+            try:
+                self.engine.add_request(prompt_ids, params, request_id=request_id)
+            except Exception as error:  # e.g. a duplicate id: only this request fails
+                self._publish(request_id, error)
+        elif kind == "abort":
+            self.engine.abort(command[1])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_unfinished()
+            try:
+                command = self._commands.get(block=block, timeout=0.5 if block else None)
+                while True:
+                    self._handle(command)
+                    command = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # the engine itself is broken: fail everyone listening
+                log.exception("engine step crashed")
+                for request_id in list(self._subscribers):
+                    self._publish(request_id, error)
+                continue
+            for output in outputs:
+                self._publish(output.request_id, output)

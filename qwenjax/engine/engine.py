@@ -1,0 +1,263 @@
+"""The engine loop: schedule → run the step → sample → stops → detokenize → emit.
+
+Single-threaded and synchronous: ``step()`` does one iteration and returns the
+outputs of every request that advanced. ``LLM`` drives it in a loop; ``AsyncLLM``
+and the server run it on a thread of its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import numbers
+import random
+import time
+from typing import Sequence
+
+from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, RequestStatus,
+                                    TokenLogprob)
+from qwenjax.engine.runner import ModelRunner, SampledToken
+from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
+from qwenjax.kv_cache import PageAllocator, page_bytes_per_device, pages_for_memory
+from qwenjax.loading import LoadedModel
+from qwenjax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk: int = 512
+    max_prefill_seqs: int = 4
+    page_size: int = 16
+    max_model_len: int | None = None      # default: the model's max context
+    num_pages: int | None = None          # default: from kv_cache_fraction of device memory
+    kv_cache_fraction: float = 0.9
+    # CPU devices report no memory limit; give the KV cache this much instead.
+    cpu_kv_cache_gib: float = 1.0
+    compile_cache: bool = True            # JAX's persistent compilation cache in the qwenjax cache dir
+
+
+@dataclasses.dataclass
+class _Tracking:
+    """Host-side output state of one request."""
+
+    detokenizer: object | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None
+    text: str = ""
+
+
+def enable_compile_cache() -> None:
+    import jax
+
+    from qwenjax.cache import cache_dir
+
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+        # Cache every step program, not only the slow ones: a warm start should compile nothing.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(), *,
+                 warm_up: bool = True, progress: bool = True):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        max_model_len = config.max_model_len or lm.config.max_context
+        if max_model_len > lm.config.max_context:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max context "
+                             f"of {lm.config.max_context}")
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),
+            max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
+            max_model_len=max_model_len)
+        self.config = config
+        if config.compile_cache:
+            enable_compile_cache()
+        num_pages = config.num_pages or self._pages_from_memory(config)
+        needed = self.scheduler_config.pages_for(max_model_len)
+        if num_pages < needed:
+            raise ValueError(f"the KV cache has {num_pages} pages but one sequence of max_model_len "
+                             f"{max_model_len} needs {needed}; lower max_model_len or add pages")
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else lm.config.eos_token_ids
+        self.eos_token_ids = tuple(eos)
+        self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._tracking: dict[str, _Tracking] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._ids = itertools.count()
+        self.warm_up_seconds = self.runner.warm_up(progress=progress) if warm_up else 0.0
+
+    def _pages_from_memory(self, config: EngineConfig) -> int:
+        c = self.lm.config
+        page_bytes = page_bytes_per_device(
+            num_layers=c.num_layers, kv_heads_per_device=self.lm.layout.heads.kv_heads // self.lm.layout.heads.tp,
+            head_dim=c.head_dim, page_size=config.page_size, dtype=self.lm.weights.final_norm.dtype)
+        devices = list(self.lm.mesh.devices.flat)
+        if devices[0].platform == "cpu":
+            return max(1, int(config.cpu_kv_cache_gib * 2**30 // page_bytes))
+        return pages_for_memory(memory_fraction=config.kv_cache_fraction, page_bytes=page_bytes,
+                                devices=devices)
+
+    # ---- requests --------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the problem; nothing is admitted."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.lm.config.vocab_size
+        for i, t in enumerate(prompt_ids):
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t!r}; token ids must be ints in [0, {vocab})")
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids has {t}; token ids must be < {vocab}")
+        n, limit = len(prompt_ids), self.max_model_len
+        if n >= limit:
+            raise ValueError(f"prompt has {n} tokens; max context is {limit}")
+        if n + params.max_tokens > limit:
+            raise ValueError(f"prompt has {n} tokens and max_tokens is {params.max_tokens}: "
+                             f"{n + params.max_tokens} exceeds the max context of {limit}")
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params if params is not None else SamplingParams()
+        self.validate(prompt_ids, params)
+        prompt_ids = [int(t) for t in prompt_ids]
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        now = time.monotonic()
+        request = Request(request_id, list(prompt_ids), params, seed, now)
+        detokenizer = None
+        if self.tokenizer is not None:
+            from qwenjax.detokenizer import IncrementalDetokenizer
+
+            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
+                                                 skip_special_tokens=params.skip_special_tokens,
+                                                 stop=params.stop)
+        self._requests[request_id] = request
+        self._tracking[request_id] = _Tracking(detokenizer, RequestMetrics(now),
+                                               [] if params.logprobs is not None else None)
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its pages; its final output comes from the next step()."""
+        request = self._requests.get(request_id)
+        if request is None or request.finished:
+            return False
+        self.scheduler.finish(request, "abort")
+        self._pending.append(self._finish_output(request, "abort", None, "", []))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        out = self.scheduler.schedule()
+        if out.empty:
+            return outputs
+        try:
+            sampled = self.runner.execute(out)
+        except Exception as error:  # a failed step fails only its own requests
+            log.exception("step failed")
+            return outputs + self._fail_step(out, error)
+        self.scheduler.update_from_output(out)
+        now = time.monotonic()
+        for token in sampled:
+            outputs.append(self._advance(token, now))
+        return outputs
+
+    def _advance(self, token: SampledToken, now: float) -> RequestOutput:
+        request = token.chunk.request
+        params, track = request.params, self._tracking[request.request_id]
+        request.output_ids.append(token.token_id)
+        if track.metrics.first_token_time is None:
+            track.metrics.first_token_time = now
+        new_logprobs = []
+        if track.logprobs is not None:
+            new_logprobs = [TokenLogprob(token.token_id, token.logprob, token.top)]
+            track.logprobs.extend(new_logprobs)
+
+        reason, matched, delta = None, None, ""
+        if token.token_id in params.stop_token_ids:
+            reason, matched = "stop", token.token_id
+        elif not params.ignore_eos and token.token_id in self.eos_token_ids:
+            reason, matched = "stop", token.token_id
+        elif track.detokenizer is not None:
+            delta = track.detokenizer.add([token.token_id])
+            if track.detokenizer.stopped:
+                reason, matched = "stop", track.detokenizer.matched_stop
+        if reason is None and (len(request.output_ids) >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is None:
+            track.text += delta
+            return self._output(request, delta, [token.token_id], new_logprobs, False)
+        self.scheduler.finish(request, reason)
+        return self._finish_output(request, reason, matched, delta, [token.token_id], new_logprobs)
+
+    def _finish_output(self, request: Request, reason: str, matched, delta: str,
+                       delta_ids: list[int], delta_logprobs=None) -> RequestOutput:
+        track = self._tracking.pop(request.request_id)
+        self._requests.pop(request.request_id, None)
+        detokenizer = track.detokenizer
+        if detokenizer is not None and not detokenizer.stopped:
+            # Release text held back for possible stop strings; settling it can still find one.
+            delta += detokenizer.finish()
+            if detokenizer.stopped and reason in ("stop", "length"):
+                reason, matched = "stop", detokenizer.matched_stop
+        track.text += delta
+        track.metrics.finish_time = time.monotonic()
+        out = self._output(request, delta, delta_ids, delta_logprobs or [], True, track)
+        out.finish_reason, out.matched_stop = reason, matched
+        return out
+
+    def _output(self, request: Request, delta: str, delta_ids: list[int], delta_logprobs,
+                finished: bool, track: _Tracking | None = None) -> RequestOutput:
+        track = track or self._tracking[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_ids, text=track.text,
+            token_ids=list(request.output_ids), delta_text=delta, delta_token_ids=delta_ids,
+            finished=finished, logprobs=track.logprobs,
+            delta_logprobs=delta_logprobs if track.logprobs is not None else None,
+            metrics=track.metrics)
+
+    def _fail_step(self, out, error: Exception) -> list[RequestOutput]:
+        """Fail the step's requests; the donated KV pools may be gone, so rebuild them and let
+        every other running request recompute."""
+        failed = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.status is RequestStatus.FINISHED:
+                continue
+            self.scheduler.finish(request, "error")
+            result = self._finish_output(request, "error", None, "", [])
+            result.error = f"{type(error).__name__}: {error}"
+            failed.append(result)
+        self.scheduler.preempt_all()
+        self.runner.reset_cache()
+        return failed
+
+    def check(self) -> None:
+        self.scheduler.check()

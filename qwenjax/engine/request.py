@@ -1,0 +1,92 @@
+"""A request's state as the engine sees it, and what the engine hands back."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"    # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"    # holds pages; gets tokens scheduled every step
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request. ``num_computed`` tokens have their K/V in ``pages``."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: Any                      # qwenjax.sampling.SamplingParams
+    seed: int                        # the effective seed (random when params.seed is None)
+    arrival_time: float
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V still have to be computed (1 for a decoding request)."""
+        return self.num_tokens - self.num_computed
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n: stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob) of the most likely alternatives
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step: the new part (``delta_*``) and the whole so far."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
+    matched_stop: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprob] | None = None
+    delta_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    error: str | None = None

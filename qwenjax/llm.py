@@ -1,0 +1,172 @@
+"""The Python API: ``LLM`` for scripts and notebooks, ``AsyncLLM`` for asyncio code.
+
+    from qwenjax import LLM, SamplingParams
+    llm = LLM()                                   # the default Qwen2.5-Coder-0.5B-Instruct
+    for delta in llm.stream("Write a haiku about JAX."): print(delta.delta_text, end="")
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import AsyncIterator, Iterator, Sequence, Union
+
+from jax.sharding import Mesh
+
+from qwenjax.engine.engine import Engine, EngineConfig
+from qwenjax.engine.request import RequestOutput
+from qwenjax.loading import LoadedModel, load_model
+from qwenjax.sampling import SamplingParams
+
+Prompt = Union[str, Sequence[int]]
+Message = dict
+Conversation = Sequence[Message]
+
+
+def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> EngineConfig:
+    return EngineConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                        kv_cache_fraction=kv_cache_fraction, **kwargs)
+
+
+class _Base:
+    def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, mesh: Mesh | None = None,
+                 dtype: str = "bfloat16", max_model_len: int | None = None, max_num_seqs: int = 64,
+                 kv_cache_fraction: float = 0.9, warm_up: bool = True, progress: bool = True,
+                 **engine_options):
+        """``model``: HF checkpoint directory, preset name (random weights), or None for the default
+        model. ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
+        max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache)."""
+        self.lm: LoadedModel = load_model(model, tp=tp, dtype=dtype, mesh=mesh)
+        self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,
+                                                     engine_options),
+                             warm_up=warm_up, progress=progress)
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _encode_chat(self, messages: Conversation) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (and no chat template)")
+        return self.tokenizer.encode_chat(list(messages))
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _as_conversations(messages) -> list[Conversation]:
+    messages = list(messages)
+    if messages and isinstance(messages[0], dict):
+        return [messages]
+    return messages
+
+
+class LLM(_Base):
+    """Synchronous batch generation and streaming over the continuous-batching engine."""
+
+    _ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
+        or a list of token-id lists."""
+        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
+             *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        return self._run([self._encode_chat(c) for c in _as_conversations(messages)], params, use_tqdm)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               chat: bool = False) -> Iterator[RequestOutput]:
+        """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it.
+        Leaving the loop early aborts the request."""
+        ids = self._encode_chat(prompt) if chat else self._encode(prompt)
+        request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}")
+        finished = False
+        try:
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                # Pages are freed now; the abort's final output is dropped by the next step().
+                self.engine.abort(request_id)
+
+    def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
+        if len(params_list) != len(prompt_ids):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
+        for ids, p in zip(prompt_ids, params_list):  # fail before anything is admitted
+            self.engine.validate(ids, p if p is not None else SamplingParams())
+        order = {}
+        for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
+            order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}")] = i
+        results: list[RequestOutput | None] = [None] * len(prompt_ids)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompt_ids), desc="generating", unit="req")
+        try:
+            remaining = len(order)
+            while remaining:
+                for output in self.engine.step():
+                    if output.finished and output.request_id in order:
+                        results[order[output.request_id]] = output
+                        remaining -= 1
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+
+class AsyncLLM(_Base):
+    """``async for output in llm.generate(prompt, params): ...`` with the engine on its own thread.
+
+    Many coroutines may generate at once; they are batched together. Cancelling a
+    consumer (or breaking out of its loop) aborts its request and frees its pages.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from qwenjax.engine.async_engine import EngineThread
+
+        self._thread = EngineThread(self.engine)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        ids = self._encode(prompt)
+        async for output in self._thread.generate(ids, params or SamplingParams(),
+                                                  request_id or uuid.uuid4().hex):
+            yield output
+
+    async def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
+                   request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        ids = self._encode_chat(messages)
+        async for output in self._thread.generate(ids, params or SamplingParams(),
+                                                  request_id or uuid.uuid4().hex):
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        self._thread.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._thread.shutdown()
