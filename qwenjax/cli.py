@@ -14,7 +14,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory or preset name (qwen2.5-0.5b … qwen2.5-72b, random "
                         "weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
 
 
 def _log(msg: str) -> None:
@@ -37,27 +38,30 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from qwenjax.greedy import GreedyGenerator
-    from qwenjax.loading import device_summary, load_model
+    from qwenjax.llm import LLM
+    from qwenjax.loading import device_summary
+    from qwenjax.sampling import SamplingParams
 
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     start = time.perf_counter()
-    lm = load_model(args.model, tp=args.tp, dtype=args.dtype)
-    _log(f"loaded {lm.source} ({lm.dtype}, tp={args.tp}) on {device_summary()} "
+    # One request: a single decode row and prefill row; compile lazily what the request uses.
+    llm = LLM(args.model, tp=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
+    _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
-    tokenizer = lm.tokenizer
-    if tokenizer is None:
-        raise SystemExit(f"--model {args.model}: random-weight presets have no tokenizer; "
+    if llm.tokenizer is None:
+        raise ValueError(f"--model {args.model}: random-weight presets have no tokenizer; "
                          "pass an HF checkpoint directory to generate text")
-    if args.chat:
-        prompt_ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
     start = time.perf_counter()
-    output = GreedyGenerator(lm).generate([prompt_ids], args.max_tokens, tokenizer.eos_token_ids)[0]
+    output = None
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for output in llm.stream(prompt, params, chat=args.chat):
+        print(output.delta_text, end="", flush=True)
+    print()
     elapsed = time.perf_counter() - start
-    print(tokenizer.decode(output))
-    _log(f"{len(prompt_ids)} prompt + {len(output)} generated tokens in {elapsed:.2f}s "
-         "(includes compilation)")
+    _log(f"{len(output.prompt_token_ids)} prompt + {len(output.token_ids)} generated tokens in "
+         f"{elapsed:.2f}s (includes compilation); finish reason: {output.finish_reason}")
     return 0
 
 
@@ -75,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="greedy generation for one prompt; prints only the text")
+    p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")
     _add_model_args(p)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="longest prompt + output the engine sizes its KV cache for")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the "
                                                        "model's chat template")
     p.add_argument("prompt")

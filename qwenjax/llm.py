@@ -30,13 +30,17 @@ def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> En
 
 class _Base:
     def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, mesh: Mesh | None = None,
-                 dtype: str = "bfloat16", max_model_len: int | None = None, max_num_seqs: int = 64,
+                 dtype: str | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool = True, progress: bool = True,
                  **engine_options):
-        """``model``: HF checkpoint directory, preset name (random weights), or None for the default
-        model. ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
+        """``model``: HF checkpoint directory, preset name (random weights), None for the default
+        model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
+        ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
         max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache)."""
-        self.lm: LoadedModel = load_model(model, tp=tp, dtype=dtype, mesh=mesh)
+        if isinstance(model, LoadedModel):
+            self.lm = model
+        else:
+            self.lm = load_model(model, tp=tp, dtype=dtype, mesh=mesh)
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,
                                                      engine_options),
                              warm_up=warm_up, progress=progress)

@@ -7,10 +7,12 @@ Stages across the host/device boundary:
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
 
-Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}, prefill rows
-∈ {0, 1, 2, 4, …, max_prefill_seqs} of ``prefill_chunk`` tokens each; block
-tables are always ``max_model_len / page_size`` wide. Every combination is
-compiled ahead of time (``warm_up``), so serving never compiles.
+Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill rows
+∈ {0, 1, 2, 4, …, max_prefill_seqs}, each ``prefill_chunk / 8`` or
+``prefill_chunk`` tokens long (a short prompt must not pay for a 512-token
+chunk: on CPU that was 10 s for a 36-token prompt); block tables are always
+``max_model_len / page_size`` wide. Every combination is compiled ahead of time
+(``warm_up``), so serving never compiles.
 
 The sampler is its own small program: penalties add per-row arrays whose width
 varies, and keeping them out of the model step keeps the step's compiled set
@@ -74,6 +76,7 @@ class ModelRunner:
         self.pages_per_seq = config.pages_for(config.max_model_len)
         self.decode_buckets = row_buckets(config.max_num_seqs)
         self.prefill_buckets = row_buckets(config.max_prefill_seqs)
+        self.chunk_buckets = sorted({max(16, config.prefill_chunk // 8), config.prefill_chunk})
         self.num_pages = num_pages
         self.cache = self._new_cache()
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
@@ -87,7 +90,7 @@ class ModelRunner:
         # instead of copying every pool (GBs on a large model) once per step.
         self._step = jax.jit(step, donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames=("num_top",))
-        self._programs: dict[tuple[int, int], object] = {}
+        self._programs: dict[tuple[int, int, int], object] = {}
         self._samplers: dict[tuple, object] = {}
         self._logits_sharding = None
         self.compile_seconds = 0.0
@@ -104,9 +107,15 @@ class ModelRunner:
         self.cache = self._new_cache()
 
     # ---- compilation ----------------------------------------------------------------------
-    def shapes(self) -> list[tuple[int, int]]:
-        return [(d, p) for d, p in itertools.product(self.decode_buckets, self.prefill_buckets)
-                if d or p]
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """(decode rows, prefill rows, prefill chunk) of every program serving can run."""
+        shapes = []
+        for d, p in itertools.product(self.decode_buckets, self.prefill_buckets):
+            if p:
+                shapes += [(d, p, c) for c in self.chunk_buckets]
+            elif d:
+                shapes.append((d, 0, 0))
+        return shapes
 
     def _abstract_part(self, rows: int, chunk: int) -> StepBatch | None:
         if rows == 0:
@@ -114,13 +123,13 @@ class ModelRunner:
         spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._replicated)
         return StepBatch(spec(rows, chunk), spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq))
 
-    def _program(self, decode_rows: int, prefill_rows: int):
-        key = (decode_rows, prefill_rows)
+    def _program(self, decode_rows: int, prefill_rows: int, chunk: int):
+        key = (decode_rows, prefill_rows, chunk)
         if key not in self._programs:
             start = time.perf_counter()
             lowered = self._step.lower(self.lm.weights, self.cache,
                                        self._abstract_part(decode_rows, 1),
-                                       self._abstract_part(prefill_rows, self.config.prefill_chunk))
+                                       self._abstract_part(prefill_rows, chunk))
             self._programs[key] = compiled = lowered.compile()
             self._logits_sharding = compiled.output_shardings[0]
             self.compile_seconds += time.perf_counter() - start
@@ -150,8 +159,8 @@ class ModelRunner:
             from tqdm.auto import tqdm
 
             iterator = tqdm(shapes, desc="compiling step shapes", unit="shape")
-        for decode_rows, prefill_rows in iterator:
-            self._program(decode_rows, prefill_rows)
+        for shape in iterator:
+            self._program(*shape)
         return time.perf_counter() - start
 
     # ---- one step ---------------------------------------------------------------------------
@@ -187,9 +196,10 @@ class ModelRunner:
         """Run one scheduled step; return the token sampled for each chunk that completes."""
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
         prefill_rows = bucket_for(len(out.prefill), self.prefill_buckets)
-        program = self._program(decode_rows, prefill_rows)
+        chunk = bucket_for(max((c.num_tokens for c in out.prefill), default=0), self.chunk_buckets)
+        program = self._program(decode_rows, prefill_rows, chunk if prefill_rows else 0)
         decode = self._pack(out.decode, decode_rows, 1)
-        prefill = self._pack(out.prefill, prefill_rows, self.config.prefill_chunk)
+        prefill = self._pack(out.prefill, prefill_rows, chunk)
         logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
 
         rows = [_PAD_ROW] * (decode_rows + prefill_rows)
