@@ -1,0 +1,151 @@
+"""The engine and the Python API on the real Qwen2.5-Coder-0.5B-Instruct (float32, CPU)."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from qwenjax import LLM, AsyncLLM, SamplingParams
+from qwenjax.engine.engine import Engine, EngineConfig
+from qwenjax.greedy import GreedyGenerator
+from qwenjax.loading import load_model
+
+pytestmark = pytest.mark.real_model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Name three primary colors.",
+    "Translate 'good morning' into Spanish.",
+]
+SMALL = dict(max_model_len=1024, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=128,
+             warm_up=False, progress=False)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def lm(real_model_dir):
+    return load_model(real_model_dir, tp=1, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm(lm):
+    return LLM(lm, **SMALL)
+
+
+def _chat(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_chat_matches_the_hf_verified_greedy_path(llm, lm):
+    outputs = llm.chat([_chat(q) for q in QUESTIONS], GREEDY, use_tqdm=False)
+    prompts = [lm.tokenizer.encode_chat(_chat(q)) for q in QUESTIONS]
+    # GreedyGenerator is the path test_real_model.py checks token-for-token against transformers.
+    expected = GreedyGenerator(lm).generate(prompts, 32, lm.tokenizer.eos_token_ids)
+    for out, want, prompt in zip(outputs, expected, prompts):
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == want
+        assert out.finish_reason == ("stop" if want[-1] in lm.tokenizer.eos_token_ids else "length")
+        assert out.metrics.ttft > 0 and out.metrics.latency >= out.metrics.ttft
+    assert outputs[0].text == "The capital of France is Paris."
+    assert outputs[0].matched_stop == 151645  # <|im_end|>
+
+
+def test_stream_deltas_are_utf8_safe_and_add_up(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    prompt = _chat("用中文写一句关于大海的话，并加上一个表情符号。")
+    deltas = [o.delta_text for o in llm.stream(prompt, params, chat=True)]
+    final = llm.chat(prompt, params, use_tqdm=False)[0].text
+    assert "".join(deltas) == final
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in final)  # it did answer in Chinese
+    assert not any("\ufffd" in d for d in deltas)
+    assert len([d for d in deltas if d]) > 5  # streamed, not dumped at the end
+
+
+def test_stop_string_across_tokens(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=32, stop=["France is P"])
+    out = llm.chat(_chat(QUESTIONS[0]), params, use_tqdm=False)[0]
+    assert out.text == "The capital of "
+    assert out.finish_reason == "stop" and out.matched_stop == "France is P"
+    streamed = "".join(o.delta_text for o in llm.stream(_chat(QUESTIONS[0]), params, chat=True))
+    assert streamed == "The capital of "
+
+
+def test_logprobs_and_min_tokens(llm, lm):
+    out = llm.chat(_chat(QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=8, logprobs=3),
+                   use_tqdm=False)[0]
+    assert len(out.logprobs) == len(out.token_ids)
+    for step in out.logprobs:
+        assert len(step.top) == 3 and step.top[0][0] == step.token_id  # greedy picks the top one
+        assert step.logprob == pytest.approx(step.top[0][1]) and step.logprob <= 0
+        assert step.top[0][1] >= step.top[1][1] >= step.top[2][1]
+    # min_tokens keeps EOS away: the 8-token answer must run to 12 tokens.
+    longer = llm.chat(_chat(QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12),
+                      use_tqdm=False)[0]
+    assert len(longer.token_ids) == 12 and longer.finish_reason == "length"
+    assert not set(longer.token_ids) & set(lm.tokenizer.eos_token_ids)
+
+
+def test_async_llm_concurrent_requests_and_cancel(lm, llm):
+    expected = [o.text for o in llm.chat([_chat(q) for q in QUESTIONS[:3]], GREEDY, use_tqdm=False)]
+    engine_llm = AsyncLLM(lm, **SMALL)
+
+    async def collect(question):
+        text = ""
+        async for out in engine_llm.chat(_chat(question), GREEDY):
+            text += out.delta_text
+        return text
+
+    async def cancel_early():
+        async for out in engine_llm.generate("Count from one to one hundred.",
+                                             SamplingParams(temperature=0.0, max_tokens=200)):
+            if len(out.token_ids) >= 3:
+                break  # leaving the loop aborts the request
+
+    async def main():
+        results = await asyncio.gather(*(collect(q) for q in QUESTIONS[:3]), cancel_early())
+        for _ in range(100):  # the abort reaches the engine thread within a step or two
+            if engine_llm.engine.allocator.num_used == 0:
+                break
+            await asyncio.sleep(0.05)
+        return results
+
+    try:
+        results = asyncio.run(main())
+        assert results[:3] == expected
+        assert engine_llm.engine.allocator.num_used == 0
+    finally:
+        engine_llm.shutdown()
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_batch_invariance_real_model(real_model_dir, tp):
+    """Random arrivals, prompts of 1–300 tokens, 64-token chunks, a pool small enough to preempt:
+    every request's greedy tokens equal its own single-request run."""
+    lm = load_model(real_model_dir, tp=tp, dtype="float32")
+    rng = np.random.default_rng(tp)
+    words = lm.tokenizer.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 40)
+                                + " Explain recursion, then list prime numbers and colors.")
+    lengths = [1, 7, 64, 65, 150, 230, 300, 120]
+    prompts = [words[len(words) - n:] for n in lengths]
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
+                          page_size=16, max_model_len=512, num_pages=40)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = Engine(lm, config, warm_up=False)
+    arrivals = sorted(rng.integers(0, 12, len(prompts)))
+    ids, outputs, step, requests = {}, {}, 0, []
+    while len(outputs) < len(prompts):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                ids[engine.add_request(prompts[i], params)] = i
+                requests.append(engine.scheduler.waiting[-1])
+        outputs.update({ids[o.request_id]: o.token_ids for o in engine.step() if o.finished})
+        engine.check()
+        step += 1
+    assert sum(r.num_preemptions for r in requests) > 0
+    assert engine.allocator.num_free == 40
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, params, request_id=f"alone-{i}")
+        alone = None
+        while alone is None:
+            alone = next((o.token_ids for o in engine.step() if o.finished), None)
+        assert outputs[i] == alone, f"request {i} ({len(prompt)} tokens)"
