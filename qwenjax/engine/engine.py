@@ -55,10 +55,10 @@ def enable_compile_cache() -> None:
 
     from qwenjax.cache import cache_dir
 
-    if jax.config.jax_compilation_cache_dir is None:
+    if jax.config.jax_compilation_cache_dir is None:  # keep a directory the user chose
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-        # Cache every step program, not only the slow ones: a warm start should compile nothing.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Cache every step program, not only the slow ones: a warm start should compile nothing.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 class Engine:
