@@ -1,8 +1,12 @@
 """Attention over the paged KV cache.
 
-``paged_attention`` is the pure-XLA path (CPU, tests, prefill and mixed chunks):
-each query attends to its sequence's cached tokens at positions ≤ its own. A
-decode-only step can use a Pallas kernel instead (``decode_kernel``).
+``paged_attention`` is the pure-XLA path (CPU, prefill and mixed chunks): each
+query attends to its sequence's cached tokens at positions ≤ its own. It walks
+the block table a block of pages at a time with an online softmax and stops at
+the longest sequence in the step, so its cost follows the real lengths, not
+``max_model_len`` (the block table is always that wide). A decode-only step can
+use a Pallas kernel instead (``decode_kernel``). ``paged_attention_reference``
+gathers everything and is the test oracle.
 """
 from __future__ import annotations
 
@@ -29,7 +33,47 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         out = decode_kernel(q.reshape(batch, kv_heads * q_per_kv, head_dim), k_pages, v_pages,
                             seq_lens, block_tables)
         return out.reshape(q.shape)
-    return paged_attention_reference(q, k_pages, v_pages, positions, seq_lens, block_tables)
+    return paged_attention_blockwise(q, k_pages, v_pages, positions, seq_lens, block_tables)
+
+
+def paged_attention_blockwise(q, k_pages, v_pages, positions, seq_lens, block_tables,
+                              pages_per_block: int = 16):
+    batch, chunk, kv_heads, q_per_kv, head_dim = q.shape
+    page_size = k_pages.shape[2]
+    pages_per_seq = block_tables.shape[1]
+    pages_per_block = min(pages_per_block, pages_per_seq)
+    num_blocks = -(-pages_per_seq // pages_per_block)
+    tables = jnp.pad(block_tables, ((0, 0), (0, num_blocks * pages_per_block - pages_per_seq)))
+    block_tokens = pages_per_block * page_size
+    # Blocks past the longest sequence hold nothing anyone can see: skip them.
+    live_blocks = (jnp.max(seq_lens) + block_tokens - 1) // block_tokens
+    scale = head_dim ** -0.5
+    qf = q.astype(jnp.float32) * scale
+
+    def body(i, carry):
+        running_max, denom, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(tables, i * pages_per_block, pages_per_block, axis=1)
+        k = gather_pages(k_pages, pages).astype(jnp.float32)  # [g, b, block_tokens, d]
+        v = gather_pages(v_pages, pages).astype(jnp.float32)
+        scores = jnp.einsum("bsgjd,gbtd->bgjst", qf, k)
+        t = i * block_tokens + jnp.arange(block_tokens)
+        visible = ((t[None, None, :] <= positions[:, :, None])
+                   & (t[None, None, :] < seq_lens[:, None, None]))[:, None, None]
+        scores = jnp.where(visible, scores, -jnp.inf)
+        new_max = jnp.maximum(running_max, scores.max(-1))
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows that saw nothing yet
+        probs = jnp.where(visible, jnp.exp(scores - safe_max[..., None]), 0.0)
+        rescale = jnp.where(jnp.isfinite(running_max), jnp.exp(running_max - safe_max), 0.0)
+        denom = denom * rescale + probs.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bgjst,gbtd->bgjsd", probs, v)
+        return new_max, denom, acc
+
+    shape = (batch, kv_heads, q_per_kv, chunk)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    _, denom, acc = jax.lax.fori_loop(0, live_blocks, body, init)
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # padding queries: zeros
+    return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
