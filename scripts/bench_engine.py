@@ -85,7 +85,8 @@ def _startup_child(args) -> None:
 
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=128, progress=False)
+              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=128, progress=False,
+              warm_up=True)
     total = time.perf_counter() - start
     print(json.dumps(dict(total_s=total, warm_up_s=llm.engine.warm_up_seconds,
                           shapes=len(llm.engine.runner.shapes()))))
