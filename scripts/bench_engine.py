@@ -41,7 +41,8 @@ def bench_engine(args) -> dict:
     from qwenjax import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=128, progress=False)
+              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=args.prefill_chunk,
+              progress=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.chat(_messages()[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm
     start = time.perf_counter()
@@ -85,8 +86,8 @@ def _startup_child(args) -> None:
 
     start = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=128, progress=False,
-              warm_up=True)
+              max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=args.prefill_chunk,
+              progress=False, warm_up=True)
     total = time.perf_counter() - start
     print(json.dumps(dict(total_s=total, warm_up_s=llm.engine.warm_up_seconds,
                           shapes=len(llm.engine.runner.shapes()))))
@@ -97,7 +98,8 @@ def bench_startup(args) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
         for phase in ("cold", "warm"):
-            cmd = [sys.executable, __file__, "--startup-child", "--max-model-len", str(args.max_model_len)]
+            cmd = [sys.executable, __file__, "--startup-child", "--max-model-len", str(args.max_model_len),
+                   "--prefill-chunk", str(args.prefill_chunk)]
             if args.model:
                 cmd += ["--model", args.model]
             if args.dtype:
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="engine prefill chunk (buckets: chunk/8 and chunk)")
     p.add_argument("--only", choices=["engine", "hf", "startup"], default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)

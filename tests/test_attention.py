@@ -31,3 +31,42 @@ def test_blockwise_matches_reference(chunk, lengths, pages_per_block):
         *args, pages_per_block=pages_per_block)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
     assert np.all(np.asarray(got)[positions < 0] == 0)
+
+
+def test_model_decode_through_the_pallas_kernel_under_shard_map():
+    """Decode steps dispatched to the Pallas kernel (interpret mode, sharded over tp=2) give the
+    same logits as the XLA path; prefill keeps using XLA."""
+    from qwenjax.attention import decode_kernel_for
+    from qwenjax.kv_cache import KVCache
+    from qwenjax.model import Layout, Model, StepBatch, random_weights
+    from qwenjax.parallel import DEFAULT_RULES, make_mesh
+    from tiny import tiny_config
+
+    config = tiny_config(num_layers=2)
+    layout, mesh = Layout.create(config, 2), make_mesh(2)
+    weights = random_weights(layout, mesh, jnp.float32, seed=3)
+    kernel = decode_kernel_for(mesh, DEFAULT_RULES, "pallas", interpret=True)
+    assert decode_kernel_for(mesh, DEFAULT_RULES, "auto") is None  # CPU: XLA path
+    with pytest.raises(ValueError, match="auto, pallas or xla"):
+        decode_kernel_for(mesh, DEFAULT_RULES, "triton")
+    tokens = np.random.default_rng(4).integers(0, config.vocab_size, (2, 21))
+    tables = jnp.asarray([[3, 0, 5], [1, 4, 2]], jnp.int32)
+
+    def run(model):
+        cache = KVCache.create(num_layers=2, kv_heads=layout.heads.kv_heads, head_dim=config.head_dim,
+                               num_pages=6, page_size=8, dtype=jnp.float32, mesh=mesh)
+        prefill = StepBatch(jnp.asarray(tokens[:, :18], jnp.int32),
+                            jnp.tile(jnp.arange(18, dtype=jnp.int32), (2, 1)), jnp.full((2,), 18, jnp.int32), tables)
+        _, cache = model.forward(weights, cache, prefill)
+        step = jax.jit(model.forward)
+        out = []
+        for t in range(18, 21):  # decode in the third page (positions 16-23)
+            batch = StepBatch(jnp.asarray(tokens[:, t:t + 1], jnp.int32), jnp.full((2, 1), t, jnp.int32),
+                              jnp.full((2,), t + 1, jnp.int32), tables)
+            logits, cache = step(weights, cache, batch)
+            out.append(np.asarray(logits))
+        return np.concatenate(out, axis=1)
+
+    want = run(Model(layout, mesh))
+    got = run(Model(layout, mesh, decode_attention=kernel))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
