@@ -44,6 +44,13 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+    from pathlib import Path
+
+    from qwenjax.config import is_preset
+
+    if args.model and is_preset(args.model) and not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: random-weight presets have no tokenizer; "
+                         "pass an HF checkpoint directory to generate text")
     start = time.perf_counter()
     # One request: a single decode row and prefill row; compile lazily what the request uses.
     llm = LLM(args.model, tp=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -51,8 +58,7 @@ def cmd_generate(args) -> int:
     _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
     if llm.tokenizer is None:
-        raise ValueError(f"--model {args.model}: random-weight presets have no tokenizer; "
-                         "pass an HF checkpoint directory to generate text")
+        raise ValueError(f"--model {args.model}: the checkpoint has no tokenizer.json")
     start = time.perf_counter()
     output = None
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
