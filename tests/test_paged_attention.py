@@ -33,9 +33,10 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
 
 
 def ragged_lengths(page_size: int, pages_per_seq: int) -> list[int]:
-    """Edge lengths: empty, one token, exactly one page, one past a page, a ragged
-    one, and the full table."""
-    return [0, 1, page_size, page_size + 1, 2 * page_size + 3, pages_per_seq * page_size]
+    """Edge lengths: empty, one token, one short of a page, exactly one page, one past a
+    page, a ragged one, and the full table."""
+    return [0, 1, page_size - 1, page_size, page_size + 1, 2 * page_size + 3,
+            pages_per_seq * page_size]
 
 
 def make_case(seed, *, num_heads, num_kv_heads, head_dim, page_size, pages_per_seq,
@@ -155,6 +156,25 @@ def test_kernel_matches_reference(num_heads, num_kv_heads, head_dim, page_size, 
     assert got.dtype == dtype and got.shape == arrays["q"].shape
     assert_close(got, expected, dtype)
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), 0.0)  # length 0
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,page_size,dtype", [
+    pytest.param(4, 2, 64, 32, jnp.float32, id="gqa2-d64-ps32-fp32"),
+    pytest.param(16, 2, 128, 16, jnp.bfloat16, id="gqa8-d128-ps16-bf16"),
+])
+def test_kernel_batch16_random_lengths_up_to_4k(num_heads, num_kv_heads, head_dim, page_size, dtype):
+    """Batch 16 with random lengths up to 4096 tokens (long contexts take the split-K path)."""
+    rng = np.random.default_rng(7)
+    lengths = [int(n) for n in rng.integers(0, 4097, 16)]
+    lengths[:3] = [4096, 0, page_size - 1]
+    pages_per_seq = 4096 // page_size
+    _, arrays = make_case(11, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          page_size=page_size, pages_per_seq=pages_per_seq, lengths=lengths, dtype=dtype)
+    expected = paged_decode_attention_reference(**arrays)
+    got = paged_decode_attention(**arrays, interpret=True)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               atol=tol, rtol=tol)
 
 
 def test_kernel_splits_without_pages():
