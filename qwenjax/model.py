@@ -159,6 +159,27 @@ class StepBatch:
     block_tables: jax.Array  # [batch, pages_per_seq] int32 page ids
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedChunks:
+    """Prefill chunks of several sequences packed back to back on one token axis.
+
+    The projections and MLP see only real tokens (plus padding up to a bucket of
+    T); attention alone works on a row view, one row per sequence, that
+    ``row_tokens`` gathers and ``token_rows``/``token_cols`` scatter back.
+    """
+
+    tokens: jax.Array            # [T] int32
+    positions: jax.Array         # [T] int32, -1 = padding
+    token_rows: jax.Array        # [T] int32, the row each token belongs to (padding: 0)
+    token_cols: jax.Array        # [T] int32, its column in that row (padding: 0)
+    row_tokens: jax.Array        # [rows, chunk] int32, index into T; T = empty slot
+    row_positions: jax.Array     # [rows, chunk] int32, -1 = empty slot
+    seq_lens: jax.Array          # [rows] int32, cached tokens after this step (0 = empty row)
+    block_tables: jax.Array      # [rows, pages_per_seq] int32
+    last_token: jax.Array        # [rows] int32, index into T of each row's last token
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -189,27 +210,26 @@ class Model:
     def constrain(self, x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.rules.sharding(self.mesh, axes))
 
-    def hidden_states(self, weights: Weights, cache: KVCache, batch: StepBatch | Sequence[StepBatch]
+    def hidden_states(self, weights: Weights, cache: KVCache,
+                      batch: StepBatch | PackedChunks | Sequence[StepBatch | PackedChunks]
                       ) -> tuple[list[jax.Array], KVCache]:
-        """Final-normed hidden states per part ``[batch, chunk, embed]`` and the updated cache.
+        """Final-normed hidden states per part (``[batch, chunk, embed]`` for a StepBatch,
+        ``[T, embed]`` for PackedChunks) and the updated cache.
 
-        A step may have several parts of different shapes (the engine sends decode rows
-        ``[n, 1]`` and prefill rows ``[m, chunk]``): the projections and MLP run once over
-        all their tokens flattened, while RoPE, KV writes and attention run per part, so
-        decode rows never pay for prefill padding.
+        A step may have several parts (the engine sends decode rows ``[n, 1]`` and packed
+        prefill chunks): the projections and MLP run once over all their tokens flattened,
+        while RoPE, KV writes and attention run per part, so decode rows never pay for
+        prefill padding.
         """
-        parts = (batch,) if isinstance(batch, StepBatch) else tuple(batch)
+        parts = (batch,) if isinstance(batch, (StepBatch, PackedChunks)) else tuple(batch)
         c = self.config
         tokens = jnp.concatenate([p.tokens.reshape(-1) for p in parts])
         x = self.constrain(jnp.take(weights.embed, tokens, axis=0), ("batch", "embed"))
-        ropes = []
-        for p in parts:
-            cos, sin = rope_tables(p.positions, c)
-            ropes.append((cos[:, :, None, None, :], sin[:, :, None, None, :]))
+        prepared = [self._prepare(p) for p in parts]
         new_k, new_v = [], []
         for i, layer in enumerate(weights.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = self._layer(layer, x, ropes, cache.k[i], cache.v[i], parts)
+                x, k_pages, v_pages = self._layer(layer, x, prepared, cache.k[i], cache.v[i], parts)
             new_k.append(k_pages)
             new_v.append(v_pages)
         x = rms_norm(x, weights.final_norm, c.rms_norm_eps)
@@ -220,25 +240,46 @@ class Model:
             offset += n
         return hidden, KVCache(k=new_k, v=new_v)
 
-    def _layer(self, w: LayerWeights, x, ropes, k_pages, v_pages, parts: tuple[StepBatch, ...]):
+    def _prepare(self, part):
+        """Per-step, per-part values every layer reuses: RoPE tables and token-level views."""
+        cos, sin = rope_tables(part.positions, self.config)
+        if isinstance(part, PackedChunks):
+            # Each token's K/V go to its own row's pages: a [T, 1] batch of one-token chunks.
+            return dict(cos=cos[:, None, None, :], sin=sin[:, None, None, :],
+                        write_positions=part.positions[:, None],
+                        write_tables=jnp.take(part.block_tables, part.token_rows, axis=0))
+        return dict(cos=cos[:, :, None, None, :], sin=sin[:, :, None, None, :],
+                    write_positions=part.positions, write_tables=part.block_tables)
+
+    def _layer(self, w: LayerWeights, x, prepared, k_pages, v_pages, parts):
         c, q_per_kv = self.config, self.layout.heads.q_per_kv
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
             qkv = _matmul("te,egjd->tgjd", h, w.qkv) + w.qkv_bias
             qkv = self.constrain(qkv, ("batch", "kv_heads", None, "head_dim"))
             outs, offset = [], 0
-            for p, (cos, sin) in zip(parts, ropes):
+            for p, prep in zip(parts, prepared):
                 n = p.tokens.size
                 part = qkv[offset: offset + n].reshape(*p.tokens.shape, *qkv.shape[1:])
                 offset += n
-                q = apply_rope(part[:, :, :, :q_per_kv], cos, sin)       # [b, s, g, j, d]
-                k = apply_rope(part[:, :, :, q_per_kv:q_per_kv + 1], cos, sin)[:, :, :, 0]
-                v = part[:, :, :, q_per_kv + 1]                          # [b, s, g, d]
-                k_pages, v_pages = write_kv(k_pages, v_pages, k, v, p.positions, p.block_tables)
-                attn = attention.paged_attention(
-                    q, k_pages, v_pages, p.positions, p.seq_lens, p.block_tables,
-                    decode_kernel=self.decode_attention)
-                outs.append(attn.reshape(n, *attn.shape[2:]))
+                cos, sin = prep["cos"], prep["sin"]
+                q = apply_rope(part[..., :q_per_kv, :], cos, sin)            # [..., g, j, d]
+                k = apply_rope(part[..., q_per_kv:q_per_kv + 1, :], cos, sin)[..., 0, :]
+                v = part[..., q_per_kv + 1, :]                               # [..., g, d]
+                if isinstance(p, PackedChunks):
+                    k_pages, v_pages = write_kv(k_pages, v_pages, k[:, None], v[:, None],
+                                                prep["write_positions"], prep["write_tables"])
+                    q_rows = jnp.take(q, p.row_tokens, axis=0, mode="fill", fill_value=0)
+                    attn = attention.paged_attention(q_rows, k_pages, v_pages, p.row_positions,
+                                                     p.seq_lens, p.block_tables)
+                    attn = attn[p.token_rows, p.token_cols]                  # back to [T, g, j, d]
+                else:
+                    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, prep["write_positions"],
+                                                prep["write_tables"])
+                    attn = attention.paged_attention(
+                        q, k_pages, v_pages, p.positions, p.seq_lens, p.block_tables,
+                        decode_kernel=self.decode_attention)
+                outs.append(attn.reshape(n, *attn.shape[-3:]))
             attn = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
             out = _matmul("tgjd,gjde->te", attn, w.o)
             x = self.constrain(x + out, ("batch", "embed"))
@@ -267,13 +308,17 @@ class Model:
         (hidden,), cache = self.hidden_states(weights, cache, batch)
         return self.logits(weights, hidden), cache
 
-    def last_logits(self, weights: Weights, cache: KVCache, batch: StepBatch | Sequence[StepBatch]
+    def last_logits(self, weights: Weights, cache: KVCache,
+                    batch: StepBatch | PackedChunks | Sequence[StepBatch | PackedChunks]
                     ) -> tuple[jax.Array, KVCache]:
         """Logits of each row's last real token ``[rows, vocab]``, rows of all parts in order."""
         hidden, cache = self.hidden_states(weights, cache, batch)
-        parts = (batch,) if isinstance(batch, StepBatch) else tuple(batch)
+        parts = (batch,) if isinstance(batch, (StepBatch, PackedChunks)) else tuple(batch)
         last = []
         for p, h in zip(parts, hidden):
-            index = jnp.argmax(p.positions, axis=1)  # positions rise along the chunk
-            last.append(jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0])
+            if isinstance(p, PackedChunks):
+                last.append(jnp.take(h, p.last_token, axis=0))
+            else:
+                index = jnp.argmax(p.positions, axis=1)  # positions rise along the chunk
+                last.append(jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0])
         return self.logits(weights, jnp.concatenate(last) if len(last) > 1 else last[0]), cache

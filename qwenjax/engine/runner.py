@@ -7,12 +7,14 @@ Stages across the host/device boundary:
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
 
-Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill rows
-∈ {0, 1, 2, 4, …, max_prefill_seqs}, each ``prefill_chunk / 8`` or
-``prefill_chunk`` tokens long (a short prompt must not pay for a 512-token
-chunk: on CPU that was 10 s for a 36-token prompt); block tables are always
-``max_model_len / page_size`` wide. Every combination is compiled ahead of time
-(``warm_up``), so serving never compiles.
+Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill chunks are
+packed back to back on one token axis of T ∈ {0, 16, 32, …} tokens (up to
+``max_num_batched_tokens``), so the projections and MLP only see real tokens —
+padding every prompt to a fixed chunk cost 3× the prefill compute for short
+chat prompts (measured on CPU). Attention alone views the chunks as
+``max_prefill_seqs`` rows of ``prefill_chunk`` slots. Block tables are always
+``max_model_len / page_size`` wide. Every (decode rows, T) is compiled ahead of
+time (``warm_up``), so serving never compiles.
 
 The sampler is its own small program: penalties add per-row arrays whose width
 varies, and keeping them out of the model step keeps the step's compiled set
@@ -33,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenjax.engine.scheduler import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
-from qwenjax.model import StepBatch
+from qwenjax.model import PackedChunks, StepBatch
 from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch, sample
 
 # Alternatives returned per token when a request asks for logprobs (its own count ≤ this).
@@ -75,8 +77,11 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.pages_per_seq = config.pages_for(config.max_model_len)
         self.decode_buckets = row_buckets(config.max_num_seqs)
-        self.prefill_buckets = row_buckets(config.max_prefill_seqs)
-        self.chunk_buckets = sorted({max(16, config.prefill_chunk // 8), config.prefill_chunk})
+        max_prefill_tokens = min(config.max_num_batched_tokens,
+                                 config.max_prefill_seqs * config.prefill_chunk)
+        # Powers of two from 16 (smaller chunks are cheaper to pad than to compile for).
+        self.token_buckets = [0] + sorted({min(max_prefill_tokens, max(16, t))
+                                           for t in row_buckets(max_prefill_tokens)[1:]})
         self.num_pages = num_pages
         self.cache = self._new_cache()
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
@@ -90,7 +95,7 @@ class ModelRunner:
         # instead of copying every pool (GBs on a large model) once per step.
         self._step = jax.jit(step, donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames=("num_top",))
-        self._programs: dict[tuple[int, int, int], object] = {}
+        self._programs: dict[tuple[int, int], object] = {}
         self._samplers: dict[tuple, object] = {}
         self._logits_sharding = None
         self.compile_seconds = 0.0
@@ -107,34 +112,42 @@ class ModelRunner:
         self.cache = self._new_cache()
 
     # ---- compilation ----------------------------------------------------------------------
-    def shapes(self) -> list[tuple[int, int, int]]:
-        """(decode rows, prefill rows, prefill chunk) of every program serving can run."""
-        shapes = []
-        for d, p in itertools.product(self.decode_buckets, self.prefill_buckets):
-            if p:
-                shapes += [(d, p, c) for c in self.chunk_buckets]
-            elif d:
-                shapes.append((d, 0, 0))
-        return shapes
+    def shapes(self) -> list[tuple[int, int]]:
+        """(decode rows, packed prefill tokens) of every program serving can run."""
+        return [(d, t) for d, t in itertools.product(self.decode_buckets, self.token_buckets) if d or t]
 
-    def _abstract_part(self, rows: int, chunk: int) -> StepBatch | None:
+    @property
+    def prefill_rows(self) -> int:
+        return self.config.max_prefill_seqs
+
+    def _spec(self, *shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._replicated)
+
+    def _abstract_decode(self, rows: int) -> StepBatch | None:
         if rows == 0:
             return None
-        spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self._replicated)
-        return StepBatch(spec(rows, chunk), spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq))
+        spec = self._spec
+        return StepBatch(spec(rows, 1), spec(rows, 1), spec(rows), spec(rows, self.pages_per_seq))
 
-    def _program(self, decode_rows: int, prefill_rows: int, chunk: int):
-        key = (decode_rows, prefill_rows, chunk)
+    def _abstract_prefill(self, tokens: int) -> PackedChunks | None:
+        if tokens == 0:
+            return None
+        spec, rows, chunk = self._spec, self.prefill_rows, self.config.prefill_chunk
+        return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
+                            spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows))
+
+    def _program(self, decode_rows: int, prefill_tokens: int):
+        key = (decode_rows, prefill_tokens)
         if key not in self._programs:
             start = time.perf_counter()
-            lowered = self._step.lower(self.lm.weights, self.cache,
-                                       self._abstract_part(decode_rows, 1),
-                                       self._abstract_part(prefill_rows, chunk))
+            lowered = self._step.lower(self.lm.weights, self.cache, self._abstract_decode(decode_rows),
+                                       self._abstract_prefill(prefill_tokens))
             self._programs[key] = compiled = lowered.compile()
             self._logits_sharding = compiled.output_shardings[0]
             self.compile_seconds += time.perf_counter() - start
             # The sampler for this row count, with no penalties and no logprobs (the common case).
-            self._sampler(build_sampling_batch([_PAD_ROW], decode_rows + prefill_rows), num_top=0)
+            rows = decode_rows + (self.prefill_rows if prefill_tokens else 0)
+            self._sampler(build_sampling_batch([_PAD_ROW], rows), num_top=0)
         return self._programs[key]
 
     def _sampler(self, batch, num_top: int):
@@ -164,21 +177,51 @@ class ModelRunner:
         return time.perf_counter() - start
 
     # ---- one step ---------------------------------------------------------------------------
-    def _pack(self, chunks: Sequence[ScheduledChunk], rows: int, chunk_len: int) -> StepBatch | None:
+    def _put(self, array: np.ndarray) -> jax.Array:
+        return jax.device_put(array, self._replicated)
+
+    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> StepBatch | None:
         if rows == 0:
             return None
-        tokens = np.zeros((rows, chunk_len), np.int32)
-        positions = np.full((rows, chunk_len), -1, np.int32)
+        tokens = np.zeros((rows, 1), np.int32)
+        positions = np.full((rows, 1), -1, np.int32)
         seq_lens = np.zeros((rows,), np.int32)
         tables = np.zeros((rows, self.pages_per_seq), np.int32)
         for i, c in enumerate(chunks):
-            n = c.num_tokens
-            tokens[i, :n] = c.request.tokens(c.start, c.start + n)
-            positions[i, :n] = np.arange(c.start, c.start + n)
-            seq_lens[i] = c.start + n
+            tokens[i, 0] = c.request.tokens(c.start, c.start + 1)[0]
+            positions[i, 0] = c.start
+            seq_lens[i] = c.start + 1
             tables[i, : len(c.request.pages)] = c.request.pages
-        put = lambda a: jax.device_put(a, self._replicated)
-        return StepBatch(put(tokens), put(positions), put(seq_lens), put(tables))
+        return StepBatch(*map(self._put, (tokens, positions, seq_lens, tables)))
+
+    def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> PackedChunks | None:
+        if total == 0:
+            return None
+        rows, chunk_len = self.prefill_rows, self.config.prefill_chunk
+        tokens = np.zeros((total,), np.int32)
+        positions = np.full((total,), -1, np.int32)
+        token_rows = np.zeros((total,), np.int32)
+        token_cols = np.zeros((total,), np.int32)
+        row_tokens = np.full((rows, chunk_len), total, np.int32)  # index T = empty slot
+        row_positions = np.full((rows, chunk_len), -1, np.int32)
+        seq_lens = np.zeros((rows,), np.int32)
+        tables = np.zeros((rows, self.pages_per_seq), np.int32)
+        last_token = np.zeros((rows,), np.int32)
+        offset = 0
+        for r, c in enumerate(chunks):
+            n, span = c.num_tokens, slice(offset, offset + c.num_tokens)
+            tokens[span] = c.request.tokens(c.start, c.start + n)
+            positions[span] = np.arange(c.start, c.start + n)
+            token_rows[span] = r
+            token_cols[span] = np.arange(n)
+            row_tokens[r, :n] = np.arange(offset, offset + n)
+            row_positions[r, :n] = positions[span]
+            seq_lens[r] = c.start + n
+            tables[r, : len(c.request.pages)] = c.request.pages
+            last_token[r] = offset + n - 1
+            offset += n
+        return PackedChunks(*map(self._put, (tokens, positions, token_rows, token_cols, row_tokens,
+                                             row_positions, seq_lens, tables, last_token)))
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
         request = chunk.request
@@ -195,11 +238,11 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run one scheduled step; return the token sampled for each chunk that completes."""
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
-        prefill_rows = bucket_for(len(out.prefill), self.prefill_buckets)
-        chunk = bucket_for(max((c.num_tokens for c in out.prefill), default=0), self.chunk_buckets)
-        program = self._program(decode_rows, prefill_rows, chunk if prefill_rows else 0)
-        decode = self._pack(out.decode, decode_rows, 1)
-        prefill = self._pack(out.prefill, prefill_rows, chunk)
+        prefill_tokens = bucket_for(sum(c.num_tokens for c in out.prefill), self.token_buckets)
+        prefill_rows = self.prefill_rows if prefill_tokens else 0
+        program = self._program(decode_rows, prefill_tokens)
+        decode = self._pack_decode(out.decode, decode_rows)
+        prefill = self._pack_prefill(out.prefill, prefill_tokens)
         logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
 
         rows = [_PAD_ROW] * (decode_rows + prefill_rows)
