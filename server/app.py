@@ -1,0 +1,141 @@
+"""One gRPC server: Inference + Health + reflection (+ metrics over HTTP), and its lifecycle.
+
+    server = InferenceServer(ServerConfig(port=0))
+    await server.start()                 # listening; health NOT_SERVING, Inference UNAVAILABLE
+    await server.attach(EngineThread(engine))   # health SERVING
+    ...
+    await server.drain(timeout=30)       # UNAVAILABLE to new calls, in-flight ones finish
+    await server.stop()
+
+The server listens before the model is loaded, so probes see NOT_SERVING (not a
+refused connection) during a load and warm-up that take minutes on a big model.
+Several servers may share one EngineThread (tests run a plain, a token-protected
+and a TLS server over one loaded model); each counts its own admissions and metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qwenjax_proto.v1 import inference_pb2 as pb
+from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
+from server.auth import BearerTokenInterceptor
+from server.metrics import ServerMetrics
+from server.servicer import Admission, InferenceServicer, model_name
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051                 # 0: any free port (see InferenceServer.port)
+    metrics_port: int | None = 9400   # None: no metrics endpoint; 0: any free port
+    max_queue: int = 256              # requests admitted but without a first token; 0 = no limit
+    max_queued_tokens: int = 262_144  # prompt tokens of those; 0 = no limit
+    # Larger requests get INVALID_ARGUMENT naming this limit. The transport refuses messages
+    # over 4× it with RESOURCE_EXHAUSTED before they are parsed, so memory stays bounded.
+    max_request_bytes: int = 4 << 20
+    api_token: str | None = None      # bearer token required on Inference calls
+    tls_cert: str | None = None       # PEM files; both or neither
+    tls_key: str | None = None
+    drain_timeout: float = 30.0       # seconds in-flight requests get after SIGTERM
+
+    def __post_init__(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        for name in ("max_queue", "max_queued_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0 (0 = no limit), got {getattr(self, name)}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be ≥ 1024, got {self.max_request_bytes}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be ≥ 0, got {self.drain_timeout}")
+
+
+class InferenceServer:
+    def __init__(self, config: ServerConfig = ServerConfig()):
+        self.config = config
+        self.metrics = ServerMetrics(lambda: self.servicer.engine)
+        self.servicer = InferenceServicer(Admission(config.max_queue, config.max_queued_tokens),
+                                          self.metrics, config.max_request_bytes)
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def _set_health(self, status) -> None:
+        for service in ("", INFERENCE_SERVICE):
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        config = self.config
+        interceptors = [BearerTokenInterceptor(config.api_token)] if config.api_token else []
+        limit = 4 * config.max_request_bytes
+        self._server = server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", limit),
+            # gRPC sets SO_REUSEPORT by default: a second server on a busy port would then
+            # silently split the traffic instead of failing to start.
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert is not None:
+            key, cert = pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes()
+            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+
+    async def attach(self, engine_thread) -> None:
+        """Serve ``engine_thread`` (an EngineThread over a warmed-up engine): health goes SERVING."""
+        self.servicer.engine_thread = engine_thread
+        if not self.servicer.draining:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new work (UNAVAILABLE, health NOT_SERVING) and wait for in-flight requests.
+
+        True when all finished within ``timeout`` seconds (default: the config's)."""
+        self.servicer.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        return await self.servicer.wait_idle(timeout)
+
+    async def stop(self, grace: float | None = 0.0) -> None:
+        """Close the port; calls still running after ``grace`` seconds are cancelled (and aborted)."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        self.metrics.stop()
+
+    def describe(self) -> str:
+        """The start-up log line: model, mesh, dtype, warm-up time, addresses."""
+        engine = self.servicer.engine
+        lm = engine.lm
+        mesh = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
+        metrics = f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
+        return (f"serving {model_name(lm.source)} mesh({mesh}) dtype={lm.dtype} "
+                f"max_context={engine.max_model_len} kv_pages={engine.allocator.num_pages} "
+                f"warm-up={engine.warm_up_seconds:.1f}s on {self.address} "
+                f"tls={'on' if self.config.tls_cert else 'off'} "
+                f"auth={'on' if self.config.api_token else 'off'} metrics={metrics}")

@@ -1,0 +1,180 @@
+"""``qwenjax serve`` (and ``python -m server``): load a model, warm it up, serve gRPC until SIGTERM.
+
+Start-up order: listen first (health NOT_SERVING), load and compile on a thread of
+its own, then health SERVING. SIGTERM or SIGINT: refuse new calls (UNAVAILABLE),
+health NOT_SERVING, let in-flight requests finish within --drain-timeout, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+log = logging.getLogger("qwenjax.server")
+
+TOKEN_ENV = "QWENJAX_API_TOKEN"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="HF checkpoint directory or preset name (random weights); default: the "
+                            "fetched Qwen2.5-Coder-0.5B-Instruct")
+    model.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                       help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
+    model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + output tokens of one request at most (default: the model's "
+                             "max context)")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    engine.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens of one "
+                                                                      "request per step")
+    engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
+    engine.add_argument("--num-pages", type=int, default=None,
+                        help="KV cache pages (default: from free device memory)")
+
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    net.add_argument("--metrics-port", type=int, default=9400,
+                     help="Prometheus /metrics HTTP port on --host (0: off)")
+    net.add_argument("--max-queue", type=int, default=256,
+                     help="requests admitted but without a first token before RESOURCE_EXHAUSTED "
+                          "(0: no limit)")
+    net.add_argument("--max-queued-tokens", type=int, default=262_144,
+                     help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
+    net.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                     help="larger requests get INVALID_ARGUMENT")
+    net.add_argument("--api-token", default=None,
+                     help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
+                          f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
+    net.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    net.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM")
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="serve the model over gRPC (streaming Generate, "
+                                            "health, reflection, Prometheus metrics)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def server_config(args):
+    from server.app import ServerConfig
+
+    return ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port or None,
+        max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
+        max_request_bytes=args.max_request_bytes,
+        api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout)
+
+
+def build_engine(args):
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.loading import load_model
+
+    start = time.perf_counter()
+    lm = load_model(args.model, tp=args.tp, dtype=args.dtype)
+    log.info("loaded %s (%s, tp=%d) in %.1fs; compiling step shapes", lm.source, lm.dtype, args.tp,
+             time.perf_counter() - start)
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
+                          max_model_len=args.max_model_len, num_pages=args.num_pages)
+    return Engine(lm, config, warm_up=True, progress=sys.stderr.isatty())
+
+
+async def _load_in_background(args):
+    """Build the engine on a daemon thread, so a SIGTERM during a long load can still exit."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(setter, value):
+        if not done.done():
+            setter(value)
+
+    def run():
+        try:
+            engine = build_engine(args)
+        except BaseException as error:  # noqa: BLE001 - handed to the loop to report
+            loop.call_soon_threadsafe(settle, done.set_exception, error)
+        else:
+            loop.call_soon_threadsafe(settle, done.set_result, engine)
+
+    threading.Thread(target=run, name="qwenjax-load", daemon=True).start()
+    return await done
+
+
+async def serve(args) -> int:
+    from qwenjax.engine.async_engine import EngineThread
+    from server.app import InferenceServer
+
+    server = InferenceServer(server_config(args))
+    await server.start()
+    log.info("listening on %s (health NOT_SERVING until the model is loaded and compiled)",
+             server.address)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.ensure_future(stop.wait())
+    loading = asyncio.ensure_future(_load_in_background(args))
+    await asyncio.wait({loading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        log.info("stop requested while loading; exiting")
+        loading.cancel()
+        await server.stop()
+        return 0
+    try:
+        engine = loading.result()
+    except (ValueError, FileNotFoundError) as error:
+        log.error("cannot serve: %s", error)
+        stopped.cancel()
+        await server.stop()
+        return 2
+    engine_thread = EngineThread(engine)
+    await server.attach(engine_thread)
+    log.info("%s", server.describe())
+
+    await stopped
+    log.info("draining: %d requests in flight, up to %.0fs", server.servicer.in_flight,
+             server.config.drain_timeout)
+    if await server.drain():
+        log.info("drained; stopping")
+    else:
+        log.warning("drain timeout: cancelling %d requests still running", server.servicer.in_flight)
+    await server.stop(grace=1.0)
+    engine_thread.shutdown()
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key must be given together")
+    return asyncio.run(serve(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_serve(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"qwenjax serve: error: {error}", file=sys.stderr, flush=True)
+        return 2

@@ -1,0 +1,88 @@
+"""Wire messages ↔ engine objects. Pure functions: no gRPC context, no event loop.
+
+Every rejection is a ``ValueError`` whose message names the field and the limit;
+the servicer turns it into ``INVALID_ARGUMENT`` unchanged.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from google.protobuf import unknown_fields
+
+from qwenjax.engine.request import RequestOutput
+from qwenjax.sampling import SamplingParams
+from qwenjax_proto.v1 import inference_pb2 as pb
+
+# Proto field name → SamplingParams field; the names are the same on purpose.
+_SCALAR_SAMPLING_FIELDS = (
+    "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens",
+)
+
+
+def find_unknown_field(message, path: str) -> str | None:
+    """Where ``message`` (or a message inside it) carries a field this server's schema lacks.
+
+    A client built from a newer .proto may set a sampling option this server would silently
+    ignore, producing output the client did not ask for; refusing is the safer answer.
+    """
+    unknown = unknown_fields.UnknownFieldSet(message)
+    if len(unknown):
+        return (f"{path} has field number {unknown[0].field_number}, which this server's "
+                f"qwenjax.v1 schema does not define (client built from a newer .proto?)")
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        items = enumerate(value) if field.is_repeated else [(None, value)]
+        for index, item in items:
+            where = f"{path}.{field.name}" + (f"[{index}]" if index is not None else "")
+            found = find_unknown_field(item, where)
+            if found:
+                return found
+    return None
+
+
+def sampling_params(wire: pb.SamplingParams) -> SamplingParams:
+    """Set fields override the engine defaults; SamplingParams raises ValueError naming the field."""
+    kwargs = {name: getattr(wire, name) for name in _SCALAR_SAMPLING_FIELDS if wire.HasField(name)}
+    kwargs["stop"] = tuple(wire.stop)
+    kwargs["stop_token_ids"] = tuple(wire.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def messages_to_dicts(wire: pb.Messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in wire.messages]
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{field}[{i}] is {t}; token ids must be in [0, {vocab_size})")
+
+
+def chunk_response(output: RequestOutput) -> pb.GenerateResponse | None:
+    """The new tokens and text of one engine output, or None when it brought neither."""
+    if not output.delta_token_ids and not output.delta_text:
+        return None
+    chunk = pb.Chunk(token_ids=output.delta_token_ids, text=output.delta_text)
+    for lp in output.delta_logprobs or ():
+        chunk.logprobs.append(pb.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob,
+            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    return pb.GenerateResponse(chunk=chunk)
+
+
+def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float) -> pb.GenerateResponse:
+    complete = pb.Complete(
+        finish_reason=output.finish_reason or "",
+        usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
+                       completion_tokens=len(output.token_ids),
+                       cached_tokens=output.num_cached_tokens),
+        timing=pb.Timing(ttft_ms=1000.0 * ttft_s if ttft_s is not None else 0.0,
+                         e2e_ms=1000.0 * e2e_s))
+    # The engine reports a stop string as str and a stop token (EOS or stop_token_ids) as int.
+    if isinstance(output.matched_stop, str):
+        complete.matched_stop = output.matched_stop
+    elif output.matched_stop is not None:
+        complete.matched_stop_token_id = int(output.matched_stop)
+    return pb.GenerateResponse(complete=complete)

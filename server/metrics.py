@@ -1,0 +1,60 @@
+"""Prometheus metrics of one server, in a registry of its own (several servers can share a process).
+
+Engine gauges are read when scraped rather than pushed from the engine thread: the
+engine loop stays free of metrics code, and a scrape sees the state of that moment.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Callable[[], object | None]):
+        """``engine``: returns the served Engine, or None while the model is loading."""
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "qwenjax:requests_total", "Generate requests the engine ran, by how they ended "
+            "(stop, length, abort = cancelled/deadline/Abort, error = failed step)",
+            ["finish_reason"], registry=registry)
+        self.rejected = Counter(
+            "qwenjax:requests_rejected_total", "Generate requests refused before reaching the engine, "
+            "by gRPC status", ["code"], registry=registry)
+        self.prompt_tokens = Counter("qwenjax:prompt_tokens_total", "Prompt tokens of admitted requests",
+                                     registry=registry)
+        self.generation_tokens = Counter("qwenjax:generation_tokens_total",
+                                         "Tokens generated and streamed to clients", registry=registry)
+        self.ttft = Histogram("qwenjax:time_to_first_token_seconds",
+                              "Admission to first streamed token", buckets=TTFT_BUCKETS, registry=registry)
+        self.e2e = Histogram("qwenjax:e2e_request_latency_seconds", "Admission to the end of the request",
+                             buckets=E2E_BUCKETS, registry=registry)
+
+        def gauge(name: str, doc: str, read: Callable[[object], float]) -> None:
+            def value() -> float:
+                current = engine()
+                return float(read(current)) if current is not None else 0.0
+            Gauge(name, doc, registry=registry).set_function(value)
+
+        gauge("qwenjax:requests_running", "Requests holding KV pages in the engine",
+              lambda e: len(e.scheduler.running))
+        gauge("qwenjax:requests_waiting", "Requests queued in the engine (new or preempted)",
+              lambda e: len(e.scheduler.waiting))
+        gauge("qwenjax:kv_pages_used", "KV cache pages in use", lambda e: e.allocator.num_used)
+        gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
+        self._http = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP on a thread of prometheus-client's; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
