@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python ≥3.11 and PyPI are all it needs).
+#   scripts/dev.sh serve  set up .venv, fetch the default model, start the gRPC server on it (CPU-sized)
 #   scripts/dev.sh demo   set up .venv, fetch the default model, answer a chat prompt
 #   scripts/dev.sh test   set up .venv with dev extras, fetch the model, run the whole test suite
 # Both create or refresh .venv/ at the repo root; a second run skips what is already done.
@@ -35,6 +36,14 @@ ensure_venv() {  # $1: the extras to install, e.g. "" or "dev"
 }
 
 case "${1:-}" in
+  serve)
+    shift
+    ensure_venv ""
+    .venv/bin/qwenjax fetch-model >&2
+    # Sized for a CPU: few decode rows and prefill tokens keep the start-up compile short.
+    exec .venv/bin/qwenjax serve --max-num-seqs 8 --max-num-batched-tokens 256 --prefill-chunk 128 \
+      --max-model-len 4096 "$@"
+    ;;
   demo)
     ensure_venv ""
     .venv/bin/qwenjax fetch-model >&2
@@ -55,7 +64,7 @@ case "${1:-}" in
     exit "$status"
     ;;
   *)
-    echo "usage: scripts/dev.sh demo | test [pytest args]" >&2
+    echo "usage: scripts/dev.sh serve [qwenjax serve args] | demo | test [pytest args]" >&2
     exit 2
     ;;
 esac

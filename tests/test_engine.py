@@ -158,3 +158,29 @@ def test_a_failing_step_fails_only_its_requests(tiny_lm, monkeypatch):
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.finished]
     assert outs[0].request_id == later and len(outs[0].token_ids) == 6
+
+
+def test_engine_thread_refuses_a_live_request_id(tiny_dir):
+    import asyncio
+
+    from qwenjax.engine.async_engine import EngineThread
+
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    thread = EngineThread(Engine(lm, EngineConfig(**SMALL, num_pages=200), warm_up=False))
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+
+    async def consume(prompt):
+        return [out async for out in thread.generate(prompt, params, "same-id")][-1]
+
+    async def main():
+        first = asyncio.create_task(consume([1, 2, 3]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ValueError, match="'same-id' is already in use"):
+            await consume([4, 5, 6])
+        return await asyncio.wait_for(first, 60)
+
+    try:
+        last = asyncio.run(main())
+        assert last.finished and len(last.token_ids) == 30  # the first client still gets its answer
+    finally:
+        thread.shutdown()

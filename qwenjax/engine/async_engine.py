@@ -47,6 +47,7 @@ class EngineThread:
             while True:
                 item = await subscriber.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # refused or failed: nothing of ours is left to abort
                     raise item
                 yield item
                 if item.finished:
@@ -80,6 +81,11 @@ class EngineThread:
         kind = command[0]
         if kind == "add":
             _, request_id, prompt_ids, params, subscriber = command
+            if request_id in self._subscribers:
+                # Never replace a live subscriber: its client would wait forever.
+                error = ValueError(f"request_id {request_id!r} is already in use")
+                subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, error)
+                return
             self._subscribers[request_id] = subscriber
             try:
                 self.engine.add_request(prompt_ids, params, request_id=request_id)
