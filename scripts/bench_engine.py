@@ -40,11 +40,11 @@ def _messages():
 def bench_engine(args) -> dict:
     from qwenjax import LLM, SamplingParams
 
+    # Every shape compiled before timing (CPU defaults to compiling on first use).
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=args.prefill_chunk,
-              progress=False)
+              progress=False, warm_up=True)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.chat(_messages()[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm
     start = time.perf_counter()
     outputs = llm.chat(_messages(), params, use_tqdm=False)
     seconds = time.perf_counter() - start
