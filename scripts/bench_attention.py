@@ -31,9 +31,7 @@ import dataclasses
 import gc
 import json
 import math
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.paged_attention import paged_decode_attention, plan_launch  # noqa: E402
 from pallas_kernels.reference import paged_decode_attention_reference  # noqa: E402
+from qwenjax.benchmarking import measure_read_bandwidth, median_seconds  # noqa: E402
 
 # name -> (batch, context tokens)
 CASES = {
@@ -90,26 +89,6 @@ class Variant:
             parts.append(f"splits={self.num_splits}")
         parts.append(f"w{self.num_warps}s{self.num_stages}")
         return "ours[" + ",".join(parts) + "]"
-
-
-def timed(fn, args, *, reps: int, warmup: int = 2) -> float:
-    """Median wall seconds of fn(*args) over reps runs, after warm-up."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def measure_read_bandwidth(num_bytes: int, reps: int) -> float:
-    """HBM read bandwidth in bytes/s from a float32 sum over num_bytes."""
-    x = jnp.ones((num_bytes // 4,), jnp.float32)
-    seconds = timed(jax.jit(lambda a: jnp.sum(a)), (x,), reps=reps)
-    del x
-    return num_bytes / seconds
 
 
 def make_inputs(rng, *, batch, context, q_heads, kv_heads, head_dim, page_size, layers,
@@ -222,7 +201,7 @@ def bench_case(name, batch, context, heads_name, args, rng, impls, variants):
         try:
             got = jax.jit(attention)(*first_layer).astype(jnp.float32)
             row["max_abs_err"] = float(jnp.max(jnp.abs(got - expected)))
-            seconds = timed(chained(attention, layers), tuple(inputs.values()), reps=args.reps)
+            seconds = median_seconds(chained(attention, layers), *inputs.values(), reps=args.reps, warmup=2)
         except Exception as err:  # noqa: BLE001 - report and go on with the others
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             print(f"  {name} {heads_name} {impl}: FAILED {row['error']}", file=sys.stderr)
@@ -319,7 +298,7 @@ def main(argv=None) -> dict:
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, "
           f"dtype {args.dtype}, head_dim {args.head_dim}, page_size {args.page_size}")
     print(f"measured read bandwidth: {hbm / 1e12:.3f} TB/s "
-          f"(float32 sum over {args.bandwidth_bytes / 2**30:.2f} GiB)")
+          f"(bf16 reduction over {args.bandwidth_bytes / 2**30:.2f} GiB, 10× in one program)")
 
     rng = np.random.default_rng(args.seed)
     rows = []

@@ -26,39 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenjax.benchmarking import measure_read_bandwidth
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
 from qwenjax.model import Layout, Model, StepBatch, random_weights
 from qwenjax.parallel import make_mesh, one_device_shard
 from qwenjax.planner import allreduce_us, allreduces_per_step
-
-
-def _time(fn, *args, reps: int) -> float:
-    """Median seconds of ``fn(*args)`` after a warm-up call (compile)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def measure_read_bandwidth(gib: float, reps: int) -> float:
-    """Bytes/s of a streaming read: a reduction over a large array, 10× inside one program."""
-    n = int(gib * 2**30) // 2
-    x = jnp.ones((n,), jnp.bfloat16)
-    inner = 10
-
-    @jax.jit
-    def read(x):
-        # The loop index enters the reduction so XLA cannot hoist it out of the loop.
-        body = lambda i, acc: acc + jnp.sum(x * i.astype(x.dtype), dtype=jnp.float32)
-        return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
-
-    seconds = _time(read, x, reps=reps)
-    del x
-    return n * 2 * inner / seconds
 
 
 def modeled_collectives_ms(config, tp: int, batch: int, link_gbps: float, latency_us: float) -> float:
@@ -132,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout.create(shard, 1)
     weights = random_weights(layout, mesh, dtype)
     model = Model(layout, mesh)
-    bandwidth = measure_read_bandwidth(args.bandwidth_gib, reps=max(args.reps, 3))
+    bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
 
     device = jax.devices()[0]
     header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, device=device.device_kind,

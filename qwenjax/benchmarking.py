@@ -1,0 +1,41 @@
+"""Timing helpers shared by the benchmark scripts.
+
+DESIGN.md's timing rule: a lone small jitted call measures Python dispatch
+(~0.1 ms), not the device, so device work is repeated inside one program.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn: Callable, *args, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn(*args)`` (outputs awaited) after ``warmup`` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_read_bandwidth(num_bytes: int, reps: int, inner: int = 10) -> float:
+    """Device read bandwidth in bytes/s: a bf16 reduction over ``num_bytes``, ``inner`` times
+    inside one program so dispatch is amortized."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+
+    @jax.jit
+    def read(x):
+        # The loop index enters the reduction so XLA cannot hoist it out of the loop.
+        body = lambda i, acc: acc + jnp.sum(x * i.astype(x.dtype), dtype=jnp.float32)
+        return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
+
+    seconds = median_seconds(read, x, reps=reps)
+    del x
+    return (num_bytes // 2) * 2 * inner / seconds
