@@ -855,3 +855,19 @@ def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_bench_serving_against_a_running_server(served, tmp_path):
+    """scripts/bench_serving.py in --address mode: every request completes and figures add up."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_serving", REPO / "scripts" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serving.json"
+    assert bench.main(["--address", served.address, "--requests", "6", "--concurrency", "3",
+                       "--max-tokens", "5", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["completed"] == 6 and summary["output_tokens"] == 30
+    assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
