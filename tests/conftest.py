@@ -7,6 +7,7 @@ import os
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# CPU unless the caller chose (scripts/gpu_session.sh sets it empty to run tests/test_gpu.py on a GPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -1,0 +1,70 @@
+"""Checks that need a GPU (skipped elsewhere): the compiled Triton kernel and the model's GPU path.
+
+Run on a lent machine by scripts/gpu_session.sh. The conftest's fake-CPU-device flags do
+not apply there: run with JAX_PLATFORMS unset (the script does).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda", "rocm"),
+                                reason="needs a GPU backend")
+
+
+@pytest.mark.parametrize("batch, context, heads, kv_heads, dtype", [
+    (32, 2048, 8, 1, jnp.bfloat16),    # 72B per-device at TP8
+    (8, 32768, 8, 1, jnp.bfloat16),    # long context: split-K
+    (16, 4096, 16, 2, jnp.bfloat16),   # 72B per-device at TP4
+    (4, 1000, 14, 2, jnp.float32),     # the real 0.5B's grouping, ragged length
+])
+def test_triton_kernel_matches_reference(batch, context, heads, kv_heads, dtype):
+    from pallas_kernels.paged_attention import paged_decode_attention
+    from pallas_kernels.reference import paged_decode_attention_reference
+
+    rng = np.random.default_rng(0)
+    page_size, head_dim = 16, 128
+    pages_per_seq = -(-context // page_size)
+    total = batch * pages_per_seq + 1
+    q = jnp.asarray(rng.standard_normal((batch, heads, head_dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((kv_heads, total, page_size, head_dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((kv_heads, total, page_size, head_dim)), dtype)
+    tables = jnp.asarray(1 + rng.permutation(total - 1)[: batch * pages_per_seq].reshape(batch, -1), jnp.int32)
+    lengths = rng.integers(1, context + 1, batch)
+    lengths[0] = context
+    lengths = jnp.asarray(lengths, jnp.int32)
+    got = paged_decode_attention(q, k, v, lengths, tables)
+    want = paged_decode_attention_reference(q, k, v, lengths, tables)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_model_decode_uses_the_kernel_and_matches_xla():
+    from qwenjax.config import preset
+    import dataclasses
+
+    from qwenjax.kv_cache import KVCache
+    from qwenjax.model import Layout, Model, StepBatch, random_weights
+    from qwenjax.attention import decode_kernel_for
+    from qwenjax.parallel import DEFAULT_RULES, make_mesh
+
+    config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=4)
+    layout, mesh = Layout.create(config, 1), make_mesh(1)
+    weights = random_weights(layout, mesh, jnp.float32, seed=1)
+    kernel = decode_kernel_for(mesh, DEFAULT_RULES, "auto")
+    assert kernel is not None
+
+    def run(model):
+        cache = KVCache.create(num_layers=4, kv_heads=2, head_dim=64, num_pages=40, page_size=16,
+                               dtype=jnp.float32, mesh=mesh)
+        tables = jnp.arange(40, dtype=jnp.int32).reshape(2, 20)
+        tokens = jnp.asarray(np.random.default_rng(2).integers(0, 1000, (2, 300)), jnp.int32)
+        prefill = StepBatch(tokens[:, :299], jnp.tile(jnp.arange(299, dtype=jnp.int32), (2, 1)),
+                            jnp.full((2,), 299, jnp.int32), tables)
+        _, cache = jax.jit(model.forward)(weights, cache, prefill)
+        step = StepBatch(tokens[:, 299:], jnp.full((2, 1), 299, jnp.int32), jnp.full((2,), 300, jnp.int32), tables)
+        logits, _ = jax.jit(model.forward)(weights, cache, step)
+        return np.asarray(logits)
+
+    np.testing.assert_allclose(run(Model(layout, mesh, decode_attention=kernel)), run(Model(layout, mesh)),
+                               atol=2e-3, rtol=2e-3)
