@@ -98,6 +98,15 @@ class MeshConfig:
     def collective_link(self) -> Link | None:
         return self.hardware.inter_node if self.tp_spans_hosts else self.hardware.intra_node
 
+    def jax_mesh(self, devices=None):
+        """The ``(dp, tp)`` device mesh this config describes, over ``devices`` (default: all)."""
+        from qwenjax.parallel import make_mesh
+
+        if self.pp > 1:
+            raise ValueError(f"{self.source or self.name}: axes.pp = {self.pp}; pipeline parallelism "
+                             "is not implemented yet (the Pipeline issue); use pp: 1")
+        return make_mesh(tp=self.tp, dp=self.dp, devices=devices)
+
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MeshConfig":
         path = Path(path)
