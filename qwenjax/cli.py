@@ -14,8 +14,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory or preset name (qwen2.5-0.5b … qwen2.5-72b, random "
                         "weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    p.add_argument("--devices", type=parse_devices, default=None,
+                   help="comma-separated device indices to use, e.g. 0,1 (default: the first --tp)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
+
+
+def parse_devices(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--devices takes comma-separated indices like 0,1; got {text!r}")
 
 
 def _log(msg: str) -> None:
@@ -53,7 +62,7 @@ def cmd_generate(args) -> int:
                          "pass an HF checkpoint directory to generate text")
     start = time.perf_counter()
     # One request: a single decode row and prefill row; compile lazily what the request uses.
-    llm = LLM(args.model, tp=args.tp, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, tp=args.tp, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
     _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")

@@ -31,6 +31,7 @@ def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> En
 
 class _Base:
     def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, mesh: Mesh | None = None,
+                 devices: Sequence[int] | None = None,
                  dtype: str | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  **engine_options):
@@ -43,7 +44,7 @@ class _Base:
         if isinstance(model, LoadedModel):
             self.lm = model
         else:
-            self.lm = load_model(model, tp=tp, dtype=dtype, mesh=mesh)
+            self.lm = load_model(model, tp=tp, dtype=dtype, mesh=mesh, devices=devices)
         if warm_up is None:
             warm_up = jax.default_backend() != "cpu"
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,

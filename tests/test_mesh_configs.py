@@ -58,3 +58,50 @@ def test_config_shape_matches_tp1(name, tiny):
     assert dict(mesh.shape) == {"dp": axes.dp, "tp": axes.tp}
     got = _logits(config, directory, tokens, mesh)
     np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_two_engines_on_disjoint_device_subsets_serve_concurrently(tiny):
+    import asyncio
+
+    from qwenjax.engine.async_engine import EngineThread
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.greedy import GreedyGenerator
+    from qwenjax.loading import load_model
+    from qwenjax.sampling import SamplingParams
+
+    config, directory, tokens, _ = tiny
+    left = load_model(directory, tp=2, devices=[0, 1], dtype="float32")
+    right = load_model(directory, tp=2, devices=[2, 3], dtype="float32")
+    assert {d.id for d in left.mesh.devices.flat}.isdisjoint(d.id for d in right.mesh.devices.flat)
+    assert {d.id for d in right.weights.embed.devices()} == {d.id for d in jax.devices()[2:4]}
+    small = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32, max_prefill_seqs=2,
+                         page_size=8, max_model_len=128, num_pages=64)
+    threads = [EngineThread(Engine(lm, small, warm_up=False)) for lm in (left, right)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [tokens[0].tolist(), tokens[1, :9].tolist()]
+
+    async def run(thread, prompt, rid):
+        return [o async for o in thread.generate(prompt, params, rid)][-1].token_ids
+
+    async def main():
+        jobs = [run(t, p, f"{i}-{j}") for i, t in enumerate(threads) for j, p in enumerate(prompts)]
+        return await asyncio.gather(*jobs)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        for t in threads:
+            t.shutdown()
+    want = GreedyGenerator(load_model(directory, tp=1, dtype="float32")).generate(prompts, 10)
+    assert results == want + want
+
+
+def test_device_selection_errors_name_the_device():
+    from qwenjax.loading import select_devices
+
+    with pytest.raises(ValueError, match="device 9 does not exist; 8 devices are visible"):
+        select_devices([0, 9])
+    with pytest.raises(ValueError, match="lists a device twice"):
+        select_devices([1, 1])
+    with pytest.raises(ValueError, match="needs 2 devices, got 3"):
+        make_mesh(tp=2, devices=select_devices([0, 1, 2]))
