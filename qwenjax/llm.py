@@ -161,19 +161,15 @@ class AsyncLLM(_Base):
 
         self._thread = EngineThread(self.engine)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        ids = self._encode(prompt)
-        async for output in self._thread.generate(ids, params or SamplingParams(),
-                                                  request_id or uuid.uuid4().hex):
-            yield output
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        return self._thread.generate(self._encode(prompt), params or SamplingParams(),
+                                     request_id or uuid.uuid4().hex)
 
-    async def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
-                   request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        ids = self._encode_chat(messages)
-        async for output in self._thread.generate(ids, params or SamplingParams(),
-                                                  request_id or uuid.uuid4().hex):
-            yield output
+    def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
+             request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        return self._thread.generate(self._encode_chat(messages), params or SamplingParams(),
+                                     request_id or uuid.uuid4().hex)
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

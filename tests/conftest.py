@@ -23,3 +23,11 @@ def real_model_dir():
     from qwenjax.model_fetch import fetch_default_model
 
     return fetch_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(real_model_dir):
+    """The real model's tokenizer (tokenizer.json + chat template)."""
+    from qwenjax.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(real_model_dir)

@@ -5,7 +5,6 @@ import time
 import pytest
 
 from qwenjax.detokenizer import IncrementalDetokenizer
-from qwenjax.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.real_model
 
@@ -31,11 +30,6 @@ CORPUS = [
     "1234567890 3.14159 1e-6 0xDEADBEEF\t\t\n\n\n    indented",
     "Cafe\u0301 and Caf\u00e9 — “quotes” … ½ ∑ ∫ √",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(real_model_dir):
-    return Tokenizer.from_dir(real_model_dir)
 
 
 def stream(tokenizer, output_ids, *, chunks=None, prompt_ids=(), **options):

@@ -39,11 +39,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(real_model_dir):
-    return Tokenizer.from_dir(real_model_dir)
-
-
-@pytest.fixture(scope="module")
 def hf_tokenizer(real_model_dir):
     from transformers import AutoTokenizer
 
