@@ -53,11 +53,9 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
-    from pathlib import Path
+    from qwenjax.loading import names_preset
 
-    from qwenjax.config import is_preset
-
-    if args.model and is_preset(args.model) and not Path(args.model).is_dir():
+    if names_preset(args.model):
         raise ValueError(f"--model {args.model}: random-weight presets have no tokenizer; "
                          "pass an HF checkpoint directory to generate text")
     start = time.perf_counter()

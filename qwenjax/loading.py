@@ -40,6 +40,11 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+def names_preset(model) -> bool:
+    """A preset name that is not also a local directory (a directory always wins)."""
+    return isinstance(model, str) and is_preset(model) and not Path(model).is_dir()
+
+
 def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
     """Devices by index into ``jax.devices()`` (None = let the mesh take the first ones)."""
     if ids is None:
@@ -69,7 +74,7 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     decode_kernel = decode_kernel_for(mesh, DEFAULT_RULES, attention)
     if model is None:
         model = default_model_dir()
-    if isinstance(model, str) and is_preset(model) and not Path(model).is_dir():
+    if names_preset(model):
         config = preset(model)
         layout = Layout.create(config, tp)
         weights = random_weights(layout, mesh, jdtype, seed=seed)
