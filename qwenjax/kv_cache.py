@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -97,34 +97,56 @@ class PageAllocator:
     """Host-side owner of page ids: O(1) alloc/free with reference counts.
 
     A page is free exactly when its count is 0. Prefix sharing bumps a page's
-    count (``share``) so a page several sequences read is returned to the pool
-    only when the last of them frees it.
+    count (``share``/``reuse``) so a page several sequences read is returned to
+    the pool only when the last of them frees it.
+
+    A free page whose contents a prefix cache still indexes (``mark_cached``)
+    waits in an LRU of evictable pages: ``alloc`` takes never-cached pages first,
+    then the least recently freed cached ones, telling the cache through
+    ``on_evict`` before the page gets new contents. ``reuse`` takes a cached page
+    back, free or not.
     """
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"num_pages must be ≥ 1, got {num_pages}")
         self.num_pages = num_pages
-        self._free: collections.deque[int] = collections.deque(range(num_pages))
+        self._free = collections.OrderedDict.fromkeys(range(num_pages))
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._cached: set[int] = set()
         self._refs = [0] * num_pages
+        self.on_evict: Callable[[int], None] | None = None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages ``alloc`` can hand out (cached pages nobody holds included)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
 
     def can_alloc(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfPages(f"asked for {n} pages, {len(self._free)} of {self.num_pages} free")
-        pages = [self._free.popleft() for _ in range(n)]
-        for page in pages:
+        if n > self.num_free:
+            raise OutOfPages(f"asked for {n} pages, {self.num_free} of {self.num_pages} free")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page, _ = self._free.popitem(last=False)
+            else:
+                page, _ = self._evictable.popitem(last=False)
+                self._cached.discard(page)
+                if self.on_evict is not None:
+                    self.on_evict(page)
             self._refs[page] = 1
+            pages.append(page)
         return pages
 
     def share(self, pages: Iterable[int]) -> None:
@@ -133,26 +155,61 @@ class PageAllocator:
                 raise ValueError(f"page {page} is free; only a page in use can be shared")
             self._refs[page] += 1
 
+    def reuse(self, page: int) -> None:
+        """Hold a cached page (a prefix-cache hit), taking it out of the LRU if nobody held it."""
+        if page not in self._cached:
+            raise ValueError(f"page {page} is not cached")
+        if self._refs[page] == 0:
+            del self._evictable[page]
+        self._refs[page] += 1
+
     def free(self, pages: Iterable[int]) -> None:
         for page in pages:
             if self._refs[page] == 0:
                 raise ValueError(f"page {page} freed twice")
             self._refs[page] -= 1
             if self._refs[page] == 0:
-                self._free.append(page)
+                if page in self._cached:
+                    self._evictable[page] = None  # most recently used end
+                else:
+                    self._free[page] = None
+
+    # ---- prefix-cache marks -----------------------------------------------------------------
+    def mark_cached(self, page: int) -> None:
+        """A cache indexes this page's contents: keep them when it is freed, until evicted."""
+        if self._refs[page] == 0:
+            raise ValueError(f"page {page} is free; only a page in use can be cached")
+        self._cached.add(page)
+
+    def unmark_cached(self, page: int) -> None:
+        """The cache dropped this page: a free one becomes a plain free page."""
+        if page in self._cached:
+            self._cached.discard(page)
+            if page in self._evictable:
+                del self._evictable[page]
+                self._free[page] = None
+
+    def is_cached(self, page: int) -> bool:
+        return page in self._cached
+
+    def is_free(self, page: int) -> bool:
+        return self._refs[page] == 0
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
 
     def check(self, owners: Mapping[object, Iterable[int]] | None = None) -> None:
-        """Raise AssertionError unless: no page is free twice, free ⇔ count 0, nothing is lost,
-        and (given who holds which pages) each count equals its number of holders."""
-        free = list(self._free)
-        assert len(free) == len(set(free)), "a page is in the free list twice"
-        free_set = set(free)
+        """Raise AssertionError unless: free ⇔ count 0, a free page is in exactly one of the
+        free list and the LRU, the LRU holds only cached pages, nothing is lost, and (given
+        who holds which pages) each count equals its number of holders."""
+        free, lru = set(self._free), set(self._evictable)
+        assert not free & lru, f"pages {sorted(free & lru)[:5]} are both free and evictable"
+        assert lru <= self._cached, "an evictable page is not cached"
+        assert not free & self._cached, "a plain free page is marked cached"
         for page, count in enumerate(self._refs):
             assert count >= 0, f"page {page} has count {count}"
-            assert (count == 0) == (page in free_set), f"page {page}: count {count}, free={page in free_set}"
+            assert (count == 0) == (page in free or page in lru), (
+                f"page {page}: count {count}, free={page in free}, evictable={page in lru}")
         if owners is not None:
             held = collections.Counter(p for pages in owners.values() for p in pages)
             for page, count in enumerate(self._refs):

@@ -14,6 +14,7 @@ import random
 import time
 from typing import Sequence
 
+from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, RequestStatus,
                                     TokenLogprob)
 from qwenjax.engine.runner import ModelRunner, SampledToken
@@ -38,6 +39,7 @@ class EngineConfig:
     # CPU devices report no memory limit; give the KV cache this much instead.
     cpu_kv_cache_gib: float = 1.0
     compile_cache: bool = True            # JAX's persistent compilation cache in the qwenjax cache dir
+    enable_prefix_caching: bool = True    # reuse K/V pages of prompt prefixes computed before
 
 
 @dataclasses.dataclass
@@ -84,7 +86,13 @@ class Engine:
             raise ValueError(f"the KV cache has {num_pages} pages but one sequence of max_model_len "
                              f"{max_model_len} needs {needed}; lower max_model_len or add pages")
         self.allocator = PageAllocator(num_pages)
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator)
+        self.prefix_cache = None
+        if config.enable_prefix_caching:
+            # Pages are only ever shared inside this engine, whose model, dtype and mesh are
+            # fixed; the identity still roots the hash chain so that keys never mix.
+            identity = (str(lm.source), str(lm.dtype), tuple(lm.mesh.shape.items()))
+            self.prefix_cache = PrefixCache(self.allocator, config.page_size, identity)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, self.prefix_cache)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else lm.config.eos_token_ids
         self.eos_token_ids = tuple(eos)
         self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids)
@@ -241,7 +249,7 @@ class Engine:
             token_ids=list(request.output_ids), delta_text=delta, delta_token_ids=delta_ids,
             finished=finished, logprobs=track.logprobs,
             delta_logprobs=delta_logprobs if track.logprobs is not None else None,
-            metrics=track.metrics)
+            num_cached_tokens=request.num_cached_tokens or 0, metrics=track.metrics)
 
     def _fail_step(self, out, error: Exception) -> list[RequestOutput]:
         """Fail the step's requests; the donated KV pools may be gone, so rebuild them and let
@@ -257,6 +265,7 @@ class Engine:
             failed.append(result)
         self.scheduler.preempt_all()
         self.runner.reset_cache()
+        self.scheduler.reset_prefix_cache()
         return failed
 
     def check(self) -> None:

@@ -27,6 +27,11 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # Prefix caching: the cache entries of this request's leading full pages (``pages[i]``
+    # holds entry ``i``'s contents, or an equal copy), and whether the chain broke off.
+    cache_entries: list = dataclasses.field(default_factory=list)
+    cache_broken: bool = False
+    num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
 
     @property
     def num_tokens(self) -> int:

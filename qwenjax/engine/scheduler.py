@@ -8,12 +8,19 @@ tokens within ``max_num_batched_tokens``. A request granted exactly one token
 goes to the decode part of the step, others to the prefill part. When the page
 pool runs dry, the newest running request is preempted: its pages are freed and
 it waits again at the head of the queue, to be recomputed later.
+
+With a ``PrefixCache``, a request being admitted first takes the longest run of
+its full pages that is already cached (sharing those pages) and is granted
+tokens only from there; after each step, the pages a request has just filled
+are added to the cache. Freed pages keep their contents until the pool needs
+them, so a preempted request usually finds its own pages again.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 
+from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import Request, RequestStatus
 from qwenjax.kv_cache import PageAllocator
 
@@ -73,9 +80,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: PageAllocator):
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator,
+                 prefix_cache: PrefixCache | None = None):
         self.config = config
         self.allocator = allocator
+        self.prefix_cache = prefix_cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
@@ -92,14 +101,24 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        if reason == "error" and self.prefix_cache is not None:
+            self.prefix_cache.forget_pages(request.pages)  # what it wrote may be bad
         self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 
     def _release(self, request: Request) -> None:
-        self.allocator.free(request.pages)
+        # Last page first: the LRU then evicts the tail of a prefix before its head.
+        self.allocator.free(reversed(request.pages))
         request.pages = []
         request.num_computed = 0
+        request.cache_entries = []
+        request.cache_broken = False
+
+    def reset_prefix_cache(self) -> None:
+        """The K/V pools were rebuilt: no cached page holds what it did."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -148,30 +167,69 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < cfg.max_num_seqs):
             request = self.waiting[0]
-            n = self._grant(request, budget)
+            hits = self._cached_prefix(request)
+            cached = len(hits) * cfg.page_size
+            n = min(request.num_tokens - cached, budget, cfg.prefill_chunk)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 break
-            need = cfg.pages_for(n)
-            if need > self.allocator.num_free:
+            need = cfg.pages_for(cached + n) - len(hits)
+            # Holding a cached page nobody holds takes it out of the free pool too.
+            if need + sum(self.allocator.is_free(e.page) for e in hits) > self.allocator.num_free:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            request.pages = self.allocator.alloc(need)
+            for entry in hits:
+                self.allocator.reuse(entry.page)
+            request.pages = [e.page for e in hits] + self.allocator.alloc(need)
+            request.cache_entries = hits
+            request.num_computed = cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+            if self.prefix_cache is not None:
+                self.prefix_cache.stats.queries += request.num_tokens
+                self.prefix_cache.stats.hits += cached
             self.running.append(request)
-            chunk = ScheduledChunk(request, 0, n)
+            chunk = ScheduledChunk(request, cached, n)
             (out.decode if n == 1 else out.prefill).append(chunk)
             budget -= n
         return out
+
+    def _cached_prefix(self, request: Request) -> list:
+        """Cache entries of the request's leading full pages; at least one token is left to
+        compute, since the step that computes the last one also yields the next token."""
+        if self.prefix_cache is None:
+            return []
+        max_pages = (request.num_tokens - 1) // self.config.page_size
+        return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages)
 
     def update_from_output(self, out: SchedulerOutput) -> None:
         """The step ran: the scheduled tokens now have K/V in the cache."""
         for chunk in out.chunks:
             if chunk.request.status is RequestStatus.RUNNING:
                 chunk.request.num_computed = chunk.start + chunk.num_tokens
+                self._cache_full_pages(chunk.request)
+
+    def _cache_full_pages(self, request: Request) -> None:
+        """Index the pages the request has filled since it was last here."""
+        cache = self.prefix_cache
+        if cache is None or request.cache_broken:
+            return
+        ps, entries = self.config.page_size, request.cache_entries
+        while len(entries) < request.num_computed // ps:
+            i = len(entries)
+            entry = cache.insert(entries[-1] if entries else None,
+                                 request.tokens(i * ps, (i + 1) * ps), request.pages[i])
+            if entry is None:  # its prefix left the cache: nothing after it can be found
+                request.cache_broken = True
+                return
+            entries.append(entry)
 
     def check(self) -> None:
         """Allocator invariants with the pages each request holds (tests, debugging)."""
         owners = {id(r): r.pages for r in self.running}
         for r in self.waiting:
             assert not r.pages, f"waiting request {r.request_id} holds pages"
+            assert not r.cache_entries, f"waiting request {r.request_id} holds cache entries"
         self.allocator.check(owners)
+        if self.prefix_cache is not None:
+            self.prefix_cache.check()

@@ -1,0 +1,158 @@
+"""Prefix caching: find full KV pages that an earlier request already computed.
+
+A full page of ``page_size`` tokens is identified by its tokens *and everything
+before them*: its K/V depend on the whole prefix. Each cached page is an
+``Entry`` whose key is a hash chain, ``hash(parent's key, this page's tokens)``,
+rooted at the engine's identity (model, dtype, mesh). The hash only picks the
+bucket to look in; a hit is confirmed by comparing the tokens and that the
+parent is the very entry matched one page earlier, so a hash collision can
+never hand a request pages of other tokens.
+
+The pages themselves stay with the ``PageAllocator``: a request that hits a
+cached page shares it (reference count); when the last holder frees it, the
+page keeps its contents and waits in the allocator's LRU of evictable pages
+until the pool needs it, and only then does its entry leave the index (with the
+entries chained below it, which nothing can reach any more).
+
+Pure Python, no JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Hashable, Sequence
+
+from qwenjax.kv_cache import PageAllocator
+
+HashFn = Callable[[int, tuple[int, ...]], int]
+
+
+def default_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    key: int
+    parent: "Entry | None"
+    tokens: tuple[int, ...]
+    page: int
+    children: list["Entry"] = dataclasses.field(default_factory=list)
+    live: bool = True
+
+
+@dataclasses.dataclass
+class PrefixCacheStats:
+    queries: int = 0   # tokens looked up (each admission, preempted requests again)
+    hits: int = 0      # of those, tokens found cached
+    evictions: int = 0  # cached pages given new contents
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, identity: Hashable = "",
+                 hash_fn: HashFn = default_hash):
+        self.allocator = allocator
+        self.page_size = page_size
+        self.hash_fn = hash_fn
+        self.root_key = hash_fn(0, (hash(identity),))
+        self._buckets: dict[int, list[Entry]] = {}
+        self._by_page: dict[int, Entry] = {}
+        self.stats = PrefixCacheStats()
+        allocator.on_evict = self._evicted
+
+    def __len__(self) -> int:
+        return len(self._by_page)
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def _find(self, parent: Entry | None, tokens: tuple[int, ...]) -> Entry | None:
+        key = self.hash_fn(parent.key if parent else self.root_key, tokens)
+        for entry in self._buckets.get(key, ()):
+            if entry.parent is parent and entry.tokens == tokens:
+                return entry
+        return None
+
+    def match(self, tokens: Sequence[int], max_pages: int) -> list[Entry]:
+        """The cached entries of the longest run of ``tokens``' full pages, at most ``max_pages``.
+        Does not take the pages: call ``allocator.reuse`` on them to hold them."""
+        found: list[Entry] = []
+        parent = None
+        ps = self.page_size
+        for i in range(min(max_pages, len(tokens) // ps)):
+            entry = self._find(parent, tuple(tokens[i * ps:(i + 1) * ps]))
+            if entry is None:
+                break
+            found.append(entry)
+            parent = entry
+        return found
+
+    # ---- insertion ------------------------------------------------------------------------
+    def insert(self, parent: Entry | None, tokens: Sequence[int], page: int) -> Entry | None:
+        """Index ``page``, which holds the K/V of ``tokens`` after ``parent``'s prefix.
+
+        Returns the entry now standing for this prefix: an equal one already indexed (then
+        ``page`` stays a private page of its request), or the new one. Returns None when
+        ``parent`` has left the index: nothing after it can be found, so nothing is added.
+        """
+        if parent is not None and not parent.live:
+            return None
+        tokens = tuple(tokens)
+        existing = self._find(parent, tokens)
+        if existing is not None:
+            return existing
+        if page in self._by_page:  # the page already stands for another prefix: keep that
+            return None
+        key = self.hash_fn(parent.key if parent else self.root_key, tokens)
+        entry = Entry(key, parent, tokens, page)
+        self._buckets.setdefault(key, []).append(entry)
+        self._by_page[page] = entry
+        if parent is not None:
+            parent.children.append(entry)
+        self.allocator.mark_cached(page)
+        return entry
+
+    # ---- removal --------------------------------------------------------------------------
+    def _evicted(self, page: int) -> None:
+        """The allocator is reusing ``page`` for new contents."""
+        entry = self._by_page.get(page)
+        if entry is not None:
+            self.stats.evictions += 1
+            self._remove(entry)
+
+    def _remove(self, entry: Entry) -> None:
+        stack = [entry]
+        while stack:
+            e = stack.pop()
+            if not e.live:
+                continue
+            e.live = False
+            bucket = self._buckets[e.key]
+            bucket.remove(e)
+            if not bucket:
+                del self._buckets[e.key]
+            del self._by_page[e.page]
+            self.allocator.unmark_cached(e.page)
+            stack.extend(e.children)
+            e.children = []
+        if entry.parent is not None and entry.parent.live:
+            entry.parent.children.remove(entry)
+
+    def forget_pages(self, pages: Sequence[int]) -> None:
+        """Drop the entries of these pages and everything chained below them (e.g. their
+        contents are suspect after the request that wrote them failed)."""
+        for page in pages:
+            entry = self._by_page.get(page)
+            if entry is not None:
+                self._remove(entry)
+
+    def clear(self) -> None:
+        """Forget everything (the pools were rebuilt, so no page holds what it did)."""
+        for entry in list(self._by_page.values()):
+            if entry.live:
+                self._remove(entry)
+
+    def check(self) -> None:
+        for page, entry in self._by_page.items():
+            assert entry.live and entry.page == page, f"page {page}: bad entry"
+            assert entry in self._buckets[entry.key], f"page {page}: entry missing from its bucket"
+            assert self.allocator.is_cached(page), f"page {page}: indexed but not marked cached"
+            assert entry.parent is None or entry.parent.live, f"page {page}: parent left the index"
+        assert sum(map(len, self._buckets.values())) == len(self._by_page), "bucket/page mismatch"
