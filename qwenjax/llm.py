@@ -40,7 +40,8 @@ class _Base:
         ``warm_up``: compile every shape bucket now; default on accelerators, off on CPU (where
         compiling ~50 programs takes minutes; each is then compiled on first use and cached).
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
-        max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache)."""
+        max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache,
+        enable_prefix_caching: on by default, reuses the K/V of prompt prefixes seen before)."""
         if isinstance(model, LoadedModel):
             self.lm = model
         else:

@@ -45,6 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
     engine.add_argument("--num-pages", type=int, default=None,
                         help="KV cache pages (default: from free device memory)")
+    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="do not reuse the K/V of prompt prefixes computed for earlier requests")
 
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
@@ -96,7 +98,8 @@ def build_engine(args):
              time.perf_counter() - start)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
-                          max_model_len=args.max_model_len, num_pages=args.num_pages)
+                          max_model_len=args.max_model_len, num_pages=args.num_pages,
+                          enable_prefix_caching=args.enable_prefix_caching)
     return Engine(lm, config, warm_up=True, progress=sys.stderr.isatty())
 
 

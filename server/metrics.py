@@ -8,10 +8,37 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 # Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+class _PrefixCacheCounters:
+    """Prefix-cache counters, read from the engine's own tallies when scraped."""
+
+    def __init__(self, engine: Callable[[], object | None]):
+        self._engine = engine
+
+    def describe(self):
+        return self._families(None)
+
+    def collect(self):
+        current = self._engine()
+        return self._families(getattr(current, "prefix_cache", None))
+
+    @staticmethod
+    def _families(cache):
+        stats = cache.stats if cache is not None else None
+        for name, doc, field in (
+                ("qwenjax:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "queries"),
+                ("qwenjax:prefix_cache_hits", "Prompt tokens found in the prefix cache", "hits"),
+                ("qwenjax:prefix_cache_evictions", "Cached KV pages evicted for new contents",
+                 "evictions")):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], getattr(stats, field) if stats is not None else 0)
+            yield family
 
 
 class ServerMetrics:
@@ -46,6 +73,9 @@ class ServerMetrics:
               lambda e: len(e.scheduler.waiting))
         gauge("qwenjax:kv_pages_used", "KV cache pages in use", lambda e: e.allocator.num_used)
         gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
+        gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
+              "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
+        registry.register(_PrefixCacheCounters(engine))
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -149,3 +149,43 @@ def test_batch_invariance_real_model(real_model_dir, tp):
         while alone is None:
             alone = next((o.token_ids for o in engine.step() if o.finished), None)
         assert outputs[i] == alone, f"request {i} ({len(prompt)} tokens)"
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_prefix_caching_real_model_shared_system_prompt(real_model_dir, tp):
+    """Chats under one long system prompt: greedy outputs with prefix caching equal those without,
+    and every request after the first reports the shared full pages as cached."""
+    lm = load_model(real_model_dir, tp=tp, dtype="float32")
+    system = ("You are the support assistant of a company that sells solar panels, batteries and "
+              "inverters. Answer briefly, cite the product line when relevant, never invent prices, "
+              "and ask for the order number when a customer reports a delivery problem.")
+    prompts = [lm.tokenizer.encode_chat([{"role": "system", "content": system},
+                                         {"role": "user", "content": q}]) for q in QUESTIONS[:3]]
+    shared = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)
+    page = 16
+    assert shared >= 3 * page
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def run(enable: bool):
+        # The shapes of test_batch_invariance_real_model: compiled once for both tests.
+        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64,
+                              max_prefill_seqs=2, page_size=page, max_model_len=512, num_pages=40,
+                              enable_prefix_caching=enable)
+        engine = Engine(lm, config, warm_up=False)
+        outputs = {}
+        for batch in ([0], [1, 2]):  # the first request alone, then the others together
+            for i in batch:
+                engine.add_request(prompts[i], params, request_id=str(i))
+            while engine.has_unfinished():
+                outputs.update({int(o.request_id): o for o in engine.step() if o.finished})
+                engine.check()
+        assert engine.allocator.num_used == 0
+        return outputs
+
+    cached, plain = run(True), run(False)
+    for i in range(len(prompts)):
+        assert cached[i].token_ids == plain[i].token_ids, f"request {i}"
+        assert plain[i].num_cached_tokens == 0
+    assert cached[0].num_cached_tokens == 0
+    for i in (1, 2):
+        assert cached[i].num_cached_tokens >= shared // page * page

@@ -286,6 +286,33 @@ def test_32_concurrent_streams_match_the_greedy_reference(model, served):
     wait_engine_idle(engine)
 
 
+def test_prefix_cache_reuse_shows_in_usage_and_metrics(model, served, stub):
+    """A second request with the same long preamble reuses its full pages: same greedy output,
+    Usage.cached_tokens counts them, and the hit counters move by as much."""
+    from qwenjax.greedy import GreedyGenerator
+
+    lm, engine = model
+    preamble = "You answer questions about the inventory of a small hardware shop in Lyon. " * 5
+    prompts = [preamble + "How many hammers are left?", preamble + "Which screws sell best?"]
+    ids = [lm.tokenizer.encode(p) for p in prompts]
+    shared = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert shared >= 64
+    reference = GreedyGenerator(lm).generate(ids, 4, stop_token_ids=lm.tokenizer.eos_token_ids)
+    before = scrape(served.metrics_port)
+    results = [collect(stub.Generate(pb.GenerateRequest(text=p, sampling=greedy(4)), timeout=120))
+               for p in prompts]
+    wait_until(lambda: served.servicer.in_flight == 0, 5.0)
+    after = scrape(served.metrics_port)
+    assert [r[0] for r in results] == reference
+    page = ENGINE["page_size"]
+    assert results[0][2].usage.cached_tokens == 0
+    assert results[1][2].usage.cached_tokens == shared // page * page
+    delta = lambda name: after[name] - before.get(name, 0.0)  # noqa: E731
+    assert delta("qwenjax:prefix_cache_hits_total") == shared // page * page
+    assert delta("qwenjax:prefix_cache_queries_total") == sum(map(len, ids))
+    wait_engine_idle(engine)
+
+
 def test_logprobs_stop_strings_and_seeded_sampling(stub):
     responses = list(stub.Generate(pb.GenerateRequest(
         text="def add(", sampling=greedy(3, logprobs=2, ignore_eos=True)), timeout=60))
