@@ -1,12 +1,15 @@
 """Engine throughput and start-up on the real Qwen2.5-Coder-0.5B-Instruct.
 
     python scripts/bench_engine.py                 # everything below, markdown table + --json
-    python scripts/bench_engine.py --only engine   # one part: engine | hf | startup
+    python scripts/bench_engine.py --only engine   # one part: engine | hf | startup | prefix
 
 - engine: ``LLM.chat`` on 16 chat prompts, every request generating exactly
   ``--max-tokens`` tokens (ignore_eos), continuous batching, greedy.
 - hf: transformers ``generate`` on the same 16 prompts as one static batch
   (left padding), exactly the same number of new tokens, same dtype and threads.
+- prefix: the 16 questions under one long shared system prompt (~``--prefix-tokens``),
+  the first request alone and then the other 15 at once, with prefix caching on and
+  off (same loaded weights): TTFT and wall time of the 15, and the tokens reused.
 - startup: two fresh processes building the engine (model load + ahead-of-time
   compilation of every shape bucket): the first with an empty compilation cache
   (cold), the second reusing it (warm).
@@ -80,6 +83,42 @@ def bench_hf(args) -> dict:
                 torch=torch.__version__, threads=torch.get_num_threads())
 
 
+def _system_prompt(tokens: int) -> str:
+    rule = ("Rule {i}: answer in plain English, keep code examples short and runnable, say when "
+            "you are unsure, and never invent an API that does not exist. ")
+    text, i = "", 0
+    while len(text) < tokens * 4:  # ~4 characters per token for English text
+        text += rule.format(i=i)
+        i += 1
+    return "You are a helpful coding assistant. " + text
+
+
+def bench_prefix(args) -> dict:
+    from qwenjax import LLM, SamplingParams
+    from qwenjax.loading import load_model
+
+    lm = load_model(args.model, dtype=args.dtype)
+    system = _system_prompt(args.prefix_tokens)
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    longest = max(len(lm.tokenizer.encode_chat(c)) for c in chats)
+    results = {"prompt_tokens": len(lm.tokenizer.encode_chat(chats[0]))}
+    for enable in (True, False):
+        llm = LLM(lm, max_model_len=max(args.max_model_len, longest + params.max_tokens), max_num_seqs=len(QUESTIONS), max_prefill_seqs=4,
+                  prefill_chunk=args.prefill_chunk, enable_prefix_caching=enable, progress=False,
+                  warm_up=True)
+        first = llm.chat(chats[:1], params, use_tqdm=False)[0]
+        start = time.perf_counter()
+        rest = llm.chat(chats[1:], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        ttft = sorted(o.metrics.ttft for o in rest)
+        results["on" if enable else "off"] = dict(
+            first_ttft_s=first.metrics.ttft, seconds=seconds, ttft_median_s=ttft[len(ttft) // 2],
+            ttft_max_s=ttft[-1], cached_tokens=sum(o.num_cached_tokens for o in rest))
+        del llm
+    return results
+
+
 def _startup_child(args) -> None:
     """Runs in a subprocess: build the engine and report how long each part took."""
     from qwenjax import LLM
@@ -117,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="engine prefill chunk (buckets: chunk/8 and chunk)")
-    p.add_argument("--only", choices=["engine", "hf", "startup"], default=None)
+    p.add_argument("--prefix-tokens", type=int, default=600, help="shared system prompt (prefix part)")
+    p.add_argument("--only", choices=["engine", "hf", "startup", "prefix"], default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -131,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                   device=jax.devices()[0].device_kind, cpus=os.cpu_count(),
                   prompts=len(QUESTIONS), max_tokens=args.max_tokens)
     results = dict(header)
-    parts = [args.only] if args.only else ["engine", "hf", "startup"]
+    parts = [args.only] if args.only else ["engine", "hf", "startup", "prefix"]
+    benches = {"engine": bench_engine, "hf": bench_hf, "startup": bench_startup, "prefix": bench_prefix}
     for part in parts:
-        results[part] = {"engine": bench_engine, "hf": bench_hf, "startup": bench_startup}[part](args)
+        results[part] = benches[part](args)
         print(f"# {part}: {json.dumps(results[part])}", flush=True)
     print(f"\n# engine vs transformers, {len(QUESTIONS)} prompts × {args.max_tokens} new tokens, "
           f"{header['device']} ({header['cpus']} cores), jax {header['jax']}, {header['date']}")
@@ -153,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         for phase in ("cold", "warm"):
             print(f"| {phase} start (load + compile {s[phase]['shapes']} shapes) | {s[phase]['total_s']:.1f} s "
                   f"(compile {s[phase]['warm_up_s']:.1f} s) |")
+    if "prefix" in results:
+        r = results["prefix"]
+        for key in ("on", "off"):
+            x = r[key]
+            print(f"| shared {r['prompt_tokens']}-token prompts, prefix caching {key}: 15 requests after the "
+                  f"first | TTFT median {x['ttft_median_s']:.2f} s, max {x['ttft_max_s']:.2f} s; "
+                  f"{x['seconds']:.1f} s in all; {x['cached_tokens']} tokens reused |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
