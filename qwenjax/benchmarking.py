@@ -39,3 +39,18 @@ def measure_read_bandwidth(num_bytes: int, reps: int, inner: int = 10) -> float:
     seconds = median_seconds(read, x, reps=reps)
     del x
     return (num_bytes // 2) * 2 * inner / seconds
+
+
+def measure_matmul_flops(n: int, dtype, reps: int, inner: int = 10) -> float:
+    """Dense matmul rate in FLOP/s: ``inner`` chained ``n × n`` products inside one program,
+    accumulating in float32 (as the model's matmuls do)."""
+    a = jnp.ones((n, n), dtype) * jnp.asarray(1.0 / n, dtype)
+    b = jnp.ones((n, n), dtype)
+
+    @jax.jit
+    def chain(a, b):
+        body = lambda i, x: jnp.dot(x, b, preferred_element_type=jnp.float32).astype(dtype)
+        return jax.lax.fori_loop(0, inner, body, a)
+
+    seconds = median_seconds(chain, a, b, reps=reps)
+    return 2 * n**3 * inner / seconds

@@ -38,3 +38,15 @@ def test_collective_model_numbers():
     assert abs(ms - 161 * (8e-3 + 1.5 * 8192 * 2 / 450e9 * 1e3)) < 1e-9
     assert 1.2 < ms < 1.4
     assert bench.modeled_collectives_ms(c, 1, 1, 450.0, 8.0) == 0.0
+
+
+def test_mbu_plot_from_results(tmp_path):
+    bench = _load()
+    out = tmp_path / "decode.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    spec = importlib.util.spec_from_file_location("plot_mbu", SCRIPT.parent / "plot_mbu.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    png = tmp_path / "mbu.png"
+    assert plot.main([str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

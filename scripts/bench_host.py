@@ -1,0 +1,122 @@
+"""Host overhead of the engine loop: wall time of ``Engine.step()`` against the device time of the
+same step, in steady-state decode.
+
+``--batch`` requests (random prompts, ``ignore_eos``) are admitted and prefilled; then
+``--steps`` decode steps are timed twice:
+
+- engine: ``Engine.step()`` end to end (schedule, pack, run the compiled step, sample, read the
+  tokens back, stop checks, detokenize, outputs);
+- device: the same compiled step program and sampler on the same packed inputs, called
+  ``--steps`` times back to back with one wait at the end (dispatch overlaps device work,
+  so this is the device's rate).
+
+Host overhead = (engine − device) / engine per step (DESIGN.md's target: ≤ 5% at batch 64).
+
+    python scripts/bench_host.py --model qwen2.5-7b --batch 64        # a GPU, random weights
+    python scripts/bench_host.py --smoke                              # CPU, seconds (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> dict:
+    from qwenjax.sampling import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = engine.lm.config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps * 3 + 8, ignore_eos=True)
+    for _ in range(batch):
+        engine.add_request(rng.integers(0, vocab, prompt_len).tolist(), params)
+    # Until every request decodes (prefill done), then a few more steps to compile and settle.
+    while any(r.num_pending > 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    engine_s = (time.perf_counter() - start) / steps
+
+    # The device side of one more decode step, repeated on identical inputs.
+    runner = engine.runner
+    out = engine.scheduler.schedule()
+    assert not out.prefill and len(out.decode) == batch, "not a pure decode step"
+    rows = len(out.decode)
+    from qwenjax.engine.runner import bucket_for
+
+    bucket = bucket_for(rows, runner.decode_buckets)
+    program = runner._program(bucket, 0)
+    decode = runner._pack_decode(out.decode, bucket)
+    from qwenjax.sampling import build_sampling_batch
+
+    sampling = build_sampling_batch([runner._sampling_row(c) for c in out.decode], bucket)
+    sampler = runner._sampler(sampling, 0)
+    cache = runner.cache
+    logits, cache = program(engine.lm.weights, cache, decode, None)
+    jax.block_until_ready(sampler(logits, sampling))
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = program(engine.lm.weights, cache, decode, None)
+        sampled = sampler(logits, sampling)
+    jax.block_until_ready(sampled)
+    device_s = (time.perf_counter() - start) / steps
+    runner.cache = cache  # the pools were donated; the engine must keep valid ones
+    for request in list(engine.scheduler.running):
+        engine.abort(request.request_id)
+    engine.step()
+    return dict(batch=batch, bucket=bucket, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
+                host_overhead=(engine_s - device_s) / engine_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-7b", help="preset (random weights) or HF directory")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--batch", default="64", help="comma-separated batch sizes")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="0.5B random weights, batch 4, CPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch, args.prompt_len, args.steps = "qwen2.5-0.5b", "4", 16, 4
+
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.loading import load_model
+
+    lm = load_model(args.model, dtype=args.dtype)
+    batches = [int(b) for b in args.batch.split(",")]
+    config = EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.prompt_len),
+                          prefill_chunk=max(512, args.prompt_len) if not args.smoke else 16,
+                          max_prefill_seqs=4, max_model_len=args.prompt_len + args.steps * 3 + 64,
+                          num_pages=None, enable_prefix_caching=False)
+    engine = Engine(lm, config, warm_up=False)
+    device = jax.devices()[0]
+    header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, device=device.device_kind,
+                  model=str(args.model), dtype=lm.dtype, prompt_len=args.prompt_len, steps=args.steps)
+    print(f"# host overhead: {args.model} ({lm.dtype}) on {device.device_kind}, jax {jax.__version__}, "
+          f"{header['date']}")
+    print("| batch | engine ms/step | device ms/step | host overhead |\n|---|---|---|---|")
+    rows = []
+    for batch in batches:
+        r = measure(engine, batch, args.prompt_len, args.steps)
+        rows.append(r)
+        print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} |",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header, rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

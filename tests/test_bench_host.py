@@ -1,0 +1,25 @@
+"""scripts/bench_host.py's measurement runs on a tiny engine and its figures are consistent."""
+import importlib.util
+from pathlib import Path
+
+from qwenjax.engine.engine import Engine, EngineConfig
+from qwenjax.loading import load_model
+from tiny import tiny_config, write_hf_checkpoint
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_host.py"
+
+
+def test_measure_reports_engine_and_device_time(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_host", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    write_hf_checkpoint(tiny_config(vocab_size=128, max_position_embeddings=256), tmp_path)
+    engine = Engine(load_model(tmp_path, dtype="float32"),
+                    EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=16,
+                                 max_prefill_seqs=4, max_model_len=128, num_pages=64,
+                                 enable_prefix_caching=False), warm_up=False)
+    row = bench.measure(engine, batch=3, prompt_len=20, steps=4)
+    assert row["batch"] == 3 and row["bucket"] == 4
+    assert row["engine_ms"] > 0 and row["device_ms"] > 0
+    assert abs(row["host_overhead"] - (1 - row["device_ms"] / row["engine_ms"])) < 1e-9
+    assert not engine.has_unfinished() and engine.allocator.num_used == 0
