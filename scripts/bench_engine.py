@@ -83,10 +83,10 @@ def bench_hf(args) -> dict:
                 torch=torch.__version__, threads=torch.get_num_threads())
 
 
-def _system_prompt(tokens: int) -> str:
+def _system_prompt(tokens: int, first_rule: int = 100) -> str:
     rule = ("Rule {i}: answer in plain English, keep code examples short and runnable, say when "
             "you are unsure, and never invent an API that does not exist. ")
-    text, i = "", 0
+    text, i = "", first_rule
     while len(text) < tokens * 4:  # ~4 characters per token for English text
         text += rule.format(i=i)
         i += 1
@@ -98,18 +98,26 @@ def bench_prefix(args) -> dict:
     from qwenjax.loading import load_model
 
     lm = load_model(args.model, dtype=args.dtype)
-    system = _system_prompt(args.prefix_tokens)
-    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS]
+
+    def chats(first_rule):
+        system = _system_prompt(args.prefix_tokens, first_rule)
+        return [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in QUESTIONS]
+
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    longest = max(len(lm.tokenizer.encode_chat(c)) for c in chats)
-    results = {"prompt_tokens": len(lm.tokenizer.encode_chat(chats[0]))}
+    # A rehearsal with another system prompt of the same length compiles the step shapes the
+    # measured run uses (cheaper than compiling every bucket up front).
+    rehearsal, measured = chats(100), chats(200)
+    longest = max(len(lm.tokenizer.encode_chat(c)) for c in rehearsal + measured)
+    results = {"prompt_tokens": len(lm.tokenizer.encode_chat(measured[0]))}
     for enable in (True, False):
-        llm = LLM(lm, max_model_len=max(args.max_model_len, longest + params.max_tokens), max_num_seqs=len(QUESTIONS), max_prefill_seqs=4,
-                  prefill_chunk=args.prefill_chunk, enable_prefix_caching=enable, progress=False,
-                  warm_up=True)
-        first = llm.chat(chats[:1], params, use_tqdm=False)[0]
+        llm = LLM(lm, max_model_len=max(args.max_model_len, longest + params.max_tokens),
+                  max_num_seqs=len(QUESTIONS), max_prefill_seqs=4, prefill_chunk=args.prefill_chunk,
+                  enable_prefix_caching=enable, progress=False, warm_up=False)
+        llm.chat(rehearsal[:1], params, use_tqdm=False)
+        llm.chat(rehearsal[1:], params, use_tqdm=False)
+        first = llm.chat(measured[:1], params, use_tqdm=False)[0]
         start = time.perf_counter()
-        rest = llm.chat(chats[1:], params, use_tqdm=False)
+        rest = llm.chat(measured[1:], params, use_tqdm=False)
         seconds = time.perf_counter() - start
         ttft = sorted(o.metrics.ttft for o in rest)
         results["on" if enable else "off"] = dict(
