@@ -75,17 +75,16 @@ def _bytes_per_device(arrays) -> dict:
     return per_device
 
 
-def test_stage_weights_and_kv_pools_live_only_on_their_stage():
+def test_stage_weights_and_kv_pools_live_only_on_their_stage(tiny4):
     config = tiny_config(num_layers=4)
     weights, caches = {}, {}
     for pp in (1, 2):
-        mesh = make_mesh(tp=2, pp=pp)
-        layout = Layout.create(config, 2, pp)
-        w = random_weights(layout, mesh, jnp.float32)
+        lm = load_model(tiny4, tp=2, pp=pp, dtype="float32")
+        w, layout = lm.weights, lm.layout
         weights[pp] = (w, _bytes_per_device(jax.tree.leaves(w.layers)),
                        _bytes_per_device([w.embed, w.final_norm, w.lm_head]))
         cache = KVCache.create(num_layers=4, kv_heads=layout.heads.kv_heads, head_dim=config.head_dim,
-                               num_pages=8, page_size=8, dtype=jnp.float32, mesh=mesh)
+                               num_pages=8, page_size=8, dtype=jnp.float32, mesh=lm.mesh)
         caches[pp] = _bytes_per_device(cache.k + cache.v)
         # Read from the shardings themselves: the stage axis is split over pp, KV heads over tp.
         assert cache.k[0].sharding.shard_shape(cache.k[0].shape) == (
@@ -98,6 +97,10 @@ def test_stage_weights_and_kv_pools_live_only_on_their_stage():
     qkv = w2.layers[0].qkv
     assert qkv.sharding.spec[0] == "pp"
     assert qkv.sharding.shard_shape(qkv.shape)[:2] == (1, config.hidden_size)
+    # Stage 1's devices hold checkpoint layer 2 in slot 0: the same values as PP1's layer 2.
+    stage1 = [s for s in w2.layers[0].down.addressable_shards if s.index[0] == slice(1, 2)]
+    ref = np.asarray(w1.layers[2].down)
+    assert stage1 and all(np.array_equal(np.asarray(s.data)[0], ref[s.index[1:]]) for s in stage1)
     # Embedding, final norm and lm_head are replicated over pp (each stage holds a tp shard).
     assert set(rest2.values()) == set(rest1.values())
 
@@ -118,10 +121,28 @@ def test_micro_batches_only_for_decode_rows():
 
 
 def test_engine_batch_invariance_with_pp2(tiny4):
-    import test_engine
+    """tests/test_engine.py's batch-invariance test at TP2×PP2, shrunk to fewer compiled shapes:
+    batched engine outputs (chunked prefill, preemption, decode in micro-batches) equal
+    single-request GreedyGenerator outputs."""
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.sampling import SamplingParams
+    from test_engine import _run
 
     lm = load_model(tiny4, tp=2, pp=2, dtype="float32")
-    test_engine.test_batch_invariance_with_chunked_prefill_and_preemption(lm)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB, rng.integers(17, 33)).tolist() for _ in range(8)]
+    # 16 pages of 8 tokens for 8 requests of up to 40 tokens: requests get preempted. Prompt
+    # lengths share one bucket to keep the compiled shapes few.
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32,
+                          max_prefill_seqs=2, page_size=8, max_model_len=128, num_pages=16)
+    engine = Engine(lm, config, warm_up=False)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outputs, preemptions = _run(engine, prompts, params, sorted(rng.integers(0, 10, 8)))
+    assert preemptions > 0
+    assert engine.allocator.num_free == 16
+    reference = GreedyGenerator(lm)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i].token_ids == reference.generate([prompt], 8)[0], f"request {i}"
 
 
 @pytest.mark.real_model
