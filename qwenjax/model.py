@@ -362,10 +362,12 @@ class Model:
             out = jax.lax.psum(jnp.where(s == pp - 1, out, jnp.zeros_like(out)), "pp")
             return out, [a[None] for a in k_pools], [a[None] for a in v_pools]
 
-        run = jax.shard_map(
+        # Under jit even when called eagerly: a shard_map manual over only some axes is refused
+        # outside a traced program.
+        run = jax.jit(jax.shard_map(
             stage, mesh=self.mesh, axis_names={"pp"}, check_vma=False,
             in_specs=(staged, staged, staged, replicated, replicated, replicated),
-            out_specs=(replicated, staged, staged))
+            out_specs=(replicated, staged, staged)))
         out, k, v = run(layers, cache.k, cache.v, x_mb, parts_mb, prepared_mb)
         return self.constrain(out.reshape(-1, hidden), ("batch", "embed")), KVCache(k=k, v=v)
 
