@@ -203,3 +203,27 @@ def test_pallas_decode_kernel_nests_inside_the_stages():
 
     np.testing.assert_allclose(run(Model(layout, mesh, decode_attention=kernel)), run(Model(layout, mesh)),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_pipeline_step_hlo_contract():
+    """A TP2×PP2 decode step of 4 rows: one loop of M + pp − 1 = 3 ticks (2 micro-batches), per
+    tick 2 slots × 2 Megatron all-reduces and one collective-permute to the next stage, plus the
+    embedding's all-reduce and the output's psum over pp; every pool donated in place."""
+    import re
+    from collections import Counter
+
+    from test_sharding import COLLECTIVE
+
+    config = tiny_config(num_layers=4, vocab_size=256)
+    layout, mesh = Layout.create(config, 2, 2), make_mesh(2, pp=2)
+    weights = random_weights(layout, mesh, jnp.float32)
+    cache = KVCache.create(num_layers=4, kv_heads=layout.heads.kv_heads, head_dim=config.head_dim,
+                           num_pages=8, page_size=8, dtype=jnp.float32, mesh=mesh)
+    batch = StepBatch(jnp.zeros((4, 1), jnp.int32), jnp.zeros((4, 1), jnp.int32), jnp.ones((4,), jnp.int32),
+                      jnp.arange(8, dtype=jnp.int32).reshape(4, 2))
+    hlo = jax.jit(Model(layout, mesh).last_logits, donate_argnums=(1,)).lower(
+        weights, cache, batch).compile().as_text()
+    assert Counter(COLLECTIVE.findall(hlo)) == Counter({"all-reduce": 2 * 2 + 2, "collective-permute": 1})
+    assert re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo) == ["3"]
+    header = next(line for line in hlo.splitlines() if line.startswith("HloModule"))
+    assert len(re.findall(r"\{\d+\}: \((\d+), \{\}, (?:may|must)-alias\)", header)) == 2 * 2
