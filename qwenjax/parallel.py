@@ -4,6 +4,8 @@ Layer code names logical axes only (``"vocab"``, ``"embed"``, ``"kv_heads"``, â€
 ``ShardingRules`` maps them to mesh axes. With the mesh in Auto mode XLA's
 partitioner inserts the Megatron collectives itself: one all-reduce after the
 attention output projection and one after the MLP down projection per layer.
+With pipeline stages the mesh gains a ``pp`` axis; the logical ``stage`` axis (the
+leading axis of stage-stacked layer weights and KV pools) maps to it.
 """
 from __future__ import annotations
 
