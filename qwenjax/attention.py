@@ -124,7 +124,16 @@ def decode_kernel_for(mesh, rules, impl: str = "auto", *, interpret: bool = Fals
     q_spec = rules.spec(("batch", "q_heads", "head_dim"))
     pool_spec = rules.spec(POOL_AXES)
     replicated = PartitionSpec()
-    return jax.shard_map(
-        partial(paged_decode_attention, interpret=interpret), mesh=mesh,
-        in_specs=(q_spec, pool_spec, pool_spec, replicated, replicated), out_specs=q_spec,
-        check_vma=False)
+    kernel = partial(paged_decode_attention, interpret=interpret)
+    specs = dict(in_specs=(q_spec, pool_spec, pool_spec, replicated, replicated), out_specs=q_spec,
+                 check_vma=False)
+    if mesh.shape.get("pp", 1) == 1:
+        return jax.shard_map(kernel, mesh=mesh, **specs)
+
+    def in_stage(q, k_pages, v_pages, seq_lens, block_tables):
+        # Called inside the pipeline's shard_map, which is manual over pp: this one nests in it,
+        # manual over tp too, on the context's mesh (where pp is already manual).
+        return jax.shard_map(kernel, mesh=jax.sharding.get_abstract_mesh(), axis_names={"tp"},
+                             **specs)(q, k_pages, v_pages, seq_lens, block_tables)
+
+    return in_stage

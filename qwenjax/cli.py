@@ -13,9 +13,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory or preset name (qwen2.5-0.5b … qwen2.5-72b, random "
                         "weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (contiguous layer ranges, each on --tp devices; tp × pp in all)")
     p.add_argument("--devices", type=parse_devices, default=None,
-                   help="comma-separated device indices to use, e.g. 0,1 (default: the first --tp)")
+                   help="comma-separated device indices to use, e.g. 0,1 (default: the first tp × pp)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
 
@@ -60,9 +62,9 @@ def cmd_generate(args) -> int:
                          "pass an HF checkpoint directory to generate text")
     start = time.perf_counter()
     # One request: a single decode row and prefill row; compile lazily what the request uses.
-    llm = LLM(args.model, tp=args.tp, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, tp=args.tp, pp=args.pp, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
-    _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}) on {device_summary()} "
+    _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}, pp={args.pp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
     if llm.tokenizer is None:
         raise ValueError(f"--model {args.model}: the checkpoint has no tokenizer.json")

@@ -3,6 +3,9 @@
 Pool layout ``[kv_heads, num_pages, page_size, head_dim]`` puts the KV-head axis
 first so sharding it over ``tp`` keeps each device's attention local, and one
 page of one head is a contiguous ``page_size × head_dim`` tile for the kernel.
+With pipeline stages (a ``pp`` mesh axis) pool ``j`` is layer slot ``j`` of every
+stage, ``[pp, kv_heads, num_pages, page_size, head_dim]`` sharded over ``pp``, so a
+stage's KV lives only on its own devices (page ids are shared by all stages).
 """
 from __future__ import annotations
 
@@ -14,30 +17,38 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from qwenjax.parallel import DEFAULT_RULES, ShardingRules
+from qwenjax.parallel import DEFAULT_RULES, ShardingRules, mesh_pp, split_layers
 
 POOL_AXES = ("kv_heads", "pages", "page_slot", "head_dim")
+STAGED_POOL_AXES = ("stage",) + POOL_AXES
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: list[jax.Array]  # per layer [kv_heads, num_pages, page_size, head_dim]
-    v: list[jax.Array]  # per layer [kv_heads, num_pages, page_size, head_dim]
+    k: list[jax.Array]  # per layer [kv_heads, num_pages, page_size, head_dim]; pp > 1: per slot [pp, …]
+    v: list[jax.Array]  # per layer [kv_heads, num_pages, page_size, head_dim]; pp > 1: per slot [pp, …]
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[-3]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.k[0].shape[-2]
 
     @classmethod
     def create(cls, *, num_layers: int, kv_heads: int, head_dim: int, num_pages: int,
                page_size: int, dtype, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> "KVCache":
+        """Zeroed pools for ``num_layers`` model layers; on a mesh with a ``pp`` axis, one
+        stage-stacked pool per layer slot (``Layout.layers_per_stage`` of them)."""
+        pp = mesh_pp(mesh)
         shape = (kv_heads, num_pages, page_size, head_dim)
-        sharding = rules.sharding(mesh, POOL_AXES)
+        axes = POOL_AXES
+        if pp > 1:
+            num_layers = split_layers(num_layers, pp)[0]
+            shape, axes = (pp, *shape), STAGED_POOL_AXES
+        sharding = rules.sharding(mesh, axes)
         zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
         return cls(k=[zeros() for _ in range(num_layers)], v=[zeros() for _ in range(num_layers)])
 

@@ -30,13 +30,15 @@ def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> En
 
 
 class _Base:
-    def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, mesh: Mesh | None = None,
+    def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, pp: int = 1,
+                 mesh: Mesh | None = None,
                  devices: Sequence[int] | None = None,
                  dtype: str | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  **engine_options):
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
+        ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
         ``warm_up``: compile every shape bucket now; default on accelerators, off on CPU (where
         compiling ~50 programs takes minutes; each is then compiled on first use and cached).
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
@@ -45,7 +47,7 @@ class _Base:
         if isinstance(model, LoadedModel):
             self.lm = model
         else:
-            self.lm = load_model(model, tp=tp, dtype=dtype, mesh=mesh, devices=devices)
+            self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices)
         if warm_up is None:
             warm_up = jax.default_backend() != "cpu"
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,

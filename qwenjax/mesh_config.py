@@ -99,13 +99,12 @@ class MeshConfig:
         return self.hardware.inter_node if self.tp_spans_hosts else self.hardware.intra_node
 
     def jax_mesh(self, devices=None):
-        """The ``(dp, tp)`` device mesh this config describes, over ``devices`` (default: all)."""
+        """The device mesh this config describes, over ``devices`` (default: all): ``(dp, tp)``,
+        or ``(dp, pp, tp)`` with pipeline stages (devices in order, ``tp`` fastest, so a stage is
+        a whole TP group and, on a multi-host box, stages follow hosts)."""
         from qwenjax.parallel import make_mesh
 
-        if self.pp > 1:
-            raise ValueError(f"{self.source or self.name}: axes.pp = {self.pp}; pipeline parallelism "
-                             "is not implemented yet (the Pipeline issue); use pp: 1")
-        return make_mesh(tp=self.tp, dp=self.dp, devices=devices)
+        return make_mesh(tp=self.tp, dp=self.dp, pp=self.pp, devices=devices)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MeshConfig":

@@ -13,10 +13,16 @@ Layout choices (all for one device's view to be whole GQA groups):
 - The layer loop is a Python loop (unrolled in the program): a ``lax.scan`` over
   stacked weights copies each layer's slice on GPU (measured 3× slower decode
   on H100, DESIGN.md).
+- Pipeline parallelism (``pp > 1``): layer slot ``j`` of every stage is one array
+  with a leading ``stage`` axis of size ``pp`` sharded over the ``pp`` mesh axis,
+  so stage ``s``'s layers live only on its devices (``Layout.layer_index`` maps a
+  slot to the checkpoint layer). The step runs the stages inside one
+  ``shard_map`` manual over ``pp`` (``_pipeline``); the layer code is the same.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -26,7 +32,8 @@ from jax.sharding import Mesh
 from qwenjax import attention
 from qwenjax.config import ModelConfig
 from qwenjax.kv_cache import KVCache, write_kv
-from qwenjax.parallel import DEFAULT_RULES, HeadPlan, LogicalAxes, ShardingRules, padded_size
+from qwenjax.parallel import (DEFAULT_RULES, HeadPlan, LogicalAxes, ShardingRules, padded_size,
+                              split_layers)
 from qwenjax.rope import apply_rope, rope_tables
 
 
@@ -41,6 +48,7 @@ class ParamSpec:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerWeights:
+    # With pp > 1 every field has a leading [pp] stage axis (one layer of each stage).
     attn_norm: jax.Array  # [embed]
     qkv: jax.Array        # [embed, kv_heads, q_per_kv + 2, head_dim]
     qkv_bias: jax.Array   # [kv_heads, q_per_kv + 2, head_dim]
@@ -54,25 +62,47 @@ class LayerWeights:
 @dataclasses.dataclass
 class Weights:
     embed: jax.Array               # [vocab, embed]
-    layers: list[LayerWeights]
+    layers: list[LayerWeights]     # num_layers of them; with pp > 1, layers_per_stage slots
     final_norm: jax.Array          # [embed]
     lm_head: jax.Array | None      # [embed, vocab]; None when tied to `embed`
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static shapes of the model as laid out for a tensor-parallel degree."""
+    """Static shapes of the model as laid out for a tensor- and pipeline-parallel degree."""
 
     config: ModelConfig
     heads: HeadPlan
     mlp: int    # intermediate size, zero-padded to a multiple of tp
     vocab: int  # vocab size, zero-padded to a multiple of tp
+    pp: int = 1  # pipeline stages
 
     @classmethod
-    def create(cls, config: ModelConfig, tp: int = 1) -> "Layout":
+    def create(cls, config: ModelConfig, tp: int = 1, pp: int = 1) -> "Layout":
+        split_layers(config.num_layers, pp)  # validates pp against the layer count
         return cls(config=config, heads=HeadPlan.create(config, tp),
                    mlp=padded_size(config.intermediate_size, tp),
-                   vocab=padded_size(config.vocab_size, tp))
+                   vocab=padded_size(config.vocab_size, tp), pp=pp)
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        """Real (checkpoint) layers of each stage: as even as possible, earlier stages first."""
+        return split_layers(self.config.num_layers, self.pp)
+
+    @property
+    def layers_per_stage(self) -> int:
+        """Layer slots on every device (pp = 1: all layers). A stage with fewer real layers
+        fills its last slots with zero layers, which are exact identities (zero o and down
+        projections add nothing to the residual) — memory of the fullest stage everywhere, and
+        no time lost: stages run in lockstep, so the step waits for the fullest stage anyway."""
+        return self.stage_layers[0]
+
+    def layer_index(self, stage: int, slot: int) -> int | None:
+        """Checkpoint layer held in ``slot`` of ``stage``; None for a padding (identity) slot."""
+        counts = self.stage_layers
+        if slot >= counts[stage]:
+            return None
+        return sum(counts[:stage]) + slot
 
 
 def param_specs(layout: Layout) -> Weights:
@@ -92,9 +122,16 @@ def param_specs(layout: Layout) -> Weights:
             down=ParamSpec((layout.mlp, e), ("mlp", "embed")),
         )
 
+    def staged() -> LayerWeights:
+        return jax.tree.map(lambda s: ParamSpec((layout.pp, *s.shape), ("stage", *s.axes), s.init),
+                            layer(), is_leaf=_is_spec)
+
+    # Embedding, final norm and lm_head are replicated over pp (every stage holds them):
+    # the lookup and the logits then need no pipeline collective of their own.
     return Weights(
         embed=ParamSpec((layout.vocab, e), ("vocab", "embed")),
-        layers=[layer() for _ in range(c.num_layers)],
+        layers=([layer() for _ in range(c.num_layers)] if layout.pp == 1
+                else [staged() for _ in range(layout.layers_per_stage)]),
         final_norm=ParamSpec((e,), ("embed",), "ones"),
         lm_head=None if c.tie_word_embeddings else ParamSpec((e, layout.vocab), ("embed", "vocab")),
     )
@@ -125,19 +162,28 @@ def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0
     specs = param_specs(layout)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
     shardings = [rules.sharding(mesh, s.axes) for s in leaves]
+    fields_per_layer = len(dataclasses.fields(LayerWeights))
 
     def init():
         keys = jax.random.split(jax.random.key(seed), len(leaves))
-        out = []
+        out, staged = [], 0
         for key, spec in zip(keys, leaves):
+            shape, axes = spec.shape, spec.axes
+            if axes[0] == "stage":
+                shape, axes = shape[1:], axes[1:]
             if spec.init == "ones":
-                out.append(jnp.ones(spec.shape, dtype))
+                value = jnp.ones(spec.shape, dtype)
             elif spec.init == "zeros":
-                out.append(jnp.zeros(spec.shape, dtype))
+                value = jnp.zeros(spec.shape, dtype)
             else:
-                fan_in = spec.shape[0] if spec.axes[0] != "kv_heads" else spec.shape[0] * spec.shape[1] * spec.shape[2]
-                std = 0.02 if spec.axes[0] == "vocab" else fan_in ** -0.5
-                out.append((jax.random.normal(key, spec.shape, jnp.float32) * std).astype(dtype))
+                fan_in = shape[0] if axes[0] != "kv_heads" else shape[0] * shape[1] * shape[2]
+                std = 0.02 if axes[0] == "vocab" else fan_in ** -0.5
+                value = (jax.random.normal(key, spec.shape, jnp.float32) * std).astype(dtype)
+            if spec.axes[0] == "stage":  # zero the padding slots: exact identity layers
+                slot, staged = staged // fields_per_layer, staged + 1
+                real = [layout.layer_index(s, slot) is not None for s in range(layout.pp)]
+                value = value * jnp.asarray(real, dtype).reshape((-1,) + (1,) * len(shape))
+            out.append(value)
         return out
 
     arrays = jax.jit(init, out_shardings=shardings)()
@@ -200,8 +246,11 @@ class Model:
     """
 
     def __init__(self, layout: Layout, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES,
-                 decode_attention: Callable | None = None):
+                 decode_attention: Callable | None = None, overlap: bool = True):
+        if layout.pp != mesh.shape.get("pp", 1):
+            raise ValueError(f"layout has pp={layout.pp} but the mesh has pp={mesh.shape.get('pp', 1)}")
         self.layout = layout
+        self.overlap = overlap  # pp > 1: decode rows in micro-batches (False: one, stage by stage)
         self.config = layout.config
         self.mesh = mesh
         self.rules = rules
@@ -226,19 +275,101 @@ class Model:
         tokens = jnp.concatenate([p.tokens.reshape(-1) for p in parts])
         x = self.constrain(jnp.take(weights.embed, tokens, axis=0), ("batch", "embed"))
         prepared = [self._prepare(p) for p in parts]
-        new_k, new_v = [], []
-        for i, layer in enumerate(weights.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x, k_pages, v_pages = self._layer(layer, x, prepared, cache.k[i], cache.v[i], parts)
-            new_k.append(k_pages)
-            new_v.append(v_pages)
+        if self.layout.pp > 1:
+            x, cache = self._pipeline(weights.layers, cache, x, prepared, parts)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(weights.layers):
+                with jax.named_scope(f"layer_{i}"):
+                    x, k_pages, v_pages = self._layer(layer, x, prepared, cache.k[i], cache.v[i], parts)
+                new_k.append(k_pages)
+                new_v.append(v_pages)
+            cache = KVCache(k=new_k, v=new_v)
         x = rms_norm(x, weights.final_norm, c.rms_norm_eps)
         hidden, offset = [], 0
         for p in parts:
             n = p.tokens.size
             hidden.append(x[offset: offset + n].reshape(*p.tokens.shape, -1))
             offset += n
-        return hidden, KVCache(k=new_k, v=new_v)
+        return hidden, cache
+
+    def micro_batches(self, parts) -> int:
+        """How many micro-batches a step's rows are split into on their way through the stages.
+
+        Decode (one StepBatch) splits its rows into gcd(rows, pp) micro-batches — pp whenever
+        the row bucket is a multiple of pp — so while stage 1 works on micro-batch 0, stage 0
+        already runs micro-batch 1. Packed prefill and mixed steps go through as one micro-batch
+        (stage after stage): their rows have different lengths, and a prefill chunk is long
+        enough to keep each stage busy on its own."""
+        if not self.overlap or len(parts) != 1 or not isinstance(parts[0], StepBatch):
+            return 1
+        return math.gcd(parts[0].tokens.shape[0], self.layout.pp)
+
+    def _pipeline(self, layers: list[LayerWeights], cache: KVCache, x: jax.Array, prepared, parts):
+        """The layers of all stages over the ``pp`` mesh axis, inside one ``shard_map``.
+
+        Manual over ``pp`` only: inside, each device sees its own stage's slice of the stacked
+        weights and pools, and ``tp`` stays automatic (the same constraints and Megatron
+        all-reduces as without PP). Time steps t = 0 … M + pp − 2: stage s runs micro-batch
+        m = t − s when 0 ≤ m < M, then ``ppermute`` hands its activations to stage s + 1.
+        In a bubble (m out of range) a stage computes on stale values but writes no KV (its
+        write positions are -1, which ``write_kv`` drops) and its output is never used. The last
+        stage's outputs are summed over ``pp`` (zeros elsewhere) so every device ends with the
+        final hidden states for the norm and logits.
+        """
+        from jax.sharding import PartitionSpec as P
+
+        pp = self.layout.pp
+        M = self.micro_batches(parts)
+        hidden = x.shape[-1]
+        # A leading micro-batch axis on everything a stage reads per micro-batch.
+        split = lambda a: a.reshape(M, a.shape[0] // M, *a.shape[1:])
+        x_mb = split(x)
+        parts_mb = jax.tree.map(split, tuple(parts))
+        prepared_mb = jax.tree.map(split, list(prepared))
+        staged, replicated = P("pp"), P()
+
+        def stage(layers, k_pools, v_pools, x_mb, parts_mb, prepared_mb):
+            layers = jax.tree.map(lambda a: a[0], layers)
+            k_pools, v_pools = [a[0] for a in k_pools], [a[0] for a in v_pools]
+            s = jax.lax.axis_index("pp")
+
+            def tick(t, carry):
+                received, out, k_pools, v_pools = carry
+                m = t - s
+                valid = (m >= 0) & (m < M)
+                m = jnp.clip(m, 0, M - 1)
+                pick = lambda a: jax.lax.dynamic_index_in_dim(a, m, 0, keepdims=False)
+                parts_m = jax.tree.map(pick, parts_mb)
+                prep_m = [dict(p, write_positions=jnp.where(valid, p["write_positions"], -1))
+                          for p in jax.tree.map(pick, prepared_mb)]
+                h = jnp.where(s == 0, pick(x_mb), received)
+                h = self.constrain(h, ("batch", "embed"))
+                k_new, v_new = [], []
+                for j, layer in enumerate(layers):
+                    with jax.named_scope(f"slot_{j}"):
+                        h, k_pages, v_pages = self._layer(layer, h, prep_m, k_pools[j], v_pools[j],
+                                                          parts_m)
+                    k_new.append(k_pages)
+                    v_new.append(v_pages)
+                done = valid & (s == pp - 1)
+                out = jnp.where(done, jax.lax.dynamic_update_index_in_dim(out, h, m, 0), out)
+                received = jax.lax.ppermute(h, "pp", [(i, i + 1) for i in range(pp - 1)])
+                return received, out, k_new, v_new
+
+            init = (jnp.zeros(x_mb.shape[1:], x_mb.dtype), jnp.zeros_like(x_mb), k_pools, v_pools)
+            _, out, k_pools, v_pools = jax.lax.fori_loop(0, M + pp - 1, tick, init)
+            out = jax.lax.psum(jnp.where(s == pp - 1, out, jnp.zeros_like(out)), "pp")
+            return out, [a[None] for a in k_pools], [a[None] for a in v_pools]
+
+        # Under jit even when called eagerly: a shard_map manual over only some axes is refused
+        # outside a traced program.
+        run = jax.jit(jax.shard_map(
+            stage, mesh=self.mesh, axis_names={"pp"}, check_vma=False,
+            in_specs=(staged, staged, staged, replicated, replicated, replicated),
+            out_specs=(replicated, staged, staged)))
+        out, k, v = run(layers, cache.k, cache.v, x_mb, parts_mb, prepared_mb)
+        return self.constrain(out.reshape(-1, hidden), ("batch", "embed")), KVCache(k=k, v=v)
 
     def _prepare(self, part):
         """Per-step, per-part values every layer reuses: RoPE tables and token-level views."""

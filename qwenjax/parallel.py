@@ -4,6 +4,8 @@ Layer code names logical axes only (``"vocab"``, ``"embed"``, ``"kv_heads"``, �
 ``ShardingRules`` maps them to mesh axes. With the mesh in Auto mode XLA's
 partitioner inserts the Megatron collectives itself: one all-reduce after the
 attention output projection and one after the MLP down projection per layer.
+With pipeline stages the mesh gains a ``pp`` axis; the logical ``stage`` axis (the
+leading axis of stage-stacked layer weights and KV pools) maps to it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwenjax.config import ModelConfig
 
 MESH_AXES = ("dp", "tp")
+PIPELINE_MESH_AXES = ("dp", "pp", "tp")  # with pp > 1; pp = 1 keeps the (dp, tp) mesh
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -34,6 +37,8 @@ class ShardingRules:
     head_dim: str | None = None
     mlp: str | None = "tp"
     layers: str | None = None
+    # Pipeline stage: the leading axis of stage-stacked layer weights and KV pools (pp > 1 only).
+    stage: str | None = "pp"
     # KV cache pages and the tokens inside a page are never split.
     pages: str | None = None
     page_slot: str | None = None
@@ -63,30 +68,53 @@ def _logical_names() -> list[str]:
 DEFAULT_RULES = ShardingRules()
 
 
-def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (or the ones given).
+def make_mesh(tp: int = 1, dp: int = 1, devices: Sequence[jax.Device] | None = None,
+              pp: int = 1) -> Mesh:
+    """A ``(dp, tp)`` mesh over the first ``dp * tp`` devices (or the ones given); with
+    ``pp > 1`` a ``(dp, pp, tp)`` mesh over ``dp * pp * tp`` devices.
+
+    Devices are taken in order with ``tp`` fastest, so a TP group is ``tp`` consecutive
+    devices (one node's GPUs) and pipeline stages are successive groups (successive nodes).
+    pp = 1 keeps the two-axis mesh, so single-stage programs and shardings are unchanged.
 
     Axes are Auto (sharding propagation by XLA) rather than jax's Explicit default:
     the model annotates weights and a few activations and lets the partitioner
     place the collectives.
     """
-    if tp < 1 or dp < 1:
-        raise ValueError(f"mesh sizes must be ≥ 1, got dp={dp}, tp={tp}")
+    if tp < 1 or dp < 1 or pp < 1:
+        raise ValueError(f"mesh sizes must be ≥ 1, got dp={dp}, pp={pp}, tp={tp}")
+    size = dp * pp * tp
+    shape = f"dp={dp} × pp={pp} × tp={tp}" if pp > 1 else f"dp={dp} × tp={tp}"
     if devices is None:
         available = jax.devices()
-        if dp * tp > len(available):
+        if size > len(available):
             raise ValueError(
-                f"mesh dp={dp} × tp={tp} needs {dp * tp} devices; only {len(available)} "
+                f"mesh {shape} needs {size} devices; only {len(available)} "
                 f"{available[0].platform.upper()} device(s) are visible")
-        devices = available[: dp * tp]
-    if len(devices) != dp * tp:
-        raise ValueError(f"mesh dp={dp} × tp={tp} needs {dp * tp} devices, got {len(devices)}")
-    grid = np.asarray(devices, dtype=object).reshape(dp, tp)
-    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        devices = available[:size]
+    if len(devices) != size:
+        raise ValueError(f"mesh {shape} needs {size} devices, got {len(devices)}")
+    axes = PIPELINE_MESH_AXES if pp > 1 else MESH_AXES
+    grid = np.asarray(devices, dtype=object).reshape((dp, pp, tp) if pp > 1 else (dp, tp))
+    return Mesh(grid, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
 def mesh_tp(mesh: Mesh) -> int:
     return mesh.shape.get("tp", 1)
+
+
+def mesh_pp(mesh: Mesh) -> int:
+    return mesh.shape.get("pp", 1)
+
+
+def split_layers(num_layers: int, pp: int) -> tuple[int, ...]:
+    """Real layers per pipeline stage, as even as possible, earlier stages taking the remainder
+    (e.g. 5 layers over 4 stages → 2, 1, 1, 1). Every stage is laid out with the largest
+    count; the slots a stage does not fill hold zero (identity) layers."""
+    if pp < 1 or pp > num_layers:
+        raise ValueError(f"pp = {pp} must be between 1 and the model's {num_layers} layers")
+    base, extra = divmod(num_layers, pp)
+    return tuple(base + (1 if s < extra else 0) for s in range(pp))
 
 
 @dataclasses.dataclass(frozen=True)

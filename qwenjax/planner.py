@@ -9,8 +9,9 @@ allocated and nothing is compiled.
 The model, in one place (docs/meshes.md walks through it):
 
 - budget per device      = memory_gb × kv_cache_fraction
-- weights per device     = Σ params on the device; with pp > 1 the largest stage
-  (stage 0 also holds the embedding, the last the final norm and lm_head)
+- weights per device     = Σ params on the device; with pp > 1 a stage's layer slots
+  (⌈layers/pp⌉ on every stage, as the runtime lays them out) + the embedding, final
+  norm and lm_head, which every stage holds (replicated over pp)
 - workspace per device   = 1 GiB fixed (XLA scratch, cuBLAS/cuDNN workspaces,
   allocator slack; a prefill chunk's activations fit in it)
   + max_num_seqs × 4 B × (2 × vocab/tp            fp32 logits + the sampler's copy
@@ -18,12 +19,18 @@ The model, in one place (docs/meshes.md walks through it):
 - KV per token per device = kv_heads/tp × head_dim × 2 (K, V) × layers on it × dtype bytes
 - KV capacity             = ⌊(budget − weights − workspace) / page bytes⌋ pages
                             (minimum over stages), × page_size tokens
-- decode ms/token (batch 1, one sequence at ``context`` tokens)
-    HBM         = Σ_stages (weights streamed + KV × context) / hbm_read
+- decode ms/token (batch 1, one sequence at ``context`` tokens); stages run one after
+  another, so it is the sum of the per-stage times plus the hops between them
+    stage s     = (its weights streamed + its KV × context) / hbm_read
+                  + its all-reduces (2 per layer slot, + 1 for the embedding lookup on stage 0)
                   (the embedding table is gathered, not streamed: one row per token)
-    collectives = (2 × layers + 1) × [latency + 2 (tp−1)/tp × hidden × dtype bytes / link bw]
-                  on the intra-node link, or the inter-node link when TP spans hosts
-    pipeline    = (pp − 1) × [latency + hidden × dtype bytes / bw] on the inter-node link
+    all-reduce  = within a host: latency + 2 (tp−1)/tp × hidden × dtype bytes / link bw
+                  spanning h hosts of d devices (TP16 on 2 × 8): reduce-scatter in the host
+                  + all-reduce of 1/d of the bytes across hosts + all-gather in the host =
+                  2 intra-node latencies + 1 inter-node latency + the bytes terms
+    pipeline    = (pp − 1) hops × [latency + hidden × dtype bytes / bw]
+                  + 1 all-reduce over the pp stages (the last stage's hidden state to all)
+                  on the inter-node link (intra-node when the stages share a host)
 
 Not modelled: compute time, kernel launch gaps, the sampler's cross-shard
 reduction, overlap between collectives and HBM reads. Bandwidths are vendor
@@ -38,7 +45,7 @@ import math
 from qwenjax.config import ModelConfig
 from qwenjax.mesh_config import DTYPES, MeshConfig
 from qwenjax.model import Layout, ParamSpec, param_specs
-from qwenjax.parallel import DEFAULT_RULES, ShardingRules
+from qwenjax.parallel import DEFAULT_RULES, ShardingRules, split_layers
 
 GB = 1e9
 GiB = 2**30
@@ -118,6 +125,7 @@ class Plan:
     link_bandwidth_gbps: float
     modeled_collective_ms: float
     modeled_pipeline_ms: float
+    modeled_stage_ms: tuple[float, ...]   # each stage's HBM + all-reduces; batch 1 sums them
     modeled_decode_ms: float
     modeled_tokens_per_s: float
 
@@ -171,34 +179,36 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     def laid_out(spec: ParamSpec) -> int:
         return math.prod(spec.shape) * nbytes
 
+    # The per-layer declaration (the pp = 1 layout; with pp > 1 each device holds one stage's
+    # slots of exactly these shapes).
     layer = specs.layers[0]
     layer_fields = [getattr(layer, f.name) for f in dataclasses.fields(layer)]
     layer_bytes = sum(on_device(s) for s in layer_fields)
     embed_bytes = on_device(specs.embed)
     norm_bytes = on_device(specs.final_norm)
     # Tied weights: the logits read the embedding table, so the last stage needs it too.
-    head_bytes = embed_bytes if specs.lm_head is None else on_device(specs.lm_head)
+    head_bytes = 0 if specs.lm_head is None else on_device(specs.lm_head)
 
     # Σ of global shapes: what the whole TP group stores, padding and replication included.
     laid_out_total = (sum(laid_out(s) for s in layer_fields) * config.num_layers
                       + laid_out(specs.embed) + laid_out(specs.final_norm)
                       + (0 if specs.lm_head is None else laid_out(specs.lm_head)))
 
-    stages = _split_layers(config.num_layers, pp)
+    stages = split_layers(config.num_layers, pp)
+    # Every stage is laid out with the fullest stage's slot count (padding slots are zero
+    # identity layers), and runs all its slots: memory and time follow the slots.
+    slots = stages[0]
     kv_heads_per_device = heads.kv_heads // tp
     kv_token_per_layer = kv_heads_per_device * config.head_dim * 2 * nbytes
+    # The logits read lm_head, or the embedding table itself when tied.
+    logits_bytes = head_bytes if specs.lm_head is not None else embed_bytes
     stage_weights, stage_streamed, stage_kv_token = [], [], []
-    for s, n_layers in enumerate(stages):
-        first, last = s == 0, s == pp - 1
-        held = n_layers * layer_bytes
-        held += embed_bytes if first else 0
-        if last:
-            held += norm_bytes
-            if specs.lm_head is not None or not first:
-                held += head_bytes
-        stage_weights.append(held)
-        stage_streamed.append(n_layers * layer_bytes + (norm_bytes + head_bytes if last else 0))
-        stage_kv_token.append(n_layers * kv_token_per_layer)
+    for s in range(pp):
+        last = s == pp - 1
+        stage_weights.append(slots * layer_bytes + embed_bytes + norm_bytes + head_bytes)
+        # Every stage computes the logits (replicated over pp) at the same time: count them once.
+        stage_streamed.append(slots * layer_bytes + (norm_bytes + logits_bytes if last else 0))
+        stage_kv_token.append(slots * kv_token_per_layer)
 
     # ---- memory -----------------------------------------------------------------------
     qkv_per_device = kv_heads_per_device * (heads.q_per_kv + 2) * config.head_dim
@@ -249,16 +259,21 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if tp > 1:
         link = mesh.collective_link
         link_name = "inter_node" if mesh.tp_spans_hosts else "intra_node"
-        num_ar = allreduces_per_step(config.num_layers)
-        ar_us = allreduce_us(tp, act_bytes, link.latency_us, link.bandwidth_gbps)
+        num_ar = allreduces_per_step(slots * pp)
+        ar_us = tp_allreduce_us(mesh, act_bytes)
     else:
         link, link_name, num_ar, ar_us = None, "none", 0, 0.0
     collective_ms = num_ar * ar_us / 1e3
+    stage_ms = tuple(
+        (stage_streamed[s] + stage_kv_token[s] * context) / hbm_bps * 1e3
+        + (2 * slots + (s == 0)) * ar_us / 1e3 for s in range(pp))
     pipeline_ms = 0.0
     if pp > 1:
         hop = mesh.hardware.inter_node if mesh.hosts > 1 else mesh.hardware.intra_node
-        pipeline_ms = (pp - 1) * (hop.latency_us + act_bytes / (hop.bandwidth_gbps * 1e9) * 1e6) / 1e3
-    decode_ms = hbm_ms + collective_ms + pipeline_ms
+        hops_us = (pp - 1) * (hop.latency_us + act_bytes / (hop.bandwidth_gbps * 1e9) * 1e6)
+        gather_us = allreduce_us(pp, act_bytes, hop.latency_us, hop.bandwidth_gbps)
+        pipeline_ms = (hops_us + gather_us) / 1e3
+    decode_ms = sum(stage_ms) + pipeline_ms
 
     # ---- notes ------------------------------------------------------------------------------
     if heads.kv_replicas > 1:
@@ -271,8 +286,13 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if layout.mlp != config.intermediate_size or layout.vocab != config.vocab_size:
         notes.append(f"zero-padded to a multiple of tp: mlp {config.intermediate_size} → {layout.mlp}, "
                      f"vocab {config.vocab_size} → {layout.vocab}")
+    if pp > 1 and slots * pp != config.num_layers:
+        notes.append(f"{config.num_layers} layers over {pp} stages: {'/'.join(map(str, stages))} "
+                     f"real layers, every stage laid out and run with {slots} slots")
     if pp > 1:
-        notes.append("pipeline stages are modelled only; the runtime does not run PP yet")
+        notes.append(f"batch 1 runs the stages one after another; with ≥ {pp} sequences decode "
+                     f"overlaps them in {pp} micro-batches (per-stage "
+                     f"{max(stage_ms):.2f} ms bounds a step)")
     if context > max_model_len:
         notes.append(f"decode context {context} exceeds max_model_len {max_model_len}")
     if mesh.dp > 1:
@@ -314,6 +334,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
         link_latency_us=link.latency_us if link else 0.0,
         link_bandwidth_gbps=link.bandwidth_gbps if link else 0.0,
         modeled_collective_ms=collective_ms, modeled_pipeline_ms=pipeline_ms,
+        modeled_stage_ms=stage_ms,
         modeled_decode_ms=decode_ms, modeled_tokens_per_s=1e3 / decode_ms,
         notes=tuple(notes),
     )
@@ -331,6 +352,22 @@ def allreduce_us(tp: int, nbytes: float, latency_us: float, bandwidth_gbps: floa
     return latency_us + 2 * (tp - 1) / tp * nbytes / (bandwidth_gbps * 1e9) * 1e6
 
 
+def tp_allreduce_us(mesh: MeshConfig, nbytes: float) -> float:
+    """One all-reduce over the mesh's TP group: a ring on one host's link, or, when the group
+    spans hosts, the two-level form NCCL and XLA use across nodes (reduce-scatter in the host,
+    all-reduce of 1/d of the bytes between hosts, all-gather in the host)."""
+    tp, hw = mesh.tp, mesh.hardware
+    if not mesh.tp_spans_hosts:
+        link = hw.intra_node
+        return allreduce_us(tp, nbytes, link.latency_us, link.bandwidth_gbps)
+    d, hosts = mesh.devices_per_host, tp // mesh.devices_per_host
+    intra, inter = hw.intra_node, hw.inter_node
+    in_host = 0.0
+    if d > 1:  # reduce-scatter and all-gather: each (d−1)/d of the bytes, one latency
+        in_host = 2 * (intra.latency_us + (d - 1) / d * nbytes / (intra.bandwidth_gbps * 1e9) * 1e6)
+    return in_host + allreduce_us(hosts, nbytes / d, inter.latency_us, inter.bandwidth_gbps)
+
+
 def _device_elements(spec: ParamSpec, sizes: dict[str, int], rules: ShardingRules) -> int:
     """Elements of ``spec`` one device holds, splitting each dimension its rule shards."""
     count = 1
@@ -342,12 +379,6 @@ def _device_elements(spec: ParamSpec, sizes: dict[str, int], rules: ShardingRule
                              "the layout should have padded it")
         count *= dim // split
     return count
-
-
-def _split_layers(num_layers: int, pp: int) -> list[int]:
-    """Layers per pipeline stage, as even as possible, earlier stages taking the remainder."""
-    base, extra = divmod(num_layers, pp)
-    return [base + (1 if s < extra else 0) for s in range(pp)]
 
 
 # ---- the text report ------------------------------------------------------------------------
@@ -364,8 +395,9 @@ def _format(p: Plan) -> str:
         f"mlp {p.mlp_per_device}/device, vocab {p.vocab_per_device}/device",
     ]
     if p.pp > 1:
-        stages = ", ".join(f"stage {s}: {n} layers {_gb(w)}" for s, (n, w) in
-                           enumerate(zip(p.layers_per_stage, p.weights_bytes_per_stage)))
+        stages = ", ".join(f"stage {s}: {n} layers {_gb(w)} {ms:.2f} ms" for s, (n, w, ms) in
+                           enumerate(zip(p.layers_per_stage, p.weights_bytes_per_stage,
+                                         p.modeled_stage_ms)))
         lines.append(f"  stages     {stages}")
     lines += [
         f"  weights    {_gb(p.weights_bytes_per_device)} per device "
@@ -387,7 +419,13 @@ def _format(p: Plan) -> str:
         f"    HBM          {p.modeled_hbm_ms:7.2f} ms  {_gb(p.decode_weight_bytes_read)} weights + "
         f"{_gb(p.decode_kv_bytes_read)} KV read per device at {p.hbm_read_tbps:g} TB/s",
     ]
-    if p.num_allreduces:
+    if p.num_allreduces and p.tp > p.devices_per_host:
+        lines.append(f"    collectives  {p.modeled_collective_ms:7.2f} ms  {p.num_allreduces} all-reduces × "
+                     f"{p.allreduce_us:.2f} µs, two-level over {p.tp // p.devices_per_host} hosts: "
+                     f"reduce-scatter + all-gather in the host (intra_node), all-reduce of "
+                     f"1/{p.devices_per_host} of {p.allreduce_bytes / KiB:.0f} KiB between hosts at "
+                     f"{p.link_latency_us:g} µs + {p.link_bandwidth_gbps:g} GB/s (inter_node)")
+    elif p.num_allreduces:
         lines.append(f"    collectives  {p.modeled_collective_ms:7.2f} ms  {p.num_allreduces} all-reduces × "
                      f"{p.allreduce_us:.2f} µs = {p.link_latency_us:g} µs latency + "
                      f"{p.allreduce_us - p.link_latency_us:.2f} µs for {p.allreduce_bytes / KiB:.0f} KiB "
@@ -395,7 +433,8 @@ def _format(p: Plan) -> str:
     else:
         lines.append(f"    collectives  {0.0:7.2f} ms  none (tp=1)")
     lines.append(f"    pipeline     {p.modeled_pipeline_ms:7.2f} ms  "
-                 + (f"{p.pp - 1} stage hop(s)" if p.pp > 1 else "none (pp=1)"))
+                 + (f"{p.pp - 1} stage hop(s) + 1 all-reduce over the {p.pp} stages"
+                    if p.pp > 1 else "none (pp=1)"))
     lines += [f"  note       {n}" for n in p.notes]
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ buffer is one parameter's local shards.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -192,6 +193,30 @@ def _layer_readers(ckpt: Checkpoint, layout: Layout, i: int) -> dict[str, Callab
     )
 
 
+def _staged_readers(ckpt: Checkpoint, layout: Layout, slot: int) -> LayerWeights:
+    """Readers for layer slot ``slot`` of every stage (leading ``stage`` index): each device
+    reads only its own stage's layer; padding slots are zeros (identity layers)."""
+    specs = param_specs(layout).layers[slot]
+    per_stage = [None if (i := layout.layer_index(s, slot)) is None else _layer_readers(ckpt, layout, i)
+                 for s in range(layout.pp)]
+
+    def reader(name):
+        shape = getattr(specs, name).shape[1:]
+
+        def read(index):
+            blocks = []
+            for s in _range(index[0], layout.pp):
+                if per_stage[s] is None:
+                    blocks.append(np.zeros([len(_range(i, n)) for i, n in zip(index[1:], shape)],
+                                           np.float32))
+                else:
+                    blocks.append(per_stage[s][name](index[1:]))
+            return np.stack(blocks)
+        return read
+
+    return LayerWeights(**{f.name: reader(f.name) for f in dataclasses.fields(LayerWeights)})
+
+
 def _readers(ckpt: Checkpoint, layout: Layout) -> Weights:
     c = layout.config
 
@@ -203,9 +228,13 @@ def _readers(ckpt: Checkpoint, layout: Layout) -> Weights:
         se, sv = index
         return _row_block(ckpt.tensor("lm_head.weight"), sv, se, layout.vocab).T
 
+    if layout.pp == 1:
+        layers = [LayerWeights(**_layer_readers(ckpt, layout, i)) for i in range(c.num_layers)]
+    else:
+        layers = [_staged_readers(ckpt, layout, slot) for slot in range(layout.layers_per_stage)]
     return Weights(
         embed=embed,
-        layers=[LayerWeights(**_layer_readers(ckpt, layout, i)) for i in range(c.num_layers)],
+        layers=layers,
         final_norm=_vector(ckpt, "model.norm.weight"),
         lm_head=None if c.tie_word_embeddings else lm_head,
     )

@@ -29,7 +29,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                             "fetched Qwen2.5-Coder-0.5B-Instruct")
     model.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                        help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
-    model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
+    model.add_argument("--pp", type=int, default=1,
+                       help="pipeline stages (contiguous layer ranges, each on --tp devices)")
     model.add_argument("--devices", type=parse_devices, default=None,
                        help="comma-separated device indices, e.g. 2,3 (two servers can share a box "
                             "on disjoint devices); default: the first --tp")
@@ -93,8 +95,9 @@ def build_engine(args):
     from qwenjax.loading import load_model
 
     start = time.perf_counter()
-    lm = load_model(args.model, tp=args.tp, dtype=args.dtype, devices=args.devices)
-    log.info("loaded %s (%s, tp=%d) in %.1fs; compiling step shapes", lm.source, lm.dtype, args.tp,
+    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, devices=args.devices)
+    log.info("loaded %s (%s, tp=%d, pp=%d) in %.1fs; compiling step shapes", lm.source, lm.dtype,
+             args.tp, args.pp,
              time.perf_counter() - start)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,

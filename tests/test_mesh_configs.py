@@ -1,8 +1,8 @@
 """Every mesh config's shape runs the model on fake CPU devices with the outputs of tp=1.
 
 Configs wider than the 8 fake devices run at the same axis ratio scaled down to 8 (TP16 → TP8:
-with the tiny model's 2 KV heads both still replicate KV heads 4×/8×); pipeline configs (pp > 1)
-wait for the Pipeline issue and are checked to refuse with a clear message.
+with the tiny model's 2 KV heads both still replicate KV heads 4×/8×); pipeline configs keep
+their stages and scale TP (2 nodes × TP8 × PP2 → TP4 × PP2).
 """
 import dataclasses
 
@@ -32,8 +32,8 @@ def tiny(tmp_path_factory):
 
 
 def _logits(config, directory, tokens, mesh):
-    tp = mesh.shape["tp"]
-    layout = Layout.create(config, tp)
+    tp, pp = mesh.shape["tp"], mesh.shape.get("pp", 1)
+    layout = Layout.create(config, tp, pp)
     weights = load_checkpoint(directory, layout, mesh, jnp.float32)
     cache = KVCache.create(num_layers=config.num_layers, kv_heads=layout.heads.kv_heads,
                            head_dim=config.head_dim, num_pages=4, page_size=8, dtype=jnp.float32, mesh=mesh)
@@ -47,15 +47,13 @@ def _logits(config, directory, tokens, mesh):
 def test_config_shape_matches_tp1(name, tiny):
     config, directory, tokens, reference = tiny
     mesh_config = load_mesh_config(name)
-    if mesh_config.pp > 1:
-        with pytest.raises(ValueError, match="pipeline parallelism is not implemented yet"):
-            mesh_config.jax_mesh()
-        pytest.skip("pp > 1: the Pipeline issue")
     scale = max(1, mesh_config.axes.size // FAKE_DEVICES)
-    axes = MeshAxes(dp=max(1, mesh_config.dp // scale), tp=max(1, mesh_config.tp // scale), pp=1)
+    pp = mesh_config.pp
+    axes = MeshAxes(dp=max(1, mesh_config.dp // scale), tp=max(1, mesh_config.tp // scale), pp=pp)
     scaled = dataclasses.replace(mesh_config, axes=axes)
-    mesh = scaled.jax_mesh(jax.devices()[: axes.dp * axes.tp])
-    assert dict(mesh.shape) == {"dp": axes.dp, "tp": axes.tp}
+    mesh = scaled.jax_mesh(jax.devices()[: axes.size])
+    assert dict(mesh.shape) == ({"dp": axes.dp, "pp": pp, "tp": axes.tp} if pp > 1
+                                else {"dp": axes.dp, "tp": axes.tp})
     got = _logits(config, directory, tokens, mesh)
     np.testing.assert_allclose(got, reference, atol=1e-5, rtol=1e-5)
 

@@ -104,8 +104,9 @@ class Engine:
 
     def _pages_from_memory(self, config: EngineConfig) -> int:
         c = self.lm.config
+        # With pp stages each device holds the pools of its stage's layer slots only.
         page_bytes = page_bytes_per_device(
-            num_layers=c.num_layers, kv_heads_per_device=self.lm.layout.heads.kv_heads // self.lm.layout.heads.tp,
+            num_layers=self.lm.layout.layers_per_stage, kv_heads_per_device=self.lm.layout.heads.kv_heads // self.lm.layout.heads.tp,
             head_dim=c.head_dim, page_size=config.page_size, dtype=self.lm.weights.final_norm.dtype)
         devices = list(self.lm.mesh.devices.flat)
         if devices[0].platform == "cpu":
