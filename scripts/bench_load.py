@@ -90,6 +90,7 @@ def main() -> int:
         ckpts[tp] = work / f"orbax-tp{tp}-{args.dtype}"
         convert(args.model, ckpts[tp], tp, args.dtype, devices)
 
+    load_before = os.getloadavg()[0]
     rows = []
     for tp in args.tp:
         sources = [("safetensors", args.model), (f"orbax (written at tp={tp})", ckpts[tp])]
@@ -106,7 +107,8 @@ def main() -> int:
     import jax
 
     print(f"\n{args.model.name}, {args.dtype}, {devices} fake CPU devices, jax {jax.__version__}, "
-          f"median of {args.repeats} fresh processes each\n")
+          f"median of {args.repeats} fresh processes each; 1-min load average "
+          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs\n")
     print("| tp | source | load (s) | RSS before load (MiB) | peak RSS (MiB) |")
     print("|---:|---|---:|---:|---:|")
     for tp, label, seconds, before, peak in rows:
