@@ -14,7 +14,7 @@ Restoring on a mesh with the same layout reads each device's shards directly int
 their ``NamedSharding``s (each process reads only what it holds). A mesh whose tp
 gives another layout (e.g. 0.5B's 2 KV heads: tp=4 replicates them to 4, tp=2 keeps
 2) restores the saved layout sharded over the target mesh, then re-lays it out on
-device in one jitted gather with the target out_shardings; see ``relayout``.
+device with jitted gathers whose out_shardings are the target's; see ``relayout``.
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
 
 
 # ---- pytree <-> plain dict (the on-disk tree does not depend on our dataclass names) ----------
+_LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "mlp_norm", "gate_up", "down")
+
+
 def _to_tree(weights: Weights) -> dict:
     tree = {"embed": weights.embed, "final_norm": weights.final_norm,
             "layers": {str(i): {name: getattr(layer, name) for name in _LAYER_FIELDS}
@@ -62,9 +65,6 @@ def _from_tree(tree: dict, num_layers: int) -> Weights:
     return Weights(embed=tree["embed"],
                    layers=[LayerWeights(**tree["layers"][str(i)]) for i in range(num_layers)],
                    final_norm=tree["final_norm"], lm_head=tree.get("lm_head"))
-
-
-_LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "mlp_norm", "gate_up", "down")
 
 
 # ---- metadata ---------------------------------------------------------------------------------
@@ -102,9 +102,10 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {meta['dtype']!r}")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: the checkpoint has no config.json")
-    if not (directory / PARAMS_DIR).is_dir():
-        raise FileNotFoundError(f"{directory}: the checkpoint has no {PARAMS_DIR}/ directory "
-                                "(incomplete convert?)")
+    for name in ("", "_METADATA", "manifest.ocdbt"):  # the tree and the OCDBT root
+        if not (directory / PARAMS_DIR / name).exists():
+            raise FileNotFoundError(f"{directory}: the checkpoint has no {PARAMS_DIR}/{name} "
+                                    "(incomplete convert or copy?)")
     return meta
 
 
@@ -135,9 +136,10 @@ def save_checkpoint(weights: Weights, layout: Layout, out_dir: str | os.PathLike
         raise ValueError(f"--out {out_dir}: directory exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     source_dir = Path(source_dir)
-    for name in SIDE_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, out / name)
+    if jax.process_index() == 0:
+        for name in SIDE_FILES:
+            if (source_dir / name).is_file():
+                shutil.copy2(source_dir / name, out / name)
     # Uncompressed: weights barely compress (zstd saves ~20%, mostly padding and KV replicas)
     # and decompressing cost 30% of the 0.5B's restore time on CPU (BENCHMARKS.md).
     checkpointer = ocp.PyTreeCheckpointer(use_compression=False, use_zarr3=True)
@@ -200,37 +202,60 @@ def _resize(x: jax.Array, axis: int, size: int, new_size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def relayout(weights: Weights, saved: Layout, target: Layout) -> Weights:
-    """``weights`` in ``saved``'s layout → the same parameters in ``target``'s (traceable)."""
-    c = target.config
-    qkv_index = _head_index(saved.heads, target.heads, kv_slots=True)
-    o_index = _head_index(saved.heads, target.heads, kv_slots=False)
-    tg, tj = target.heads.kv_heads, target.heads.q_per_kv
+class _Relayout:
+    """Traceable maps from ``saved``'s layout to ``target``'s: one for a layer, one for the rest."""
 
-    def heads(x, start, index, slots):
+    def __init__(self, saved: Layout, target: Layout):
+        self.saved, self.target = saved, target
+        self.qkv_index = _head_index(saved.heads, target.heads, kv_slots=True)
+        self.o_index = _head_index(saved.heads, target.heads, kv_slots=False)
+
+    def _heads(self, x, start, index, slots):
         # Flatten (kv_heads, slots) at dims start, start+1, gather, split back.
         shape = x.shape
         flat = x.reshape(*shape[:start], shape[start] * shape[start + 1], *shape[start + 2:])
         out = jnp.take(flat, index, axis=start, mode="fill", fill_value=0)
-        return out.reshape(*shape[:start], tg, slots, *shape[start + 2:])
+        return out.reshape(*shape[:start], self.target.heads.kv_heads, slots, *shape[start + 2:])
 
-    def layer(w: LayerWeights) -> LayerWeights:
+    def layer(self, w: LayerWeights) -> LayerWeights:
+        inter, mlp, tj = self.target.config.intermediate_size, self.target.mlp, self.target.heads.q_per_kv
         return LayerWeights(
             attn_norm=w.attn_norm,
-            qkv=heads(w.qkv, 1, qkv_index, tj + 2),
-            qkv_bias=heads(w.qkv_bias, 0, qkv_index, tj + 2),
-            o=heads(w.o, 0, o_index, tj),
+            qkv=self._heads(w.qkv, 1, self.qkv_index, tj + 2),
+            qkv_bias=self._heads(w.qkv_bias, 0, self.qkv_index, tj + 2),
+            o=self._heads(w.o, 0, self.o_index, tj),
             mlp_norm=w.mlp_norm,
-            gate_up=_resize(w.gate_up, 2, c.intermediate_size, target.mlp),
-            down=_resize(w.down, 0, c.intermediate_size, target.mlp),
+            gate_up=_resize(w.gate_up, 2, inter, mlp),
+            down=_resize(w.down, 0, inter, mlp),
         )
 
-    return Weights(
-        embed=_resize(weights.embed, 0, c.vocab_size, target.vocab),
-        layers=[layer(w) for w in weights.layers],
-        final_norm=weights.final_norm,
-        lm_head=None if weights.lm_head is None else _resize(weights.lm_head, 1, c.vocab_size, target.vocab),
-    )
+    def outer(self, embed, final_norm, lm_head):
+        vocab, padded = self.target.config.vocab_size, self.target.vocab
+        return (_resize(embed, 0, vocab, padded), final_norm,
+                None if lm_head is None else _resize(lm_head, 1, vocab, padded))
+
+
+def relayout(weights: Weights, saved: Layout, target: Layout, mesh: Mesh,
+             rules: ShardingRules = DEFAULT_RULES) -> Weights:
+    """``weights`` in ``saved``'s layout (any sharding over ``mesh``) → ``target``'s layout in its
+    shardings, on device.
+
+    One jitted program per layer, compiled once and reused for every layer (all layers have
+    the same shapes): an unrolled whole-model program took seconds to compile for the 0.5B
+    and would grow with 80-layer models. Each saved layer is dropped once converted, so the
+    peak is the saved model plus one layer rather than both models.
+    """
+    maps = _Relayout(saved, target)
+    shardings = weight_shardings(target, mesh, rules)
+    layer_fn = jax.jit(maps.layer, out_shardings=shardings.layers[0])
+    saved_layers = list(weights.layers)
+    layers = []
+    for i in range(len(saved_layers)):
+        layers.append(layer_fn(saved_layers[i]))
+        saved_layers[i] = None
+    outer_fn = jax.jit(maps.outer, out_shardings=(shardings.embed, shardings.final_norm, shardings.lm_head))
+    embed, final_norm, lm_head = outer_fn(weights.embed, weights.final_norm, weights.lm_head)
+    return Weights(embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
 def _same_shapes(a: Layout, b: Layout) -> bool:
@@ -275,14 +300,15 @@ def restore_checkpoint(directory: str | os.PathLike, mesh: Mesh, dtype: str | No
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(directory / PARAMS_DIR, _to_tree(abstract))
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{directory}: cannot restore {PARAMS_DIR}/ ({type(e).__name__}: {e}); "
+        # tensorstore errors carry a page of JSON spec after the first sentence.
+        reason = str(e).split(" [tensorstore_spec", 1)[0][:400]
+        raise ValueError(f"{directory}: cannot restore {PARAMS_DIR}/ ({type(e).__name__}: {reason}); "
                          "the checkpoint is corrupt or incomplete") from None
     weights = _from_tree(tree, config.num_layers)
-    if same:
-        return config, target, weights, dtype
-    out_shardings = weight_shardings(target, mesh, rules)
-    relaid = jax.jit(lambda w: relayout(w, saved, target), out_shardings=out_shardings)(weights)
-    return config, target, relaid, dtype
+    del tree
+    if not same:
+        weights = relayout(weights, saved, target, mesh, rules)
+    return config, target, weights, dtype
 
 
 # ---- convert ----------------------------------------------------------------------------------
