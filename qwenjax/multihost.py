@@ -349,7 +349,10 @@ def initialize(dist: Distributed, *, connect_timeout: float = CONNECT_TIMEOUT_SE
     if _state:
         raise RuntimeError("qwenjax.multihost.initialize was already called")
     # On CPU, cross-process collectives go over gloo (jax 0.10's default; set it for older ones).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # an option this jax no longer has; its default then applies
+        pass
     jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id,
                                initialization_timeout=int(connect_timeout))
     _state["dist"] = dist

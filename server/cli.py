@@ -154,6 +154,9 @@ def serve_follower(args) -> int:
     """A process other than 0: load the shards, then run the leader's steps until it stops."""
     from qwenjax import multihost
 
+    from qwenjax.engine.engine import enable_compile_cache
+
+    enable_compile_cache()  # as the leader's Engine does: a warm restart compiles nothing
     lm, _ = load_serving_model(args)
     log.info("process %d: following the leader at %s", multihost.distributed().process_id,
              multihost.distributed().coordinator)

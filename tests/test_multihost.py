@@ -190,6 +190,22 @@ def test_follower_death_fails_leader(tmp_path, tiny_model):
     assert elapsed < 15
 
 
+def test_leader_death_fails_follower(tmp_path, tiny_model):
+    pair = Pair(tmp_path, tiny_model, "wait", [], 1)
+    try:
+        line = pair.leader.stdout.readline()
+        assert line.strip() == "READY", pair.leader.communicate(timeout=30)[1][-3000:]
+        pair.leader.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        rc, _, err = pair.wait(pair.follower, 30)
+        elapsed = time.monotonic() - start
+    finally:
+        pair.kill()
+    assert rc == multihost.FAILURE_EXIT_CODE, err[-3000:]
+    assert "the leader (process 0) disconnected without a stop message" in err, err[-3000:]
+    assert elapsed < 15
+
+
 # ---- in-process checks of the pieces -------------------------------------------------------
 def test_resolve_flags_win_and_errors_name_the_field():
     env = {multihost.COORDINATOR_ENV: "10.0.0.1:1234", multihost.NUM_PROCESSES_ENV: "2",
@@ -212,12 +228,15 @@ def test_resolve_flags_win_and_errors_name_the_field():
 
 def test_step_plan_round_trips_through_the_wire_format():
     batch = build_sampling_batch([SamplingRow(SamplingParams(temperature=0.7, top_k=5, seed=1), 9, 2)], 4)
-    decode = tuple(np.arange(n, dtype=np.int32).reshape(shape)
-                   for n, shape in ((4, (4, 1)), (4, (4, 1)), (4, (4,)), (32, (4, 8))))
+    tables = np.zeros((4, 64), np.int32)
+    tables[:3, :2] = [[1, 2], [3, 0], [4, 5]]  # a block table: zeros past the pages in use
+    decode = tuple(np.arange(4, dtype=np.int32).reshape(shape) for shape in ((4, 1), (4, 1), (4,))) + (tables,)
     plan = StepPlan(4, 0, decode, None, batch, num_top=20)
+    meta, arrays = plan.to_message()
+    assert arrays["decode.3"].shape == (4, 2) and meta["widths"]["decode.3"] == 64  # sent trimmed
     a, b = socket.socketpair()
     with a, b:
-        a.sendall(multihost.encode("step", *plan.to_message()))
+        a.sendall(multihost.encode("step", meta, arrays))
         kind, meta, arrays = multihost.receive(b)
     back = StepPlan.from_message(meta, arrays)
     assert kind == "step" and back.prefill is None and (back.decode_rows, back.num_top) == (4, 20)

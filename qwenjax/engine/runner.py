@@ -89,10 +89,26 @@ class StepPlan:
         if self.sampling is not None:
             for field in dataclasses.fields(SamplingBatch):
                 arrays[f"sampling.{field.name}"] = getattr(self.sampling, field.name)
+        # Block tables are max_model_len / page_size wide and mostly zero: send only up to the
+        # last column holding anything (about 0.5 MB → a few KB per step at 32k context).
+        meta["widths"] = {}
+        for name, a in arrays.items():
+            if a.ndim == 2 and a.shape[1] > 1:
+                used = np.flatnonzero(a.any(axis=0))
+                width = int(used[-1]) + 1 if used.size else 0
+                if width < a.shape[1]:
+                    meta["widths"][name] = a.shape[1]
+                    arrays[name] = a[:, :width]
         return meta, arrays
 
     @classmethod
     def from_message(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "StepPlan":
+        arrays = dict(arrays)
+        for name, width in meta.get("widths", {}).items():
+            a = arrays[name]
+            full = np.zeros((a.shape[0], width), a.dtype)
+            full[:, : a.shape[1]] = a
+            arrays[name] = full
         def part(name, n):
             return tuple(arrays[f"{name}.{i}"] for i in range(n)) if meta[f"has_{name}"] else None
 
