@@ -153,7 +153,6 @@ def build_engine(args):
 def serve_follower(args) -> int:
     """A process other than 0: load the shards, then run the leader's steps until it stops."""
     from qwenjax import multihost
-
     from qwenjax.engine.engine import enable_compile_cache
 
     enable_compile_cache()  # as the leader's Engine does: a warm restart compiles nothing

@@ -301,3 +301,17 @@ def test_channel_stop_and_failures():
     assert _eventually(lambda: failures["leader"], timeout=10)
     assert "sent no heartbeat for 2s" in failures["leader"][0]
     follower.close()
+
+
+def test_check_mesh_names_the_mismatch():
+    import dataclasses
+
+    from qwenjax.mesh_config import load_mesh_config
+
+    cpu8 = load_mesh_config("cpu-8")
+    multihost.check_mesh(cpu8, None)  # 1 process, 8 devices: fits
+    two_hosts = dataclasses.replace(cpu8, hosts=2, devices_per_host=4)
+    with pytest.raises(ValueError, match="hosts = 2 but 1 process\\(es\\) run"):
+        multihost.check_mesh(two_hosts, None)
+    with pytest.raises(ValueError, match="hosts×devices_per_host = 16 but jax sees 8 device"):
+        multihost.check_mesh(dataclasses.replace(cpu8, devices_per_host=16), None)

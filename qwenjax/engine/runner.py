@@ -109,6 +109,7 @@ class StepPlan:
             full = np.zeros((a.shape[0], width), a.dtype)
             full[:, : a.shape[1]] = a
             arrays[name] = full
+
         def part(name, n):
             return tuple(arrays[f"{name}.{i}"] for i in range(n)) if meta[f"has_{name}"] else None
 
