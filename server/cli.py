@@ -240,7 +240,12 @@ def cmd_serve(args) -> int:
     dist = multihost.resolve(args.coordinator, args.num_processes, args.process_id, args.plan_port)
     if dist is not None:
         # Before anything touches the devices: jax then sees every process's devices.
-        multihost.initialize(dist)
+        try:
+            multihost.initialize(dist)
+        except Exception as error:  # noqa: BLE001 - a timeout or refused connection, said plainly
+            log.error("multi-host start-up failed (process %d of %d, coordinator %s): %s",
+                      dist.process_id, dist.num_processes, dist.coordinator, error)
+            return 1
         if not dist.is_leader:
             return serve_follower(args)
     return asyncio.run(serve(args))
