@@ -183,6 +183,8 @@ class Leader:
         self._closing = threading.Event()   # no more sends, no more failure reports
         self._stopping = threading.Event()  # stop sent: followers closing is expected
         self._peers: dict[int, socket.socket] = {}
+        self._warm: set[int] = set()
+        self._warm_changed = threading.Condition()
         listener = socket.create_server((bind, port), reuse_port=False)
         listener.settimeout(1.0)
         deadline = time.monotonic() + accept_timeout
@@ -231,7 +233,11 @@ class Leader:
         """Followers send only heartbeats; silence or a closed socket means the follower is gone."""
         try:
             while not self._closing.is_set():
-                receive(sock)
+                kind, _, _ = receive(sock)  # pings, and "warm" after a warm-up
+                if kind == "warm":
+                    with self._warm_changed:
+                        self._warm.add(pid)
+                        self._warm_changed.notify_all()
         except socket.timeout:
             self._fail(pid, f"sent no heartbeat for {self.peer_timeout:.0f}s")
         except (OSError, ValueError) as error:
@@ -252,6 +258,13 @@ class Leader:
                     sock.sendall(data)
                 except OSError as error:
                     self._fail(pid, f"disconnected ({error})")
+
+    def wait_warm(self) -> None:
+        """Block until every follower has finished the warm-up sent to it (a follower that dies
+        meanwhile ends this process through ``on_failure``)."""
+        with self._warm_changed:
+            self._warm_changed.wait_for(lambda: len(self._warm) == len(self._peers) or self._closing.is_set())
+            self._warm.clear()
 
     def stop(self) -> None:
         """Tell every follower to exit cleanly, then close the channel."""
@@ -328,6 +341,11 @@ class Follower:
 
     def receive(self, timeout: float | None = None) -> tuple[str, dict, dict[str, np.ndarray]]:
         return self._messages.get(timeout=timeout)
+
+    def send(self, kind: str) -> None:
+        """Tell the leader something (``warm``: the warm-up it sent is done)."""
+        with self._send_lock:
+            self._sock.sendall(encode(kind))
 
     def close(self) -> None:
         self._done.set()
@@ -442,6 +460,7 @@ def run_follower(lm, channel: Follower | None = None) -> int:
             return FAILURE_EXIT_CODE
         elif kind == "warm_up":
             runner.warm_up(progress=False)
+            channel.send("warm")
         elif kind == "reset":
             runner.reset_cache()
             failed = None

@@ -276,6 +276,11 @@ def test_channel_stop_and_failures():
     leader, follower, failures = _channel()
     leader.send("reset")
     assert follower.receive(timeout=5)[0] == "reset"
+    follower.send("warm")
+    waiter = threading.Thread(target=leader.wait_warm)
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive()
     leader.stop()
     assert follower.receive(timeout=5)[0] == "stop"
     follower.close()

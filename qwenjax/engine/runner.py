@@ -249,6 +249,8 @@ class ModelRunner:
             iterator = tqdm(shapes, desc="compiling step shapes", unit="shape")
         for shape in iterator:
             self._program(*shape)
+        if self.mirror is not None:
+            self.mirror.wait_warm()  # serving starts when every process can run every shape
         return time.perf_counter() - start
 
     # ---- one step ---------------------------------------------------------------------------
