@@ -218,7 +218,7 @@ class ModelRunner:
             self.compile_seconds += time.perf_counter() - start
             # The sampler for this row count, with no penalties and no logprobs (the common case).
             rows = decode_rows + (self.prefill_rows if prefill_tokens else 0)
-            self._sampler(self._put_batch(build_sampling_batch([_PAD_ROW], rows)), num_top=0)
+            self._sampler(build_sampling_batch([_PAD_ROW], rows), num_top=0)
         return self._programs[key]
 
     def _sampler(self, batch, num_top: int):
@@ -254,15 +254,15 @@ class ModelRunner:
         return time.perf_counter() - start
 
     # ---- one step ---------------------------------------------------------------------------
-    def _put(self, array: np.ndarray) -> jax.Array:
+    def _put(self, tree):
+        """Numpy arrays (a pytree of them) as inputs of a compiled program. One process: as they
+        are (the compiled call copies them to the devices faster than ``device_put``). Multi-host:
+        ``device_put`` would first check with a collective that every process passed equal values,
+        so each process fills its own devices from its copy instead."""
         if self._replicated.is_fully_addressable:
-            return jax.device_put(array, self._replicated)
-        # Multi-host: device_put would first check with a collective that every process
-        # passed equal values; each process fills its own devices from its copy instead.
-        return jax.make_array_from_callback(array.shape, self._replicated, lambda index: array[index])
-
-    def _put_batch(self, batch: SamplingBatch) -> SamplingBatch:
-        return jax.tree.map(self._put, batch)
+            return tree
+        return jax.tree.map(lambda a: jax.make_array_from_callback(
+            a.shape, self._replicated, lambda index: a[index]), tree)
 
     def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> tuple | None:
         if rows == 0:
@@ -343,13 +343,12 @@ class ModelRunner:
     def run(self, plan: StepPlan):
         """The device half: the step program, then the sampler (None when nothing is sampled)."""
         program = self._program(plan.decode_rows, plan.prefill_tokens)
-        decode = StepBatch(*map(self._put, plan.decode)) if plan.decode is not None else None
-        prefill = PackedChunks(*map(self._put, plan.prefill)) if plan.prefill is not None else None
+        decode = StepBatch(*self._put(plan.decode)) if plan.decode is not None else None
+        prefill = PackedChunks(*self._put(plan.prefill)) if plan.prefill is not None else None
         logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
         if plan.sampling is None:
             return None
-        batch = self._put_batch(plan.sampling)
-        return self._sampler(batch, plan.num_top)(logits, batch)
+        return self._sampler(plan.sampling, plan.num_top)(logits, self._put(plan.sampling))
 
     def execute(self, out: SchedulerOutput) -> list[SampledToken]:
         """Run one scheduled step; return the token sampled for each chunk that completes."""
