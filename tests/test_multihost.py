@@ -135,8 +135,16 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    """A tiny checkpoint whose greedy tokens depend on the prompt: with HF's init (std 0.02)
+    every prompt decodes to the same few tokens, so a follower running wrong inputs would go
+    unnoticed; matrices scaled ×20 make each process's shards matter."""
+    from safetensors.numpy import load_file, save_file
+
     directory = tmp_path_factory.mktemp("tiny-multihost")
     write_hf_checkpoint(tiny_config(), directory, seed=3)
+    path = directory / "model.safetensors"
+    tensors = {k: v * 20 if v.ndim == 2 else v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
     return directory
 
 
@@ -164,6 +172,7 @@ def test_two_processes_match_one_process(pair_run):
     assert rc == 0, err[-3000:]
     tokens = json.loads(pair.out.read_text())
     assert len(tokens) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in tokens)
+    assert len({tuple(t) for t in reference}) == len(PROMPTS)  # the model is not blind to its input
     assert tokens == reference
 
 
