@@ -3,6 +3,10 @@
 Start-up order: listen first (health NOT_SERVING), load and compile on a thread of
 its own, then health SERVING. SIGTERM or SIGINT: refuse new calls (UNAVAILABLE),
 health NOT_SERVING, let in-flight requests finish within --drain-timeout, exit 0.
+
+Multi-host (--coordinator/--num-processes/--process-id, docs/multihost.md): every process
+loads its shards of the model over the one global mesh; process 0 serves gRPC and runs the
+scheduler, the others only mirror its steps and exit 0 when it stops.
 """
 from __future__ import annotations
 
@@ -35,6 +39,22 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--devices", type=parse_devices, default=None,
                        help="comma-separated device indices, e.g. 2,3 (two servers can share a box "
                             "on disjoint devices); default: the first --tp")
+    model.add_argument("--mesh", default=None,
+                       help="mesh config name under configs/meshes or a YAML path (instead of --tp): "
+                            "its axes, and its dtype, page size, KV fraction and max_model_len as "
+                            "defaults; required with more than one process")
+
+    multi = p.add_argument_group("multi-host (docs/multihost.md)")
+    multi.add_argument("--coordinator", default=None,
+                       help="HOST:PORT of process 0's jax.distributed coordinator (default: "
+                            "$QWENJAX_COORDINATOR)")
+    multi.add_argument("--num-processes", type=int, default=None,
+                       help="processes in the mesh, one per host (default: $QWENJAX_NUM_PROCESSES)")
+    multi.add_argument("--process-id", type=int, default=None,
+                       help="this process's rank; 0 serves gRPC (default: $QWENJAX_PROCESS_ID)")
+    multi.add_argument("--plan-port", type=int, default=None,
+                       help="port on process 0's host for the step-plan channel (default: "
+                            "$QWENJAX_PLAN_PORT, else the coordinator port + 1)")
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, default=None,
@@ -90,20 +110,61 @@ def server_config(args):
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout)
 
 
-def build_engine(args):
-    from qwenjax.engine.engine import Engine, EngineConfig
+def load_serving_model(args):
+    """The model on --mesh (or --tp/--devices); every process of a multi-host mesh runs this."""
+    import jax
+
+    from qwenjax import multihost
     from qwenjax.loading import load_model
 
+    dist = multihost.distributed()
+    mesh, mesh_config = None, None
+    if args.mesh is not None:
+        from qwenjax.mesh_config import load_mesh_config
+
+        if args.tp != 1 or args.pp != 1 or args.devices is not None:
+            raise ValueError("--mesh sets the devices and the tp/pp degrees; drop --tp, --pp and --devices")
+        mesh_config = load_mesh_config(args.mesh)
+        multihost.check_mesh(mesh_config, dist)
+        mesh = mesh_config.jax_mesh()
+    elif dist is not None and dist.num_processes > 1:
+        raise ValueError(f"--num-processes {dist.num_processes} needs --mesh (a config whose hosts "
+                         f"and devices cover all {jax.device_count()} devices)")
     start = time.perf_counter()
-    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=args.dtype, devices=args.devices)
-    log.info("loaded %s (%s, tp=%d, pp=%d) in %.1fs; compiling step shapes", lm.source, lm.dtype,
-             args.tp, args.pp,
-             time.perf_counter() - start)
+    dtype = args.dtype or (mesh_config.dtype if mesh_config is not None else None)
+    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh)
+    shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
+    log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.dtype, shape, time.perf_counter() - start)
+    return lm, mesh_config
+
+
+def build_engine(args):
+    from qwenjax.engine.engine import Engine, EngineConfig
+
+    lm, mesh_config = load_serving_model(args)
+    options = {}
+    max_model_len = args.max_model_len
+    if mesh_config is not None:
+        options = dict(page_size=mesh_config.page_size, kv_cache_fraction=mesh_config.kv_cache_fraction)
+        max_model_len = max_model_len or min(mesh_config.max_model_len, lm.config.max_context)
+    log.info("compiling step shapes")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
-                          max_model_len=args.max_model_len, num_pages=args.num_pages,
-                          enable_prefix_caching=args.enable_prefix_caching)
+                          max_model_len=max_model_len, num_pages=args.num_pages,
+                          enable_prefix_caching=args.enable_prefix_caching, **options)
     return Engine(lm, config, warm_up=True, progress=sys.stderr.isatty())
+
+
+def serve_follower(args) -> int:
+    """A process other than 0: load the shards, then run the leader's steps until it stops."""
+    from qwenjax import multihost
+    from qwenjax.engine.engine import enable_compile_cache
+
+    enable_compile_cache()  # as the leader's Engine does: a warm restart compiles nothing
+    lm, _ = load_serving_model(args)
+    log.info("process %d: following the leader at %s", multihost.distributed().process_id,
+             multihost.distributed().coordinator)
+    return multihost.run_follower(lm)
 
 
 async def _load_in_background(args):
@@ -167,6 +228,9 @@ async def serve(args) -> int:
         log.warning("drain timeout: cancelling %d requests still running", server.servicer.in_flight)
     await server.stop(grace=1.0)
     engine_thread.shutdown()
+    from qwenjax import multihost
+
+    multihost.shutdown()  # multi-host: the other processes exit 0
     return 0
 
 
@@ -176,6 +240,19 @@ def cmd_serve(args) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key must be given together")
+    from qwenjax import multihost
+
+    dist = multihost.resolve(args.coordinator, args.num_processes, args.process_id, args.plan_port)
+    if dist is not None:
+        # Before anything touches the devices: jax then sees every process's devices.
+        try:
+            multihost.initialize(dist)
+        except Exception as error:  # noqa: BLE001 - a timeout or refused connection, said plainly
+            log.error("multi-host start-up failed (process %d of %d, coordinator %s): %s",
+                      dist.process_id, dist.num_processes, dist.coordinator, error)
+            return 1
+        if not dist.is_leader:
+            return serve_follower(args)
     return asyncio.run(serve(args))
 
 

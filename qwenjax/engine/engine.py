@@ -95,7 +95,11 @@ class Engine:
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, self.prefix_cache)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else lm.config.eos_token_ids
         self.eos_token_ids = tuple(eos)
-        self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids)
+        from qwenjax import multihost
+
+        # Multi-host process 0: the runner sends every step to the other processes.
+        self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids,
+                                  mirror=multihost.leader())
         self._requests: dict[str, Request] = {}
         self._tracking: dict[str, _Tracking] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -108,7 +112,9 @@ class Engine:
         page_bytes = page_bytes_per_device(
             num_layers=self.lm.layout.layers_per_stage, kv_heads_per_device=self.lm.layout.heads.kv_heads // self.lm.layout.heads.tp,
             head_dim=c.head_dim, page_size=config.page_size, dtype=self.lm.weights.final_norm.dtype)
-        devices = list(self.lm.mesh.devices.flat)
+        # This process's devices (multi-host: the others' stats are not visible here; the page
+        # count is then sent to them with the runner's set-up).
+        devices = list(self.lm.mesh.local_devices)
         if devices[0].platform == "cpu":
             return max(1, int(config.cpu_kv_cache_gib * 2**30 // page_bytes))
         return pages_for_memory(memory_fraction=config.kv_cache_fraction, page_bytes=page_bytes,

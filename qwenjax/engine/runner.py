@@ -7,6 +7,11 @@ Stages across the host/device boundary:
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
 
+``execute`` is split in two: ``plan`` (host: the numpy arrays of the step and its
+sampling batch, a ``StepPlan``) and ``run`` (device: the compiled step and sampler).
+Multi-host serving (qwenjax/multihost.py) sends each plan from process 0 to the
+other processes, which ``run`` it too, so all call the same programs in order.
+
 Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill chunks are
 packed back to back on one token axis of T ∈ {0, 16, 32, …} tokens (up to
 ``max_num_batched_tokens``), so the projections and MLP only see real tokens —
@@ -36,7 +41,8 @@ from qwenjax.engine.scheduler import ScheduledChunk, SchedulerConfig, SchedulerO
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
-from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch, sample
+from qwenjax.sampling import (SamplingBatch, SamplingParams, SamplingRow, build_sampling_batch,
+                              sample)
 
 # Alternatives returned per token when a request asks for logprobs (its own count ≤ this).
 MAX_TOP_LOGPROBS = 20
@@ -62,6 +68,62 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
 
 
 @dataclasses.dataclass
+class StepPlan:
+    """Everything the device side of one step needs, as plain numpy (sendable to other hosts)."""
+
+    decode_rows: int                          # program key: decode bucket ...
+    prefill_tokens: int                       # ... and packed prefill bucket
+    decode: tuple[np.ndarray, ...] | None     # StepBatch fields
+    prefill: tuple[np.ndarray, ...] | None    # PackedChunks fields
+    sampling: SamplingBatch | None            # numpy fields; None: nothing to sample
+    num_top: int = 0
+
+    def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
+                "num_top": self.num_top, "has_decode": self.decode is not None,
+                "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None}
+        arrays = {}
+        for name, part in (("decode", self.decode), ("prefill", self.prefill)):
+            for i, a in enumerate(part or ()):
+                arrays[f"{name}.{i}"] = a
+        if self.sampling is not None:
+            for field in dataclasses.fields(SamplingBatch):
+                arrays[f"sampling.{field.name}"] = getattr(self.sampling, field.name)
+        # Block tables are max_model_len / page_size wide and mostly zero: send only up to the
+        # last column holding anything (about 0.5 MB → a few KB per step at 32k context).
+        meta["widths"] = {}
+        for name, a in arrays.items():
+            if a.ndim == 2 and a.shape[1] > 1:
+                used = np.flatnonzero(a.any(axis=0))
+                width = int(used[-1]) + 1 if used.size else 0
+                if width < a.shape[1]:
+                    meta["widths"][name] = a.shape[1]
+                    arrays[name] = a[:, :width]
+        return meta, arrays
+
+    @classmethod
+    def from_message(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "StepPlan":
+        arrays = dict(arrays)
+        for name, width in meta.get("widths", {}).items():
+            a = arrays[name]
+            full = np.zeros((a.shape[0], width), a.dtype)
+            full[:, : a.shape[1]] = a
+            arrays[name] = full
+
+        def part(name, n):
+            return tuple(arrays[f"{name}.{i}"] for i in range(n)) if meta[f"has_{name}"] else None
+
+        sampling = None
+        if meta["has_sampling"]:
+            sampling = SamplingBatch(**{f.name: arrays[f"sampling.{f.name}"]
+                                        for f in dataclasses.fields(SamplingBatch)})
+        return cls(int(meta["decode_rows"]), int(meta["prefill_tokens"]),
+                   part("decode", len(dataclasses.fields(StepBatch))),
+                   part("prefill", len(dataclasses.fields(PackedChunks))),
+                   sampling, int(meta["num_top"]))
+
+
+@dataclasses.dataclass
 class SampledToken:
     chunk: ScheduledChunk
     token_id: int
@@ -71,8 +133,11 @@ class SampledToken:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, config: SchedulerConfig, num_pages: int,
-                 eos_token_ids: Sequence[int] = ()):
+                 eos_token_ids: Sequence[int] = (), mirror=None):
+        """``mirror``: multi-host process 0's plan channel (``multihost.Leader``); the other
+        processes build the same runner and run every plan, warm-up and cache reset it sends."""
         self.lm = lm
+        self.mirror = mirror
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.pages_per_seq = config.pages_for(config.max_model_len)
@@ -83,6 +148,9 @@ class ModelRunner:
         self.token_buckets = [0] + sorted({min(max_prefill_tokens, max(16, t))
                                            for t in row_buckets(max_prefill_tokens)[1:]})
         self.num_pages = num_pages
+        if mirror is not None:
+            mirror.send("setup", {"scheduler": dataclasses.asdict(config), "num_pages": num_pages,
+                                  "eos_token_ids": list(self.eos_token_ids)})
         self.cache = self._new_cache()
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
         model = lm.model
@@ -94,7 +162,8 @@ class ModelRunner:
         # The KV pools are donated: the step writes the new K/V into the same buffers
         # instead of copying every pool (GBs on a large model) once per step.
         self._step = jax.jit(step, donate_argnums=(1,))
-        self._sample = jax.jit(sample, static_argnames=("num_top",))
+        # Replicated outputs: every process holds them, so process 0 can read them back.
+        self._sample = jax.jit(sample, static_argnames=("num_top",), out_shardings=self._replicated)
         self._programs: dict[tuple[int, int], object] = {}
         self._samplers: dict[tuple, object] = {}
         self._logits_sharding = None
@@ -109,6 +178,8 @@ class ModelRunner:
 
     def reset_cache(self) -> None:
         """Fresh pools (after a failed step whose donated pools may be invalid)."""
+        if self.mirror is not None:
+            self.mirror.send("reset")
         self.cache = self._new_cache()
 
     # ---- compilation ----------------------------------------------------------------------
@@ -159,13 +230,17 @@ class ModelRunner:
             start = time.perf_counter()
             logits = jax.ShapeDtypeStruct((rows, self.lm.config.vocab_size), jnp.float32,
                                           sharding=self._logits_sharding)
-            self._samplers[key] = self._sample.lower(logits, batch, num_top=num_top).compile()
+            specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
+                                 batch)
+            self._samplers[key] = self._sample.lower(logits, specs, num_top=num_top).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._samplers[key]
 
     def warm_up(self, progress: bool = True) -> float:
         """Compile every shape bucket now (with the persistent cache, a warm start reloads them)."""
         shapes = self.shapes()
+        if self.mirror is not None:
+            self.mirror.send("warm_up")
         start = time.perf_counter()
         iterator = shapes
         if progress:
@@ -174,13 +249,22 @@ class ModelRunner:
             iterator = tqdm(shapes, desc="compiling step shapes", unit="shape")
         for shape in iterator:
             self._program(*shape)
+        if self.mirror is not None:
+            self.mirror.wait_warm()  # serving starts when every process can run every shape
         return time.perf_counter() - start
 
     # ---- one step ---------------------------------------------------------------------------
-    def _put(self, array: np.ndarray) -> jax.Array:
-        return jax.device_put(array, self._replicated)
+    def _put(self, tree):
+        """Numpy arrays (a pytree of them) as inputs of a compiled program. One process: as they
+        are (the compiled call copies them to the devices faster than ``device_put``). Multi-host:
+        ``device_put`` would first check with a collective that every process passed equal values,
+        so each process fills its own devices from its copy instead."""
+        if self._replicated.is_fully_addressable:
+            return tree
+        return jax.tree.map(lambda a: jax.make_array_from_callback(
+            a.shape, self._replicated, lambda index: a[index]), tree)
 
-    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> StepBatch | None:
+    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> tuple | None:
         if rows == 0:
             return None
         tokens = np.zeros((rows, 1), np.int32)
@@ -192,9 +276,9 @@ class ModelRunner:
             positions[i, 0] = c.start
             seq_lens[i] = c.start + 1
             tables[i, : len(c.request.pages)] = c.request.pages
-        return StepBatch(*map(self._put, (tokens, positions, seq_lens, tables)))
+        return tokens, positions, seq_lens, tables
 
-    def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> PackedChunks | None:
+    def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> tuple | None:
         if total == 0:
             return None
         rows, chunk_len = self.prefill_rows, self.config.prefill_chunk
@@ -220,8 +304,8 @@ class ModelRunner:
             tables[r, : len(c.request.pages)] = c.request.pages
             last_token[r] = offset + n - 1
             offset += n
-        return PackedChunks(*map(self._put, (tokens, positions, token_rows, token_cols, row_tokens,
-                                             row_positions, seq_lens, tables, last_token)))
+        return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
+                last_token)
 
     def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
         request = chunk.request
@@ -235,15 +319,13 @@ class ModelRunner:
                            output_ids=request.output_ids if penalties else (),
                            suppress_ids=suppress)
 
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Run one scheduled step; return the token sampled for each chunk that completes."""
+    def plan(self, out: SchedulerOutput) -> tuple[StepPlan, list[tuple[int, ScheduledChunk]]]:
+        """The host half of a step: its arrays, and which sampled row belongs to which chunk."""
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
         prefill_tokens = bucket_for(sum(c.num_tokens for c in out.prefill), self.token_buckets)
         prefill_rows = self.prefill_rows if prefill_tokens else 0
-        program = self._program(decode_rows, prefill_tokens)
         decode = self._pack_decode(out.decode, decode_rows)
         prefill = self._pack_prefill(out.prefill, prefill_tokens)
-        logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
 
         rows = [_PAD_ROW] * (decode_rows + prefill_rows)
         placed: list[tuple[int, ScheduledChunk]] = []
@@ -252,11 +334,31 @@ class ModelRunner:
             if c.completes:
                 rows[i] = self._sampling_row(c)
                 placed.append((i, c))
-        if not placed:
+        batch, num_top = None, 0
+        if placed:
+            num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
+            batch = build_sampling_batch(rows, len(rows))
+        return StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top), placed
+
+    def run(self, plan: StepPlan):
+        """The device half: the step program, then the sampler (None when nothing is sampled)."""
+        program = self._program(plan.decode_rows, plan.prefill_tokens)
+        decode = StepBatch(*self._put(plan.decode)) if plan.decode is not None else None
+        prefill = PackedChunks(*self._put(plan.prefill)) if plan.prefill is not None else None
+        logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
+        if plan.sampling is None:
+            return None
+        return self._sampler(plan.sampling, plan.num_top)(logits, self._put(plan.sampling))
+
+    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
+        """Run one scheduled step; return the token sampled for each chunk that completes."""
+        plan, placed = self.plan(out)
+        if self.mirror is not None:
+            self.mirror.send("step", *plan.to_message())
+        sampled = self.run(plan)
+        if sampled is None:
             return []
-        num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
-        batch = build_sampling_batch(rows, len(rows))
-        sampled = self._sampler(batch, num_top)(logits, batch)
+        num_top = plan.num_top
         token_ids, logprobs = np.asarray(sampled.token_ids), np.asarray(sampled.logprobs)
         top_ids = np.asarray(sampled.top_ids) if num_top else None
         top_lps = np.asarray(sampled.top_logprobs) if num_top else None
