@@ -46,34 +46,21 @@ def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> d
         engine.step()
     engine_s = (time.perf_counter() - start) / steps
 
-    # The device side of one more decode step, repeated on identical inputs.
+    # The device side of one more decode step: its plan, run again and again.
     runner = engine.runner
     out = engine.scheduler.schedule()
     assert not out.prefill and len(out.decode) == batch, "not a pure decode step"
-    rows = len(out.decode)
-    from qwenjax.engine.runner import bucket_for
-
-    bucket = bucket_for(rows, runner.decode_buckets)
-    program = runner._program(bucket, 0)
-    decode = runner._pack_decode(out.decode, bucket)
-    from qwenjax.sampling import build_sampling_batch
-
-    sampling = build_sampling_batch([runner._sampling_row(c) for c in out.decode], bucket)
-    sampler = runner._sampler(sampling, 0)
-    cache = runner.cache
-    logits, cache = program(engine.lm.weights, cache, decode, None)
-    jax.block_until_ready(sampler(logits, sampling))
+    plan, _ = runner.plan(out)
+    jax.block_until_ready(runner.run(plan))
     start = time.perf_counter()
     for _ in range(steps):
-        logits, cache = program(engine.lm.weights, cache, decode, None)
-        sampled = sampler(logits, sampling)
+        sampled = runner.run(plan)
     jax.block_until_ready(sampled)
     device_s = (time.perf_counter() - start) / steps
-    runner.cache = cache  # the pools were donated; the engine must keep valid ones
     for request in list(engine.scheduler.running):
         engine.abort(request.request_id)
     engine.step()
-    return dict(batch=batch, bucket=bucket, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
+    return dict(batch=batch, bucket=plan.decode_rows, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
                 host_overhead=(engine_s - device_s) / engine_s)
 
 
