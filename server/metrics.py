@@ -15,8 +15,10 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 90
 
 
 class ServerMetrics:
-    def __init__(self, engine: Callable[[], object | None]):
-        """``engine``: returns the served Engine, or None while the model is loading."""
+    def __init__(self, engine: Callable[[], object | None],
+                 in_flight: Callable[[], int] | None = None):
+        """``engine``: returns the served Engine, or None while the model is loading.
+        ``in_flight``: Generate calls this server is running."""
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "qwenjax:requests_total", "Generate requests the engine ran, by how they ended "
@@ -46,6 +48,9 @@ class ServerMetrics:
               lambda e: len(e.scheduler.waiting))
         gauge("qwenjax:kv_pages_used", "KV cache pages in use", lambda e: e.allocator.num_used)
         gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
+        if in_flight is not None:
+            Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
+                  "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))
         self._http = None
 
     def serve(self, host: str, port: int) -> int:
