@@ -68,7 +68,7 @@ ALLOWED = {
     "invalid": {"INVALID_ARGUMENT"},
 }
 WEIGHTS = {"stream": 0.42, "cancel": 0.18, "deadline": 0.18, "raise": 0.04, "nan": 0.06,
-           "invalid": 0.06, "max_context": 0.02 if REQUESTS >= 500 else 0.0}
+           "invalid": 0.06, "max_context": 0.01 if REQUESTS >= 500 else 0.0}
 
 DISCONNECTING_CLIENT = """
 import sys, threading, grpc
