@@ -50,16 +50,18 @@ ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, prefill_chunk=16, max_p
 MAX_QUEUE = 16
 CONCURRENCY = 12
 BURST = 24
-# Python's allocator keeps freed arenas and JAX caches a little per new shape of host array;
-# a leak per request (a page table, a subscriber queue, a detokenizer) would pass this in a
-# few hundred requests of the long run.
-MAX_RSS_GROWTH_MIB = 64
+# Each injected step failure rebuilds the KV pools (~100 MiB here: 256 pages × 24 layers of
+# float32 K and V), and the allocator does not always hand the old ones back to the OS at
+# once; the bound allows about one and a half pools. A leak per request (a page table, a
+# subscriber queue, a detokenizer) shows as a steady climb in ``rss_trace_mib`` instead.
+MAX_RSS_GROWTH_MIB = 160
 VOCAB_RANGE = (1000, 30_000)  # ordinary tokens; the fault marks lie outside
 
 # The statuses each kind of request may end with. Any request may be refused by admission
 # (RESOURCE_EXHAUSTED) or share a step with an injected raise (INTERNAL "injected").
 ALLOWED = {
     "stream": {"OK"},
+    "burst": {"OK"},  # short streams all sent at once, past --max-queue
     "max_context": {"OK"},
     "cancel": {"CANCELLED", "OK"},
     "deadline": {"DEADLINE_EXCEEDED", "OK"},
@@ -128,7 +130,7 @@ class Traffic:
         rng = self.rng
         n = int(rng.integers(4, 40))
         sampling = lambda m, **kw: pb.SamplingParams(max_tokens=m, temperature=0.0, **kw)  # noqa: E731
-        if kind == "stream":
+        if kind in ("stream", "burst"):
             greedy = rng.random() < 0.5
             params = pb.SamplingParams(max_tokens=int(rng.integers(1, 9)), ignore_eos=bool(rng.random() < 0.5),
                                        temperature=0.0 if greedy else 0.8, seed=int(rng.integers(1 << 30)))
@@ -274,16 +276,17 @@ def test_soak(server, tmp_path):
             tasks, done_items = set(), 0
 
             async def single(kind):
-                async with slots:
+                try:
                     await traffic.one(kind)
+                finally:
+                    slots.release()
 
             for index, (kind, arg) in enumerate(items):
                 if kind == "one":
-                    await slots.acquire()  # keep at most CONCURRENCY singles in flight
-                    slots.release()
+                    await slots.acquire()  # at most CONCURRENCY singles in flight
                     tasks.add(asyncio.ensure_future(single(arg)))
                 elif kind == "burst":
-                    tasks.update(asyncio.ensure_future(traffic.one("stream")) for _ in range(arg))
+                    tasks.update(asyncio.ensure_future(traffic.one("burst")) for _ in range(arg))
                     figures["bursts"] += 1
                 else:
                     await asyncio.to_thread(disconnect, arg)
