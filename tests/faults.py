@@ -79,3 +79,9 @@ def install_marked_faults(runner) -> None:
     get NaN logits after NAN_AFTER_TOKENS tokens."""
     raise_in_steps(runner, marked(RAISE_MARK))
     nan_logits(runner, marked(NAN_MARK, NAN_AFTER_TOKENS))
+
+
+def remove(runner) -> None:
+    """Undo ``raise_in_steps`` / ``nan_logits``: the class's own methods again."""
+    for name in ("execute", "_program"):
+        runner.__dict__.pop(name, None)

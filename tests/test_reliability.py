@@ -44,7 +44,8 @@ CONFIG = tiny_config(vocab_size=203, tie_word_embeddings=True, intermediate_size
                      max_position_embeddings=128,
                      rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32))
 MAX_LEN = 128
-ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32, max_prefill_seqs=2,
+# Few shapes (decode rows 0/1/2/4 × packed prefill 0/16/32): the tests compile each once.
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk=32, max_prefill_seqs=1,
               page_size=8, max_model_len=MAX_LEN, num_pages=72)
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -62,6 +63,15 @@ def lm(checkpoint):
 
 def new_engine(lm) -> Engine:
     return Engine(lm, EngineConfig(**ENGINE), warm_up=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(lm):
+    """One engine for the engine-level tests (its programs compile once); each test leaves it
+    idle, without fault hooks."""
+    engine = new_engine(lm)
+    yield engine
+    faults.remove(engine.runner)
 
 
 def run(engine, prompts, params) -> list:
@@ -86,10 +96,9 @@ def prompts(seed: int, lengths) -> list[list[int]]:
 # --------------------------------------------------------------------------- long context
 
 
-def test_yarn_at_4x_the_original_window_matches_transformers_up_to_the_max_context(lm, checkpoint):
+def test_yarn_at_4x_the_original_window_matches_transformers_up_to_the_max_context(engine, checkpoint):
     """Tokens at positions 96…127 (4× the 32-token YaRN window) through paged prefill chunks
     and decode, and a prompt of exactly max_model_len, against transformers' logits."""
-    engine = new_engine(lm)
     long_prompt, full_prompt = prompts(11, [97, MAX_LEN])
     # 97 + 32 - 1 = 128 KV slots: the request ends exactly at the max context.
     generated, at_limit = run(engine, [long_prompt, full_prompt], [
@@ -119,14 +128,16 @@ def test_yarn_at_4x_the_original_window_matches_transformers_up_to_the_max_conte
 # --------------------------------------------------------------------------- faults (engine)
 
 
-def test_nan_logits_fail_only_their_request_and_return_its_pages(lm):
-    engine = new_engine(lm)
+def test_nan_logits_fail_only_their_request_and_return_its_pages(engine):
     batch = prompts(5, [9, 30, 17])
     params = SamplingParams(max_tokens=12, **GREEDY)
     clean = run(engine, batch, params)
 
     hit = faults.nan_logits(engine.runner, lambda r: r.prompt_ids == batch[1] and len(r.output_ids) >= 3)
-    faulty = run(engine, batch, params)
+    try:
+        faulty = run(engine, batch, params)
+    finally:
+        faults.remove(engine.runner)
     assert len(set(hit)) == 1 and faulty[1].request_id == hit[0]
     assert faulty[1].finish_reason == "error" and "non-finite logits" in faulty[1].error
     assert faulty[1].token_ids == clean[1].token_ids[:3]  # what it streamed before the fault stands
@@ -153,18 +164,18 @@ def fill_with_garbage(engine, seed: int) -> None:
     engine.runner.cache = jax.tree.map(garbage, engine.runner.cache)
 
 
-def test_garbage_filled_and_heavily_reused_pools_give_the_outputs_of_a_fresh_pool(lm):
+def test_garbage_filled_and_heavily_reused_pools_give_the_outputs_of_a_fresh_pool(engine):
     batch = prompts(7, [1, 7, 8, 9, 33, 70])  # page edges (8) and several prefill chunks (32)
-    params = [SamplingParams(max_tokens=10, logprobs=2, **GREEDY),
-              SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=21, ignore_eos=True)] * 3
-    fresh = run(new_engine(lm), batch, params)
+    params = [SamplingParams(max_tokens=6, logprobs=2, **GREEDY),
+              SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=21, ignore_eos=True)] * 3
+    engine.runner.reset_cache()  # zeros, as at start-up
+    fresh = run(engine, batch, params)
 
-    engine = new_engine(lm)
     fill_with_garbage(engine, seed=1)
     dirty = run(engine, batch, params)
-    # Heavy reuse: many requests of other lengths, some aborted mid-way, cycle every page.
+    # Heavy reuse: requests of other lengths, some aborted mid-way, some preempted, reuse the pages.
     rng = np.random.default_rng(2)
-    for round_ in range(3):
+    for round_ in range(2):
         ids = [engine.add_request(p, SamplingParams(max_tokens=int(rng.integers(1, 40)), **GREEDY))
                for p in prompts(100 + round_, rng.integers(1, 80, 8))]
         for step in range(30):
@@ -174,7 +185,7 @@ def test_garbage_filled_and_heavily_reused_pools_give_the_outputs_of_a_fresh_poo
                     engine.abort(rid)
         while engine.has_unfinished():
             engine.step()
-    assert engine.allocator.num_used == 0
+    assert engine.allocator.num_used == 0 and engine.allocator.num_free == ENGINE["num_pages"]
     reused = run(engine, batch, params)
 
     for got in (dirty, reused):
@@ -290,7 +301,8 @@ def test_faults_answer_internal_only_for_their_requests_and_the_server_keeps_ser
 # --------------------------------------------------------------------------- restart
 
 
-RESTART_ENGINE = ["--max-num-seqs=2", "--max-num-batched-tokens=16", "--prefill-chunk=16",
+# Three step shapes (decode 0/1 × prefill 0/16): a cold start compiles few programs.
+RESTART_ENGINE = ["--max-num-seqs=1", "--max-num-batched-tokens=16", "--prefill-chunk=16",
                   "--max-prefill-seqs=1", "--num-pages=64"]
 
 

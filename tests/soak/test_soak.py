@@ -69,7 +69,8 @@ ALLOWED = {
     "nan": set(),
     "invalid": {"INVALID_ARGUMENT"},
 }
-WEIGHTS = {"stream": 0.42, "cancel": 0.18, "deadline": 0.18, "raise": 0.04, "nan": 0.06,
+# A raising step fails every request in it (up to max_num_seqs), so raises stay rare.
+WEIGHTS = {"stream": 0.48, "cancel": 0.18, "deadline": 0.18, "raise": 0.01, "nan": 0.04,
            "invalid": 0.06, "max_context": 0.01 if REQUESTS >= 500 else 0.0}
 
 DISCONNECTING_CLIENT = """
@@ -305,13 +306,8 @@ def test_soak(server, tmp_path):
     outcomes = traffic.outcomes
 
     problems = [p for p in map(check_outcome, outcomes) if p]
-    assert not problems, problems[:10]
     codes = collections.Counter(o.code for o in outcomes)
     by_kind = collections.Counter((o.kind, o.code) for o in outcomes)
-    # The fault hooks fired and did what they should; the rest of the traffic kept flowing.
-    assert by_kind["nan", "INTERNAL"] >= 1 and by_kind["raise", "INTERNAL"] >= 1, by_kind
-    assert by_kind["stream", "OK"] >= 0.5 * sum(v for (k, _), v in by_kind.items() if k == "stream")
-    assert codes["RESOURCE_EXHAUSTED"] >= 1, "no overload burst overflowed --max-queue"
 
     # Server side: nothing left, and every request sent is accounted for.
     def idle(metrics):
@@ -322,18 +318,11 @@ def test_soak(server, tmp_path):
     metrics = scrape(metrics_port)
     ran = {k.split('"')[1]: v for k, v in metrics.items() if k.startswith("qwenjax:requests_total{")}
     refused = {k.split('"')[1]: v for k, v in metrics.items() if k.startswith("qwenjax:requests_rejected_total{")}
-    assert sum(ran.values()) + sum(refused.values()) == sent, (ran, refused, sent)
-    # The killed clients' streams are the only ones this process did not see end.
-    assert (codes["RESOURCE_EXHAUSTED"] <= refused.get("RESOURCE_EXHAUSTED", 0)
-            <= codes["RESOURCE_EXHAUSTED"] + figures["disconnects"])
-    assert refused.get("INVALID_ARGUMENT", 0) == codes["INVALID_ARGUMENT"]
-    assert ran.get("error", 0) >= codes["INTERNAL"]
     final_rss = rss_mib(proc.pid)
     growth = final_rss - baseline_rss
-
     # A graceful stop after all that: drain, exit 0.
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    exit_code = proc.wait(60)
 
     report = dict(
         requests=sent, duration_s=round(duration, 1), ok=codes["OK"],
@@ -342,11 +331,27 @@ def test_soak(server, tmp_path):
         invalid=codes["INVALID_ARGUMENT"], faults_raise=by_kind["raise", "INTERNAL"],
         faults_nan=by_kind["nan", "INTERNAL"], internal_total=codes["INTERNAL"],
         max_context_ok=by_kind["max_context", "OK"],
+        outcomes={f"{k}:{c}": v for (k, c), v in sorted(by_kind.items())},
         server_finish_reasons=ran, server_refusals=refused,
         leaked_pages=metrics["qwenjax:kv_pages_used"], stuck_requests=metrics["qwenjax:requests_in_flight"],
         rss_baseline_mib=round(baseline_rss, 1), rss_final_mib=round(final_rss, 1),
-        rss_growth_mib=round(growth, 1), rss_trace_mib=rss_trace)
+        rss_growth_mib=round(growth, 1), rss_trace_mib=rss_trace, exit_code=exit_code,
+        problems=problems[:10])
     print("\nsoak:", json.dumps(report))
     if os.environ.get("QWENJAX_SOAK_REPORT"):
         pathlib.Path(os.environ["QWENJAX_SOAK_REPORT"]).write_text(json.dumps(report, indent=2) + "\n")
+
+    assert not problems, problems[:10]
+    # The fault hooks fired and did what they should; the rest of the traffic kept flowing.
+    assert by_kind["nan", "INTERNAL"] >= 1 and by_kind["raise", "INTERNAL"] >= 1, by_kind
+    streams = sum(v for (k, _), v in by_kind.items() if k == "stream")
+    assert by_kind["stream", "OK"] >= 0.5 * streams, by_kind
+    assert codes["RESOURCE_EXHAUSTED"] >= 1, "no overload burst overflowed --max-queue"
+    assert sum(ran.values()) + sum(refused.values()) == sent, (ran, refused, sent)
+    # The killed clients' streams are the only ones this process did not see end.
+    assert (codes["RESOURCE_EXHAUSTED"] <= refused.get("RESOURCE_EXHAUSTED", 0)
+            <= codes["RESOURCE_EXHAUSTED"] + figures["disconnects"]), (codes, refused)
+    assert refused.get("INVALID_ARGUMENT", 0) == codes["INVALID_ARGUMENT"]
+    assert ran.get("error", 0) >= codes["INTERNAL"]
+    assert exit_code == 0
     assert growth < MAX_RSS_GROWTH_MIB, report
