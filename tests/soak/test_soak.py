@@ -52,9 +52,10 @@ CONCURRENCY = 12
 BURST = 24
 # Each injected step failure rebuilds the KV pools (~100 MiB here: 256 pages × 24 layers of
 # float32 K and V), and the allocator does not always hand the old ones back to the OS at
-# once; the bound allows about one and a half pools. A leak per request (a page table, a
-# subscriber queue, a detokenizer) shows as a steady climb in ``rss_trace_mib`` instead.
-MAX_RSS_GROWTH_MIB = 160
+# once; RSS levels off about two pools above the early baseline. The bound allows two and a
+# half. A leak per request (a page table, a subscriber queue, a detokenizer) shows as a
+# steady climb in ``rss_trace_mib`` instead, and over 2,000 requests would pass it.
+MAX_RSS_GROWTH_MIB = 256
 VOCAB_RANGE = (1000, 30_000)  # ordinary tokens; the fault marks lie outside
 
 # The statuses each kind of request may end with. Any request may be refused by admission
@@ -154,7 +155,7 @@ class Traffic:
             return pb.GenerateRequest(token_ids=self.prompt(self.max_len), sampling=sampling(1)), 300.0, -1
         raise AssertionError(kind)
 
-    async def one(self, kind: str) -> None:
+    async def one(self, kind: str) -> Outcome:
         request, timeout, cancel_after = self.request(kind)
         outcome = Outcome(kind)
         self.outcomes.append(outcome)
@@ -177,6 +178,7 @@ class Traffic:
             pass
         code = await call.code()
         outcome.code, outcome.details = code.name, (await call.details()) or ""
+        return outcome
 
 
 def check_outcome(o: Outcome) -> str | None:
@@ -278,7 +280,10 @@ def test_soak(server, tmp_path):
 
             async def single(kind):
                 try:
-                    await traffic.one(kind)
+                    if (await traffic.one(kind)).code == "RESOURCE_EXHAUSTED":
+                        # Back off as docs/operations.md tells clients to: a refusal is instant,
+                        # and an open loop would spend the rest of the plan on refusals.
+                        await asyncio.sleep(float(rng.uniform(0.2, 1.0)))
                 finally:
                     slots.release()
 
@@ -320,6 +325,8 @@ def test_soak(server, tmp_path):
     refused = {k.split('"')[1]: v for k, v in metrics.items() if k.startswith("qwenjax:requests_rejected_total{")}
     final_rss = rss_mib(proc.pid)
     growth = final_rss - baseline_rss
+    unseen = sent - sum(ran.values()) - sum(refused.values())
+    early_ends = sum(o.code in ("CANCELLED", "DEADLINE_EXCEEDED") and o.tokens == 0 for o in outcomes)
     # A graceful stop after all that: drain, exit 0.
     proc.send_signal(signal.SIGTERM)
     exit_code = proc.wait(60)
@@ -332,7 +339,7 @@ def test_soak(server, tmp_path):
         faults_nan=by_kind["nan", "INTERNAL"], internal_total=codes["INTERNAL"],
         max_context_ok=by_kind["max_context", "OK"],
         outcomes={f"{k}:{c}": v for (k, c), v in sorted(by_kind.items())},
-        server_finish_reasons=ran, server_refusals=refused,
+        server_finish_reasons=ran, server_refusals=refused, never_reached_server=unseen,
         leaked_pages=metrics["qwenjax:kv_pages_used"], stuck_requests=metrics["qwenjax:requests_in_flight"],
         rss_baseline_mib=round(baseline_rss, 1), rss_final_mib=round(final_rss, 1),
         rss_growth_mib=round(growth, 1), rss_trace_mib=rss_trace, exit_code=exit_code,
@@ -347,7 +354,10 @@ def test_soak(server, tmp_path):
     streams = sum(v for (k, _), v in by_kind.items() if k == "stream")
     assert by_kind["stream", "OK"] >= 0.5 * streams, by_kind
     assert codes["RESOURCE_EXHAUSTED"] >= 1, "no overload burst overflowed --max-queue"
-    assert sum(ran.values()) + sum(refused.values()) == sent, (ran, refused, sent)
+    # Every request that reached a handler was counted once: run to an end, or refused. The
+    # rest are calls cancelled or timed out before the server dispatched them (they never
+    # held anything), and killed clients' streams that had not been sent yet.
+    assert 0 <= unseen <= early_ends + figures["disconnects"], (ran, refused, sent, early_ends)
     # The killed clients' streams are the only ones this process did not see end.
     assert (codes["RESOURCE_EXHAUSTED"] <= refused.get("RESOURCE_EXHAUSTED", 0)
             <= codes["RESOURCE_EXHAUSTED"] + figures["disconnects"]), (codes, refused)
