@@ -42,7 +42,7 @@ from server_harness import Lines, scrape, wait_until
 pytestmark = [pytest.mark.real_model, pytest.mark.soak]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_REQUESTS = 120
+DEFAULT_REQUESTS = 80
 REQUESTS = int(os.environ.get("QWENJAX_SOAK") or DEFAULT_REQUESTS)
 # The shapes of tests/test_server.py, so both reuse one set of programs in the compile cache.
 ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, prefill_chunk=16, max_prefill_seqs=1,
