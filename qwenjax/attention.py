@@ -54,9 +54,12 @@ def paged_attention_blockwise(q, k_pages, v_pages, positions, seq_lens, block_ta
         running_max, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pages_per_block, pages_per_block, axis=1)
         k = gather_pages(k_pages, pages).astype(jnp.float32)  # [g, b, block_tokens, d]
-        v = gather_pages(v_pages, pages).astype(jnp.float32)
-        scores = jnp.einsum("bsgjd,gbtd->bgjst", qf, k)
         t = i * block_tokens + jnp.arange(block_tokens)
+        # Slots past a sequence's length hold whatever an earlier owner (or nobody) left there.
+        # Masked scores drop their K, but 0 * NaN is NaN in probs @ V: zero those V rows.
+        in_seq = (t[None, :] < seq_lens[:, None])[None, :, :, None]  # [1, b, block_tokens, 1]
+        v = jnp.where(in_seq, gather_pages(v_pages, pages).astype(jnp.float32), 0.0)
+        scores = jnp.einsum("bsgjd,gbtd->bgjst", qf, k)
         visible = ((t[None, None, :] <= positions[:, :, None])
                    & (t[None, None, :] < seq_lens[:, None, None]))[:, None, None]
         scores = jnp.where(visible, scores, -jnp.inf)
@@ -88,6 +91,8 @@ def paged_attention_reference(q, k_pages, v_pages, positions, seq_lens, block_ta
     head_dim = q.shape[-1]
     k = gather_pages(k_pages, block_tables)
     v = gather_pages(v_pages, block_tables)
+    in_seq = (jnp.arange(v.shape[2])[None, :] < seq_lens[:, None])[None, :, :, None]
+    v = jnp.where(in_seq, v, jnp.zeros((), v.dtype))  # stale slots may hold NaN: 0 * NaN = NaN
     scores = jnp.einsum("bsgjd,gbtd->bgjst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (head_dim ** -0.5)
     t = jnp.arange(k.shape[2])

@@ -195,6 +195,7 @@ class SampleOutput:
     logprobs: jax.Array  # [R] float32, chosen token under log_softmax(raw logits)
     top_ids: jax.Array  # [R, N] int32, most likely first under the raw distribution
     top_logprobs: jax.Array  # [R, N] float32, raw distribution
+    finite: jax.Array  # [R] bool, every raw logit of the row is finite (else its token is garbage)
 
 
 @dataclasses.dataclass
@@ -404,4 +405,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleO
         else:
             top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
             top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return SampleOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs)
+    # A NaN/inf logit (a numerical fault in the step) would still argmax to some token; the
+    # engine fails the row instead. One reduction over [R, V] the sampler reads anyway.
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    return SampleOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs, finite)

@@ -63,7 +63,7 @@ class ServerConfig:
 class InferenceServer:
     def __init__(self, config: ServerConfig = ServerConfig()):
         self.config = config
-        self.metrics = ServerMetrics(lambda: self.servicer.engine)
+        self.metrics = ServerMetrics(lambda: self.servicer.engine, lambda: self.servicer.in_flight)
         self.servicer = InferenceServicer(Admission(config.max_queue, config.max_queued_tokens),
                                           self.metrics, config.max_request_bytes)
         self.health = health.aio.HealthServicer()

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import os
+import pathlib
 import signal
 import sys
 import threading
@@ -139,7 +140,9 @@ def load_serving_model(args):
 
 
 def build_engine(args):
-    from qwenjax.engine.engine import Engine, EngineConfig
+    import jax
+
+    from qwenjax.engine.engine import Engine, EngineConfig, enable_compile_cache
 
     lm, mesh_config = load_serving_model(args)
     options = {}
@@ -152,7 +155,21 @@ def build_engine(args):
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
                           max_model_len=max_model_len, num_pages=args.num_pages,
                           enable_prefix_caching=args.enable_prefix_caching, **options)
-    return Engine(lm, config, warm_up=True, progress=sys.stderr.isatty())
+    enable_compile_cache()
+    cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
+    before = _cache_entries(cache)
+    engine = Engine(lm, config, warm_up=True, progress=sys.stderr.isatty())
+    written = _cache_entries(cache) - before
+    # A restart with the same shapes and the persistent cache should write nothing: a warm start
+    # (seconds); a cold one compiles every shape (minutes on a large model).
+    log.info("%s start: compiled %d step shapes in %.1fs; %d new entries in the compile cache %s",
+             "cold" if written else "warm", len(engine.runner.shapes()), engine.warm_up_seconds,
+             written, cache)
+    return engine
+
+
+def _cache_entries(directory: pathlib.Path) -> int:
+    return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
 
 
 def serve_follower(args) -> int:

@@ -42,8 +42,10 @@ class _PrefixCacheCounters:
 
 
 class ServerMetrics:
-    def __init__(self, engine: Callable[[], object | None]):
-        """``engine``: returns the served Engine, or None while the model is loading."""
+    def __init__(self, engine: Callable[[], object | None],
+                 in_flight: Callable[[], int] | None = None):
+        """``engine``: returns the served Engine, or None while the model is loading.
+        ``in_flight``: Generate calls this server is running."""
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "qwenjax:requests_total", "Generate requests the engine ran, by how they ended "
@@ -76,6 +78,9 @@ class ServerMetrics:
         gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
               "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
         registry.register(_PrefixCacheCounters(engine))
+        if in_flight is not None:
+            Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
+                  "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))
         self._http = None
 
     def serve(self, host: str, port: int) -> int:

@@ -138,12 +138,15 @@ class Engine:
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids has {t}; token ids must be < {vocab}")
+        # As in vLLM, the last sampled token is returned but never fed back, so it needs no KV
+        # slot: a prompt of exactly max_model_len tokens may still sample one token.
         n, limit = len(prompt_ids), self.max_model_len
-        if n >= limit:
+        if n > limit:
             raise ValueError(f"prompt has {n} tokens; max context is {limit}")
-        if n + params.max_tokens > limit:
+        if n + params.max_tokens - 1 > limit:
             raise ValueError(f"prompt has {n} tokens and max_tokens is {params.max_tokens}: "
-                             f"{n + params.max_tokens} exceeds the max context of {limit}")
+                             f"{n + params.max_tokens} exceeds the max context of {limit} + 1 "
+                             f"(the last sampled token needs no KV slot)")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -200,8 +203,19 @@ class Engine:
         self.scheduler.update_from_output(out)
         now = time.monotonic()
         for token in sampled:
-            outputs.append(self._advance(token, now))
+            outputs.append(self._advance(token, now) if token.finite else self._fail_row(token))
         return outputs
+
+    def _fail_row(self, token: SampledToken) -> RequestOutput:
+        """Non-finite logits: fail this request alone (its pages go back); its NaN K/V stay in
+        freed pages, which attention never reads past a sequence's length."""
+        request = token.chunk.request
+        log.error("request %s: non-finite logits at position %d; failing it", request.request_id,
+                  request.num_tokens)
+        self.scheduler.finish(request, "error")
+        result = self._finish_output(request, "error", None, "", [])
+        result.error = f"non-finite logits (NaN/inf) at position {request.num_tokens}"
+        return result
 
     def _advance(self, token: SampledToken, now: float) -> RequestOutput:
         request = token.chunk.request
@@ -224,7 +238,7 @@ class Engine:
             if track.detokenizer.stopped:
                 reason, matched = "stop", track.detokenizer.matched_stop
         if reason is None and (len(request.output_ids) >= params.max_tokens
-                               or request.num_tokens >= self.max_model_len):
+                               or request.num_tokens > self.max_model_len):
             reason = "length"
         if reason is None:
             track.text += delta

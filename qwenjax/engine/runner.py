@@ -129,6 +129,7 @@ class SampledToken:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    finite: bool = True  # False: the row's logits held NaN/inf; the engine fails the request
 
 
 class ModelRunner:
@@ -362,10 +363,12 @@ class ModelRunner:
         token_ids, logprobs = np.asarray(sampled.token_ids), np.asarray(sampled.logprobs)
         top_ids = np.asarray(sampled.top_ids) if num_top else None
         top_lps = np.asarray(sampled.top_logprobs) if num_top else None
+        finite = np.asarray(sampled.finite)
         results = []
         for i, c in placed:
             k = c.request.params.logprobs or 0
             top = ([(int(t), float(lp)) for t, lp in zip(top_ids[i, :k], top_lps[i, :k])]
                    if k and top_ids is not None else [])
-            results.append(SampledToken(c, int(token_ids[i]), float(logprobs[i]), top))
+            results.append(SampledToken(c, int(token_ids[i]), float(logprobs[i]), top,
+                                        bool(finite[i])))
         return results
