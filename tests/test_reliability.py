@@ -162,6 +162,8 @@ def fill_with_garbage(engine, seed: int) -> None:
         return jax.device_put(values, pool.sharding)
 
     engine.runner.cache = jax.tree.map(garbage, engine.runner.cache)
+    # The pages no longer hold what the prefix cache indexed: stale owners, not cached prefixes.
+    engine.scheduler.reset_prefix_cache()
 
 
 def test_garbage_filled_and_heavily_reused_pools_give_the_outputs_of_a_fresh_pool(engine):
@@ -169,6 +171,7 @@ def test_garbage_filled_and_heavily_reused_pools_give_the_outputs_of_a_fresh_poo
     params = [SamplingParams(max_tokens=6, logprobs=2, **GREEDY),
               SamplingParams(max_tokens=6, temperature=0.9, top_p=0.9, seed=21, ignore_eos=True)] * 3
     engine.runner.reset_cache()  # zeros, as at start-up
+    engine.scheduler.reset_prefix_cache()
     fresh = run(engine, batch, params)
 
     fill_with_garbage(engine, seed=1)
