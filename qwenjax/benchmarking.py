@@ -54,3 +54,24 @@ def measure_matmul_flops(n: int, dtype, reps: int, inner: int = 10) -> float:
 
     seconds = median_seconds(chain, a, b, reps=reps)
     return 2 * n**3 * inner / seconds
+
+
+def shard_model(config, shard_of_tp: int, dtype):
+    """DESIGN.md's "one GPU stands in for a TP group": random weights for one device's share of
+    ``config`` at ``shard_of_tp``, on one device. Returns (shard config, Model, weights)."""
+    from qwenjax.model import Layout, Model, random_weights
+    from qwenjax.parallel import make_mesh, one_device_shard
+
+    shard = one_device_shard(config, shard_of_tp)
+    mesh = make_mesh(tp=1)
+    layout = Layout.create(shard, 1)
+    return shard, Model(layout, mesh), random_weights(layout, mesh, dtype)
+
+
+def write_results(path: str | None, header: dict, rows: list[dict]) -> None:
+    """The benchmark's header and rows as one JSON object (nothing when ``path`` is None)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(dict(header, rows=rows), f, indent=2)

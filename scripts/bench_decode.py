@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 
@@ -26,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.benchmarking import measure_read_bandwidth
+from qwenjax.benchmarking import measure_read_bandwidth, shard_model, write_results
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
-from qwenjax.model import Layout, Model, StepBatch, random_weights
-from qwenjax.parallel import make_mesh, one_device_shard
+from qwenjax.model import Model, StepBatch
 from qwenjax.planner import allreduce_us, allreduces_per_step
 
 
@@ -99,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
         args.batch, args.ctx, args.steps, args.reps, args.bandwidth_gib = "1,2", 40, 2, 1, 0.01
-    shard = one_device_shard(config, args.shard_of_tp)
     dtype = jnp.dtype(args.dtype)
-    mesh = make_mesh(tp=1)
-    layout = Layout.create(shard, 1)
-    weights = random_weights(layout, mesh, dtype)
-    model = Model(layout, mesh)
+    shard, model, weights = shard_model(config, args.shard_of_tp, dtype)
     bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
 
     device = jax.devices()[0]
@@ -138,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['kv_bytes'] / 1e9:.2f} | {r['tbps']:.2f} | {r['mbu']:.0%} | "
               f"{r['collectives_ms_modeled']:.2f} | {r['tok_s_per_seq_modeled']:.1f} | "
               f"{r['tok_s_total_modeled']:.0f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=2)
+    write_results(args.json, header, rows)
     return 0
 
 

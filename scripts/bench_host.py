@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.model, args.batch, args.prompt_len, args.steps = "qwen2.5-0.5b", "4", 16, 4
 
+    from qwenjax.benchmarking import write_results
     from qwenjax.engine.engine import Engine, EngineConfig
     from qwenjax.loading import load_model
 
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} |",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=2)
+    write_results(args.json, header, rows)
     return 0
 
 

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.benchmarking import measure_matmul_flops, median_seconds
+from qwenjax.benchmarking import measure_matmul_flops, median_seconds, shard_model, write_results
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
-from qwenjax.model import Layout, Model, PackedChunks, random_weights
-from qwenjax.parallel import make_mesh, one_device_shard
+from qwenjax.model import Model, PackedChunks
 from qwenjax.planner import allreduce_us, allreduces_per_step
 
 
@@ -105,12 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
         args.prompt, args.chunk, args.reps, gemm_n = "32,64", 32, 1, 256
-    shard = one_device_shard(config, args.shard_of_tp)
     dtype = jnp.dtype(args.dtype)
-    mesh = make_mesh(tp=1)
-    layout = Layout.create(shard, 1)
-    weights = random_weights(layout, mesh, dtype)
-    model = Model(layout, mesh)
+    shard, model, weights = shard_model(config, args.shard_of_tp, dtype)
     gemm = measure_matmul_flops(gemm_n, dtype, reps=max(args.reps, 3))
 
     device = jax.devices()[0]
@@ -139,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {tokens} | {r['seconds'] * 1e3:.1f} | {r['flops'] / 1e12:.2f} | {r['tflops']:.0f} | "
               f"{r['mfu_measured']:.0%} | {r['mfu_peak']:.0%} | {r['collectives_ms_modeled']:.1f} | "
               f"{r['ttft_ms_modeled']:.1f} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=2)
+    write_results(args.json, header, rows)
     return 0
 
 
