@@ -222,6 +222,9 @@ def table_width(n: int) -> int:
     return max(MIN_TABLE_WIDTH, 1 << (n - 1).bit_length())
 
 
+_NO_IDS = np.zeros(0, np.int64)
+
+
 def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> SamplingBatch:
     """Pack ``rows`` into numpy arrays padded to ``num_rows`` (padding rows are greedy, no-ops).
 
@@ -266,7 +269,8 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
             histories.append((ids, counts, np.isin(ids, prompt)))
         else:
             histories.append(None)
-        suppress.append(np.unique(np.asarray(row.suppress_ids, np.int64).reshape(-1)))
+        suppress.append(np.unique(np.asarray(row.suppress_ids, np.int64).reshape(-1))
+                        if len(row.suppress_ids) else _NO_IDS)
 
     k = table_width(max((len(h[0]) for h in histories if h is not None), default=0))
     s = table_width(max((len(x) for x in suppress), default=0))

@@ -120,29 +120,13 @@ def test_micro_batches_only_for_decode_rows():
         Model(Layout.create(config, 1, 4), make_mesh(tp=4))
 
 
-def test_engine_batch_invariance_with_pp2(tiny4):
-    """tests/test_engine.py's batch-invariance test at TP2×PP2, shrunk to fewer compiled shapes:
-    batched engine outputs (chunked prefill, preemption, decode in micro-batches) equal
-    single-request GreedyGenerator outputs."""
-    from qwenjax.engine.engine import Engine, EngineConfig
-    from qwenjax.sampling import SamplingParams
-    from test_engine import _run
+def test_engine_batch_invariance_with_pp2(tmp_path_factory):
+    """The Engine issue's batch-invariance test (tests/test_engine.py: 16 random arrivals, chunked
+    prefill, preemption) run as is at TP2×PP2: decode goes through the stages in micro-batches,
+    and every output equals the request's single-request GreedyGenerator output."""
+    from test_engine import test_batch_invariance_with_chunked_prefill_and_preemption as invariance
 
-    lm = load_model(tiny4, tp=2, pp=2, dtype="float32")
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, VOCAB, rng.integers(17, 33)).tolist() for _ in range(8)]
-    # 16 pages of 8 tokens for 8 requests of up to 40 tokens: requests get preempted. Prompt
-    # lengths share one bucket to keep the compiled shapes few.
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32,
-                          max_prefill_seqs=2, page_size=8, max_model_len=128, num_pages=16)
-    engine = Engine(lm, config, warm_up=False)
-    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    outputs, preemptions = _run(engine, prompts, params, sorted(rng.integers(0, 10, 8)))
-    assert preemptions > 0
-    assert engine.allocator.num_free == 16
-    reference = GreedyGenerator(lm)
-    for i, prompt in enumerate(prompts):
-        assert outputs[i].token_ids == reference.generate([prompt], 8)[0], f"request {i}"
+    invariance(load_model(_tiny_dir(tmp_path_factory, 2), tp=2, pp=2, dtype="float32"))
 
 
 # tp=1's greedy tokens for these two chat prompts (the first 8 of what test_real_model.py checks
