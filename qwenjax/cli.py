@@ -19,7 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=parse_devices, default=None,
                    help="comma-separated device indices to use, e.g. 0,1 (default: the first tp × pp)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
+                   help="default: an orbax checkpoint's own dtype, else bfloat16 on GPUs and "
+                        "float32 on CPU (faster there)")
 
 
 def parse_devices(text: str) -> list[int]:

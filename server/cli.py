@@ -33,7 +33,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="HF checkpoint directory or preset name (random weights); default: the "
                             "fetched Qwen2.5-Coder-0.5B-Instruct")
     model.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="default: bfloat16 on GPUs, float32 on CPU (faster there)")
+                       help="default: the --mesh config's, else an orbax checkpoint's own, else "
+                            "bfloat16 on GPUs and float32 on CPU (faster there)")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
     model.add_argument("--pp", type=int, default=1,
                        help="pipeline stages (contiguous layer ranges, each on --tp devices)")
