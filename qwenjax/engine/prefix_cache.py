@@ -63,8 +63,10 @@ class PrefixCache:
         return len(self._by_page)
 
     # ---- lookup ---------------------------------------------------------------------------
-    def _find(self, parent: Entry | None, tokens: tuple[int, ...]) -> Entry | None:
-        key = self.hash_fn(parent.key if parent else self.root_key, tokens)
+    def _key(self, parent: Entry | None, tokens: tuple[int, ...]) -> int:
+        return self.hash_fn(parent.key if parent else self.root_key, tokens)
+
+    def _find(self, key: int, parent: Entry | None, tokens: tuple[int, ...]) -> Entry | None:
         for entry in self._buckets.get(key, ()):
             if entry.parent is parent and entry.tokens == tokens:
                 return entry
@@ -77,7 +79,8 @@ class PrefixCache:
         parent = None
         ps = self.page_size
         for i in range(min(max_pages, len(tokens) // ps)):
-            entry = self._find(parent, tuple(tokens[i * ps:(i + 1) * ps]))
+            page_tokens = tuple(tokens[i * ps:(i + 1) * ps])
+            entry = self._find(self._key(parent, page_tokens), parent, page_tokens)
             if entry is None:
                 break
             found.append(entry)
@@ -95,12 +98,12 @@ class PrefixCache:
         if parent is not None and not parent.live:
             return None
         tokens = tuple(tokens)
-        existing = self._find(parent, tokens)
+        key = self._key(parent, tokens)
+        existing = self._find(key, parent, tokens)
         if existing is not None:
             return existing
         if page in self._by_page:  # the page already stands for another prefix: keep that
             return None
-        key = self.hash_fn(parent.key if parent else self.root_key, tokens)
         entry = Entry(key, parent, tokens, page)
         self._buckets.setdefault(key, []).append(entry)
         self._by_page[page] = entry

@@ -133,8 +133,9 @@ class Scheduler:
             self._preempt(request)
 
     # ---- one step ---------------------------------------------------------------------------
-    def _grant(self, request: Request, budget: int) -> int:
-        return min(request.num_pending, budget, self.config.prefill_chunk)
+    def _grant(self, pending: int, budget: int) -> int:
+        """Tokens a request with ``pending`` uncomputed tokens gets this step."""
+        return min(pending, budget, self.config.prefill_chunk)
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
@@ -144,7 +145,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._grant(request, budget)
+            n = self._grant(request.num_pending, budget)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 i += 1  # no prefill row left this step; it continues next step
                 continue
@@ -169,7 +170,7 @@ class Scheduler:
             request = self.waiting[0]
             hits = self._cached_prefix(request)
             cached = len(hits) * cfg.page_size
-            n = min(request.num_tokens - cached, budget, cfg.prefill_chunk)
+            n = self._grant(request.num_tokens - cached, budget)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 break
             need = cfg.pages_for(cached + n) - len(hits)
