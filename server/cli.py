@@ -170,7 +170,8 @@ def build_engine(args):
 
 
 def _cache_entries(directory: pathlib.Path) -> int:
-    return sum(1 for _ in directory.iterdir()) if directory.is_dir() else 0
+    # Files only: qwenjax keeps its notes of compiled programs in a subdirectory.
+    return sum(1 for p in directory.iterdir() if p.is_file()) if directory.is_dir() else 0
 
 
 def serve_follower(args) -> int:

@@ -1,5 +1,6 @@
 """The continuous-batching engine on a tiny float32 model: batching never changes a request's output."""
 import contextlib
+import os
 
 import jax
 import numpy as np
@@ -86,6 +87,27 @@ def test_no_compilation_after_warm_up(tiny_dir):
         outputs, _ = _run(engine, prompts, params, sorted(rng.integers(0, 300, 200)), check=False)
     assert len(outputs) == 200
     assert events == []
+
+
+def test_warm_up_compiles_in_parallel_only_what_the_cache_holds_on_accelerators(tiny_dir, tmp_path):
+    from qwenjax.engine.runner import compile_workers, remember_compiled
+
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    runner = Engine(lm, EngineConfig(**SMALL, num_pages=100), warm_up=False).runner
+    lowered = [runner._lower(*shape) for shape in runner.shapes()[:3]]
+    cores, cache = os.cpu_count(), str(tmp_path)
+    assert compile_workers(lowered, platform="cpu", cache_dir=cache) == cores
+    # On a GPU a cold compile autotunes on the device: one program at a time ...
+    assert compile_workers(lowered, platform="gpu", cache_dir=cache) == 1
+    remember_compiled(lowered[:2], cache_dir=cache)
+    assert compile_workers(lowered, platform="gpu", cache_dir=cache) == 1
+    # ... and only a start that finds every program compiled before loads them side by side.
+    remember_compiled(lowered, cache_dir=cache)
+    assert compile_workers(lowered, platform="gpu", cache_dir=cache) == cores
+    other = load_model(tiny_dir, tp=2, dtype="float32")
+    other_runner = Engine(other, EngineConfig(**SMALL, num_pages=100), warm_up=False).runner
+    assert compile_workers([other_runner._lower(*runner.shapes()[0])], platform="gpu",
+                           cache_dir=cache) == 1
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):

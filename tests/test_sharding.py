@@ -46,6 +46,39 @@ def test_kv_cache_is_donated_in_place():
     assert len(aliases) == 4, header[:300]
 
 
+def test_layers_lower_once_and_compile_to_the_unrolled_program():
+    """Each layer is one jitted function called num_layers times: the lowered module holds its
+    body once (fast warm starts), and after XLA inlines the calls the compiled step has exactly
+    the ops and buffer sizes of the step with the layer code pasted in per layer."""
+    num_layers, tp = 3, 2
+    config = tiny_config(num_layers=num_layers, vocab_size=256)
+    layout, mesh = Layout.create(config, tp), make_mesh(tp)
+    weights = random_weights(layout, mesh, jnp.float32)
+    cache = KVCache.create(num_layers=num_layers, kv_heads=layout.heads.kv_heads,
+                           head_dim=config.head_dim, num_pages=4, page_size=8, dtype=jnp.float32,
+                           mesh=mesh)
+    batch = StepBatch(jnp.zeros((2, 8), jnp.int32), jnp.tile(jnp.arange(8, dtype=jnp.int32), (2, 1)),
+                      jnp.full((2,), 8, jnp.int32), jnp.arange(4, dtype=jnp.int32).reshape(2, 2))
+
+    def programs(model):
+        lowered = jax.jit(model.last_logits, donate_argnums=(1,)).lower(weights, cache, batch)
+        return lowered.as_text(), lowered.compile()
+
+    text, compiled = programs(Model(layout, mesh))
+    unrolled_model = Model(layout, mesh)
+    unrolled_model._jit_layer = unrolled_model._layer  # the layer code traced inline per layer
+    unrolled_text, unrolled = programs(unrolled_model)
+
+    assert len(re.findall(r"call @_layer", text)) == num_layers
+    assert len(re.findall(r"func\.func private @_layer", text)) == 1
+    assert "@_layer" not in unrolled_text
+    kinds = lambda hlo: Counter(re.findall(r"= \S+ ([a-z][a-z0-9-]*)\(", hlo))
+    assert kinds(compiled.as_text()) == kinds(unrolled.as_text())
+    assert "call" not in kinds(compiled.as_text())
+    sizes = lambda c: (c.memory_analysis().temp_size_in_bytes, c.memory_analysis().alias_size_in_bytes)
+    assert sizes(compiled) == sizes(unrolled)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_every_parameter_sharding_follows_the_rules(tp):
     config = tiny_config(num_layers=2)

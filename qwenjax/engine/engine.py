@@ -39,6 +39,7 @@ class EngineConfig:
     # CPU devices report no memory limit; give the KV cache this much instead.
     cpu_kv_cache_gib: float = 1.0
     compile_cache: bool = True            # JAX's persistent compilation cache in the qwenjax cache dir
+    compile_workers: int | None = None    # warm-up compile threads (default: runner.compile_workers)
     enable_prefix_caching: bool = True    # reuse K/V pages of prompt prefixes computed before
 
 
@@ -104,7 +105,8 @@ class Engine:
         self._tracking: dict[str, _Tracking] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._ids = itertools.count()
-        self.warm_up_seconds = self.runner.warm_up(progress=progress) if warm_up else 0.0
+        self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
+                                if warm_up else 0.0)
 
     def _pages_from_memory(self, config: EngineConfig) -> int:
         c = self.lm.config

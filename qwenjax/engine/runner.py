@@ -27,8 +27,13 @@ fixed (one extra dispatch per step, ~0.1 ms).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
+import io
 import itertools
+import os
+import pathlib
 import time
 from typing import Sequence
 
@@ -65,6 +70,51 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
         if size >= n:
             return size
     raise ValueError(f"{n} rows exceed the largest bucket {sizes[-1]}")
+
+
+# ---- parallel compilation ------------------------------------------------------------------
+# Notes, beside JAX's persistent compilation cache, of the programs a warm-up put into it.
+_COMPILED_NOTES = "qwenjax-compiled"
+
+
+def _program_note(lowered, cache_dir: str | None) -> pathlib.Path | None:
+    """The file noting that this lowered program was compiled into the persistent cache before:
+    a hash of its StableHLO, the jax version, the device kind and XLA_FLAGS (None: no cache)."""
+    directory = cache_dir or jax.config.jax_compilation_cache_dir
+    if not directory:
+        return None
+    try:
+        module = io.BytesIO()
+        lowered.compiler_ir("stablehlo").operation.write_bytecode(module)
+    except Exception:  # noqa: BLE001 - an unknown program is compiled one at a time
+        return None
+    device = jax.devices()[0]
+    digest = hashlib.sha256(module.getvalue())
+    digest.update(f"{jax.__version__} {device.platform} {device.device_kind} "
+                  f"{os.environ.get('XLA_FLAGS', '')}".encode())
+    return pathlib.Path(directory) / _COMPILED_NOTES / digest.hexdigest()
+
+
+def compile_workers(lowered: Sequence, *, platform: str | None = None,
+                    cache_dir: str | None = None) -> int:
+    """Threads for compiling ``lowered`` programs. On CPU, one per core. On an accelerator, one
+    per core only when the persistent cache already holds every program (a warm start only
+    loads them); a cold compile goes one program at a time, because XLA's autotuner times
+    candidate kernels on the device, and programs compiling side by side would disturb it."""
+    cores = os.cpu_count() or 1
+    if (platform or jax.devices()[0].platform) == "cpu":
+        return cores
+    notes = [_program_note(program, cache_dir) for program in lowered]
+    return cores if all(note is not None and note.exists() for note in notes) else 1
+
+
+def remember_compiled(lowered: Sequence, *, cache_dir: str | None = None) -> None:
+    """Note ``lowered`` programs as compiled into the persistent cache (see compile_workers)."""
+    for program in lowered:
+        note = _program_note(program, cache_dir)
+        if note is not None:
+            note.parent.mkdir(parents=True, exist_ok=True)
+            note.touch()
 
 
 @dataclasses.dataclass
@@ -208,51 +258,88 @@ class ModelRunner:
         return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
                             spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows))
 
+    def _lower(self, decode_rows: int, prefill_tokens: int):
+        return self._step.lower(self.lm.weights, self.cache, self._abstract_decode(decode_rows),
+                                self._abstract_prefill(prefill_tokens))
+
+    def _add_program(self, key: tuple[int, int], compiled) -> None:
+        self._programs[key] = compiled
+        self._logits_sharding = compiled.output_shardings[0]
+
+    def _sampler_rows(self, decode_rows: int, prefill_tokens: int) -> int:
+        return decode_rows + (self.prefill_rows if prefill_tokens else 0)
+
     def _program(self, decode_rows: int, prefill_tokens: int):
         key = (decode_rows, prefill_tokens)
         if key not in self._programs:
             start = time.perf_counter()
-            lowered = self._step.lower(self.lm.weights, self.cache, self._abstract_decode(decode_rows),
-                                       self._abstract_prefill(prefill_tokens))
-            self._programs[key] = compiled = lowered.compile()
-            self._logits_sharding = compiled.output_shardings[0]
+            self._add_program(key, self._lower(*key).compile())
             self.compile_seconds += time.perf_counter() - start
             # The sampler for this row count, with no penalties and no logprobs (the common case).
-            rows = decode_rows + (self.prefill_rows if prefill_tokens else 0)
-            self._sampler(build_sampling_batch([_PAD_ROW], rows), num_top=0)
+            self._sampler(build_sampling_batch([_PAD_ROW], self._sampler_rows(*key)), num_top=0)
         return self._programs[key]
+
+    def _sampler_key(self, batch, num_top: int) -> tuple:
+        rows = batch.temperature.shape[0]
+        return (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1])
+
+    def _lower_sampler(self, batch, num_top: int):
+        logits = jax.ShapeDtypeStruct((batch.temperature.shape[0], self.lm.config.vocab_size),
+                                      jnp.float32, sharding=self._logits_sharding)
+        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
+                             batch)
+        return self._sample.lower(logits, specs, num_top=num_top)
 
     def _sampler(self, batch, num_top: int):
         """The compiled sampler for these row/penalty/suppression widths (penalties and logprobs
         compile their variant on first use)."""
-        rows = batch.temperature.shape[0]
-        key = (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1])
+        key = self._sampler_key(batch, num_top)
         if key not in self._samplers:
             start = time.perf_counter()
-            logits = jax.ShapeDtypeStruct((rows, self.lm.config.vocab_size), jnp.float32,
-                                          sharding=self._logits_sharding)
-            specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
-                                 batch)
-            self._samplers[key] = self._sample.lower(logits, specs, num_top=num_top).compile()
+            self._samplers[key] = self._lower_sampler(batch, num_top).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._samplers[key]
 
-    def warm_up(self, progress: bool = True) -> float:
-        """Compile every shape bucket now (with the persistent cache, a warm start reloads them)."""
-        shapes = self.shapes()
+    def warm_up(self, progress: bool = True, workers: int | None = None) -> float:
+        """Compile every shape bucket now (with the persistent cache, a warm start reloads them).
+
+        Tracing and lowering run here, one shape after another (Python; ~0.1 s a shape since
+        each layer is lowered once). XLA's compile — or its load from the persistent cache —
+        releases the GIL, so ``workers`` threads (``compile_workers``) do several at once."""
         if self.mirror is not None:
             self.mirror.send("warm_up")
         start = time.perf_counter()
-        iterator = shapes
+        todo = [shape for shape in self.shapes() if shape not in self._programs]
+        lowered = [self._lower(*shape) for shape in todo]
+        workers = workers or compile_workers(lowered)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(shapes, desc="compiling step shapes", unit="shape")
-        for shape in iterator:
-            self._program(*shape)
+            bar = tqdm(total=len(todo), desc=f"compiling step shapes ({workers} threads)", unit="shape")
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            jobs = {pool.submit(program.compile): shape for shape, program in zip(todo, lowered)}
+            for job in concurrent.futures.as_completed(jobs):
+                self._add_program(jobs[job], job.result())
+                if bar is not None:
+                    bar.update()
+            # The samplers (one per row count, no penalties, no logprobs), likewise.
+            batches = {}
+            for shape in todo:
+                batch = build_sampling_batch([_PAD_ROW], self._sampler_rows(*shape))
+                batches.setdefault(self._sampler_key(batch, 0), batch)
+            jobs = {pool.submit(self._lower_sampler(batch, 0).compile): key
+                    for key, batch in batches.items() if key not in self._samplers}
+            for job in concurrent.futures.as_completed(jobs):
+                self._samplers[jobs[job]] = job.result()
+        if bar is not None:
+            bar.close()
+        remember_compiled(lowered)
         if self.mirror is not None:
             self.mirror.wait_warm()  # serving starts when every process can run every shape
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        return seconds
 
     # ---- one step ---------------------------------------------------------------------------
     def _put(self, tree):
