@@ -237,6 +237,14 @@ def _matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _out_projection(attn: jax.Array, o: jax.Array) -> jax.Array:
+    """``[t, g, j, d] × [g, j, d, e] → [t, e]``, contracting (g, j, d) in the weight's storage
+    order. ``jnp.einsum`` lists them as (d, g, j), and XLA:CPU then transposed the whole O
+    weight into that order on every step (a copy per layer in the compiled step)."""
+    dims = (((1, 2, 3), (0, 1, 2)), ((), ()))
+    return jax.lax.dot_general(attn, o, dims, preferred_element_type=jnp.float32).astype(attn.dtype)
+
+
 class Model:
     """Pure functions of (weights, cache, batch) for one layout, mesh and rules.
 
@@ -419,7 +427,7 @@ class Model:
                         decode_kernel=self.decode_attention)
                 outs.append(attn.reshape(n, *attn.shape[-3:]))
             attn = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
-            out = _matmul("tgjd,gjde->te", attn, w.o)
+            out = _out_projection(attn, w.o)
             x = self.constrain(x + out, ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
