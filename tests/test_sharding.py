@@ -79,6 +79,34 @@ def test_layers_lower_once_and_compile_to_the_unrolled_program():
     assert sizes(compiled) == sizes(unrolled)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_compiled_step_never_copies_a_weight(tp):
+    """Decode and packed-prefill steps read every weight in place: no copy or transpose in the
+    compiled program has a weight shard's dimensions (jnp.einsum's order of the O projection's
+    contracting dims once made XLA transpose the O weight every step)."""
+    from qwenjax.model import PackedChunks
+
+    config = tiny_config(num_layers=2, vocab_size=256)
+    layout, mesh = Layout.create(config, tp), make_mesh(tp)
+    weights = random_weights(layout, mesh, jnp.float32)
+    cache = KVCache.create(num_layers=2, kv_heads=layout.heads.kv_heads, head_dim=config.head_dim,
+                           num_pages=8, page_size=8, dtype=jnp.float32, mesh=mesh)
+    i32 = lambda *shape: jnp.zeros(shape, jnp.int32)
+    decode = StepBatch(i32(4, 1), i32(4, 1), i32(4), i32(4, 2))
+    prefill = PackedChunks(i32(32), i32(32), i32(32), i32(32), i32(2, 16), i32(2, 16), i32(2),
+                           i32(2, 2), i32(2))
+    model = Model(layout, mesh)
+    hlo = jax.jit(model.last_logits, donate_argnums=(1,)).lower(
+        weights, cache, (decode, prefill)).compile().as_text()
+    dims = lambda shape: sorted(d for d in shape if d != 1)
+    weight_dims = [dims(a.addressable_shards[0].data.shape) for a in jax.tree.leaves(weights)
+                   if a.ndim > 1]
+    moved = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} (?:copy|transpose)\(", hlo)
+    assert moved, "the pattern finds the step's activation copies"
+    for shape in moved:
+        assert dims(int(d) for d in shape.split(",") if d) not in weight_dims, shape
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_every_parameter_sharding_follows_the_rules(tp):
     config = tiny_config(num_layers=2)
