@@ -327,18 +327,16 @@ def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
     return logits.at[rows, _scatter_ids(suppress_ids, logits.shape[1])].set(-jnp.inf, mode="drop")
 
 
-def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Per-row logit threshold [R] implementing top-k then top-p on ``scaled`` [R, V].
+# Rows whose top_k is at most this take their candidates from ``lax.top_k`` instead of a sort of
+# the whole vocabulary: on CPU, 16 rows × 152k took 3 ms instead of 459 ms.
+TOP_K_CANDIDATES = 64
 
-    Tokens with ``scaled >= threshold`` survive (ties with the last kept token
-    survive too, as in HF). Top-p keeps the shortest most-likely prefix whose
-    mass reaches top_p, measured after top-k renormalisation; the top token is
-    always kept because its exclusive prefix mass is 0.
-    """
-    vocab = scaled.shape[1]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [R, V]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [R]
-    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+
+def _threshold_from_sorted(sorted_desc: jax.Array, k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per-row threshold from each row's largest logits in descending order [R, W] (the whole
+    vocabulary, or at least the row's top-k candidates)."""
+    width = sorted_desc.shape[1]
+    in_top_k = jnp.arange(width)[None, :] < k[:, None]
     probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
     # Exclusive prefix sum by shifting rather than cumsum - probs, which would
     # add a rounding error of its own.
@@ -347,9 +345,40 @@ def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array)
     keep_p = jnp.sum(mass_before < top_p[:, None], axis=-1)
     # top_p = 1 must keep everything exactly: float32 prefix sums can reach 1.0
     # before the tail and would otherwise cut tokens a no-sort batch keeps.
-    keep_p = jnp.where(top_p < 1.0, keep_p, vocab)
-    num_keep = jnp.minimum(k, keep_p)  # [R] ≥ 1
+    keep_p = jnp.where(top_p < 1.0, keep_p, width)
+    num_keep = jnp.clip(jnp.minimum(k, keep_p), 1, width)  # [R] ≥ 1
     return jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)[:, 0]
+
+
+def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                          truncates: jax.Array) -> jax.Array:
+    """Per-row logit threshold [R] implementing top-k then top-p on ``scaled`` [R, V].
+
+    Tokens with ``scaled >= threshold`` survive (ties with the last kept token
+    survive too, as in HF). Top-p keeps the shortest most-likely prefix whose
+    mass reaches top_p, measured after top-k renormalisation; the top token is
+    always kept because its exclusive prefix mass is 0.
+
+    A row with 0 < top_k ≤ TOP_K_CANDIDATES needs only its top_k largest logits. When every
+    row that ``truncates`` is such a row, ``lax.top_k`` finds them; otherwise the whole
+    vocabulary is sorted. Either way those rows compute their threshold from the same
+    candidates, so a row's tokens never depend on what else shares the batch.
+    """
+    vocab = scaled.shape[1]
+    width = min(TOP_K_CANDIDATES, vocab)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [R]
+    few = k <= width
+
+    def candidates_only():
+        top = jax.lax.top_k(scaled, width)[0]
+        return jnp.where(few, _threshold_from_sorted(top, k, top_p), -jnp.inf)
+
+    def whole_vocabulary():
+        sorted_desc = -jnp.sort(-scaled, axis=-1)  # [R, V]
+        return jnp.where(few, _threshold_from_sorted(sorted_desc[:, :width], k, top_p),
+                         _threshold_from_sorted(sorted_desc, k, top_p))
+
+    return jax.lax.cond(jnp.all(few | ~truncates), candidates_only, whole_vocabulary)
 
 
 def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
@@ -363,13 +392,13 @@ def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
     scaled = logits / jnp.where(greedy, 1.0, batch.temperature)[:, None]
 
-    # The [R, V] sort dominates the sampler's cost; skip it when no row asks
-    # for top-k/top-p. Skipping is row-neutral: a row with both off gets a
-    # -inf threshold from either branch.
-    needs_sort = jnp.any(~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0)))
+    # Finding the top-k/top-p candidates dominates the sampler's cost; skip it when no row
+    # asks for top-k/top-p. Skipping is row-neutral: a row with both off keeps every token
+    # in every branch.
+    truncates = ~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0))
     threshold = jax.lax.cond(
-        needs_sort,
-        lambda: _truncation_threshold(scaled, batch.top_k, batch.top_p),
+        jnp.any(truncates),
+        lambda: _truncation_threshold(scaled, batch.top_k, batch.top_p, truncates),
         lambda: jnp.full((num_rows,), -jnp.inf, scaled.dtype))
     # min-p relative to the max prob is unchanged by top-k/top-p renormalisation
     # (the max token is always kept), so it is a log-space offset from the max.

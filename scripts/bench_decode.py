@@ -25,10 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.benchmarking import measure_read_bandwidth, shard_model, write_results
+from qwenjax.benchmarking import (format_profile, measure_read_bandwidth, profile_call, shard_model,
+                                  write_results)
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
 from qwenjax.model import Model, StepBatch
+from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch, sample
 from qwenjax.planner import allreduce_us, allreduces_per_step
 
 
@@ -38,21 +40,32 @@ def modeled_collectives_ms(config, tp: int, batch: int, link_gbps: float, latenc
     return allreduces_per_step(config.num_layers) * per_us / 1e3
 
 
+def sampling_batch(batch: int, mode: str):
+    """Every row sampled as a chat request would be (Qwen2.5's generation_config: temperature
+    0.7, top-p 0.8, top-k 20), or greedily."""
+    params = (SamplingParams(temperature=0.0) if mode == "greedy"
+              else SamplingParams(temperature=0.7, top_p=0.8, top_k=20))
+    rows = [SamplingRow(params=params, seed=i, step=0) for i in range(batch)]
+    return jax.tree.map(jnp.asarray, build_sampling_batch(rows, batch))
+
+
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
-                dtype, reps: int) -> dict:
+                dtype, reps: int, sampling: str = "top-p", profile: str | None = None) -> dict:
     pages_per_seq = -(-(ctx + steps) // page_size)
     cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
                            head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
                            page_size=page_size, dtype=dtype, mesh=model.mesh)
     block_tables = jnp.arange(batch * pages_per_seq, dtype=jnp.int32).reshape(batch, pages_per_seq)
+    rows = sampling_batch(batch, sampling)
 
     def decode(weights, cache, tokens):
+        # The engine's step program and its sampler, `steps` times in one program.
         def step(i, carry):
             cache, tokens = carry
             pos = jnp.full((batch, 1), ctx, jnp.int32) + i
             logits, cache = model.last_logits(
                 weights, cache, StepBatch(tokens, pos, pos[:, 0] + 1, block_tables))
-            return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]
+            return cache, sample(logits, rows).token_ids[:, None]
 
         return jax.lax.fori_loop(0, steps, step, (cache, tokens))
 
@@ -71,8 +84,13 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
     itemsize = jnp.dtype(dtype).itemsize
     weight_bytes = shard.param_count() * itemsize
     kv_bytes = batch * (ctx + steps / 2) * shard.kv_bytes_per_token(jnp.dtype(dtype).name)
-    return dict(batch=batch, ctx=ctx, seconds_per_step=seconds, weight_bytes=weight_bytes,
-                kv_bytes=kv_bytes)
+    result = dict(batch=batch, ctx=ctx, seconds_per_step=seconds, weight_bytes=weight_bytes,
+                  kv_bytes=kv_bytes)
+    if profile:
+        summary = profile_call(lambda: run(weights, cache, tokens), out=profile)
+        result["profile"] = {k: summary[k] for k in ("busy_us", "span_us", "idle_fraction", "by_kind_us")}
+        print(format_profile(summary), flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="per-direction link bandwidth per device for the collective model (NVLink-4: 450)")
     p.add_argument("--link-latency-us", type=float, default=8.0, help="all-reduce latency (NVLink-4 ≈ 8 µs)")
+    p.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla"],
+                   help="decode attention: auto = the Pallas kernel on GPUs (as the engine)")
+    p.add_argument("--sampling", default="top-p", choices=["top-p", "greedy"],
+                   help="the sampler in the loop: top-p = temperature 0.7, top-p 0.8, top-k 20")
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="trace one more run of the first batch size with jax.profiler: writes "
+                        "PATH.trace.json.gz and PATH.json and prints where the device time went")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny shapes for a CPU check")
     args = p.parse_args(argv)
@@ -98,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
         args.batch, args.ctx, args.steps, args.reps, args.bandwidth_gib = "1,2", 40, 2, 1, 0.01
     dtype = jnp.dtype(args.dtype)
-    shard, model, weights = shard_model(config, args.shard_of_tp, dtype)
+    shard, model, weights = shard_model(config, args.shard_of_tp, dtype, args.attention)
     bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
 
     device = jax.devices()[0]
@@ -107,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                   shard=dict(q_heads=shard.num_heads, kv_heads=shard.num_kv_heads,
                              mlp=shard.intermediate_size, vocab=shard.vocab_size,
                              layers=shard.num_layers),
-                  dtype=args.dtype, measured_read_tbps=bandwidth / 1e12,
+                  dtype=args.dtype, attention=args.attention, sampling=args.sampling,
+                  measured_read_tbps=bandwidth / 1e12,
                   collective_model=dict(link_gbps=args.link_gbps, latency_us=args.link_latency_us,
                                         all_reduces_per_step=2 * config.num_layers + 1))
     print(f"# decode: {config.name} shard of TP{args.shard_of_tp} on {device.device_kind} "
@@ -117,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
           "collectives ms (modeled) | tok/s per seq (modeled) | tok/s total (modeled) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for batch in (int(b) for b in args.batch.split(",")):
-        r = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size, dtype, args.reps)
+    for i, batch in enumerate(int(b) for b in args.batch.split(",")):
+        r = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size, dtype,
+                        args.reps, args.sampling, args.profile if i == 0 else None)
         moved = r["weight_bytes"] + r["kv_bytes"]
         r["tbps"] = moved / r["seconds_per_step"] / 1e12
         r["mbu"] = moved / r["seconds_per_step"] / bandwidth

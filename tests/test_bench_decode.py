@@ -50,3 +50,31 @@ def test_mbu_plot_from_results(tmp_path):
     png = tmp_path / "mbu.png"
     assert plot.main([str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_summarizes_where_the_device_time_went(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "decode.json"
+    profile = tmp_path / "decode_profile"
+    assert bench.main(["--smoke", "--json", str(out), "--profile", str(profile)]) == 0
+    summary = json.loads((tmp_path / "decode_profile.json").read_text())
+    assert (tmp_path / "decode_profile.trace.json.gz").stat().st_size > 0
+    assert 0 < summary["busy_us"] <= summary["span_us"]
+    assert 0 <= summary["idle_fraction"] < 1
+    assert summary["by_kind_us"]["matmul"] > 0  # the projections, found by name
+    kernels = summary["kernels"]
+    assert kernels and all(a["total_us"] >= b["total_us"] for a, b in zip(kernels, kernels[1:]))
+    first = json.loads(out.read_text())["rows"][0]
+    assert first["profile"]["busy_us"] == summary["busy_us"]
+    assert "| kernel | kind | calls | total ms | share |" in capsys.readouterr().out
+
+
+def test_kernel_kinds():
+    from qwenjax.benchmarking import kernel_kind
+
+    assert kernel_kind("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "collective"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul"
+    assert kernel_kind("nvjet_tst_64x8_64x16_4x1_v_bz_TNT") == "matmul"
+    assert kernel_kind("paged_decode_attention") == "attention"
+    assert kernel_kind("copy_fusion.3") == "copy"
+    assert kernel_kind("loop_multiply_fusion") == "other"

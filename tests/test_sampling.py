@@ -193,7 +193,9 @@ def test_seeded_row_is_independent_of_batch_and_position():
     for i in range(24):
         params = [SamplingParams(temperature=1.5),  # no sort: the batch decides whether to sort
                   SamplingParams(temperature=0.9, top_p=0.95),
-                  SamplingParams(temperature=1.2, min_p=0.02)][i % 3]
+                  SamplingParams(temperature=1.2, min_p=0.02),
+                  # lax.top_k candidates alone; a whole-vocabulary sort beside top-p rows
+                  SamplingParams(temperature=0.8, top_k=7, top_p=0.9)][i % 4]
         targets.append((SamplingRow(params, seed=int(rng.integers(2**63)), step=int(rng.integers(500))),
                         rng.normal(size=vocab).astype(np.float32)))
 
