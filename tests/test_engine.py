@@ -75,10 +75,14 @@ def count_compilations():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def test_no_compilation_after_warm_up(tiny_dir):
+def test_no_compilation_after_warm_up(tiny_dir, caplog):
     lm = load_model(tiny_dir, tp=2, dtype="float32")
-    engine = Engine(lm, EngineConfig(**SMALL, num_pages=400), warm_up=True, progress=False)
+    with caplog.at_level("INFO", logger="qwenjax.engine.runner"):
+        engine = Engine(lm, EngineConfig(**SMALL, num_pages=400), warm_up=True, progress=False)
     assert engine.warm_up_seconds > 0
+    shapes = len(engine.runner.shapes())
+    # Compile progress reaches the log without a terminal (the last line at least).
+    assert f"compiled {shapes}/{shapes} step shapes" in caplog.text
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, VOCAB, rng.integers(1, 200)).tolist() for _ in range(200)]
     params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_p=0.9, seed=i,

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import io
 import itertools
+import logging
 import os
 import pathlib
 import time
@@ -48,6 +49,8 @@ from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
 from qwenjax.sampling import (SamplingBatch, SamplingParams, SamplingRow, build_sampling_batch,
                               sample)
+
+log = logging.getLogger(__name__)
 
 # Alternatives returned per token when a request asks for logprobs (its own count ≤ this).
 MAX_TOP_LOGPROBS = 20
@@ -317,12 +320,20 @@ class ModelRunner:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"compiling step shapes ({workers} threads)", unit="shape")
+        log.info("compiling %d step shapes on %d threads (lowered in %.1fs)", len(todo), workers,
+                 time.perf_counter() - start)
+        last_log = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             jobs = {pool.submit(program.compile): shape for shape, program in zip(todo, lowered)}
-            for job in concurrent.futures.as_completed(jobs):
+            for done, job in enumerate(concurrent.futures.as_completed(jobs), 1):
                 self._add_program(jobs[job], job.result())
                 if bar is not None:
                     bar.update()
+                # Progress in the log too (a server's stderr is rarely a terminal), every 10 s.
+                if time.perf_counter() - last_log >= 10 or done == len(jobs):
+                    last_log = time.perf_counter()
+                    log.info("compiled %d/%d step shapes (%.0fs)", done, len(jobs),
+                             last_log - start)
             # The samplers (one per row count, no penalties, no logprobs), likewise.
             batches = {}
             for shape in todo:
