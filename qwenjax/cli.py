@@ -9,18 +9,21 @@ import sys
 import time
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p) -> None:
+    """--model, --tp, --pp, --devices, --dtype (generate, plan-free commands and serve)."""
     p.add_argument("--model", default=None,
-                   help="HF checkpoint directory or preset name (qwen2.5-0.5b … qwen2.5-72b, random "
-                        "weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
+                   help="HF checkpoint directory, orbax checkpoint (qwenjax convert) or preset name "
+                        "(qwen2.5-0.5b … qwen2.5-72b, random weights); default: the fetched "
+                        "Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline stages (contiguous layer ranges, each on --tp devices; tp × pp in all)")
     p.add_argument("--devices", type=parse_devices, default=None,
-                   help="comma-separated device indices to use, e.g. 0,1 (default: the first tp × pp)")
+                   help="comma-separated device indices, e.g. 2,3 (two servers can share a box on "
+                        "disjoint devices); default: the first tp × pp")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: an orbax checkpoint's own dtype, else bfloat16 on GPUs and "
-                        "float32 on CPU (faster there)")
+                   help="default: the --mesh config's (serve), else an orbax checkpoint's own, else "
+                        "bfloat16 on GPUs and float32 on CPU (faster there)")
 
 
 def parse_devices(text: str) -> list[int]:
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")
-    _add_model_args(p)
+    add_model_arguments(p)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="longest prompt + output the engine sizes its KV cache for")

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from qwenjax.cli import parse_devices
+from qwenjax.cli import add_model_arguments
 
 log = logging.getLogger("qwenjax.server")
 
@@ -29,18 +29,7 @@ TOKEN_ENV = "QWENJAX_API_TOKEN"
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
-    model.add_argument("--model", default=None,
-                       help="HF checkpoint directory or preset name (random weights); default: the "
-                            "fetched Qwen2.5-Coder-0.5B-Instruct")
-    model.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                       help="default: the --mesh config's, else an orbax checkpoint's own, else "
-                            "bfloat16 on GPUs and float32 on CPU (faster there)")
-    model.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
-    model.add_argument("--pp", type=int, default=1,
-                       help="pipeline stages (contiguous layer ranges, each on --tp devices)")
-    model.add_argument("--devices", type=parse_devices, default=None,
-                       help="comma-separated device indices, e.g. 2,3 (two servers can share a box "
-                            "on disjoint devices); default: the first --tp")
+    add_model_arguments(model)
     model.add_argument("--mesh", default=None,
                        help="mesh config name under configs/meshes or a YAML path (instead of --tp): "
                             "its axes, and its dtype, page size, KV fraction and max_model_len as "
@@ -69,6 +58,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
     engine.add_argument("--num-pages", type=int, default=None,
                         help="KV cache pages (default: from free device memory)")
+    engine.add_argument("--compile-workers", type=int, default=None,
+                        help="threads that compile or load step programs at start-up (default: one "
+                             "per core; on a GPU, one while any program is missing from the cache)")
     engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="do not reuse the K/V of prompt prefixes computed for earlier requests")
 
@@ -155,7 +147,8 @@ def build_engine(args):
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
                           max_model_len=max_model_len, num_pages=args.num_pages,
-                          enable_prefix_caching=args.enable_prefix_caching, **options)
+                          enable_prefix_caching=args.enable_prefix_caching,
+                          compile_workers=args.compile_workers, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
     before = _cache_entries(cache)
