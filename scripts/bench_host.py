@@ -11,6 +11,8 @@ same step, in steady-state decode.
   so this is the device's rate).
 
 Host overhead = (engine − device) / engine per step (DESIGN.md's target: ≤ 5% at batch 64).
+Then ``--steps`` more steps are split into phases (ms per step): schedule, plan, run
+(dispatch), wait (token read-back, where the device time lands) and outputs.
 
     python scripts/bench_host.py --model qwen2.5-7b --batch 64        # a GPU, random weights
     python scripts/bench_host.py --smoke                              # CPU, seconds (tests)
@@ -44,6 +46,7 @@ def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> d
     for _ in range(steps):
         engine.step()
     engine_s = (time.perf_counter() - start) / steps
+    phases = host_phases(engine, steps)
 
     # The device side of one more decode step: its plan, run again and again.
     runner = engine.runner
@@ -60,7 +63,40 @@ def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> d
         engine.abort(request.request_id)
     engine.step()
     return dict(batch=batch, bucket=plan.decode_rows, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
-                host_overhead=(engine_s - device_s) / engine_s)
+                host_overhead=(engine_s - device_s) / engine_s, phases_ms=phases)
+
+
+def host_phases(engine, steps: int) -> dict[str, float]:
+    """Where an engine step's wall time goes, ms per step over ``steps`` more decode steps:
+    schedule, plan (pack the arrays and the sampling batch), run (dispatch the step and the
+    sampler), wait (read the tokens back: the device's time shows up here), outputs (stop
+    checks, detokenizing, RequestOutputs)."""
+    runner, scheduler = engine.runner, engine.scheduler
+    totals = dict(schedule=0.0, plan=0.0, run=0.0, wait=0.0, outputs=0.0)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - start
+        return wrapper
+
+    originals = scheduler.schedule, runner.plan, runner.run, runner.execute
+    scheduler.schedule = timed("schedule", scheduler.schedule)
+    runner.plan, runner.run = timed("plan", runner.plan), timed("run", runner.run)
+    runner.execute = timed("wait", runner.execute)  # minus plan and run, below
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - start
+    finally:
+        scheduler.schedule, runner.plan, runner.run, runner.execute = originals
+    totals["wait"] -= totals["plan"] + totals["run"]
+    totals["outputs"] = total - totals["schedule"] - totals["plan"] - totals["run"] - totals["wait"]
+    return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                   model=str(args.model), dtype=lm.dtype, prompt_len=args.prompt_len, steps=args.steps)
     print(f"# host overhead: {args.model} ({lm.dtype}) on {device.device_kind}, jax {jax.__version__}, "
           f"{header['date']}")
-    print("| batch | engine ms/step | device ms/step | host overhead |\n|---|---|---|---|")
+    print("| batch | engine ms/step | device ms/step | host overhead | schedule | plan | run | wait | "
+          "outputs |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for batch in batches:
         r = measure(engine, batch, args.prompt_len, args.steps)
         rows.append(r)
-        print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} |",
-              flush=True)
+        phases = " | ".join(f"{r['phases_ms'][k]:.3f}" for k in ("schedule", "plan", "run", "wait", "outputs"))
+        print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} | "
+              f"{phases} |", flush=True)
     write_results(args.json, header, rows)
     return 0
 

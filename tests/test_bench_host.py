@@ -22,4 +22,7 @@ def test_measure_reports_engine_and_device_time(tmp_path):
     assert row["batch"] == 3 and row["bucket"] == 4
     assert row["engine_ms"] > 0 and row["device_ms"] > 0
     assert abs(row["host_overhead"] - (1 - row["device_ms"] / row["engine_ms"])) < 1e-9
+    phases = row["phases_ms"]
+    assert set(phases) == {"schedule", "plan", "run", "wait", "outputs"}
+    assert all(ms >= 0 for ms in phases.values()) and phases["wait"] > 0, phases
     assert not engine.has_unfinished() and engine.allocator.num_used == 0
