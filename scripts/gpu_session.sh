@@ -47,7 +47,8 @@ cat "$WORK/jax.txt" | tee -a "$WORK/summary.txt"
 if [ -n "$SMOKE" ]; then
   if [ "$PART" = 1 ]; then
     step gpu_tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-    step bench_attention 300 $PY scripts/bench_attention.py --smoke --json "$WORK/attention.json"
+    step bench_attention 300 $PY scripts/bench_attention.py --smoke --cases smoke_b2_ctx40 \
+        --json "$WORK/attention.json"
     step bench_decode_tp4 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp4.json" \
         --profile "$WORK/decode_tp4_profile"
     step bench_decode_tp8 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp8.json"
