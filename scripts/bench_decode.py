@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         r["tok_s_per_seq_modeled"] = 1e3 / step_ms
         r["tok_s_total_modeled"] = batch * 1e3 / step_ms
         rows.append(r)
+        write_results(args.json, header, rows)  # after every row: a run cut short keeps them
         print(f"| {batch} | {args.ctx} | {r['seconds_per_step'] * 1e3:.2f} | {r['weight_bytes'] / 1e9:.2f} | "
               f"{r['kv_bytes'] / 1e9:.2f} | {r['tbps']:.2f} | {r['mbu']:.0%} | "
               f"{r['collectives_ms_modeled']:.2f} | {r['tok_s_per_seq_modeled']:.1f} | "

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batches:
         r = measure(engine, batch, args.prompt_len, args.steps)
         rows.append(r)
+        write_results(args.json, header, rows)  # after every row: a run cut short keeps them
         phases = " | ".join(f"{r['phases_ms'][k]:.3f}" for k in ("schedule", "plan", "run", "wait", "outputs"))
         print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} | "
               f"{phases} |", flush=True)

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         r["collectives_ms_modeled"] = chunks * allreduces_per_step(config.num_layers) * per / 1e3
         r["ttft_ms_modeled"] = r["seconds"] * 1e3 + r["collectives_ms_modeled"]
         rows.append(r)
+        write_results(args.json, header, rows)  # after every row: a run cut short keeps them
         print(f"| {tokens} | {r['seconds'] * 1e3:.1f} | {r['flops'] / 1e12:.2f} | {r['tflops']:.0f} | "
               f"{r['mfu_measured']:.0%} | {r['mfu_peak']:.0%} | {r['collectives_ms_modeled']:.1f} | "
               f"{r['ttft_ms_modeled']:.1f} |", flush=True)

@@ -62,9 +62,9 @@ elif [ "$PART" = 1 ]; then
   # 2. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
   step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
   # 3. Decode step (engine attention and sampler) of one device's shard: 72B at TP4 (36 GB of
-  #    weights), profiled at batch 1, then TP8.
+  #    weights), profiled at batch 1; the target sizes (1, 32) first in case time runs out. Then TP8.
   step bench_decode_tp4 230 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
-      --batch 1,8,32,64 --ctx 2048 --json "$WORK/decode_tp4.json" --profile "$WORK/decode_tp4_profile"
+      --batch 1,32,8,64 --ctx 2048 --json "$WORK/decode_tp4.json" --profile "$WORK/decode_tp4_profile"
   step bench_decode_tp8 110 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 \
       --batch 1,32 --ctx 2048 --json "$WORK/decode_tp8.json"
 else
