@@ -302,21 +302,27 @@ def main(argv=None) -> dict:
 
     rng = np.random.default_rng(args.seed)
     rows = []
+
+    def result() -> dict:
+        out = dict(device=device.device_kind, platform=device.platform,
+                   jax_version=jax.__version__, dtype=args.dtype, head_dim=args.head_dim,
+                   page_size=args.page_size, hbm_read_tbps=hbm / 1e12, interpret=args.interpret,
+                   results=[dict(r, frac_of_hbm=r["tbps"] * 1e12 / hbm) if "tbps" in r else r
+                            for r in rows])
+        if args.json:  # after every case: a run cut short by a time limit keeps what finished
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return out
+
     for name in names:
         batch, context = cases[name]
         for heads_name in heads:
             rows.extend(bench_case(name, batch, context, heads_name, args, rng, impls, variants))
+            result()
     print()
     print(markdown_table(rows, hbm / 1e12))
-    result = dict(device=device.device_kind, platform=device.platform,
-                  jax_version=jax.__version__, dtype=args.dtype, head_dim=args.head_dim,
-                  page_size=args.page_size, hbm_read_tbps=hbm / 1e12, interpret=args.interpret,
-                  results=[dict(r, frac_of_hbm=r["tbps"] * 1e12 / hbm) if "tbps" in r else r
-                           for r in rows])
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
-    return result
+    return result()
 
 
 if __name__ == "__main__":
