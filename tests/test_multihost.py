@@ -183,33 +183,31 @@ def test_leader_exit_stops_follower_cleanly(pair_run):
     assert "the leader said stop" in err
 
 
-def test_follower_death_fails_leader(tmp_path, tiny_model):
-    pair = Pair(tmp_path, tiny_model, "wait", [], 1)  # set up, nothing to generate
+def _kill_one_side(tmp_path, tiny_model, victim: str) -> tuple[int, str, float]:
+    """Set up a pair with nothing to generate, SIGKILL ``victim`` ("leader" or "follower") and
+    wait for the other: its exit code, its stderr and how long it took to exit."""
+    pair = Pair(tmp_path, tiny_model, "wait", [], 1)
+    survivor = pair.follower if victim == "leader" else pair.leader
     try:
         line = pair.leader.stdout.readline()
         assert line.strip() == "READY", pair.leader.communicate(timeout=30)[1][-3000:]
-        pair.follower.send_signal(signal.SIGKILL)
+        getattr(pair, victim).send_signal(signal.SIGKILL)
         start = time.monotonic()
-        rc, _, err = pair.wait(pair.leader, 30)
-        elapsed = time.monotonic() - start
+        rc, _, err = pair.wait(survivor, 30)
+        return rc, err, time.monotonic() - start
     finally:
         pair.kill()
+
+
+def test_follower_death_fails_leader(tmp_path, tiny_model):
+    rc, err, elapsed = _kill_one_side(tmp_path, tiny_model, "follower")
     assert rc == multihost.FAILURE_EXIT_CODE
     assert "follower process 1 disconnected" in err, err[-3000:]
     assert elapsed < 15
 
 
 def test_leader_death_fails_follower(tmp_path, tiny_model):
-    pair = Pair(tmp_path, tiny_model, "wait", [], 1)
-    try:
-        line = pair.leader.stdout.readline()
-        assert line.strip() == "READY", pair.leader.communicate(timeout=30)[1][-3000:]
-        pair.leader.send_signal(signal.SIGKILL)
-        start = time.monotonic()
-        rc, _, err = pair.wait(pair.follower, 30)
-        elapsed = time.monotonic() - start
-    finally:
-        pair.kill()
+    rc, err, elapsed = _kill_one_side(tmp_path, tiny_model, "leader")
     assert rc == multihost.FAILURE_EXIT_CODE, err[-3000:]
     assert "the leader (process 0) disconnected without a stop message" in err, err[-3000:]
     assert elapsed < 15
