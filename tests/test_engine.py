@@ -103,10 +103,10 @@ def test_warm_up_compiles_in_parallel_only_what_the_cache_holds_on_accelerators(
     assert compile_workers(lowered, platform="cpu", cache_dir=cache) == cores
     # On a GPU a cold compile autotunes on the device: one program at a time ...
     assert compile_workers(lowered, platform="gpu", cache_dir=cache) == 1
-    remember_compiled(lowered[:2], cache_dir=cache)
+    remember_compiled(lowered[:2], platform="gpu", cache_dir=cache)
     assert compile_workers(lowered, platform="gpu", cache_dir=cache) == 1
     # ... and only a start that finds every program compiled before loads them side by side.
-    remember_compiled(lowered, cache_dir=cache)
+    remember_compiled(lowered, platform="gpu", cache_dir=cache)
     assert compile_workers(lowered, platform="gpu", cache_dir=cache) == cores
     other = load_model(tiny_dir, tp=2, dtype="float32")
     other_runner = Engine(other, EngineConfig(**SMALL, num_pages=100), warm_up=False).runner

@@ -111,8 +111,12 @@ def compile_workers(lowered: Sequence, *, platform: str | None = None,
     return cores if all(note is not None and note.exists() for note in notes) else 1
 
 
-def remember_compiled(lowered: Sequence, *, cache_dir: str | None = None) -> None:
-    """Note ``lowered`` programs as compiled into the persistent cache (see compile_workers)."""
+def remember_compiled(lowered: Sequence, *, platform: str | None = None,
+                      cache_dir: str | None = None) -> None:
+    """Note ``lowered`` programs as compiled into the persistent cache (see compile_workers;
+    CPU compiles on every core anyway, so nothing is noted there)."""
+    if (platform or jax.devices()[0].platform) == "cpu":
+        return
     for program in lowered:
         note = _program_note(program, cache_dir)
         if note is not None:
