@@ -435,6 +435,7 @@ def run_follower(lm, channel: Follower | None = None) -> int:
         raise RuntimeError("run_follower needs a follower process (multihost.initialize with process_id > 0)")
     runner = None
     failed = None
+    previous = None  # the last step's sampled outputs, waited for after the next is dispatched
     while True:
         try:
             kind, meta, arrays = channel.receive(timeout=STEP_FAILURE_WAIT_SECONDS if failed else None)
@@ -463,15 +464,20 @@ def run_follower(lm, channel: Follower | None = None) -> int:
             channel.send("warm")
         elif kind == "reset":
             runner.reset_cache()
-            failed = None
+            failed = previous = None
         elif kind == "step":
             try:
                 sampled = runner.run(StepPlan.from_message(meta, arrays))
-                if sampled is not None:
-                    jax.block_until_ready(sampled)
+                # Wait for the step before this one only (the leader, scheduling asynchronously,
+                # dispatches a step before it reads the one before back): this device then
+                # never idles while the next step is unpacked and dispatched here.
+                if previous is not None:
+                    jax.block_until_ready(previous)
+                previous = sampled
             except Exception as error:  # noqa: BLE001 - the leader decides; see above
                 log.exception("step failed on this follower")
                 failed = f"{type(error).__name__}: {error}"
+                previous = None
         else:
             channel.on_failure(f"sent an unknown message {kind!r}")
             return FAILURE_EXIT_CODE

@@ -2,17 +2,20 @@
 same step, in steady-state decode.
 
 ``--batch`` requests (random prompts, ``ignore_eos``) are admitted and prefilled; then
-``--steps`` decode steps are timed twice:
+``--steps`` decode steps are timed, for each ``--mode``:
 
 - engine: ``Engine.step()`` end to end (schedule, pack, run the compiled step, sample, read the
-  tokens back, stop checks, detokenize, outputs);
+  tokens back, stop checks, detokenize, outputs). ``async`` schedules and dispatches step N+1
+  before reading step N back (the engine's default), so the host's work hides behind the
+  device's; ``sync`` waits for each step before scheduling the next;
 - device: the same compiled step program and sampler on the same packed inputs, called
   ``--steps`` times back to back with one wait at the end (dispatch overlaps device work,
   so this is the device's rate).
 
 Host overhead = (engine − device) / engine per step (DESIGN.md's target: ≤ 5% at batch 64).
 Then ``--steps`` more steps are split into phases (ms per step): schedule, plan, run
-(dispatch), wait (token read-back, where the device time lands) and outputs.
+(dispatch), wait (token read-back, where the device time lands) and outputs. With ``async``
+the other phases overlap the device, so ``wait`` is what is left of the device time.
 
     python scripts/bench_host.py --model qwen2.5-7b --batch 64        # a GPU, random weights
     python scripts/bench_host.py --smoke                              # CPU, seconds (tests)
@@ -28,9 +31,13 @@ import jax
 import numpy as np
 
 
-def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> dict:
+def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0,
+            mode: str = "async") -> dict:
+    import dataclasses
+
     from qwenjax.sampling import SamplingParams
 
+    engine.config = dataclasses.replace(engine.config, async_scheduling=mode == "async")
     rng = np.random.default_rng(seed)
     vocab = engine.lm.config.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps * 3 + 8, ignore_eos=True)
@@ -62,7 +69,7 @@ def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0) -> d
     for request in list(engine.scheduler.running):
         engine.abort(request.request_id)
     engine.step()
-    return dict(batch=batch, bucket=plan.decode_rows, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
+    return dict(batch=batch, mode=mode, bucket=plan.decode_rows, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
                 host_overhead=(engine_s - device_s) / engine_s, phases_ms=phases)
 
 
@@ -83,18 +90,17 @@ def host_phases(engine, steps: int) -> dict[str, float]:
                 totals[name] += time.perf_counter() - start
         return wrapper
 
-    originals = scheduler.schedule, runner.plan, runner.run, runner.execute
+    originals = scheduler.schedule, runner.plan, runner.run, runner.collect
     scheduler.schedule = timed("schedule", scheduler.schedule)
     runner.plan, runner.run = timed("plan", runner.plan), timed("run", runner.run)
-    runner.execute = timed("wait", runner.execute)  # minus plan and run, below
+    runner.collect = timed("wait", runner.collect)
     try:
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
         total = time.perf_counter() - start
     finally:
-        scheduler.schedule, runner.plan, runner.run, runner.execute = originals
-    totals["wait"] -= totals["plan"] + totals["run"]
+        scheduler.schedule, runner.plan, runner.run, runner.collect = originals
     totals["outputs"] = total - totals["schedule"] - totals["plan"] - totals["run"] - totals["wait"]
     return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
 
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", default="64", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--mode", default="async,sync", help="comma-separated: async, sync")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="0.5B random weights, batch 4, CPU")
     args = p.parse_args(argv)
@@ -128,16 +135,18 @@ def main(argv: list[str] | None = None) -> int:
                   model=str(args.model), dtype=lm.dtype, prompt_len=args.prompt_len, steps=args.steps)
     print(f"# host overhead: {args.model} ({lm.dtype}) on {device.device_kind}, jax {jax.__version__}, "
           f"{header['date']}")
-    print("| batch | engine ms/step | device ms/step | host overhead | schedule | plan | run | wait | "
-          "outputs |\n|---|---|---|---|---|---|---|---|---|")
+    print("| batch | mode | engine ms/step | device ms/step | host overhead | schedule | plan | run | "
+          "wait | outputs |\n|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for batch in batches:
-        r = measure(engine, batch, args.prompt_len, args.steps)
-        rows.append(r)
-        write_results(args.json, header, rows)  # after every row: a run cut short keeps them
-        phases = " | ".join(f"{r['phases_ms'][k]:.3f}" for k in ("schedule", "plan", "run", "wait", "outputs"))
-        print(f"| {batch} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | {r['host_overhead']:.1%} | "
-              f"{phases} |", flush=True)
+        for mode in args.mode.split(","):
+            r = measure(engine, batch, args.prompt_len, args.steps, mode=mode)
+            rows.append(r)
+            write_results(args.json, header, rows)  # after every row: a run cut short keeps them
+            phases = " | ".join(f"{r['phases_ms'][k]:.3f}"
+                                for k in ("schedule", "plan", "run", "wait", "outputs"))
+            print(f"| {batch} | {mode} | {r['engine_ms']:.2f} | {r['device_ms']:.2f} | "
+                  f"{r['host_overhead']:.1%} | {phases} |", flush=True)
     write_results(args.json, header, rows)
     return 0
 

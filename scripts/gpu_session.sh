@@ -71,7 +71,8 @@ else
   # 4. Prefill (TTFT, MFU) of the 72B TP4 shard, 2k-token chunks.
   step bench_prefill 200 $PY scripts/bench_prefill.py --preset qwen2.5-72b --shard-of-tp 4 \
       --prompt 512,2048,8192,32768 --chunk 2048 --json "$WORK/prefill_tp4.json"
-  # 5. Host overhead of the engine loop at batch 64 (7B, random weights, one GPU).
+  # 5. Host overhead of the engine loop at batch 64 (7B, random weights, one GPU), with async
+  #    scheduling (the default) and without.
   step bench_host 130 $PY scripts/bench_host.py --model qwen2.5-7b --batch 8,64 --json "$WORK/host.json"
   # 6. Cold and warm start of the 7B engine (persistent compile cache; warm loads in parallel).
   step bench_startup 240 $PY scripts/bench_engine.py --only startup --model qwen2.5-7b \

@@ -63,6 +63,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "per core; on a GPU, one while any program is missing from the cache)")
     engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="do not reuse the K/V of prompt prefixes computed for earlier requests")
+    engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="wait for each step's tokens before scheduling the next (default: the "
+                             "next step is scheduled and dispatched while the device runs this one)")
 
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
@@ -148,7 +151,7 @@ def build_engine(args):
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
                           max_model_len=max_model_len, num_pages=args.num_pages,
                           enable_prefix_caching=args.enable_prefix_caching,
-                          compile_workers=args.compile_workers, **options)
+                          async_scheduling=args.async_scheduling, compile_workers=args.compile_workers, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
     before = _cache_entries(cache)

@@ -1,6 +1,6 @@
 """Fault injection for tests: a step that raises, and logits that turn NaN for chosen requests.
 
-Both wrap one ModelRunner instance from the outside (its ``execute`` and the compiled step
+Both wrap one ModelRunner instance from the outside (its ``dispatch`` and the compiled step
 it picks with ``_program``), so production code carries no hook and pays nothing. A
 ``select(request)`` predicate picks the requests to hit, which lets a test (or the soak's
 server process) mark faulty requests by their prompt alone.
@@ -27,32 +27,32 @@ class InjectedFault(RuntimeError):
 
 def raise_in_steps(runner, select: Callable[[object], bool]) -> list:
     """Every step holding a selected request raises before it runs; returns the failed steps."""
-    real_execute = runner.execute
+    real_dispatch = runner.dispatch
     failed = []
 
-    def execute(out):
+    def dispatch(out):
         if any(select(c.request) for c in out.chunks):
             failed.append(out)
             raise InjectedFault("injected step failure")
-        return real_execute(out)
+        return real_dispatch(out)
 
-    runner.execute = execute
+    runner.dispatch = dispatch
     return failed
 
 
 def nan_logits(runner, select: Callable[[object], bool]) -> list:
     """The logits rows of selected requests that sample this step become NaN (as a numerical
     fault in the model would leave them); returns the ids of the requests hit."""
-    real_execute, real_program = runner.execute, runner._program
+    real_dispatch, real_program = runner.dispatch, runner._program
     rows: list[int] = []
     hit: list[str] = []
 
-    def execute(out):
+    def dispatch(out):
         decode_rows = bucket_for(len(out.decode), runner.decode_buckets)
         placed = [*enumerate(out.decode), *((decode_rows + j, c) for j, c in enumerate(out.prefill))]
         rows[:] = [i for i, c in placed if c.completes and select(c.request)]
         hit.extend(c.request.request_id for _, c in placed if c.completes and select(c.request))
-        return real_execute(out)
+        return real_dispatch(out)
 
     def program(decode_rows: int, prefill_tokens: int):
         compiled = real_program(decode_rows, prefill_tokens)
@@ -66,12 +66,12 @@ def nan_logits(runner, select: Callable[[object], bool]) -> list:
 
         return run
 
-    runner.execute, runner._program = execute, program
+    runner.dispatch, runner._program = dispatch, program
     return hit
 
 
 def marked(mark: int, min_output: int = 0) -> Callable[[object], bool]:
-    return lambda request: request.prompt_ids[0] == mark and len(request.output_ids) >= min_output
+    return lambda request: request.prompt_ids[0] == mark and request.num_output_tokens >= min_output
 
 
 def install_marked_faults(runner) -> None:
@@ -83,5 +83,5 @@ def install_marked_faults(runner) -> None:
 
 def remove(runner) -> None:
     """Undo ``raise_in_steps`` / ``nan_logits``: the class's own methods again."""
-    for name in ("execute", "_program"):
+    for name in ("dispatch", "_program"):
         runner.__dict__.pop(name, None)

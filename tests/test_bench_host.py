@@ -18,11 +18,13 @@ def test_measure_reports_engine_and_device_time(tmp_path):
                     EngineConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=16,
                                  max_prefill_seqs=4, max_model_len=128, num_pages=64,
                                  enable_prefix_caching=False), warm_up=False)
-    row = bench.measure(engine, batch=3, prompt_len=20, steps=4)
-    assert row["batch"] == 3 and row["bucket"] == 4
-    assert row["engine_ms"] > 0 and row["device_ms"] > 0
-    assert abs(row["host_overhead"] - (1 - row["device_ms"] / row["engine_ms"])) < 1e-9
-    phases = row["phases_ms"]
-    assert set(phases) == {"schedule", "plan", "run", "wait", "outputs"}
-    assert all(ms >= 0 for ms in phases.values()) and phases["wait"] > 0, phases
-    assert not engine.has_unfinished() and engine.allocator.num_used == 0
+    for mode in ("async", "sync"):
+        row = bench.measure(engine, batch=3, prompt_len=20, steps=4, mode=mode)
+        assert row["batch"] == 3 and row["bucket"] == 4 and row["mode"] == mode
+        assert engine.config.async_scheduling == (mode == "async")
+        assert row["engine_ms"] > 0 and row["device_ms"] > 0
+        assert abs(row["host_overhead"] - (1 - row["device_ms"] / row["engine_ms"])) < 1e-9
+        phases = row["phases_ms"]
+        assert set(phases) == {"schedule", "plan", "run", "wait", "outputs"}
+        assert all(ms >= 0 for ms in phases.values()) and phases["wait"] > 0, phases
+        assert not engine.has_unfinished() and engine.allocator.num_used == 0

@@ -130,6 +130,46 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):
     assert other_seed[0].token_ids != alone[0].token_ids
 
 
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_lm):
+    """Step N+1 dispatched before step N is read back: same tokens, stops, logprobs and pages as
+    the synchronous engine, through stop tokens (rows thrown away), min_tokens, penalties (steps
+    that fall back to synchronous), preemption and prefix caching."""
+    rng = np.random.default_rng(5)
+    shared = rng.integers(0, VOCAB, 40).tolist()
+    prompts = [shared + rng.integers(0, VOCAB, rng.integers(1, 200)).tolist() for _ in range(10)]
+    stops = (7, 70, 140, 210)  # some requests stop on a token
+    params = [SamplingParams(temperature=1.0, top_k=40, seed=i, max_tokens=int(rng.integers(1, 40)),
+                             stop_token_ids=stops, min_tokens=2 if i % 3 == 0 else 0,
+                             logprobs=2 if i % 4 == 0 else None,
+                             repetition_penalty=1.3 if i == 7 else 1.0)
+              for i in range(len(prompts))]
+    arrivals = sorted(rng.integers(0, 12, len(prompts)).tolist())
+    results = {}
+    for mode in (False, True):
+        config = EngineConfig(**{**SMALL, "max_model_len": 320}, num_pages=60, async_scheduling=mode)
+        engine = Engine(tiny_lm, config, warm_up=False)
+        overlapped = []  # per read-back: whether a later step was already dispatched
+        collect = engine.runner.collect
+        engine.runner.collect = lambda step, e=engine: (
+            overlapped.append(e._inflight not in (None, step)), collect(step))[1]
+        outputs, preemptions = _run(engine, prompts, params, arrivals)
+        assert engine.allocator.num_free == 60 and not engine.has_unfinished()
+        results[mode] = outputs, preemptions, sum(overlapped)
+    (sync, sync_preempted, sync_overlapped), (fast, fast_preempted, fast_overlapped) = results.values()
+    assert sync_overlapped == 0 and fast_overlapped > 10
+    assert sync_preempted > 0 and fast_preempted > 0
+    assert sum(o.finish_reason == "stop" for o in sync.values()) >= 3
+    for i in sync:
+        assert fast[i].token_ids == sync[i].token_ids, i
+        assert (fast[i].finish_reason, fast[i].matched_stop) == (sync[i].finish_reason, sync[i].matched_stop)
+        assert len(fast[i].token_ids) >= params[i].min_tokens
+        if params[i].logprobs:  # the batches differ, so the float sums may round differently
+            for got, want in zip(fast[i].logprobs, sync[i].logprobs, strict=True):
+                assert [t for t, _ in got.top] == [t for t, _ in want.top]
+                np.testing.assert_allclose([got.logprob] + [lp for _, lp in got.top],
+                                           [want.logprob] + [lp for _, lp in want.top], atol=1e-4)
+
+
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
     engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
     good = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
@@ -168,14 +208,14 @@ def test_a_failing_step_fails_only_its_requests(tiny_lm, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     first = engine.add_request([5, 6, 7], params)
     engine.step()
-    real_execute = engine.runner.execute
+    real_dispatch = engine.runner.dispatch
 
     def explode(out):
-        monkeypatch.setattr(engine.runner, "execute", real_execute)
+        monkeypatch.setattr(engine.runner, "dispatch", real_dispatch)
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(engine.runner, "execute", explode)
-    (failed,) = engine.step()
+    monkeypatch.setattr(engine.runner, "dispatch", explode)
+    (failed,) = [o for o in engine.step() if o.finished]  # after the token of the step before
     assert failed.request_id == first and failed.finish_reason == "error"
     assert "injected fault" in failed.error
     assert engine.allocator.num_used == 0

@@ -159,15 +159,15 @@ def test_a_failed_step_forgets_the_cache_and_errors_never_leave_pages_behind(tin
         engine.step()
     assert len(engine.prefix_cache) == 7  # 31 tokens computed → 7 full pages of 4
     engine.add_request(prompt, params)
-    real = engine.runner.execute
+    real = engine.runner.dispatch
 
     def broken(out):
         raise RuntimeError("injected")
-    monkeypatch.setattr(engine.runner, "execute", broken)
+    monkeypatch.setattr(engine.runner, "dispatch", broken)
     (failed,) = engine.step()
     assert failed.finish_reason == "error"
     assert len(engine.prefix_cache) == 0 and engine.allocator.num_evictable == 0
-    monkeypatch.setattr(engine.runner, "execute", real)
+    monkeypatch.setattr(engine.runner, "dispatch", real)
     rid = engine.add_request(prompt, params)
     outputs = []
     while engine.has_unfinished():

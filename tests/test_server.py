@@ -536,16 +536,16 @@ def test_a_failing_step_fails_only_its_request_and_the_server_keeps_serving(mode
     wait_engine_idle(engine)
     request = pb.GenerateRequest(text="def clamp(", sampling=greedy(5, ignore_eos=True))
     expected, _, _ = collect(stub.Generate(request, timeout=60))
-    real_execute = engine.runner.execute
+    real_dispatch = engine.runner.dispatch
     failures = []
 
-    def execute_failing_once(out):
+    def dispatch_failing_once(out):
         if not failures:
             failures.append(out)
             raise RuntimeError("injected device failure")
-        return real_execute(out)
+        return real_dispatch(out)
 
-    monkeypatch.setattr(engine.runner, "execute", execute_failing_once)
+    monkeypatch.setattr(engine.runner, "dispatch", dispatch_failing_once)
     errors_before = scrape(served.metrics_port).get('qwenjax:requests_total{finish_reason="error"}', 0)
     code, details = code_of(stub.Generate(request, timeout=60))
     assert code == grpc.StatusCode.INTERNAL and "injected device failure" in details

@@ -1,8 +1,18 @@
 """The engine loop: schedule → run the step → sample → stops → detokenize → emit.
 
-Single-threaded and synchronous: ``step()`` does one iteration and returns the
-outputs of every request that advanced. ``LLM`` drives it in a loop; ``AsyncLLM``
-and the server run it on a thread of its own.
+Single-threaded: ``step()`` does one iteration and returns the outputs of every
+request that advanced. ``LLM`` drives it in a loop; ``AsyncLLM`` and the server
+run it on a thread of its own.
+
+Async scheduling (``EngineConfig.async_scheduling``, on by default): ``step()``
+schedules and dispatches step N+1 before it reads step N's tokens back, so the
+host's work (scheduling, packing, stop checks, detokenizing) runs while the
+device computes. Step N+1 feeds each decoding request the token N sampled for
+it straight from device memory. What this costs: a request that stops on a
+token (EOS, a stop string) has one more row computed and thrown away, and a
+batch with repetition/presence/frequency penalties runs synchronously (the
+penalties need every output token on the host). The tokens are the same either
+way: sampling keys depend on the request's seed and token index only.
 """
 from __future__ import annotations
 
@@ -17,7 +27,7 @@ from typing import Sequence
 from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, RequestStatus,
                                     TokenLogprob)
-from qwenjax.engine.runner import ModelRunner, SampledToken
+from qwenjax.engine.runner import InFlight, ModelRunner, SampledToken
 from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
 from qwenjax.kv_cache import PageAllocator, page_bytes_per_device, pages_for_memory
 from qwenjax.loading import LoadedModel
@@ -41,6 +51,7 @@ class EngineConfig:
     compile_cache: bool = True            # JAX's persistent compilation cache in the qwenjax cache dir
     compile_workers: int | None = None    # warm-up compile threads (default: runner.compile_workers)
     enable_prefix_caching: bool = True    # reuse K/V pages of prompt prefixes computed before
+    async_scheduling: bool = True         # schedule step N+1 while step N runs (see above)
 
 
 @dataclasses.dataclass
@@ -104,6 +115,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._tracking: dict[str, _Tracking] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self._inflight: InFlight | None = None     # the step dispatched and not yet read back
         self._ids = itertools.count()
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
@@ -193,18 +205,65 @@ class Engine:
 
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Dispatch the next step, then read back and process the one before it (async
+        scheduling); or dispatch one step and wait for it."""
         outputs, self._pending = self._pending, []
+        previous, self._inflight = self._inflight, None
+        if previous is not None and not self._may_overlap():
+            outputs += self._collect(previous)
+            previous = None
         out = self.scheduler.schedule()
-        if out.empty:
-            return outputs
+        if not out.empty:
+            try:
+                dispatched = self.runner.dispatch(out)
+            except Exception as error:  # a failed step fails only its own requests
+                log.exception("step failed")
+                if previous is not None:
+                    outputs += self._collect(previous)
+                return outputs + self._fail_step(out, error)
+            self.scheduler.step_dispatched(out)
+            for row, chunk in dispatched.placed:
+                chunk.request.num_inflight += 1
+                chunk.request.inflight_row = row
+            self._inflight = dispatched
+        if previous is not None:
+            outputs += self._collect(previous)
+        if self._inflight is not None and not self._may_overlap():
+            dispatched, self._inflight = self._inflight, None
+            outputs += self._collect(dispatched)
+        elif self._inflight is not None and all(c.request.finished for c in self._inflight.out.chunks):
+            self._forget(self._inflight)  # only rows of requests that stopped meanwhile
+            self._inflight = None
+        return outputs
+
+    def _may_overlap(self) -> bool:
+        """Whether the next step may be scheduled before the last one's tokens are back."""
+        return self.config.async_scheduling and not any(
+            r.params.uses_penalties for r in self.scheduler.running)
+
+    @staticmethod
+    def _forget(step: InFlight) -> None:
+        """Its sampled tokens will never be read: they are no longer in flight."""
+        for _, chunk in step.placed:
+            chunk.request.num_inflight -= 1
+
+    def _collect(self, step: InFlight) -> list[RequestOutput]:
+        """Read a dispatched step's tokens back and advance its requests."""
         try:
-            sampled = self.runner.execute(out)
-        except Exception as error:  # a failed step fails only its own requests
+            sampled = self.runner.collect(step)
+        except Exception as error:  # the step failed on the device
             log.exception("step failed")
-            return outputs + self._fail_step(out, error)
-        self.scheduler.update_from_output(out)
+            self._forget(step)
+            if self._inflight is not None:  # it ran on this step's outputs: gone too
+                self._forget(self._inflight)
+                self._inflight = None
+            return self._fail_step(step.out, error)
+        self._forget(step)
         now = time.monotonic()
+        outputs = []
         for token in sampled:
+            if token.chunk.request.finished:
+                continue  # aborted, or stopped while this row was in flight
             outputs.append(self._advance(token, now) if token.finite else self._fail_row(token))
         return outputs
 
@@ -213,10 +272,10 @@ class Engine:
         freed pages, which attention never reads past a sequence's length."""
         request = token.chunk.request
         log.error("request %s: non-finite logits at position %d; failing it", request.request_id,
-                  request.num_tokens)
+                  request.num_known)
         self.scheduler.finish(request, "error")
         result = self._finish_output(request, "error", None, "", [])
-        result.error = f"non-finite logits (NaN/inf) at position {request.num_tokens}"
+        result.error = f"non-finite logits (NaN/inf) at position {request.num_known}"
         return result
 
     def _advance(self, token: SampledToken, now: float) -> RequestOutput:
@@ -240,7 +299,7 @@ class Engine:
             if track.detokenizer.stopped:
                 reason, matched = "stop", track.detokenizer.matched_stop
         if reason is None and (len(request.output_ids) >= params.max_tokens
-                               or request.num_tokens > self.max_model_len):
+                               or request.num_known > self.max_model_len):
             reason = "length"
         if reason is None:
             track.text += delta

@@ -32,10 +32,25 @@ class Request:
     cache_entries: list = dataclasses.field(default_factory=list)
     cache_broken: bool = False
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    # Async scheduling: tokens sampled by dispatched steps and not yet read back (0–2), and the
+    # row of the latest such token in its step's sampled ids (the next step reads it there).
+    num_inflight: int = 0
+    inflight_row: int = -1
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host holds: the prompt and the outputs read back so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """The sequence's length, counting tokens still on their way back from the device."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Outputs so far, counting those on their way back (what the sampler's step index is)."""
+        return len(self.output_ids) + self.num_inflight
 
     @property
     def num_pending(self) -> int:
@@ -43,6 +58,8 @@ class Request:
         return self.num_tokens - self.num_computed
 
     def tokens(self, start: int, stop: int) -> list[int]:
+        """Ids of tokens ``start:stop``, all of which must be known (not in flight)."""
+        assert stop <= self.num_known, f"tokens up to {stop} asked, {self.num_known} known"
         n = len(self.prompt_ids)
         if stop <= n:
             return self.prompt_ids[start:stop]

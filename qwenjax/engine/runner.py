@@ -7,10 +7,16 @@ Stages across the host/device boundary:
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
 
-``execute`` is split in two: ``plan`` (host: the numpy arrays of the step and its
-sampling batch, a ``StepPlan``) and ``run`` (device: the compiled step and sampler).
+``execute`` is ``dispatch`` (no waiting) then ``collect`` (the read-back). ``dispatch``
+is split in two: ``plan`` (host: the numpy arrays of the step and its sampling
+batch, a ``StepPlan``) and ``run`` (device: the compiled step and sampler).
 Multi-host serving (qwenjax/multihost.py) sends each plan from process 0 to the
 other processes, which ``run`` it too, so all call the same programs in order.
+
+Async scheduling (the engine dispatches step N+1 before reading step N back): a
+decode row whose input token is still on the device names, in the plan's
+``src``, its row in the previous sampler's output; the step program takes those
+ids (``prev_ids``, always ``max_sampled_rows`` wide) and picks them on device.
 
 Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill chunks are
 packed back to back on one token axis of T ∈ {0, 16, 32, …} tokens (up to
@@ -55,6 +61,7 @@ log = logging.getLogger(__name__)
 # Alternatives returned per token when a request asks for logprobs (its own count ≤ this).
 MAX_TOP_LOGPROBS = 20
 _PAD_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, step=0)
+_NOT_FED = -1  # src of a decode row whose input token the host packed itself
 
 
 def row_buckets(limit: int) -> list[int]:
@@ -134,12 +141,15 @@ class StepPlan:
     prefill: tuple[np.ndarray, ...] | None    # PackedChunks fields
     sampling: SamplingBatch | None            # numpy fields; None: nothing to sample
     num_top: int = 0
+    # [decode_rows]: the previous step's sampled row holding each decode row's input token, or
+    # _NOT_FED where ``decode``'s tokens hold it. None with no decode rows.
+    src: np.ndarray | None = None
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
                 "num_top": self.num_top, "has_decode": self.decode is not None,
                 "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None}
-        arrays = {}
+        arrays = {} if self.src is None else {"src": self.src}
         for name, part in (("decode", self.decode), ("prefill", self.prefill)):
             for i, a in enumerate(part or ()):
                 arrays[f"{name}.{i}"] = a
@@ -177,7 +187,7 @@ class StepPlan:
         return cls(int(meta["decode_rows"]), int(meta["prefill_tokens"]),
                    part("decode", len(dataclasses.fields(StepBatch))),
                    part("prefill", len(dataclasses.fields(PackedChunks))),
-                   sampling, int(meta["num_top"]))
+                   sampling, int(meta["num_top"]), arrays.get("src"))
 
 
 @dataclasses.dataclass
@@ -187,6 +197,16 @@ class SampledToken:
     logprob: float
     top: list[tuple[int, float]]
     finite: bool = True  # False: the row's logits held NaN/inf; the engine fails the request
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step: its device outputs are (or will be) there; nothing was read back."""
+
+    out: SchedulerOutput
+    plan: StepPlan
+    placed: list[tuple[int, ScheduledChunk]]  # (sampled row, chunk) of each chunk that samples
+    sampled: object | None                    # SampleOutput of device arrays; None: none sampled
 
 
 class ModelRunner:
@@ -200,6 +220,8 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.pages_per_seq = config.pages_for(config.max_model_len)
         self.decode_buckets = row_buckets(config.max_num_seqs)
+        # Rows of the largest sampler batch (decode rows, then one per prefill row).
+        self.max_sampled_rows = config.max_num_seqs + config.max_prefill_seqs
         max_prefill_tokens = min(config.max_num_batched_tokens,
                                  config.max_prefill_seqs * config.prefill_chunk)
         # Powers of two from 16 (smaller chunks are cheaper to pad than to compile for).
@@ -213,15 +235,29 @@ class ModelRunner:
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
         model = lm.model
 
-        def step(weights, cache, decode, prefill):
+        def step(weights, cache, decode, feed, prefill):
+            if decode is not None:  # input tokens still on the device: the previous step's samples
+                prev_ids, src = feed
+                fed = jnp.take(prev_ids, jnp.maximum(src, 0), axis=0)[:, None]
+                decode = dataclasses.replace(
+                    decode, tokens=jnp.where(src[:, None] == _NOT_FED, decode.tokens, fed))
             parts = tuple(p for p in (decode, prefill) if p is not None)
             return model.last_logits(weights, cache, parts)
 
         # The KV pools are donated: the step writes the new K/V into the same buffers
         # instead of copying every pool (GBs on a large model) once per step.
         self._step = jax.jit(step, donate_argnums=(1,))
+        width = self.max_sampled_rows
+
+        def sample_step(logits, batch, num_top):
+            sampled = sample(logits, batch, num_top=num_top)
+            ids = jnp.zeros((width,), jnp.int32).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
+            return sampled, ids
+
         # Replicated outputs: every process holds them, so process 0 can read them back.
-        self._sample = jax.jit(sample, static_argnames=("num_top",), out_shardings=self._replicated)
+        self._sample = jax.jit(sample_step, static_argnames=("num_top",), out_shardings=self._replicated)
+        # The last sampler's token ids, max_sampled_rows wide: the next step's fed inputs.
+        self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
         self._samplers: dict[tuple, object] = {}
         self._logits_sharding = None
@@ -265,9 +301,12 @@ class ModelRunner:
         return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
                             spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows))
 
+    def _abstract_feed(self, rows: int) -> tuple | None:
+        return None if rows == 0 else (self._spec(self.max_sampled_rows), self._spec(rows))
+
     def _lower(self, decode_rows: int, prefill_tokens: int):
         return self._step.lower(self.lm.weights, self.cache, self._abstract_decode(decode_rows),
-                                self._abstract_prefill(prefill_tokens))
+                                self._abstract_feed(decode_rows), self._abstract_prefill(prefill_tokens))
 
     def _add_program(self, key: tuple[int, int], compiled) -> None:
         self._programs[key] = compiled
@@ -367,19 +406,25 @@ class ModelRunner:
         return jax.tree.map(lambda a: jax.make_array_from_callback(
             a.shape, self._replicated, lambda index: a[index]), tree)
 
-    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> tuple | None:
-        if rows == 0:
-            return None
+    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> tuple:
+        """The StepBatch arrays, and ``src``: for a row whose token is still on the device
+        (sampled by the step before, not read back), that step's sampled row."""
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
         seq_lens = np.zeros((rows,), np.int32)
         tables = np.zeros((rows, self.pages_per_seq), np.int32)
+        src = np.full((rows,), _NOT_FED, np.int32)
         for i, c in enumerate(chunks):
-            tokens[i, 0] = c.request.tokens(c.start, c.start + 1)[0]
+            request = c.request
+            if c.start < request.num_known:
+                tokens[i, 0] = request.tokens(c.start, c.start + 1)[0]
+            else:  # the one token in flight, from the step dispatched just before this one
+                assert request.num_inflight == 1 and request.inflight_row >= 0, request.request_id
+                src[i] = request.inflight_row
             positions[i, 0] = c.start
             seq_lens[i] = c.start + 1
-            tables[i, : len(c.request.pages)] = c.request.pages
-        return tokens, positions, seq_lens, tables
+            tables[i, : len(request.pages)] = request.pages
+        return (tokens, positions, seq_lens, tables), src
 
     def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> tuple | None:
         if total == 0:
@@ -414,10 +459,12 @@ class ModelRunner:
         request = chunk.request
         params = request.params
         suppress: tuple[int, ...] = ()
-        if len(request.output_ids) < params.min_tokens:
+        if request.num_output_tokens < params.min_tokens:
             suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
         penalties = params.uses_penalties
-        return SamplingRow(params=params, seed=request.seed, step=len(request.output_ids),
+        # Penalties count the output tokens, so the engine never leaves one in flight for them.
+        assert not (penalties and request.num_inflight), request.request_id
+        return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
                            prompt_ids=request.prompt_ids if penalties else (),
                            output_ids=request.output_ids if penalties else (),
                            suppress_ids=suppress)
@@ -427,7 +474,7 @@ class ModelRunner:
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
         prefill_tokens = bucket_for(sum(c.num_tokens for c in out.prefill), self.token_buckets)
         prefill_rows = self.prefill_rows if prefill_tokens else 0
-        decode = self._pack_decode(out.decode, decode_rows)
+        decode, src = self._pack_decode(out.decode, decode_rows) if decode_rows else (None, None)
         prefill = self._pack_prefill(out.prefill, prefill_tokens)
 
         rows = [_PAD_ROW] * (decode_rows + prefill_rows)
@@ -441,27 +488,47 @@ class ModelRunner:
         if placed:
             num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
             batch = build_sampling_batch(rows, len(rows))
-        return StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top), placed
+        return StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top, src), placed
 
     def run(self, plan: StepPlan):
-        """The device half: the step program, then the sampler (None when nothing is sampled)."""
+        """The device half: the step program, then the sampler (None when nothing is sampled).
+        Returns at once; the outputs are device arrays still being computed."""
         program = self._program(plan.decode_rows, plan.prefill_tokens)
-        decode = StepBatch(*self._put(plan.decode)) if plan.decode is not None else None
-        prefill = PackedChunks(*self._put(plan.prefill)) if plan.prefill is not None else None
-        logits, self.cache = program(self.lm.weights, self.cache, decode, prefill)
+        decode = feed = prefill = None
+        if plan.decode is not None:
+            decode = StepBatch(*self._put(plan.decode))
+            feed = (self._prev_ids, self._put(plan.src))
+        if plan.prefill is not None:
+            prefill = PackedChunks(*self._put(plan.prefill))
+        logits, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill)
         if plan.sampling is None:
             return None
-        return self._sampler(plan.sampling, plan.num_top)(logits, self._put(plan.sampling))
+        sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(logits,
+                                                                             self._put(plan.sampling))
+        return sampled
 
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Run one scheduled step; return the token sampled for each chunk that completes."""
+    def dispatch(self, out: SchedulerOutput) -> InFlight:
+        """Start one scheduled step on the device; nothing waits for it (see ``collect``)."""
         plan, placed = self.plan(out)
         if self.mirror is not None:
             self.mirror.send("step", *plan.to_message())
         sampled = self.run(plan)
+        if sampled is not None:  # start the copy back now; collect() then finds it done
+            for name in ("token_ids", "logprobs", "finite") + (("top_ids", "top_logprobs")
+                                                              if plan.num_top else ()):
+                getattr(sampled, name).copy_to_host_async()
+        return InFlight(out, plan, placed, sampled)
+
+    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
+        """Run one scheduled step and wait for it."""
+        return self.collect(self.dispatch(out))
+
+    def collect(self, step: InFlight) -> list[SampledToken]:
+        """Wait for a dispatched step; the token sampled for each chunk that completes."""
+        sampled, placed = step.sampled, step.placed
         if sampled is None:
             return []
-        num_top = plan.num_top
+        num_top = step.plan.num_top
         token_ids, logprobs = np.asarray(sampled.token_ids), np.asarray(sampled.logprobs)
         top_ids = np.asarray(sampled.top_ids) if num_top else None
         top_lps = np.asarray(sampled.top_logprobs) if num_top else None

@@ -14,6 +14,13 @@ its full pages that is already cached (sharing those pages) and is granted
 tokens only from there; after each step, the pages a request has just filled
 are added to the cache. Freed pages keep their contents until the pool needs
 them, so a preempted request usually finds its own pages again.
+
+Async scheduling: the engine schedules step N+1 while step N runs, before N's
+sampled tokens are back. A request's token in flight counts in its length
+(``Request.num_tokens``), so it is scheduled as a decode row whose input the
+device reads from N's outputs; a request whose in-flight tokens reach its
+``max_tokens`` gets no row; a request is admitted only once nothing of it is in
+flight; pages are indexed in the prefix cache only once their tokens are known.
 """
 from __future__ import annotations
 
@@ -142,9 +149,14 @@ class Scheduler:
         out = SchedulerOutput(decode=[], prefill=[], preempted=[])
         budget = cfg.max_num_batched_tokens
 
+        for request in self.running:  # pages whose tokens came back since the last step
+            self._cache_full_pages(request)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_inflight and request.num_output_tokens >= request.params.max_tokens:
+                i += 1  # its last token is in flight: it finishes when that comes back
+                continue
             n = self._grant(request.num_pending, budget)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 i += 1  # no prefill row left this step; it continues next step
@@ -168,6 +180,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < cfg.max_num_seqs):
             request = self.waiting[0]
+            if request.num_inflight:
+                break  # preempted with a token in flight: admitted once it is back
             hits = self._cached_prefix(request)
             cached = len(hits) * cfg.page_size
             n = self._grant(request.num_tokens - cached, budget)
@@ -203,20 +217,22 @@ class Scheduler:
         max_pages = (request.num_tokens - 1) // self.config.page_size
         return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages)
 
-    def update_from_output(self, out: SchedulerOutput) -> None:
-        """The step ran: the scheduled tokens now have K/V in the cache."""
+    def step_dispatched(self, out: SchedulerOutput) -> None:
+        """The step is on its way: its tokens have K/V in the cache for every later step (the
+        device runs steps in order)."""
         for chunk in out.chunks:
             if chunk.request.status is RequestStatus.RUNNING:
                 chunk.request.num_computed = chunk.start + chunk.num_tokens
                 self._cache_full_pages(chunk.request)
 
     def _cache_full_pages(self, request: Request) -> None:
-        """Index the pages the request has filled since it was last here."""
+        """Index the pages the request has filled, and whose tokens are known, since it was
+        last here."""
         cache = self.prefix_cache
         if cache is None or request.cache_broken:
             return
         ps, entries = self.config.page_size, request.cache_entries
-        while len(entries) < request.num_computed // ps:
+        while len(entries) < min(request.num_computed, request.num_known) // ps:
             i = len(entries)
             entry = cache.insert(entries[-1] if entries else None,
                                  request.tokens(i * ps, (i + 1) * ps), request.pages[i])
