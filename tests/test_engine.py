@@ -130,10 +130,12 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):
     assert other_seed[0].token_ids != alone[0].token_ids
 
 
-def test_async_scheduling_gives_the_synchronous_outputs(tiny_lm):
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
     """Step N+1 dispatched before step N is read back: same tokens, stops, logprobs and pages as
     the synchronous engine, through stop tokens (rows thrown away), min_tokens, penalties (steps
-    that fall back to synchronous), preemption and prefix caching."""
+    that fall back to synchronous), preemption and prefix caching. (One device: every other
+    engine test here runs async on 4 devices too.)"""
+    tiny_lm = load_model(tiny_dir, tp=1, dtype="float32")
     rng = np.random.default_rng(5)
     shared = rng.integers(0, VOCAB, 40).tolist()
     prompts = [shared + rng.integers(0, VOCAB, rng.integers(1, 200)).tolist() for _ in range(10)]
