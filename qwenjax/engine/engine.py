@@ -232,7 +232,7 @@ class Engine:
             dispatched, self._inflight = self._inflight, None
             outputs += self._collect(dispatched)
         elif self._inflight is not None and all(c.request.finished for c in self._inflight.out.chunks):
-            self._forget(self._inflight)  # only rows of requests that stopped meanwhile
+            self._settle(self._inflight)  # only rows of requests that stopped meanwhile
             self._inflight = None
         return outputs
 
@@ -242,8 +242,8 @@ class Engine:
             r.params.uses_penalties for r in self.scheduler.running)
 
     @staticmethod
-    def _forget(step: InFlight) -> None:
-        """Its sampled tokens will never be read: they are no longer in flight."""
+    def _settle(step: InFlight) -> None:
+        """Its sampled tokens are read back, or never will be: they are no longer in flight."""
         for _, chunk in step.placed:
             chunk.request.num_inflight -= 1
 
@@ -253,12 +253,12 @@ class Engine:
             sampled = self.runner.collect(step)
         except Exception as error:  # the step failed on the device
             log.exception("step failed")
-            self._forget(step)
+            self._settle(step)
             if self._inflight is not None:  # it ran on this step's outputs: gone too
-                self._forget(self._inflight)
+                self._settle(self._inflight)
                 self._inflight = None
             return self._fail_step(step.out, error)
-        self._forget(step)
+        self._settle(step)
         now = time.monotonic()
         outputs = []
         for token in sampled:
