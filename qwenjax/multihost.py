@@ -460,7 +460,7 @@ def run_follower(lm, channel: Follower | None = None) -> int:
             channel.on_failure(f"sent {kind!r} before setup")
             return FAILURE_EXIT_CODE
         elif kind == "warm_up":
-            runner.warm_up(progress=False)
+            runner.warm_up(progress=False, workers=meta.get("workers"))
             channel.send("warm")
         elif kind == "reset":
             runner.reset_cache()

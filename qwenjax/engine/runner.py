@@ -7,7 +7,7 @@ Stages across the host/device boundary:
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
 
-``execute`` is ``dispatch`` (no waiting) then ``collect`` (the read-back). ``dispatch``
+A step is ``dispatch`` (no waiting) then ``collect`` (the read-back). ``dispatch``
 is split in two: ``plan`` (host: the numpy arrays of the step and its sampling
 batch, a ``StepPlan``) and ``run`` (device: the compiled step and sampler).
 Multi-host serving (qwenjax/multihost.py) sends each plan from process 0 to the
@@ -352,8 +352,8 @@ class ModelRunner:
         Tracing and lowering run here, one shape after another (Python; ~0.1 s a shape since
         each layer is lowered once). XLA's compile — or its load from the persistent cache —
         releases the GIL, so ``workers`` threads (``compile_workers``) do several at once."""
-        if self.mirror is not None:
-            self.mirror.send("warm_up")
+        if self.mirror is not None:  # the followers use the same thread count, if one was set
+            self.mirror.send("warm_up", {"workers": workers})
         start = time.perf_counter()
         todo = [shape for shape in self.shapes() if shape not in self._programs]
         lowered = [self._lower(*shape) for shape in todo]
@@ -518,10 +518,6 @@ class ModelRunner:
                                                               if plan.num_top else ()):
                 getattr(sampled, name).copy_to_host_async()
         return InFlight(out, plan, placed, sampled)
-
-    def execute(self, out: SchedulerOutput) -> list[SampledToken]:
-        """Run one scheduled step and wait for it."""
-        return self.collect(self.dispatch(out))
 
     def collect(self, step: InFlight) -> list[SampledToken]:
         """Wait for a dispatched step; the token sampled for each chunk that completes."""
