@@ -23,6 +23,7 @@ the other phases overlap the device, so ``wait`` is what is left of the device t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import time
@@ -33,8 +34,6 @@ import numpy as np
 
 def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0,
             mode: str = "async") -> dict:
-    import dataclasses
-
     from qwenjax.sampling import SamplingParams
 
     engine.config = dataclasses.replace(engine.config, async_scheduling=mode == "async")
@@ -69,8 +68,8 @@ def measure(engine, batch: int, prompt_len: int, steps: int, seed: int = 0,
     for request in list(engine.scheduler.running):
         engine.abort(request.request_id)
     engine.step()
-    return dict(batch=batch, mode=mode, bucket=plan.decode_rows, engine_ms=engine_s * 1e3, device_ms=device_s * 1e3,
-                host_overhead=(engine_s - device_s) / engine_s, phases_ms=phases)
+    return dict(batch=batch, mode=mode, bucket=plan.decode_rows, engine_ms=engine_s * 1e3,
+                device_ms=device_s * 1e3, host_overhead=(engine_s - device_s) / engine_s, phases_ms=phases)
 
 
 def host_phases(engine, steps: int) -> dict[str, float]:
