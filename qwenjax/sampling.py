@@ -319,6 +319,25 @@ def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return logits.at[rows, ids].set(penalized, mode="drop")
 
 
+def count_output_token(batch: SamplingBatch, token: jax.Array) -> SamplingBatch:
+    """``batch`` with one more output token per row counted in its penalty table (``token`` [R],
+    -1 = none): what the host would have packed, for a token it has not read back yet (async
+    scheduling). The table gains one column, for tokens the row has not seen before. With no
+    table (width 0) no row uses penalties: a row that does holds at least its prompt's ids."""
+    if batch.penalty_ids.shape[1] == 0:
+        return batch
+    uses = ((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
+            | (batch.frequency_penalty != 0.0))
+    token = jnp.where(uses, token, -1)[:, None]
+    seen = (batch.penalty_ids == token) & (token >= 0)
+    new = (token >= 0) & ~seen.any(axis=1, keepdims=True)
+    return dataclasses.replace(
+        batch,
+        penalty_ids=jnp.concatenate([batch.penalty_ids, jnp.where(new, token, -1)], axis=1),
+        penalty_counts=jnp.concatenate([batch.penalty_counts + seen, new.astype(jnp.int32)], axis=1),
+        penalty_in_prompt=jnp.concatenate([batch.penalty_in_prompt, jnp.zeros_like(new)], axis=1))
+
+
 def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
     """Ban ``suppress_ids`` [R, S] (-1 = padding) by setting their logits to -inf."""
     if suppress_ids.shape[1] == 0:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from qwenjax.sampling import (
-    SamplingBatch, SamplingParams, SamplingRow, apply_penalties, build_sampling_batch, sample,
-    table_width)
+    SamplingBatch, SamplingParams, SamplingRow, apply_penalties, build_sampling_batch,
+    count_output_token, sample, table_width)
 
 try:
     from scipy import stats as scipy_stats
@@ -385,6 +385,26 @@ def test_penalties_match_reference():
     changed = np.abs(expected - logits).max(-1) > 0.05
     assert changed[1:7].all() and changed[9:15].all()  # every penalised row with history moved
     np.testing.assert_array_equal(got[[7, 15]], logits[[7, 15]])  # bit-exact for no-penalty rows
+
+
+def test_a_token_counted_on_device_penalises_as_if_packed_by_the_host():
+    """Async scheduling: the last output token is still on the device when the batch is packed;
+    count_output_token adds it there (seen in the prompt, seen in the output, new, or none)."""
+    rng = np.random.default_rng(7)
+    vocab = 200
+    rows, histories = _penalty_rows(rng, vocab)
+    logits = jnp.asarray(rng.normal(size=(len(rows), vocab)).astype(np.float32) * 2)
+    last = []
+    for i, (row, (prompt, output, _)) in enumerate(zip(rows, histories)):
+        choices = [prompt[0] if prompt else 7, output[0] if output else 8, vocab - 1 - i, -1]
+        last.append(choices[i % 4])
+    full = build_sampling_batch([dataclasses.replace(r, output_ids=list(r.output_ids) + [t])
+                                 if t >= 0 else r for r, t in zip(rows, last)], len(rows))
+    counted = jax.jit(count_output_token)(build_sampling_batch(rows, len(rows)),
+                                          jnp.asarray(last, jnp.int32))
+    want = np.asarray(apply_penalties(logits, full))
+    np.testing.assert_allclose(np.asarray(apply_penalties(logits, counted)), want, rtol=1e-6, atol=1e-6)
+    assert counted.penalty_ids.shape[1] == full.penalty_ids.shape[1] + 1
 
 
 def test_greedy_with_penalties_follows_penalised_argmax():

@@ -8,11 +8,10 @@ Async scheduling (``EngineConfig.async_scheduling``, on by default): ``step()``
 schedules and dispatches step N+1 before it reads step N's tokens back, so the
 host's work (scheduling, packing, stop checks, detokenizing) runs while the
 device computes. Step N+1 feeds each decoding request the token N sampled for
-it straight from device memory. What this costs: a request that stops on a
-token (EOS, a stop string) has one more row computed and thrown away, and a
-batch with repetition/presence/frequency penalties runs synchronously (the
-penalties need every output token on the host). The tokens are the same either
-way: sampling keys depend on the request's seed and token index only.
+it straight from device memory (and counts it in the request's penalty table
+there). What this costs: a request that stops on a token (EOS, a stop string)
+has one more row computed and thrown away. The tokens are the same either way:
+sampling keys depend on the request's seed and token index only.
 """
 from __future__ import annotations
 
@@ -209,7 +208,7 @@ class Engine:
         scheduling); or dispatch one step and wait for it."""
         outputs, self._pending = self._pending, []
         previous, self._inflight = self._inflight, None
-        if previous is not None and not self._may_overlap():
+        if previous is not None and not self.config.async_scheduling:  # switched off meanwhile
             outputs += self._collect(previous)
             previous = None
         out = self.scheduler.schedule()
@@ -228,18 +227,13 @@ class Engine:
             self._inflight = dispatched
         if previous is not None:
             outputs += self._collect(previous)
-        if self._inflight is not None and not self._may_overlap():
+        if self._inflight is not None and not self.config.async_scheduling:
             dispatched, self._inflight = self._inflight, None
             outputs += self._collect(dispatched)
         elif self._inflight is not None and all(c.request.finished for c in self._inflight.out.chunks):
             self._settle(self._inflight)  # only rows of requests that stopped meanwhile
             self._inflight = None
         return outputs
-
-    def _may_overlap(self) -> bool:
-        """Whether the next step may be scheduled before the last one's tokens are back."""
-        return self.config.async_scheduling and not any(
-            r.params.uses_penalties for r in self.scheduler.running)
 
     @staticmethod
     def _settle(step: InFlight) -> None:

@@ -54,7 +54,7 @@ from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
 from qwenjax.sampling import (SamplingBatch, SamplingParams, SamplingRow, build_sampling_batch,
-                              sample)
+                              count_output_token, sample)
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +249,10 @@ class ModelRunner:
         self._step = jax.jit(step, donate_argnums=(1,))
         width = self.max_sampled_rows
 
-        def sample_step(logits, batch, num_top):
-            sampled = sample(logits, batch, num_top=num_top)
+        def sample_step(logits, batch, prev_ids, src, num_top):
+            # Penalty tables lack the input tokens still on the device: count them here.
+            pending = jnp.where(src == _NOT_FED, -1, jnp.take(prev_ids, jnp.maximum(src, 0), axis=0))
+            sampled = sample(logits, count_output_token(batch, pending), num_top=num_top)
             ids = jnp.zeros((width,), jnp.int32).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
             return sampled, ids
 
@@ -334,7 +336,9 @@ class ModelRunner:
                                       jnp.float32, sharding=self._logits_sharding)
         specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
                              batch)
-        return self._sample.lower(logits, specs, num_top=num_top)
+        rows = batch.temperature.shape[0]
+        return self._sample.lower(logits, specs, self._spec(self.max_sampled_rows), self._spec(rows),
+                                  num_top=num_top)
 
     def _sampler(self, batch, num_top: int):
         """The compiled sampler for these row/penalty/suppression widths (penalties and logprobs
@@ -461,9 +465,7 @@ class ModelRunner:
         suppress: tuple[int, ...] = ()
         if request.num_output_tokens < params.min_tokens:
             suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
-        penalties = params.uses_penalties
-        # Penalties count the output tokens, so the engine never leaves one in flight for them.
-        assert not (penalties and request.num_inflight), request.request_id
+        penalties = params.uses_penalties  # a token in flight is counted on the device
         return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
                            prompt_ids=request.prompt_ids if penalties else (),
                            output_ids=request.output_ids if penalties else (),
@@ -494,17 +496,22 @@ class ModelRunner:
         """The device half: the step program, then the sampler (None when nothing is sampled).
         Returns at once; the outputs are device arrays still being computed."""
         program = self._program(plan.decode_rows, plan.prefill_tokens)
+        prev_ids = self._prev_ids
         decode = feed = prefill = None
         if plan.decode is not None:
             decode = StepBatch(*self._put(plan.decode))
-            feed = (self._prev_ids, self._put(plan.src))
+            feed = (prev_ids, self._put(plan.src))
         if plan.prefill is not None:
             prefill = PackedChunks(*self._put(plan.prefill))
         logits, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill)
         if plan.sampling is None:
             return None
-        sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(logits,
-                                                                             self._put(plan.sampling))
+        # Sampler rows: the decode rows (same src), then prefill rows (never fed).
+        src = np.full((plan.sampling.temperature.shape[0],), _NOT_FED, np.int32)
+        if plan.src is not None:
+            src[: len(plan.src)] = plan.src
+        sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(
+            logits, self._put(plan.sampling), prev_ids, self._put(src))
         return sampled
 
     def dispatch(self, out: SchedulerOutput) -> InFlight:
