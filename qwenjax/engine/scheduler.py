@@ -11,8 +11,8 @@ it waits again at the head of the queue, to be recomputed later.
 
 With a ``PrefixCache``, a request being admitted first takes the longest run of
 its full pages that is already cached (sharing those pages) and is granted
-tokens only from there; after each step, the pages a request has just filled
-are added to the cache. Freed pages keep their contents until the pool needs
+tokens only from there; before each step is scheduled (and when a request
+finishes), the pages a request has filled since are added to the cache. Freed pages keep their contents until the pool needs
 them, so a preempted request usually finds its own pages again.
 
 Async scheduling: the engine schedules step N+1 while step N runs, before N's
@@ -110,6 +110,8 @@ class Scheduler:
             self.waiting.remove(request)
         if reason == "error" and self.prefix_cache is not None:
             self.prefix_cache.forget_pages(request.pages)  # what it wrote may be bad
+        else:
+            self._cache_full_pages(request)  # its last tokens may have come back just now
         self._release(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -149,7 +151,7 @@ class Scheduler:
         out = SchedulerOutput(decode=[], prefill=[], preempted=[])
         budget = cfg.max_num_batched_tokens
 
-        for request in self.running:  # pages whose tokens came back since the last step
+        for request in self.running:  # pages filled, with their tokens back, since the last step
             self._cache_full_pages(request)
         i = 0
         while i < len(self.running) and budget > 0:
@@ -223,11 +225,11 @@ class Scheduler:
         for chunk in out.chunks:
             if chunk.request.status is RequestStatus.RUNNING:
                 chunk.request.num_computed = chunk.start + chunk.num_tokens
-                self._cache_full_pages(chunk.request)
 
     def _cache_full_pages(self, request: Request) -> None:
         """Index the pages the request has filled, and whose tokens are known, since it was
-        last here."""
+        last here: at the start of each schedule() (before anything is admitted or preempted)
+        and when it finishes."""
         cache = self.prefix_cache
         if cache is None or request.cache_broken:
             return
