@@ -208,9 +208,6 @@ class Engine:
         scheduling); or dispatch one step and wait for it."""
         outputs, self._pending = self._pending, []
         previous, self._inflight = self._inflight, None
-        if previous is not None and not self.config.async_scheduling:  # switched off meanwhile
-            outputs += self._collect(previous)
-            previous = None
         out = self.scheduler.schedule()
         if not out.empty:
             try:

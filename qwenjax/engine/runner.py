@@ -64,6 +64,11 @@ _PAD_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, step=0)
 _NOT_FED = -1  # src of a decode row whose input token the host packed itself
 
 
+def _in_flight_tokens(prev_ids: jax.Array, src: jax.Array) -> jax.Array:
+    """The token each row takes from the previous sampler's ids (``src``), -1 where _NOT_FED."""
+    return jnp.where(src == _NOT_FED, -1, jnp.take(prev_ids, jnp.maximum(src, 0), axis=0))
+
+
 def row_buckets(limit: int) -> list[int]:
     """0, then powers of two up to ``limit`` (``limit`` itself included)."""
     sizes = [0]
@@ -237,10 +242,8 @@ class ModelRunner:
 
         def step(weights, cache, decode, feed, prefill):
             if decode is not None:  # input tokens still on the device: the previous step's samples
-                prev_ids, src = feed
-                fed = jnp.take(prev_ids, jnp.maximum(src, 0), axis=0)[:, None]
-                decode = dataclasses.replace(
-                    decode, tokens=jnp.where(src[:, None] == _NOT_FED, decode.tokens, fed))
+                fed = _in_flight_tokens(*feed)[:, None]
+                decode = dataclasses.replace(decode, tokens=jnp.where(fed < 0, decode.tokens, fed))
             parts = tuple(p for p in (decode, prefill) if p is not None)
             return model.last_logits(weights, cache, parts)
 
@@ -251,7 +254,7 @@ class ModelRunner:
 
         def sample_step(logits, batch, prev_ids, src, num_top):
             # Penalty tables lack the input tokens still on the device: count them here.
-            pending = jnp.where(src == _NOT_FED, -1, jnp.take(prev_ids, jnp.maximum(src, 0), axis=0))
+            pending = _in_flight_tokens(prev_ids, src)
             sampled = sample(logits, count_output_token(batch, pending), num_top=num_top)
             ids = jnp.zeros((width,), jnp.int32).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
             return sampled, ids

@@ -12,8 +12,9 @@ it waits again at the head of the queue, to be recomputed later.
 With a ``PrefixCache``, a request being admitted first takes the longest run of
 its full pages that is already cached (sharing those pages) and is granted
 tokens only from there; before each step is scheduled (and when a request
-finishes), the pages a request has filled since are added to the cache. Freed pages keep their contents until the pool needs
-them, so a preempted request usually finds its own pages again.
+finishes), the pages a request has filled since are added to the cache. Freed
+pages keep their contents until the pool needs them, so a preempted request
+usually finds its own pages again.
 
 Async scheduling: the engine schedules step N+1 while step N runs, before N's
 sampled tokens are back. A request's token in flight counts in its length
