@@ -44,7 +44,10 @@ class _Base:
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
         max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache,
         enable_prefix_caching: on by default, reuses the K/V of prompt prefixes seen before;
-        async_scheduling: on by default, schedules the next step while the device runs this one)."""
+        async_scheduling: on by default, schedules the next step while the device runs this one;
+        generation_config: "auto" (default) takes the sampling defaults of the model's
+        generation_config.json, "builtin" ignores them; override_generation_config: a dict of
+        generation_config keys applied on top)."""
         if isinstance(model, LoadedModel):
             self.lm = model
         else:
@@ -58,6 +61,13 @@ class _Base:
     @property
     def tokenizer(self):
         return self.lm.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``params=None`` means: the model's generation_config.json sampling values
+        (e.g. Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20), else SamplingParams().
+        Build variants with ``dataclasses.replace(llm.get_default_sampling_params(), ...)``.
+        (With ``params=None`` max_tokens is also capped to the room each prompt leaves.)"""
+        return self.engine.default_sampling_params()
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -127,7 +137,7 @@ class LLM(_Base):
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
         for ids, p in zip(prompt_ids, params_list):  # fail before anything is admitted
-            self.engine.validate(ids, p if p is not None else SamplingParams())
+            self.engine.validate(ids, p if p is not None else self.engine.default_sampling_params(len(ids)))
         order = {}
         for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
             order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}")] = i
@@ -167,12 +177,14 @@ class AsyncLLM(_Base):
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
                  request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        return self._thread.generate(self._encode(prompt), params or SamplingParams(),
+        ids = self._encode(prompt)
+        return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
                                      request_id or uuid.uuid4().hex)
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        return self._thread.generate(self._encode_chat(messages), params or SamplingParams(),
+        ids = self._encode_chat(messages)
+        return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
                                      request_id or uuid.uuid4().hex)
 
     def abort(self, request_id: str) -> None:

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from qwenjax.generation_config import describe as describe_defaults
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
@@ -138,4 +139,5 @@ class InferenceServer:
                 f"max_context={engine.max_model_len} kv_pages={engine.allocator.num_pages} "
                 f"warm-up={engine.warm_up_seconds:.1f}s on {self.address} "
                 f"tls={'on' if self.config.tls_cert else 'off'} "
-                f"auth={'on' if self.config.api_token else 'off'} metrics={metrics}")
+                f"auth={'on' if self.config.api_token else 'off'} metrics={metrics}; "
+                f"{describe_defaults(engine.sampling_defaults)}")

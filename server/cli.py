@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import pathlib
@@ -67,6 +68,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="wait for each step's tokens before scheduling the next (default: the "
                              "next step is scheduled and dispatched while the device runs this one)")
 
+    sampling = p.add_argument_group("sampling defaults (for the fields a request leaves unset)")
+    sampling.add_argument("--generation-config", default="auto", metavar="auto|builtin|DIR",
+                          help="auto: the model's generation_config.json (temperature, top_k, top_p, "
+                               "min_p, repetition_penalty, max_new_tokens); builtin: qwenjax's own "
+                               "(temperature 1.0, no top-k/top-p, no penalty); DIR: the "
+                               "generation_config.json in DIR (default: auto)")
+    sampling.add_argument("--override-generation-config", type=parse_json_object, default=None,
+                          metavar="JSON", help="generation_config keys applied on top, e.g. "
+                                               "'{\"temperature\": 0.2, \"top_k\": 40}'")
+
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     net.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
@@ -86,6 +97,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
+
+
+def parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"temperature\": 0.2}}', "
+                                         f"got {text!r}")
+    return value
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -151,7 +173,9 @@ def build_engine(args):
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
                           max_model_len=max_model_len, num_pages=args.num_pages,
                           enable_prefix_caching=args.enable_prefix_caching,
-                          async_scheduling=args.async_scheduling, compile_workers=args.compile_workers, **options)
+                          async_scheduling=args.async_scheduling, compile_workers=args.compile_workers,
+                          generation_config=args.generation_config,
+                          override_generation_config=args.override_generation_config, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
     before = _cache_entries(cache)

@@ -5,12 +5,11 @@ the servicer turns it into ``INVALID_ARGUMENT`` unchanged.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from google.protobuf import unknown_fields
 
 from qwenjax.engine.request import RequestOutput
-from qwenjax.sampling import SamplingParams
 from qwenjax_proto.v1 import inference_pb2 as pb
 
 # Proto field name → SamplingParams field; the names are the same on purpose.
@@ -42,12 +41,15 @@ def find_unknown_field(message, path: str) -> str | None:
     return None
 
 
-def sampling_params(wire: pb.SamplingParams) -> SamplingParams:
-    """Set fields override the engine defaults; SamplingParams raises ValueError naming the field."""
-    kwargs = {name: getattr(wire, name) for name in _SCALAR_SAMPLING_FIELDS if wire.HasField(name)}
-    kwargs["stop"] = tuple(wire.stop)
-    kwargs["stop_token_ids"] = tuple(wire.stop_token_ids)
-    return SamplingParams(**kwargs)
+def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
+    """The fields the request set (proto3 ``optional``: set to 0 is still set). The engine fills
+    in the rest from the model's defaults (``Engine.sampling_params``)."""
+    fields = {name: getattr(wire, name) for name in _SCALAR_SAMPLING_FIELDS if wire.HasField(name)}
+    if wire.stop:
+        fields["stop"] = tuple(wire.stop)
+    if wire.stop_token_ids:
+        fields["stop_token_ids"] = tuple(wire.stop_token_ids)
+    return fields
 
 
 def messages_to_dicts(wire: pb.Messages) -> list[dict]:

@@ -150,8 +150,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engine_thread = await self._require_engine(context, generate=True)
         try:
             self._check_request(request, "GenerateRequest")
-            params = convert.sampling_params(request.sampling)
+            fields = convert.sampling_fields(request.sampling)
             prompt_ids = await self._encode(request)
+            # Unset fields take the model's defaults; an unset max_tokens fits the prompt's room.
+            params = engine_thread.engine.sampling_params(fields, len(prompt_ids))
             engine_thread.engine.validate(prompt_ids, params)
         except ValueError as error:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), generate=True)
@@ -269,4 +271,5 @@ def model_info(engine) -> pb.ModelInfo:
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, mesh_shape={str(k): int(v) for k, v in lm.mesh.shape.items()},
         dtype=str(lm.dtype), max_context=engine.max_model_len, page_size=sc.page_size,
-        kv_capacity_tokens=engine.allocator.num_pages * sc.page_size, max_num_seqs=sc.max_num_seqs)
+        kv_capacity_tokens=engine.allocator.num_pages * sc.page_size, max_num_seqs=sc.max_num_seqs,
+        sampling_defaults={k: float(v) for k, v in engine.sampling_defaults.items()})

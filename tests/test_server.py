@@ -418,7 +418,9 @@ def fuzz_cases(vocab: int, max_len: int):
         ("prompt token", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[-5]))),
         ("prompt token", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, vocab]))),
         ("prompt token", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**31 - 1]))),
-        ("max context", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[11] * max_len))),
+        ("max context", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[11] * (max_len + 1)))),
+        # A full context may sample one token: an unset max_tokens is capped to that, one set is not.
+        ("max context", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[11] * max_len), sampling=SP(max_tokens=2))),
         ("max context", pb.GenerateRequest(text="hello " * (max_len + 10))),
         ("max context", pb.GenerateRequest(text="x = 1\n" * 20, sampling=SP(max_tokens=max_len - 50))),
         ("messages", pb.GenerateRequest(messages=pb.Messages())),
@@ -468,6 +470,12 @@ def test_300_malformed_requests_get_invalid_argument_and_valid_ones_keep_working
     code, details = code_of(stub.Generate(pb.GenerateRequest(text="a" * (5 * MAX_REQUEST_BYTES)), timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and details
     assert scrape(served.metrics_port)['qwenjax:requests_rejected_total{code="INVALID_ARGUMENT"}'] >= 288
+    # Two tokens short of the context and max_tokens unset: admitted, the default capped to fit.
+    max_len = ENGINE["max_model_len"]
+    ids, _, complete = collect(stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[11] * (max_len - 1)), sampling=pb.SamplingParams(ignore_eos=True)),
+        timeout=120))
+    assert len(ids) == 2 and complete.finish_reason == "length"
     wait_engine_idle(engine)
 
 
@@ -573,6 +581,7 @@ def test_model_info_tokenize_detokenize_return_real_values(model, stub):
     assert dict(info.mesh_shape) == {"dp": 1, "tp": 1} and info.dtype == DTYPE
     assert info.page_size == 16 and info.kv_capacity_tokens == ENGINE["num_pages"] * 16
     assert info.max_num_seqs == ENGINE["max_num_seqs"]
+    assert dict(info.sampling_defaults) == {}  # the GGUF-built directory has no sampling values
 
     text = "def add(a, b):\n    return a + b  # ünïcode ✓"
     ids = stub.Tokenize(pb.TokenizeRequest(text=text), timeout=10).ids

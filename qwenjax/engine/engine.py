@@ -19,15 +19,17 @@ import dataclasses
 import itertools
 import logging
 import numbers
+import pathlib
 import random
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, RequestStatus,
                                     TokenLogprob)
 from qwenjax.engine.runner import InFlight, ModelRunner, SampledToken
 from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
+from qwenjax.generation_config import apply_defaults, sampling_defaults
 from qwenjax.kv_cache import PageAllocator, page_bytes_per_device, pages_for_memory
 from qwenjax.loading import LoadedModel
 from qwenjax.sampling import SamplingParams
@@ -51,6 +53,10 @@ class EngineConfig:
     compile_workers: int | None = None    # warm-up compile threads (default: runner.compile_workers)
     enable_prefix_caching: bool = True    # reuse K/V pages of prompt prefixes computed before
     async_scheduling: bool = True         # schedule step N+1 while step N runs (see above)
+    # Defaults for the sampling fields a request leaves unset (qwenjax.generation_config):
+    # "auto" = the model's generation_config.json, "builtin" = SamplingParams(), or a directory.
+    generation_config: str = "auto"
+    override_generation_config: Mapping[str, Any] | None = None  # e.g. {"temperature": 0.2}
 
 
 @dataclasses.dataclass
@@ -89,6 +95,10 @@ class Engine:
             max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
             max_model_len=max_model_len)
         self.config = config
+        source = pathlib.Path(lm.source)  # a preset name for random weights: no file to read
+        self.sampling_defaults = sampling_defaults(source if source.is_dir() else None,
+                                                   config.generation_config,
+                                                   config.override_generation_config)
         if config.compile_cache:
             enable_compile_cache()
         num_pages = config.num_pages or self._pages_from_memory(config)
@@ -118,6 +128,18 @@ class Engine:
         self._ids = itertools.count()
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
+
+    def default_sampling_params(self, num_prompt_tokens: int | None = None) -> SamplingParams:
+        """What a request without SamplingParams gets: the model's defaults (EngineConfig's
+        generation_config), max_tokens capped to the room a prompt of this length leaves."""
+        return self.sampling_params({}, num_prompt_tokens)
+
+    def sampling_params(self, fields: Mapping[str, Any],
+                        num_prompt_tokens: int | None = None) -> SamplingParams:
+        """SamplingParams with the ``fields`` a request set and the model's defaults for the
+        rest; raises ValueError naming a bad field."""
+        room = None if num_prompt_tokens is None else self.max_model_len + 1 - num_prompt_tokens
+        return apply_defaults(self.sampling_defaults, fields, room=room)
 
     def _pages_from_memory(self, config: EngineConfig) -> int:
         c = self.lm.config
@@ -163,7 +185,7 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         self.validate(prompt_ids, params)
         prompt_ids = [int(t) for t in prompt_ids]
         if request_id is None:
