@@ -20,6 +20,10 @@ blocked inside a collective that can never finish):
   the leader exit with status 1 and ``follower process N ...`` on stderr;
 - a leader that disconnects or goes silent makes each follower exit with status 1 and
   ``the leader (process 0) ...``;
+- a step that fails on the leader alone, after its plan was sent, leaves the followers
+  inside its collectives for good; the leader then resets the cache, and a follower whose
+  loop has not taken that reset within ``RESET_WAIT_SECONDS`` tells the leader why
+  (``fatal``) and exits with status 1, and the leader with it;
 - a clean leader shutdown (``shutdown()``, also run at exit) sends ``stop``; followers
   then return 0.
 """
@@ -230,14 +234,18 @@ class Leader:
                         f"leader (process 0) stops")
 
     def _watch(self, pid: int, sock: socket.socket) -> None:
-        """Followers send only heartbeats; silence or a closed socket means the follower is gone."""
+        """Followers send heartbeats, ``warm`` after a warm-up and ``fatal`` before they give up;
+        silence or a closed socket means the follower is gone."""
         try:
             while not self._closing.is_set():
-                kind, _, _ = receive(sock)  # pings, and "warm" after a warm-up
+                kind, meta, _ = receive(sock)
                 if kind == "warm":
                     with self._warm_changed:
                         self._warm.add(pid)
                         self._warm_changed.notify_all()
+                elif kind == "fatal":
+                    self._fail(pid, f"stopped: {meta.get('why')}")
+                    return
         except socket.timeout:
             self._fail(pid, f"sent no heartbeat for {self.peer_timeout:.0f}s")
         except (OSError, ValueError) as error:
@@ -293,6 +301,7 @@ class Follower:
         self.peer_timeout = peer_timeout
         self._messages: queue.Queue = queue.Queue()
         self._done = threading.Event()
+        self._reset_since: float | None = None  # a cache reset arrived, not yet taken by the loop
         deadline = time.monotonic() + connect_timeout
         while True:
             try:
@@ -322,6 +331,8 @@ class Follower:
                 kind, meta, arrays = receive(self._sock)
                 if kind == "ping":
                     continue
+                if kind == "reset" and self._reset_since is None:
+                    self._reset_since = time.monotonic()
                 self._messages.put((kind, meta, arrays))
                 if kind == "stop":
                     self._done.set()
@@ -340,12 +351,21 @@ class Follower:
                 return  # the reader reports why
 
     def receive(self, timeout: float | None = None) -> tuple[str, dict, dict[str, np.ndarray]]:
-        return self._messages.get(timeout=timeout)
+        message = self._messages.get(timeout=timeout)
+        if message[0] == "reset":
+            self._reset_since = None
+        return message
 
-    def send(self, kind: str) -> None:
-        """Tell the leader something (``warm``: the warm-up it sent is done)."""
+    def reset_waiting(self) -> float:
+        """Seconds a cache reset from the leader has waited for ``receive()`` (0: none waits)."""
+        since = self._reset_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def send(self, kind: str, meta: Mapping | None = None) -> None:
+        """Tell the leader something (``warm``: the warm-up it sent is done; ``fatal``: why
+        this follower is about to exit)."""
         with self._send_lock:
-            self._sock.sendall(encode(kind))
+            self._sock.sendall(encode(kind, meta))
 
     def close(self) -> None:
         self._done.set()
@@ -417,25 +437,69 @@ def check_mesh(mesh_config, dist: Distributed | None) -> None:
 
 # ---- the follower loop ----------------------------------------------------------------------
 STEP_FAILURE_WAIT_SECONDS = 30.0
+# A step still running this long after the leader reset the cache is one the leader abandoned.
+RESET_WAIT_SECONDS = 60.0
 
 
-def run_follower(lm, channel: Follower | None = None) -> int:
+def _wait_step(outputs) -> None:
+    import jax
+
+    jax.block_until_ready(outputs)
+
+
+def _watch_abandoned_steps(channel: Follower, busy: dict, done: threading.Event,
+                           reset_wait: float) -> None:
+    """End a follower stuck in a step the leader abandoned.
+
+    A step that fails on the leader alone after its plan went out leaves this process inside
+    the step's collectives, waiting for devices that will never join; no message can get it out.
+    The leader's cache reset that follows is the sign: a reset that waits ``reset_wait`` seconds
+    while the loop is still inside a step means the loop will never come back.
+    """
+    while not done.wait(min(1.0, reset_wait / 4)):
+        step = busy.get("step")
+        waited = channel.reset_waiting()
+        if step is not None and waited > reset_wait:
+            why = (f"step {step} cannot finish: the leader reset the cache {waited:.0f}s ago (the "
+                   f"step failed there), so this process waits in collectives that never complete")
+            try:
+                channel.send("fatal", {"why": why})
+            except OSError:
+                pass  # the leader is gone too
+            channel.on_failure(f"{why}; this follower stops")
+            return
+
+
+def run_follower(lm, channel: Follower | None = None, *, reset_wait: float = RESET_WAIT_SECONDS) -> int:
     """Mirror the leader's runner until it says stop: set-up, warm-up, steps, cache resets.
 
     Returns 0 after a clean stop. A step that fails here must fail on the leader too (it then
     resets the cache); if the leader goes on instead, the processes disagree and this one exits.
+    A step that failed on the leader alone never finishes here: see ``_watch_abandoned_steps``.
     """
+    channel = channel or _state.get("follower")
+    if channel is None:
+        raise RuntimeError("run_follower needs a follower process (multihost.initialize with process_id > 0)")
+    busy = {"step": None}  # the step the loop is inside, for the watchdog
+    done = threading.Event()
+    threading.Thread(target=_watch_abandoned_steps, args=(channel, busy, done, reset_wait),
+                     daemon=True, name="qwenjax-step-watchdog").start()
+    try:
+        return _follow(lm, channel, busy)
+    finally:
+        done.set()
+
+
+def _follow(lm, channel: Follower, busy: dict) -> int:
     import jax
 
     from qwenjax.engine.runner import ModelRunner, StepPlan
     from qwenjax.engine.scheduler import SchedulerConfig
 
-    channel = channel or _state.get("follower")
-    if channel is None:
-        raise RuntimeError("run_follower needs a follower process (multihost.initialize with process_id > 0)")
     runner = None
     failed = None
     previous = None  # the last step's sampled outputs, waited for after the next is dispatched
+    steps = 0
     while True:
         try:
             kind, meta, arrays = channel.receive(timeout=STEP_FAILURE_WAIT_SECONDS if failed else None)
@@ -466,18 +530,22 @@ def run_follower(lm, channel: Follower | None = None) -> int:
             runner.reset_cache()
             failed = previous = None
         elif kind == "step":
+            steps += 1
+            busy["step"] = steps
             try:
                 sampled = runner.run(StepPlan.from_message(meta, arrays))
                 # Wait for the step before this one only (the leader, scheduling asynchronously,
                 # dispatches a step before it reads the one before back): this device then
                 # never idles while the next step is unpacked and dispatched here.
                 if previous is not None:
-                    jax.block_until_ready(previous)
+                    _wait_step(previous)
                 previous = sampled
             except Exception as error:  # noqa: BLE001 - the leader decides; see above
                 log.exception("step failed on this follower")
                 failed = f"{type(error).__name__}: {error}"
                 previous = None
+            finally:
+                busy["step"] = None
         else:
             channel.on_failure(f"sent an unknown message {kind!r}")
             return FAILURE_EXIT_CODE

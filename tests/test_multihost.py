@@ -316,6 +316,88 @@ def test_channel_stop_and_failures():
     follower.close()
 
 
+class _FakeRunner:
+    """Stands in for the follower's ModelRunner: the follower loop's control flow is under test."""
+
+    def __init__(self, lm, config, num_pages, eos_token_ids):
+        self.resets = 0
+
+    def run(self, plan):
+        if plan.decode_rows == 2:
+            raise RuntimeError("device fault")
+        return plan.decode_rows
+
+    def reset_cache(self):
+        self.resets += 1
+
+
+def _plan_message(rows: int):
+    batch = build_sampling_batch([SamplingRow(SamplingParams(temperature=0.0), 0, 0)] * rows, rows)
+    decode = (np.zeros((rows, 1), np.int32),) * 2 + (np.ones(rows, np.int32), np.zeros((rows, 4), np.int32))
+    return StepPlan(rows, 0, decode, None, batch, num_top=0, src=np.full(rows, -1, np.int32)).to_message()
+
+
+def _follow(follower, **kwargs):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", multihost.run_follower(
+        None, follower, **kwargs)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_follower_failure_protocol(monkeypatch):
+    from qwenjax.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ModelRunner", _FakeRunner)
+    setup = {"scheduler": {}, "num_pages": 4, "eos_token_ids": [2]}
+    monkeypatch.setattr("qwenjax.engine.scheduler.SchedulerConfig", lambda **kw: None)
+
+    # A step that fails on this follower and then on the leader: the leader's reset brings the
+    # follower back; a step after a local failure without a reset means the processes disagree.
+    leader, follower, failures = _channel()
+    thread, result = _follow(follower)
+    leader.send("setup", setup)
+    leader.send("step", *_plan_message(2))
+    leader.send("reset")
+    leader.send("step", *_plan_message(4))
+    leader.send("step", *_plan_message(2))
+    leader.send("step", *_plan_message(4))
+    thread.join(10)
+    assert result["code"] == multihost.FAILURE_EXIT_CODE
+    assert failures["follower"] == ["sent 'step' after a step that failed here (RuntimeError: device "
+                                    "fault); the processes no longer agree"]
+    follower.close()
+
+    # A step that failed on the leader alone: the follower is stuck waiting for it (its
+    # collectives never complete). The leader's reset then waits unread; the watchdog tells the
+    # leader why and gives up, and the leader stops too.
+    stuck, release = threading.Event(), threading.Event()
+
+    def wait_step(outputs):
+        stuck.set()
+        release.wait(30)
+
+    monkeypatch.setattr(multihost, "_wait_step", wait_step)
+    leader, follower, failures = _channel()
+    thread, result = _follow(follower, reset_wait=1.0)
+    leader.send("setup", setup)
+    leader.send("step", *_plan_message(4))
+    leader.send("step", *_plan_message(4))  # waits for the first one: forever
+    assert stuck.wait(10)
+    time.sleep(1.5)
+    assert not failures["follower"]  # a long step alone is no failure
+    leader.send("reset")
+    assert _eventually(lambda: failures["follower"] and failures["leader"], timeout=10)
+    assert failures["follower"][0].startswith("step 2 cannot finish: the leader reset the cache")
+    assert failures["follower"][0].endswith("; this follower stops")
+    assert failures["leader"][0].startswith("follower process 1 stopped: step 2 cannot finish")
+    release.set()  # here the process would have exited; let the loop finish instead
+    follower._messages.put(("stop", {}, {}))
+    thread.join(10)
+    assert result["code"] == 0
+    follower.close()
+
+
 def test_check_mesh_names_the_mismatch():
     import dataclasses
 
