@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2] (OpenAI API)
 MAX_SEED = 2**63  # exclusive; seeds are int64 on the wire
+LOGIT_BIAS_RANGE = 100.0  # OpenAI API: a bias of -100 bans a token, +100 all but forces it
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 
 # Smallest non-zero width of the penalty and suppression tables. Widths are
 # powers of two from here, so the jitted step sees at most ~log2(max_history)
@@ -81,6 +83,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = chosen token only
     skip_special_tokens: bool = True
+    logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, in [-100, 100]
+    allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (non-empty)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -153,6 +157,38 @@ class SamplingParams:
                 raise _fail("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
             set_("logprobs", int(self.logprobs))
 
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise _fail("logit_bias", "None or a mapping of token id to bias", self.logit_bias)
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} entries, "
+                                 f"got {len(self.logit_bias)}")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise _fail("logit_bias keys", "token ids (ints ≥ 0)", token)
+                if not _is_real(value) or not -LOGIT_BIAS_RANGE <= float(value) <= LOGIT_BIAS_RANGE:
+                    raise _fail(f"logit_bias[{token}]",
+                                f"in [{-LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]", value)
+                bias[int(token)] = float(value)
+            set_("logit_bias", bias or None)
+
+        if self.allowed_token_ids is not None:
+            allowed = self.allowed_token_ids
+            if not isinstance(allowed, (list, tuple, np.ndarray)) or len(allowed) == 0:
+                raise _fail("allowed_token_ids", "None or a non-empty sequence of token ids", allowed)
+            for t in allowed:
+                if not _is_int(t) or t < 0:
+                    raise _fail("allowed_token_ids", "token ids (ints ≥ 0)", t)
+            set_("allowed_token_ids", tuple(int(t) for t in allowed))
+
+    def token_ids_named(self) -> list[tuple[str, int]]:
+        """Every token id these params name, with the field naming it (for the vocabulary check)."""
+        named = [("stop_token_ids", t) for t in self.stop_token_ids]
+        named += [("logit_bias", t) for t in self.logit_bias or ()]
+        named += [("allowed_token_ids", t) for t in self.allowed_token_ids or ()]
+        return named
+
     @property
     def greedy(self) -> bool:
         """True when the sampler takes the argmax (temperature 0 or below GREEDY_TEMPERATURE_EPS)."""
@@ -186,6 +222,9 @@ class SamplingBatch:
     penalty_counts: jax.Array  # [R, K] int32, occurrences of each id in the OUTPUT
     penalty_in_prompt: jax.Array  # [R, K] bool, whether each id occurs in the PROMPT
     suppress_ids: jax.Array  # [R, S] int32, -1 = padding; ids banned this step
+    bias_ids: jax.Array  # [R, B] int32, -1 = padding; distinct ids with a logit bias
+    bias_values: jax.Array  # [R, B] float32, added to those ids' logits
+    allow_only: jax.Array  # [R] bool, only the row's bias_ids may be sampled (allowed_token_ids)
 
 
 @jax.tree_util.register_dataclass
@@ -244,8 +283,10 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
     presence = np.zeros(num_rows, np.float32)
     frequency = np.zeros(num_rows, np.float32)
 
+    allow_only = np.zeros(num_rows, bool)
     histories: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
     suppress: list[np.ndarray] = []
+    biases: list[tuple[np.ndarray, np.ndarray]] = []
     for i, row in enumerate(rows):
         p = row.params
         if row.step < 0:
@@ -271,9 +312,12 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
             histories.append(None)
         suppress.append(np.unique(np.asarray(row.suppress_ids, np.int64).reshape(-1))
                         if len(row.suppress_ids) else _NO_IDS)
+        biases.append(_bias_entries(p))
+        allow_only[i] = p.allowed_token_ids is not None
 
     k = table_width(max((len(h[0]) for h in histories if h is not None), default=0))
     s = table_width(max((len(x) for x in suppress), default=0))
+    b = table_width(max((len(ids) for ids, _ in biases), default=0))
     penalty_ids = np.full((num_rows, k), -1, np.int32)
     penalty_counts = np.zeros((num_rows, k), np.int32)
     penalty_in_prompt = np.zeros((num_rows, k), bool)
@@ -285,8 +329,27 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
             penalty_counts[i, : len(ids)] = counts
             penalty_in_prompt[i, : len(ids)] = in_prompt
         suppress_ids[i, : len(suppress[i])] = suppress[i]
+    bias_ids = np.full((num_rows, b), -1, np.int32)
+    bias_values = np.zeros((num_rows, b), np.float32)
+    for i, (ids, values) in enumerate(biases):
+        bias_ids[i, : len(ids)] = ids
+        bias_values[i, : len(ids)] = values
     return SamplingBatch(temperature, top_k, top_p, min_p, seeds, steps, rep, presence,
-                         frequency, penalty_ids, penalty_counts, penalty_in_prompt, suppress_ids)
+                         frequency, penalty_ids, penalty_counts, penalty_in_prompt, suppress_ids,
+                         bias_ids, bias_values, allow_only)
+
+
+def _bias_entries(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """A row's bias table: its logit_bias, and with allowed_token_ids exactly the allowed ids
+    (bias 0 unless logit_bias gives one; a bias on an id that is not allowed has no effect)."""
+    bias = p.logit_bias or {}
+    if p.allowed_token_ids is not None:
+        ids = np.unique(np.asarray(p.allowed_token_ids, np.int64))
+    elif bias:
+        ids = np.asarray(sorted(bias), np.int64)
+    else:
+        return _NO_IDS, np.zeros(0, np.float32)
+    return ids, np.asarray([bias.get(int(t), 0.0) for t in ids], np.float32)
 
 
 # --------------------------------------------------------------------------- sampler
@@ -336,6 +399,19 @@ def count_output_token(batch: SamplingBatch, token: jax.Array) -> SamplingBatch:
         penalty_ids=jnp.concatenate([batch.penalty_ids, jnp.where(new, token, -1)], axis=1),
         penalty_counts=jnp.concatenate([batch.penalty_counts + seen, new.astype(jnp.int32)], axis=1),
         penalty_in_prompt=jnp.concatenate([batch.penalty_in_prompt, jnp.zeros_like(new)], axis=1))
+
+
+def apply_logit_bias(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """allowed_token_ids (every id outside a row's table → -inf), then logit_bias (each table
+    id's value added). [R, V] → [R, V]; the ids in a row are distinct."""
+    if batch.bias_ids.shape[1] == 0:
+        return logits
+    num_rows, vocab = logits.shape
+    rows = jnp.arange(num_rows)[:, None]
+    ids = _scatter_ids(batch.bias_ids, vocab)
+    listed = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
+    logits = jnp.where(batch.allow_only[:, None] & ~listed, -jnp.inf, logits)
+    return logits.at[rows, ids].add(batch.bias_values, mode="drop")
 
 
 def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
@@ -433,14 +509,16 @@ def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
 def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleOutput:
     """Choose one token per row of ``logits`` [R, V] float32; ``num_top`` must be static.
 
-    Order (vLLM/HF): penalties → suppress_ids → greedy argmax, or temperature →
-    top-k → top-p → min-p → Gumbel-max with key ``fold_in(key(seed), step)``.
+    Order (vLLM): allowed_token_ids and logit_bias → penalties → suppress_ids → greedy
+    argmax, or temperature → top-k → top-p → min-p → Gumbel-max with key
+    ``fold_in(key(seed), step)``.
     Logprobs describe the raw model distribution (log_softmax of ``logits``),
     not the penalised/truncated one, as vLLM's default does.
     """
     logits = logits.astype(jnp.float32)
     with jax.named_scope("penalties"):
-        adjusted = suppress_tokens(apply_penalties(logits, batch), batch.suppress_ids)
+        adjusted = apply_logit_bias(logits, batch)
+        adjusted = suppress_tokens(apply_penalties(adjusted, batch), batch.suppress_ids)
     greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
     greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)
     with jax.named_scope("sample"):

@@ -49,6 +49,10 @@ def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
         fields["stop"] = tuple(wire.stop)
     if wire.stop_token_ids:
         fields["stop_token_ids"] = tuple(wire.stop_token_ids)
+    if wire.logit_bias:
+        fields["logit_bias"] = dict(wire.logit_bias)
+    if wire.allowed_token_ids:
+        fields["allowed_token_ids"] = tuple(wire.allowed_token_ids)
     return fields
 
 

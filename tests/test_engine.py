@@ -179,7 +179,9 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
 
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
     engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
-    good = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    # The good request goes through the bias-table sampler: allowed ids only, one of them forced.
+    good = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                        allowed_token_ids=[5, 9, 11], logit_bias={9: 100}))
     with pytest.raises(ValueError, match="prompt has 800 tokens; max context is 768"):
         engine.add_request([1] * 800, SamplingParams())
     with pytest.raises(ValueError, match=r"prompt has 700 tokens and max_tokens is 100: 800 exceeds"):
@@ -188,6 +190,10 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
         engine.add_request([1, 250], SamplingParams())
     with pytest.raises(ValueError, match="prompt is empty"):
         engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="logit_bias has 250; token ids must be < 250"):
+        engine.add_request([1], SamplingParams(logit_bias={3: 1.0, 250: -5.0}))
+    with pytest.raises(ValueError, match="allowed_token_ids has 300; token ids must be < 250"):
+        engine.add_request([1], SamplingParams(allowed_token_ids=[300]))
     with pytest.raises(ValueError, match="temperature"):
         engine.add_request([1], SamplingParams(temperature=-1.0))
     with pytest.raises(ValueError, match="already in use"):
@@ -195,7 +201,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
     done = []
     while engine.has_unfinished():
         done += [o for o in engine.step() if o.finished]
-    assert [o.request_id for o in done] == [good] and len(done[0].token_ids) == 4
+    assert [o.request_id for o in done] == [good] and done[0].token_ids == [9] * 4
 
 
 def test_abort_frees_pages_at_once(tiny_lm):

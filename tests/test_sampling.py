@@ -80,6 +80,15 @@ BAD_PARAMS = [
     ("logprobs", dict(logprobs=-1)),
     ("logprobs", dict(logprobs=21)),
     ("logprobs", dict(logprobs=2.0)),
+    ("logit_bias", dict(logit_bias=[(1, 2.0)])),
+    ("logit_bias keys", dict(logit_bias={-1: 2.0})),
+    ("logit_bias keys", dict(logit_bias={"5": 2.0})),
+    (r"logit_bias\[5\]", dict(logit_bias={5: 100.5})),
+    (r"logit_bias\[5\]", dict(logit_bias={5: float("nan")})),
+    ("logit_bias", dict(logit_bias={i: 1.0 for i in range(1025)})),
+    ("allowed_token_ids", dict(allowed_token_ids=[])),
+    ("allowed_token_ids", dict(allowed_token_ids=[3, -1])),
+    ("allowed_token_ids", dict(allowed_token_ids=5)),
 ]
 
 
@@ -205,7 +214,8 @@ def test_seeded_row_is_independent_of_batch_and_position():
             p = [SamplingParams(temperature=0.0),
                  SamplingParams(temperature=0.7, top_k=5),
                  SamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=1.0),
-                 SamplingParams(top_p=0.3)][j % 4]
+                 SamplingParams(top_p=0.3, logit_bias={1: 5.0, 7: -3.0}),
+                 SamplingParams(temperature=0.9, allowed_token_ids=list(range(0, vocab, 3)))][j % 5]
             rows.append(SamplingRow(p, seed=int(rng.integers(2**32)), step=j,
                                     prompt_ids=rng.integers(vocab, size=50).tolist(),
                                     output_ids=rng.integers(vocab, size=30).tolist(),
@@ -438,6 +448,47 @@ def test_suppressed_ids_never_sampled():
     assert np.isin(run(logits, free).token_ids, banned).mean() > 0.9
 
 
+def test_logit_bias_and_allowed_token_ids():
+    rng = np.random.default_rng(8)
+    vocab, num_rows = 40, 384
+    logits = rng.normal(size=(num_rows, vocab)).astype(np.float32)
+    allowed = [2, 5, 11, 30]
+    bias = {5: 3.0, 11: -2.0, 20: 4.0}  # 20 is not allowed: its bias has no effect there
+    params = [SamplingParams(temperature=0.0, allowed_token_ids=allowed, logit_bias=bias),
+              SamplingParams(temperature=1.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0, logit_bias=bias),
+              SamplingParams(temperature=1.5, top_k=3, logit_bias={7: 100.0}),
+              SamplingParams(temperature=0.0, logit_bias={int(t): -100.0 for t in range(vocab // 2)}),
+              SamplingParams(temperature=0.0)]
+    rows = [SamplingRow(params[i % 6], seed=i, step=0) for i in range(num_rows)]
+    tokens = run(logits, rows).token_ids
+
+    def reference(lg, p):
+        lg = lg.copy()
+        if p.allowed_token_ids is not None:
+            lg[np.setdiff1d(np.arange(vocab), p.allowed_token_ids)] = -np.inf
+        for t, b in (p.logit_bias or {}).items():
+            lg[t] += b
+        return lg
+
+    for i in (0, 2, 4, 5):  # greedy rows: the argmax of the biased, masked logits
+        expected = [reference(logits[j], params[i]).argmax() for j in range(i, num_rows, 6)]
+        np.testing.assert_array_equal(tokens[i::6], expected)
+    assert np.isin(tokens[1::6], allowed).all() and len(set(tokens[1::6])) == len(allowed)
+    assert (tokens[3::6] == 7).all()  # +100 outweighs any other logit here
+    assert (tokens[4::6] >= vocab // 2).all()
+    # Control: the bias and the mask change the greedy rows' tokens.
+    assert (tokens[0::6] != logits[0::6].argmax(-1)).mean() > 0.5
+    assert (tokens[2::6] != logits[2::6].argmax(-1)).sum() > 10
+
+    batch = build_sampling_batch(rows[:3], 4)
+    assert batch.bias_ids.shape == (4, 16) and batch.allow_only.tolist() == [True, True, False, False]
+    np.testing.assert_array_equal(batch.bias_ids[0, :5], [2, 5, 11, 30, -1])
+    np.testing.assert_array_equal(batch.bias_values[0, :4], [0.0, 3.0, -2.0, 0.0])
+    np.testing.assert_array_equal(batch.bias_ids[2, :4], [5, 11, 20, -1])
+    assert build_sampling_batch([SamplingRow(SamplingParams(), 1, 0)], 2).bias_ids.shape == (2, 0)
+
+
 # --------------------------------------------------------------------------- logprobs
 
 
@@ -499,4 +550,4 @@ def test_jits_once_per_shape():
 def test_sampling_batch_is_a_pytree():
     batch = build_sampling_batch([SamplingRow(SamplingParams(), seed=1, step=0)], 2)
     leaves = jax.tree_util.tree_leaves(batch)
-    assert len(leaves) == len(dataclasses.fields(SamplingBatch)) == 13
+    assert len(leaves) == len(dataclasses.fields(SamplingBatch)) == 16

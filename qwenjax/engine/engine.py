@@ -170,9 +170,9 @@ class Engine:
         for i, t in enumerate(prompt_ids):
             if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"prompt token {i} is {t!r}; token ids must be ints in [0, {vocab})")
-        for t in params.stop_token_ids:
+        for field, t in params.token_ids_named():
             if t >= vocab:
-                raise ValueError(f"stop_token_ids has {t}; token ids must be < {vocab}")
+                raise ValueError(f"{field} has {t}; token ids must be < {vocab}")
         # As in vLLM, the last sampled token is returned but never fed back, so it needs no KV
         # slot: a prompt of exactly max_model_len tokens may still sample one token.
         n, limit = len(prompt_ids), self.max_model_len

@@ -332,7 +332,8 @@ class ModelRunner:
 
     def _sampler_key(self, batch, num_top: int) -> tuple:
         rows = batch.temperature.shape[0]
-        return (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1])
+        return (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1],
+                batch.bias_ids.shape[1])
 
     def _lower_sampler(self, batch, num_top: int):
         logits = jax.ShapeDtypeStruct((batch.temperature.shape[0], self.lm.config.vocab_size),
@@ -344,8 +345,8 @@ class ModelRunner:
                                   num_top=num_top)
 
     def _sampler(self, batch, num_top: int):
-        """The compiled sampler for these row/penalty/suppression widths (penalties and logprobs
-        compile their variant on first use)."""
+        """The compiled sampler for these row/penalty/suppression/bias widths (penalties, logit
+        bias and logprobs compile their variant on first use)."""
         key = self._sampler_key(batch, num_top)
         if key not in self._samplers:
             start = time.perf_counter()
