@@ -8,7 +8,8 @@ Two layers, each holding back only what it must:
    and hold back a trailing U+FFFD until the next tokens settle it. Cost per token is O(window),
    independent of the output length.
 2. Stop layer. Text that could still turn into a stop string is held back; a stop string ends the
-   output at its first occurrence, without the stop string itself.
+   output at its first occurrence, without the stop string itself (with it when
+   `include_stop` is set, vLLM's `include_stop_str_in_output`).
 
 The deltas returned by `add` and `finish` concatenate to `text`, which equals
 `tokenizer.decode(output_ids)` cut at the first occurrence of any stop string.
@@ -54,6 +55,7 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
+        include_stop: bool = False,
     ):
         if isinstance(stop, str):
             raise ValueError(f"stop must be a sequence of strings, got the string {stop!r}")
@@ -63,6 +65,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stops = tuple(dict.fromkeys(stop))
+        self._include_stop = include_stop
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
 
         # UTF-8 layer. `_window` holds the tokens from the last-but-one clean split point on; its
@@ -185,7 +188,7 @@ class IncrementalDetokenizer:
         live_at = len(pending) if final else self._earliest_live(pending, match_at)
         if match is not None and live_at >= match_at:
             self._matched_stop = match
-            return self._emit(pending[:match_at], "")
+            return self._emit(pending[:match_at + (len(match) if self._include_stop else 0)], "")
         return self._emit(pending[:live_at], pending[live_at:])
 
     def _emit(self, delta: str, pending: str) -> str:

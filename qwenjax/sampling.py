@@ -83,6 +83,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = chosen token only
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # a matched stop string ends the text, kept in it
     logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (non-empty)
 
@@ -147,7 +148,7 @@ class SamplingParams:
                 raise _fail("stop_token_ids", "ints ≥ 0", i)
         set_("stop_token_ids", tuple(int(i) for i in ids))
 
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise _fail(name, "a bool", getattr(self, name))
             set_(name, bool(getattr(self, name)))

@@ -244,6 +244,12 @@ def test_overlapping_stops_cut_at_the_earliest_start(tokenizer):
     assert not detok.stopped
     assert detok.finish() == "br"
     assert detok.stopped and detok.matched_stop == "own" and detok.text == "The br"
+    # include_stop keeps the matched stop string, found the same way.
+    detok, deltas = stream(tokenizer, tokenizer.encode("The brown fox ran"), stop=stops, include_stop=True)
+    assert detok.matched_stop == "brown fox" and detok.text == "".join(deltas) == "The brown fox"
+    detok = IncrementalDetokenizer(tokenizer, [], stop=stops, include_stop=True)
+    assert "".join(detok.add([i]) for i in tokenizer.encode("The brown")) == "The "
+    assert detok.finish() == "brown" and detok.text == "The brown"
 
 
 @pytest.mark.parametrize("stop", ["北京", "爱北", "。你", "👧"])

@@ -87,6 +87,9 @@ def test_engine_server_and_llm_use_the_checkpoints_defaults(tmp_path):
     fields = sampling_fields(pb.SamplingParams(temperature=0.0, stop=["x"]))
     assert engine.sampling_params(fields, 3) == dataclasses.replace(expected, temperature=0.0, stop=("x",))
     assert engine.sampling_params(sampling_fields(pb.SamplingParams()), 3) == expected
+    assert sampling_fields(pb.SamplingParams(include_stop_str_in_output=True, logit_bias={3: 1.5},
+                                             allowed_token_ids=[3, 4])) == {
+        "include_stop_str_in_output": True, "logit_bias": {3: 1.5}, "allowed_token_ids": (3, 4)}
     too_long = engine.sampling_params(sampling_fields(pb.SamplingParams(max_tokens=100)), 60)
     with pytest.raises(ValueError, match="prompt has 60 tokens and max_tokens is 100"):
         engine.validate([1] * 60, too_long)

@@ -68,6 +68,9 @@ def test_stop_string_across_tokens(llm):
     assert out.finish_reason == "stop" and out.matched_stop == "France is P"
     streamed = "".join(o.delta_text for o in llm.stream(_chat(QUESTIONS[0]), params, chat=True))
     assert streamed == "The capital of "
+    kept = SamplingParams(temperature=0.0, max_tokens=32, stop=["France is P"], include_stop_str_in_output=True)
+    out = llm.chat(_chat(QUESTIONS[0]), kept, use_tqdm=False)[0]
+    assert out.text == "The capital of France is P" and out.finish_reason == "stop"
 
 
 def test_logprobs_and_min_tokens(llm, lm):

@@ -201,7 +201,8 @@ class Engine:
 
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
                                                  skip_special_tokens=params.skip_special_tokens,
-                                                 stop=params.stop)
+                                                 stop=params.stop,
+                                                 include_stop=params.include_stop_str_in_output)
         self._requests[request_id] = request
         self._tracking[request_id] = _Tracking(detokenizer, RequestMetrics(now),
                                                [] if params.logprobs is not None else None)
