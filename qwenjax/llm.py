@@ -106,7 +106,8 @@ class LLM(_Base):
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
-        or a list of token-id lists."""
+        or a list of token-id lists. With ``n`` > 1 a prompt gets n outputs in a row
+        (``.index`` 0 … n-1)."""
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
@@ -116,8 +117,8 @@ class LLM(_Base):
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False) -> Iterator[RequestOutput]:
-        """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it.
-        Leaving the loop early aborts the request."""
+        """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it
+        (with ``n`` > 1, of sequence ``.index``). Leaving the loop early aborts the request."""
         ids = self._encode_chat(prompt) if chat else self._encode(prompt)
         request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}")
         finished = False
@@ -136,12 +137,15 @@ class LLM(_Base):
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
+        params_list = [p if p is not None else self.engine.default_sampling_params(len(ids))
+                       for ids, p in zip(prompt_ids, params_list)]
         for ids, p in zip(prompt_ids, params_list):  # fail before anything is admitted
-            self.engine.validate(ids, p if p is not None else self.engine.default_sampling_params(len(ids)))
+            self.engine.validate(ids, p)
         order = {}
         for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
             order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}")] = i
-        results: list[RequestOutput | None] = [None] * len(prompt_ids)
+        # results[prompt][index]: each sequence's last output.
+        results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -151,15 +155,18 @@ class LLM(_Base):
             remaining = len(order)
             while remaining:
                 for output in self.engine.step():
-                    if output.finished and output.request_id in order:
-                        results[order[output.request_id]] = output
+                    if output.request_id not in order:
+                        continue
+                    if output.finish_reason is not None:
+                        results[order[output.request_id]][output.index] = output
+                    if output.finished:
                         remaining -= 1
                         if bar is not None:
                             bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-        return results
+        return [output for sequences in results for output in sequences]
 
 
 class AsyncLLM(_Base):

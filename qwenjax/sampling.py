@@ -36,6 +36,7 @@ PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2] (OpenAI AP
 MAX_SEED = 2**63  # exclusive; seeds are int64 on the wire
 LOGIT_BIAS_RANGE = 100.0  # OpenAI API: a bias of -100 bans a token, +100 all but forces it
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+MAX_N = 128  # sequences of one request (parallel sampling)
 
 # Smallest non-zero width of the penalty and suppression tables. Widths are
 # powers of two from here, so the jitted step sees at most ~log2(max_history)
@@ -68,6 +69,7 @@ class SamplingParams:
     accept a single value or any sequence and are stored as tuples.
     """
 
+    n: int = 1  # independent sequences sampled for the prompt (seeded: seed, seed + 1, …)
     max_tokens: int = 256
     min_tokens: int = 0  # EOS / stop ids are suppressed until this many tokens exist
     temperature: float = 1.0  # 0 (or < GREEDY_TEMPERATURE_EPS) = greedy
@@ -90,11 +92,13 @@ class SamplingParams:
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
 
-        for name in ("max_tokens", "min_tokens", "top_k"):
+        for name in ("n", "max_tokens", "min_tokens", "top_k"):
             value = getattr(self, name)
             if not _is_int(value):
                 raise _fail(name, "an int", value)
             set_(name, int(value))
+        if not 1 <= self.n <= MAX_N:
+            raise _fail("n", f"in [1, {MAX_N}]", self.n)
         if self.max_tokens < 1:
             raise _fail("max_tokens", "≥ 1", self.max_tokens)
         if self.min_tokens < 0:

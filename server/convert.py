@@ -14,7 +14,7 @@ from qwenjax_proto.v1 import inference_pb2 as pb
 
 # Proto field name → SamplingParams field; the names are the same on purpose.
 _SCALAR_SAMPLING_FIELDS = (
-    "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+    "n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens",
     "include_stop_str_in_output",
 )
@@ -71,7 +71,7 @@ def chunk_response(output: RequestOutput) -> pb.GenerateResponse | None:
     """The new tokens and text of one engine output, or None when it brought neither."""
     if not output.delta_token_ids and not output.delta_text:
         return None
-    chunk = pb.Chunk(token_ids=output.delta_token_ids, text=output.delta_text)
+    chunk = pb.Chunk(token_ids=output.delta_token_ids, text=output.delta_text, index=output.index)
     for lp in output.delta_logprobs or ():
         chunk.logprobs.append(pb.TokenLogprob(
             token_id=lp.token_id, logprob=lp.logprob,
@@ -81,7 +81,7 @@ def chunk_response(output: RequestOutput) -> pb.GenerateResponse | None:
 
 def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float) -> pb.GenerateResponse:
     complete = pb.Complete(
-        finish_reason=output.finish_reason or "",
+        index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
                        completion_tokens=len(output.token_ids),
                        cached_tokens=output.num_cached_tokens),

@@ -162,7 +162,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {client_id!r} names a request still running", generate=True)
         num_prompt = len(prompt_ids)
-        refusal = self.admission.admit(num_prompt)
+        queued_tokens = num_prompt * params.n  # n sequences each prefill the prompt
+        refusal = self.admission.admit(queued_tokens)
         if refusal is not None:
             await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal, generate=True)
 
@@ -187,13 +188,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 async for output in outputs:
                     if state["queued"]:
                         state["queued"] = False
-                        self.admission.release(num_prompt)
+                        self.admission.release(queued_tokens)
                     if output.delta_token_ids:
                         if state["first"] is None:
                             state["first"] = time.monotonic()
                             self.metrics.ttft.observe(state["first"] - start)
                         self.metrics.generation_tokens.inc(len(output.delta_token_ids))
-                    if output.finished and output.finish_reason == "error":
+                    if output.finish_reason == "error":  # any sequence: the call fails
                         state["final"] = output
                         failure = (grpc.StatusCode.INTERNAL, f"the engine step running this request "
                                    f"failed ({output.error}); the server is still serving, retry")
@@ -201,10 +202,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     chunk = convert.chunk_response(output)
                     if chunk is not None:
                         yield chunk
-                    if output.finished:
-                        state["final"] = output
+                    if output.finish_reason is not None:  # one Complete per sequence
                         ttft = state["first"] - start if state["first"] is not None else None
                         yield convert.complete_response(output, ttft, time.monotonic() - start)
+                    if output.finished:
+                        state["final"] = output
         except ValueError as error:  # the engine thread refused to add it
             failure = (grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception as error:  # noqa: BLE001 - the engine loop itself broke
@@ -212,7 +214,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             failure = (grpc.StatusCode.INTERNAL, f"engine failure: {type(error).__name__}: {error}")
         finally:
             if state["queued"]:
-                self.admission.release(num_prompt)
+                self.admission.release(queued_tokens)
             final = state["final"]
             reason = final.finish_reason if final is not None else ("error" if failure else "abort")
             self.metrics.requests.labels(reason).inc()

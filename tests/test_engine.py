@@ -130,6 +130,42 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):
     assert other_seed[0].token_ids != alone[0].token_ids
 
 
+def test_parallel_sampling_gives_the_seeded_single_sequences(tiny_dir):
+    """n = 3: three sequences of one request, each the single-request output of seed + i; abort
+    ends all three; the sequence ids never collide with a client's."""
+    import dataclasses
+
+    from qwenjax import LLM
+
+    llm = LLM(load_model(tiny_dir, tp=1, dtype="float32"), **SMALL, num_pages=200, warm_up=False,
+              progress=False)
+    prompt = list(range(3, 40))
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate([prompt, [5, 6, 7]], [params, greedy], use_tqdm=False)
+    assert [o.index for o in outs] == [0, 1, 2, 0]
+    assert len({o.request_id for o in outs[:3]}) == 1 and outs[3].request_id != outs[0].request_id
+    singles = llm.generate([prompt] * 3, [dataclasses.replace(params, n=1, seed=7 + i) for i in range(3)],
+                           use_tqdm=False)
+    assert [o.token_ids for o in outs[:3]] == [o.token_ids for o in singles]
+    assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # three different samples
+    assert [(o.finish_reason, len(o.token_ids)) for o in outs] == [("length", 12)] * 3 + [("length", 5)]
+
+    engine = llm.engine
+    rid = engine.add_request(prompt, dataclasses.replace(params, max_tokens=50))
+    engine.step()
+    assert engine.abort(rid) and engine.allocator.num_used == 0
+    ends = engine.step()
+    assert sorted(o.index for o in ends) == [0, 1, 2] and {o.finish_reason for o in ends} == {"abort"}
+    assert [o.finished for o in ends] == [False, False, True]  # finished: the whole request
+    assert not engine.abort(rid) and not engine.has_unfinished()
+    engine.add_request([1, 2], greedy, request_id="x#1")
+    with pytest.raises(ValueError, match="request_id 'x#1' is already in use"):
+        engine.add_request([1, 2], params, request_id="x")
+    engine.abort("x#1")
+    engine.step()
+
+
 def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
     """Step N+1 dispatched before step N is read back: same tokens, stops, logprobs and pages as
     the synchronous engine, through stop tokens (rows thrown away), min_tokens, penalties (the

@@ -36,6 +36,9 @@ def chi2_pvalue(stat: float, dof: int) -> float:
 # --------------------------------------------------------------------------- params
 
 BAD_PARAMS = [
+    ("n", dict(n=0)),
+    ("n", dict(n=129)),
+    ("n", dict(n=2.0)),
     ("max_tokens", dict(max_tokens=0)),
     ("max_tokens", dict(max_tokens=-3)),
     ("max_tokens", dict(max_tokens=True)),

@@ -385,6 +385,27 @@ def test_200_random_cancels_and_deadlines_leak_no_page(model, served):
     assert metrics["qwenjax:kv_pages_used"] == 0 and metrics["qwenjax:requests_waiting"] == 0
 
 
+def test_n_sequences_stream_with_their_index(stub):
+    sampling = dict(max_tokens=3, temperature=1.0, ignore_eos=True)
+    responses = list(stub.Generate(pb.GenerateRequest(
+        text="def f(", sampling=pb.SamplingParams(n=2, seed=5, **sampling)), timeout=60))
+    tokens, completes = {0: [], 1: []}, {}
+    for r in responses:
+        if r.HasField("chunk"):
+            assert r.chunk.index not in completes, "a chunk after its sequence's Complete"
+            tokens[r.chunk.index] += r.chunk.token_ids
+        else:
+            completes[r.complete.index] = r.complete
+    assert sorted(completes) == [0, 1] and responses[-1].HasField("complete")
+    for i in (0, 1):
+        assert len(tokens[i]) == completes[i].usage.completion_tokens == 3
+        assert completes[i].finish_reason == "length"
+    # Sequence 1 of a request seeded 5 is the single request seeded 6.
+    ids, _, _ = collect(stub.Generate(pb.GenerateRequest(
+        text="def f(", sampling=pb.SamplingParams(seed=6, **sampling)), timeout=60))
+    assert ids == tokens[1]
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -411,6 +432,7 @@ def fuzz_cases(vocab: int, max_len: int):
         ("logprobs", text(logprobs=-1)), ("logprobs", text(logprobs=21)),
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
+        ("n must be", text(n=0)), ("n must be", text(n=129)),
         ("logit_bias[5]", text(logit_bias={5: 200.0})), ("logit_bias keys", text(logit_bias={-3: 1.0})),
         ("logit_bias has", text(logit_bias={vocab: 1.0})),
         ("allowed_token_ids", text(allowed_token_ids=[-1])),

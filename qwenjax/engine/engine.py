@@ -32,7 +32,7 @@ from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
 from qwenjax.generation_config import apply_defaults, sampling_defaults
 from qwenjax.kv_cache import PageAllocator, page_bytes_per_device, pages_for_memory
 from qwenjax.loading import LoadedModel
-from qwenjax.sampling import SamplingParams
+from qwenjax.sampling import MAX_SEED, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class Engine:
         self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids,
                                   mirror=multihost.leader())
         self._requests: dict[str, Request] = {}
+        self._groups: dict[str, list[str]] = {}  # n > 1: request id → its unfinished sequences' ids
         self._tracking: dict[str, _Tracking] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._inflight: InFlight | None = None     # the step dispatched and not yet read back
@@ -190,11 +191,30 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        if request_id in self._requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.n == 1:
+            ids = [request_id]
+        else:
+            # Parallel sampling, as in vLLM: n independent sequences of the prompt, each a request
+            # of its own inside the engine (prefix caching shares the prompt's pages once they
+            # are computed); a seeded request's sequence i uses seed + i.
+            ids = [f"{request_id}#{i}" for i in range(params.n)]
+        for used in (request_id, *ids):
+            if used in self._requests or used in self._groups:
+                raise ValueError(f"request_id {used!r} is already in use")
+        if params.n == 1:
+            self._add(request_id, prompt_ids, params)
+            return request_id
+        self._groups[request_id] = ids
+        for i, child_id in enumerate(ids):
+            seed = None if params.seed is None else (params.seed + i) % MAX_SEED
+            self._add(child_id, prompt_ids, dataclasses.replace(params, n=1, seed=seed),
+                      parent_id=request_id, index=i)
+        return request_id
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **group) -> None:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
-        request = Request(request_id, list(prompt_ids), params, seed, now)
+        request = Request(request_id, list(prompt_ids), params, seed, now, **group)
         detokenizer = None
         if self.tokenizer is not None:
             from qwenjax.detokenizer import IncrementalDetokenizer
@@ -207,16 +227,19 @@ class Engine:
         self._tracking[request_id] = _Tracking(detokenizer, RequestMetrics(now),
                                                [] if params.logprobs is not None else None)
         self.scheduler.add(request)
-        return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its pages; its final output comes from the next step()."""
-        request = self._requests.get(request_id)
-        if request is None or request.finished:
-            return False
-        self.scheduler.finish(request, "abort")
-        self._pending.append(self._finish_output(request, "abort", None, "", []))
-        return True
+        """Stop a request (every sequence of it) now and free its pages; its final outputs come
+        from the next step()."""
+        found = False
+        for sequence_id in list(self._groups.get(request_id, [request_id])):
+            request = self._requests.get(sequence_id)
+            if request is None or request.finished:
+                continue
+            self.scheduler.finish(request, "abort")
+            self._pending.append(self._finish_output(request, "abort", None, "", []))
+            found = True
+        return found
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
@@ -325,6 +348,13 @@ class Engine:
                        delta_ids: list[int], delta_logprobs=None) -> RequestOutput:
         track = self._tracking.pop(request.request_id)
         self._requests.pop(request.request_id, None)
+        last = True  # of the whole request: n = 1, or the last of its n sequences to end
+        if request.parent_id is not None:
+            remaining = self._groups[request.parent_id]
+            remaining.remove(request.request_id)
+            last = not remaining
+            if last:
+                del self._groups[request.parent_id]
         detokenizer = track.detokenizer
         if detokenizer is not None and not detokenizer.stopped:
             # Release text held back for possible stop strings; settling it can still find one.
@@ -333,7 +363,7 @@ class Engine:
                 reason, matched = "stop", detokenizer.matched_stop
         track.text += delta
         track.metrics.finish_time = time.monotonic()
-        out = self._output(request, delta, delta_ids, delta_logprobs or [], True, track)
+        out = self._output(request, delta, delta_ids, delta_logprobs or [], last, track)
         out.finish_reason, out.matched_stop = reason, matched
         return out
 
@@ -341,7 +371,8 @@ class Engine:
                 finished: bool, track: _Tracking | None = None) -> RequestOutput:
         track = track or self._tracking[request.request_id]
         return RequestOutput(
-            request_id=request.request_id, prompt_token_ids=request.prompt_ids, text=track.text,
+            request_id=request.parent_id or request.request_id, index=request.index,
+            prompt_token_ids=request.prompt_ids, text=track.text,
             token_ids=list(request.output_ids), delta_text=delta, delta_token_ids=delta_ids,
             finished=finished, logprobs=track.logprobs,
             delta_logprobs=delta_logprobs if track.logprobs is not None else None,

@@ -36,6 +36,10 @@ class Request:
     # row of the latest such token in its step's sampled ids (the next step reads it there).
     num_inflight: int = 0
     inflight_row: int = -1
+    # Parallel sampling (SamplingParams.n > 1): the client's request id and which of its n
+    # sequences this is. Outputs carry the parent's id and the index.
+    parent_id: str | None = None
+    index: int = 0
 
     @property
     def num_known(self) -> int:
@@ -96,7 +100,12 @@ class RequestMetrics:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's state after a step: the new part (``delta_*``) and the whole so far."""
+    """A sequence's state after a step: the new part (``delta_*``) and the whole so far.
+
+    With ``n`` > 1 a request has n sequences; each output describes one (``index``). A
+    sequence's last output has ``finish_reason`` set; ``finished`` is set on the last output of
+    the whole request (for n = 1 the two coincide).
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -112,3 +121,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None
+    index: int = 0                        # which of the request's n sequences
