@@ -25,7 +25,6 @@ from typing import Any, Mapping
 from qwenjax.sampling import SamplingParams
 
 FILE_NAME = "generation_config.json"
-CHOICES = ("auto", "builtin")
 
 # generation_config.json key → SamplingParams field.
 _FIELDS = {
