@@ -148,6 +148,9 @@ def test_parallel_sampling_gives_the_seeded_single_sequences(tiny_dir):
     singles = llm.generate([prompt] * 3, [dataclasses.replace(params, n=1, seed=7 + i) for i in range(3)],
                            use_tqdm=False)
     assert [o.token_ids for o in outs[:3]] == [o.token_ids for o in singles]
+    # Sequences 1 and 2 waited for sequence 0 to compute the prompt: its 4 full pages (37
+    # tokens, pages of 8) are computed once, not three times.
+    assert [o.num_cached_tokens for o in outs[:3]] == [0, 32, 32]
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # three different samples
     assert [(o.finish_reason, len(o.token_ids)) for o in outs] == [("length", 12)] * 3 + [("length", 5)]
 

@@ -205,13 +205,15 @@ class Engine:
             self._add(request_id, prompt_ids, params)
             return request_id
         self._groups[request_id] = ids
+        leader = None
         for i, child_id in enumerate(ids):
             seed = None if params.seed is None else (params.seed + i) % MAX_SEED
-            self._add(child_id, prompt_ids, dataclasses.replace(params, n=1, seed=seed),
-                      parent_id=request_id, index=i)
+            request = self._add(child_id, prompt_ids, dataclasses.replace(params, n=1, seed=seed),
+                                parent_id=request_id, index=i, leader=leader)
+            leader = leader or request
         return request_id
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **group) -> None:
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **group) -> Request:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
         request = Request(request_id, list(prompt_ids), params, seed, now, **group)
@@ -227,6 +229,7 @@ class Engine:
         self._tracking[request_id] = _Tracking(detokenizer, RequestMetrics(now),
                                                [] if params.logprobs is not None else None)
         self.scheduler.add(request)
+        return request
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (every sequence of it) now and free its pages; its final outputs come

@@ -40,6 +40,8 @@ class Request:
     # sequences this is. Outputs carry the parent's id and the index.
     parent_id: str | None = None
     index: int = 0
+    # Sequence 0 of the same request, for the others: they wait for it to compute the prompt.
+    leader: Request | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_known(self) -> int:

@@ -14,7 +14,10 @@ its full pages that is already cached (sharing those pages) and is granted
 tokens only from there; before each step is scheduled (and when a request
 finishes), the pages a request has filled since are added to the cache. Freed
 pages keep their contents until the pool needs them, so a preempted request
-usually finds its own pages again.
+usually finds its own pages again. The sequences of a parallel-sampling request
+(``n`` > 1) wait in the queue while their first sequence computes the prompt's
+full pages, then find them cached: the prompt is prefilled once, not n times
+(SGLang does the same).
 
 Async scheduling: the engine schedules step N+1 while step N runs, before N's
 sampled tokens are back. A request's token in flight counts in its length
@@ -185,6 +188,8 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_inflight:
                 break  # preempted with a token in flight: admitted once it is back
+            if self._waits_for_leader(request):
+                break  # its prompt's pages are being computed by sequence 0: a step or few
             hits = self._cached_prefix(request)
             cached = len(hits) * cfg.page_size
             n = self._grant(request.num_tokens - cached, budget)
@@ -211,6 +216,15 @@ class Scheduler:
             (out.decode if n == 1 else out.prefill).append(chunk)
             budget -= n
         return out
+
+    def _waits_for_leader(self, request: Request) -> bool:
+        """A parallel-sampling sequence waits while its first sequence (running) has not yet
+        computed the prompt's full pages, which it would otherwise compute again."""
+        leader = request.leader
+        if leader is None or self.prefix_cache is None or leader.status is not RequestStatus.RUNNING:
+            return False
+        ps = self.config.page_size
+        return leader.num_computed < (len(request.prompt_ids) - 1) // ps * ps
 
     def _cached_prefix(self, request: Request) -> list:
         """Cache entries of the request's leading full pages; at least one token is left to
