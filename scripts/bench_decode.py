@@ -40,23 +40,36 @@ def modeled_collectives_ms(config, tp: int, batch: int, link_gbps: float, latenc
     return allreduces_per_step(config.num_layers) * per_us / 1e3
 
 
-def sampling_batch(batch: int, mode: str):
-    """Every row sampled as a chat request would be (Qwen2.5's generation_config: temperature
-    0.7, top-p 0.8, top-k 20), or greedily."""
-    params = (SamplingParams(temperature=0.0) if mode == "greedy"
-              else SamplingParams(temperature=0.7, top_p=0.8, top_k=20))
-    rows = [SamplingRow(params=params, seed=i, step=0) for i in range(batch)]
+# Qwen2.5-Instruct's generation_config.json: what a request leaving its sampling fields unset
+# gets (qwenjax.generation_config), penalty included.
+CHAT_DEFAULTS = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+
+
+def sampling_batch(batch: int, mode: str, ctx: int = 0, vocab: int = 0):
+    """Every row sampled as a chat request is by default ("chat": Qwen2.5-Instruct's
+    generation_config, its repetition penalty over a ``ctx``-token history of random ids below
+    ``vocab``, about as many distinct ids as a real prompt or more), the same without the
+    penalty ("top-p"), or greedily."""
+    if mode == "greedy":
+        params, history = SamplingParams(temperature=0.0), 0
+    elif mode == "top-p":
+        params, history = SamplingParams(**{**CHAT_DEFAULTS, "repetition_penalty": 1.0}), 0
+    else:
+        params, history = SamplingParams(**CHAT_DEFAULTS), ctx
+    rng = np.random.default_rng(0)
+    rows = [SamplingRow(params=params, seed=i, step=0, prompt_ids=rng.integers(vocab, size=history))
+            for i in range(batch)]
     return jax.tree.map(jnp.asarray, build_sampling_batch(rows, batch))
 
 
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
-                dtype, reps: int, sampling: str = "top-p", profile: str | None = None) -> dict:
+                dtype, reps: int, sampling: str = "chat", profile: str | None = None) -> dict:
     pages_per_seq = -(-(ctx + steps) // page_size)
     cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
                            head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
                            page_size=page_size, dtype=dtype, mesh=model.mesh)
     block_tables = jnp.arange(batch * pages_per_seq, dtype=jnp.int32).reshape(batch, pages_per_seq)
-    rows = sampling_batch(batch, sampling)
+    rows = sampling_batch(batch, sampling, ctx, shard.vocab_size)
 
     def decode(weights, cache, tokens):
         # The engine's step program and its sampler, `steps` times in one program.
@@ -109,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-latency-us", type=float, default=8.0, help="all-reduce latency (NVLink-4 ≈ 8 µs)")
     p.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla"],
                    help="decode attention: auto = the Pallas kernel on GPUs (as the engine)")
-    p.add_argument("--sampling", default="top-p", choices=["top-p", "greedy"],
-                   help="the sampler in the loop: top-p = temperature 0.7, top-p 0.8, top-k 20")
+    p.add_argument("--sampling", default="chat", choices=["chat", "top-p", "greedy"],
+                   help="the sampler in the loop: chat = what a chat request gets by default "
+                        "(Qwen2.5-Instruct's generation_config: temperature 0.7, top-p 0.8, "
+                        "top-k 20, repetition penalty 1.05 over the ctx-token history); top-p = "
+                        "the same without the penalty")
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="trace one more run of the first batch size with jax.profiler: writes "
                         "PATH.trace.json.gz and PATH.json and prints where the device time went")
