@@ -84,6 +84,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = chosen token only
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (scoring)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # a matched stop string ends the text, kept in it
     logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, in [-100, 100]
@@ -157,10 +158,12 @@ class SamplingParams:
                 raise _fail(name, "a bool", getattr(self, name))
             set_(name, bool(getattr(self, name)))
 
-        if self.logprobs is not None:
-            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise _fail("logprobs", f"None or an int in [0, {MAX_LOGPROBS}]", self.logprobs)
-            set_("logprobs", int(self.logprobs))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
+                    raise _fail(name, f"None or an int in [0, {MAX_LOGPROBS}]", value)
+                set_(name, int(value))
 
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, Mapping):

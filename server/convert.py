@@ -16,7 +16,7 @@ from qwenjax_proto.v1 import inference_pb2 as pb
 _SCALAR_SAMPLING_FIELDS = (
     "n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens",
-    "include_stop_str_in_output",
+    "include_stop_str_in_output", "prompt_logprobs",
 )
 
 
@@ -72,11 +72,16 @@ def chunk_response(output: RequestOutput) -> pb.GenerateResponse | None:
     if not output.delta_token_ids and not output.delta_text:
         return None
     chunk = pb.Chunk(token_ids=output.delta_token_ids, text=output.delta_text, index=output.index)
-    for lp in output.delta_logprobs or ():
-        chunk.logprobs.append(pb.TokenLogprob(
-            token_id=lp.token_id, logprob=lp.logprob,
-            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]))
+    chunk.logprobs.extend(_token_logprob(lp) for lp in output.delta_logprobs or ())
+    first = len(output.token_ids) == len(output.delta_token_ids)
+    if first and output.prompt_logprobs is not None:
+        chunk.prompt_logprobs.extend(_token_logprob(lp) for lp in output.prompt_logprobs[1:])
     return pb.GenerateResponse(chunk=chunk)
+
+
+def _token_logprob(lp) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
 def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float) -> pb.GenerateResponse:

@@ -169,6 +169,58 @@ def test_parallel_sampling_gives_the_seeded_single_sequences(tiny_dir):
     engine.step()
 
 
+def test_prompt_logprobs_match_hf_through_chunks_cache_and_batching(tiny_lm, tiny_dir):
+    """Scoring (prompt_logprobs): every prompt token's logprob given the tokens before it, equal
+    to HF's (float32), whether its position ran in a prefill chunk or as a 1-token chunk among
+    the decode rows, and though an equal prompt sits in the prefix cache."""
+    import dataclasses
+
+    import transformers
+
+    from tiny import hf_logits
+
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=300), warm_up=False)
+    rng = np.random.default_rng(7)
+    # 64 + 63 tokens fill the step's 128-token budget but one: the third prompt's first chunk is
+    # 1 token (a decode row); its other 149 positions come in chunks of 64 over later steps.
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (64, 63, 150)]
+    scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3)
+    outputs, _ = _run(engine, prompts, scoring)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tiny_dir).float().eval()
+    for i, prompt in enumerate(prompts):
+        logits = hf_logits(hf, np.asarray([prompt]))[0].astype(np.float64)[:-1]
+        top = logits.max(-1, keepdims=True)
+        logprobs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        entries = outputs[i].prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None, i
+        assert [e.token_id for e in entries[1:]] == prompt[1:]
+        np.testing.assert_allclose([e.logprob for e in entries[1:]],
+                                   logprobs[np.arange(len(prompt) - 1), prompt[1:]], atol=2e-4)
+        assert [[t for t, _ in e.top] for e in entries[1:]] == np.argsort(-logprobs)[:, :3].tolist()
+        np.testing.assert_allclose([[v for _, v in e.top] for e in entries[1:]],
+                                   -np.sort(-logprobs)[:, :3], atol=2e-4)
+
+    # The third prompt's pages are cached now. Scored again, it is computed again (every position
+    # is asked for) and gives the same entries; a plain request still finds the cache.
+    again, _ = _run(engine, [prompts[2], prompts[2]],
+                    [scoring, SamplingParams(temperature=0.0, max_tokens=1)])
+    assert again[0].num_cached_tokens == 0 and again[1].num_cached_tokens == 144
+    values = lambda out: [e.logprob for e in out.prompt_logprobs[1:]]  # noqa: E731
+    np.testing.assert_allclose(values(again[0]), values(outputs[2]), atol=1e-5)
+    assert again[1].prompt_logprobs is None
+
+    # n = 2: sequence 0 carries the prompt's logprobs; a 1-token prompt has only the None entry.
+    engine.add_request(prompts[1], dataclasses.replace(scoring, n=2, max_tokens=2), request_id="n2")
+    engine.add_request([5], scoring, request_id="one")
+    ends = {}
+    while engine.has_unfinished():
+        ends.update({(o.request_id, o.index): o for o in engine.step() if o.finish_reason})
+    np.testing.assert_allclose(values(ends["n2", 0]), values(outputs[1]), atol=1e-5)
+    assert ends["n2", 1].prompt_logprobs is None
+    assert ends["one", 0].prompt_logprobs == [None]
+    engine.check()
+
+
 def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
     """Step N+1 dispatched before step N is read back: same tokens, stops, logprobs and pages as
     the synchronous engine, through stop tokens (rows thrown away), min_tokens, penalties (the

@@ -222,6 +222,18 @@ def test_logprobs_stop_strings_and_seeded_sampling(stub):
         assert lp.top[0].token_id == lp.token_id  # greedy picks the most likely token
         assert lp.logprob == pytest.approx(lp.top[0].logprob) and lp.logprob <= 0.0
 
+    # Scoring: the prompt and those 3 tokens, fed back as a prompt, score each token as
+    # generation did (a different path: prefill chunk, not decode rows).
+    prompt = list(stub.Tokenize(pb.TokenizeRequest(text="def add("), timeout=60).ids)
+    scored = list(stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompt + ids), sampling=greedy(1, prompt_logprobs=1)), timeout=60))
+    entries = scored[0].chunk.prompt_logprobs
+    assert [e.token_id for e in entries] == (prompt + ids)[1:]
+    assert [len(e.top) for e in entries] == [1] * len(entries)
+    for e, lp in zip(entries[-3:], logprobs):
+        assert e.top[0].token_id == e.token_id and e.logprob == pytest.approx(lp.logprob, abs=0.05)
+    assert all(not r.chunk.prompt_logprobs for r in scored[1:] if r.HasField("chunk"))
+
     # A stop string cuts the text and is reported; the engine found it, not the client.
     _, text, complete = collect(stub.Generate(pb.GenerateRequest(
         text="def add(a, b):\n", sampling=greedy(32, stop=["return"])), timeout=60))
@@ -430,6 +442,7 @@ def fuzz_cases(vocab: int, max_len: int):
         ("frequency_penalty", text(frequency_penalty=1e308 * 10)),
         ("seed", text(seed=-1)), ("seed", text(seed=-(2**63))),
         ("logprobs", text(logprobs=-1)), ("logprobs", text(logprobs=21)),
+        ("prompt_logprobs", text(prompt_logprobs=21)),
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
         ("n must be", text(n=0)), ("n must be", text(n=129)),

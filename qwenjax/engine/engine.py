@@ -208,8 +208,11 @@ class Engine:
         leader = None
         for i, child_id in enumerate(ids):
             seed = None if params.seed is None else (params.seed + i) % MAX_SEED
-            request = self._add(child_id, prompt_ids, dataclasses.replace(params, n=1, seed=seed),
-                                parent_id=request_id, index=i, leader=leader)
+            # The prompt's logprobs are the same for every sequence: sequence 0 computes them.
+            child = dataclasses.replace(params, n=1, seed=seed,
+                                        prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+            request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
+                                leader=leader)
             leader = leader or request
         return request_id
 
@@ -217,6 +220,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
         request = Request(request_id, list(prompt_ids), params, seed, now, **group)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
         detokenizer = None
         if self.tokenizer is not None:
             from qwenjax.detokenizer import IncrementalDetokenizer
@@ -290,7 +295,7 @@ class Engine:
     def _collect(self, step: InFlight) -> list[RequestOutput]:
         """Read a dispatched step's tokens back and advance its requests."""
         try:
-            sampled = self.runner.collect(step)
+            sampled, scored = self.runner.collect(step)
         except Exception as error:  # the step failed on the device
             log.exception("step failed")
             self._settle(step)
@@ -299,6 +304,10 @@ class Engine:
                 self._inflight = None
             return self._fail_step(step.out, error)
         self._settle(step)
+        for request, position, entry in scored:
+            # In order, once each: a request preempted meanwhile may score a position again.
+            if not request.finished and position == len(request.prompt_logprobs) - 1:
+                request.prompt_logprobs.append(entry)
         now = time.monotonic()
         outputs = []
         for token in sampled:
@@ -379,6 +388,7 @@ class Engine:
             token_ids=list(request.output_ids), delta_text=delta, delta_token_ids=delta_ids,
             finished=finished, logprobs=track.logprobs,
             delta_logprobs=delta_logprobs if track.logprobs is not None else None,
+            prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs_done else None,
             num_cached_tokens=request.num_cached_tokens or 0, metrics=track.metrics)
 
     def _fail_step(self, out, error: Exception) -> list[RequestOutput]:

@@ -42,6 +42,13 @@ class Request:
     index: int = 0
     # Sequence 0 of the same request, for the others: they wait for it to compute the prompt.
     leader: Request | None = dataclasses.field(default=None, repr=False)
+    # Prompt logprobs (params.prompt_logprobs set): entry i scores prompt token i given the
+    # tokens before it; entry 0 is None (nothing comes before it). Filled as chunks compute.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def prompt_logprobs_done(self) -> bool:
+        return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(self.prompt_ids)
 
     @property
     def num_known(self) -> int:
@@ -120,6 +127,9 @@ class RequestOutput:
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
+    # With params.prompt_logprobs: one entry per prompt token, the first None (see Request);
+    # set from the first output on (with n > 1, on sequence 0's outputs).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: str | None = None

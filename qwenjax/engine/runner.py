@@ -6,6 +6,8 @@ Stages across the host/device boundary:
     → the jitted step over the device mesh, KV pools donated (``_programs``)
     → the jitted sampler over the last-token logits (``sampling.sample``)
     → token ids, logprobs (the only arrays copied back).
+Prompt logprobs (scoring) take the step's final hidden states of the prompt positions
+asked for and run the LM head over those alone (``_score``), outside the step program.
 
 A step is ``dispatch`` (no waiting) then ``collect`` (the read-back). ``dispatch``
 is split in two: ``plan`` (host: the numpy arrays of the step and its sampling
@@ -49,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qwenjax.engine.request import Request, TokenLogprob
 from qwenjax.engine.scheduler import ScheduledChunk, SchedulerConfig, SchedulerOutput
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
@@ -60,6 +63,8 @@ log = logging.getLogger(__name__)
 
 # Alternatives returned per token when a request asks for logprobs (its own count ≤ this).
 MAX_TOP_LOGPROBS = 20
+# Prompt positions scored per call: bounds the float32 [positions, vocab] logits it makes.
+SCORE_BLOCK = 512
 _PAD_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, step=0)
 _NOT_FED = -1  # src of a decode row whose input token the host packed itself
 
@@ -149,12 +154,20 @@ class StepPlan:
     # [decode_rows]: the previous step's sampled row holding each decode row's input token, or
     # _NOT_FED where ``decode``'s tokens hold it. None with no decode rows.
     src: np.ndarray | None = None
+    # Prompt logprobs: the positions to score as indices into the step's flattened hidden states
+    # (decode rows, then the packed prefill tokens), and the prompt token that follows each.
+    score_index: np.ndarray | None = None
+    score_target: np.ndarray | None = None
+    score_top: int = 0
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
                 "num_top": self.num_top, "has_decode": self.decode is not None,
-                "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None}
+                "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None,
+                "score_top": self.score_top}
         arrays = {} if self.src is None else {"src": self.src}
+        if self.score_index is not None:
+            arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
         for name, part in (("decode", self.decode), ("prefill", self.prefill)):
             for i, a in enumerate(part or ()):
                 arrays[f"{name}.{i}"] = a
@@ -192,7 +205,8 @@ class StepPlan:
         return cls(int(meta["decode_rows"]), int(meta["prefill_tokens"]),
                    part("decode", len(dataclasses.fields(StepBatch))),
                    part("prefill", len(dataclasses.fields(PackedChunks))),
-                   sampling, int(meta["num_top"]), arrays.get("src"))
+                   sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
+                   arrays.get("score_target"), int(meta.get("score_top", 0)))
 
 
 @dataclasses.dataclass
@@ -212,6 +226,8 @@ class InFlight:
     plan: StepPlan
     placed: list[tuple[int, ScheduledChunk]]  # (sampled row, chunk) of each chunk that samples
     sampled: object | None                    # SampleOutput of device arrays; None: none sampled
+    scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (request,
+    scores: list = dataclasses.field(default_factory=list)  # position) → token_logprobs blocks
 
 
 class ModelRunner:
@@ -245,7 +261,9 @@ class ModelRunner:
                 fed = _in_flight_tokens(*feed)[:, None]
                 decode = dataclasses.replace(decode, tokens=jnp.where(fed < 0, decode.tokens, fed))
             parts = tuple(p for p in (decode, prefill) if p is not None)
-            return model.last_logits(weights, cache, parts)
+            hidden, cache = model.hidden_states(weights, cache, parts)
+            flat = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])
+            return model.logits(weights, model.last_hidden(parts, hidden)), flat, cache
 
         # The KV pools are donated: the step writes the new K/V into the same buffers
         # instead of copying every pool (GBs on a large model) once per step.
@@ -261,6 +279,12 @@ class ModelRunner:
 
         # Replicated outputs: every process holds them, so process 0 can read them back.
         self._sample = jax.jit(sample_step, static_argnames=("num_top",), out_shardings=self._replicated)
+
+        def score(weights, hidden, index, targets, num_top):
+            return model.token_logprobs(weights, jnp.take(hidden, index, axis=0), targets, num_top)
+
+        # Compiled on first use for each (hidden rows, block, top) shape: scoring is rare.
+        self._score = jax.jit(score, static_argnames=("num_top",), out_shardings=self._replicated)
         # The last sampler's token ids, max_sampled_rows wide: the next step's fed inputs.
         self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
@@ -475,8 +499,27 @@ class ModelRunner:
                            output_ids=request.output_ids if penalties else (),
                            suppress_ids=suppress)
 
+    @staticmethod
+    def _score_positions(chunk: ScheduledChunk, flat_start: int, index: list, target: list,
+                         scored: list) -> None:
+        """The chunk's prompt positions whose logprobs are asked for and not yet in hand:
+        position p scores prompt token p + 1 (so the last prompt position scores nothing)."""
+        request = chunk.request
+        if request.prompt_logprobs is None:
+            return
+        prompt = request.prompt_ids
+        first = max(chunk.start, len(request.prompt_logprobs) - 1)
+        for p in range(first, min(chunk.start + chunk.num_tokens, len(prompt) - 1)):
+            index.append(flat_start + p - chunk.start)
+            target.append(prompt[p + 1])
+            scored.append((request, p))
+
     def plan(self, out: SchedulerOutput) -> tuple[StepPlan, list[tuple[int, ScheduledChunk]]]:
         """The host half of a step: its arrays, and which sampled row belongs to which chunk."""
+        plan, placed, _ = self._plan(out)
+        return plan, placed
+
+    def _plan(self, out: SchedulerOutput):
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
         prefill_tokens = bucket_for(sum(c.num_tokens for c in out.prefill), self.token_buckets)
         prefill_rows = self.prefill_rows if prefill_tokens else 0
@@ -494,11 +537,27 @@ class ModelRunner:
         if placed:
             num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
             batch = build_sampling_batch(rows, len(rows))
-        return StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top, src), placed
+        plan = StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top, src)
 
-    def run(self, plan: StepPlan):
-        """The device half: the step program, then the sampler (None when nothing is sampled).
-        Returns at once; the outputs are device arrays still being computed."""
+        index, target, scored = [], [], []
+        for i, c in enumerate(out.decode):
+            self._score_positions(c, i, index, target, scored)
+        offset = decode_rows
+        for c in out.prefill:
+            self._score_positions(c, offset, index, target, scored)
+            offset += c.num_tokens
+        if scored:
+            plan.score_index = np.asarray(index, np.int32)
+            plan.score_target = np.asarray(target, np.int32)
+            plan.score_top = (MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs for r, _ in scored)
+                              else 0)
+        return plan, placed, scored
+
+    def run(self, plan: StepPlan) -> tuple:
+        """The device half: the step program, then the sampler and the prompt scoring.
+        Returns at once (sampled, scores): the sampler's outputs (None when nothing is sampled)
+        and a (logprobs, top ids, top logprobs) per block of scored positions, device arrays
+        still being computed."""
         program = self._program(plan.decode_rows, plan.prefill_tokens)
         prev_ids = self._prev_ids
         decode = feed = prefill = None
@@ -507,31 +566,68 @@ class ModelRunner:
             feed = (prev_ids, self._put(plan.src))
         if plan.prefill is not None:
             prefill = PackedChunks(*self._put(plan.prefill))
-        logits, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill)
+        logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill)
+        scores = self._run_scoring(plan, hidden)
         if plan.sampling is None:
-            return None
+            return None, scores
         # Sampler rows: the decode rows (same src), then prefill rows (never fed).
         src = np.full((plan.sampling.temperature.shape[0],), _NOT_FED, np.int32)
         if plan.src is not None:
             src[: len(plan.src)] = plan.src
         sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(
             logits, self._put(plan.sampling), prev_ids, self._put(src))
-        return sampled
+        return sampled, scores
+
+    def _run_scoring(self, plan: StepPlan, hidden: jax.Array) -> list:
+        """Prompt logprobs of the plan's scored positions, SCORE_BLOCK at a time, each block
+        padded to a power of two (≥ 16) so that few shapes compile."""
+        if plan.score_index is None:
+            return []
+        scores = []
+        for start in range(0, len(plan.score_index), SCORE_BLOCK):
+            index = plan.score_index[start: start + SCORE_BLOCK]
+            size = max(16, 1 << (len(index) - 1).bit_length())
+            padded_index, padded_target = np.zeros((2, size), np.int32)
+            padded_index[: len(index)] = index
+            padded_target[: len(index)] = plan.score_target[start: start + SCORE_BLOCK]
+            scores.append(self._score(self.lm.weights, hidden, self._put(padded_index),
+                                      self._put(padded_target), num_top=plan.score_top))
+        return scores
 
     def dispatch(self, out: SchedulerOutput) -> InFlight:
         """Start one scheduled step on the device; nothing waits for it (see ``collect``)."""
-        plan, placed = self.plan(out)
+        plan, placed, scored = self._plan(out)
         if self.mirror is not None:
             self.mirror.send("step", *plan.to_message())
-        sampled = self.run(plan)
+        sampled, scores = self.run(plan)
         if sampled is not None:  # start the copy back now; collect() then finds it done
             for name in ("token_ids", "logprobs", "finite") + (("top_ids", "top_logprobs")
                                                               if plan.num_top else ()):
                 getattr(sampled, name).copy_to_host_async()
-        return InFlight(out, plan, placed, sampled)
+        for array in itertools.chain.from_iterable(scores):
+            array.copy_to_host_async()
+        return InFlight(out, plan, placed, sampled, scored, scores)
 
-    def collect(self, step: InFlight) -> list[SampledToken]:
-        """Wait for a dispatched step; the token sampled for each chunk that completes."""
+    def collect(self, step: InFlight) -> tuple[list[SampledToken], list[tuple[Request, int, TokenLogprob]]]:
+        """Wait for a dispatched step: the token sampled for each chunk that completes, and the
+        (request, position, logprob of the next prompt token) of each scored prompt position."""
+        return self._collect_sampled(step), self._collect_scores(step)
+
+    @staticmethod
+    def _collect_scores(step: InFlight) -> list[tuple[Request, int, TokenLogprob]]:
+        if not step.scored:
+            return []
+        chosen, top_ids, top_lps = (np.concatenate([np.asarray(block[i]) for block in step.scores])
+                                    for i in range(3))
+        results = []
+        for j, (request, position) in enumerate(step.scored):
+            k = request.params.prompt_logprobs
+            top = [(int(t), float(lp)) for t, lp in zip(top_ids[j, :k], top_lps[j, :k])]
+            results.append((request, position,
+                            TokenLogprob(request.prompt_ids[position + 1], float(chosen[j]), top)))
+        return results
+
+    def _collect_sampled(self, step: InFlight) -> list[SampledToken]:
         sampled, placed = step.sampled, step.placed
         if sampled is None:
             return []

@@ -232,6 +232,9 @@ class Scheduler:
         if self.prefix_cache is None:
             return []
         max_pages = (request.num_tokens - 1) // self.config.page_size
+        if request.prompt_logprobs is not None:
+            # Positions whose prompt logprobs are still to come must be computed, not found.
+            max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
         return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages)
 
     def step_dispatched(self, out: SchedulerOutput) -> None:
