@@ -31,7 +31,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
+MAX_STOP_STRING_CHARS = 256  # also the limit of a bad word
+MAX_BAD_WORDS = 128
 PENALTY_RANGE = 2.0  # presence / frequency penalties live in [-2, 2] (OpenAI API)
 MAX_SEED = 2**63  # exclusive; seeds are int64 on the wire
 LOGIT_BIAS_RANGE = 100.0  # OpenAI API: a bias of -100 bans a token, +100 all but forces it
@@ -89,6 +90,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # a matched stop string ends the text, kept in it
     logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, in [-100, 100]
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (non-empty)
+    bad_words: tuple[str, ...] = ()  # never generated (their tokens, with and without a space)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max context
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -131,19 +134,28 @@ class SamplingParams:
                 raise _fail("seed", "None or an int in [0, 2**63)", self.seed)
             set_("seed", int(self.seed))
 
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (list, tuple)):
-            raise _fail("stop", "a str or a sequence of str", stop)
-        stop = tuple(stop)
-        if len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-        for s in stop:
-            if not isinstance(s, str) or not s:
-                raise _fail("stop", "non-empty strings", s)
-            if len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} chars, "
-                                 f"got {len(s)} chars ({s[:20]!r}…)")
-        set_("stop", stop)
+        for name, limit in (("stop", MAX_STOP_STRINGS), ("bad_words", MAX_BAD_WORDS)):
+            strings = getattr(self, name)
+            strings = (strings,) if isinstance(strings, str) else strings
+            if not isinstance(strings, (list, tuple)):
+                raise _fail(name, "a str or a sequence of str", strings)
+            strings = tuple(strings)
+            if len(strings) > limit:
+                raise ValueError(f"{name} must hold at most {limit} strings, got {len(strings)}")
+            for s in strings:
+                # A stop string may be whitespace ("\n"); a bad word is a word.
+                if not isinstance(s, str) or not (s.strip() if name == "bad_words" else s):
+                    raise _fail(name, "words" if name == "bad_words" else "non-empty strings", s)
+                if len(s) > MAX_STOP_STRING_CHARS:
+                    raise ValueError(f"{name} strings must be at most {MAX_STOP_STRING_CHARS} "
+                                     f"chars, got {len(s)} chars ({s[:20]!r}…)")
+            set_(name, strings)
+
+        if self.truncate_prompt_tokens is not None:
+            k = self.truncate_prompt_tokens
+            if not _is_int(k) or not (k == -1 or k >= 1):
+                raise _fail("truncate_prompt_tokens", "None, -1 (the max context) or an int ≥ 1", k)
+            set_("truncate_prompt_tokens", int(k))
 
         ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
         if not isinstance(ids, (list, tuple, np.ndarray)):

@@ -16,7 +16,7 @@ from qwenjax_proto.v1 import inference_pb2 as pb
 _SCALAR_SAMPLING_FIELDS = (
     "n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens",
-    "include_stop_str_in_output", "prompt_logprobs",
+    "include_stop_str_in_output", "prompt_logprobs", "truncate_prompt_tokens",
 )
 
 
@@ -48,6 +48,8 @@ def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
     fields = {name: getattr(wire, name) for name in _SCALAR_SAMPLING_FIELDS if wire.HasField(name)}
     if wire.stop:
         fields["stop"] = tuple(wire.stop)
+    if wire.bad_words:
+        fields["bad_words"] = tuple(wire.bad_words)
     if wire.stop_token_ids:
         fields["stop_token_ids"] = tuple(wire.stop_token_ids)
     if wire.logit_bias:

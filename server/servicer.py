@@ -154,6 +154,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             prompt_ids = await self._encode(request)
             # Unset fields take the model's defaults; an unset max_tokens fits the prompt's room.
             params = engine_thread.engine.sampling_params(fields, len(prompt_ids))
+            prompt_ids = engine_thread.engine.truncated(prompt_ids, params)
             engine_thread.engine.validate(prompt_ids, params)
         except ValueError as error:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), generate=True)

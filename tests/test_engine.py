@@ -221,6 +221,42 @@ def test_prompt_logprobs_match_hf_through_chunks_cache_and_batching(tiny_lm, tin
     engine.check()
 
 
+def test_bad_word_ids_ban_the_token_that_would_complete_a_word():
+    from qwenjax.engine.request import Request
+
+    request = Request("r", [1, 2], SamplingParams(), 0, 0.0, bad_words_ids=((9,), (4, 5, 6), (5, 7)))
+    assert request.needs_known_outputs
+    assert request.banned_ids() == (9,)  # nothing generated yet: only the 1-token word
+    request.output_ids = [3, 4]
+    assert request.banned_ids() == (9,)
+    request.output_ids = [3, 4, 5]
+    assert request.banned_ids() == (9, 6, 7)  # "4 5" then 6, and "5" then 7
+    request.output_ids = [5]
+    assert request.banned_ids() == (9, 7)
+    assert not Request("s", [1], SamplingParams(), 0, 0.0, bad_words_ids=((9,),)).needs_known_outputs
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_tail(tiny_lm):
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=300), warm_up=False)
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, VOCAB, 100).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    import dataclasses
+
+    cut, _ = _run(engine, [prompt], dataclasses.replace(greedy, truncate_prompt_tokens=30))
+    tail, _ = _run(engine, [prompt[-30:]], greedy)
+    assert cut[0].prompt_token_ids == prompt[-30:] and cut[0].token_ids == tail[0].token_ids
+    # -1: as much as the context holds. A prompt over it runs on its last max_model_len tokens
+    # (one token left to sample) where it would be refused otherwise.
+    long = rng.integers(0, VOCAB, SMALL["max_model_len"] + 50).tolist()
+    with pytest.raises(ValueError, match="max context"):
+        engine.add_request(long, dataclasses.replace(greedy, max_tokens=1))
+    full, _ = _run(engine, [long], dataclasses.replace(greedy, max_tokens=1, truncate_prompt_tokens=-1))
+    assert full[0].prompt_token_ids == long[-SMALL["max_model_len"]:] and len(full[0].token_ids) == 1
+    # Unset max_tokens is capped to the room the truncated prompt leaves.
+    assert engine.sampling_params({"truncate_prompt_tokens": 30}, len(long)).max_tokens == 256
+
+
 def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
     """Step N+1 dispatched before step N is read back: same tokens, stops, logprobs and pages as
     the synchronous engine, through stop tokens (rows thrown away), min_tokens, penalties (the

@@ -73,6 +73,21 @@ def test_stop_string_across_tokens(llm):
     assert out.text == "The capital of France is P" and out.finish_reason == "stop"
 
 
+def test_bad_words_are_never_generated(llm, lm):
+    """A one-token word is banned outright; a word of several tokens loses its last token
+    wherever the output ends with the ones before it (async scheduling holds the request
+    until its latest token is back on the host)."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, bad_words=["Paris", "capital of France"])
+    out = llm.chat(_chat(QUESTIONS[0]), params, use_tqdm=False)[0]
+    banned = [lm.tokenizer.encode(w) for w in (" Paris", "Paris", " capital of France")]
+    ids = out.token_ids
+    for word in banned:
+        assert not any(ids[i: i + len(word)] == word for i in range(len(ids))), (word, out.text)
+    assert "Paris" not in out.text and "capital of France" not in out.text
+    assert out.text.startswith("The capital of")  # the word's first tokens alone are fine
+    assert out.finish_reason in ("stop", "length")
+
+
 def test_logprobs_and_min_tokens(llm, lm):
     out = llm.chat(_chat(QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=8, logprobs=3),
                    use_tqdm=False)[0]

@@ -92,6 +92,15 @@ BAD_PARAMS = [
     ("allowed_token_ids", dict(allowed_token_ids=[])),
     ("allowed_token_ids", dict(allowed_token_ids=[3, -1])),
     ("allowed_token_ids", dict(allowed_token_ids=5)),
+    ("prompt_logprobs", dict(prompt_logprobs=21)),
+    ("prompt_logprobs", dict(prompt_logprobs=-1)),
+    ("bad_words", dict(bad_words=[" "])),
+    ("bad_words", dict(bad_words=["ok", ""])),
+    ("bad_words", dict(bad_words=["w"] * 129)),
+    ("bad_words", dict(bad_words=[7])),
+    ("truncate_prompt_tokens", dict(truncate_prompt_tokens=0)),
+    ("truncate_prompt_tokens", dict(truncate_prompt_tokens=-2)),
+    ("truncate_prompt_tokens", dict(truncate_prompt_tokens=3.0)),
 ]
 
 
@@ -115,6 +124,9 @@ def test_good_params_normalize():
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(stop_token_ids=4).stop_token_ids == (4,)
     assert SamplingParams(stop=["s" * 256] * 16).stop[0] == "s" * 256  # the limits are inclusive
+    assert SamplingParams(stop="\n").stop == ("\n",)  # whitespace is a fine stop string
+    assert SamplingParams(bad_words="hello").bad_words == ("hello",)
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
     assert SamplingParams(min_tokens=5, max_tokens=5, presence_penalty=-2, frequency_penalty=2).min_tokens == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 0.5  # type: ignore[misc]

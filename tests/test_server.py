@@ -418,6 +418,18 @@ def test_n_sequences_stream_with_their_index(stub):
     assert ids == tokens[1]
 
 
+def test_truncate_prompt_tokens_and_bad_words_over_the_wire(stub):
+    max_len = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=60).max_context
+    # A prompt over the context, truncated to it: admitted, one token to sample.
+    ids, _, complete = collect(stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[11] * (max_len + 5)),
+        sampling=pb.SamplingParams(truncate_prompt_tokens=-1, temperature=0)), timeout=120))
+    assert complete.usage.prompt_tokens == max_len and len(ids) == 1
+    _, text, _ = collect(stub.Generate(pb.GenerateRequest(
+        text="def add(a, b):\n", sampling=greedy(8, bad_words=["return"])), timeout=60))
+    assert "return" not in text and text.strip()
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -443,6 +455,8 @@ def fuzz_cases(vocab: int, max_len: int):
         ("seed", text(seed=-1)), ("seed", text(seed=-(2**63))),
         ("logprobs", text(logprobs=-1)), ("logprobs", text(logprobs=21)),
         ("prompt_logprobs", text(prompt_logprobs=21)),
+        ("truncate_prompt_tokens", text(truncate_prompt_tokens=0)),
+        ("bad_words", text(bad_words=[""])), ("bad_words", text(bad_words=["w"] * 129)),
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
         ("n must be", text(n=0)), ("n must be", text(n=129)),

@@ -139,8 +139,20 @@ class Engine:
                         num_prompt_tokens: int | None = None) -> SamplingParams:
         """SamplingParams with the ``fields`` a request set and the model's defaults for the
         rest; raises ValueError naming a bad field."""
+        if num_prompt_tokens is not None and fields.get("truncate_prompt_tokens") is not None:
+            num_prompt_tokens = min(num_prompt_tokens, self._truncation(fields["truncate_prompt_tokens"]))
         room = None if num_prompt_tokens is None else self.max_model_len + 1 - num_prompt_tokens
         return apply_defaults(self.sampling_defaults, fields, room=room)
+
+    def _truncation(self, k) -> int:
+        """The prompt length truncate_prompt_tokens keeps (-1: the max context)."""
+        return self.max_model_len if k == -1 else k
+
+    def truncated(self, prompt_ids: Sequence[int], params: SamplingParams) -> Sequence[int]:
+        """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens, if set."""
+        if isinstance(params, SamplingParams) and params.truncate_prompt_tokens is not None:
+            return list(prompt_ids)[-self._truncation(params.truncate_prompt_tokens):]
+        return prompt_ids
 
     def _pages_from_memory(self, config: EngineConfig) -> int:
         c = self.lm.config
@@ -187,7 +199,9 @@ class Engine:
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
+        prompt_ids = self.truncated(prompt_ids, params)
         self.validate(prompt_ids, params)
+        bad_words_ids = self._bad_words_ids(params.bad_words)
         prompt_ids = [int(t) for t in prompt_ids]
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -202,7 +216,7 @@ class Engine:
             if used in self._requests or used in self._groups:
                 raise ValueError(f"request_id {used!r} is already in use")
         if params.n == 1:
-            self._add(request_id, prompt_ids, params)
+            self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -212,14 +226,30 @@ class Engine:
             child = dataclasses.replace(params, n=1, seed=seed,
                                         prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
-                                leader=leader)
+                                leader=leader, bad_words_ids=bad_words_ids)
             leader = leader or request
         return request_id
 
-    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **group) -> Request:
+    def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as token ids, as vLLM encodes them: the word, and the word after a
+        space when that starts with another token and is as long (the word inside a sentence)."""
+        if not words:
+            return ()
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer, and this model has none")
+        found: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(self.tokenizer.encode(word.lstrip()))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip()))
+            found.append(bare)
+            if spaced[0] != bare[0] and len(spaced) == len(bare):
+                found.append(spaced)
+        return tuple(dict.fromkeys(found))
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **fields) -> Request:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
-        request = Request(request_id, list(prompt_ids), params, seed, now, **group)
+        request = Request(request_id, list(prompt_ids), params, seed, now, **fields)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         detokenizer = None

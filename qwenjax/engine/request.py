@@ -45,10 +45,26 @@ class Request:
     # Prompt logprobs (params.prompt_logprobs set): entry i scores prompt token i given the
     # tokens before it; entry 0 is None (nothing comes before it). Filled as chunks compute.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # params.bad_words as token id sequences (Engine._bad_words_ids).
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def prompt_logprobs_done(self) -> bool:
         return self.prompt_logprobs is None or len(self.prompt_logprobs) == len(self.prompt_ids)
+
+    @property
+    def needs_known_outputs(self) -> bool:
+        """Its next sampling step reads its latest output tokens on the host (a bad word of
+        several tokens), so it is not scheduled while a token of it is in flight."""
+        return any(len(ids) > 1 for ids in self.bad_words_ids)
+
+    def banned_ids(self) -> tuple[int, ...]:
+        """The ids its bad words ban at the next token (its output tokens must all be known):
+        a word's last id wherever the output ends with the ids before it."""
+        out = self.output_ids
+        return tuple(ids[-1] for ids in self.bad_words_ids
+                     if len(ids) == 1 or (len(ids) <= len(out) + 1
+                                          and out[len(out) - len(ids) + 1:] == list(ids[:-1])))
 
     @property
     def num_known(self) -> int:

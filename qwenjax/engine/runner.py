@@ -493,6 +493,8 @@ class ModelRunner:
         suppress: tuple[int, ...] = ()
         if request.num_output_tokens < params.min_tokens:
             suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
+        if request.bad_words_ids:
+            suppress += request.banned_ids()
         penalties = params.uses_penalties  # a token in flight is counted on the device
         return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
                            prompt_ids=request.prompt_ids if penalties else (),

@@ -160,8 +160,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            if request.num_inflight and request.num_output_tokens >= request.params.max_tokens:
-                i += 1  # its last token is in flight: it finishes when that comes back
+            if request.num_inflight and (request.num_output_tokens >= request.params.max_tokens
+                                         or request.needs_known_outputs):
+                # Its last token is in flight and it finishes when that comes back, or its
+                # sampling needs that token on the host (bad words): it waits for it.
+                i += 1
                 continue
             n = self._grant(request.num_pending, budget)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqwenjax/v1/inference.proto\x12\nqwenjax.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x08Messages\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.qwenjax.v1.Message\"\xea\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12=\n\nlogit_bias\x18\x10 \x03(\x0b\x32).qwenjax.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x13 \x01(\x05H\x0e\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x0f\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.qwenjax.v1.TokenIdsH\x00\x12(\n\x08messages\x18\x04 \x01(\x0b\x32\x14.qwenjax.v1.MessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.qwenjax.v1.SamplingParamsB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.qwenjax.v1.TopLogprob\"\x96\x01\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.qwenjax.v1.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x18.qwenjax.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\")\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\"\xca\x01\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.qwenjax.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.qwenjax.v1.Timing\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05index\x18\x06 \x01(\rB\x18\n\x16_matched_stop_token_id\"h\n\x10GenerateResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.qwenjax.v1.ChunkH\x00\x12(\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x14.qwenjax.v1.CompleteH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x08messages\x18\x02 \x01(\x0b\x32\x14.qwenjax.v1.MessagesH\x00\x42\x07\n\x05input\"\x1f\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe8\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tnum_heads\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x38\n\nmesh_shape\x18\x08 \x03(\x0b\x32$.qwenjax.v1.ModelInfo.MeshShapeEntry\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x0c \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x46\n\x11sampling_defaults\x18\x0e \x03(\x0b\x32+.qwenjax.v1.ModelInfo.SamplingDefaultsEntry\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xee\x02\n\tInference\x12G\n\x08Generate\x12\x1b.qwenjax.v1.GenerateRequest\x1a\x1c.qwenjax.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.qwenjax.v1.AbortRequest\x1a\x19.qwenjax.v1.AbortResponse\x12\x45\n\x08Tokenize\x12\x1b.qwenjax.v1.TokenizeRequest\x1a\x1c.qwenjax.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.qwenjax.v1.DetokenizeRequest\x1a\x1e.qwenjax.v1.DetokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.qwenjax.v1.GetModelInfoRequest\x1a\x15.qwenjax.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqwenjax/v1/inference.proto\x12\nqwenjax.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"1\n\x08Messages\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.qwenjax.v1.Message\"\xbd\x07\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\nignore_eos\x18\r \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0f \x01(\x08H\x0c\x88\x01\x01\x12=\n\nlogit_bias\x18\x10 \x03(\x0b\x32).qwenjax.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x11 \x03(\x05\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\r\x88\x01\x01\x12\x0e\n\x01n\x18\x13 \x01(\x05H\x0e\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x0f\x88\x01\x01\x12\x11\n\tbad_words\x18\x15 \x03(\t\x12#\n\x16truncate_prompt_tokens\x18\x16 \x01(\x05H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x04\n\x02_nB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokens\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.qwenjax.v1.TokenIdsH\x00\x12(\n\x08messages\x18\x04 \x01(\x0b\x32\x14.qwenjax.v1.MessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.qwenjax.v1.SamplingParamsB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.qwenjax.v1.TopLogprob\"\x96\x01\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.qwenjax.v1.TokenLogprob\x12\r\n\x05index\x18\x04 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x18.qwenjax.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\")\n\x06Timing\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x02 \x01(\x01\"\xca\x01\n\x08\x43omplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x02 \x01(\t\x12 \n\x05usage\x18\x03 \x01(\x0b\x32\x11.qwenjax.v1.Usage\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.qwenjax.v1.Timing\x12\"\n\x15matched_stop_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05index\x18\x06 \x01(\rB\x18\n\x16_matched_stop_token_id\"h\n\x10GenerateResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.qwenjax.v1.ChunkH\x00\x12(\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x14.qwenjax.v1.CompleteH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x08messages\x18\x02 \x01(\x0b\x32\x14.qwenjax.v1.MessagesH\x00\x42\x07\n\x05input\"\x1f\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"=\n\x11\x44\x65tokenizeRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe8\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x11\n\tnum_heads\x18\x05 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\x38\n\nmesh_shape\x18\x08 \x03(\x0b\x32$.qwenjax.v1.ModelInfo.MeshShapeEntry\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x13\n\x0bmax_context\x18\n \x01(\r\x12\x11\n\tpage_size\x18\x0b \x01(\r\x12\x1a\n\x12kv_capacity_tokens\x18\x0c \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x46\n\x11sampling_defaults\x18\x0e \x03(\x0b\x32+.qwenjax.v1.ModelInfo.SamplingDefaultsEntry\x1a\x30\n\x0eMeshShapeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a\x37\n\x15SamplingDefaultsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xee\x02\n\tInference\x12G\n\x08Generate\x12\x1b.qwenjax.v1.GenerateRequest\x1a\x1c.qwenjax.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.qwenjax.v1.AbortRequest\x1a\x19.qwenjax.v1.AbortResponse\x12\x45\n\x08Tokenize\x12\x1b.qwenjax.v1.TokenizeRequest\x1a\x1c.qwenjax.v1.TokenizeResponse\x12K\n\nDetokenize\x12\x1d.qwenjax.v1.DetokenizeRequest\x1a\x1e.qwenjax.v1.DetokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.qwenjax.v1.GetModelInfoRequest\x1a\x15.qwenjax.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,45 +44,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGES']._serialized_start=109
   _globals['_MESSAGES']._serialized_end=158
   _globals['_SAMPLINGPARAMS']._serialized_start=161
-  _globals['_SAMPLINGPARAMS']._serialized_end=1035
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=727
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=775
-  _globals['_GENERATEREQUEST']._serialized_start=1038
-  _globals['_GENERATEREQUEST']._serialized_end=1231
-  _globals['_TOPLOGPROB']._serialized_start=1233
-  _globals['_TOPLOGPROB']._serialized_end=1280
-  _globals['_TOKENLOGPROB']._serialized_start=1282
-  _globals['_TOKENLOGPROB']._serialized_end=1368
-  _globals['_CHUNK']._serialized_start=1371
-  _globals['_CHUNK']._serialized_end=1521
-  _globals['_USAGE']._serialized_start=1523
-  _globals['_USAGE']._serialized_end=1603
-  _globals['_TIMING']._serialized_start=1605
-  _globals['_TIMING']._serialized_end=1646
-  _globals['_COMPLETE']._serialized_start=1649
-  _globals['_COMPLETE']._serialized_end=1851
-  _globals['_GENERATERESPONSE']._serialized_start=1853
-  _globals['_GENERATERESPONSE']._serialized_end=1957
-  _globals['_ABORTREQUEST']._serialized_start=1959
-  _globals['_ABORTREQUEST']._serialized_end=1993
-  _globals['_ABORTRESPONSE']._serialized_start=1995
-  _globals['_ABORTRESPONSE']._serialized_end=2025
-  _globals['_TOKENIZEREQUEST']._serialized_start=2027
-  _globals['_TOKENIZEREQUEST']._serialized_end=2111
-  _globals['_TOKENIZERESPONSE']._serialized_start=2113
-  _globals['_TOKENIZERESPONSE']._serialized_end=2144
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2146
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2207
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2209
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2243
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2245
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2266
-  _globals['_MODELINFO']._serialized_start=2269
-  _globals['_MODELINFO']._serialized_end=2757
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2652
-  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2700
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=2702
-  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=2757
-  _globals['_INFERENCE']._serialized_start=2760
-  _globals['_INFERENCE']._serialized_end=3126
+  _globals['_SAMPLINGPARAMS']._serialized_end=1118
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=783
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=831
+  _globals['_GENERATEREQUEST']._serialized_start=1121
+  _globals['_GENERATEREQUEST']._serialized_end=1314
+  _globals['_TOPLOGPROB']._serialized_start=1316
+  _globals['_TOPLOGPROB']._serialized_end=1363
+  _globals['_TOKENLOGPROB']._serialized_start=1365
+  _globals['_TOKENLOGPROB']._serialized_end=1451
+  _globals['_CHUNK']._serialized_start=1454
+  _globals['_CHUNK']._serialized_end=1604
+  _globals['_USAGE']._serialized_start=1606
+  _globals['_USAGE']._serialized_end=1686
+  _globals['_TIMING']._serialized_start=1688
+  _globals['_TIMING']._serialized_end=1729
+  _globals['_COMPLETE']._serialized_start=1732
+  _globals['_COMPLETE']._serialized_end=1934
+  _globals['_GENERATERESPONSE']._serialized_start=1936
+  _globals['_GENERATERESPONSE']._serialized_end=2040
+  _globals['_ABORTREQUEST']._serialized_start=2042
+  _globals['_ABORTREQUEST']._serialized_end=2076
+  _globals['_ABORTRESPONSE']._serialized_start=2078
+  _globals['_ABORTRESPONSE']._serialized_end=2108
+  _globals['_TOKENIZEREQUEST']._serialized_start=2110
+  _globals['_TOKENIZEREQUEST']._serialized_end=2194
+  _globals['_TOKENIZERESPONSE']._serialized_start=2196
+  _globals['_TOKENIZERESPONSE']._serialized_end=2227
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2229
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2290
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2292
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2326
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2328
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2349
+  _globals['_MODELINFO']._serialized_start=2352
+  _globals['_MODELINFO']._serialized_end=2840
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_start=2735
+  _globals['_MODELINFO_MESHSHAPEENTRY']._serialized_end=2783
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_start=2785
+  _globals['_MODELINFO_SAMPLINGDEFAULTSENTRY']._serialized_end=2840
+  _globals['_INFERENCE']._serialized_start=2843
+  _globals['_INFERENCE']._serialized_end=3209
 # @@protoc_insertion_point(module_scope)
