@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput"]
 
 
 def __getattr__(name):
@@ -15,6 +15,10 @@ def __getattr__(name):
         from qwenjax.sampling import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputs":
+        from qwenjax.structured import StructuredOutputs
+
+        return StructuredOutputs
     if name == "RequestOutput":
         from qwenjax.engine.request import RequestOutput
 

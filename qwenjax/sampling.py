@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenjax.structured import StructuredOutputs
+
 # Temperatures below this are treated as greedy, as vLLM does: dividing logits by
 # ~1e-6 pushes them towards float32 overflow and the distribution is an argmax
 # for any practical purpose anyway.
@@ -92,6 +94,8 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (non-empty)
     bad_words: tuple[str, ...] = ()  # never generated (their tokens, with and without a space)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max context
+    # Output constrained by a JSON schema, regex, choice list or grammar (qwenjax.structured).
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -150,6 +154,13 @@ class SamplingParams:
                     raise ValueError(f"{name} strings must be at most {MAX_STOP_STRING_CHARS} "
                                      f"chars, got {len(s)} chars ({s[:20]!r}…)")
             set_(name, strings)
+
+        if isinstance(self.structured_outputs, Mapping):
+            set_("structured_outputs", StructuredOutputs(**self.structured_outputs))
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputs):
+            raise _fail("structured_outputs", "None, a StructuredOutputs or a dict of its fields",
+                        self.structured_outputs)
 
         if self.truncate_prompt_tokens is not None:
             k = self.truncate_prompt_tokens
@@ -245,6 +256,8 @@ class SamplingBatch:
     bias_ids: jax.Array  # [R, B] int32, -1 = padding; distinct ids with a logit bias
     bias_values: jax.Array  # [R, B] float32, added to those ids' logits
     allow_only: jax.Array  # [R] bool, only the row's bias_ids may be sampled (allowed_token_ids)
+    token_mask: jax.Array  # [R, M] int32, M = 0 or vocab / 32: bit t % 32 of word t // 32 set =
+    #                        token t allowed (structured outputs; rows without a grammar: all set)
 
 
 @jax.tree_util.register_dataclass
@@ -267,6 +280,7 @@ class SamplingRow:
     prompt_ids: Sequence[int] = ()  # read only when params.uses_penalties
     output_ids: Sequence[int] = ()  # read only when params.uses_penalties
     suppress_ids: Sequence[int] = ()  # EOS + stop ids while len(output) < min_tokens
+    token_mask: np.ndarray | None = None  # [vocab / 32] int32: what the row's grammar allows
 
 
 def table_width(n: int) -> int:
@@ -354,9 +368,16 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
     for i, (ids, values) in enumerate(biases):
         bias_ids[i, : len(ids)] = ids
         bias_values[i, : len(ids)] = values
+    masks = {len(row.token_mask) for row in rows if row.token_mask is not None}
+    if len(masks) > 1:
+        raise ValueError(f"rows' token masks differ in width: {sorted(masks)}")
+    token_mask = np.full((num_rows, masks.pop() if masks else 0), -1, np.int32)
+    for i, row in enumerate(rows):
+        if row.token_mask is not None:
+            token_mask[i] = row.token_mask
     return SamplingBatch(temperature, top_k, top_p, min_p, seeds, steps, rep, presence,
                          frequency, penalty_ids, penalty_counts, penalty_in_prompt, suppress_ids,
-                         bias_ids, bias_values, allow_only)
+                         bias_ids, bias_values, allow_only, token_mask)
 
 
 def _bias_entries(p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
@@ -432,6 +453,17 @@ def apply_logit_bias(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     listed = jnp.zeros(logits.shape, bool).at[rows, ids].set(True, mode="drop")
     logits = jnp.where(batch.allow_only[:, None] & ~listed, -jnp.inf, logits)
     return logits.at[rows, ids].add(batch.bias_values, mode="drop")
+
+
+def apply_token_mask(logits: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """Structured outputs: -inf for every token whose bit in the row's ``token_mask``
+    [R, vocab / 32] is clear. [R, V] → [R, V]; width 0 = no row has a grammar."""
+    if token_mask.shape[1] == 0:
+        return logits
+    num_rows, vocab = logits.shape
+    bits = (token_mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [R, M, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
@@ -529,7 +561,8 @@ def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
 def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleOutput:
     """Choose one token per row of ``logits`` [R, V] float32; ``num_top`` must be static.
 
-    Order (vLLM): allowed_token_ids and logit_bias → penalties → suppress_ids → greedy
+    Order (vLLM): the grammar's token mask, allowed_token_ids and logit_bias → penalties →
+    suppress_ids → greedy
     argmax, or temperature → top-k → top-p → min-p → Gumbel-max with key
     ``fold_in(key(seed), step)``.
     Logprobs describe the raw model distribution (log_softmax of ``logits``),
@@ -537,7 +570,7 @@ def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleO
     """
     logits = logits.astype(jnp.float32)
     with jax.named_scope("penalties"):
-        adjusted = apply_logit_bias(logits, batch)
+        adjusted = apply_logit_bias(apply_token_mask(logits, batch.token_mask), batch)
         adjusted = suppress_tokens(apply_penalties(adjusted, batch), batch.suppress_ids)
     greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
     greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)

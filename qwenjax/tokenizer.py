@@ -94,6 +94,10 @@ class Tokenizer:
         """Number of token ids the tokenizer knows, added tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what other tokenizer libraries load)."""
+        return self._tokenizer.to_str()
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. No BOS is added (Qwen2 uses none); special-token text such as
         "<|im_start|>" maps to its special id."""

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from google.protobuf import unknown_fields
 
 from qwenjax.engine.request import RequestOutput
+from qwenjax.structured import StructuredOutputs
 from qwenjax_proto.v1 import inference_pb2 as pb
 
 # Proto field name → SamplingParams field; the names are the same on purpose.
@@ -56,7 +57,17 @@ def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
         fields["logit_bias"] = dict(wire.logit_bias)
     if wire.allowed_token_ids:
         fields["allowed_token_ids"] = tuple(wire.allowed_token_ids)
+    if wire.HasField("structured_outputs"):
+        fields["structured_outputs"] = structured_outputs(wire.structured_outputs)
     return fields
+
+
+def structured_outputs(wire: pb.StructuredOutputs) -> StructuredOutputs:
+    kind = wire.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object")
+    value = getattr(wire, kind)
+    return StructuredOutputs(**{kind: list(value.choices) if kind == "choice" else value})
 
 
 def messages_to_dicts(wire: pb.Messages) -> list[dict]:

@@ -88,6 +88,45 @@ def test_bad_words_are_never_generated(llm, lm):
     assert out.finish_reason in ("stop", "length")
 
 
+def test_structured_outputs_json_regex_choice_in_one_batch(llm):
+    """Rows under a JSON schema, a regex and a choice list share the batch with a free row;
+    each output is what its constraint allows, and the free row is what it is alone."""
+    import json
+    import re
+
+    from qwenjax.structured import StructuredOutputs
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    phone = r"\d{3}-\d{3}-\d{4}"
+    requests = [
+        ("Describe a person named Alice who is 30, as JSON.", StructuredOutputs(json=schema)),
+        ("Give me a US phone number.", StructuredOutputs(regex=phone)),
+        ("Is Paris in France? Answer yes or no.", StructuredOutputs(choice=["Yes", "No"])),
+        (QUESTIONS[0], None),
+    ]
+    outs = llm.chat([_chat(q) for q, _ in requests],
+                    [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=s) for _, s in requests],
+                    use_tqdm=False)
+    person = json.loads(outs[0].text)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and person["name"]
+    assert re.fullmatch(phone, outs[1].text), outs[1].text
+    assert outs[2].text in ("Yes", "No")
+    assert all(o.finish_reason == "stop" for o in outs)
+    assert outs[3].text == "The capital of France is Paris."
+    # n = 2 sampled sequences follow the grammar each on its own.
+    two = llm.chat(_chat("Pick a colour."), SamplingParams(
+        n=2, temperature=1.0, seed=3, max_tokens=8,
+        structured_outputs={"choice": ["red", "green", "blue"]}), use_tqdm=False)
+    assert [o.index for o in two] == [0, 1] and all(o.text in ("red", "green", "blue") for o in two)
+    with pytest.raises(ValueError, match=r"structured_outputs.regex does not compile"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputs(regex="[a-")), use_tqdm=False)
+    with pytest.raises(ValueError, match="structured_outputs.json must be a JSON schema"):
+        StructuredOutputs(json="{not json")
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputs(regex="a", choice=["b"])
+
+
 def test_logprobs_and_min_tokens(llm, lm):
     out = llm.chat(_chat(QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=8, logprobs=3),
                    use_tqdm=False)[0]

@@ -504,6 +504,38 @@ def test_logit_bias_and_allowed_token_ids():
     assert build_sampling_batch([SamplingRow(SamplingParams(), 1, 0)], 2).bias_ids.shape == (2, 0)
 
 
+def test_token_mask_keeps_only_the_grammars_tokens():
+    """Structured outputs' bitmask: bit t % 32 of word t // 32 allows token t; rows without a
+    grammar are untouched by the masked rows beside them."""
+    rng = np.random.default_rng(9)
+    vocab, num_rows = 70, 256  # 3 words, the last one partly past the vocabulary
+    logits = rng.normal(size=(num_rows, vocab)).astype(np.float32)
+    allowed = np.array([0, 31, 32, 45, 69])
+    mask = np.zeros(3, np.uint32)
+    for t in allowed:
+        mask[t // 32] |= np.uint32(1) << np.uint32(t % 32)
+    mask = mask.view(np.int32)  # bit 31 set: a negative word
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2)]
+    rows = [SamplingRow(params[i % 4], seed=i, step=0, token_mask=mask if i % 4 < 2 else None)
+            for i in range(num_rows)]
+    out = run(logits, rows)
+    tokens = out.token_ids
+    masked = np.full_like(logits, -np.inf)
+    masked[:, allowed] = logits[:, allowed]
+    np.testing.assert_array_equal(tokens[0::4], masked[0::4].argmax(-1))
+    assert np.isin(tokens[1::4], allowed).all() and set(tokens[1::4]) == set(allowed)
+    np.testing.assert_array_equal(tokens[2::4], logits[2::4].argmax(-1))  # no grammar: as before
+    alone = run(logits[3::4], [r for r in rows[3::4]]).token_ids
+    np.testing.assert_array_equal(tokens[3::4], alone)
+    # Logprobs stay the raw distribution's, as for every other constraint.
+    raw = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(out.logprobs[0::4], raw[np.arange(0, num_rows, 4), tokens[0::4]], atol=1e-5)
+    assert build_sampling_batch(rows[2:3], 2).token_mask.shape == (2, 0)
+    with pytest.raises(ValueError, match="token masks differ"):
+        build_sampling_batch([rows[0], dataclasses.replace(rows[1], token_mask=mask[:2])], 2)
+
+
 # --------------------------------------------------------------------------- logprobs
 
 
@@ -565,4 +597,4 @@ def test_jits_once_per_shape():
 def test_sampling_batch_is_a_pytree():
     batch = build_sampling_batch([SamplingRow(SamplingParams(), seed=1, step=0)], 2)
     leaves = jax.tree_util.tree_leaves(batch)
-    assert len(leaves) == len(dataclasses.fields(SamplingBatch)) == 16
+    assert len(leaves) == len(dataclasses.fields(SamplingBatch)) == 17

@@ -428,6 +428,10 @@ def test_truncate_prompt_tokens_and_bad_words_over_the_wire(stub):
     _, text, _ = collect(stub.Generate(pb.GenerateRequest(
         text="def add(a, b):\n", sampling=greedy(8, bad_words=["return"])), timeout=60))
     assert "return" not in text and text.strip()
+    _, text, complete = collect(stub.Generate(pb.GenerateRequest(
+        text="The best language is", sampling=greedy(8, structured_outputs=pb.StructuredOutputs(
+            choice=pb.Choices(choices=[" Python", " Rust"])))), timeout=60))
+    assert text in (" Python", " Rust") and complete.finish_reason == "stop"
 
 
 # --------------------------------------------------------------------------- validation
@@ -457,6 +461,11 @@ def fuzz_cases(vocab: int, max_len: int):
         ("prompt_logprobs", text(prompt_logprobs=21)),
         ("truncate_prompt_tokens", text(truncate_prompt_tokens=0)),
         ("bad_words", text(bad_words=[""])), ("bad_words", text(bad_words=["w"] * 129)),
+        ("structured_outputs must set one", text(structured_outputs=pb.StructuredOutputs())),
+        ("structured_outputs.regex does not compile",
+         text(structured_outputs=pb.StructuredOutputs(regex="(unclosed"))),
+        ("structured_outputs.json", text(structured_outputs=pb.StructuredOutputs(json="[1, 2"))),
+        ("structured_outputs.choice", text(structured_outputs=pb.StructuredOutputs(choice=pb.Choices()))),
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
         ("n must be", text(n=0)), ("n must be", text(n=129)),

@@ -127,6 +127,7 @@ class Engine:
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._inflight: InFlight | None = None     # the step dispatched and not yet read back
         self._ids = itertools.count()
+        self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
 
@@ -186,6 +187,7 @@ class Engine:
         for field, t in params.token_ids_named():
             if t >= vocab:
                 raise ValueError(f"{field} has {t}; token ids must be < {vocab}")
+        self._matcher(params)  # a grammar that does not compile (compiled grammars are cached)
         # As in vLLM, the last sampled token is returned but never fed back, so it needs no KV
         # slot: a prompt of exactly max_model_len tokens may still sample one token.
         n, limit = len(prompt_ids), self.max_model_len
@@ -202,6 +204,7 @@ class Engine:
         prompt_ids = self.truncated(prompt_ids, params)
         self.validate(prompt_ids, params)
         bad_words_ids = self._bad_words_ids(params.bad_words)
+        matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -216,7 +219,7 @@ class Engine:
             if used in self._requests or used in self._groups:
                 raise ValueError(f"request_id {used!r} is already in use")
         if params.n == 1:
-            self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids)
+            self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -226,9 +229,23 @@ class Engine:
             child = dataclasses.replace(params, n=1, seed=seed,
                                         prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
-                                leader=leader, bad_words_ids=bad_words_ids)
+                                leader=leader, bad_words_ids=bad_words_ids,
+                                matcher=matcher.copy() if matcher is not None else None)
             leader = leader or request
         return request_id
+
+    def _matcher(self, params: SamplingParams):
+        """A grammar matcher for a request with structured_outputs (None without)."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs the model's tokenizer, and this model has none")
+        if self._grammars is None:
+            from qwenjax.structured import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.lm.config.vocab_size,
+                                             self.eos_token_ids)
+        return self._grammars.matcher(params.structured_outputs)
 
     def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each bad word as token ids, as vLLM encodes them: the word, and the word after a
@@ -352,9 +369,12 @@ class Engine:
         request = token.chunk.request
         log.error("request %s: non-finite logits at position %d; failing it", request.request_id,
                   request.num_known)
+        return self._fail_request(request, f"non-finite logits (NaN/inf) at position {request.num_known}")
+
+    def _fail_request(self, request: Request, error: str) -> RequestOutput:
         self.scheduler.finish(request, "error")
         result = self._finish_output(request, "error", None, "", [])
-        result.error = f"non-finite logits (NaN/inf) at position {request.num_known}"
+        result.error = error
         return result
 
     def _advance(self, token: SampledToken, now: float) -> RequestOutput:
@@ -377,6 +397,12 @@ class Engine:
             delta = track.detokenizer.add([token.token_id])
             if track.detokenizer.stopped:
                 reason, matched = "stop", track.detokenizer.matched_stop
+        if reason is None and request.matcher is not None:
+            if not request.matcher.advance(token.token_id):  # the mask allowed it: a bug if so
+                return self._fail_request(request, f"the grammar refused token {token.token_id}: "
+                                                   f"{request.matcher.error}")
+            if request.matcher.done:  # the grammar is complete: only EOS could follow
+                reason = "stop"
         if reason is None and (len(request.output_ids) >= params.max_tokens
                                or request.num_known > self.max_model_len):
             reason = "length"

@@ -47,6 +47,8 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # params.bad_words as token id sequences (Engine._bad_words_ids).
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    # params.structured_outputs: this sequence's place in its grammar (qwenjax.structured.Matcher).
+    matcher: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def prompt_logprobs_done(self) -> bool:
@@ -54,9 +56,9 @@ class Request:
 
     @property
     def needs_known_outputs(self) -> bool:
-        """Its next sampling step reads its latest output tokens on the host (a bad word of
-        several tokens), so it is not scheduled while a token of it is in flight."""
-        return any(len(ids) > 1 for ids in self.bad_words_ids)
+        """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
+        word of several tokens), so it is not scheduled while a token of it is in flight."""
+        return self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
 
     def banned_ids(self) -> tuple[int, ...]:
         """The ids its bad words ban at the next token (its output tokens must all be known):

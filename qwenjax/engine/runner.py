@@ -357,7 +357,7 @@ class ModelRunner:
     def _sampler_key(self, batch, num_top: int) -> tuple:
         rows = batch.temperature.shape[0]
         return (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1],
-                batch.bias_ids.shape[1])
+                batch.bias_ids.shape[1], batch.token_mask.shape[1])
 
     def _lower_sampler(self, batch, num_top: int):
         logits = jax.ShapeDtypeStruct((batch.temperature.shape[0], self.lm.config.vocab_size),
@@ -499,7 +499,8 @@ class ModelRunner:
         return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
                            prompt_ids=request.prompt_ids if penalties else (),
                            output_ids=request.output_ids if penalties else (),
-                           suppress_ids=suppress)
+                           suppress_ids=suppress,
+                           token_mask=request.matcher.bitmask() if request.matcher else None)
 
     @staticmethod
     def _score_positions(chunk: ScheduledChunk, flat_start: int, index: list, target: list,

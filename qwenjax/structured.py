@@ -1,0 +1,176 @@
+"""Structured outputs (vLLM's ``structured_outputs``): output constrained by a JSON schema, a
+regex, a list of choices or a Lark grammar.
+
+The grammar engine is llguidance (one of vLLM's backends; a small Rust wheel with no
+dependencies), imported only when a request asks for structure. Each constrained sequence
+has a matcher that follows its output tokens on the host and gives, before each of its
+sampling steps, the bitmask of the tokens the grammar allows next (``vocab / 32`` int32
+words); the sampler sets every other logit to -inf on the device.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+MAX_CHOICES = 256
+MAX_SPEC_CHARS = 65536  # of a schema, regex or grammar
+
+
+def _fail(field: str, requirement: str, value: Any) -> ValueError:
+    return ValueError(f"structured_outputs.{field} must be {requirement}, got {value!r:.80}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputs:
+    """Exactly one constraint: ``json`` (a JSON schema, as a dict or its text), ``regex``,
+    ``choice`` (the output is one of these strings), ``grammar`` (Lark, llguidance's
+    dialect) or ``json_object`` (any JSON object)."""
+
+    json: Mapping[str, Any] | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if not isinstance(self.json_object, bool):
+            raise _fail("json_object", "a bool", self.json_object)
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
+                             f"grammar, json_object; got {given or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                set_("json", json.loads(self.json))
+            except json.JSONDecodeError as error:
+                raise _fail("json", "a JSON schema", f"text that is not JSON ({error})") from None
+        if self.json is not None and not isinstance(self.json, Mapping):
+            raise _fail("json", "a JSON schema (an object)", self.json)
+        if self.json is not None and len(json.dumps(self.json)) > MAX_SPEC_CHARS:
+            raise ValueError(f"structured_outputs.json must be at most {MAX_SPEC_CHARS} chars as JSON")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _fail(name, "a non-empty string", value)
+            if value is not None and len(value) > MAX_SPEC_CHARS:
+                raise ValueError(f"structured_outputs.{name} must be at most {MAX_SPEC_CHARS} "
+                                 f"chars, got {len(value)}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, Sequence):
+                raise _fail("choice", "a sequence of strings", self.choice)
+            if not 1 <= len(self.choice) <= MAX_CHOICES:
+                raise _fail("choice", f"1 to {MAX_CHOICES} strings", f"{len(self.choice)} of them")
+            for c in self.choice:
+                if not isinstance(c, str) or not c:
+                    raise _fail("choice", "non-empty strings", c)
+            set_("choice", tuple(self.choice))
+
+    def grammar_text(self) -> str:
+        """The constraint as an llguidance grammar."""
+        import llguidance
+
+        if self.json is not None or self.json_object:
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                dict(self.json) if self.json is not None else {"type": "object"})
+        if self.regex is not None:
+            return llguidance.LLMatcher.grammar_from_regex(self.regex)
+        if self.choice is not None:  # Lark string literals take JSON's escapes
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice))
+        return llguidance.LLMatcher.grammar_from_lark(self.grammar)
+
+
+class GrammarCompiler:
+    """Per model: the llguidance view of its tokenizer (built on first use, ~1 s)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int],
+                 cache_size: int = 64):
+        self._tokenizer_json = tokenizer_json
+        self.vocab_size = vocab_size
+        self._eos = list(eos_token_ids)
+        self._tokenizer = None
+        # Grammar text → a matcher in its start state: requests repeating a schema (the usual
+        # case) copy it instead of compiling it again. Least recently used first.
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # the server validates on its own thread, beside the engine's
+
+    def _llg_tokenizer(self):
+        try:
+            import llguidance
+        except ImportError:
+            raise ValueError("structured_outputs needs the llguidance package "
+                             "(pip install llguidance)") from None
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size,
+                                                     eos_token=self._eos)
+        return self._tokenizer
+
+    def matcher(self, spec: StructuredOutputs) -> "Matcher":
+        """A fresh matcher for one sequence; raises ValueError naming what is wrong with it."""
+        tokenizer = self._llg_tokenizer()
+        import llguidance
+
+        try:
+            grammar = spec.grammar_text()
+        except ValueError as error:
+            raise ValueError(f"structured_outputs: {error}") from None
+        with self._lock:
+            matcher = self._compiled.get(grammar)
+            if matcher is not None:
+                self._compiled.move_to_end(grammar)
+        if matcher is None:
+            matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            if matcher.is_error():
+                field = next(n for n in ("json", "regex", "choice", "grammar", "json_object")
+                             if getattr(spec, n) not in (None, False))
+                raise ValueError(f"structured_outputs.{field} does not compile: "
+                                 f"{matcher.get_error().strip()[:500]}")
+            with self._lock:
+                self._compiled[grammar] = matcher
+                while len(self._compiled) > self._cache_size:
+                    self._compiled.popitem(last=False)
+        return Matcher(matcher.deep_copy(), self.vocab_size)
+
+
+def mask_words(vocab_size: int) -> int:
+    """Int32 words of a token bitmask over ``vocab_size`` ids."""
+    return (vocab_size + 31) // 32
+
+
+class Matcher:
+    """One sequence's place in its grammar."""
+
+    def __init__(self, matcher, vocab_size: int):
+        self._matcher = matcher
+        self._words = mask_words(vocab_size)
+
+    def bitmask(self) -> np.ndarray:
+        """[vocab / 32] int32: bit j of word w set = token 32w + j may come next."""
+        # llguidance may add a word past the vocabulary; its bits name no token.
+        return np.frombuffer(self._matcher.compute_bitmask(), np.int32)[: self._words]
+
+    def copy(self) -> "Matcher":
+        """An independent matcher in the same state (each of n sequences needs its own)."""
+        return Matcher(self._matcher.deep_copy(), self._words * 32)
+
+    def advance(self, token_id: int) -> bool:
+        """Take the sampled token; False if the grammar refuses it (then the matcher is dead)."""
+        return bool(self._matcher.consume_token(token_id))
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: nothing but EOS may follow."""
+        return bool(self._matcher.is_stopped())
+
+    @property
+    def error(self) -> str:
+        return self._matcher.get_error()
