@@ -188,7 +188,7 @@ def test_batch_invariance_real_model(real_model_dir, tp):
     # and sharing would spare the preemptions this test is about (and feed the single runs).
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
                           page_size=16, max_model_len=512, num_pages=40, enable_prefix_caching=False)
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     engine = Engine(lm, config, warm_up=False)
     arrivals = sorted(rng.integers(0, 12, len(prompts)))
     ids, outputs, step, requests = {}, {}, 0, []
