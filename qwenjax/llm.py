@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import uuid
@@ -76,10 +77,10 @@ class _Base:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _encode_chat(self, messages: Conversation) -> list[int]:
+    def _encode_chat(self, messages: Conversation, tools=None) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (and no chat template)")
-        return self.tokenizer.encode_chat(list(messages))
+        return self.tokenizer.encode_chat(list(messages), tools=tools)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
@@ -111,9 +112,23 @@ class LLM(_Base):
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
-             *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them."""
-        return self._run([self._encode_chat(c) for c in _as_conversations(messages)], params, use_tqdm)
+             *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
+             tool_choice: str | None = None) -> list[RequestOutput]:
+        """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
+
+        ``tools``: OpenAI-style function definitions, offered through the chat template; read
+        the calls in a reply with ``qwenjax.tool_calls.parse_tool_calls(output.text, tools)``.
+        ``tool_choice``: "auto" (default), "none", "required" or a tool's name; the last two
+        constrain the output (structured outputs) to a list of calls or that one call."""
+        from qwenjax.tool_calls import tool_choice_constraint
+
+        ids = [self._encode_chat(c, tools) for c in _as_conversations(messages)]
+        constraint = tool_choice_constraint(tools, tool_choice)
+        if constraint is not None:
+            given = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
+            params = [dataclasses.replace(p if p is not None else self.engine.default_sampling_params(len(i)),
+                                          structured_outputs=constraint) for i, p in zip(ids, given)]
+        return self._run(ids, params, use_tqdm)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False) -> Iterator[RequestOutput]:

@@ -107,25 +107,29 @@ class Tokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
-        """Render `messages` ({"role": ..., "content": ...} dicts) into the model's prompt text."""
+        """Render `messages` ({"role": ..., "content": ...} dicts; an assistant turn may carry
+        OpenAI-style "tool_calls") into the model's prompt text, offering `tools` (OpenAI-style
+        function definitions) when given."""
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat_template")
         _check_messages(messages)
         return self._chat_template.render(
-            messages=[dict(message) for message in messages],
+            messages=[_template_message(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
             # transformers leaves unset special tokens undefined, which renders as "".
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
-            tools=None,
+            tools=_check_tools(tools) if tools else None,
         )
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
@@ -166,10 +170,72 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{index}].role is {role!r}; expected one of {CHAT_ROLES}")
-        if not isinstance(message.get("content"), str):
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise ValueError(f"messages[{index}].tool_calls: only an assistant turn calls tools")
+            if isinstance(calls, (str, bytes)) or not isinstance(calls, Sequence):
+                raise ValueError(f"messages[{index}].tool_calls must be a list")
+            for j, call in enumerate(calls):
+                _tool_call_parts(call, f"messages[{index}].tool_calls[{j}]")
+        content = message.get("content")
+        if not isinstance(content, str) and not (calls and content is None):
             raise ValueError(
-                f"messages[{index}].content must be a str, got {type(message.get('content')).__name__}"
+                f"messages[{index}].content must be a str, got {type(content).__name__}"
             )
+
+
+def _tool_call_parts(call: Any, where: str) -> tuple[str, Any]:
+    """(name, arguments as a JSON value) of an OpenAI-style tool call
+    ({"function": {"name", "arguments"}} or {"name", "arguments"}; arguments a JSON string or
+    already an object), raising ValueError naming ``where``."""
+    if not isinstance(call, Mapping):
+        raise ValueError(f"{where} must be a dict, got {type(call).__name__}")
+    function = call.get("function", call)
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.name must be a non-empty str")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}.arguments is not JSON: {error}") from None
+    return name, arguments
+
+
+def _template_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """The message as chat templates expect it: tool call arguments as JSON values (templates
+    serialize them with tojson), not the JSON text the OpenAI API sends."""
+    message = dict(message)
+    if message.get("tool_calls"):
+        message["tool_calls"] = [
+            {"type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in (_tool_call_parts(c, "tool_call") for c in message["tool_calls"])
+        ]
+    return message
+
+
+def _check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-style tool definitions ({"type": "function", "function": {"name", "description",
+    "parameters"}}; a bare {"name", ...} is taken as the function), as templates render them."""
+    if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of dicts, got {type(tools).__name__}")
+    checked = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ValueError(f"tools[{i}] must be a dict, got {type(tool).__name__}")
+        if tool.get("type", "function") != "function":
+            raise ValueError(f"tools[{i}].type must be \"function\", got {tool.get('type')!r}")
+        function = tool.get("function", tool)
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) \
+                or not function["name"]:
+            raise ValueError(f"tools[{i}].function.name must be a non-empty str")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            raise ValueError(f"tools[{i}].function.parameters must be a JSON schema object")
+        checked.append({"type": "function", "function": {k: v for k, v in function.items()}})
+    return checked
 
 
 def _token_content(value: Any) -> str | None:

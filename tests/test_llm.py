@@ -127,6 +127,25 @@ def test_structured_outputs_json_regex_choice_in_one_batch(llm):
         StructuredOutputs(regex="a", choice=["b"])
 
 
+def test_tool_calls_auto_and_required(llm):
+    """Tools offered through the chat template: the model's reply parses into a call ("auto"),
+    and "required" constrains the reply to a list of calls to offered tools."""
+    import json
+
+    from qwenjax.tool_calls import parse_tool_calls
+    from test_tool_calls import TOOLS
+
+    question = _chat("What's the weather like in Paris today?")
+    greedy = SamplingParams(temperature=0.0, max_tokens=48)
+    auto = llm.chat(question, greedy, tools=TOOLS, use_tqdm=False)[0]
+    _, calls = parse_tool_calls(auto.text, TOOLS)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})], auto.text
+    required = llm.chat(question, greedy, tools=TOOLS, tool_choice="required", use_tqdm=False)[0]
+    content, calls = parse_tool_calls(required.text, TOOLS)
+    assert content == "" and calls and calls[0].name == "get_weather", required.text
+    assert required.finish_reason == "stop"
+
+
 def test_logprobs_and_min_tokens(llm, lm):
     out = llm.chat(_chat(QUESTIONS[0]), SamplingParams(temperature=0.0, max_tokens=8, logprobs=3),
                    use_tqdm=False)[0]

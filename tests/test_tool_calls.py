@@ -1,0 +1,76 @@
+"""Tool calling: tools and past calls rendered by the chat template, calls parsed from replies."""
+import json
+
+import pytest
+
+from qwenjax.tool_calls import parse_tool_calls, tool_choice_constraint
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}},
+]
+
+
+def test_hermes_blocks_bare_json_and_fences_parse():
+    text = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+            '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>')
+    content, calls = parse_tool_calls(text, TOOLS)
+    assert content == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"}),
+                                                                  ("add", {"a": 1, "b": 2})]
+    assert calls[0].id.startswith("call_") and calls[0].id != calls[1].id
+    bare = '{"name": "add", "arguments": "{\\"a\\": 3}"}'  # arguments sent as JSON text
+    assert [(c.name, c.arguments) for c in parse_tool_calls(bare, TOOLS)[1]] == [("add", '{"a": 3}')]
+    fenced = '```json\n[{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {}}]\n```'
+    assert [c.name for c in parse_tool_calls(fenced, TOOLS)[1]] == ["add", "get_weather"]
+
+
+@pytest.mark.parametrize("text", [
+    "The weather is fine.",
+    '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>',  # broken JSON
+    '{"name": "delete_everything", "arguments": {}}',  # not an offered tool
+    '{"name": "add", "arguments": [1, 2]}',  # arguments not an object
+    '[{"name": "add", "arguments": {}}, {"other": 1}]',  # one item is not a call
+])
+def test_what_is_not_a_call_stays_content(text):
+    assert parse_tool_calls(text, TOOLS) == (text, [])
+
+
+def test_no_tools_offered_means_no_calls():
+    assert parse_tool_calls('{"name": "add", "arguments": {}}', None)[1] == []
+
+
+def test_tool_choice_constraints():
+    assert tool_choice_constraint(TOOLS, "auto") is None and tool_choice_constraint(None, None) is None
+    named = tool_choice_constraint(TOOLS, "add").json
+    assert named["properties"]["name"] == {"const": "add"} and named["required"] == ["name", "arguments"]
+    required = tool_choice_constraint(TOOLS, "required").json
+    assert required["type"] == "array" and len(required["items"]["anyOf"]) == 2
+    with pytest.raises(ValueError, match="tool_choice 'multiply' is not"):
+        tool_choice_constraint(TOOLS, "multiply")
+    with pytest.raises(ValueError, match="offers no tools"):
+        tool_choice_constraint([], "required")
+
+
+def test_the_chat_template_renders_tools_and_past_calls(tokenizer):
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "content": '{"temp_c": 18}'}]
+    text = tokenizer.apply_chat_template(messages, tools=TOOLS)
+    assert '"name": "get_weather"' in text and "# Tools" in text
+    # The call's arguments render as a JSON object, not as a string holding JSON.
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n{\"temp_c\": 18}\n</tool_response>" in text
+    assert "# Tools" not in tokenizer.apply_chat_template(messages[:1])
+    with pytest.raises(ValueError, match=r"messages\[1\].tool_calls\[0\].arguments is not JSON"):
+        tokenizer.apply_chat_template([messages[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{oops"}}]}])
+    with pytest.raises(ValueError, match=r"tools\[0\].function.name"):
+        tokenizer.apply_chat_template(messages[:1], tools=[{"type": "function", "function": {}}])
+    with pytest.raises(ValueError, match=r"messages\[0\].tool_calls: only an assistant"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "x", "tool_calls": []}])
