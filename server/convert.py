@@ -5,12 +5,14 @@ the servicer turns it into ``INVALID_ARGUMENT`` unchanged.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from google.protobuf import unknown_fields
 
 from qwenjax.engine.request import RequestOutput
 from qwenjax.structured import StructuredOutputs
+from qwenjax.tool_calls import parse_tool_calls
 from qwenjax_proto.v1 import inference_pb2 as pb
 
 # Proto field name → SamplingParams field; the names are the same on purpose.
@@ -71,7 +73,31 @@ def structured_outputs(wire: pb.StructuredOutputs) -> StructuredOutputs:
 
 
 def messages_to_dicts(wire: pb.Messages) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in wire.messages]
+    messages = []
+    for m in wire.messages:
+        message = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in m.tool_calls]
+        messages.append(message)
+    return messages
+
+
+def tools_to_dicts(wire: Sequence[pb.Tool]) -> list[dict]:
+    """OpenAI-style tool definitions; a parameters field that is not a JSON object is refused."""
+    tools = []
+    for i, tool in enumerate(wire):
+        function = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters:
+            try:
+                function["parameters"] = json.loads(tool.parameters)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"tools[{i}].parameters is not JSON: {error}") from None
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
@@ -97,7 +123,10 @@ def _token_logprob(lp) -> pb.TokenLogprob:
                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
 
 
-def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float) -> pb.GenerateResponse:
+def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
+                      tools: Sequence[dict] | None = None) -> pb.GenerateResponse:
+    """``tools``: the tools the request offered, whose calls are parsed from the reply (None:
+    none offered, or tool_choice "none")."""
     complete = pb.Complete(
         index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
@@ -110,4 +139,11 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float)
         complete.matched_stop = output.matched_stop
     elif output.matched_stop is not None:
         complete.matched_stop_token_id = int(output.matched_stop)
+    if tools and output.finish_reason == "stop":
+        content, calls = parse_tool_calls(output.text, tools)
+        if calls:
+            complete.finish_reason = "tool_calls"
+            complete.content = content
+            complete.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                                       for c in calls)
     return pb.GenerateResponse(complete=complete)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import pathlib
 import time
@@ -22,6 +23,7 @@ import uuid
 import grpc
 import jinja2
 
+from qwenjax.tool_calls import tool_choice_constraint
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server import convert
@@ -121,12 +123,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if unknown:
             raise ValueError(unknown)
 
-    async def _encode(self, request) -> list[int]:
-        """Token ids of a request's ``input`` oneof (text, token_ids or messages)."""
+    async def _encode(self, request, tools=None) -> list[int]:
+        """Token ids of a request's ``input`` oneof (text, token_ids or messages), ``tools``
+        offered through the chat template."""
         which = request.WhichOneof("input")
         if which is None:
             names = ", ".join(f.name for f in request.DESCRIPTOR.oneofs_by_name["input"].fields)
             raise ValueError(f"input is not set: send one of {names}")
+        if tools and which != "messages":
+            raise ValueError("tools need the messages input: the chat template offers them")
         if which == "token_ids":
             return list(request.token_ids.ids)
         tokenizer = self.engine.tokenizer
@@ -136,7 +141,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if which == "text":
             encode, arg, size = tokenizer.encode, request.text, len(request.text)
         else:
-            encode, arg = tokenizer.encode_chat, convert.messages_to_dicts(request.messages)
+            encode = functools.partial(tokenizer.encode_chat, tools=tools)
+            arg = convert.messages_to_dicts(request.messages)
             size = sum(len(m["content"]) for m in arg)
         try:
             if size > _OFFLOAD_CHARS:
@@ -151,7 +157,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             self._check_request(request, "GenerateRequest")
             fields = convert.sampling_fields(request.sampling)
-            prompt_ids = await self._encode(request)
+            tools = convert.tools_to_dicts(request.tools) or None
+            constraint = tool_choice_constraint(tools, request.tool_choice or None)
+            if constraint is not None:
+                if "structured_outputs" in fields:
+                    raise ValueError(f"tool_choice {request.tool_choice!r} constrains the output "
+                                     "itself; leave structured_outputs unset")
+                fields["structured_outputs"] = constraint
+            prompt_ids = await self._encode(request, tools)
             # Unset fields take the model's defaults; an unset max_tokens fits the prompt's room.
             params = engine_thread.engine.sampling_params(fields, len(prompt_ids))
             prompt_ids = engine_thread.engine.truncated(prompt_ids, params)
@@ -205,7 +218,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         yield chunk
                     if output.finish_reason is not None:  # one Complete per sequence
                         ttft = state["first"] - start if state["first"] is not None else None
-                        yield convert.complete_response(output, ttft, time.monotonic() - start)
+                        yield convert.complete_response(
+                            output, ttft, time.monotonic() - start,
+                            tools if request.tool_choice != "none" else None)
                     if output.finished:
                         state["final"] = output
         except ValueError as error:  # the engine thread refused to add it

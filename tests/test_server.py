@@ -434,6 +434,30 @@ def test_truncate_prompt_tokens_and_bad_words_over_the_wire(stub):
     assert text in (" Python", " Rust") and complete.finish_reason == "stop"
 
 
+def test_tool_calls_over_the_wire(stub):
+    """A named tool_choice: the reply is that call, parsed into Complete.tool_calls; the same
+    conversation with the call and its result continues from them."""
+    import json
+
+    tools = [pb.Tool(name="add", description="Add two integers", parameters=json.dumps(
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+         "required": ["a", "b"]}))]
+    question = pb.Message(role="user", content="What is 2 + 3? Use the tool.")
+    _, text, complete = collect(stub.Generate(pb.GenerateRequest(
+        messages=pb.Messages(messages=[question]), tools=tools, tool_choice="add",
+        sampling=greedy(40)), timeout=60))
+    assert complete.finish_reason == "tool_calls", text
+    (call,) = complete.tool_calls
+    assert call.name == "add" and set(json.loads(call.arguments)) == {"a", "b"} and call.id
+    assert complete.content == ""
+    history = [question, pb.Message(role="assistant", tool_calls=[call]),
+               pb.Message(role="tool", content="5")]
+    ids, _, complete = collect(stub.Generate(pb.GenerateRequest(
+        messages=pb.Messages(messages=history), tools=tools, tool_choice="none",
+        sampling=greedy(4)), timeout=60))
+    assert ids and complete.finish_reason in ("stop", "length") and not complete.tool_calls
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -462,6 +486,15 @@ def fuzz_cases(vocab: int, max_len: int):
         ("truncate_prompt_tokens", text(truncate_prompt_tokens=0)),
         ("bad_words", text(bad_words=[""])), ("bad_words", text(bad_words=["w"] * 129)),
         ("structured_outputs must set one", text(structured_outputs=pb.StructuredOutputs())),
+        ("tools need the messages input", pb.GenerateRequest(text="hi", tools=[pb.Tool(name="f")])),
+        ("tools[0].parameters is not JSON", pb.GenerateRequest(
+            messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
+            tools=[pb.Tool(name="f", parameters="{")])),
+        ("tool_choice 'g' is not", pb.GenerateRequest(
+            messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
+            tools=[pb.Tool(name="f")], tool_choice="g")),
+        ("offers no tools", pb.GenerateRequest(
+            messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]), tool_choice="required")),
         ("structured_outputs.regex does not compile",
          text(structured_outputs=pb.StructuredOutputs(regex="(unclosed"))),
         ("structured_outputs.json", text(structured_outputs=pb.StructuredOutputs(json="[1, 2"))),
