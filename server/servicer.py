@@ -254,7 +254,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         await self._require_engine(context)
         try:
             self._check_request(request, "TokenizeRequest")
-            ids = await self._encode(request)
+            ids = await self._encode(request, convert.tools_to_dicts(request.tools) or None)
         except ValueError as error:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.TokenizeResponse(ids=ids)

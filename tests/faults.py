@@ -61,8 +61,8 @@ def nan_logits(runner, select: Callable[[object], bool]) -> list:
         poison = jnp.asarray(rows, jnp.int32)
 
         def run(*args):
-            logits, cache = compiled(*args)
-            return jax.device_put(logits.at[poison].set(jnp.nan), logits.sharding), cache
+            logits, *rest = compiled(*args)  # (logits, hidden states, cache)
+            return jax.device_put(logits.at[poison].set(jnp.nan), logits.sharding), *rest
 
         return run
 

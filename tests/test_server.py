@@ -685,6 +685,11 @@ def test_model_info_tokenize_detokenize_return_real_values(model, stub):
     chat_ids = stub.Tokenize(pb.TokenizeRequest(messages=pb.Messages(
         messages=[pb.Message(**m) for m in messages])), timeout=10).ids
     assert list(chat_ids) == lm.tokenizer.encode_chat(messages)
+    tool = {"type": "function", "function": {"name": "now", "description": "The time"}}
+    tool_ids = stub.Tokenize(pb.TokenizeRequest(messages=pb.Messages(
+        messages=[pb.Message(**m) for m in messages]), tools=[pb.Tool(name="now", description="The time")]),
+        timeout=10).ids
+    assert list(tool_ids) == lm.tokenizer.encode_chat(messages, tools=[tool]) != list(chat_ids)
     assert stub.Detokenize(pb.DetokenizeRequest(ids=ids), timeout=10).text == text
     special = list(chat_ids[:3])
     assert (stub.Detokenize(pb.DetokenizeRequest(ids=special, skip_special_tokens=False), timeout=10).text

@@ -226,8 +226,10 @@ class InFlight:
     plan: StepPlan
     placed: list[tuple[int, ScheduledChunk]]  # (sampled row, chunk) of each chunk that samples
     sampled: object | None                    # SampleOutput of device arrays; None: none sampled
-    scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)  # (request,
-    scores: list = dataclasses.field(default_factory=list)  # position) → token_logprobs blocks
+    # Prompt logprobs: the (request, position) of each scored row, and the blocks of device
+    # outputs (Model.token_logprobs) holding them in that order.
+    scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    scores: list = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
