@@ -77,10 +77,12 @@ class _Base:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def _encode_chat(self, messages: Conversation, tools=None) -> list[int]:
+    def _encode_chat(self, messages: Conversation, tools=None, add_generation_prompt: bool = True,
+                     continue_final_message: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (and no chat template)")
-        return self.tokenizer.encode_chat(list(messages), tools=tools)
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
+                                          continue_final_message)
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
@@ -113,8 +115,13 @@ class LLM(_Base):
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
-             tool_choice: str | None = None) -> list[RequestOutput]:
+             tool_choice: str | None = None, add_generation_prompt: bool | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
+
+        ``continue_final_message``: the last message is an assistant turn to go on writing (to
+        start the answer yourself, e.g. with "{"); ``add_generation_prompt`` (default: unless
+        continuing) opens a new assistant turn after the messages.
 
         ``tools``: OpenAI-style function definitions, offered through the chat template; read
         the calls in a reply with ``qwenjax.tool_calls.parse_tool_calls(output.text, tools)``.
@@ -122,7 +129,10 @@ class LLM(_Base):
         constrain the output (structured outputs) to a list of calls or that one call."""
         from qwenjax.tool_calls import tool_choice_constraint
 
-        ids = [self._encode_chat(c, tools) for c in _as_conversations(messages)]
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        ids = [self._encode_chat(c, tools, add_generation_prompt, continue_final_message)
+               for c in _as_conversations(messages)]
         constraint = tool_choice_constraint(tools, tool_choice)
         if constraint is not None:
             given = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)

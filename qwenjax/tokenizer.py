@@ -108,15 +108,24 @@ class Tokenizer:
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
     ) -> str:
         """Render `messages` ({"role": ..., "content": ...} dicts; an assistant turn may carry
         OpenAI-style "tool_calls") into the model's prompt text, offering `tools` (OpenAI-style
-        function definitions) when given."""
+        function definitions) when given. `continue_final_message`: the last message is an
+        assistant turn the model goes on writing (no end-of-turn after it, no new turn)."""
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat_template")
         _check_messages(messages)
-        return self._chat_template.render(
+        if continue_final_message:
+            last = messages[-1]
+            if last.get("role") != "assistant" or not last.get("content"):
+                raise ValueError("continue_final_message needs the last message to be an "
+                                 "assistant turn with content")
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt exclude each "
+                                 "other: the model continues the last turn instead of starting one")
+        text = self._chat_template.render(
             messages=[_template_message(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
             # transformers leaves unset special tokens undefined, which renders as "".
@@ -124,12 +133,16 @@ class Tokenizer:
             eos_token=self._eos_token or "",
             tools=_check_tools(tools) if tools else None,
         )
+        if continue_final_message:  # cut what the template put after the final content
+            text = text[: text.rindex(messages[-1]["content"]) + len(messages[-1]["content"])]
+        return text
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-        tools: Sequence[Mapping[str, Any]] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
     ) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools))
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
+                                                    continue_final_message))
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:

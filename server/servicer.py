@@ -132,6 +132,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ValueError(f"input is not set: send one of {names}")
         if tools and which != "messages":
             raise ValueError("tools need the messages input: the chat template offers them")
+        if request.continue_final_message and which != "messages":
+            raise ValueError("continue_final_message needs the messages input")
         if which == "token_ids":
             return list(request.token_ids.ids)
         tokenizer = self.engine.tokenizer
@@ -141,7 +143,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if which == "text":
             encode, arg, size = tokenizer.encode, request.text, len(request.text)
         else:
-            encode = functools.partial(tokenizer.encode_chat, tools=tools)
+            continuing = request.continue_final_message
+            encode = functools.partial(tokenizer.encode_chat, tools=tools,
+                                       add_generation_prompt=not continuing,
+                                       continue_final_message=continuing)
             arg = convert.messages_to_dicts(request.messages)
             size = sum(len(m["content"]) for m in arg)
         try:

@@ -487,6 +487,11 @@ def fuzz_cases(vocab: int, max_len: int):
         ("bad_words", text(bad_words=[""])), ("bad_words", text(bad_words=["w"] * 129)),
         ("structured_outputs must set one", text(structured_outputs=pb.StructuredOutputs())),
         ("tools need the messages input", pb.GenerateRequest(text="hi", tools=[pb.Tool(name="f")])),
+        ("continue_final_message needs the messages input",
+         pb.GenerateRequest(text="hi", continue_final_message=True)),
+        ("continue_final_message needs the last message", pb.GenerateRequest(
+            messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
+            continue_final_message=True)),
         ("tools[0].parameters is not JSON", pb.GenerateRequest(
             messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
             tools=[pb.Tool(name="f", parameters="{")])),

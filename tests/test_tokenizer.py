@@ -151,6 +151,33 @@ def test_chat_template_without_generation_prompt(tokenizer, hf_tokenizer):
     assert rendered.endswith("Thanks! 谢谢 🙂<|im_end|>\n")
 
 
+def test_continue_final_message_and_tools_match_transformers(tokenizer, hf_tokenizer):
+    started = [{"role": "user", "content": "Alice is 30. As JSON?"},
+               {"role": "assistant", "content": '{"name": "'}]
+    rendered = tokenizer.apply_chat_template(started, add_generation_prompt=False,
+                                             continue_final_message=True)
+    assert rendered == hf_tokenizer.apply_chat_template(
+        started, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert rendered.endswith('<|im_start|>assistant\n{"name": "')
+    with pytest.raises(ValueError, match="continue_final_message needs the last message"):
+        tokenizer.apply_chat_template(started[:1], add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        tokenizer.apply_chat_template(started, continue_final_message=True)
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}}}}]
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+               {"role": "tool", "content": "18C"}]
+    ours = [*history[:1], {"role": "assistant", "content": None, "tool_calls": [  # OpenAI-style
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        history[2]]
+    assert tokenizer.apply_chat_template(ours, tools=tools) == hf_tokenizer.apply_chat_template(
+        history, tools=tools, tokenize=False, add_generation_prompt=True)
+
+
 @pytest.mark.parametrize(
     ("messages", "error"),
     [
