@@ -84,6 +84,22 @@ class _Base:
         return self.tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
                                           continue_final_message)
 
+    def _chat_request(self, messages: Conversation, params: SamplingParams | None, tools,
+                      tool_choice: str | None, add_generation_prompt: bool | None,
+                      continue_final_message: bool) -> tuple[list[int], SamplingParams]:
+        """A conversation's prompt ids and its params (the model's defaults when None; with
+        tool_choice "required" or a tool's name, constrained to the call it asks for)."""
+        from qwenjax.tool_calls import tool_choice_constraint
+
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        ids = self._encode_chat(messages, tools, add_generation_prompt, continue_final_message)
+        params = params if params is not None else self.engine.default_sampling_params(len(ids))
+        constraint = tool_choice_constraint(tools, tool_choice)
+        if constraint is not None:
+            params = dataclasses.replace(params, structured_outputs=constraint)
+        return ids, params
+
 
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
@@ -127,18 +143,13 @@ class LLM(_Base):
         the calls in a reply with ``qwenjax.tool_calls.parse_tool_calls(output.text, tools)``.
         ``tool_choice``: "auto" (default), "none", "required" or a tool's name; the last two
         constrain the output (structured outputs) to a list of calls or that one call."""
-        from qwenjax.tool_calls import tool_choice_constraint
-
-        if add_generation_prompt is None:
-            add_generation_prompt = not continue_final_message
-        ids = [self._encode_chat(c, tools, add_generation_prompt, continue_final_message)
-               for c in _as_conversations(messages)]
-        constraint = tool_choice_constraint(tools, tool_choice)
-        if constraint is not None:
-            given = list(params) if isinstance(params, (list, tuple)) else [params] * len(ids)
-            params = [dataclasses.replace(p if p is not None else self.engine.default_sampling_params(len(i)),
-                                          structured_outputs=constraint) for i, p in zip(ids, given)]
-        return self._run(ids, params, use_tqdm)
+        conversations = _as_conversations(messages)
+        given = list(params) if isinstance(params, (list, tuple)) else [params] * len(conversations)
+        if len(given) != len(conversations):
+            raise ValueError(f"got {len(given)} SamplingParams for {len(conversations)} conversations")
+        requests = [self._chat_request(c, p, tools, tool_choice, add_generation_prompt,
+                                       continue_final_message) for c, p in zip(conversations, given)]
+        return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False) -> Iterator[RequestOutput]:
@@ -214,10 +225,14 @@ class AsyncLLM(_Base):
                                      request_id or uuid.uuid4().hex)
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
-             request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        ids = self._encode_chat(messages)
-        return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
-                                     request_id or uuid.uuid4().hex)
+             request_id: str | None = None, tools: Sequence[dict] | None = None,
+             tool_choice: str | None = None, add_generation_prompt: bool | None = None,
+             continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
+        """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt`` and
+        ``continue_final_message`` as in ``LLM.chat``."""
+        ids, params = self._chat_request(messages, params, tools, tool_choice,
+                                         add_generation_prompt, continue_final_message)
+        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex)
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

@@ -1,5 +1,6 @@
 """The engine and the Python API on the real Qwen2.5-Coder-0.5B-Instruct (float32, CPU)."""
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -91,7 +92,6 @@ def test_bad_words_are_never_generated(llm, lm):
 def test_structured_outputs_json_regex_choice_in_one_batch(llm):
     """Rows under a JSON schema, a regex and a choice list share the batch with a free row;
     each output is what its constraint allows, and the free row is what it is alone."""
-    import json
     import re
 
     from qwenjax.structured import StructuredOutputs
@@ -130,7 +130,6 @@ def test_structured_outputs_json_regex_choice_in_one_batch(llm):
 def test_tool_calls_auto_and_required(llm):
     """Tools offered through the chat template: the model's reply parses into a call ("auto"),
     and "required" constrains the reply to a list of calls to offered tools."""
-    import json
 
     from qwenjax.tool_calls import parse_tool_calls
     from test_tool_calls import TOOLS
@@ -177,8 +176,17 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
             if len(out.token_ids) >= 3:
                 break  # leaving the loop aborts the request
 
+    async def named_call():  # tool_choice reaches the async path too
+        from test_tool_calls import TOOLS
+
+        text = ""
+        async for out in engine_llm.chat(_chat("What is 2 + 2?"), GREEDY, tools=TOOLS, tool_choice="add"):
+            text = out.text
+        return text
+
     async def main():
-        results = await asyncio.gather(*(collect(q) for q in QUESTIONS[:3]), cancel_early())
+        results = await asyncio.gather(*(collect(q) for q in QUESTIONS[:3]), cancel_early(),
+                                       named_call())
         for _ in range(100):  # the abort reaches the engine thread within a step or two
             if engine_llm.engine.allocator.num_used == 0:
                 break
@@ -188,6 +196,7 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
     try:
         results = asyncio.run(main())
         assert results[:3] == expected
+        assert json.loads(results[4])["name"] == "add", results[4]
         assert engine_llm.engine.allocator.num_used == 0
     finally:
         engine_llm.shutdown()
