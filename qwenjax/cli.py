@@ -5,6 +5,7 @@ Only results go to stdout (generated text, a directory); progress and logs go to
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -76,13 +77,27 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _structured_outputs(args):
+    """StructuredOutputs from --json-schema / --regex / --choice, or None."""
+    given = {name: value for name, value in (("json", args.json_schema), ("regex", args.regex),
+                                             ("choice", args.choice)) if value is not None}
+    if not given:
+        return None
+    from qwenjax.structured import StructuredOutputs
+
+    if isinstance(given.get("json"), str) and given["json"].startswith("@"):
+        given["json"] = pathlib.Path(given["json"][1:]).read_text()
+    return StructuredOutputs(**given)
+
+
 def cmd_generate(args) -> int:
     from qwenjax.llm import LLM
     from qwenjax.loading import device_summary
     from qwenjax.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                            structured_outputs=_structured_outputs(args))
     from qwenjax.loading import names_preset
 
     if names_preset(args.model):
@@ -146,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the "
                                                        "model's chat template")
+    structure = p.add_argument_group("structured output (one of)")
+    structure.add_argument("--json-schema", default=None,
+                           help="the output follows this JSON schema (JSON text, or @FILE)")
+    structure.add_argument("--regex", default=None, help="the output matches this regex")
+    structure.add_argument("--choice", action="append", default=None,
+                           help="the output is one of these strings (repeatable)")
     p.add_argument("prompt")
     p.set_defaults(func=cmd_generate)
 

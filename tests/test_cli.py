@@ -19,6 +19,15 @@ def test_generate_chat_at_tp4_prints_only_the_answer(real_model_dir, capsys):
     assert "tp=4" in captured.err and "finish reason: stop" in captured.err
 
 
+@pytest.mark.real_model
+def test_generate_with_a_choice_constraint(real_model_dir, capsys):
+    assert main(["generate", "--chat", "--max-tokens", "8", "--max-model-len", "256",
+                 "--choice", "Yes", "--choice", "No", "Is Paris in France?"]) == 0
+    assert capsys.readouterr().out in ("Yes\n", "No\n")
+    assert main(["generate", "--regex", "a+", "--choice", "b", "hi"]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+
+
 def test_errors_name_the_problem(capsys):
     assert main(["generate", "--model", "/nonexistent", "hi"]) == 2
     assert "neither a preset nor a directory with config.json" in capsys.readouterr().err
