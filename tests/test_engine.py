@@ -155,10 +155,16 @@ def test_parallel_sampling_gives_the_seeded_single_sequences(tiny_dir):
     assert [(o.finish_reason, len(o.token_ids)) for o in outs] == [("length", 12)] * 3 + [("length", 5)]
 
     engine = llm.engine
-    rid = engine.add_request(prompt, dataclasses.replace(params, max_tokens=50))
+    fresh = list(range(50, 87))  # not in the prefix cache
+    rid = engine.add_request(fresh, dataclasses.replace(params, max_tokens=50))
+    later = engine.add_request([5, 6, 7], greedy)
     engine.step()
+    # Sequences 1 and 2 wait for sequence 0's prompt pages; the request behind them goes first.
+    assert [r.request_id for r in engine.scheduler.waiting] == [f"{rid}#1", f"{rid}#2"]
+    assert {r.request_id for r in engine.scheduler.running} == {f"{rid}#0", later}
+    engine.abort(later)
     assert engine.abort(rid) and engine.allocator.num_used == 0
-    ends = engine.step()
+    ends = [o for o in engine.step() if o.request_id == rid]
     assert sorted(o.index for o in ends) == [0, 1, 2] and {o.finish_reason for o in ends} == {"abort"}
     assert [o.finished for o in ends] == [False, False, True]  # finished: the whole request
     assert not engine.abort(rid) and not engine.has_unfinished()

@@ -186,13 +186,15 @@ class Scheduler:
             i += 1
 
         # New (or preempted) requests only when nothing had to be preempted this step.
-        while (self.waiting and budget > 0 and not out.preempted
+        i = 0
+        while (i < len(self.waiting) and budget > 0 and not out.preempted
                and len(self.running) < cfg.max_num_seqs):
-            request = self.waiting[0]
+            request = self.waiting[i]
             if request.num_inflight:
                 break  # preempted with a token in flight: admitted once it is back
             if self._waits_for_leader(request):
-                break  # its prompt's pages are being computed by sequence 0: a step or few
+                i += 1  # sequence 0 computes its prompt's pages (a step or few); others go first
+                continue
             hits = self._cached_prefix(request)
             cached = len(hits) * cfg.page_size
             n = self._grant(request.num_tokens - cached, budget)
@@ -202,7 +204,7 @@ class Scheduler:
             # Holding a cached page nobody holds takes it out of the free pool too.
             if need + sum(self.allocator.is_free(e.page) for e in hits) > self.allocator.num_free:
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             request.status = RequestStatus.RUNNING
             for entry in hits:
                 self.allocator.reuse(entry.page)
