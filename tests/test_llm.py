@@ -87,6 +87,16 @@ def test_bad_words_are_never_generated(llm, lm):
     assert "Paris" not in out.text and "capital of France" not in out.text
     assert out.text.startswith("The capital of")  # the word's first tokens alone are fine
     assert out.finish_reason in ("stop", "length")
+    # Async scheduling reads such a request's steps back before the next: a token every step.
+    engine = llm.engine
+    assert engine.config.async_scheduling
+    engine.add_request(lm.tokenizer.encode("Once upon a time"), SamplingParams(
+        temperature=0.0, max_tokens=8, ignore_eos=True, bad_words=["capital of France"]))
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    assert steps <= 8 + 1, steps  # one step of prefill and the first token, 7 more, the last read
 
 
 def test_structured_outputs_json_regex_choice_in_one_batch(llm):

@@ -11,7 +11,10 @@ device computes. Step N+1 feeds each decoding request the token N sampled for
 it straight from device memory (and counts it in the request's penalty table
 there). What this costs: a request that stops on a token (EOS, a stop string)
 has one more row computed and thrown away. The tokens are the same either way:
-sampling keys depend on the request's seed and token index only.
+sampling keys depend on the request's seed and token index only. A request whose
+next sampling needs its latest token on the host (a grammar, a multi-token bad word)
+makes step() read the step in flight back before it schedules: while such requests
+run, steps go synchronously.
 """
 from __future__ import annotations
 
@@ -309,6 +312,13 @@ class Engine:
         scheduling); or dispatch one step and wait for it."""
         outputs, self._pending = self._pending, []
         previous, self._inflight = self._inflight, None
+        if previous is not None and any(c.request.needs_known_outputs and not c.request.finished
+                                        for _, c in previous.placed):
+            # A grammar or a bad word needs that step's token on the host before its request
+            # samples again: read it back first (this step alone runs synchronously) rather
+            # than leave those requests out of every other step.
+            outputs += self._collect(previous)
+            previous = None
         out = self.scheduler.schedule()
         if not out.empty:
             try:

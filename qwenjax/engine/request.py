@@ -57,7 +57,7 @@ class Request:
     @property
     def needs_known_outputs(self) -> bool:
         """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
-        word of several tokens), so it is not scheduled while a token of it is in flight."""
+        word of several tokens): the engine reads its step back before scheduling the next."""
         return self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
 
     def banned_ids(self) -> tuple[int, ...]:

@@ -163,7 +163,8 @@ class Scheduler:
             if request.num_inflight and (request.num_output_tokens >= request.params.max_tokens
                                          or request.needs_known_outputs):
                 # Its last token is in flight and it finishes when that comes back, or its
-                # sampling needs that token on the host (bad words): it waits for it.
+                # sampling needs that token on the host (a grammar, bad words; the engine reads
+                # such steps back before scheduling, so this is a safety net): it waits for it.
                 i += 1
                 continue
             n = self._grant(request.num_pending, budget)
