@@ -141,6 +141,9 @@ class GrammarCompiler:
         return Matcher(matcher.deep_copy(), self.vocab_size)
 
 
+_executor = None  # llguidance.LLExecutor, made on first use
+
+
 def mask_words(vocab_size: int) -> int:
     """Int32 words of a token bitmask over ``vocab_size`` ids."""
     return (vocab_size + 31) // 32
@@ -151,6 +154,7 @@ class Matcher:
 
     def __init__(self, matcher, vocab_size: int):
         self._matcher = matcher
+        self._vocab_size = vocab_size
         self._words = mask_words(vocab_size)
 
     def bitmask(self) -> np.ndarray:
@@ -160,11 +164,26 @@ class Matcher:
 
     def copy(self) -> "Matcher":
         """An independent matcher in the same state (each of n sequences needs its own)."""
-        return Matcher(self._matcher.deep_copy(), self._words * 32)
+        return Matcher(self._matcher.deep_copy(), self._vocab_size)
 
     def advance(self, token_id: int) -> bool:
         """Take the sampled token; False if the grammar refuses it (then the matcher is dead)."""
         return bool(self._matcher.consume_token(token_id))
+
+    @staticmethod
+    def bitmasks(matchers: Sequence["Matcher"]) -> np.ndarray:
+        """[len(matchers), vocab / 32] int32: each matcher's ``bitmask()``, computed side by side
+        on llguidance's threads (a step's constrained rows at once)."""
+        global _executor
+        import llguidance
+
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        width = matchers[0]._words  # the executor takes exactly vocab / 32 words a mask
+        out = np.zeros((len(matchers), width), np.int32)
+        _executor.unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)],
+                                          out.ctypes.data, width * 4, len(matchers))
+        return out
 
     @property
     def done(self) -> bool:

@@ -74,3 +74,29 @@ def test_the_chat_template_renders_tools_and_past_calls(tokenizer):
         tokenizer.apply_chat_template(messages[:1], tools=[{"type": "function", "function": {}}])
     with pytest.raises(ValueError, match=r"messages\[0\].tool_calls: only an assistant"):
         tokenizer.apply_chat_template([{"role": "user", "content": "x", "tool_calls": []}])
+
+
+def test_grammar_masks_of_a_batch_equal_each_matchers_own(tokenizer):
+    """Matcher.bitmasks (llguidance's threads, a step's constrained rows at once) gives each
+    matcher's own mask, whatever grammar and state each row is in."""
+    import numpy as np
+
+    from qwenjax.structured import GrammarCompiler, Matcher, StructuredOutputs
+
+    vocab = 151936
+    compiler = GrammarCompiler(tokenizer.to_json(), vocab, tokenizer.eos_token_ids)
+    specs = [StructuredOutputs(json=TOOLS[1]["function"]["parameters"]),
+             StructuredOutputs(regex=r"\d{3}-\d{4}"), StructuredOutputs(choice=["red", "green"]),
+             StructuredOutputs(json_object=True)]
+    matchers = [compiler.matcher(s) for s in specs]
+    for m, text in zip(matchers, ['{"a": 1', "555-", "gr", ""]):  # each a few tokens in
+        for t in tokenizer.encode(text):
+            assert m.advance(t)
+    batch = Matcher.bitmasks(matchers)
+    assert batch.shape == (4, vocab // 32) and batch.dtype == np.int32
+    for row, m in zip(batch, matchers):
+        np.testing.assert_array_equal(row, m.bitmask())
+    assert len({row.tobytes() for row in batch}) == 4  # four different masks
+    allowed = lambda mask: {t for t in range(vocab) if mask[t // 32] >> (t % 32) & 1}  # noqa: E731
+    assert allowed(batch[2]) == {t for t in allowed(batch[2]) if tokenizer.decode([t]).strip()
+                                 and "green".startswith("gr" + tokenizer.decode([t]))}

@@ -489,7 +489,7 @@ class ModelRunner:
         return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
                 last_token)
 
-    def _sampling_row(self, chunk: ScheduledChunk) -> SamplingRow:
+    def _sampling_row(self, chunk: ScheduledChunk, token_mask: np.ndarray | None = None) -> SamplingRow:
         request = chunk.request
         params = request.params
         suppress: tuple[int, ...] = ()
@@ -501,8 +501,7 @@ class ModelRunner:
         return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
                            prompt_ids=request.prompt_ids if penalties else (),
                            output_ids=request.output_ids if penalties else (),
-                           suppress_ids=suppress,
-                           token_mask=request.matcher.bitmask() if request.matcher else None)
+                           suppress_ids=suppress, token_mask=token_mask)
 
     @staticmethod
     def _score_positions(chunk: ScheduledChunk, flat_start: int, index: list, target: list,
@@ -536,8 +535,16 @@ class ModelRunner:
         for i, c in itertools.chain(enumerate(out.decode),
                                     ((decode_rows + j, c) for j, c in enumerate(out.prefill))):
             if c.completes:
-                rows[i] = self._sampling_row(c)
                 placed.append((i, c))
+        # Structured outputs: the grammar masks of the constrained rows, computed side by side.
+        constrained = [(i, c.request.matcher) for i, c in placed if c.request.matcher is not None]
+        masks = {}
+        if constrained:
+            from qwenjax.structured import Matcher
+
+            masks = dict(zip((i for i, _ in constrained), Matcher.bitmasks([m for _, m in constrained])))
+        for i, c in placed:
+            rows[i] = self._sampling_row(c, masks.get(i))
         batch, num_top = None, 0
         if placed:
             num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
