@@ -475,17 +475,3 @@ class Model:
                 index = jnp.argmax(p.positions, axis=1)  # positions rise along the chunk
                 last.append(jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0])
         return jnp.concatenate(last) if len(last) > 1 else last[0]
-
-    def token_logprobs(self, weights: Weights, hidden: jax.Array, targets: jax.Array,
-                       num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Scoring: ``log_softmax`` of the logits of ``hidden`` ``[n, embed]`` (final-normed), at
-        ``targets`` ``[n]`` and at its ``num_top`` most likely ids, most likely first.
-        Returns (target logprobs [n], top ids [n, num_top], top logprobs [n, num_top])."""
-        logprobs = jax.nn.log_softmax(self.logits(weights, hidden), axis=-1)
-        chosen = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-        if num_top:
-            top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
-        else:
-            top_logprobs = jnp.zeros((hidden.shape[0], 0), jnp.float32)
-            top_ids = jnp.zeros((hidden.shape[0], 0), jnp.int32)
-        return chosen, top_ids.astype(jnp.int32), top_logprobs

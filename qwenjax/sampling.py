@@ -581,14 +581,23 @@ def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleO
             jnp.all(greedy), lambda: greedy_ids,
             lambda: jnp.where(greedy, greedy_ids, _sample_rows(adjusted, batch)))
     with jax.named_scope("logprobs"):
-        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
-        if num_top > 0:
-            top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_top)
-        else:
-            top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
-            top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        chosen, top_ids, top_logprobs = raw_logprobs(logits, token_ids, num_top)
     # A NaN/inf logit (a numerical fault in the step) would still argmax to some token; the
     # engine fails the row instead. One reduction over [R, V] the sampler reads anyway.
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    return SampleOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_logprobs, finite)
+    return SampleOutput(token_ids, chosen, top_ids, top_logprobs, finite)
+
+
+def raw_logprobs(logits: jax.Array, token_ids: jax.Array, num_top: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Under ``log_softmax(logits)`` [R, V]: the logprob of each row's ``token_ids`` [R], and its
+    ``num_top`` (static) most likely ids and their logprobs, most likely first. For sampled
+    tokens and for scoring prompt tokens alike."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]
+    if num_top > 0:
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    else:
+        top_logprobs = jnp.zeros((logits.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return chosen, top_ids.astype(jnp.int32), top_logprobs

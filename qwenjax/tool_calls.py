@@ -28,8 +28,13 @@ class ToolCall:
     id: str = dataclasses.field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
+def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The function of an OpenAI-style tool ({"type": "function", "function": {...}}, or bare)."""
+    return tool.get("function", tool)
+
+
 def tool_names(tools: Sequence[Mapping[str, Any]] | None) -> list[str]:
-    return [tool.get("function", tool)["name"] for tool in tools or ()]
+    return [_function(tool)["name"] for tool in tools or ()]
 
 
 def _as_call(value: Any, names: Sequence[str]) -> ToolCall | None:
@@ -80,7 +85,7 @@ def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None
 
 
 def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
-    function = tool.get("function", tool)
+    function = _function(tool)
     return {"type": "object",
             "properties": {"name": {"const": function["name"]},
                            "arguments": dict(function.get("parameters") or {"type": "object"})},
@@ -100,7 +105,7 @@ def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None,
         return StructuredOutputs(json={"type": "array", "minItems": 1,
                                        "items": {"anyOf": [_call_schema(t) for t in tools]}})
     for tool in tools:
-        if tool.get("function", tool)["name"] == choice:
+        if _function(tool)["name"] == choice:
             return StructuredOutputs(json=_call_schema(tool))
     raise ValueError(f"tool_choice {choice!r} is not \"auto\", \"none\", \"required\" or the name "
                      f"of an offered tool ({', '.join(tool_names(tools))})")

@@ -57,7 +57,7 @@ from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
 from qwenjax.sampling import (SamplingBatch, SamplingParams, SamplingRow, build_sampling_batch,
-                              count_output_token, sample)
+                              count_output_token, raw_logprobs, sample)
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class InFlight:
     placed: list[tuple[int, ScheduledChunk]]  # (sampled row, chunk) of each chunk that samples
     sampled: object | None                    # SampleOutput of device arrays; None: none sampled
     # Prompt logprobs: the (request, position) of each scored row, and the blocks of device
-    # outputs (Model.token_logprobs) holding them in that order.
+    # outputs (sampling.raw_logprobs) holding them in that order.
     scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
     scores: list = dataclasses.field(default_factory=list)
 
@@ -283,7 +283,8 @@ class ModelRunner:
         self._sample = jax.jit(sample_step, static_argnames=("num_top",), out_shardings=self._replicated)
 
         def score(weights, hidden, index, targets, num_top):
-            return model.token_logprobs(weights, jnp.take(hidden, index, axis=0), targets, num_top)
+            logits = model.logits(weights, jnp.take(hidden, index, axis=0))
+            return raw_logprobs(logits, targets, num_top)
 
         # Compiled on first use for each (hidden rows, block, top) shape: scoring is rare.
         self._score = jax.jit(score, static_argnames=("num_top",), out_shardings=self._replicated)
