@@ -14,7 +14,8 @@ has one more row computed and thrown away. The tokens are the same either way:
 sampling keys depend on the request's seed and token index only. A request whose
 next sampling needs its latest token on the host (a grammar, a multi-token bad word)
 makes step() read the step in flight back before it schedules: while such requests
-run, steps go synchronously.
+run, steps go synchronously. So does speculative decoding (``speculative_config``):
+the drafts come from each request's latest tokens.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, Requ
                                     TokenLogprob)
 from qwenjax.engine.runner import InFlight, ModelRunner, SampledToken
 from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
+from qwenjax.engine.speculative import SpeculativeConfig
 from qwenjax.generation_config import apply_defaults, sampling_defaults
 from qwenjax.kv_cache import PageAllocator, page_bytes_per_device, pages_for_memory
 from qwenjax.loading import LoadedModel
@@ -60,6 +62,23 @@ class EngineConfig:
     # "auto" = the model's generation_config.json, "builtin" = SamplingParams(), or a directory.
     generation_config: str = "auto"
     override_generation_config: Mapping[str, Any] | None = None  # e.g. {"temperature": 0.2}
+    # Speculative decoding with n-gram drafts, as vLLM's: {"method": "ngram",
+    # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}; None: off.
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far: steps of a request that checked drafts, tokens drafted,
+    drafts accepted (each accepted draft is a token gained over plain decoding)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
 
 @dataclasses.dataclass
@@ -92,11 +111,17 @@ class Engine:
         if max_model_len > lm.config.max_context:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max context "
                              f"of {lm.config.max_context}")
+        speculative = SpeculativeConfig.parse(config.speculative_config)
+        spec_fields = {} if speculative is None else dict(
+            num_speculative_tokens=speculative.num_speculative_tokens,
+            prompt_lookup_min=speculative.prompt_lookup_min,
+            prompt_lookup_max=speculative.prompt_lookup_max)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),
             max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
-            max_model_len=max_model_len)
+            max_model_len=max_model_len, **spec_fields)
+        self.spec_stats = SpecDecodeStats()
         self.config = config
         source = pathlib.Path(lm.source)  # a preset name for random weights: no file to read
         self.sampling_defaults = sampling_defaults(source if source.is_dir() else None,
@@ -269,7 +294,9 @@ class Engine:
     def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **fields) -> Request:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
-        request = Request(request_id, list(prompt_ids), params, seed, now, **fields)
+        # A grammar's mask needs each token before the next: such requests do not draft.
+        speculate = self.scheduler_config.num_speculative_tokens > 0 and fields.get("matcher") is None
+        request = Request(request_id, list(prompt_ids), params, seed, now, speculate=speculate, **fields)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
         detokenizer = None
@@ -367,10 +394,19 @@ class Engine:
                 request.prompt_logprobs.append(entry)
         now = time.monotonic()
         outputs = []
+        by_chunk: dict[int, list[SampledToken]] = {}  # a drafting chunk yields several tokens
         for token in sampled:
-            if token.chunk.request.finished:
+            by_chunk.setdefault(id(token.chunk), []).append(token)
+        for tokens in by_chunk.values():
+            chunk = tokens[0].chunk
+            if chunk.request.finished:
                 continue  # aborted, or stopped while this row was in flight
-            outputs.append(self._advance(token, now) if token.finite else self._fail_row(token))
+            if chunk.draft:
+                self.spec_stats.num_drafts += 1
+                self.spec_stats.num_draft_tokens += len(chunk.draft)
+                self.spec_stats.num_accepted_tokens += len(tokens) - 1
+            bad = [t for t in tokens if not t.finite]
+            outputs.append(self._fail_row(bad[0]) if bad else self._advance(tokens, now))
         return outputs
 
     def _fail_row(self, token: SampledToken) -> RequestOutput:
@@ -387,40 +423,48 @@ class Engine:
         result.error = error
         return result
 
-    def _advance(self, token: SampledToken, now: float) -> RequestOutput:
-        request = token.chunk.request
+    def _advance(self, tokens: list[SampledToken], now: float) -> RequestOutput:
+        """Append a request's new tokens (one, or with speculative decoding up to k + 1) in
+        order, checking the stops after each; the tokens after a stop are dropped."""
+        chunk = tokens[0].chunk
+        request = chunk.request
         params, track = request.params, self._tracking[request.request_id]
-        request.output_ids.append(token.token_id)
         if track.metrics.first_token_time is None:
             track.metrics.first_token_time = now
-        new_logprobs = []
+        reason, matched, delta, delta_ids, new_logprobs = None, None, "", [], []
+        for token in tokens:
+            request.output_ids.append(token.token_id)
+            delta_ids.append(token.token_id)
+            if track.logprobs is not None:
+                new_logprobs.append(TokenLogprob(token.token_id, token.logprob, token.top))
+            if token.token_id in params.stop_token_ids:
+                reason, matched = "stop", token.token_id
+            elif not params.ignore_eos and token.token_id in self.eos_token_ids:
+                reason, matched = "stop", token.token_id
+            elif track.detokenizer is not None:
+                delta += track.detokenizer.add([token.token_id])
+                if track.detokenizer.stopped:
+                    reason, matched = "stop", track.detokenizer.matched_stop
+            if reason is None and request.matcher is not None:
+                if not request.matcher.advance(token.token_id):  # the mask allowed it: a bug if so
+                    return self._fail_request(request, f"the grammar refused token {token.token_id}: "
+                                                       f"{request.matcher.error}")
+                if request.matcher.done:  # the grammar is complete: only EOS could follow
+                    reason = "stop"
+            if reason is None and (len(request.output_ids) >= params.max_tokens
+                                   or request.num_known > self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                break
         if track.logprobs is not None:
-            new_logprobs = [TokenLogprob(token.token_id, token.logprob, token.top)]
             track.logprobs.extend(new_logprobs)
-
-        reason, matched, delta = None, None, ""
-        if token.token_id in params.stop_token_ids:
-            reason, matched = "stop", token.token_id
-        elif not params.ignore_eos and token.token_id in self.eos_token_ids:
-            reason, matched = "stop", token.token_id
-        elif track.detokenizer is not None:
-            delta = track.detokenizer.add([token.token_id])
-            if track.detokenizer.stopped:
-                reason, matched = "stop", track.detokenizer.matched_stop
-        if reason is None and request.matcher is not None:
-            if not request.matcher.advance(token.token_id):  # the mask allowed it: a bug if so
-                return self._fail_request(request, f"the grammar refused token {token.token_id}: "
-                                                   f"{request.matcher.error}")
-            if request.matcher.done:  # the grammar is complete: only EOS could follow
-                reason = "stop"
-        if reason is None and (len(request.output_ids) >= params.max_tokens
-                               or request.num_known > self.max_model_len):
-            reason = "length"
         if reason is None:
+            # Accepted drafts: their K/V, computed in this step, now hold the sequence's tokens.
+            request.num_computed += len(delta_ids) - 1
             track.text += delta
-            return self._output(request, delta, [token.token_id], new_logprobs, False)
+            return self._output(request, delta, delta_ids, new_logprobs, False)
         self.scheduler.finish(request, reason)
-        return self._finish_output(request, reason, matched, delta, [token.token_id], new_logprobs)
+        return self._finish_output(request, reason, matched, delta, delta_ids, new_logprobs)
 
     def _finish_output(self, request: Request, reason: str, matched, delta: str,
                        delta_ids: list[int], delta_logprobs=None) -> RequestOutput:

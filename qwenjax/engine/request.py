@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, Sequence
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +49,8 @@ class Request:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # params.structured_outputs: this sequence's place in its grammar (qwenjax.structured.Matcher).
     matcher: Any = dataclasses.field(default=None, repr=False)
+    # Speculative decoding: its decode steps check n-gram drafts (qwenjax.engine.speculative).
+    speculate: bool = False
 
     @property
     def prompt_logprobs_done(self) -> bool:
@@ -58,12 +60,14 @@ class Request:
     def needs_known_outputs(self) -> bool:
         """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
         word of several tokens): the engine reads its step back before scheduling the next."""
-        return self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
+        return (self.matcher is not None or self.speculate
+                or any(len(ids) > 1 for ids in self.bad_words_ids))
 
-    def banned_ids(self) -> tuple[int, ...]:
-        """The ids its bad words ban at the next token (its output tokens must all be known):
-        a word's last id wherever the output ends with the ids before it."""
-        out = self.output_ids
+    def banned_ids(self, drafted: Sequence[int] = ()) -> tuple[int, ...]:
+        """The ids its bad words ban at the next token (its output tokens must all be known),
+        after the ``drafted`` tokens if any: a word's last id wherever the output ends with the
+        ids before it."""
+        out = self.output_ids + list(drafted)
         return tuple(ids[-1] for ids in self.bad_words_ids
                      if len(ids) == 1 or (len(ids) <= len(out) + 1
                                           and out[len(out) - len(ids) + 1:] == list(ids[:-1])))

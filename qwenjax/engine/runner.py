@@ -20,6 +20,14 @@ decode row whose input token is still on the device names, in the plan's
 ``src``, its row in the previous sampler's output; the step program takes those
 ids (``prev_ids``, always ``max_sampled_rows`` wide) and picks them on device.
 
+Speculative decoding (``SchedulerConfig.num_speculative_tokens`` = k > 0): a
+decoding request with n-gram drafts is packed as a prefill chunk (its last token,
+then the drafts). The step program then also returns the logits of each drafted
+position, gathered by ``drafted`` (``max_prefill_seqs × k`` indices into the
+packed tokens), placed after the prefill rows; the sampler samples them as rows
+of their own, and ``collect`` keeps each draft while the token sampled before it
+matches (qwenjax/engine/speculative.py).
+
 Shape buckets: decode rows ∈ {0, 1, 2, 4, …, max_num_seqs}; prefill chunks are
 packed back to back on one token axis of T ∈ {0, 16, 32, …} tokens (up to
 ``max_num_batched_tokens``), so the projections and MLP only see real tokens —
@@ -159,6 +167,9 @@ class StepPlan:
     score_index: np.ndarray | None = None
     score_target: np.ndarray | None = None
     score_top: int = 0
+    # Speculative decoding: [max_prefill_seqs × k] indices into the packed prefill tokens whose
+    # logits are also sampled (drafted positions); None without a prefill part or drafting.
+    drafted: np.ndarray | None = None
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
@@ -166,6 +177,8 @@ class StepPlan:
                 "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None,
                 "score_top": self.score_top}
         arrays = {} if self.src is None else {"src": self.src}
+        if self.drafted is not None:
+            arrays["drafted"] = self.drafted
         if self.score_index is not None:
             arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
         for name, part in (("decode", self.decode), ("prefill", self.prefill)):
@@ -206,7 +219,8 @@ class StepPlan:
                    part("decode", len(dataclasses.fields(StepBatch))),
                    part("prefill", len(dataclasses.fields(PackedChunks))),
                    sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
-                   arrays.get("score_target"), int(meta.get("score_top", 0)))
+                   arrays.get("score_target"), int(meta.get("score_top", 0)),
+                   arrays.get("drafted"))
 
 
 @dataclasses.dataclass
@@ -230,6 +244,8 @@ class InFlight:
     # outputs (sampling.raw_logprobs) holding them in that order.
     scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
     scores: list = dataclasses.field(default_factory=list)
+    # Speculative decoding: a drafting chunk's sampled row → the sampler rows of its drafts.
+    draft_rows: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class ModelRunner:
@@ -244,7 +260,10 @@ class ModelRunner:
         self.pages_per_seq = config.pages_for(config.max_model_len)
         self.decode_buckets = row_buckets(config.max_num_seqs)
         # Rows of the largest sampler batch (decode rows, then one per prefill row).
-        self.max_sampled_rows = config.max_num_seqs + config.max_prefill_seqs
+        self.spec_tokens = config.num_speculative_tokens
+        # Sampler rows of the drafted positions (k per prefill row) in steps with a prefill part.
+        self.drafted_rows = config.max_prefill_seqs * self.spec_tokens
+        self.max_sampled_rows = config.max_num_seqs + config.max_prefill_seqs + self.drafted_rows
         max_prefill_tokens = min(config.max_num_batched_tokens,
                                  config.max_prefill_seqs * config.prefill_chunk)
         # Powers of two from 16 (smaller chunks are cheaper to pad than to compile for).
@@ -258,14 +277,17 @@ class ModelRunner:
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
         model = lm.model
 
-        def step(weights, cache, decode, feed, prefill):
+        def step(weights, cache, decode, feed, prefill, drafted):
             if decode is not None:  # input tokens still on the device: the previous step's samples
                 fed = _in_flight_tokens(*feed)[:, None]
                 decode = dataclasses.replace(decode, tokens=jnp.where(fed < 0, decode.tokens, fed))
             parts = tuple(p for p in (decode, prefill) if p is not None)
             hidden, cache = model.hidden_states(weights, cache, parts)
             flat = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])
-            return model.logits(weights, model.last_hidden(parts, hidden)), flat, cache
+            rows = model.last_hidden(parts, hidden)
+            if drafted is not None:  # speculative decoding: the drafted positions of the packed tokens
+                rows = jnp.concatenate([rows, jnp.take(hidden[-1], drafted, axis=0)])
+            return model.logits(weights, rows), flat, cache
 
         # The KV pools are donated: the step writes the new K/V into the same buffers
         # instead of copying every pool (GBs on a large model) once per step.
@@ -336,16 +358,21 @@ class ModelRunner:
     def _abstract_feed(self, rows: int) -> tuple | None:
         return None if rows == 0 else (self._spec(self.max_sampled_rows), self._spec(rows))
 
+    def _has_drafted(self, prefill_tokens: int) -> bool:
+        return bool(self.drafted_rows and prefill_tokens)
+
     def _lower(self, decode_rows: int, prefill_tokens: int):
+        drafted = self._spec(self.drafted_rows) if self._has_drafted(prefill_tokens) else None
         return self._step.lower(self.lm.weights, self.cache, self._abstract_decode(decode_rows),
-                                self._abstract_feed(decode_rows), self._abstract_prefill(prefill_tokens))
+                                self._abstract_feed(decode_rows), self._abstract_prefill(prefill_tokens),
+                                drafted)
 
     def _add_program(self, key: tuple[int, int], compiled) -> None:
         self._programs[key] = compiled
         self._logits_sharding = compiled.output_shardings[0]
 
     def _sampler_rows(self, decode_rows: int, prefill_tokens: int) -> int:
-        return decode_rows + (self.prefill_rows if prefill_tokens else 0)
+        return decode_rows + (self.prefill_rows + self.drafted_rows if prefill_tokens else 0)
 
     def _program(self, decode_rows: int, prefill_tokens: int):
         key = (decode_rows, prefill_tokens)
@@ -477,7 +504,7 @@ class ModelRunner:
         offset = 0
         for r, c in enumerate(chunks):
             n, span = c.num_tokens, slice(offset, offset + c.num_tokens)
-            tokens[span] = c.request.tokens(c.start, c.start + n)
+            tokens[span] = c.token_ids()
             positions[span] = np.arange(c.start, c.start + n)
             token_rows[span] = r
             token_cols[span] = np.arange(n)
@@ -490,18 +517,23 @@ class ModelRunner:
         return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
                 last_token)
 
-    def _sampling_row(self, chunk: ScheduledChunk, token_mask: np.ndarray | None = None) -> SamplingRow:
+    def _sampling_row(self, chunk: ScheduledChunk, token_mask: np.ndarray | None = None,
+                      drafted: Sequence[int] = ()) -> SamplingRow:
+        """The request's next token's sampling row; with ``drafted``, the row of the token after
+        those drafts (speculative decoding: its own step index, penalties and bans)."""
         request = chunk.request
         params = request.params
+        step = request.num_output_tokens + len(drafted)
         suppress: tuple[int, ...] = ()
-        if request.num_output_tokens < params.min_tokens:
+        if step < params.min_tokens:
             suppress = tuple(params.stop_token_ids) + (() if params.ignore_eos else self.eos_token_ids)
         if request.bad_words_ids:
-            suppress += request.banned_ids()
+            suppress += request.banned_ids(drafted)
         penalties = params.uses_penalties  # a token in flight is counted on the device
-        return SamplingRow(params=params, seed=request.seed, step=request.num_output_tokens,
+        outputs = request.output_ids + list(drafted) if drafted else request.output_ids
+        return SamplingRow(params=params, seed=request.seed, step=step,
                            prompt_ids=request.prompt_ids if penalties else (),
-                           output_ids=request.output_ids if penalties else (),
+                           output_ids=outputs if penalties else (),
                            suppress_ids=suppress, token_mask=token_mask)
 
     @staticmethod
@@ -521,7 +553,7 @@ class ModelRunner:
 
     def plan(self, out: SchedulerOutput) -> tuple[StepPlan, list[tuple[int, ScheduledChunk]]]:
         """The host half of a step: its arrays, and which sampled row belongs to which chunk."""
-        plan, placed, _ = self._plan(out)
+        plan, placed, _, _ = self._plan(out)
         return plan, placed
 
     def _plan(self, out: SchedulerOutput):
@@ -531,12 +563,26 @@ class ModelRunner:
         decode, src = self._pack_decode(out.decode, decode_rows) if decode_rows else (None, None)
         prefill = self._pack_prefill(out.prefill, prefill_tokens)
 
-        rows = [_PAD_ROW] * (decode_rows + prefill_rows)
+        rows = [_PAD_ROW] * self._sampler_rows(decode_rows, prefill_tokens)
         placed: list[tuple[int, ScheduledChunk]] = []
         for i, c in itertools.chain(enumerate(out.decode),
                                     ((decode_rows + j, c) for j, c in enumerate(out.prefill))):
             if c.completes:
                 placed.append((i, c))
+        # Speculative decoding: the sampler rows of each chunk's drafted positions (by its row).
+        drafted, draft_rows = None, {}
+        if self._has_drafted(prefill_tokens):
+            drafted = np.zeros((self.drafted_rows,), np.int32)
+            offset = 0
+            for j, c in enumerate(out.prefill):
+                if c.draft:
+                    first = j * self.spec_tokens  # the position after the chunk's last real token
+                    drafted[first: first + len(c.draft)] = offset + c.num_real - 1 + np.arange(len(c.draft))
+                    base = decode_rows + prefill_rows + first
+                    draft_rows[decode_rows + j] = list(range(base, base + len(c.draft)))
+                    for d, row in enumerate(draft_rows[decode_rows + j]):
+                        rows[row] = self._sampling_row(c, drafted=c.draft[:d])
+                offset += c.num_tokens
         # Structured outputs: the grammar masks of the constrained rows, computed side by side.
         constrained = [(i, c.request.matcher) for i, c in placed if c.request.matcher is not None]
         masks = {}
@@ -545,12 +591,13 @@ class ModelRunner:
 
             masks = dict(zip((i for i, _ in constrained), Matcher.bitmasks([m for _, m in constrained])))
         for i, c in placed:
-            rows[i] = self._sampling_row(c, masks.get(i))
+            rows[i] = self._sampling_row(c, masks.get(i), c.draft)
         batch, num_top = None, 0
         if placed:
             num_top = MAX_TOP_LOGPROBS if any(c.request.params.logprobs for _, c in placed) else 0
             batch = build_sampling_batch(rows, len(rows))
-        plan = StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top, src)
+        plan = StepPlan(decode_rows, prefill_tokens, decode, prefill, batch, num_top, src,
+                        drafted=drafted)
 
         index, target, scored = [], [], []
         for i, c in enumerate(out.decode):
@@ -564,7 +611,7 @@ class ModelRunner:
             plan.score_target = np.asarray(target, np.int32)
             plan.score_top = (MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs for r, _ in scored)
                               else 0)
-        return plan, placed, scored
+        return plan, placed, scored, draft_rows
 
     def run(self, plan: StepPlan) -> tuple:
         """The device half: the step program, then the sampler and the prompt scoring.
@@ -579,7 +626,8 @@ class ModelRunner:
             feed = (prev_ids, self._put(plan.src))
         if plan.prefill is not None:
             prefill = PackedChunks(*self._put(plan.prefill))
-        logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill)
+        drafted = None if plan.drafted is None else self._put(plan.drafted)
+        logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill, drafted)
         scores = self._run_scoring(plan, hidden)
         if plan.sampling is None:
             return None, scores
@@ -609,7 +657,7 @@ class ModelRunner:
 
     def dispatch(self, out: SchedulerOutput) -> InFlight:
         """Start one scheduled step on the device; nothing waits for it (see ``collect``)."""
-        plan, placed, scored = self._plan(out)
+        plan, placed, scored, draft_rows = self._plan(out)
         if self.mirror is not None:
             self.mirror.send("step", *plan.to_message())
         sampled, scores = self.run(plan)
@@ -619,7 +667,7 @@ class ModelRunner:
                 getattr(sampled, name).copy_to_host_async()
         for array in itertools.chain.from_iterable(scores):
             array.copy_to_host_async()
-        return InFlight(out, plan, placed, sampled, scored, scores)
+        return InFlight(out, plan, placed, sampled, scored, scores, draft_rows)
 
     def collect(self, step: InFlight) -> tuple[list[SampledToken], list[tuple[Request, int, TokenLogprob]]]:
         """Wait for a dispatched step: the token sampled for each chunk that completes, and the
@@ -652,8 +700,13 @@ class ModelRunner:
         results = []
         for i, c in placed:
             k = c.request.params.logprobs or 0
-            top = ([(int(t), float(lp)) for t, lp in zip(top_ids[i, :k], top_lps[i, :k])]
-                   if k and top_ids is not None else [])
-            results.append(SampledToken(c, int(token_ids[i]), float(logprobs[i]), top,
-                                        bool(finite[i])))
+            # A drafting chunk: the token sampled after each draft prefix, kept up to and with
+            # the first that differs from the draft (qwenjax/engine/speculative.py).
+            for d, row in enumerate(step.draft_rows.get(i, []) + [i]):
+                top = ([(int(t), float(lp)) for t, lp in zip(top_ids[row, :k], top_lps[row, :k])]
+                       if k and top_ids is not None else [])
+                results.append(SampledToken(c, int(token_ids[row]), float(logprobs[row]), top,
+                                            bool(finite[row])))
+                if d == len(c.draft) or token_ids[row] != c.draft[d] or not finite[row]:
+                    break
         return results

@@ -33,6 +33,7 @@ import dataclasses
 
 from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import Request, RequestStatus
+from qwenjax.engine.speculative import propose_ngram
 from qwenjax.kv_cache import PageAllocator
 
 
@@ -44,10 +45,16 @@ class SchedulerConfig:
     max_prefill_seqs: int = 4            # prefill rows in one step at most
     page_size: int = 16
     max_model_len: int = 4096
+    # Speculative decoding with n-gram drafts (qwenjax.engine.speculative); 0: off.
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
 
     def __post_init__(self):
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be an int ≥ 0, got {self.num_speculative_tokens!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_prefill_seqs",
-                     "page_size", "max_model_len"):
+                     "page_size", "max_model_len", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -63,12 +70,22 @@ class SchedulerConfig:
 class ScheduledChunk:
     request: Request
     start: int       # first token of the chunk (== request.num_computed when scheduled)
-    num_tokens: int
+    num_tokens: int  # tokens computed, the draft included
+    # Speculative decoding: drafted tokens after the request's last one, checked this step.
+    draft: tuple[int, ...] = ()
+
+    @property
+    def num_real(self) -> int:
+        """The chunk's tokens of the sequence itself (not drafted)."""
+        return self.num_tokens - len(self.draft)
 
     @property
     def completes(self) -> bool:
         """After this chunk every known token is computed, so the step samples a new one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_real == self.request.num_tokens
+
+    def token_ids(self) -> list[int]:
+        return self.request.tokens(self.start, self.start + self.num_real) + list(self.draft)
 
 
 @dataclasses.dataclass
@@ -171,6 +188,11 @@ class Scheduler:
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 i += 1  # no prefill row left this step; it continues next step
                 continue
+            draft = self._draft(request, budget) if n == 1 and len(out.prefill) < cfg.max_prefill_seqs else ()
+            if draft and (cfg.pages_for(request.num_computed + 1 + len(draft)) - len(request.pages)
+                          > self.allocator.num_free):
+                draft = ()  # a draft never preempts anyone
+            n += len(draft)
             need = cfg.pages_for(request.num_computed + n) - len(request.pages)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
@@ -181,7 +203,7 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 break  # it was the newest, so nothing after it is left to schedule
             request.pages += self.allocator.alloc(need)
-            chunk = ScheduledChunk(request, request.num_computed, n)
+            chunk = ScheduledChunk(request, request.num_computed, n, draft)
             (out.decode if n == 1 else out.prefill).append(chunk)
             budget -= n
             i += 1
@@ -223,6 +245,20 @@ class Scheduler:
             budget -= n
         return out
 
+    def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
+        """N-gram drafts for a decoding request that speculates: as many as the budget, its
+        max_tokens and max_model_len leave room for (the step yields up to one more token)."""
+        cfg = self.config
+        if not request.speculate or request.num_inflight:
+            return ()
+        k = min(cfg.num_speculative_tokens, budget - 1, cfg.prefill_chunk - 1,
+                request.params.max_tokens - request.num_output_tokens - 1,
+                cfg.max_model_len - request.num_tokens)
+        if k < 1:
+            return ()
+        return tuple(propose_ngram(request.tokens(0, request.num_tokens), k,
+                                   cfg.prompt_lookup_min, cfg.prompt_lookup_max))
+
     def _waits_for_leader(self, request: Request) -> bool:
         """A parallel-sampling sequence waits while its first sequence (running) has not yet
         computed the prompt's full pages, which it would otherwise compute again."""
@@ -248,7 +284,8 @@ class Scheduler:
         device runs steps in order)."""
         for chunk in out.chunks:
             if chunk.request.status is RequestStatus.RUNNING:
-                chunk.request.num_computed = chunk.start + chunk.num_tokens
+                # A draft's K/V count once its tokens are accepted (Engine._collect).
+                chunk.request.num_computed = chunk.start + chunk.num_real
 
     def _cache_full_pages(self, request: Request) -> None:
         """Index the pages the request has filled, and whose tokens are known, since it was

@@ -1,0 +1,76 @@
+"""Speculative decoding with n-gram drafts (prompt lookup), as vLLM's ``method: "ngram"``.
+
+A decoding request's next tokens often repeat a stretch of its own context (code being
+edited, a quoted document, a JSON key list). The drafter looks for the latest earlier
+occurrence of the context's last ``n`` tokens (longest ``n`` first) and proposes the
+tokens that followed it. The engine then computes the last token and the drafts in one
+step, like a short prefill chunk, and samples every position: draft ``i`` is kept while the
+token sampled at its position equals it. The first sampled token that differs, or the one
+after the last draft, is kept too, so a step yields 1 to k + 1 tokens.
+
+Sampling each position as usual and comparing with the draft is exact rejection sampling
+for a draft that puts all its mass on one token (accept with probability p(draft), else a
+token from p without it), and it keeps the sampling key of each output index: greedy and
+seeded requests produce the same tokens with or without speculation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config`` for the n-gram method."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int = 4  # longest n-gram matched
+    prompt_lookup_min: int = 2  # shortest n-gram matched
+
+    def __post_init__(self):
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config.method must be 'ngram' (drafts from the "
+                             f"context; no draft model is supported), got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"speculative_config.{name} must be a positive int, got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
+                             f"exceeds prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | Mapping[str, Any] | None") -> "SpeculativeConfig | None":
+        """From a dict such as ``{"method": "ngram", "num_speculative_tokens": 4}`` (None: off)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"speculative_config must be a dict, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config.num_speculative_tokens is required")
+        return cls(**value)
+
+
+def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last
+    ``n`` tokens, for the largest ``n`` in [min_n, max_n] that occurs; [] when none does."""
+    if k < 1 or len(tokens) <= min_n:
+        return []
+    context = np.asarray(tokens, np.int64)
+    total = len(context)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        suffix = context[total - n:]
+        # Windows starting at 0 .. total - n - 1: every occurrence that ends before the suffix's end.
+        windows = np.lib.stride_tricks.sliding_window_view(context[: total - 1], n)
+        starts = np.flatnonzero((windows == suffix).all(axis=1))
+        if starts.size:
+            follow = int(starts[-1]) + n
+            return context[follow: follow + k].tolist()
+    return []
