@@ -396,3 +396,72 @@ def test_engine_thread_refuses_a_live_request_id(tiny_dir):
         assert last.finished and len(last.token_ids) == 30  # the first client still gets its answer
     finally:
         thread.shutdown()
+
+
+def test_ngram_drafts_take_the_latest_longest_match():
+    from qwenjax.engine.speculative import propose_ngram
+
+    tokens = [5, 6, 7, 1, 5, 6, 7, 2, 3, 9, 5, 6, 7]
+    assert propose_ngram(tokens, 3, 2, 4) == [2, 3, 9]   # "5 6 7" last seen before "2 3 9"
+    assert propose_ngram(tokens, 1, 2, 4) == [2]
+    assert propose_ngram([1, 2, 3, 4], 3, 1, 4) == []   # nothing repeats
+    assert propose_ngram([4, 8, 4], 5, 1, 2) == [8, 4]  # a 1-gram, the draft runs to the end
+    assert propose_ngram([4, 8, 4], 5, 2, 2) == []
+    assert propose_ngram([7, 7, 7, 7], 3, 2, 3) == [7]  # the match may overlap the suffix
+
+
+def test_speculative_config_names_the_bad_field():
+    from qwenjax.engine.speculative import SpeculativeConfig
+
+    assert SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3}).prompt_lookup_max == 4
+    for bad, field in (({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
+                       ({"num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
+                       ({"num_speculative_tokens": 2, "model": "x"}, "unknown keys"),
+                       ({"method": "ngram"}, "num_speculative_tokens")):
+        with pytest.raises(ValueError, match=field):
+            SpeculativeConfig.parse(bad)
+
+
+def test_speculative_decoding_gives_the_plain_outputs(tiny_lm):
+    """N-gram drafts checked in one step: the same tokens, stops and logprobs as plain decoding
+    (greedy, seeded sampling, penalties, min_tokens, stop tokens, max_tokens of 1–3), through
+    preemption and prefix caching, with drafts accepted and fewer steps for a repetitive text."""
+    rng = np.random.default_rng(11)
+    loop = rng.integers(0, VOCAB, 12).tolist()
+    prompts = [loop * 6 + loop[:5]] + [
+        (loop * 3 if i % 2 else []) + rng.integers(0, VOCAB, rng.integers(1, 90)).tolist()
+        for i in range(9)]
+    stops = (7, 70, 140, 214)
+    params = [SamplingParams(temperature=0.0 if i % 3 != 1 else 1.0, top_k=30, seed=i,
+                             max_tokens=(1, 2, 3)[i] if i < 3 else 30, stop_token_ids=stops,
+                             min_tokens=3 if i == 5 else 0, logprobs=2 if i % 4 == 0 else None,
+                             repetition_penalty=1.5 if i == 6 else 1.0,
+                             frequency_penalty=0.5 if i == 8 else 0.0)
+              for i in range(len(prompts))]
+    params[0] = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=2)
+    arrivals = sorted(rng.integers(0, 8, len(prompts)).tolist())
+    results = {}
+    for spec in (None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}):
+        config = EngineConfig(**{**SMALL, "max_model_len": 256}, num_pages=32, speculative_config=spec)
+        engine = Engine(tiny_lm, config, warm_up=False)
+        outputs, preemptions = _run(engine, prompts, params, arrivals)
+        assert engine.allocator.num_free == 32 and not engine.has_unfinished()
+        _, steps = engine.add_request(prompts[0], params[0]), 0  # alone (its prompt is cached)
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        results[spec is not None] = outputs, preemptions, engine.spec_stats, steps
+    (plain, plain_preempted, _, plain_steps), (spec, spec_preempted, stats, spec_steps) = results.values()
+    assert plain_preempted > 0 and spec_preempted > 0
+    assert stats.num_accepted_tokens > 20 and 0 < stats.acceptance_rate <= 1
+    assert spec_steps < plain_steps * 0.6, (spec_steps, plain_steps)
+    assert sum(o.finish_reason == "stop" for o in plain.values()) >= 2
+    for i in plain:
+        assert spec[i].token_ids == plain[i].token_ids, i
+        assert (spec[i].finish_reason, spec[i].matched_stop) == (plain[i].finish_reason, plain[i].matched_stop)
+        if params[i].logprobs:
+            for got, want in zip(spec[i].logprobs, plain[i].logprobs, strict=True):
+                assert [t for t, _ in got.top] == [t for t, _ in want.top]
+                np.testing.assert_allclose([got.logprob] + [lp for _, lp in got.top],
+                                           [want.logprob] + [lp for _, lp in want.top], atol=1e-4)

@@ -33,7 +33,7 @@ packed back to back on one token axis of T ∈ {0, 16, 32, …} tokens (up to
 ``max_num_batched_tokens``), so the projections and MLP only see real tokens —
 padding every prompt to a fixed chunk cost 3× the prefill compute for short
 chat prompts (measured on CPU). Attention alone views the chunks as
-``max_prefill_seqs`` rows of ``prefill_chunk`` slots. Block tables are always
+``max_prefill_seqs`` rows of min(``prefill_chunk``, T) slots. Block tables are always
 ``max_model_len / page_size`` wide. Every (decode rows, T) is compiled ahead of
 time (``warm_up``), so serving never compiles.
 
@@ -351,7 +351,7 @@ class ModelRunner:
     def _abstract_prefill(self, tokens: int) -> PackedChunks | None:
         if tokens == 0:
             return None
-        spec, rows, chunk = self._spec, self.prefill_rows, self.config.prefill_chunk
+        spec, rows, chunk = self._spec, self.prefill_rows, self._attention_slots(tokens)
         return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
                             spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows))
 
@@ -488,10 +488,16 @@ class ModelRunner:
             tables[i, : len(request.pages)] = request.pages
         return (tokens, positions, seq_lens, tables), src
 
+    def _attention_slots(self, tokens: int) -> int:
+        """Query slots per prefill row in attention's view of a step of ``tokens`` packed tokens:
+        no chunk is longer than either (a 16-token step, e.g. drafts being checked, attends
+        with 16 slots a row, not ``prefill_chunk``)."""
+        return min(self.config.prefill_chunk, tokens)
+
     def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> tuple | None:
         if total == 0:
             return None
-        rows, chunk_len = self.prefill_rows, self.config.prefill_chunk
+        rows, chunk_len = self.prefill_rows, self._attention_slots(total)
         tokens = np.zeros((total,), np.int32)
         positions = np.full((total,), -1, np.int32)
         token_rows = np.zeros((total,), np.int32)
