@@ -15,30 +15,38 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
-class _PrefixCacheCounters:
-    """Prefix-cache counters, read from the engine's own tallies when scraped."""
+class _EngineCounters:
+    """Counters kept by the engine itself (one object's fields), read when scraped."""
 
-    def __init__(self, engine: Callable[[], object | None]):
-        self._engine = engine
+    def __init__(self, engine: Callable[[], object | None], stats: Callable[[object], object | None],
+                 counters: tuple[tuple[str, str, str], ...]):
+        """``stats``: the engine's tally object (None: none); ``counters``: (name, doc, field)."""
+        self._engine, self._stats, self._counters = engine, stats, counters
 
     def describe(self):
         return self._families(None)
 
     def collect(self):
         current = self._engine()
-        return self._families(getattr(current, "prefix_cache", None))
+        return self._families(self._stats(current) if current is not None else None)
 
-    @staticmethod
-    def _families(cache):
-        stats = cache.stats if cache is not None else None
-        for name, doc, field in (
-                ("qwenjax:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "queries"),
-                ("qwenjax:prefix_cache_hits", "Prompt tokens found in the prefix cache", "hits"),
-                ("qwenjax:prefix_cache_evictions", "Cached KV pages evicted for new contents",
-                 "evictions")):
+    def _families(self, stats):
+        for name, doc, field in self._counters:
             family = CounterMetricFamily(name, doc)
             family.add_metric([], getattr(stats, field) if stats is not None else 0)
             yield family
+
+
+PREFIX_CACHE_COUNTERS = (
+    ("qwenjax:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "queries"),
+    ("qwenjax:prefix_cache_hits", "Prompt tokens found in the prefix cache", "hits"),
+    ("qwenjax:prefix_cache_evictions", "Cached KV pages evicted for new contents", "evictions"))
+# vLLM's spec_decode names.
+SPEC_DECODE_COUNTERS = (
+    ("qwenjax:spec_decode_num_drafts", "Decode steps of a request that checked drafts", "num_drafts"),
+    ("qwenjax:spec_decode_num_draft_tokens", "Draft tokens checked", "num_draft_tokens"),
+    ("qwenjax:spec_decode_num_accepted_tokens", "Draft tokens accepted (each one a token gained "
+     "over plain decoding)", "num_accepted_tokens"))
 
 
 class ServerMetrics:
@@ -77,7 +85,10 @@ class ServerMetrics:
         gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
         gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
               "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
-        registry.register(_PrefixCacheCounters(engine))
+        registry.register(_EngineCounters(
+            engine, lambda e: e.prefix_cache.stats if e.prefix_cache is not None else None,
+            PREFIX_CACHE_COUNTERS))
+        registry.register(_EngineCounters(engine, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
         if in_flight is not None:
             Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
                   "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))

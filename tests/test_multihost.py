@@ -241,7 +241,7 @@ def test_step_plan_round_trips_through_the_wire_format():
     src = np.array([-1, 2, -1, 0], np.int32)  # rows 1 and 3 take their tokens on the device
     plan = StepPlan(4, 0, decode, None, batch, num_top=20, src=src,
                     score_index=np.array([1, 3], np.int32), score_target=np.array([7, 9], np.int32),
-                    score_top=20)
+                    score_top=20, drafted=np.array([5, 6, 0, 0], np.int32))
     meta, arrays = plan.to_message()
     assert arrays["decode.3"].shape == (4, 2) and meta["widths"]["decode.3"] == 64  # sent trimmed
     a, b = socket.socketpair()
@@ -250,8 +250,8 @@ def test_step_plan_round_trips_through_the_wire_format():
         kind, meta, arrays = multihost.receive(b)
     back = StepPlan.from_message(meta, arrays)
     assert kind == "step" and back.prefill is None and (back.decode_rows, back.num_top) == (4, 20)
-    for x, y in zip(decode + (src, plan.score_index, plan.score_target),
-                    back.decode + (back.src, back.score_index, back.score_target)):
+    for x, y in zip(decode + (src, plan.score_index, plan.score_target, plan.drafted),
+                    back.decode + (back.src, back.score_index, back.score_target, back.drafted)):
         np.testing.assert_array_equal(x, y)
     assert back.score_top == 20
     for name in ("temperature", "top_k", "seeds", "penalty_in_prompt"):

@@ -909,3 +909,31 @@ def test_bench_serving_against_a_running_server(served, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["completed"] == 6 and summary["output_tokens"] == 30
     assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
+
+
+def test_engine_tallies_are_exported_when_scraped():
+    """The prefix-cache and speculative-decoding counters read the engine's own tallies (zero
+    while no engine is loaded)."""
+    import types
+
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from qwenjax.engine.engine import SpecDecodeStats
+    from qwenjax.engine.prefix_cache import PrefixCacheStats
+    from server.metrics import ServerMetrics
+
+    def samples(metrics):
+        body = generate_latest(metrics.registry).decode()
+        return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
+
+    engine = types.SimpleNamespace(
+        scheduler=types.SimpleNamespace(running=[1], waiting=[]),
+        allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
+        prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
+        spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
+    got = samples(ServerMetrics(lambda: engine))
+    assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
+    assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
+    assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
+    assert samples(ServerMetrics(lambda: None))["qwenjax:spec_decode_num_drafts_total"] == 0
