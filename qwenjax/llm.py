@@ -48,7 +48,8 @@ class _Base:
         async_scheduling: on by default, schedules the next step while the device runs this one;
         generation_config: "auto" (default) takes the sampling defaults of the model's
         generation_config.json, "builtin" ignores them; override_generation_config: a dict of
-        generation_config keys applied on top)."""
+        generation_config keys applied on top; speculative_config: n-gram speculative decoding,
+        e.g. {"method": "ngram", "num_speculative_tokens": 4}, off by default)."""
         if isinstance(model, LoadedModel):
             self.lm = model
         else:

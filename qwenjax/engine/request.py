@@ -58,8 +58,8 @@ class Request:
 
     @property
     def needs_known_outputs(self) -> bool:
-        """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
-        word of several tokens): the engine reads its step back before scheduling the next."""
+        """Its next step needs its latest output tokens on the host (a grammar, a bad word of
+        several tokens, n-gram drafts): the engine reads its step back before scheduling the next."""
         return (self.matcher is not None or self.speculate
                 or any(len(ids) > 1 for ids in self.bad_words_ids))
 

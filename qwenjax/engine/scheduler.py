@@ -25,6 +25,11 @@ sampled tokens are back. A request's token in flight counts in its length
 device reads from N's outputs; a request whose in-flight tokens reach its
 ``max_tokens`` gets no row; a request is admitted only once nothing of it is in
 flight; pages are indexed in the prefix cache only once their tokens are known.
+
+Speculative decoding (``num_speculative_tokens`` > 0): a decoding request that
+speculates gets n-gram drafts (``speculative.propose_ngram``) and becomes a prefill
+chunk of its last token and the drafts, while a prefill row, budget and free pages
+allow; its ``num_computed`` then counts the drafts only once they are accepted.
 """
 from __future__ import annotations
 
