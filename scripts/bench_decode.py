@@ -10,7 +10,13 @@ is measured in the same run. Printed per batch size: ms/step, bytes moved
 separately the modeled collectives of the full TP group and the resulting
 modeled tokens/s.
 
+``--verify K`` also times the step that checks K speculative drafts per sequence (the
+engine's packed-prefill path with 1 + K tokens a row, logits and sampling at every
+position) at the ``--verify-batch`` sizes: its cost over a decode step is the number of
+tokens a step must yield on average for speculation to pay (docs/architecture.md).
+
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 1,8,32,64 --ctx 2048
+    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 --batch 1 --verify 4
     python scripts/bench_decode.py --smoke      # tiny, CPU, seconds (run by the tests)
 """
 from __future__ import annotations
@@ -29,7 +35,7 @@ from qwenjax.benchmarking import (format_profile, measure_read_bandwidth, profil
                                   write_results)
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
-from qwenjax.model import Model, StepBatch
+from qwenjax.model import Model, PackedChunks, StepBatch
 from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch, sample
 from qwenjax.planner import allreduce_us, allreduces_per_step
 
@@ -106,6 +112,47 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
     return result
 
 
+def bench_verify(model: Model, weights, shard, batch: int, ctx: int, k: int, steps: int,
+                 page_size: int, dtype, reps: int, sampling: str = "chat") -> float:
+    """Seconds per step that checks ``k`` drafts for each of ``batch`` sequences at ``ctx``: one
+    packed chunk of 1 + k tokens per sequence (paged K/V writes, blockwise attention), logits and
+    the sampler at every position, ``steps`` times inside one program."""
+    n = 1 + k
+    pages_per_seq = -(-(ctx + n) // page_size)
+    cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
+                           head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
+                           page_size=page_size, dtype=dtype, mesh=model.mesh)
+    i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
+    cols = np.tile(np.arange(n), batch)
+    positions = ctx + cols
+    chunk = PackedChunks(
+        tokens=i32(np.zeros(batch * n)), positions=i32(positions), token_rows=i32(np.repeat(np.arange(batch), n)),
+        token_cols=i32(cols), row_tokens=i32(np.arange(batch * n).reshape(batch, n)),
+        row_positions=i32(positions.reshape(batch, n)), seq_lens=i32(np.full(batch, ctx + n)),
+        block_tables=i32(np.arange(batch * pages_per_seq).reshape(batch, pages_per_seq)),
+        last_token=i32(np.arange(batch) * n + n - 1))
+    rows = sampling_batch(batch * n, sampling, ctx, shard.vocab_size)
+
+    def verify(weights, cache, tokens):
+        def step(i, carry):
+            cache, tokens = carry
+            hidden, cache = model.hidden_states(weights, cache, (dataclasses.replace(chunk, tokens=tokens),))
+            return cache, sample(model.logits(weights, hidden[0]), rows).token_ids
+
+        return jax.lax.fori_loop(0, steps, step, (cache, chunk.tokens))
+
+    run = jax.jit(verify, donate_argnums=(1,))
+    cache, _ = run(weights, cache, chunk.tokens)  # compile + warm-up
+    jax.block_until_ready(cache)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        cache, out = run(weights, cache, chunk.tokens)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / steps
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="qwen2.5-72b")
@@ -130,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="trace one more run of the first batch size with jax.profiler: writes "
                         "PATH.trace.json.gz and PATH.json and prints where the device time went")
+    p.add_argument("--verify", type=int, default=0, metavar="K",
+                   help="also time the step checking K speculative drafts per sequence")
+    p.add_argument("--verify-batch", default="1", help="batch sizes for --verify")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--smoke", action="store_true", help="tiny shapes for a CPU check")
     args = p.parse_args(argv)
@@ -138,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
         args.batch, args.ctx, args.steps, args.reps, args.bandwidth_gib = "1,2", 40, 2, 1, 0.01
+        args.verify, args.verify_batch = args.verify and 2, "1"
     dtype = jnp.dtype(args.dtype)
     shard, model, weights = shard_model(config, args.shard_of_tp, dtype, args.attention)
     bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
@@ -176,6 +227,22 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['kv_bytes'] / 1e9:.2f} | {r['tbps']:.2f} | {r['mbu']:.0%} | "
               f"{r['collectives_ms_modeled']:.2f} | {r['tok_s_per_seq_modeled']:.1f} | "
               f"{r['tok_s_total_modeled']:.0f} |", flush=True)
+    verify_batches = [int(b) for b in args.verify_batch.split(",")] if args.verify else []
+    if verify_batches:
+        print(f"\n# checking {args.verify} drafts per sequence (speculative decoding) vs a decode step")
+        print("| batch | ms/step checking drafts | decode ms/step | ratio = tokens a step must yield to pay |")
+        print("|---|---|---|---|")
+    for batch in verify_batches:
+        seconds = bench_verify(model, weights, shard, batch, args.ctx, args.verify, args.steps,
+                               args.page_size, dtype, args.reps, args.sampling)
+        decode = next((r["seconds_per_step"] for r in rows if r["batch"] == batch), None)
+        if decode is None:
+            decode = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size,
+                                 dtype, args.reps, args.sampling)["seconds_per_step"]
+        header.setdefault("verify", []).append(dict(batch=batch, k=args.verify, seconds_per_step=seconds,
+                                                    decode_seconds_per_step=decode))
+        write_results(args.json, header, rows)
+        print(f"| {batch} | {seconds * 1e3:.2f} | {decode * 1e3:.2f} | {seconds / decode:.2f} |", flush=True)
     write_results(args.json, header, rows)
     return 0
 

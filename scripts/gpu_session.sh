@@ -51,7 +51,7 @@ if [ -n "$SMOKE" ]; then
         --json "$WORK/attention.json"
     step bench_decode_tp4 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp4.json" \
         --profile "$WORK/decode_tp4_profile"
-    step bench_decode_tp8 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp8.json"
+    step bench_decode_tp8 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp8.json" --verify 4
   else
     step bench_prefill 300 $PY scripts/bench_prefill.py --smoke --json "$WORK/prefill_tp4.json"
     step bench_host 300 $PY scripts/bench_host.py --smoke --json "$WORK/host.json"
@@ -62,11 +62,12 @@ elif [ "$PART" = 1 ]; then
   # 2. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
   step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
   # 3. Decode step (engine attention and sampler) of one device's shard: 72B at TP4 (36 GB of
-  #    weights), profiled at batch 1; the target sizes (1, 32) first in case time runs out. Then TP8.
+  #    weights), profiled at batch 1; the target sizes (1, 32) first in case time runs out. Then TP8,
+  #    with the step that checks 4 speculative drafts at batch 1 (what a step must yield to pay).
   step bench_decode_tp4 230 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
       --batch 1,32,8,64 --ctx 2048 --json "$WORK/decode_tp4.json" --profile "$WORK/decode_tp4_profile"
-  step bench_decode_tp8 110 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 \
-      --batch 1,32 --ctx 2048 --json "$WORK/decode_tp8.json"
+  step bench_decode_tp8 140 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 \
+      --batch 1,32 --ctx 2048 --json "$WORK/decode_tp8.json" --verify 4 --verify-batch 1
 else
   # 4. Prefill (TTFT, MFU) of the 72B TP4 shard, 2k-token chunks.
   step bench_prefill 200 $PY scripts/bench_prefill.py --preset qwen2.5-72b --shard-of-tp 4 \

@@ -16,8 +16,11 @@ def _load():
 def test_smoke_run_reports_figures(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "decode.json"
-    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    assert bench.main(["--smoke", "--json", str(out), "--verify", "4"]) == 0
     result = json.loads(out.read_text())
+    [verify] = result["verify"]  # the smoke run checks 2 drafts at batch 1
+    assert (verify["batch"], verify["k"]) == (1, 2) and verify["seconds_per_step"] > 0
+    assert verify["decode_seconds_per_step"] == result["rows"][0]["seconds_per_step"]
     assert result["shard"] == {"q_heads": 4, "kv_heads": 1, "mlp": 1216, "vocab": 37984, "layers": 2}
     assert [r["batch"] for r in result["rows"]] == [1, 2]
     for row in result["rows"]:

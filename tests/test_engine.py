@@ -465,3 +465,26 @@ def test_speculative_decoding_gives_the_plain_outputs(tiny_lm):
                 assert [t for t, _ in got.top] == [t for t, _ in want.top]
                 np.testing.assert_allclose([got.logprob] + [lp for _, lp in got.top],
                                            [want.logprob] + [lp for _, lp in want.top], atol=1e-4)
+
+
+def test_speculation_pauses_while_more_requests_run_than_disable_by_batch_size(tiny_dir):
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "disable_by_batch_size": 2}
+    engine = Engine(lm, EngineConfig(**SMALL, speculative_config=spec), warm_up=False)
+    schedule, seen = engine.scheduler.schedule, []
+
+    def watched():
+        out = schedule()
+        seen.append((len(engine.scheduler.running), sum(bool(c.draft) for c in out.prefill)))
+        return out
+
+    engine.scheduler.schedule = watched
+    prompt = [5, 9, 3, 7] * 8
+    for max_tokens in (4, 6, 24, 24):
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert all(drafts == 0 for running, drafts in seen if running > 2)
+    assert sum(drafts for running, drafts in seen if running <= 2) > 0
+    assert engine.spec_stats.num_drafts > 0

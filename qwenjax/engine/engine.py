@@ -63,7 +63,8 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: Mapping[str, Any] | None = None  # e.g. {"temperature": 0.2}
     # Speculative decoding with n-gram drafts, as vLLM's: {"method": "ngram",
-    # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2}; None: off.
+    # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+    # "disable_by_batch_size": None}; None: off.
     speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
 
 
@@ -115,7 +116,8 @@ class Engine:
         spec_fields = {} if speculative is None else dict(
             num_speculative_tokens=speculative.num_speculative_tokens,
             prompt_lookup_min=speculative.prompt_lookup_min,
-            prompt_lookup_max=speculative.prompt_lookup_max)
+            prompt_lookup_max=speculative.prompt_lookup_max,
+            spec_disable_by_batch_size=speculative.disable_by_batch_size or 0)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),

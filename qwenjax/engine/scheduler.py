@@ -54,6 +54,7 @@ class SchedulerConfig:
     num_speculative_tokens: int = 0
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
+    spec_disable_by_batch_size: int = 0  # no drafts while more requests run (0: always draft)
 
     def __post_init__(self):
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
@@ -255,6 +256,8 @@ class Scheduler:
         max_tokens and max_model_len leave room for (the step yields up to one more token)."""
         cfg = self.config
         if not request.speculate or request.num_inflight:
+            return ()
+        if 0 < cfg.spec_disable_by_batch_size < len(self.running):
             return ()
         k = min(cfg.num_speculative_tokens, budget - 1, cfg.prefill_chunk - 1,
                 request.params.max_tokens - request.num_output_tokens - 1,

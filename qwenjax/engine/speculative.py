@@ -29,6 +29,10 @@ class SpeculativeConfig:
     method: str = "ngram"
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
+    # No drafts while more requests than this are running (None: always draft). Checking k
+    # drafts computes 1 + k tokens per request: nearly free while a step is bound by reading
+    # the weights (small batches on a GPU), not once it is bound by compute.
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self):
         if self.method != "ngram":
@@ -38,6 +42,10 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"speculative_config.{name} must be a positive int, got {value!r}")
+        if self.disable_by_batch_size is not None and (
+                not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1):
+            raise ValueError(f"speculative_config.disable_by_batch_size must be a positive int or "
+                             f"null, got {self.disable_by_batch_size!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
                              f"exceeds prompt_lookup_max ({self.prompt_lookup_max})")
