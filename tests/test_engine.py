@@ -474,17 +474,26 @@ def test_speculation_pauses_while_more_requests_run_than_disable_by_batch_size(t
     engine = Engine(lm, EngineConfig(**SMALL, speculative_config=spec), warm_up=False)
     schedule, seen = engine.scheduler.schedule, []
 
-    def watched():
+    def watched():  # per step: requests running, and how many of them draft
         out = schedule()
         seen.append((len(engine.scheduler.running), sum(bool(c.draft) for c in out.prefill)))
         return out
 
     engine.scheduler.schedule = watched
+    overlapped, collect = [], engine.runner.collect  # per read-back: a later step dispatched?
+    engine.runner.collect = lambda step: (overlapped.append(engine._inflight not in (None, step)),
+                                          collect(step))[1]
     prompt = [5, 9, 3, 7] * 8
+    outputs = {}
     for max_tokens in (4, 6, 24, 24):
         engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     while engine.has_unfinished():
-        engine.step()
-    assert all(drafts == 0 for running, drafts in seen if running > 2)
+        outputs.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    busy = [drafts for running, drafts in seen if running > 2]
+    assert busy and not any(busy)
+    assert sum(overlapped) >= 2  # paused, the steps overlap again (async scheduling)
     assert sum(drafts for running, drafts in seen if running <= 2) > 0
     assert engine.spec_stats.num_drafts > 0
+    plain = GreedyGenerator(lm).generate([prompt], 24)[0]
+    assert [len(t) for t in outputs.values()] == [4, 6, 24, 24]
+    assert all(t == plain[: len(t)] for t in outputs.values())

@@ -341,11 +341,7 @@ class Engine:
         scheduling); or dispatch one step and wait for it."""
         outputs, self._pending = self._pending, []
         previous, self._inflight = self._inflight, None
-        if previous is not None and any(c.request.needs_known_outputs and not c.request.finished
-                                        for _, c in previous.placed):
-            # A grammar or a bad word needs that step's token on the host before its request
-            # samples again: read it back first (this step alone runs synchronously) rather
-            # than leave those requests out of every other step.
+        if previous is not None and self._read_back_first(previous):
             outputs += self._collect(previous)
             previous = None
         out = self.scheduler.schedule()
@@ -371,6 +367,16 @@ class Engine:
             self._settle(self._inflight)  # only rows of requests that stopped meanwhile
             self._inflight = None
         return outputs
+
+    def _read_back_first(self, step: InFlight) -> bool:
+        """Whether the step in flight must be read back before the next is scheduled (that
+        step then runs synchronously) rather than leave its requests out of every other step:
+        a grammar or a multi-token bad word needs the token on the host before its request
+        samples again; drafts come from a request's latest tokens; and a step that checked
+        drafts yields an unknown number of tokens per request."""
+        drafting = self.scheduler.drafting
+        return any((c.request.needs_known_outputs or c.draft or (c.request.speculate and drafting))
+                   and not c.request.finished for _, c in step.placed)
 
     @staticmethod
     def _settle(step: InFlight) -> None:

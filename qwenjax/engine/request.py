@@ -58,10 +58,10 @@ class Request:
 
     @property
     def needs_known_outputs(self) -> bool:
-        """Its next step needs its latest output tokens on the host (a grammar, a bad word of
-        several tokens, n-gram drafts): the engine reads its step back before scheduling the next."""
-        return (self.matcher is not None or self.speculate
-                or any(len(ids) > 1 for ids in self.bad_words_ids))
+        """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
+        word of several tokens): the engine reads its step back before scheduling the next (as
+        for n-gram drafts, while the scheduler drafts: ``Scheduler.drafting``)."""
+        return self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
 
     def banned_ids(self, drafted: Sequence[int] = ()) -> tuple[int, ...]:
         """The ids its bad words ban at the next token (its output tokens must all be known),

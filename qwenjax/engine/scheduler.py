@@ -251,13 +251,19 @@ class Scheduler:
             budget -= n
         return out
 
+    @property
+    def drafting(self) -> bool:
+        """Speculative decoding is on and not paused by the number of running requests. Drafts
+        come from a request's latest tokens, so meanwhile the engine reads each step back
+        before scheduling the next; while paused, steps overlap again (async scheduling)."""
+        cfg = self.config
+        return cfg.num_speculative_tokens > 0 and not 0 < cfg.spec_disable_by_batch_size < len(self.running)
+
     def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
         """N-gram drafts for a decoding request that speculates: as many as the budget, its
         max_tokens and max_model_len leave room for (the step yields up to one more token)."""
         cfg = self.config
-        if not request.speculate or request.num_inflight:
-            return ()
-        if 0 < cfg.spec_disable_by_batch_size < len(self.running):
+        if not request.speculate or request.num_inflight or not self.drafting:
             return ()
         k = min(cfg.num_speculative_tokens, budget - 1, cfg.prefill_chunk - 1,
                 request.params.max_tokens - request.num_output_tokens - 1,
