@@ -467,11 +467,16 @@ def apply_token_mask(logits: jax.Array, token_mask: jax.Array) -> jax.Array:
 
 
 def suppress_tokens(logits: jax.Array, suppress_ids: jax.Array) -> jax.Array:
-    """Ban ``suppress_ids`` [R, S] (-1 = padding) by setting their logits to -inf."""
+    """Ban ``suppress_ids`` [R, S] (-1 = padding) by setting their logits to -inf, except in a
+    row where that would leave no token at all: the grammar's mask or allowed_token_ids keep
+    only what is banned (say, EOS once a grammar is complete, with min_tokens not reached).
+    The hard constraint wins there rather than an arbitrary token being drawn."""
     if suppress_ids.shape[1] == 0:
         return logits
     rows = jnp.arange(logits.shape[0])[:, None]
-    return logits.at[rows, _scatter_ids(suppress_ids, logits.shape[1])].set(-jnp.inf, mode="drop")
+    banned = logits.at[rows, _scatter_ids(suppress_ids, logits.shape[1])].set(-jnp.inf, mode="drop")
+    nothing_left = jnp.all(banned == -jnp.inf, axis=-1) & jnp.any(logits > -jnp.inf, axis=-1)
+    return jnp.where(nothing_left[:, None], logits, banned)
 
 
 # Rows whose top_k is at most this take their candidates from ``lax.top_k`` instead of a sort of

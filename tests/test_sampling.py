@@ -598,3 +598,19 @@ def test_sampling_batch_is_a_pytree():
     batch = build_sampling_batch([SamplingRow(SamplingParams(), seed=1, step=0)], 2)
     leaves = jax.tree_util.tree_leaves(batch)
     assert len(leaves) == len(dataclasses.fields(SamplingBatch)) == 17
+
+
+def test_suppression_yields_where_it_would_leave_no_token():
+    """min_tokens' EOS ban (or a bad word) against a mask that allows only those ids, as a
+    complete grammar does: the row still draws an allowed id, not an arbitrary one."""
+    vocab = 40
+    logits = np.random.default_rng(9).normal(size=(4, vocab)).astype(np.float32)
+    only_eos = SamplingParams(temperature=0.0, allowed_token_ids=[2])
+    rows = [SamplingRow(only_eos, seed=0, step=0, suppress_ids=[2]),
+            SamplingRow(dataclasses.replace(only_eos, temperature=1.0), seed=1, step=0, suppress_ids=[2]),
+            SamplingRow(SamplingParams(temperature=0.0, allowed_token_ids=[2, 9]), seed=2, step=0,
+                        suppress_ids=[2]),
+            SamplingRow(SamplingParams(temperature=0.0), seed=3, step=0, suppress_ids=[int(logits[3].argmax())])]
+    tokens = run(logits, rows).token_ids
+    assert tokens.tolist()[:3] == [2, 2, 9]
+    assert tokens[3] != logits[3].argmax() and tokens[3] == np.argsort(logits[3])[-2]
