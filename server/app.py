@@ -14,6 +14,7 @@ and a TLS server over one loaded model); each counts its own admissions and metr
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import pathlib
@@ -48,6 +49,9 @@ class ServerConfig:
     tls_cert: str | None = None       # PEM files; both or neither
     tls_key: str | None = None
     drain_timeout: float = 30.0       # seconds in-flight requests get after SIGTERM
+    # A step running longer than this (a hung device or collective: nothing fails) turns health
+    # NOT_SERVING and logs where the engine thread is; SERVING again once it ends. 0 = off.
+    step_timeout: float = 300.0
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -59,6 +63,8 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be ≥ 1024, got {self.max_request_bytes}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be ≥ 0, got {self.drain_timeout}")
+        if self.step_timeout < 0:
+            raise ValueError(f"step_timeout must be ≥ 0 (0 = off), got {self.step_timeout}")
 
 
 class InferenceServer:
@@ -69,6 +75,8 @@ class InferenceServer:
                                           self.metrics, config.max_request_bytes)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._watchdog: asyncio.Task | None = None
+        self.stalled = False  # a step has run past config.step_timeout
         self.port: int | None = None
         self.metrics_port: int | None = None
 
@@ -112,6 +120,27 @@ class InferenceServer:
         self.servicer.engine_thread = engine_thread
         if not self.servicer.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.step_timeout and self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_steps(engine_thread))
+
+    async def _watch_steps(self, engine_thread) -> None:
+        """Health follows the engine loop: NOT_SERVING while a step has run past step_timeout
+        (logged once, with the engine thread's stack), SERVING again when it ends."""
+        timeout = self.config.step_timeout
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 4))
+            seconds = engine_thread.step_seconds
+            if seconds > timeout and not self.stalled:
+                self.stalled = True
+                log.error("an engine step has run for %.0f s (step_timeout %.0f s): health is "
+                          "NOT_SERVING until it ends; the engine thread is at:\n%s",
+                          seconds, timeout, engine_thread.stack())
+                await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            elif seconds <= timeout and self.stalled:
+                self.stalled = False
+                log.warning("the engine step that ran past step_timeout has ended")
+                if not self.servicer.draining:
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Refuse new work (UNAVAILABLE, health NOT_SERVING) and wait for in-flight requests.
@@ -124,6 +153,9 @@ class InferenceServer:
 
     async def stop(self, grace: float | None = 0.0) -> None:
         """Close the port; calls still running after ``grace`` seconds are cancelled (and aborted)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

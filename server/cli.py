@@ -101,6 +101,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
+    net.add_argument("--step-timeout", type=float, default=300.0,
+                     help="an engine step running longer (a hung device or collective) turns health "
+                          "NOT_SERVING and logs the engine thread's stack; 0 = off (default 300)")
 
 
 def parse_json_object(text: str) -> dict:
@@ -130,7 +133,8 @@ def server_config(args):
         max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
         max_request_bytes=args.max_request_bytes,
         api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
+        step_timeout=args.step_timeout)
 
 
 def load_serving_model(args):

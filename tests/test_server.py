@@ -720,6 +720,59 @@ def test_health_and_unavailable_before_the_model_is_attached(served, start_serve
         assert code == grpc.StatusCode.UNAVAILABLE and "loading" in details
 
 
+def test_a_step_running_past_step_timeout_turns_health_not_serving(loop, caplog):
+    """Nothing fails when a device or a collective hangs: the watchdog sees the step's age."""
+    import types
+
+    from server.app import InferenceServer, ServerConfig
+
+    hung = types.SimpleNamespace(step_seconds=0.0, stack=lambda: "  File engine.py, in step\n")
+    server = InferenceServer(ServerConfig(port=0, metrics_port=None, step_timeout=0.2))
+    loop.run(server.start())
+    try:
+        loop.run(server.attach(hung))
+
+        def status():
+            with grpc.insecure_channel(server.address) as ch:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        with caplog.at_level("ERROR", logger="server.app"):
+            hung.step_seconds = 1.0
+            wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5.0)
+        assert "step_timeout" in caplog.text and "in step" in caplog.text
+        hung.step_seconds = 0.0
+        wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5.0)
+    finally:
+        loop.run(server.stop())
+
+
+def test_engine_thread_reports_how_long_its_step_runs():
+    from qwenjax.engine.async_engine import EngineThread
+
+    class SlowStep:
+        def __init__(self):
+            self.calls, self.release = 0, threading.Event()
+
+        def has_unfinished(self):
+            return self.calls < 1
+
+        def step(self):
+            self.calls += 1
+            self.release.wait(10)
+            return []
+
+    engine = SlowStep()
+    thread = EngineThread(engine)
+    try:
+        wait_until(lambda: thread.step_seconds > 0.05, 5.0)
+        assert "release.wait" in thread.stack()
+        engine.release.set()
+        wait_until(lambda: thread.step_seconds == 0.0, 5.0)
+    finally:
+        thread.shutdown()
+
+
 # --------------------------------------------------------------------------- auth and TLS
 
 

@@ -10,7 +10,10 @@ import asyncio
 import dataclasses
 import logging
 import queue
+import sys
 import threading
+import time
+import traceback
 from typing import AsyncIterator, Sequence
 
 from qwenjax.engine.engine import Engine
@@ -32,8 +35,21 @@ class EngineThread:
         self._commands: queue.Queue = queue.Queue()
         self._subscribers: dict[str, _Subscriber] = {}
         self._stop = threading.Event()
+        self._step_started: float | None = None  # monotonic time the running step began
         self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def step_seconds(self) -> float:
+        """How long the step now running has been running (0 between steps): a hung device or
+        collective shows here, since nothing fails (server.app's watchdog reads it)."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    def stack(self) -> str:
+        """Where the engine thread is now (for the log of a step that runs too long)."""
+        frame = sys._current_frames().get(self._thread.ident)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(not running)"
 
     # ---- called from any thread ------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
@@ -106,6 +122,7 @@ class EngineThread:
                 pass
             if not self.engine.has_unfinished():
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = self.engine.step()
             except Exception as error:  # the engine itself is broken: fail everyone listening
@@ -113,5 +130,7 @@ class EngineThread:
                 for request_id in list(self._subscribers):
                     self._publish(request_id, error)
                 continue
+            finally:
+                self._step_started = None
             for output in outputs:
                 self._publish(output.request_id, output)
