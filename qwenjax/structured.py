@@ -170,6 +170,22 @@ class Matcher:
         """Take the sampled token; False if the grammar refuses it (then the matcher is dead)."""
         return bool(self._matcher.consume_token(token_id))
 
+    def accepted_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens``, in order, the grammar takes from here (state unchanged):
+        the part of a speculative draft worth checking."""
+        return int(self._matcher.validate_tokens(list(tokens)))
+
+    def draft_bitmasks(self, draft: Sequence[int]) -> np.ndarray:
+        """[len(draft) + 1, vocab / 32]: the mask before each drafted token and the one after
+        the last, for a draft the grammar takes whole (``accepted_prefix``); state unchanged."""
+        masks = [self.bitmask()]
+        for token in draft:
+            if not self._matcher.consume_token(token):
+                raise ValueError(f"the grammar refuses drafted token {token}: {self.error}")
+            masks.append(self.bitmask())
+        self._matcher.rollback(len(draft))
+        return np.stack(masks)
+
     @staticmethod
     def bitmasks(matchers: Sequence["Matcher"]) -> np.ndarray:
         """[len(matchers), vocab / 32] int32: each matcher's ``bitmask()``, computed side by side

@@ -497,3 +497,63 @@ def test_speculation_pauses_while_more_requests_run_than_disable_by_batch_size(t
     plain = GreedyGenerator(lm).generate([prompt], 24)[0]
     assert [len(t) for t in outputs.values()] == [4, 6, 24, 24]
     assert all(t == plain[: len(t)] for t in outputs.values())
+
+
+class _EvenTokens:
+    """A stand-in grammar (the engine's Matcher interface) over the tiny vocabulary: even
+    token ids only, complete after ``length`` tokens."""
+
+    def __init__(self, length: int = 20):
+        self.length, self.taken = length, 0
+        self.mask = np.zeros(-(-VOCAB // 32), np.int32)
+        for t in range(0, VOCAB, 2):
+            self.mask[t // 32] |= np.int32(1 << (t % 32)) if t % 32 < 31 else np.int32(-2**31)
+
+    def bitmask(self):
+        return self.mask.copy()
+
+    def copy(self):
+        return _EvenTokens(self.length)
+
+    def advance(self, token):
+        self.taken += 1
+        return token % 2 == 0
+
+    @property
+    def done(self):
+        return self.taken >= self.length
+
+    error = "odd token"
+
+    def accepted_prefix(self, tokens):
+        n = 0
+        while n < len(tokens) and tokens[n] % 2 == 0 and self.taken + n < self.length:
+            n += 1
+        return n
+
+    def draft_bitmasks(self, draft):
+        return np.stack([self.mask] * (len(draft) + 1))
+
+
+def test_speculative_decoding_under_a_grammar_gives_the_plain_outputs(tiny_dir, monkeypatch):
+    from qwenjax.structured import Matcher
+
+    monkeypatch.setattr(Matcher, "bitmasks", staticmethod(lambda ms: np.stack([m.bitmask() for m in ms])))
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    rng = np.random.default_rng(3)
+    loop = (2 * rng.integers(0, VOCAB // 2, 6)).tolist()
+    prompts = [loop * 5, loop * 3 + rng.integers(0, VOCAB, 20).tolist(), rng.integers(0, VOCAB, 30).tolist()]
+    params = [SamplingParams(temperature=0.0, max_tokens=40),
+              SamplingParams(temperature=1.0, seed=4, max_tokens=40),
+              SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)]
+    results = {}
+    for spec in (None, {"num_speculative_tokens": 4, "prompt_lookup_min": 1}):
+        engine = Engine(lm, EngineConfig(**SMALL, speculative_config=spec), warm_up=False)
+        monkeypatch.setattr(engine, "_matcher", lambda params: _EvenTokens())
+        results[spec is not None] = _run(engine, prompts, params)[0], engine.spec_stats
+    (plain, _), (spec, stats) = results.values()
+    assert stats.num_accepted_tokens > 5
+    for i in plain:
+        assert spec[i].token_ids == plain[i].token_ids, i
+        assert len(plain[i].token_ids) == 20 and plain[i].finish_reason == "stop"
+        assert all(t % 2 == 0 for t in plain[i].token_ids)

@@ -100,3 +100,28 @@ def test_grammar_masks_of_a_batch_equal_each_matchers_own(tokenizer):
     allowed = lambda mask: {t for t in range(vocab) if mask[t // 32] >> (t % 32) & 1}  # noqa: E731
     assert allowed(batch[2]) == {t for t in allowed(batch[2]) if tokenizer.decode([t]).strip()
                                  and "green".startswith("gr" + tokenizer.decode([t]))}
+
+
+def test_a_drafts_masks_equal_those_of_a_matcher_that_took_the_tokens(tokenizer):
+    """Speculative decoding with a grammar: the part of a draft the grammar takes, and the mask
+    at each drafted position, without moving the matcher."""
+    import numpy as np
+
+    from qwenjax.structured import GrammarCompiler, StructuredOutputs
+
+    compiler = GrammarCompiler(tokenizer.to_json(), 151936, tokenizer.eos_token_ids)
+    matcher = compiler.matcher(StructuredOutputs(regex=r"\d{3}-\d{3}-\d{4}"))
+    for t in tokenizer.encode("555-"):
+        assert matcher.advance(t)
+    good, bad = tokenizer.encode("123-4567"), tokenizer.encode("12x")
+    assert matcher.accepted_prefix(good) == len(good)
+    assert matcher.accepted_prefix(bad) == len(tokenizer.encode("12"))
+    before = matcher.bitmask()
+    masks = matcher.draft_bitmasks(good)
+    np.testing.assert_array_equal(matcher.bitmask(), before)  # state unchanged
+    walker = matcher.copy()
+    np.testing.assert_array_equal(masks[0], walker.bitmask())
+    for i, t in enumerate(good):
+        assert walker.advance(t)
+        np.testing.assert_array_equal(masks[i + 1], walker.bitmask())
+    assert len({m.tobytes() for m in masks}) > 1

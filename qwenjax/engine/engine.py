@@ -296,8 +296,7 @@ class Engine:
     def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **fields) -> Request:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         now = time.monotonic()
-        # A grammar's mask needs each token before the next: such requests do not draft.
-        speculate = self.scheduler_config.num_speculative_tokens > 0 and fields.get("matcher") is None
+        speculate = self.scheduler_config.num_speculative_tokens > 0
         request = Request(request_id, list(prompt_ids), params, seed, now, speculate=speculate, **fields)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]

@@ -575,6 +575,19 @@ class ModelRunner:
                                     ((decode_rows + j, c) for j, c in enumerate(out.prefill))):
             if c.completes:
                 placed.append((i, c))
+        # Structured outputs: the grammar masks of the constrained rows, computed side by side;
+        # a drafting row's masks at each of its positions, after the drafts before it.
+        constrained = [(i, c.request.matcher) for i, c in placed
+                       if c.request.matcher is not None and not c.draft]
+        masks = {}
+        if constrained:
+            from qwenjax.structured import Matcher
+
+            masks = dict(zip((i for i, _ in constrained), Matcher.bitmasks([m for _, m in constrained])))
+        draft_masks = {i: list(c.request.matcher.draft_bitmasks(c.draft)) for i, c in placed
+                       if c.request.matcher is not None and c.draft}
+        for i, position_masks in draft_masks.items():
+            masks[i] = position_masks.pop()  # after every draft: the chunk's own sampled row
         # Speculative decoding: the sampler rows of each chunk's drafted positions (by its row).
         drafted, draft_rows = None, {}
         if self._has_drafted(prefill_tokens):
@@ -586,16 +599,11 @@ class ModelRunner:
                     drafted[first: first + len(c.draft)] = offset + c.num_real - 1 + np.arange(len(c.draft))
                     base = decode_rows + prefill_rows + first
                     draft_rows[decode_rows + j] = list(range(base, base + len(c.draft)))
+                    position_masks = draft_masks.get(decode_rows + j)
                     for d, row in enumerate(draft_rows[decode_rows + j]):
-                        rows[row] = self._sampling_row(c, drafted=c.draft[:d])
+                        rows[row] = self._sampling_row(c, position_masks[d] if position_masks else None,
+                                                       drafted=c.draft[:d])
                 offset += c.num_tokens
-        # Structured outputs: the grammar masks of the constrained rows, computed side by side.
-        constrained = [(i, c.request.matcher) for i, c in placed if c.request.matcher is not None]
-        masks = {}
-        if constrained:
-            from qwenjax.structured import Matcher
-
-            masks = dict(zip((i for i, _ in constrained), Matcher.bitmasks([m for _, m in constrained])))
         for i, c in placed:
             rows[i] = self._sampling_row(c, masks.get(i), c.draft)
         batch, num_top = None, 0

@@ -270,8 +270,11 @@ class Scheduler:
                 cfg.max_model_len - request.num_tokens)
         if k < 1:
             return ()
-        return tuple(propose_ngram(request.tokens(0, request.num_tokens), k,
-                                   cfg.prompt_lookup_min, cfg.prompt_lookup_max))
+        draft = propose_ngram(request.tokens(0, request.num_tokens), k, cfg.prompt_lookup_min,
+                              cfg.prompt_lookup_max)
+        if draft and request.matcher is not None:  # only what the grammar can take is checked
+            draft = draft[: request.matcher.accepted_prefix(draft)]
+        return tuple(draft)
 
     def _waits_for_leader(self, request: Request) -> bool:
         """A parallel-sampling sequence waits while its first sequence (running) has not yet
