@@ -410,6 +410,19 @@ def test_ngram_drafts_take_the_latest_longest_match():
     assert propose_ngram([7, 7, 7, 7], 3, 2, 3) == [7]  # the match may overlap the suffix
 
 
+def test_ngram_index_proposes_what_a_search_of_the_whole_context_does():
+    from qwenjax.engine.speculative import NgramIndex, propose_ngram
+
+    rng = np.random.default_rng(2)
+    for min_n, max_n in ((1, 3), (2, 4), (3, 3)):
+        index, tokens = NgramIndex(min_n, max_n), []
+        for _ in range(200):  # a sequence growing by 1-5 tokens a step, from a small alphabet
+            tokens += rng.integers(0, 6, rng.integers(1, 6)).tolist()
+            index.tokens = list(tokens)
+            k = int(rng.integers(0, 6))
+            assert index.propose(k) == propose_ngram(tokens, k, min_n, max_n), (len(tokens), k)
+
+
 def test_speculative_config_names_the_bad_field():
     from qwenjax.engine.speculative import SpeculativeConfig
 

@@ -49,8 +49,10 @@ class Request:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # params.structured_outputs: this sequence's place in its grammar (qwenjax.structured.Matcher).
     matcher: Any = dataclasses.field(default=None, repr=False)
-    # Speculative decoding: its decode steps check n-gram drafts (qwenjax.engine.speculative).
+    # Speculative decoding: its decode steps check n-gram drafts (qwenjax.engine.speculative),
+    # found in its n-gram index (a speculative.NgramIndex, made by the scheduler).
     speculate: bool = False
+    ngrams: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def prompt_logprobs_done(self) -> bool:

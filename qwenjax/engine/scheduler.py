@@ -38,7 +38,7 @@ import dataclasses
 
 from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import Request, RequestStatus
-from qwenjax.engine.speculative import propose_ngram
+from qwenjax.engine.speculative import NgramIndex
 from qwenjax.kv_cache import PageAllocator
 
 
@@ -270,11 +270,20 @@ class Scheduler:
                 cfg.max_model_len - request.num_tokens)
         if k < 1:
             return ()
-        draft = propose_ngram(request.tokens(0, request.num_tokens), k, cfg.prompt_lookup_min,
-                              cfg.prompt_lookup_max)
+        draft = self._ngrams(request, request.num_tokens).propose(k)
         if draft and request.matcher is not None:  # only what the grammar can take is checked
             draft = draft[: request.matcher.accepted_prefix(draft)]
         return tuple(draft)
+
+    def _ngrams(self, request: Request, upto: int) -> NgramIndex:
+        """The request's n-gram index, holding its first ``upto`` tokens (all known)."""
+        if request.ngrams is None:
+            cfg = self.config
+            request.ngrams = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        index = request.ngrams  # its tokens only grow: outputs are never taken back
+        if upto > len(index.tokens):
+            index.tokens += request.tokens(len(index.tokens), upto)
+        return index
 
     def _waits_for_leader(self, request: Request) -> bool:
         """A parallel-sampling sequence waits while its first sequence (running) has not yet
@@ -299,6 +308,9 @@ class Scheduler:
     def step_dispatched(self, out: SchedulerOutput) -> None:
         """The step is on its way: its tokens have K/V in the cache for every later step (the
         device runs steps in order)."""
+        for chunk in out.prefill:  # drafting later: index a long prompt as its chunks go by
+            if chunk.request.speculate and not chunk.draft:
+                self._ngrams(chunk.request, chunk.start + chunk.num_real).update()
         for chunk in out.chunks:
             if chunk.request.status is RequestStatus.RUNNING:
                 # A draft's K/V count once its tokens are accepted (Engine._collect).

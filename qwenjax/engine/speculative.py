@@ -66,9 +66,44 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+class NgramIndex:
+    """``propose_ngram`` for a sequence that only grows, at a cost per step that follows the new
+    tokens, not the context: the latest start of every n-gram (min_n ≤ n ≤ max_n) that ends
+    before the last token is kept in a dict, and each step adds those the new tokens end.
+    (A search over the whole context took ~2 ms per request per step at 32k tokens.)"""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._latest: dict[tuple[int, ...], int] = {}
+        self._indexed = 0  # n-grams with an exclusive end ≤ this are in _latest
+
+    def update(self) -> None:
+        """Index the n-grams the tokens added since have completed (~3 µs a token); the
+        scheduler calls it as a prompt's chunks are computed, so the first draft does not
+        index a long prompt at once (32k tokens: ~90 ms)."""
+        tokens = self.tokens
+        for end in range(self._indexed + 1, len(tokens)):  # never those ending at the last token
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self._latest[tuple(tokens[end - n: end])] = end - n
+        self._indexed = max(self._indexed, len(tokens) - 1)
+
+    def propose(self, k: int) -> list[int]:
+        self.update()
+        tokens, total = self.tokens, len(self.tokens)
+        if k < 1:
+            return []
+        for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
+            start = self._latest.get(tuple(tokens[total - n:]))
+            if start is not None:
+                return tokens[start + n: start + n + k]
+        return []
+
+
 def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last
-    ``n`` tokens, for the largest ``n`` in [min_n, max_n] that occurs; [] when none does."""
+    ``n`` tokens, for the largest ``n`` in [min_n, max_n] that occurs; [] when none does.
+    (A search of the whole context: the reference ``NgramIndex`` is tested against.)"""
     if k < 1 or len(tokens) <= min_n:
         return []
     context = np.asarray(tokens, np.int64)
