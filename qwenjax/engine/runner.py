@@ -259,7 +259,8 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.pages_per_seq = config.pages_for(config.max_model_len)
         self.decode_buckets = row_buckets(config.max_num_seqs)
-        # Rows of the largest sampler batch (decode rows, then one per prefill row).
+        # Rows of the largest sampler batch: decode rows, one per prefill row, then the drafted
+        # positions (speculative decoding).
         self.spec_tokens = config.num_speculative_tokens
         # Sampler rows of the drafted positions (k per prefill row) in steps with a prefill part.
         self.drafted_rows = config.max_prefill_seqs * self.spec_tokens
