@@ -49,7 +49,8 @@ class _Base:
         generation_config: "auto" (default) takes the sampling defaults of the model's
         generation_config.json, "builtin" ignores them; override_generation_config: a dict of
         generation_config keys applied on top; speculative_config: n-gram speculative decoding,
-        e.g. {"method": "ngram", "num_speculative_tokens": 4}, off by default)."""
+        e.g. {"method": "ngram", "num_speculative_tokens": 4}, off by default;
+        scheduling_policy: "fcfs" (default) or "priority", for the priority argument)."""
         if isinstance(model, LoadedModel):
             self.lm = model
         else:
@@ -124,17 +125,20 @@ class LLM(_Base):
     _ids = itertools.count()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
         or a list of token-id lists. With ``n`` > 1 a prompt gets n outputs in a row
-        (``.index`` 0 … n-1)."""
-        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm)
+        (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
+        scheduling_policy="priority"): lower values are run first."""
+        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm, priority)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False,
+             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
         """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
+        ``priority`` as in ``generate``.
 
         ``continue_final_message``: the last message is an assistant turn to go on writing (to
         start the answer yourself, e.g. with "{"); ``add_generation_prompt`` (default: unless
@@ -150,7 +154,7 @@ class LLM(_Base):
             raise ValueError(f"got {len(given)} SamplingParams for {len(conversations)} conversations")
         requests = [self._chat_request(c, p, tools, tool_choice, add_generation_prompt,
                                        continue_final_message) for c, p in zip(conversations, given)]
-        return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm)
+        return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False) -> Iterator[RequestOutput]:
@@ -170,17 +174,22 @@ class LLM(_Base):
                 # Pages are freed now; the abort's final output is dropped by the next step().
                 self.engine.abort(request_id)
 
-    def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
+             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
+        priorities = (list(priority) if isinstance(priority, (list, tuple))
+                      else [priority or 0] * len(prompt_ids))
+        if len(priorities) != len(prompt_ids):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompt_ids)} prompts")
         params_list = [p if p is not None else self.engine.default_sampling_params(len(ids))
                        for ids, p in zip(prompt_ids, params_list)]
-        for ids, p in zip(prompt_ids, params_list):  # fail before anything is admitted
-            self.engine.validate(ids, p)
+        for ids, p, rank in zip(prompt_ids, params_list, priorities):  # fail before any is admitted
+            self.engine.validate(ids, p, rank)
         order = {}
-        for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
-            order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}")] = i
+        for i, (ids, p, rank) in enumerate(zip(prompt_ids, params_list, priorities)):
+            order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}", priority=rank)] = i
         # results[prompt][index]: each sequence's last output.
         results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
         bar = None
@@ -220,20 +229,20 @@ class AsyncLLM(_Base):
         self._thread = EngineThread(self.engine)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                 request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                 request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         ids = self._encode(prompt)
         return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
-                                     request_id or uuid.uuid4().hex)
+                                     request_id or uuid.uuid4().hex, priority)
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
-             continue_final_message: bool = False) -> AsyncIterator[RequestOutput]:
-        """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt`` and
-        ``continue_final_message`` as in ``LLM.chat``."""
+             continue_final_message: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt``,
+        ``continue_final_message`` and ``priority`` as in ``LLM.chat``."""
         ids, params = self._chat_request(messages, params, tools, tool_choice,
                                          add_generation_prompt, continue_final_message)
-        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex)
+        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex, priority)
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

@@ -67,6 +67,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="wait for each step's tokens before scheduling the next (default: the "
                              "next step is scheduled and dispatched while the device runs this one)")
+    engine.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                        help="fcfs: arrival order; priority: GenerateRequest.priority, lower first, "
+                             "and preemption takes the newest request of the lowest priority")
     engine.add_argument("--speculative-config", type=parse_json_object, default=None, metavar="JSON",
                         help="speculative decoding with n-gram drafts from each request's context, as "
                              "vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
@@ -184,7 +187,8 @@ def build_engine(args):
                           async_scheduling=args.async_scheduling, compile_workers=args.compile_workers,
                           generation_config=args.generation_config,
                           override_generation_config=args.override_generation_config,
-                          speculative_config=args.speculative_config, **options)
+                          speculative_config=args.speculative_config,
+                          scheduling_policy=args.scheduling_policy, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
     before = _cache_entries(cache)

@@ -173,7 +173,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # Unset fields take the model's defaults; an unset max_tokens fits the prompt's room.
             params = engine_thread.engine.sampling_params(fields, len(prompt_ids))
             prompt_ids = engine_thread.engine.truncated(prompt_ids, params)
-            engine_thread.engine.validate(prompt_ids, params)
+            engine_thread.engine.validate(prompt_ids, params, request.priority)
         except ValueError as error:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), generate=True)
         client_id = request.request_id
@@ -200,7 +200,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             lambda _: state["final"] is None and engine_thread.abort(engine_id))
         failure = None
         try:
-            stream = engine_thread.generate(prompt_ids, params, engine_id)
+            stream = engine_thread.generate(prompt_ids, params, engine_id, request.priority)
             # aclosing: if this handler is cancelled while suspended at its own yield, the engine
             # stream is closed (and the request aborted) now, not whenever it is garbage-collected.
             async with contextlib.aclosing(stream) as outputs:

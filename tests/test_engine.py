@@ -570,3 +570,42 @@ def test_speculative_decoding_under_a_grammar_gives_the_plain_outputs(tiny_dir, 
         assert spec[i].token_ids == plain[i].token_ids, i
         assert len(plain[i].token_ids) == 20 and plain[i].finish_reason == "stop"
         assert all(t % 2 == 0 for t in plain[i].token_ids)
+
+
+def test_priority_scheduling_admits_and_keeps_the_lowest_values_first(tiny_dir):
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    config = EngineConfig(**{**SMALL, "max_num_seqs": 2, "max_model_len": 256}, num_pages=40,
+                          scheduling_policy="priority")
+    engine = Engine(lm, config, warm_up=False)
+    preempted, preempt = [], engine.scheduler._preempt
+
+    def watched(request):  # the victim, and the priorities of those it left running
+        preempted.append((request.priority, [r.priority for r in engine.scheduler.running if r is not request]))
+        preempt(request)
+
+    engine.scheduler._preempt = watched
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, 150).tolist() for _ in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ranks = {engine.add_request(p, params, priority=rank): rank for p, rank in zip(prompts, (5, 4, 3, 2, 1, 0))}
+    finished_at, outputs, step = {}, {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished_at[ranks[out.request_id]] = step
+                outputs[ranks[out.request_id]] = out.token_ids
+        engine.check()
+        step += 1
+    # Admitted two at a time in priority order (the last added first), so they end in that order.
+    assert [finished_at[r] for r in range(6)] == sorted(finished_at.values())
+    assert finished_at[1] < finished_at[2] and finished_at[3] < finished_at[4]
+    assert preempted and all(rank >= max(others, default=rank) for rank, others in preempted)
+    reference = GreedyGenerator(lm)
+    for prompt, rank in zip(prompts, (5, 4, 3, 2, 1, 0)):
+        assert outputs[rank] == reference.generate([prompt], 40)[0], rank
+
+    fcfs = Engine(lm, EngineConfig(**SMALL), warm_up=False)
+    with pytest.raises(ValueError, match="priority is 3.*scheduling_policy='priority'"):
+        fcfs.add_request([1, 2, 3], params, priority=3)
+    with pytest.raises(ValueError, match="scheduling_policy must be"):
+        Engine(lm, EngineConfig(**SMALL, scheduling_policy="lifo"), warm_up=False)

@@ -990,3 +990,9 @@ def test_engine_tallies_are_exported_when_scraped():
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
     assert samples(ServerMetrics(lambda: None))["qwenjax:spec_decode_num_drafts_total"] == 0
+
+
+def test_priority_needs_the_priority_policy(stub):
+    code, details = code_of(stub.Generate(pb.GenerateRequest(text="x", priority=2, sampling=greedy(1)),
+                                          timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "priority" in details

@@ -53,11 +53,11 @@ class EngineThread:
 
     # ---- called from any thread ------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them; leaving early aborts it."""
-        self.engine.validate(prompt_ids, params)  # raise in the caller, before anything is queued
+        self.engine.validate(prompt_ids, params, priority)  # raise here, before anything is queued
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(("add", request_id, list(prompt_ids), params, subscriber))
+        self._commands.put(("add", request_id, list(prompt_ids), params, subscriber, priority))
         finished = False
         try:
             while True:
@@ -96,7 +96,7 @@ class EngineThread:
     def _handle(self, command) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_ids, params, subscriber = command
+            _, request_id, prompt_ids, params, subscriber, priority = command
             if request_id in self._subscribers:
                 # Never replace a live subscriber: its client would wait forever.
                 error = ValueError(f"request_id {request_id!r} is already in use")
@@ -104,7 +104,7 @@ class EngineThread:
                 return
             self._subscribers[request_id] = subscriber
             try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id)
+                self.engine.add_request(prompt_ids, params, request_id=request_id, priority=priority)
             except Exception as error:  # e.g. a duplicate id: only this request fails
                 self._publish(request_id, error)
         elif kind == "abort":

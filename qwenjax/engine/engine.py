@@ -66,6 +66,9 @@ class EngineConfig:
     # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
     # "disable_by_batch_size": None}; None: off.
     speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
+    # "fcfs" (arrival order) or "priority": add_request's priority, lower first; preemption
+    # takes the newest request of the lowest priority (vLLM's --scheduling-policy).
+    scheduling_policy: str = "fcfs"
 
 
 @dataclasses.dataclass
@@ -122,7 +125,7 @@ class Engine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),
             max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
-            max_model_len=max_model_len, **spec_fields)
+            max_model_len=max_model_len, policy=config.scheduling_policy, **spec_fields)
         self.spec_stats = SpecDecodeStats()
         self.config = config
         source = pathlib.Path(lm.source)  # a preset name for random weights: no file to read
@@ -204,10 +207,15 @@ class Engine:
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
-    def validate(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError naming the problem; nothing is admitted."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an int, got {priority!r}")
+        if priority != 0 and self.scheduler_config.policy != "priority":
+            raise ValueError(f"priority is {priority}, but the engine schedules first come, first "
+                             f"served; start it with scheduling_policy='priority'")
         if len(prompt_ids) == 0:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.lm.config.vocab_size
@@ -229,10 +237,11 @@ class Engine:
                              f"(the last sampled token needs no KV slot)")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a request; ``priority`` (scheduling_policy "priority"): lower runs first."""
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         prompt_ids = self.truncated(prompt_ids, params)
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, priority)
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
@@ -249,7 +258,8 @@ class Engine:
             if used in self._requests or used in self._groups:
                 raise ValueError(f"request_id {used!r} is already in use")
         if params.n == 1:
-            self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher)
+            self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher,
+                      priority=int(priority))
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -260,7 +270,8 @@ class Engine:
                                         prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
                                 leader=leader, bad_words_ids=bad_words_ids,
-                                matcher=matcher.copy() if matcher is not None else None)
+                                matcher=matcher.copy() if matcher is not None else None,
+                                priority=int(priority))
             leader = leader or request
         return request_id
 

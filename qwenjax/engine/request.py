@@ -53,6 +53,8 @@ class Request:
     # found in its n-gram index (a speculative.NgramIndex, made by the scheduler).
     speculate: bool = False
     ngrams: Any = dataclasses.field(default=None, repr=False)
+    # Scheduling policy "priority": lower values are admitted, and kept, first (vLLM's).
+    priority: int = 0
 
     @property
     def prompt_logprobs_done(self) -> bool:

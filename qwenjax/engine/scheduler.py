@@ -7,7 +7,10 @@ waiting ones in arrival order (FCFS), granting each up to ``prefill_chunk``
 tokens within ``max_num_batched_tokens``. A request granted exactly one token
 goes to the decode part of the step, others to the prefill part. When the page
 pool runs dry, the newest running request is preempted: its pages are freed and
-it waits again at the head of the queue, to be recomputed later.
+it waits again at the head of the queue, to be recomputed later. With the
+"priority" policy (vLLM's), both queues are kept in (priority, arrival) order
+instead: lower ``Request.priority`` values are admitted and scheduled first, and
+the preempted request is the newest of the lowest priority.
 
 With a ``PrefixCache``, a request being admitted first takes the longest run of
 its full pages that is already cached (sharing those pages) and is granted
@@ -55,8 +58,12 @@ class SchedulerConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     spec_disable_by_batch_size: int = 0  # no drafts while more requests run (0: always draft)
+    # "fcfs": arrival order; "priority": lower Request.priority first, then arrival (vLLM's).
+    policy: str = "fcfs"
 
     def __post_init__(self):
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.policy!r}")
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be an int ≥ 0, got {self.num_speculative_tokens!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_prefill_seqs",
@@ -124,7 +131,23 @@ class Scheduler:
 
     # ---- admission and removal ------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        if self.config.policy == "priority":
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.append(request)
+
+    @staticmethod
+    def _rank(request: Request) -> tuple:
+        return request.priority, request.arrival_time
+
+    def _insert(self, queue, request: Request) -> None:
+        """Priority policy: into ``queue`` (waiting or running) in (priority, arrival) order."""
+        rank = self._rank(request)
+        for i, other in enumerate(queue):
+            if rank < self._rank(other):
+                queue.insert(i, request)
+                return
+        queue.append(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -161,7 +184,10 @@ class Scheduler:
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.config.policy == "priority":
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.appendleft(request)
 
     def preempt_all(self) -> None:
         """Send every running request back to the queue (its K/V are lost, e.g. after a failed step)."""
@@ -245,7 +271,10 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.stats.queries += request.num_tokens
                 self.prefix_cache.stats.hits += cached
-            self.running.append(request)
+            if cfg.policy == "priority":  # kept in rank order: the last is preempted first
+                self._insert(self.running, request)
+            else:
+                self.running.append(request)
             chunk = ScheduledChunk(request, cached, n)
             (out.decode if n == 1 else out.prefill).append(chunk)
             budget -= n
