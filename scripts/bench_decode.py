@@ -68,6 +68,22 @@ def sampling_batch(batch: int, mode: str, ctx: int = 0, vocab: int = 0):
     return jax.tree.map(jnp.asarray, build_sampling_batch(rows, batch))
 
 
+def time_steps(step_loop, weights, cache, tokens, steps: int, reps: int) -> tuple[float, object, object]:
+    """Median seconds per step of ``step_loop(weights, cache, tokens) → (cache, out)`` (``steps``
+    steps in one call), compiled with the cache donated as serving does; after one untimed call
+    (compile + warm-up). Returns (seconds, the run, the cache after the last call)."""
+    run = jax.jit(step_loop, donate_argnums=(1,))
+    cache, _ = run(weights, cache, tokens)
+    jax.block_until_ready(cache)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        cache, out = run(weights, cache, tokens)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) / steps, run, cache
+
+
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
                 dtype, reps: int, sampling: str = "chat", profile: str | None = None) -> dict:
     pages_per_seq = -(-(ctx + steps) // page_size)
@@ -88,18 +104,8 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
 
         return jax.lax.fori_loop(0, steps, step, (cache, tokens))
 
-    # Donating the cache lets the steps update the pools in place, as serving does.
-    run = jax.jit(decode, donate_argnums=(1,))
     tokens = jnp.zeros((batch, 1), jnp.int32)
-    cache, _ = run(weights, cache, tokens)  # compile + warm-up
-    jax.block_until_ready(cache)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        cache, out = run(weights, cache, tokens)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-    seconds = float(np.median(times)) / steps
+    seconds, run, cache = time_steps(decode, weights, cache, tokens, steps, reps)
     itemsize = jnp.dtype(dtype).itemsize
     weight_bytes = shard.param_count() * itemsize
     kv_bytes = batch * (ctx + steps / 2) * shard.kv_bytes_per_token(jnp.dtype(dtype).name)
@@ -141,16 +147,7 @@ def bench_verify(model: Model, weights, shard, batch: int, ctx: int, k: int, ste
 
         return jax.lax.fori_loop(0, steps, step, (cache, chunk.tokens))
 
-    run = jax.jit(verify, donate_argnums=(1,))
-    cache, _ = run(weights, cache, chunk.tokens)  # compile + warm-up
-    jax.block_until_ready(cache)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        cache, out = run(weights, cache, chunk.tokens)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / steps
+    return time_steps(verify, weights, cache, chunk.tokens, steps, reps)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
