@@ -30,7 +30,7 @@ device reads from N's outputs; a request whose in-flight tokens reach its
 flight; pages are indexed in the prefix cache only once their tokens are known.
 
 Speculative decoding (``num_speculative_tokens`` > 0): a decoding request that
-speculates gets n-gram drafts (``speculative.propose_ngram``) and becomes a prefill
+speculates gets n-gram drafts (its ``speculative.NgramIndex``) and becomes a prefill
 chunk of its last token and the drafts, while a prefill row, budget and free pages
 allow; its ``num_computed`` then counts the drafts only once they are accepted.
 """
@@ -64,8 +64,10 @@ class SchedulerConfig:
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be an int ≥ 0, got {self.num_speculative_tokens!r}")
+        for name in ("num_speculative_tokens", "spec_disable_by_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk", "max_prefill_seqs",
                      "page_size", "max_model_len", "prompt_lookup_min", "prompt_lookup_max"):
             value = getattr(self, name)
@@ -131,20 +133,20 @@ class Scheduler:
 
     # ---- admission and removal ------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if self.config.policy == "priority":
-            self._insert(self.waiting, request)
-        else:
-            self.waiting.append(request)
+        self._put(self.waiting, request)
 
-    @staticmethod
-    def _rank(request: Request) -> tuple:
-        return request.priority, request.arrival_time
-
-    def _insert(self, queue, request: Request) -> None:
-        """Priority policy: into ``queue`` (waiting or running) in (priority, arrival) order."""
-        rank = self._rank(request)
+    def _put(self, queue, request: Request, front: bool = False) -> None:
+        """Into ``queue`` (waiting or running): at its end, or its front (a preempted request,
+        first come first served); with the priority policy, in (priority, arrival) order."""
+        if self.config.policy != "priority":
+            if front:
+                queue.appendleft(request)
+            else:
+                queue.append(request)
+            return
+        rank = (request.priority, request.arrival_time)
         for i, other in enumerate(queue):
-            if rank < self._rank(other):
+            if rank < (other.priority, other.arrival_time):
                 queue.insert(i, request)
                 return
         queue.append(request)
@@ -184,10 +186,7 @@ class Scheduler:
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        if self.config.policy == "priority":
-            self._insert(self.waiting, request)
-        else:
-            self.waiting.appendleft(request)
+        self._put(self.waiting, request, front=True)
 
     def preempt_all(self) -> None:
         """Send every running request back to the queue (its K/V are lost, e.g. after a failed step)."""
@@ -271,10 +270,7 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.stats.queries += request.num_tokens
                 self.prefix_cache.stats.hits += cached
-            if cfg.policy == "priority":  # kept in rank order: the last is preempted first
-                self._insert(self.running, request)
-            else:
-                self.running.append(request)
+            self._put(self.running, request)  # priority: in rank order, the last preempted first
             chunk = ScheduledChunk(request, cached, n)
             (out.decode if n == 1 else out.prefill).append(chunk)
             budget -= n
