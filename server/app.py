@@ -28,7 +28,8 @@ from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
 from server.metrics import ServerMetrics
-from server.servicer import Admission, InferenceServicer, model_name
+from server.gateway import Admission, Gateway
+from server.servicer import InferenceServicer, model_name
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ class ServerConfig:
 class InferenceServer:
     def __init__(self, config: ServerConfig = ServerConfig()):
         self.config = config
-        self.metrics = ServerMetrics(lambda: self.servicer.engine, lambda: self.servicer.in_flight)
-        self.servicer = InferenceServicer(Admission(config.max_queue, config.max_queued_tokens),
-                                          self.metrics, config.max_request_bytes)
+        self.metrics = ServerMetrics(lambda: self.gateway.engine, lambda: self.gateway.in_flight)
+        self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
+        self.servicer = InferenceServicer(self.gateway, config.max_request_bytes)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None
@@ -117,8 +118,8 @@ class InferenceServer:
 
     async def attach(self, engine_thread) -> None:
         """Serve ``engine_thread`` (an EngineThread over a warmed-up engine): health goes SERVING."""
-        self.servicer.engine_thread = engine_thread
-        if not self.servicer.draining:
+        self.gateway.engine_thread = engine_thread
+        if not self.gateway.draining:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.step_timeout and self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch_steps(engine_thread))
@@ -139,17 +140,17 @@ class InferenceServer:
             elif seconds <= timeout and self.stalled:
                 self.stalled = False
                 log.warning("the engine step that ran past step_timeout has ended")
-                if not self.servicer.draining:
+                if not self.gateway.draining:
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Refuse new work (UNAVAILABLE, health NOT_SERVING) and wait for in-flight requests.
 
         True when all finished within ``timeout`` seconds (default: the config's)."""
-        self.servicer.draining = True
+        self.gateway.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         timeout = self.config.drain_timeout if timeout is None else timeout
-        return await self.servicer.wait_idle(timeout)
+        return await self.gateway.wait_idle(timeout)
 
     async def stop(self, grace: float | None = 0.0) -> None:
         """Close the port; calls still running after ``grace`` seconds are cancelled (and aborted)."""
@@ -163,7 +164,7 @@ class InferenceServer:
 
     def describe(self) -> str:
         """The start-up log line: model, mesh, dtype, warm-up time, addresses."""
-        engine = self.servicer.engine
+        engine = self.gateway.engine
         lm = engine.lm
         mesh = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
         metrics = f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off"

@@ -272,12 +272,12 @@ async def serve(args) -> int:
     log.info("%s", server.describe())
 
     await stopped
-    log.info("draining: %d requests in flight, up to %.0fs", server.servicer.in_flight,
+    log.info("draining: %d requests in flight, up to %.0fs", server.gateway.in_flight,
              server.config.drain_timeout)
     if await server.drain():
         log.info("drained; stopping")
     else:
-        log.warning("drain timeout: cancelling %d requests still running", server.servicer.in_flight)
+        log.warning("drain timeout: cancelling %d requests still running", server.gateway.in_flight)
     await server.stop(grace=1.0)
     engine_thread.shutdown()
     from qwenjax import multihost

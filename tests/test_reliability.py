@@ -295,7 +295,7 @@ def test_faults_answer_internal_only_for_their_requests_and_the_server_keeps_ser
         code, details = code_of(stub.Generate(generate(a * 20, 30), timeout=60))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens is 30" in details
 
-    wait_until(lambda: server.servicer.in_flight == 0, 5.0)
+    wait_until(lambda: server.gateway.in_flight == 0, 5.0)
     metrics = scrape(server.metrics_port)
     assert metrics['qwenjax:requests_total{finish_reason="error"}'] == 2
     assert metrics["qwenjax:kv_pages_used"] == 0 and metrics["qwenjax:requests_in_flight"] == 0

@@ -170,7 +170,7 @@ def test_32_concurrent_streams_match_the_greedy_reference(model, served):
         assert 0 < complete.timing.ttft_ms <= complete.timing.e2e_ms
 
     # A client sees Complete just before its handler's bookkeeping runs.
-    wait_until(lambda: served.servicer.in_flight == 0, 5.0)
+    wait_until(lambda: served.gateway.in_flight == 0, 5.0)
     after = scrape(served.metrics_port)
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     finished = sum(delta(f'qwenjax:requests_total{{finish_reason="{r}"}}') for r in ("stop", "length"))
@@ -198,7 +198,7 @@ def test_prefix_cache_reuse_shows_in_usage_and_metrics(model, served, stub):
     before = scrape(served.metrics_port)
     results = [collect(stub.Generate(pb.GenerateRequest(text=p, sampling=greedy(4)), timeout=120))
                for p in prompts]
-    wait_until(lambda: served.servicer.in_flight == 0, 5.0)
+    wait_until(lambda: served.gateway.in_flight == 0, 5.0)
     after = scrape(served.metrics_port)
     assert [r[0] for r in results] == reference
     page = ENGINE["page_size"]
@@ -391,8 +391,8 @@ def test_200_random_cancels_and_deadlines_leak_no_page(model, served):
     wait_engine_idle(engine, timeout=2.0)
     engine.check()  # the engine is idle: its state is safe to read from here
     assert engine.allocator.num_free == engine.allocator.num_pages
-    wait_until(lambda: served.servicer.in_flight == 0, 5.0)
-    assert served.servicer.admission.queued == 0 and served.servicer.admission.queued_tokens == 0
+    wait_until(lambda: served.gateway.in_flight == 0, 5.0)
+    assert served.gateway.admission.queued == 0 and served.gateway.admission.queued_tokens == 0
     metrics = scrape(served.metrics_port)
     assert metrics["qwenjax:kv_pages_used"] == 0 and metrics["qwenjax:requests_waiting"] == 0
 
@@ -872,7 +872,7 @@ def test_drain_refuses_new_calls_and_stop_aborts_what_is_left(model, loop, start
         code, _ = code_of(lambda: stub.Tokenize(pb.TokenizeRequest(text="x"), timeout=10))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert draining.result(10) is False  # 400 tokens do not fit in a 0.5 s drain
-        assert server.servicer.in_flight == 1
+        assert server.gateway.in_flight == 1
         loop.run(server.stop(grace=0.0))  # what the CLI does after the drain timeout
         code, _ = code_of(call)
         assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

@@ -1,0 +1,263 @@
+"""What the front ends of one server share: admission, request ids, the in-flight count,
+draining and metrics, and the one path from a tokenized request to engine outputs.
+
+The gRPC servicer (``server.servicer``) and the OpenAI-compatible HTTP API
+(``server.openai_api``) both run requests through a ``Gateway``, so ``--max-queue``,
+``--max-queued-tokens``, the drain on SIGTERM and the metrics count all of a server's
+requests together, whichever protocol brought them.
+
+Everything here runs on the server's asyncio loop; the loop is single-threaded, so the
+counts and the request-id table need no lock. A refusal is a ``Refused`` carrying a gRPC
+status code; the HTTP API maps the code onto an HTTP status.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import grpc
+import jinja2
+
+from qwenjax.engine.request import RequestOutput
+from qwenjax.sampling import SamplingParams
+from server.metrics import ServerMetrics
+
+# Inputs longer than this (characters) are tokenized on a worker thread so a large prompt does
+# not stall every other stream on the loop; smaller ones cost less than the thread hop.
+_OFFLOAD_CHARS = 16_384
+
+
+class Refused(Exception):
+    """A request the server will not run (or could not finish): a status and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Admission:
+    """Requests this server admitted that have not streamed a token yet, and their prompt tokens.
+
+    Counted on the loop rather than read from ``scheduler.waiting``: a burst of calls is
+    admitted before the engine thread has moved any of them from its command queue into
+    the scheduler, so the scheduler's count would let the whole burst through. Counting
+    until the first token also covers requests in prefill, the work that a new request
+    waits behind before its own first token. A limit of 0 turns that check off.
+    """
+
+    def __init__(self, max_queue: int, max_queued_tokens: int):
+        self.max_queue = max_queue
+        self.max_queued_tokens = max_queued_tokens
+        self.queued = 0
+        self.queued_tokens = 0
+
+    def admit(self, num_tokens: int) -> str | None:
+        """Count the request in and return None, or return why it is refused."""
+        if self.max_queue and self.queued >= self.max_queue:
+            return (f"{self.queued} requests are waiting for their first token; the limit is "
+                    f"{self.max_queue} (--max-queue); retry with backoff")
+        if self.max_queued_tokens and self.queued_tokens >= self.max_queued_tokens:
+            return (f"{self.queued_tokens} prompt tokens are waiting; the limit is "
+                    f"{self.max_queued_tokens} (--max-queued-tokens); retry with backoff")
+        self.queued += 1
+        self.queued_tokens += num_tokens
+        return None
+
+    def release(self, num_tokens: int) -> None:
+        self.queued -= 1
+        self.queued_tokens -= num_tokens
+
+
+class Call:
+    """One admitted request: iterate ``outputs()`` for its engine outputs. ``ttft_s`` and
+    ``elapsed_s`` time it from admission (what the Complete message and metrics report)."""
+
+    def __init__(self, gateway: Gateway, prompt_ids: list[int], params: SamplingParams,
+                 priority: int, client_id: str):
+        self.gateway = gateway
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.priority = priority
+        self.client_id = client_id
+        # Engine ids are never reused: an abort's final output for an old request must not reach
+        # a newer request that a client gave the same request_id.
+        self.engine_id = uuid.uuid4().hex
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.finished = False
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first is None else self.first - self.start
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.start
+
+    def abort(self) -> None:
+        """Stop the request if it is still running (a client went away)."""
+        if not self.finished:
+            self.gateway.engine_thread.abort(self.engine_id)
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; raises Refused if admission refuses it or the engine fails it.
+        Closing this early aborts the request and frees its pages."""
+        gateway, engine_thread = self.gateway, self.gateway.engine_thread
+        metrics = gateway.metrics
+        if self.client_id and self.client_id in gateway._active:
+            raise gateway.refuse(grpc.StatusCode.ALREADY_EXISTS,
+                                 f"request_id {self.client_id!r} names a request still running")
+        num_prompt = len(self.prompt_ids)
+        queued_tokens = num_prompt * self.params.n  # n sequences each prefill the prompt
+        refusal = gateway.admission.admit(queued_tokens)
+        if refusal is not None:
+            raise gateway.refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+        if self.client_id:
+            gateway._active[self.client_id] = self.engine_id
+        gateway._enter()
+        metrics.prompt_tokens.inc(num_prompt)
+        self.start = time.monotonic()
+        queued, reason = True, None
+        try:
+            stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority)
+            # aclosing: if the caller stops iterating (a cancelled handler), the engine stream is
+            # closed (and the request aborted) now, not whenever it is garbage-collected.
+            async with contextlib.aclosing(stream) as outputs:
+                async for output in outputs:
+                    if queued:
+                        queued = False
+                        gateway.admission.release(queued_tokens)
+                    if output.delta_token_ids:
+                        if self.first is None:
+                            self.first = time.monotonic()
+                            metrics.ttft.observe(self.first - self.start)
+                        metrics.generation_tokens.inc(len(output.delta_token_ids))
+                    if output.finished:
+                        self.finished = True
+                        reason = output.finish_reason
+                    if output.finish_reason == "error":  # any sequence: the call fails
+                        self.finished, reason = True, "error"
+                        raise Refused(grpc.StatusCode.INTERNAL, f"the engine step running this "
+                                      f"request failed ({output.error}); the server is still "
+                                      "serving, retry")
+                    yield output
+        except ValueError as error:  # the engine thread refused to add it
+            reason = "error"
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        except (Refused, GeneratorExit, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001 - the engine loop itself broke
+            reason = "error"
+            raise Refused(grpc.StatusCode.INTERNAL,
+                          f"engine failure: {type(error).__name__}: {error}") from error
+        finally:
+            if queued:
+                gateway.admission.release(queued_tokens)
+            metrics.requests.labels(reason or "abort").inc()
+            metrics.e2e.observe(time.monotonic() - self.start)
+            if self.client_id and gateway._active.get(self.client_id) == self.engine_id:
+                del gateway._active[self.client_id]
+            gateway._leave()
+
+
+class Gateway:
+    def __init__(self, admission: Admission, metrics: ServerMetrics):
+        self.admission = admission
+        self.metrics = metrics
+        self.engine_thread = None   # qwenjax.engine.async_engine.EngineThread, once the model is up
+        self.draining = False
+        self._active: dict[str, str] = {}  # client request_id → engine request id
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def engine(self):
+        return self.engine_thread.engine if self.engine_thread is not None else None
+
+    @property
+    def in_flight(self) -> int:
+        """Admitted requests not yet answered, over every front end."""
+        return self._in_flight
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight; False if ``timeout`` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def refuse(self, code: grpc.StatusCode, message: str, *, generate: bool = True) -> Refused:
+        """A Refused to raise; a refused generation request is counted by its code."""
+        if generate:
+            self.metrics.rejected.labels(code.name).inc()
+        return Refused(code, message)
+
+    def require_engine(self, *, admitting: bool = True, generate: bool = False):
+        """The EngineThread; raises Refused(UNAVAILABLE) while loading or draining."""
+        if self.engine_thread is None:
+            raise self.refuse(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry "
+                              "once health reports SERVING", generate=generate)
+        if admitting and self.draining:
+            raise self.refuse(grpc.StatusCode.UNAVAILABLE, "the server is draining before "
+                              "shutdown; retry on another replica", generate=generate)
+        return self.engine_thread
+
+    async def encode(self, *, text: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     add_generation_prompt: bool = True, continue_final_message: bool = False,
+                     ) -> list[int]:
+        """Token ids of ``text``, or of ``messages`` rendered by the chat template with ``tools``
+        offered. Raises ValueError naming the problem."""
+        tokenizer = self.engine.tokenizer
+        which = "text" if text is not None else "messages"
+        if tokenizer is None:
+            raise ValueError(f"{which}: this model has no tokenizer (random-weight preset); "
+                             "send token ids")
+        if text is not None:
+            encode, arg, size = tokenizer.encode, text, len(text)
+        else:
+            encode = functools.partial(tokenizer.encode_chat, tools=tools,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message)
+            arg = messages
+            size = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping))
+        try:
+            if size > _OFFLOAD_CHARS:
+                return await asyncio.to_thread(encode, arg)
+            return encode(arg)
+        except jinja2.TemplateError as error:  # the chat template's own raise_exception
+            raise ValueError(f"messages: the chat template refused them: {error}") from None
+
+    def prepare(self, fields: Mapping[str, Any], prompt_ids: Sequence[int],
+                priority: int = 0) -> tuple[list[int], SamplingParams]:
+        """(prompt as it runs, SamplingParams): unset fields take the model's defaults, an unset
+        max_tokens fits the prompt's room, truncate_prompt_tokens applied. Raises ValueError."""
+        engine = self.engine
+        params = engine.sampling_params(fields, len(prompt_ids))
+        prompt_ids = list(engine.truncated(prompt_ids, params))
+        engine.validate(prompt_ids, params, priority)
+        return prompt_ids, params
+
+    def call(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0,
+             client_id: str = "") -> Call:
+        return Call(self, list(prompt_ids), params, priority, client_id)
+
+    def active(self, client_id: str) -> str | None:
+        """The engine id of the running request a client named ``client_id``."""
+        return self._active.get(client_id)
