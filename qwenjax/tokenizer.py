@@ -16,6 +16,17 @@ from tokenizers import Tokenizer as HFTokenizer
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2, Qwen2) writes each byte as one printable character: printable
+    Latin-1 bytes as themselves, the other 68 as U+0100 onwards. Character → byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class Tokenizer:
     """A `tokenizers` tokenizer plus the special ids and chat template from the model directory."""
 
@@ -106,6 +117,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (b"" for an id outside the vocabulary). A
+        byte-level BPE token may hold part of a UTF-8 character, which ``decode`` of that token
+        alone cannot show; special tokens are their text."""
+        piece = self._tokenizer.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        try:
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # not byte-level text (an added token with other characters)
+            return piece.encode()
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
@@ -131,7 +154,7 @@ class Tokenizer:
             # transformers leaves unset special tokens undefined, which renders as "".
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
-            tools=_check_tools(tools) if tools else None,
+            tools=check_tools(tools) if tools else None,
         )
         if continue_final_message:  # cut what the template put after the final content
             text = text[: text.rindex(messages[-1]["content"]) + len(messages[-1]["content"])]
@@ -229,7 +252,7 @@ def _template_message(message: Mapping[str, Any]) -> dict[str, Any]:
     return message
 
 
-def _check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def check_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI-style tool definitions ({"type": "function", "function": {"name", "description",
     "parameters"}}; a bare {"name", ...} is taken as the function), as templates render them."""
     if isinstance(tools, (str, bytes)) or not isinstance(tools, Sequence):

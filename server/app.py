@@ -1,4 +1,5 @@
-"""One gRPC server: Inference + Health + reflection (+ metrics over HTTP), and its lifecycle.
+"""One server: gRPC Inference + Health + reflection, the OpenAI-compatible HTTP API, metrics;
+and their lifecycle.
 
     server = InferenceServer(ServerConfig(port=0))
     await server.start()                 # listening; health NOT_SERVING, Inference UNAVAILABLE
@@ -18,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import pathlib
+import ssl
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +43,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051                 # 0: any free port (see InferenceServer.port)
     metrics_port: int | None = 9400   # None: no metrics endpoint; 0: any free port
+    # The OpenAI-compatible HTTP API (server.openai_api) on host:http_port. None: off; 0: any free
+    # port. It shares admission, drain, auth, TLS and metrics with the gRPC server.
+    http_port: int | None = None
+    served_model_names: tuple[str, ...] = ()  # names the HTTP API answers to (default: the model's)
     max_queue: int = 256              # requests admitted but without a first token; 0 = no limit
     max_queued_tokens: int = 262_144  # prompt tokens of those; 0 = no limit
     # Larger requests get INVALID_ARGUMENT naming this limit. The transport refuses messages
@@ -78,8 +84,10 @@ class InferenceServer:
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None
         self.stalled = False  # a step has run past config.step_timeout
+        self.http = None              # server.openai_api.OpenAIServer, when http_port is set
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -115,6 +123,25 @@ class InferenceServer:
         await server.start()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        if config.http_port is not None:
+            await self._start_http()
+
+    async def _start_http(self) -> None:
+        from server.openai_api import OpenAIServer
+
+        config = self.config
+        context = None
+        if config.tls_cert is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        self.http = OpenAIServer(self.gateway, self.metrics.registry, self.serving,
+                                 api_token=config.api_token, max_request_bytes=config.max_request_bytes,
+                                 served_model_names=config.served_model_names)
+        self.http_port = await self.http.start(config.host, config.http_port, context)
+
+    def serving(self) -> bool:
+        """What health reports: SERVING once attached, until a drain or a stalled step."""
+        return self.gateway.engine_thread is not None and not self.gateway.draining and not self.stalled
 
     async def attach(self, engine_thread) -> None:
         """Serve ``engine_thread`` (an EngineThread over a warmed-up engine): health goes SERVING."""
@@ -157,6 +184,9 @@ class InferenceServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -168,9 +198,11 @@ class InferenceServer:
         lm = engine.lm
         mesh = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
         metrics = f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off"
+        scheme = "https" if self.config.tls_cert else "http"
+        http = f"{scheme}://{self.config.host}:{self.http_port}/v1" if self.http_port else "off"
         return (f"serving {model_name(lm.source)} mesh({mesh}) dtype={lm.dtype} "
                 f"max_context={engine.max_model_len} kv_pages={engine.allocator.num_pages} "
                 f"warm-up={engine.warm_up_seconds:.1f}s on {self.address} "
                 f"tls={'on' if self.config.tls_cert else 'off'} "
-                f"auth={'on' if self.config.api_token else 'off'} metrics={metrics}; "
+                f"auth={'on' if self.config.api_token else 'off'} openai-api={http} metrics={metrics}; "
                 f"{describe_defaults(engine.sampling_defaults)}")

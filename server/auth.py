@@ -16,13 +16,24 @@ OPEN_METHOD_PREFIXES = (
 )
 
 
+def bearer_token(value: str | bytes | None) -> bytes | None:
+    """The token of an ``authorization`` value "Bearer <token>" (gRPC metadata or HTTP header)."""
+    if value is None:
+        return None
+    value = value.decode() if isinstance(value, bytes) else value
+    scheme, _, token = value.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def token_matches(presented: bytes, expected: bytes) -> bool:
+    # Constant-time comparison: the time a wrong token takes must not leak its prefix.
+    return hmac.compare_digest(presented, expected)
+
+
 def _presented_token(metadata) -> bytes | None:
     for key, value in metadata or ():
         if key == "authorization":
-            value = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = value.partition(" ")
-            if scheme.lower() == "bearer" and token:
-                return token.strip().encode()
+            return bearer_token(value)
     return None
 
 
@@ -56,7 +67,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         presented = _presented_token(handler_call_details.invocation_metadata)
         if presented is None:
             return _denying(handler, "missing 'authorization: Bearer <token>' metadata")
-        # Constant-time comparison: the time a wrong token takes must not leak its prefix.
-        if not hmac.compare_digest(presented, self._token):
+        if not token_matches(presented, self._token):
             return _denying(handler, "wrong bearer token")
         return handler

@@ -88,6 +88,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     net.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    net.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                          "/v1/models, …) on --host (0: off)")
+    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="model name(s) the HTTP API answers to; the first is reported (default: "
+                          "the model directory's name)")
     net.add_argument("--metrics-port", type=int, default=9400,
                      help="Prometheus /metrics HTTP port on --host (0: off)")
     net.add_argument("--max-queue", type=int, default=256,
@@ -133,6 +139,7 @@ def server_config(args):
 
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port or None,
+        http_port=args.http_port or None, served_model_names=tuple(args.served_model_name or ()),
         max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
         max_request_bytes=args.max_request_bytes,
         api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
@@ -248,6 +255,9 @@ async def serve(args) -> int:
     await server.start()
     log.info("listening on %s (health NOT_SERVING until the model is loaded and compiled)",
              server.address)
+    if server.http_port:
+        log.info("OpenAI-compatible API on %s://%s:%d/v1 (503 until the model is loaded)",
+                 "https" if server.config.tls_cert else "http", server.config.host, server.http_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

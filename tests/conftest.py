@@ -31,3 +31,35 @@ def tokenizer(real_model_dir):
     from qwenjax.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(real_model_dir)
+
+
+# The real-model engine of the server tests (test_server.py, test_server_openai.py): loaded and
+# warmed up once, served by several servers on one event loop thread.
+@pytest.fixture(scope="session")
+def served_model(real_model_dir):
+    from server_harness import SERVER_DTYPE, SERVER_ENGINE
+
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.loading import load_model
+
+    lm = load_model(real_model_dir, tp=1, dtype=SERVER_DTYPE)
+    engine = Engine(lm, EngineConfig(**SERVER_ENGINE), warm_up=True, progress=False)
+    return lm, engine
+
+
+@pytest.fixture(scope="session")
+def server_loop():
+    from server_harness import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="session")
+def served_engine_thread(served_model):
+    from qwenjax.engine.async_engine import EngineThread
+
+    thread = EngineThread(served_model[1])
+    yield thread
+    thread.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -13,6 +14,22 @@ import urllib.request
 import grpc
 
 from qwenjax_proto.v1 import inference_pb2 as pb
+
+
+# The engine the server test modules share (conftest's served_model): few step shapes, so warm-up
+# compiles 4 decode-only + 5 prefill programs (~40 s cold on 2 cores, ~12 s from the persistent
+# cache); 16-token chunks fit the short prompts used there. float32: bfloat16 was no faster on
+# this CPU, and float32 keeps greedy parity exact.
+SERVER_DTYPE = "float32"
+SERVER_ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, prefill_chunk=16, max_prefill_seqs=1,
+                     page_size=16, max_model_len=512, num_pages=8 * 32)
+
+
+def free_port() -> int:
+    """A port free a moment ago (for a subprocess that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LoopThread:

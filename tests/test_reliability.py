@@ -317,7 +317,8 @@ def test_sigterm_drains_and_the_restart_is_a_warm_start(tmp_path):
     write_hf_checkpoint(tiny_config(max_position_embeddings=1024), directory, seed=4)
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "server", "--model", str(directory), "--dtype", "float32",
-               "--port", "0", "--metrics-port", "0", "--drain-timeout", "60", *RESTART_ENGINE]
+               "--port", "0", "--metrics-port", "0", "--http-port", "0", "--drain-timeout", "60",
+               *RESTART_ENGINE]
 
     def start():
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,

@@ -1,13 +1,15 @@
 """The gRPC server over the real Qwen2.5-Coder-0.5B (float32, CPU), through real loopback channels.
 
-One model, engine and EngineThread serve the module; several servers share them
-(plain, token-protected, TLS, small admission limits). The SIGTERM test runs the
+One model, engine and EngineThread (session fixtures in conftest, shared with
+test_server_openai.py) serve the module; several servers share them (plain,
+token-protected, TLS, small admission limits). The SIGTERM test runs the
 server as a subprocess (``python -m server``) with the same engine shapes, so it
 reuses the persistent compile cache the in-process warm-up filled.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import pathlib
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.client import HTTPConnection
 
 import grpc
 import numpy as np
@@ -26,17 +29,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
-from server_harness import (Lines, LoopThread, acollect, code_of, collect, greedy, scrape, wait_engine_idle,
-                            wait_until)
+from server_harness import (SERVER_DTYPE, SERVER_ENGINE, Lines, acollect, code_of, collect, free_port,
+                            greedy, scrape, wait_engine_idle, wait_until)
 
 pytestmark = pytest.mark.real_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DTYPE = "float32"  # bfloat16 was no faster on this CPU, and float32 keeps greedy parity exact
-# Few step shapes: warm-up compiles 4 decode-only + 5 prefill programs (~40 s cold on 2 cores,
-# ~12 s from the persistent cache); 16-token chunks fit the short prompts used here.
-ENGINE = dict(max_num_seqs=8, max_num_batched_tokens=64, prefill_chunk=16, max_prefill_seqs=1,
-              page_size=16, max_model_len=512, num_pages=8 * 32)
+DTYPE, ENGINE = SERVER_DTYPE, SERVER_ENGINE
 MAX_REQUEST_BYTES = 64 << 10
 TOKEN = "test-token-7f3a"
 
@@ -45,29 +44,18 @@ TOKEN = "test-token-7f3a"
 
 
 @pytest.fixture(scope="module")
-def model(real_model_dir):
-    from qwenjax.engine.engine import Engine, EngineConfig
-    from qwenjax.loading import load_model
-
-    lm = load_model(real_model_dir, tp=1, dtype=DTYPE)
-    engine = Engine(lm, EngineConfig(**ENGINE), warm_up=True, progress=False)
-    return lm, engine
+def model(served_model):
+    return served_model
 
 
 @pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
+def loop(server_loop):
+    return server_loop
 
 
 @pytest.fixture(scope="module")
-def engine_thread(model):
-    from qwenjax.engine.async_engine import EngineThread
-
-    thread = EngineThread(model[1])
-    yield thread
-    thread.shutdown()
+def engine_thread(served_engine_thread):
+    return served_engine_thread
 
 
 @pytest.fixture(scope="module")
@@ -437,7 +425,6 @@ def test_truncate_prompt_tokens_and_bad_words_over_the_wire(stub):
 def test_tool_calls_over_the_wire(stub):
     """A named tool_choice: the reply is that call, parsed into Complete.tool_calls; the same
     conversation with the call and its result continues from them."""
-    import json
 
     tools = [pb.Tool(name="add", description="Add two integers", parameters=json.dumps(
         {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
@@ -885,8 +872,10 @@ def test_drain_refuses_new_calls_and_stop_aborts_what_is_left(model, loop, start
 def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
     """``model`` first: its warm-up fills the compile cache this process then reads."""
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1")
+    http_port = free_port()
     command = [sys.executable, "-m", "server", "--model", str(real_model_dir), "--dtype", DTYPE,
-               "--port", "0", "--metrics-port", "0", "--drain-timeout", "120"]
+               "--port", "0", "--metrics-port", "0", "--http-port", str(http_port),
+               "--drain-timeout", "120"]
     command += [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items() if k != "page_size"]
     start = time.monotonic()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -903,8 +892,8 @@ def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
             assert status() == health_pb2.HealthCheckResponse.SERVING
 
             stub = pb_grpc.InferenceStub(ch)
-            results: list = [None] * 8
-            streaming = [threading.Event() for _ in range(8)]
+            results: list = [None] * 7
+            streaming = [threading.Event() for _ in range(7)]
 
             def stream(i: int):
                 ids, complete = [], None
@@ -922,9 +911,16 @@ def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
                 finally:
                     streaming[i].set()
 
-            threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(7)]
             for t in threads:
                 t.start()
+            # The eighth (max_num_seqs) over the OpenAI-compatible HTTP API the CLI serves beside gRPC.
+            http = HTTPConnection("127.0.0.1", http_port, timeout=180)
+            http.request("POST", "/v1/completions", json.dumps({
+                "prompt": "def drain_http(", "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                "stream": True}), {"Content-Type": "application/json"})
+            http_stream = http.getresponse()
+            assert http_stream.status == 200 and http_stream.readline().startswith(b"data: ")
             for event in streaming:
                 assert event.wait(120)
             assert all(r is None for r in results), "a stream ended before SIGTERM"
@@ -933,6 +929,13 @@ def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
             code, details = code_of(stub.Generate(pb.GenerateRequest(text="late", sampling=greedy(2)),
                                                   timeout=10))
             assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
+            late = HTTPConnection("127.0.0.1", http_port, timeout=10)
+            late.request("POST", "/v1/completions", json.dumps({"prompt": "late", "max_tokens": 2}),
+                         {"Content-Type": "application/json"})
+            assert late.getresponse().status == 503
+            events = [line for line in http_stream.read().decode().splitlines() if line]
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
             for t in threads:
                 t.join(180)
             for r in results:
@@ -951,7 +954,6 @@ def test_sigterm_drains_active_streams_and_exits_0(real_model_dir, model):
 def test_bench_serving_against_a_running_server(served, tmp_path):
     """scripts/bench_serving.py in --address mode: every request completes and figures add up."""
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location("bench_serving", REPO / "scripts" / "bench_serving.py")
     bench = importlib.util.module_from_spec(spec)

@@ -1,0 +1,461 @@
+"""The OpenAI-compatible HTTP API, the one vLLM and SGLang serve, beside the gRPC server.
+
+    GET  /v1/models
+    POST /v1/completions        prompt: text, token ids, or a list of either; stream: SSE
+    POST /v1/chat/completions   messages, tools/tool_choice, response_format; stream: SSE
+    POST /tokenize, /detokenize vLLM's
+    GET  /health                200 while serving; 503 while loading, draining or stalled
+    GET  /version, /metrics     the version; the server's Prometheus registry
+
+It runs on the gRPC server's asyncio loop and sends every request through the same
+``Gateway``: one admission limit, one drain, one set of metrics for both protocols.
+Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with the HTTP
+status of the refusal (400 bad field, 404 unknown model, 401 token, 413 too large, 429
+queue full, 503 loading or draining, 500 a failed step). A client that disconnects
+aborts its requests: the handler is cancelled, which closes the engine stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import qwenjax
+from server import openai_protocol as proto
+from server.auth import bearer_token, token_matches
+from server.gateway import Call, Gateway, Refused
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+_ERROR_TYPE = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
+               500: "InternalServerError", 503: "ServiceUnavailableError"}
+_OPEN_PATHS = ("/health", "/version", "/metrics")  # no token: probes and scrapers send none
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _ERROR_TYPE.get(status, "Error"), "param": None,
+                      "code": status}}
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response(error_body(status, message), status=status)
+
+
+def _sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+async def merged(calls: Sequence[Call]) -> AsyncIterator[tuple[int, Any]]:
+    """(call index, output) of several calls as they come; the first failure ends all of them
+    (leaving early cancels the rest, which aborts them)."""
+    if len(calls) == 1:
+        async with contextlib.aclosing(calls[0].outputs()) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, call: Call) -> None:
+        try:
+            async with contextlib.aclosing(call.outputs()) as outputs:
+                async for output in outputs:
+                    queue.put_nowait((i, output, None))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, error))
+        else:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, call)) for i, call in enumerate(calls)]
+    try:
+        running = len(tasks)
+        while running:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                running -= 1
+                continue
+            yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class OpenAIServer:
+    """The HTTP API over a Gateway. ``serving()``: whether health says SERVING."""
+
+    def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
+                 api_token: str | None = None, max_request_bytes: int = 4 << 20,
+                 served_model_names: Sequence[str] = ()):
+        self.gateway = gateway
+        self.registry = registry
+        self.serving = serving
+        self._token = api_token.encode() if api_token else None
+        self.max_request_bytes = max_request_bytes
+        self.served_model_names = tuple(served_model_names)
+        self.created = proto.now()
+        self._runner: web.AppRunner | None = None
+        self.app = app = web.Application(client_max_size=max_request_bytes,
+                                         middlewares=[self._errors_and_auth])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/metrics", self.metrics)
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (0: any free port); returns the bound port."""
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts
+        # the engine request instead of generating for nobody.
+        self._runner = runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                              handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        await site.start()
+        return runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- plumbing -------------------------------------------------------------------------
+    @web.middleware
+    async def _errors_and_auth(self, request: web.Request, handler):
+        if self._token is not None and not request.path.startswith(_OPEN_PATHS):
+            presented = bearer_token(request.headers.get("Authorization"))
+            if presented is None:
+                return _error(401, "missing 'Authorization: Bearer <token>' header")
+            if not token_matches(presented, self._token):
+                return _error(401, "wrong bearer token")
+        try:
+            return await handler(request)
+        except Refused as refused:
+            return _error(_HTTP_STATUS.get(refused.code, 500), refused.message)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is over {self.max_request_bytes} bytes "
+                               "(--max-request-bytes)")
+        except web.HTTPException as http:  # 404/405 of the router, in OpenAI's error shape
+            if http.status < 400:
+                raise
+            return _error(http.status, f"{request.method} {request.path}: {http.reason}")
+
+    async def _body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the request body is not JSON: {error}") from None
+
+    def _names(self) -> tuple[str, ...]:
+        from server.servicer import model_name
+
+        return self.served_model_names or (model_name(self.gateway.engine.lm.source),)
+
+    def _check_model(self, model: str | None) -> str:
+        """The name responses report; a request naming another model is refused (404)."""
+        names = self._names()
+        if model is not None and model not in names:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this "
+                          f"server serves {', '.join(repr(n) for n in names)} (GET /v1/models)")
+        return names[0]
+
+    def _parse(self, parse, body):
+        try:
+            return parse(body)
+        except ValueError as error:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    async def _prepare(self, parsed: proto.ParsedRequest, prompt_ids: list[int]):
+        try:
+            return self.gateway.prepare(parsed.fields, prompt_ids, parsed.priority)
+        except ValueError as error:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _request_id(self, request: web.Request, parsed: proto.ParsedRequest, prefix: str) -> str:
+        rid = parsed.request_id or request.headers.get("X-Request-Id") or ""
+        return f"{prefix}-{rid}" if rid else proto.new_id(prefix)
+
+    async def _stream(self, request: web.Request, events: AsyncIterator[Any]) -> web.StreamResponse:
+        """Server-sent events from ``events`` (dicts), then ``[DONE]``. The response starts only
+        when the first event is ready, so a refusal before it is a plain HTTP error."""
+        async with contextlib.aclosing(events) as events:
+            first = await anext(events, None)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            try:
+                if first is not None:
+                    await response.write(_sse(first))
+                async for event in events:
+                    await response.write(_sse(event))
+            except Refused as refused:  # after the response started: an error event
+                status = _HTTP_STATUS.get(refused.code, 500)
+                await response.write(_sse(error_body(status, refused.message)))
+            await response.write(_sse("[DONE]"))
+            await response.write_eof()
+            return response
+
+    # ---- endpoints --------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.serving() else 503)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": qwenjax.__version__})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.gateway.require_engine(admitting=False)
+        engine = self.gateway.engine
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
+                 "root": engine.lm.source, "max_model_len": engine.max_model_len}
+                for name in self._names()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        gateway = self.gateway
+        gateway.require_engine()
+        body = await self._body(request)
+        try:
+            if not isinstance(body, dict):
+                raise ValueError("the request body must be a JSON object")
+            self._check_model(body.get("model"))
+            unknown = sorted(set(body) - {"model", "prompt", "messages", "tools",
+                                          "add_generation_prompt", "continue_final_message"})
+            if unknown:
+                raise ValueError(f"/tokenize does not accept the field(s) {', '.join(unknown)}")
+            if ("prompt" in body) == ("messages" in body):
+                raise ValueError("send one of prompt or messages")
+            if "prompt" in body:
+                if not isinstance(body["prompt"], str):
+                    raise ValueError("prompt must be a string")
+                ids = await gateway.encode(text=body["prompt"])
+            else:
+                chat = proto.parse_chat({k: body[k] for k in body if k != "prompt"})
+                ids = await gateway.encode(messages=chat.messages, tools=chat.tools,
+                                           add_generation_prompt=chat.add_generation_prompt,
+                                           continue_final_message=chat.continue_final_message)
+        except ValueError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        return web.json_response({"count": len(ids), "max_model_len": gateway.engine.max_model_len,
+                                  "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        gateway = self.gateway
+        gateway.require_engine()
+        body = await self._body(request)
+        engine = gateway.engine
+        try:
+            tokens = body.get("tokens") if isinstance(body, dict) else None
+            if not isinstance(tokens, list) or not all(proto._is_int(t) for t in tokens):
+                raise ValueError("tokens must be a list of token ids")
+            self._check_model(body.get("model"))
+            vocab = engine.lm.config.vocab_size
+            for i, t in enumerate(tokens):
+                if not 0 <= t < vocab:
+                    raise ValueError(f"tokens[{i}] is {t}; token ids must be in [0, {vocab})")
+            if engine.tokenizer is None:
+                raise ValueError("this model has no tokenizer (random-weight preset)")
+        except ValueError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        return web.json_response({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        parsed = self._parse(proto.parse_completion, await self._body(request))
+        model = self._check_model(parsed.model)
+        runs = []  # (prompt ids as run, params, echoed text)
+        for prompt in parsed.prompts:
+            try:
+                ids = prompt if isinstance(prompt, list) else await gateway.encode(text=prompt)
+            except ValueError as error:
+                raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            run_ids, params = await self._prepare(parsed, ids)
+            echo = ""
+            if parsed.echo:
+                echo = prompt if isinstance(prompt, str) and len(run_ids) == len(ids) else \
+                    gateway.engine.tokenizer.decode(run_ids, skip_special_tokens=False)
+            runs.append((run_ids, params, echo))
+        calls = [gateway.call(ids, params, parsed.priority) for ids, params, _ in runs]
+        n = runs[0][1].n
+        response_id = self._request_id(request, parsed, "cmpl")
+        token_text = proto.TokenText(gateway.engine.tokenizer)
+        eos = gateway.engine.eos_token_ids
+        head = {"id": response_id, "object": "text_completion", "created": proto.now(), "model": model}
+        prompt_tokens = sum(len(ids) for ids, _, _ in runs)
+        totals = {"completion": 0, "cached": {}}
+
+        def logprobs(i: int, entries, offset: int):
+            return proto.completion_logprobs(entries, token_text, offset) \
+                if runs[i][1].logprobs is not None else None
+
+        def prompt_entries(i: int, output) -> list:
+            return list(output.prompt_logprobs or ()) if runs[i][1].prompt_logprobs is not None else []
+
+        if not parsed.stream:
+            finals: dict[int, Any] = {}
+            prompt_lps: dict[int, list] = {}
+            async for i, output in merged(calls):
+                if output.prompt_logprobs is not None:
+                    prompt_lps.setdefault(i, prompt_entries(i, output))
+                if output.finish_reason is not None:
+                    finals[i * n + output.index] = (i, output)
+                    if output.index == 0:
+                        totals["cached"][i] = output.num_cached_tokens
+            choices = []
+            for index in sorted(finals):
+                i, output = finals[index]
+                echo = runs[i][2]
+                entries = (prompt_lps.get(i, []) if parsed.echo else []) + list(output.logprobs or ())
+                choices.append({"index": index, "text": echo + output.text,
+                                "logprobs": logprobs(i, entries, 0),
+                                "finish_reason": output.finish_reason,
+                                "stop_reason": proto.stop_reason(output, eos)})
+            completion = sum(len(output.token_ids) for _, output in finals.values())
+            return web.json_response({**head, "choices": choices, "usage": proto.usage(
+                prompt_tokens, completion, sum(totals["cached"].values()))})
+
+        def with_usage(event: dict) -> dict:
+            if parsed.continuous_usage:
+                event["usage"] = proto.usage(prompt_tokens, totals["completion"],
+                                             sum(totals["cached"].values()))
+            elif parsed.include_usage:
+                event["usage"] = None
+            return event
+
+        async def events():
+            started: dict[int, int] = {}  # choice index → chars sent (for text_offset)
+            async for i, output in merged(calls):
+                index = i * n + output.index
+                text, entries = output.delta_text, list(output.delta_logprobs or ())
+                if index not in started:
+                    started[index] = 0
+                    if parsed.echo:
+                        text = runs[i][2] + text
+                        entries = prompt_entries(i, output) + entries
+                totals["completion"] += len(output.delta_token_ids)
+                if output.finish_reason is not None and output.index == 0:
+                    totals["cached"][i] = output.num_cached_tokens
+                if not text and not entries and output.finish_reason is None:
+                    continue
+                choice = {"index": index, "text": text,
+                          "logprobs": logprobs(i, entries, started[index]),
+                          "finish_reason": output.finish_reason,
+                          "stop_reason": proto.stop_reason(output, eos)
+                          if output.finish_reason is not None else None}
+                started[index] += len(text)
+                yield with_usage({**head, "choices": [choice]})
+            if parsed.include_usage:
+                yield {**head, "choices": [], "usage": proto.usage(
+                    prompt_tokens, totals["completion"], sum(totals["cached"].values()))}
+
+        return await self._stream(request, events())
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        parsed = self._parse(proto.parse_chat, await self._body(request))
+        model = self._check_model(parsed.model)
+        try:
+            ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
+                                       add_generation_prompt=parsed.add_generation_prompt,
+                                       continue_final_message=parsed.continue_final_message)
+        except ValueError as error:
+            raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        prompt_ids, params = await self._prepare(parsed, ids)
+        call = gateway.call(prompt_ids, params, parsed.priority)
+        response_id = self._request_id(request, parsed, "chatcmpl")
+        token_text = proto.TokenText(gateway.engine.tokenizer)
+        eos = gateway.engine.eos_token_ids
+        head = {"id": response_id, "object": "chat.completion", "created": proto.now(), "model": model}
+
+        def finish_reason(output, called: bool) -> str:
+            return "tool_calls" if called and output.finish_reason == "stop" else output.finish_reason
+
+        if not parsed.stream:
+            finals = {}
+            async for _, output in merged([call]):
+                if output.finish_reason is not None:
+                    finals[output.index] = output
+            choices = []
+            for index in sorted(finals):
+                output = finals[index]
+                message, called = proto.chat_message(output.text, parsed)
+                choices.append({"index": index, "message": message,
+                                "logprobs": proto.chat_logprobs(output.logprobs or (), token_text)
+                                if parsed.chat_logprobs else None,
+                                "finish_reason": finish_reason(output, called),
+                                "stop_reason": proto.stop_reason(output, eos)})
+            completion = sum(len(o.token_ids) for o in finals.values())
+            cached = finals[0].num_cached_tokens if 0 in finals else 0
+            return web.json_response({**head, "choices": choices,
+                                      "usage": proto.usage(len(prompt_ids), completion, cached)})
+
+        head["object"] = "chat.completion.chunk"
+
+        async def events():
+            streams = [proto.ToolCallStream(parsed) for _ in range(params.n)]
+            completion, cached = 0, 0
+
+            def chunk(index: int, delta: dict, *, logprobs=None, finish=None, stop=None):
+                event = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                              "finish_reason": finish, "stop_reason": stop}]}
+                if parsed.continuous_usage:
+                    event["usage"] = proto.usage(len(prompt_ids), completion, cached)
+                elif parsed.include_usage:
+                    event["usage"] = None
+                return event
+
+            first = True
+            async for _, output in merged([call]):
+                if first:  # every choice opens with the role
+                    first = False
+                    for index in range(params.n):
+                        yield chunk(index, {"role": "assistant", "content": ""})
+                index, stream = output.index, streams[output.index]
+                completion += len(output.delta_token_ids)
+                content = stream.feed(output.delta_text)
+                logprobs = proto.chat_logprobs(output.delta_logprobs, token_text) \
+                    if parsed.chat_logprobs and output.delta_logprobs else None
+                if content or logprobs:
+                    yield chunk(index, {"content": content}, logprobs=logprobs)
+                if output.finish_reason is None:
+                    continue
+                if index == 0:
+                    cached = output.num_cached_tokens
+                rest, calls = stream.finish()
+                if rest:
+                    yield chunk(index, {"content": rest})
+                if calls:
+                    yield chunk(index, {"tool_calls": [proto.tool_call_json(c, k)
+                                                       for k, c in enumerate(calls)]})
+                yield chunk(index, {}, finish=finish_reason(output, bool(calls)),
+                            stop=proto.stop_reason(output, eos))
+            if parsed.include_usage:
+                yield {**head, "choices": [], "usage": proto.usage(len(prompt_ids), completion, cached)}
+
+        return await self._stream(request, events())

@@ -1,0 +1,457 @@
+"""OpenAI API JSON ↔ engine objects, for ``/v1/completions`` and ``/v1/chat/completions``.
+
+Pure functions and small state machines; no HTTP, no event loop (``server.openai_api``
+serves them). Field names, defaults and response shapes follow the OpenAI API; vLLM's extra
+sampling fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, ``structured_outputs`` and its older ``guided_*`` names, …) are accepted
+as vLLM accepts them, so a client written for a vLLM server works unchanged.
+
+A field this server does not know is refused naming it, rather than ignored: ignoring a
+sampling option the client relies on would produce output it did not ask for. A few fields
+that change nothing here (``user``, ``store``, ``metadata``, …) are accepted and dropped.
+``null`` means unset for every field. Every rejection is a ``ValueError`` naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+import time
+import uuid
+from typing import Any, Mapping, Sequence
+
+from qwenjax.engine.request import RequestOutput
+from qwenjax.structured import StructuredOutputs
+from qwenjax.tokenizer import check_tools
+from qwenjax.tool_calls import ToolCall, parse_tool_calls, tool_choice_constraint
+
+MAX_PROMPTS = 256      # prompts of one /v1/completions request (each runs as its own request)
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a banned token's logprob is reported as this
+
+# Request field → SamplingParams field, where the names differ.
+_RENAMED = {"max_completion_tokens": "max_tokens"}
+# Copied to SamplingParams unchanged (SamplingParams checks their types and ranges).
+_SAMPLING = ("n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
+             "seed", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
+             "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "bad_words",
+             "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens")
+# vLLM's older names for structured outputs.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
+# Accepted and dropped: they change nothing about the output of this server.
+_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+_COMMON = (("model", "stream", "stream_options", "stop", "logit_bias", "priority", "request_id",
+            "structured_outputs", "max_tokens") + _SAMPLING + tuple(_GUIDED) + _IGNORED)
+COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
+CHAT_FIELDS = frozenset(_COMMON + (
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
+    "tool_choice", "add_generation_prompt", "continue_final_message"))
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    """What a request asks for, checked: the prompt(s) and the SamplingParams fields it set."""
+
+    fields: dict[str, Any]
+    model: str | None = None
+    stream: bool = False
+    include_usage: bool = False     # stream_options.include_usage: a last chunk with the usage
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
+    priority: int = 0
+    request_id: str = ""
+    # /v1/completions
+    prompts: list[str | list[int]] = dataclasses.field(default_factory=list)
+    echo: bool = False
+    # /v1/chat/completions
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str = "auto"
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_logprobs: bool = False
+
+    @property
+    def parses_tools(self) -> bool:
+        """The reply is read for tool calls (tools offered, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+# --------------------------------------------------------------------------- request checks
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _expect(body: Mapping[str, Any], name: str, kind: type | tuple, what: str):
+    value = body.get(name)
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise ValueError(f"{name} must be {what}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _check_fields(body: Any, allowed: frozenset[str], endpoint: str) -> dict[str, Any]:
+    if not isinstance(body, Mapping):
+        raise ValueError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValueError(f"{endpoint} does not accept the field(s) {', '.join(unknown)}; its "
+                         f"fields are: {', '.join(sorted(allowed))}")
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    fields = {_RENAMED.get(k, k): body[k] for k in (*_SAMPLING, *_RENAMED) if k in body}
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise ValueError("set max_tokens or max_completion_tokens, not both")
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {json.dumps(stop)[:80]}")
+        if stop:
+            fields["stop"] = tuple(stop)
+    if "logit_bias" in body:
+        bias = _expect(body, "logit_bias", dict, "an object of token id → bias")
+        fields["logit_bias"] = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias key {key!r} is not a token id") from None
+            fields["logit_bias"][token] = value
+    guided = [k for k in _GUIDED if k in body]
+    if "structured_outputs" in body:
+        guided.append("structured_outputs")
+    if len(guided) > 1:
+        raise ValueError(f"set one of {', '.join(guided)}: each constrains the whole output")
+    if guided:
+        name = guided[0]
+        spec = body[name] if name == "structured_outputs" else {_GUIDED[name]: body[name]}
+        fields["structured_outputs"] = _structured(spec, name)
+    return fields
+
+
+def _structured(spec: Any, where: str) -> StructuredOutputs:
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where} must be an object such as {{\"json\": {{...schema...}}}}")
+    known = {f.name for f in dataclasses.fields(StructuredOutputs)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; its keys are "
+                         f"{', '.join(sorted(known))}")
+    return StructuredOutputs(**{k: v for k, v in spec.items() if v is not None})
+
+
+def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
+    request.model = _expect(body, "model", str, "a string")
+    request.stream = bool(_expect(body, "stream", bool, "true or false"))
+    options = _expect(body, "stream_options", dict, "an object") or {}
+    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
+    if unknown:
+        raise ValueError(f"stream_options has unknown key(s) {', '.join(unknown)}")
+    if options and not request.stream:
+        raise ValueError("stream_options needs stream: true")
+    for key in ("include_usage", "continuous_usage_stats"):
+        if not isinstance(options.get(key, False), bool):
+            raise ValueError(f"stream_options.{key} must be true or false")
+    request.include_usage = options.get("include_usage", False)
+    request.continuous_usage = options.get("continuous_usage_stats", False)
+    priority = body.get("priority", 0)
+    if not _is_int(priority):
+        raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
+    request.priority = int(priority)
+    request.request_id = _expect(body, "request_id", str, "a string") or ""
+
+
+def parse_completion(body: Any) -> ParsedRequest:
+    body = _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
+    fields = _sampling_fields(body)
+    request = ParsedRequest(fields=fields)
+    _common(body, request)
+    request.prompts = _prompts(body.get("prompt"))
+    request.echo = bool(_expect(body, "echo", bool, "true or false"))
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        fields["logprobs"] = logprobs  # an int (top alternatives per token), as OpenAI's legacy API
+        if request.echo:  # the echoed prompt carries its logprobs too
+            fields.setdefault("prompt_logprobs", logprobs)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != fields.get("n", 1):
+        raise ValueError(f"best_of {json.dumps(best_of)} is not supported: only best_of equal to n "
+                         "(every sampled sequence is returned)")
+    if body.get("suffix"):
+        raise ValueError("suffix is not supported (fill-in-the-middle: put the whole FIM prompt, "
+                         "<|fim_prefix|>…<|fim_suffix|>…<|fim_middle|>, in prompt)")
+    return request
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    elif prompt is None:
+        raise ValueError("prompt is required")
+    else:
+        raise ValueError(f"prompt must be {shape} (none of them empty)")
+    if len(prompts) > MAX_PROMPTS:
+        raise ValueError(f"prompt holds {len(prompts)} prompts; the limit is {MAX_PROMPTS}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
+    return prompts
+
+
+def parse_chat(body: Any) -> ParsedRequest:
+    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+    fields = _sampling_fields(body)
+    request = ParsedRequest(fields=fields)
+    _common(body, request)
+    request.messages = _messages(body.get("messages"))
+    request.chat_logprobs = bool(_expect(body, "logprobs", bool, "true or false"))
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not request.chat_logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        fields["logprobs"] = top
+    elif request.chat_logprobs:
+        fields["logprobs"] = 0
+    fmt = _expect(body, "response_format", dict, "an object")
+    if fmt is not None:
+        constraint = _response_format(fmt)
+        if constraint is not None:
+            if "structured_outputs" in fields:
+                raise ValueError("set response_format or structured outputs, not both")
+            fields["structured_outputs"] = constraint
+    tools = _expect(body, "tools", list, "a list of tools")
+    request.tools = check_tools(tools) if tools else None
+    choice = body.get("tool_choice")
+    if isinstance(choice, Mapping):  # {"type": "function", "function": {"name": ...}}
+        function = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(function, Mapping) \
+                or not isinstance(function.get("name"), str):
+            raise ValueError('tool_choice must be "none", "auto", "required" or {"type": '
+                             '"function", "function": {"name": ...}}')
+        choice = function["name"]
+    elif choice is not None and not isinstance(choice, str):
+        raise ValueError(f"tool_choice must be a string or an object, got {json.dumps(choice)[:80]}")
+    request.tool_choice = choice or "auto"
+    constraint = tool_choice_constraint(request.tools, request.tool_choice)
+    if constraint is not None:
+        if "structured_outputs" in fields:
+            raise ValueError(f"tool_choice {request.tool_choice!r} constrains the output itself; "
+                             "leave response_format and structured outputs unset")
+        fields["structured_outputs"] = constraint
+    continuing = bool(_expect(body, "continue_final_message", bool, "true or false"))
+    add = _expect(body, "add_generation_prompt", bool, "true or false")
+    request.continue_final_message = continuing
+    request.add_generation_prompt = (not continuing) if add is None else add
+    return request
+
+
+def _response_format(fmt: Mapping[str, Any]) -> StructuredOutputs | None:
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise ValueError('response_format.json_schema must be an object {"name": ..., '
+                             '"schema": {...}}')
+        # A schema-less json_schema asks for any JSON object (OpenAI allows omitting schema).
+        schema = spec.get("schema")
+        return StructuredOutputs(json=schema) if schema else StructuredOutputs(json_object=True)
+    raise ValueError(f"response_format.type must be \"text\", \"json_object\" or \"json_schema\", "
+                     f"got {json.dumps(kind)}")
+
+
+def _messages(messages: Any) -> list[dict]:
+    """OpenAI chat messages as the chat template takes them: content parts joined into one
+    string, "developer" read as "system" (OpenAI's newer name for it)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}] must be an object")
+        message = {k: v for k, v in message.items() if v is not None}
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, Mapping) else None
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content[{j}] is a {kind!r} part; this model "
+                                     "reads text only ({\"type\": \"text\", \"text\": ...})")
+                texts.append(part["text"])
+            message["content"] = "\n".join(texts)
+        elif content is None and message.get("role") == "assistant" and message.get("tool_calls"):
+            message["content"] = None
+        out.append(message)
+    return out
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def stop_reason(output: RequestOutput, eos_token_ids: Sequence[int]):
+    """vLLM's stop_reason: the stop string or stop token id that ended the sequence; null for
+    EOS or the length limit."""
+    matched = output.matched_stop
+    return None if matched is None or (isinstance(matched, int) and matched in eos_token_ids) else matched
+
+
+class TokenText:
+    """Token ids → the strings and bytes logprobs report. A byte-level BPE token may be part of
+    a UTF-8 character: its ``bytes`` are exact and its text has U+FFFD for the partial bytes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        found = self._cache.get(token_id)
+        if found is None:
+            raw = self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else b""
+            found = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return found
+
+
+def completion_logprobs(entries: Sequence, token_text: TokenText, offset: int) -> dict[str, list]:
+    """The legacy completions logprobs object for ``entries`` (TokenLogprob or None for the
+    prompt's first token), ``text_offset`` counted from ``offset``."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for lp in entries:
+        if lp is None:  # the first prompt token has no logprob
+            continue
+        text, _ = token_text(lp.token_id)
+        tokens.append(text)
+        token_logprobs.append(_finite(lp.logprob))
+        top_logprobs.append({token_text(t)[0]: _finite(v) for t, v in lp.top} or None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: Sequence, token_text: TokenText) -> dict[str, list]:
+    content = []
+    for lp in entries:
+        text, raw = token_text(lp.token_id)
+        top = [{"token": token_text(t)[0], "logprob": _finite(v), "bytes": token_text(t)[1]}
+               for t, v in lp.top]
+        content.append({"token": text, "logprob": _finite(lp.logprob), "bytes": raw,
+                        "top_logprobs": top})
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    entry = {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": call.arguments}}
+    return entry if index is None else {"index": index, **entry}
+
+
+def chat_message(text: str, request: ParsedRequest) -> tuple[dict[str, Any], bool]:
+    """(the assistant message of a finished reply, whether it called tools)."""
+    content, calls = parse_tool_calls(text, request.tools) if request.parses_tools else (text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if calls:
+        message["tool_calls"] = [tool_call_json(c) for c in calls]
+    return message, bool(calls)
+
+
+_TAG = "<tool_call>"
+
+
+class ToolCallStream:
+    """Streams a reply's content while holding back what may be a tool call.
+
+    Content is sent as it comes, except a tail that could begin ``<tool_call>`` (or is
+    whitespace, which a call would strip); from the tag
+    on (or from the start, when the reply opens like a bare JSON call, or when tool_choice
+    forces a call) nothing more is sent until the end, where the calls are parsed from the
+    whole text."""
+
+    def __init__(self, request: ParsedRequest):
+        self.request = request
+        self.enabled = request.parses_tools
+        # "required" or a tool's name: the output is the call(s) as JSON, never content.
+        self.blocked = self.enabled and request.tool_choice not in ("auto", "none")
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, delta: str) -> str:
+        """The content to send now."""
+        self.text += delta
+        if not self.enabled:
+            self.sent = len(self.text)
+            return delta
+        if self.blocked:
+            return ""
+        stripped = self.text.lstrip()
+        if not stripped:
+            return ""
+        if self.sent == 0 and stripped[0] in "{[`":
+            self.blocked = True
+            return ""
+        tag = self.text.find(_TAG, max(0, self.sent - len(_TAG)))
+        if tag >= 0:
+            end, self.blocked = tag, True
+        else:
+            end = len(self.text)
+            for hold in range(min(len(_TAG) - 1, len(self.text)), 0, -1):
+                if _TAG.startswith(self.text[-hold:]):
+                    end -= hold
+                    break
+        # Whitespace waits for what follows: before a call it is not content (the non-streamed
+        # reply strips it too).
+        while end > self.sent and self.text[end - 1].isspace():
+            end -= 1
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content not yet sent, tool calls) once the reply is complete."""
+        if not self.enabled:
+            return "", []
+        content, calls = parse_tool_calls(self.text, self.request.tools)
+        if not calls:
+            rest, self.sent = self.text[self.sent:], len(self.text)
+            return rest, []
+        # The content is the text before the first tag (none for a bare JSON call); send what
+        # of it is still held back.
+        tag = self.text.find(_TAG)
+        head = self.text[:tag].rstrip() if tag >= 0 else ""
+        return head[self.sent:], calls

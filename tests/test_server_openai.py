@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API, driven by the official ``openai`` client over loopback, on the
+real Qwen2.5-Coder-0.5B (the engine conftest's session fixtures share with test_server.py).
+
+Greedy outputs are compared with the gRPC API of the same server: both go through one engine,
+so the HTTP layer must neither lose nor change a token. The request/response mapping and the
+tool-call streaming are also tested without a model (``server.openai_protocol`` is pure).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from http.client import HTTPConnection
+
+import grpc
+import pytest
+
+from qwenjax_proto.v1 import inference_pb2 as pb
+from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
+from server import openai_protocol as proto
+from server_harness import SERVER_ENGINE, collect, greedy, wait_engine_idle, wait_until
+
+TOKEN = "http-token-51c2"
+MAX_REQUEST_BYTES = 64 << 10
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@pytest.fixture(scope="module")
+def start(server_loop, served_engine_thread):
+    from server.app import InferenceServer, ServerConfig
+
+    started = []
+
+    def start_server(**config):
+        config = {"port": 0, "metrics_port": None, "http_port": 0,
+                  "max_request_bytes": MAX_REQUEST_BYTES, **config}
+        server = InferenceServer(ServerConfig(**config))
+        server_loop.run(server.start())
+        server_loop.run(server.attach(served_engine_thread))
+        started.append(server)
+        return server
+
+    yield start_server
+    for server in started:
+        server_loop.run(server.stop())
+
+
+@pytest.fixture(scope="module")
+def server(start):
+    return start()
+
+
+@pytest.fixture(scope="module")
+def base(server) -> str:
+    return f"http://127.0.0.1:{server.http_port}"
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    import openai
+
+    with openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def name(client) -> str:
+    return client.models.list().data[0].id
+
+
+def grpc_greedy(server, max_tokens: int, **input_) -> tuple[list[int], str]:
+    with grpc.insecure_channel(server.address) as channel:
+        responses = pb_grpc.InferenceStub(channel).Generate(
+            pb.GenerateRequest(sampling=greedy(max_tokens), **input_), timeout=120)
+        ids, text, _ = collect(responses)
+    return ids, text
+
+
+def http(base: str, path: str, body=None, headers=None, method=None) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+def test_models_health_version_and_the_model_name(base, client, name, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [name] == ["qwen2.5-coder-0.5b-instruct"]
+    assert models[0].max_model_len == SERVER_ENGINE["max_model_len"]
+    assert http(base, "/health")[0] == 200
+    assert http(base, "/version")[1]["version"]
+    status, body = http(base, "/v1/chat/completions", {
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and body["error"]["type"] == "NotFoundError" and "gpt-4o" in body["error"]["message"]
+
+
+def test_chat_greedy_matches_grpc_and_reports_usage(client, name, server, tokenizer):
+    messages = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    reply = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+    ids, text = grpc_greedy(server, 8, messages=pb.Messages(messages=[pb.Message(**m) for m in messages]))
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert choice.finish_reason == "length" and reply.id.startswith("chatcmpl-") and reply.model == name
+    assert reply.usage.prompt_tokens == len(tokenizer.encode_chat(messages))
+    assert reply.usage.completion_tokens == len(ids) == 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
+
+    # Streamed: a role chunk, content deltas adding up to the same text, then a usage chunk.
+    chunks = list(client.chat.completions.create(
+        model=name, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_chat_logprobs_n_seed_and_stop(client, name):
+    messages = [{"role": "user", "content": "Count: one, two,"}]
+    reply = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    # The tokens' bytes spell the reply (and the EOS token, which has a logprob too, if it ended so).
+    spelled = b"".join(bytes(t.bytes) for t in content).decode()
+    assert spelled == reply.choices[0].message.content + (
+        "<|im_end|>" if reply.choices[0].finish_reason == "stop" else "")
+    for entry in content:  # greedy: the chosen token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.logprob <= 0
+
+    sampled = dict(model=name, messages=messages, max_tokens=6, temperature=0.9, seed=11, n=2)
+    first, again = (client.chat.completions.create(**sampled) for _ in range(2))
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert 2 <= first.usage.completion_tokens <= 12  # both sequences count
+
+    # A stop string ends the reply and is reported as vLLM's stop_reason.
+    text = client.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                          temperature=0).choices[0].message.content
+    word = text.split()[1] if len(text.split()) > 1 else text[-2:]
+    stopped = client.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                             temperature=0, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].model_extra["stop_reason"] == word
+    assert stopped.choices[0].message.content == text[: text.index(word)]
+
+
+def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server, tokenizer):
+    prompt = "def fibonacci(n):"
+    ids, text = grpc_greedy(server, 6, text=prompt)
+    token_prompt = tokenizer.encode("import numpy as")
+    reply = client.completions.create(model=name, prompt=[prompt, "x = 1", "y"], max_tokens=6,
+                                      temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and reply.choices[0].text == text
+    assert reply.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in (prompt, "x = 1", "y"))
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+
+    echoed = client.completions.create(model=name, prompt=token_prompt, max_tokens=4, temperature=0,
+                                       echo=True, logprobs=2)
+    choice = echoed.choices[0]
+    assert choice.text.startswith("import numpy as") and len(choice.text) > len("import numpy as")
+    lp = choice.logprobs
+    # The prompt's first token has no logprob; every other prompt token and each output has one.
+    assert len(lp.tokens) == len(token_prompt) - 1 + 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == choice.text[len(tokenizer.decode(token_prompt[:1])):]
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    assert lp.text_offset == sorted(lp.text_offset)
+
+    # Streamed, several prompts: each choice's deltas add up to its non-streamed text.
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(model=name, prompt=[prompt, "x = 1", "y"], max_tokens=6,
+                                           temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in reply.choices}
+
+
+def test_structured_outputs_through_response_format_and_vllm_fields(client, name):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Give the largest city of France as JSON."}],
+        max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"city", "population"} and isinstance(value["population"], int)
+
+    choice = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Is Paris in France?"}], max_tokens=5,
+        temperature=0, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert choice.choices[0].message.content in ("yes", "no")
+    guided = client.completions.create(model=name, prompt="The answer is", max_tokens=8,
+                                       temperature=0, extra_body={"guided_regex": "[0-9]{3}"})
+    assert guided.choices[0].text.isdigit() and len(guided.choices[0].text) == 3
+
+
+def test_tool_calls_named_and_streamed(client, name):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
+                                           tool_choice=forced, max_tokens=40, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"} and call.id.startswith("call_")
+
+    chunks = list(client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
+                                                 tool_choice=forced, max_tokens=40, temperature=0,
+                                                 stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert not "".join(d.content or "" for d in deltas)  # a forced call streams no content
+    (streamed,) = [t for d in deltas for t in d.tool_calls or ()]
+    assert streamed.index == 0 and streamed.function.name == "get_weather"
+    assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The call goes back into the conversation with its result; the model answers in text.
+    follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'}]
+    answer = client.chat.completions.create(model=name, messages=follow, tools=[WEATHER],
+                                            tool_choice="none", max_tokens=6, temperature=0)
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
+
+
+def test_bad_requests_name_the_field(base, client, name):
+    import openai
+
+    def refused(**kwargs):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(
+                **{"model": name, "messages": [{"role": "user", "content": "hi"}], **kwargs})
+        return error.value.body["message"]
+
+    assert "temperature" in refused(temperature=-1)
+    assert "frobnicate" in refused(extra_body={"frobnicate": 1})
+    assert "max_tokens" in refused(max_tokens=SERVER_ENGINE["max_model_len"] + 10)
+    assert "top_logprobs" in refused(top_logprobs=2)
+    assert "image_url" in refused(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}])
+    assert http(base, "/v1/completions", b"{not json")[0] == 400
+    status, body = http(base, "/v1/completions", {"prompt": "x" * MAX_REQUEST_BYTES})
+    assert status == 413 and "--max-request-bytes" in body["error"]["message"]
+    status, body = http(base, "/v1/completions", {"prompt": [], "max_tokens": 1})
+    assert status == 400 and "prompt" in body["error"]["message"]
+    assert http(base, "/v1/nothing", {})[0] == 404
+
+
+def test_tokenize_detokenize_and_metrics(base, tokenizer):
+    status, body = http(base, "/tokenize", {"prompt": "hello world"})
+    assert status == 200 and body["tokens"] == tokenizer.encode("hello world") and body["count"] == 2
+    status, chat = http(base, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert chat["tokens"] == tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert http(base, "/detokenize", {"tokens": body["tokens"]})[1] == {"prompt": "hello world"}
+    assert http(base, "/detokenize", {"tokens": [10**9]})[0] == 400
+    status, text = http(base, "/metrics")
+    assert status == 200 and "qwenjax:requests_total" in text
+
+
+def test_bearer_token(start, name):
+    import openai
+
+    guarded = start(api_token=TOKEN)
+    base = f"http://127.0.0.1:{guarded.http_port}"
+    assert http(base, "/health")[0] == 200  # probes send no token
+    assert http(base, "/v1/models")[0] == 401
+    assert http(base, "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+    with openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0) as c:
+        assert c.models.list().data[0].id == name
+
+
+def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_loop):
+    """A client that goes away mid-stream frees its request; a draining server answers 503 and
+    its health goes 503, while a stream already running finishes."""
+    engine = served_model[1]
+    server = start()
+    body = json.dumps({"model": name, "prompt": "def long_function(", "max_tokens": 200,
+                       "temperature": 0, "ignore_eos": True, "stream": True})
+    connection = HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    assert server.gateway.in_flight == 1
+    connection.close()
+    wait_until(lambda: server.gateway.in_flight == 0, 10.0)
+    wait_engine_idle(engine, timeout=10.0)
+
+    running = HTTPConnection("127.0.0.1", server.http_port, timeout=120)
+    running.request("POST", "/v1/completions", body.replace("200", "12"),
+                    {"Content-Type": "application/json"})
+    stream = running.getresponse()
+    assert stream.readline().startswith(b"data: ")
+    drained = asyncio.run_coroutine_threadsafe(server.drain(timeout=60), server_loop.loop)
+    base = f"http://127.0.0.1:{server.http_port}"
+    wait_until(lambda: http(base, "/health")[0] == 503, 5.0)
+    status, refused = http(base, "/v1/completions", {"prompt": "late", "max_tokens": 1})
+    assert status == 503 and "draining" in refused["error"]["message"]
+    events = [line for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    finished = [json.loads(e[6:]) for e in events[:-1]]
+    assert finished[-1]["choices"][0]["finish_reason"] == "length"
+    assert drained.result(60) is True
+    running.close()
+
+
+# --------------------------------------------------------------------------- without a model
+
+
+def test_parse_maps_openai_and_vllm_fields():
+    chat = proto.parse_chat({
+        "model": "m", "messages": [{"role": "developer", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                {"type": "text", "text": "b"}]}],
+        "max_completion_tokens": 7, "stop": "\n", "logit_bias": {"42": -100}, "top_k": 5,
+        "logprobs": True, "user": "someone", "stream": True,
+        "stream_options": {"include_usage": True}, "seed": None})
+    assert chat.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a\nb"}]
+    assert chat.fields == {"max_tokens": 7, "stop": ("\n",), "logit_bias": {42: -100}, "top_k": 5,
+                           "logprobs": 0}
+    assert chat.stream and chat.include_usage and chat.model == "m"
+
+    completion = proto.parse_completion({"prompt": [[1, 2], [3]], "logprobs": 3, "echo": True,
+                                         "best_of": 1, "guided_choice": ["a", "b"]})
+    assert completion.prompts == [[1, 2], [3]] and completion.echo
+    assert completion.fields["logprobs"] == 3 and completion.fields["prompt_logprobs"] == 3
+    assert tuple(completion.fields["structured_outputs"].choice) == ("a", "b")
+
+    for body, field in [({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+                        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+                        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+                        ({"prompt": "x", "guided_json": {}, "guided_regex": "a"}, "guided_json"),
+                        ({"prompt": [1, "a"]}, "prompt"), ({"prompt": "x", "stop": [1]}, "stop"),
+                        ({"prompt": "x", "stream": "yes"}, "stream"),
+                        ({"prompt": "x", "structured_outputs": {"jsonn": {}}}, "jsonn")]:
+        with pytest.raises(ValueError, match=field):
+            proto.parse_completion(body)
+    for body, field in [({"messages": []}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
+                          "max_completion_tokens": 1}, "max_completion_tokens"),
+                        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "get_weather"},
+                         "tool_choice"),
+                        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]},
+                         "tools"),
+                        ({"messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "xml"}}, "response_format")]:
+        with pytest.raises(ValueError, match=field):
+            proto.parse_chat(body)
+
+
+def test_tool_call_stream_holds_back_only_what_may_be_a_call():
+    def run(text: str, pieces: int = 1, **request) -> tuple[str, str, list]:
+        parsed = proto.ParsedRequest(fields={}, tools=[WEATHER], **request)
+        stream = proto.ToolCallStream(parsed)
+        sent = "".join(stream.feed(text[i:i + pieces]) for i in range(0, len(text), pieces))
+        rest, calls = stream.finish()
+        return sent, rest, calls
+
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for size in (1, 3, 1000):
+        sent, rest, calls = run("Let me check. " + call, size)
+        assert sent + rest == "Let me check." and [c.name for c in calls] == ["get_weather"]
+        # Text that only looks like the tag's start is sent once it is clearly not one.
+        sent, rest, calls = run("a <tool is not <b> a call", size)
+        assert sent + rest == "a <tool is not <b> a call" and not calls
+        assert "<" not in run("x <tool_c", size)[0]
+    sent, rest, calls = run('{"name": "get_weather", "arguments": {"city": "Oslo"}}', 2)
+    assert sent == rest == "" and json.loads(calls[0].arguments) == {"city": "Oslo"}
+    sent, rest, calls = run('[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+                            tool_choice="required")
+    assert sent == rest == "" and len(calls) == 1
+    assert run("plain <tool_call> text", tool_choice="none") == ("plain <tool_call> text", "", [])
