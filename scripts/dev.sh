@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python ≥3.11 and PyPI are all it needs).
-#   scripts/dev.sh serve  set up .venv, fetch the default model, start the gRPC server on it (CPU-sized)
+#   scripts/dev.sh serve  set up .venv, fetch the default model, serve it (gRPC :50051, OpenAI HTTP API
+#                         :8000; CPU-sized)
 #   scripts/dev.sh demo   set up .venv, fetch the default model, answer a chat prompt
 #   scripts/dev.sh test   set up .venv with dev extras, fetch the model, run the whole test suite
 # Both create or refresh .venv/ at the repo root; a second run skips what is already done.
