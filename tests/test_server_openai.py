@@ -389,3 +389,21 @@ def test_tool_call_stream_holds_back_only_what_may_be_a_call():
                             tool_choice="required")
     assert sent == rest == "" and len(calls) == 1
     assert run("plain <tool_call> text", tool_choice="none") == ("plain <tool_call> text", "", [])
+
+
+def test_bench_serving_over_the_http_api(base, tmp_path):
+    """scripts/bench_serving.py --base-url: the load any OpenAI-compatible server can take; every
+    request completes and the tokens counted from the usage stats add up."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_serving.py"
+    spec = importlib.util.spec_from_file_location("bench_serving", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serving.json"
+    assert bench.main(["--base-url", base, "--requests", "4", "--concurrency", "2", "--max-tokens", "5",
+                       "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["api"] == "openai" and summary["completed"] == 4 and summary["output_tokens"] == 20
+    assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
