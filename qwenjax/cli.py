@@ -16,8 +16,10 @@ def add_model_arguments(p) -> None:
                    help="HF checkpoint directory, orbax checkpoint (qwenjax convert) or preset name "
                         "(qwen2.5-0.5b … qwen2.5-72b, random weights); default: the fetched "
                         "Qwen2.5-Coder-0.5B-Instruct")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices per stage)")
-    p.add_argument("--pp", type=int, default=1,
+    # vLLM's names (--tensor-parallel-size, -tp, …) work too, so its command lines carry over.
+    p.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=1,
+                   help="tensor-parallel degree (devices per stage)")
+    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1,
                    help="pipeline stages (contiguous layer ranges, each on --tp devices; tp × pp in all)")
     p.add_argument("--devices", type=parse_devices, default=None,
                    help="comma-separated device indices, e.g. 2,3 (two servers can share a box on "

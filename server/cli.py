@@ -29,6 +29,8 @@ TOKEN_ENV = "QWENJAX_API_TOKEN"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model, as --model takes it (vLLM's `vllm serve MODEL` form)")
     model = p.add_argument_group("model")
     add_model_arguments(model)
     model.add_argument("--mesh", default=None,
@@ -62,8 +64,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--compile-workers", type=int, default=None,
                         help="threads that compile or load step programs at start-up (default: one "
                              "per core; on a GPU, one while any program is missing from the cache)")
-    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+    engine.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false",
                         help="do not reuse the K/V of prompt prefixes computed for earlier requests")
+    engine.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                        help="reuse them (the default)")
+    engine.add_argument("--gpu-memory-utilization", "--kv-cache-fraction", dest="kv_cache_fraction",
+                        type=float, default=None, metavar="F",
+                        help="share of each device's memory for weights, workspace and KV cache, in "
+                             "(0, 1] (default: the --mesh config's, else 0.9); unused with --num-pages")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="wait for each step's tokens before scheduling the next (default: the "
                              "next step is scheduled and dispatched while the device runs this one)")
@@ -103,7 +112,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
     net.add_argument("--max-request-bytes", type=int, default=4 << 20,
                      help="larger requests get INVALID_ARGUMENT")
-    net.add_argument("--api-token", default=None,
+    net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
                      help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
                           f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
     net.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
@@ -186,6 +195,8 @@ def build_engine(args):
     if mesh_config is not None:
         options = dict(page_size=mesh_config.page_size, kv_cache_fraction=mesh_config.kv_cache_fraction)
         max_model_len = max_model_len or min(mesh_config.max_model_len, lm.config.max_context)
+    if args.kv_cache_fraction is not None:
+        options["kv_cache_fraction"] = args.kv_cache_fraction
     log.info("compiling step shapes")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
@@ -296,7 +307,19 @@ async def serve(args) -> int:
     return 0
 
 
+def resolve_model_tag(args) -> None:
+    """``serve MODEL`` is ``serve --model MODEL``; both at once must agree."""
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"the model is given twice, as {args.model_tag!r} and --model "
+                             f"{args.model!r}; give one")
+        args.model = args.model_tag
+    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.kv_cache_fraction}")
+
+
 def cmd_serve(args) -> int:
+    resolve_model_tag(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -187,8 +187,12 @@ class OpenAIServer:
             raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
     async def _prepare(self, parsed: proto.ParsedRequest, prompt_ids: list[int]):
+        fields = parsed.fields
+        if parsed.default_max_tokens is not None and "max_tokens" not in fields:
+            room = self.gateway.engine.max_model_len + 1 - len(prompt_ids)
+            fields = {**fields, "max_tokens": max(1, min(parsed.default_max_tokens, room))}
         try:
-            return self.gateway.prepare(parsed.fields, prompt_ids, parsed.priority)
+            return self.gateway.prepare(fields, prompt_ids, parsed.priority)
         except ValueError as error:
             raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
@@ -296,6 +300,9 @@ class OpenAIServer:
                 raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
             run_ids, params = await self._prepare(parsed, ids)
             echo = ""
+            if parsed.echo and gateway.engine.tokenizer is None:
+                raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, "echo needs the model's "
+                                     "tokenizer, and this model has none (random-weight preset)")
             if parsed.echo:
                 echo = prompt if isinstance(prompt, str) and len(run_ids) == len(ids) else \
                     gateway.engine.tokenizer.decode(run_ids, skip_special_tokens=False)

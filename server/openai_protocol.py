@@ -27,6 +27,7 @@ from qwenjax.tokenizer import check_tools
 from qwenjax.tool_calls import ToolCall, parse_tool_calls, tool_choice_constraint
 
 MAX_PROMPTS = 256      # prompts of one /v1/completions request (each runs as its own request)
+COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a banned token's logprob is reported as this
 
 # Request field → SamplingParams field, where the names differ.
@@ -64,6 +65,7 @@ class ParsedRequest:
     prompts: list[str | list[int]] = dataclasses.field(default_factory=list)
     echo: bool = False
     # /v1/chat/completions
+    default_max_tokens: int | None = None  # an unset max_tokens (None: fill the context's room)
     messages: list[dict] | None = None
     tools: list[dict] | None = None
     tool_choice: str = "auto"
@@ -172,6 +174,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     request = ParsedRequest(fields=fields)
     _common(body, request)
     request.prompts = _prompts(body.get("prompt"))
+    request.default_max_tokens = COMPLETION_MAX_TOKENS
     request.echo = bool(_expect(body, "echo", bool, "true or false"))
     logprobs = body.get("logprobs")
     if logprobs is not None:

@@ -12,7 +12,8 @@ def test_fetch_model_prints_the_directory(real_model_dir, capsys):
 
 @pytest.mark.real_model
 def test_generate_chat_at_tp4_prints_only_the_answer(real_model_dir, capsys):
-    assert main(["generate", "--tp", "4", "--chat", "--max-tokens", "16", "--max-model-len", "256",
+    # vLLM's name for --tp
+    assert main(["generate", "--tensor-parallel-size", "4", "--chat", "--max-tokens", "16", "--max-model-len", "256",
                  "What is the capital of France?"]) == 0
     captured = capsys.readouterr()
     assert captured.out == "The capital of France is Paris.\n"
@@ -33,3 +34,26 @@ def test_errors_name_the_problem(capsys):
     assert "neither a preset nor a directory with config.json" in capsys.readouterr().err
     assert main(["generate", "--model", "qwen2.5-0.5b", "hi"]) == 2
     assert "random-weight presets have no tokenizer" in capsys.readouterr().err
+
+
+def test_serve_takes_vllm_style_arguments(capsys):
+    """`qwenjax serve MODEL -tp 2 --api-key K --gpu-memory-utilization F`, as `vllm serve` takes them."""
+    import argparse
+
+    from server.cli import add_serve_arguments, main as serve_main, resolve_model_tag, server_config
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["/models/Qwen2.5-7B-Instruct", "-tp", "2", "--api-key", "k",
+                              "--gpu-memory-utilization", "0.8", "--no-enable-prefix-caching",
+                              "--served-model-name", "qwen", "Qwen/Qwen2.5-7B-Instruct"])
+    resolve_model_tag(args)
+    assert (args.model, args.tp, args.kv_cache_fraction, args.enable_prefix_caching) == (
+        "/models/Qwen2.5-7B-Instruct", 2, 0.8, False)
+    config = server_config(args)
+    assert config.api_token == "k" and config.http_port == 8000
+    assert config.served_model_names == ("qwen", "Qwen/Qwen2.5-7B-Instruct")
+    assert serve_main(["a", "--model", "b"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert serve_main(["--gpu-memory-utilization", "1.5"]) == 2
+    assert "--gpu-memory-utilization must be in (0, 1]" in capsys.readouterr().err

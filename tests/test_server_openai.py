@@ -174,6 +174,9 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
     assert [c.index for c in reply.choices] == [0, 1, 2] and reply.choices[0].text == text
     assert reply.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in (prompt, "x = 1", "y"))
     assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    unset = client.completions.create(model=name, prompt=prompt, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert unset.usage.completion_tokens == proto.COMPLETION_MAX_TOKENS  # OpenAI's default, 16
 
     echoed = client.completions.create(model=name, prompt=token_prompt, max_tokens=4, temperature=0,
                                        echo=True, logprobs=2)
