@@ -144,7 +144,10 @@ def _structured(spec: Any, where: str) -> StructuredOutputs:
     if unknown:
         raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}; its keys are "
                          f"{', '.join(sorted(known))}")
-    return StructuredOutputs(**{k: v for k, v in spec.items() if v is not None})
+    try:
+        return StructuredOutputs(**{k: v for k, v in spec.items() if v is not None})
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:

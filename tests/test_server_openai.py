@@ -410,3 +410,33 @@ def test_bench_serving_over_the_http_api(base, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["api"] == "openai" and summary["completed"] == 4 and summary["output_tokens"] == 20
     assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
+
+
+def test_wrong_types_are_refused_naming_the_field(base, name):
+    """Every field of both endpoints, given values of the wrong kind: the answer is a 400 that
+    names the field (or, where the value happens to be valid, a completed request); never a 500."""
+    values = ["x", -1, {"a": 1}, [1, "a"]]
+    valid = {"model": name, "max_tokens": 1}
+    seen = 0
+    for path, fields, base_body in [
+            ("/v1/completions", proto.COMPLETION_FIELDS, {"prompt": "def f("}),
+            ("/v1/chat/completions", proto.CHAT_FIELDS, {"messages": [{"role": "user", "content": "hi"}]})]:
+        for field in sorted(fields):
+            for value in values:
+                body = {**base_body, **valid, field: value}
+                if field in ("stream", "stream_options"):
+                    continue  # a streamed answer is tested elsewhere; their types are checked below
+                status, answer = http(base, path, body)
+                assert status in (200, 400, 404), (path, field, value, status, answer)
+                if status == 400:
+                    message = answer["error"]["message"]
+                    # The field, or (for the guided_* names, checked once mapped) its last word.
+                    assert field in message or field.split("_")[-1] in message, (field, value, message)
+                if status == 404:
+                    assert field == "model"
+                seen += 1
+    assert seen > 300
+    for body in ({"stream": "yes"}, {"stream_options": [1]}, {"stream_options": {"include_usage": 1},
+                                                              "stream": True}):
+        status, answer = http(base, "/v1/completions", {"prompt": "x", **valid, **body})
+        assert status == 400 and "stream" in answer["error"]["message"]

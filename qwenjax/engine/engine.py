@@ -173,8 +173,10 @@ class Engine:
                         num_prompt_tokens: int | None = None) -> SamplingParams:
         """SamplingParams with the ``fields`` a request set and the model's defaults for the
         rest; raises ValueError naming a bad field."""
-        if num_prompt_tokens is not None and fields.get("truncate_prompt_tokens") is not None:
-            num_prompt_tokens = min(num_prompt_tokens, self._truncation(fields["truncate_prompt_tokens"]))
+        k = fields.get("truncate_prompt_tokens")
+        if num_prompt_tokens is not None and isinstance(k, int) and not isinstance(k, bool):
+            # (A k of the wrong type is refused by SamplingParams, naming the field.)
+            num_prompt_tokens = min(num_prompt_tokens, self._truncation(k))
         room = None if num_prompt_tokens is None else self.max_model_len + 1 - num_prompt_tokens
         return apply_defaults(self.sampling_defaults, fields, room=room)
 
