@@ -117,6 +117,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of a token whose text is ``text`` (e.g. "<|fim_prefix|>"), if the vocabulary has it."""
+        return self._tokenizer.token_to_id(text)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (b"" for an id outside the vocabulary). A
         byte-level BPE token may hold part of a UTF-8 character, which ``decode`` of that token

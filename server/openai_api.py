@@ -295,7 +295,10 @@ class OpenAIServer:
         runs = []  # (prompt ids as run, params, echoed text)
         for prompt in parsed.prompts:
             try:
-                ids = prompt if isinstance(prompt, list) else await gateway.encode(text=prompt)
+                if parsed.suffix is not None:
+                    ids = proto.fill_in_the_middle(gateway.engine.tokenizer, prompt, parsed.suffix)
+                else:
+                    ids = prompt if isinstance(prompt, list) else await gateway.encode(text=prompt)
             except ValueError as error:
                 raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
             run_ids, params = await self._prepare(parsed, ids)

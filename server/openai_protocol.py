@@ -64,6 +64,7 @@ class ParsedRequest:
     # /v1/completions
     prompts: list[str | list[int]] = dataclasses.field(default_factory=list)
     echo: bool = False
+    suffix: str | None = None       # fill in the middle: the text after the completion
     # /v1/chat/completions
     default_max_tokens: int | None = None  # an unset max_tokens (None: fill the context's room)
     messages: list[dict] | None = None
@@ -171,11 +172,18 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
     request.request_id = _expect(body, "request_id", str, "a string") or ""
 
 
-def parse_completion(body: Any) -> ParsedRequest:
-    body = _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
-    fields = _sampling_fields(body)
-    request = ParsedRequest(fields=fields)
+def _parse_common(body: Any, allowed: frozenset[str], endpoint: str
+                  ) -> tuple[dict[str, Any], ParsedRequest]:
+    """(the body without nulls, the request with the fields both endpoints share)."""
+    body = _check_fields(body, allowed, endpoint)
+    request = ParsedRequest(fields=_sampling_fields(body))
     _common(body, request)
+    return body, request
+
+
+def parse_completion(body: Any) -> ParsedRequest:
+    body, request = _parse_common(body, COMPLETION_FIELDS, "/v1/completions")
+    fields = request.fields
     request.prompts = _prompts(body.get("prompt"))
     request.default_max_tokens = COMPLETION_MAX_TOKENS
     request.echo = bool(_expect(body, "echo", bool, "true or false"))
@@ -188,9 +196,10 @@ def parse_completion(body: Any) -> ParsedRequest:
     if best_of is not None and best_of != fields.get("n", 1):
         raise ValueError(f"best_of {json.dumps(best_of)} is not supported: only best_of equal to n "
                          "(every sampled sequence is returned)")
-    if body.get("suffix"):
-        raise ValueError("suffix is not supported (fill-in-the-middle: put the whole FIM prompt, "
-                         "<|fim_prefix|>…<|fim_suffix|>…<|fim_middle|>, in prompt)")
+    request.suffix = _expect(body, "suffix", str, "a string") or None
+    if request.suffix is not None and request.echo:
+        raise ValueError("suffix and echo exclude each other: a fill-in-the-middle completion is "
+                         "not a continuation of the prompt")
     return request
 
 
@@ -218,11 +227,23 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+
+
+def fill_in_the_middle(tokenizer, prefix: str | list[int], suffix: str) -> list[int]:
+    """The prompt that asks a Qwen2.5(-Coder) model for the text between ``prefix`` and
+    ``suffix``: <|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>."""
+    ids = [tokenizer.special_token_id(t) if tokenizer is not None else None for t in FIM_TOKENS]
+    if None in ids:
+        raise ValueError("suffix needs a tokenizer with the fill-in-the-middle tokens "
+                         f"{', '.join(FIM_TOKENS)}; this model's has none")
+    head = prefix if isinstance(prefix, list) else tokenizer.encode(prefix)
+    return [ids[0], *head, ids[1], *tokenizer.encode(suffix), ids[2]]
+
+
 def parse_chat(body: Any) -> ParsedRequest:
-    body = _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-    fields = _sampling_fields(body)
-    request = ParsedRequest(fields=fields)
-    _common(body, request)
+    body, request = _parse_common(body, CHAT_FIELDS, "/v1/chat/completions")
+    fields = request.fields
     request.messages = _messages(body.get("messages"))
     request.chat_logprobs = bool(_expect(body, "logprobs", bool, "true or false"))
     top = body.get("top_logprobs")

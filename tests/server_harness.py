@@ -48,6 +48,29 @@ class LoopThread:
         self.thread.join(10)
 
 
+class Servers:
+    """InferenceServers over one EngineThread on a LoopThread, each started with ``defaults``
+    overridden by the call's config; ``stop_all`` at the end of the module."""
+
+    def __init__(self, loop: LoopThread, engine_thread, **defaults):
+        self.loop, self.engine_thread, self.defaults = loop, engine_thread, defaults
+        self.started = []
+
+    def start(self, attach: bool = True, **config):
+        from server.app import InferenceServer, ServerConfig
+
+        server = InferenceServer(ServerConfig(**{**self.defaults, **config}))
+        self.loop.run(server.start())
+        if attach:
+            self.loop.run(server.attach(self.engine_thread))
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            self.loop.run(server.stop())
+
+
 def greedy(max_tokens: int, **more) -> pb.SamplingParams:
     return pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, **more)
 

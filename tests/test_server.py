@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
-from server_harness import (SERVER_DTYPE, SERVER_ENGINE, Lines, acollect, code_of, collect, free_port,
-                            greedy, scrape, wait_engine_idle, wait_until)
+from server_harness import (SERVER_DTYPE, SERVER_ENGINE, Lines, Servers, acollect, code_of, collect,
+                            free_port, greedy, scrape, wait_engine_idle, wait_until)
 
 pytestmark = pytest.mark.real_model
 
@@ -60,22 +60,9 @@ def engine_thread(served_engine_thread):
 
 @pytest.fixture(scope="module")
 def start_server(loop, engine_thread):
-    from server.app import InferenceServer, ServerConfig
-
-    started = []
-
-    def start(attach: bool = True, **config):
-        config = {"port": 0, "metrics_port": 0, "max_request_bytes": MAX_REQUEST_BYTES, **config}
-        server = InferenceServer(ServerConfig(**config))
-        loop.run(server.start())
-        if attach:
-            loop.run(server.attach(engine_thread))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        loop.run(server.stop())
+    servers = Servers(loop, engine_thread, port=0, metrics_port=0, max_request_bytes=MAX_REQUEST_BYTES)
+    yield servers.start
+    servers.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -824,7 +811,7 @@ def test_tls_with_a_self_signed_certificate(start_server, tmp_path):
         pytest.skip("neither the cryptography package nor an openssl binary is available to make a "
                     "self-signed certificate")
     cert, key = pair
-    secure = start_server(tls_cert=str(cert), tls_key=str(key), api_token=TOKEN)
+    secure = start_server(tls_cert=str(cert), tls_key=str(key), api_token=TOKEN, http_port=0)
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     with grpc.secure_channel(secure.address, credentials) as ch:
         stub = pb_grpc.InferenceStub(ch)
@@ -837,6 +824,15 @@ def test_tls_with_a_self_signed_certificate(start_server, tmp_path):
         code, _ = code_of(lambda: pb_grpc.InferenceStub(ch).GetModelInfo(
             pb.GetModelInfoRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5))
         assert code == grpc.StatusCode.UNAVAILABLE
+    # The HTTP API serves HTTPS with the same certificate and token.
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(cert))
+    request = urllib.request.Request(f"https://127.0.0.1:{secure.http_port}/v1/models",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as response:
+        assert json.loads(response.read())["data"][0]["max_model_len"] == 512
 
 
 # --------------------------------------------------------------------------- drain

@@ -19,7 +19,7 @@ import pytest
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server import openai_protocol as proto
-from server_harness import SERVER_ENGINE, collect, greedy, wait_engine_idle, wait_until
+from server_harness import SERVER_ENGINE, Servers, collect, greedy, wait_engine_idle, wait_until
 
 TOKEN = "http-token-51c2"
 MAX_REQUEST_BYTES = 64 << 10
@@ -34,22 +34,10 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def start(server_loop, served_engine_thread):
-    from server.app import InferenceServer, ServerConfig
-
-    started = []
-
-    def start_server(**config):
-        config = {"port": 0, "metrics_port": None, "http_port": 0,
-                  "max_request_bytes": MAX_REQUEST_BYTES, **config}
-        server = InferenceServer(ServerConfig(**config))
-        server_loop.run(server.start())
-        server_loop.run(server.attach(served_engine_thread))
-        started.append(server)
-        return server
-
-    yield start_server
-    for server in started:
-        server_loop.run(server.stop())
+    servers = Servers(server_loop, served_engine_thread, port=0, metrics_port=None, http_port=0,
+                      max_request_bytes=MAX_REQUEST_BYTES)
+    yield servers.start
+    servers.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +184,17 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + c.text
     assert texts == {c.index: c.text for c in reply.choices}
+
+
+def test_fill_in_the_middle_with_suffix(client, name, tokenizer):
+    """suffix: the Coder model writes what goes between the prompt and the suffix."""
+    reply = client.completions.create(model=name, prompt="def add(a, b):\n    return ",
+                                      suffix="\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0)
+    assert reply.choices[0].text.strip().startswith("a + b")
+    prefix, suffix = tokenizer.encode("x = "), tokenizer.encode("y")
+    assert proto.fill_in_the_middle(tokenizer, prefix, "y") == [
+        tokenizer.special_token_id("<|fim_prefix|>"), *prefix, tokenizer.special_token_id("<|fim_suffix|>"),
+        *suffix, tokenizer.special_token_id("<|fim_middle|>")]
 
 
 def test_structured_outputs_through_response_format_and_vllm_fields(client, name):
@@ -348,7 +347,7 @@ def test_parse_maps_openai_and_vllm_fields():
     assert completion.fields["logprobs"] == 3 and completion.fields["prompt_logprobs"] == 3
     assert tuple(completion.fields["structured_outputs"].choice) == ("a", "b")
 
-    for body, field in [({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y"}, "suffix"),
+    for body, field in [({"prompt": "x", "best_of": 3}, "best_of"), ({"prompt": "x", "suffix": "y", "echo": True}, "suffix"),
                         ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
                         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
                         ({"prompt": "x", "guided_json": {}, "guided_regex": "a"}, "guided_json"),
