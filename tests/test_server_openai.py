@@ -325,6 +325,58 @@ def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_l
     running.close()
 
 
+def test_clients_that_leave_in_waves_leak_nothing(start, served_model, name):
+    """Two waves of 16 requests over the HTTP API, most abandoned by their clients (streams
+    closed after a few events, non-streamed requests timed out): every engine request ends,
+    every page is freed, the in-flight count returns to 0, and the requests left alone finish."""
+    import random
+
+    import aiohttp
+
+    engine = served_model[1]
+    server = start()
+    url = f"http://127.0.0.1:{server.http_port}/v1/completions"
+    rng = random.Random(5)
+
+    async def one(session, i: int) -> str:
+        stream = i % 3 != 2
+        leave = rng.choice([1, 3, None]) if stream else rng.choice([0.2, 0.6, None])
+        body = {"model": name, "prompt": f"def wave_{i}(", "max_tokens": 16, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        timeout = aiohttp.ClientTimeout(total=leave if not stream and leave else 120)
+        try:
+            async with session.post(url, json=body, timeout=timeout) as response:
+                if not stream:
+                    return (await response.json())["choices"][0]["finish_reason"]
+                events, finish = 0, None
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        events += 1
+                        finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+                        if leave is not None and events >= leave:
+                            return "left"
+                return finish
+        except asyncio.TimeoutError:
+            return "left"
+
+    async def waves() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            results = []
+            for wave in range(2):
+                results += await asyncio.gather(*(one(session, 16 * wave + i) for i in range(16)))
+            return results
+
+    results = asyncio.run(waves())
+    assert set(results) <= {"left", "length"} and 8 <= results.count("left") <= 28, results
+    wait_until(lambda: server.gateway.in_flight == 0, 15.0)
+    wait_engine_idle(engine, timeout=15.0)
+    assert server.gateway.admission.queued == 0 and server.gateway.admission.queued_tokens == 0
+    # Each abandoned request was aborted (not run to its end for nobody).
+    requests = server.metrics.requests
+    assert requests.labels("abort")._value.get() == results.count("left")
+    assert requests.labels("length")._value.get() == results.count("length")
+
+
 # --------------------------------------------------------------------------- without a model
 
 
