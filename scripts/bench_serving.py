@@ -5,6 +5,7 @@
     python scripts/bench_serving.py --address 127.0.0.1:50051     # a gRPC server already running
     python scripts/bench_serving.py --base-url http://HOST:8000   # any OpenAI-compatible server
                                                                   # (qwenjax, vLLM, SGLang)
+    python scripts/bench_serving.py --input-len 1024 --output-len 128   # random token prompts
 
 Without ``--address`` or ``--base-url`` it starts ``python -m server`` on free loopback ports
 with the given engine options, waits for health SERVING, runs the load and stops the server
@@ -20,6 +21,7 @@ import asyncio
 import datetime
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -32,6 +34,41 @@ QUESTIONS = [
     "Explain what a hash map is.", "Name three primary colors.", "What is 17 times 23?",
     "Why is the sky blue?", "Write a bash loop that prints 1 to 10.", "What is recursion?",
 ]
+
+
+class Workload:
+    """What each request asks: a chat question (default), or --input-len random token ids sent as
+    a raw prompt (vLLM's random dataset; needs no tokenizer, so random-weight presets serve it).
+    Every request is greedy and runs to max_tokens (ignore_eos)."""
+
+    def __init__(self, max_tokens: int, token_prompts: list[list[int]] | None = None):
+        self.max_tokens = max_tokens
+        self.token_prompts = token_prompts
+
+    @classmethod
+    def make(cls, max_tokens: int, input_len: int | None, requests: int, seed: int = 0) -> Workload:
+        if input_len is None:
+            return cls(max_tokens)
+        rng = random.Random(seed)
+        # Ordinary vocabulary ids (below every Qwen2.5 vocabulary's special tokens).
+        return cls(max_tokens, [[rng.randrange(1000, 100_000) for _ in range(input_len)]
+                                for _ in range(requests + 1)])
+
+    def grpc_request(self, pb, index: int, max_tokens: int):
+        sampling = pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        if self.token_prompts is not None:
+            return pb.GenerateRequest(token_ids=pb.TokenIds(ids=self.token_prompts[index]), sampling=sampling)
+        question = QUESTIONS[index % len(QUESTIONS)]
+        return pb.GenerateRequest(messages=pb.Messages(messages=[pb.Message(role="user", content=question)]),
+                                  sampling=sampling)
+
+    def http_request(self, model: str, index: int, max_tokens: int) -> tuple[str, dict]:
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        if self.token_prompts is not None:
+            return "/v1/completions", {**body, "prompt": self.token_prompts[index]}
+        question = QUESTIONS[index % len(QUESTIONS)]
+        return "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": question}]}
 
 
 def _free_port() -> int:
@@ -89,15 +126,14 @@ async def _wait_http(base_url: str, timeout: float) -> float:
     raise TimeoutError(f"server at {base_url} not healthy after {timeout:.0f}s")
 
 
-async def _one_openai(session, base_url: str, model: str, index: int, max_tokens: int) -> dict:
-    """One streamed chat completion; tokens counted from vLLM's continuous usage stats (which
-    qwenjax and vLLM send), else one per content chunk."""
-    body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[index % len(QUESTIONS)]}],
-            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+async def _one_openai(session, base_url: str, model: str, work: Workload, index: int,
+                      max_tokens: int) -> dict:
+    """One streamed completion; tokens counted from vLLM's continuous usage stats (which
+    qwenjax and vLLM send), else one per chunk with text."""
+    path, body = work.http_request(model, index, max_tokens)
     start = time.perf_counter()
     arrivals, tokens, finish = [], 0, None
-    async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
+    async with session.post(f"{base_url}{path}", json=body) as response:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
         async for line in response.content:
@@ -107,7 +143,7 @@ async def _one_openai(session, base_url: str, model: str, index: int, max_tokens
             usage = event.get("usage")
             count = usage["completion_tokens"] - tokens if usage else 0
             for choice in event.get("choices", ()):
-                if not usage and (choice.get("delta") or {}).get("content"):
+                if not usage and ((choice.get("delta") or {}).get("content") or choice.get("text")):
                     count = 1
                 finish = choice.get("finish_reason") or finish
             if count > 0 and event.get("choices"):
@@ -118,8 +154,8 @@ async def _one_openai(session, base_url: str, model: str, index: int, max_tokens
                 tokens=tokens, gaps=gaps, finish=finish)
 
 
-async def _load_openai(base_url: str, model: str | None, requests: int, concurrency: int,
-                       max_tokens: int) -> tuple[list, float]:
+async def _load_openai(base_url: str, model: str | None, work: Workload, requests: int,
+                       concurrency: int) -> tuple[list, float]:
     import aiohttp
 
     limits = aiohttp.TCPConnector(limit=concurrency + 1)
@@ -127,22 +163,21 @@ async def _load_openai(base_url: str, model: str | None, requests: int, concurre
         if model is None:
             async with session.get(f"{base_url}/v1/models") as response:
                 model = (await response.json())["data"][0]["id"]
-        await _one_openai(session, base_url, model, 0, 4)  # first-request effects out of the measurement
+        # First-request effects out of the measurement (the extra prompt, index `requests`).
+        await _one_openai(session, base_url, model, work, requests, 4)
         limit = asyncio.Semaphore(concurrency)
 
         async def bounded(i):
             async with limit:
-                return await _one_openai(session, base_url, model, i, max_tokens)
+                return await _one_openai(session, base_url, model, work, i, work.max_tokens)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
         return results, time.perf_counter() - start
 
 
-async def _one(stub, pb, index: int, max_tokens: int) -> dict:
-    request = pb.GenerateRequest(
-        messages=pb.Messages(messages=[pb.Message(role="user", content=QUESTIONS[index % len(QUESTIONS)])]),
-        sampling=pb.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+async def _one(stub, pb, work: Workload, index: int, max_tokens: int) -> dict:
+    request = work.grpc_request(pb, index, max_tokens)
     start = time.perf_counter()
     arrivals, tokens, finish = [], 0, None
     async for response in stub.Generate(request):
@@ -156,19 +191,19 @@ async def _one(stub, pb, index: int, max_tokens: int) -> dict:
                 tokens=tokens, gaps=gaps, finish=finish)
 
 
-async def _load(address: str, requests: int, concurrency: int, max_tokens: int) -> tuple[list, float]:
+async def _load(address: str, work: Workload, requests: int, concurrency: int) -> tuple[list, float]:
     import grpc
 
     from qwenjax_proto.v1 import inference_pb2 as pb, inference_pb2_grpc as rpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = rpc.InferenceStub(channel)
-        await _one(stub, pb, 0, 4)  # first-request effects out of the measurement
+        await _one(stub, pb, work, requests, 4)  # first-request effects out of the measurement
         limit = asyncio.Semaphore(concurrency)
 
         async def bounded(i):
             async with limit:
-                return await _one(stub, pb, i, max_tokens)
+                return await _one(stub, pb, work, i, work.max_tokens)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -192,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the request's model field over HTTP (default: the first of /v1/models)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", "--output-len", dest="max_tokens", type=int, default=64,
+                   help="tokens each request generates (greedy, ignore_eos)")
+    p.add_argument("--input-len", type=int, default=None,
+                   help="prompts of this many random token ids (vLLM's random dataset; works with "
+                        "random-weight presets) instead of chat questions")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--prefill-chunk", type=int, default=128)
@@ -213,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (address or base_url):
         proc, address, base_url = _start_server(args)
     try:
+        work = Workload.make(args.max_tokens, args.input_len, args.requests)
         if args.api == "openai":
             ready_s = asyncio.run(_wait_http(base_url, args.startup_timeout))
-            results, seconds = asyncio.run(_load_openai(base_url, args.model_name, args.requests,
-                                                        args.concurrency, args.max_tokens))
+            results, seconds = asyncio.run(_load_openai(base_url, args.model_name, work, args.requests,
+                                                        args.concurrency))
         else:
             ready_s = asyncio.run(_wait_serving(address, args.startup_timeout))
-            results, seconds = asyncio.run(_load(address, args.requests, args.concurrency, args.max_tokens))
+            results, seconds = asyncio.run(_load(address, work, args.requests, args.concurrency))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -234,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = dict(
         date=datetime.date.today().isoformat(), api=args.api,
         address=base_url if args.api == "openai" else address, requests=args.requests,
-        concurrency=args.concurrency, max_tokens=args.max_tokens, completed=completed,
+        concurrency=args.concurrency, max_tokens=args.max_tokens, input_len=args.input_len,
+        completed=completed,
         server_ready_s=ready_s, seconds=seconds, output_tokens=tokens, tokens_per_s=tokens / seconds,
         requests_per_s=args.requests / seconds, ttft_p50_s=statistics.median(ttfts),
         ttft_p99_s=_pct(ttfts, 0.99), itl_p50_ms=1e3 * statistics.median(gaps), itl_p99_ms=1e3 * _pct(gaps, 0.99),

@@ -960,6 +960,9 @@ def test_bench_serving_against_a_running_server(served, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["completed"] == 6 and summary["output_tokens"] == 30
     assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
+    assert bench.main(["--address", served.address, "--requests", "2", "--input-len", "30",
+                       "--output-len", "3", "--json", str(out)]) == 0  # random token-id prompts
+    assert json.loads(out.read_text())["output_tokens"] == 6
 
 
 def test_engine_tallies_are_exported_when_scraped():

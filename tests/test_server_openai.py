@@ -461,6 +461,11 @@ def test_bench_serving_over_the_http_api(base, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["api"] == "openai" and summary["completed"] == 4 and summary["output_tokens"] == 20
     assert 0 < summary["ttft_p50_s"] <= summary["e2e_p50_s"]
+    # vLLM's random dataset: prompts of random token ids through /v1/completions.
+    assert bench.main(["--base-url", base, "--requests", "2", "--concurrency", "2", "--input-len", "40",
+                       "--output-len", "3", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["input_len"] == 40 and summary["completed"] == 2 and summary["output_tokens"] == 6
 
 
 def test_wrong_types_are_refused_naming_the_field(base, name):
