@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should measure, in two device calls (≤ 10 min each):
-#   run(command="bash scripts/gpu_session.sh 1", timeout_s=600)   # GPU tests, attention, decode + profile
-#   run(command="bash scripts/gpu_session.sh 2", timeout_s=600)   # prefill, host overhead, start-up
-# Each call brings back two files: summary.txt (every step's exit and last lines) and
-# gpu_partN.tgz (logs, JSON, the decode profile); the device tool returns at most 8 files.
+# Everything a session with a lent GPU should measure, sized for the device budget: 15 minutes of
+# device time per task, machine start included (a start takes a minute or two), one call ≤ 10 min,
+# and no machine starts with under 4 minutes left. So: two calls of under 5 minutes each, back to
+# back (the machine stays warm 30 s after a call), the targets first:
+#   run(command="bash scripts/gpu_session.sh 1", timeout_s=320)   # GPU tests, decode TP4 (profiled), TP8
+#   run(command="bash scripts/gpu_session.sh 2", timeout_s=320)   # prefill, host overhead, start-up
+#   run(command="bash scripts/gpu_session.sh 3", timeout_s=150)   # attention kernels, if time is left
+# then give_back. Each call brings back two files: summary.txt (every step's exit and last lines)
+# and gpu_partN.tgz (logs, JSON, the decode profile); the device tool returns at most 8 files.
+# Every step packs what it wrote, so a call cut short still brings back what finished.
 # Then, here: tar xzf gpu_part1.tgz && python scripts/plot_mbu.py decode_tp4.json decode_tp8.json --out docs/mbu.png
 #
 # The GPU machine can reach no package index: nothing is installed. It already has jax (CUDA
@@ -47,37 +52,40 @@ cat "$WORK/jax.txt" | tee -a "$WORK/summary.txt"
 if [ -n "$SMOKE" ]; then
   if [ "$PART" = 1 ]; then
     step gpu_tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-    step bench_attention 300 $PY scripts/bench_attention.py --smoke --cases smoke_b2_ctx40 \
-        --json "$WORK/attention.json"
     step bench_decode_tp4 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp4.json" \
         --profile "$WORK/decode_tp4_profile"
     step bench_decode_tp8 300 $PY scripts/bench_decode.py --smoke --json "$WORK/decode_tp8.json" --verify 4
-  else
+  elif [ "$PART" = 2 ]; then
     step bench_prefill 300 $PY scripts/bench_prefill.py --smoke --json "$WORK/prefill_tp4.json"
     step bench_host 300 $PY scripts/bench_host.py --smoke --json "$WORK/host.json"
+  else
+    step bench_attention 300 $PY scripts/bench_attention.py --smoke --cases smoke_b2_ctx40 \
+        --json "$WORK/attention.json"
   fi
 elif [ "$PART" = 1 ]; then
   # 1. Correctness on the GPU first: the compiled Triton kernel and the model's kernel path.
-  step gpu_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-  # 2. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
-  step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
-  # 3. Decode step (engine attention and sampler) of one device's shard: 72B at TP4 (36 GB of
-  #    weights), profiled at batch 1; the target sizes (1, 32) first in case time runs out. Then TP8,
-  #    with the step that checks 4 speculative drafts at batch 1 (what a step must yield to pay).
-  step bench_decode_tp4 230 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
+  step gpu_tests 70 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+  # 2. Decode step (engine attention and sampler) of one device's shard: 72B at TP4 (36 GB of
+  #    weights), profiled, the target sizes (batch 1, 32) first: rows are written as they finish,
+  #    so a step cut short keeps them. Then TP8, with the step that
+  #    checks 4 speculative drafts at batch 1 (what a step must yield for speculation to pay).
+  step bench_decode_tp4 120 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
       --batch 1,32,8,64 --ctx 2048 --json "$WORK/decode_tp4.json" --profile "$WORK/decode_tp4_profile"
-  step bench_decode_tp8 140 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 \
+  step bench_decode_tp8 100 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 \
       --batch 1,32 --ctx 2048 --json "$WORK/decode_tp8.json" --verify 4 --verify-batch 1
-else
-  # 4. Prefill (TTFT, MFU) of the 72B TP4 shard, 2k-token chunks.
-  step bench_prefill 200 $PY scripts/bench_prefill.py --preset qwen2.5-72b --shard-of-tp 4 \
-      --prompt 512,2048,8192,32768 --chunk 2048 --json "$WORK/prefill_tp4.json"
-  # 5. Host overhead of the engine loop at batch 64 (7B, random weights, one GPU), with async
+elif [ "$PART" = 2 ]; then
+  # 3. Prefill (TTFT, MFU) of the 72B TP4 shard, 2k-token chunks; the 2k target first.
+  step bench_prefill 90 $PY scripts/bench_prefill.py --preset qwen2.5-72b --shard-of-tp 4 \
+      --prompt 2048,512,8192 --chunk 2048 --json "$WORK/prefill_tp4.json"
+  # 4. Host overhead of the engine loop at batch 64 (7B, random weights, one GPU), with async
   #    scheduling (the default) and without.
-  step bench_host 130 $PY scripts/bench_host.py --model qwen2.5-7b --batch 8,64 --json "$WORK/host.json"
-  # 6. Cold and warm start of the 7B engine (persistent compile cache; warm loads in parallel).
-  step bench_startup 240 $PY scripts/bench_engine.py --only startup --model qwen2.5-7b \
+  step bench_host 70 $PY scripts/bench_host.py --model qwen2.5-7b --batch 64,8 --json "$WORK/host.json"
+  # 5. Cold and warm start of the 7B engine (persistent compile cache; warm loads in parallel).
+  step bench_startup 130 $PY scripts/bench_engine.py --only startup --model qwen2.5-7b \
       --max-model-len 4096 --json "$WORK/startup.json"
+else
+  # 6. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
+  step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
 fi
 echo "done in $SECONDS s" | tee -a "$WORK/summary.txt"
 pack
