@@ -40,6 +40,7 @@ MAX_SEED = 2**63  # exclusive; seeds are int64 on the wire
 LOGIT_BIAS_RANGE = 100.0  # OpenAI API: a bias of -100 bans a token, +100 all but forces it
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 MAX_N = 128  # sequences of one request (parallel sampling)
+MAX_CACHE_SALT_CHARS = 256
 
 # Smallest non-zero width of the penalty and suppression tables. Widths are
 # powers of two from here, so the jitted step sees at most ~log2(max_history)
@@ -96,6 +97,9 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max context
     # Output constrained by a JSON schema, regex, choice list or grammar (qwenjax.structured).
     structured_outputs: StructuredOutputs | None = None
+    # Prefix caching shares KV pages only among requests with the same salt (vLLM's cache_salt:
+    # one tenant cannot tell from timing what another sent). None: the unsalted, shared cache.
+    cache_salt: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -161,6 +165,11 @@ class SamplingParams:
                                                                   StructuredOutputs):
             raise _fail("structured_outputs", "None, a StructuredOutputs or a dict of its fields",
                         self.structured_outputs)
+
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str)
+                                            or not 1 <= len(self.cache_salt) <= MAX_CACHE_SALT_CHARS):
+            raise _fail("cache_salt", f"None or a string of 1 to {MAX_CACHE_SALT_CHARS} chars",
+                        self.cache_salt)
 
         if self.truncate_prompt_tokens is not None:
             k = self.truncate_prompt_tokens

@@ -88,6 +88,27 @@ def test_evicting_a_parent_drops_its_children():
     cache.check()
 
 
+def test_a_salt_shares_pages_only_with_its_own_requests():
+    allocator = PageAllocator(16)
+    cache = PrefixCache(allocator, PS)
+    tokens = list(range(8))
+    plain = _fill(cache, tokens)
+    salted = allocator.alloc(2)
+    parent = None
+    for i in range(2):
+        parent = cache.insert(parent, tokens[i * PS:(i + 1) * PS], salted[i], salt="tenant-a")
+    assert [e.page for e in cache.match(tokens, 2)] == plain
+    assert [e.page for e in cache.match(tokens, 2, salt="tenant-a")] == salted
+    assert cache.match(tokens, 2, salt="tenant-b") == []
+    cache.check()
+    # Once its pages are evicted, the salt's root goes too (salts do not pile up).
+    allocator.free(salted)
+    allocator.free(plain)
+    allocator.alloc(16)
+    assert len(cache) == 0 and cache._salts == {}
+    cache.check()
+
+
 # ---- the engine ---------------------------------------------------------------------------
 VOCAB = 250
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32, max_prefill_seqs=2,
@@ -187,3 +208,26 @@ def test_prefix_caching_off_shares_nothing(tiny_lm):
             outs = engine.step()
         assert outs[-1].num_cached_tokens == 0
     assert engine.allocator.num_evictable == 0
+
+
+def test_cache_salt_isolates_requests_in_the_engine(tiny_lm):
+    """The same prompt under another salt computes every token; under the same salt it hits;
+    outputs are the same either way."""
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=64), warm_up=False)
+    prompt = list(range(1, 30))
+
+    def run(salt):
+        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True,
+                                                  cache_salt=salt))
+        while engine.has_unfinished():
+            outs = engine.step()
+        return outs[-1]
+
+    first = run("a")
+    assert first.num_cached_tokens == 0
+    assert run("b").num_cached_tokens == 0 and run(None).num_cached_tokens == 0
+    again = run("a")
+    assert again.num_cached_tokens == 28 and again.token_ids == first.token_ids
+    engine.check()
+    with pytest.raises(ValueError, match="cache_salt"):
+        SamplingParams(cache_salt="")

@@ -394,7 +394,8 @@ def test_parse_maps_openai_and_vllm_fields():
     assert chat.stream and chat.include_usage and chat.model == "m"
 
     completion = proto.parse_completion({"prompt": [[1, 2], [3]], "logprobs": 3, "echo": True,
-                                         "best_of": 1, "guided_choice": ["a", "b"]})
+                                         "best_of": 1, "guided_choice": ["a", "b"], "cache_salt": "t"})
+    assert completion.fields["cache_salt"] == "t"
     assert completion.prompts == [[1, 2], [3]] and completion.echo
     assert completion.fields["logprobs"] == 3 and completion.fields["prompt_logprobs"] == 3
     assert tuple(completion.fields["structured_outputs"].choice) == ("a", "b")

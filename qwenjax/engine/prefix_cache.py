@@ -8,6 +8,10 @@ bucket to look in; a hit is confirmed by comparing the tokens and that the
 parent is the very entry matched one page earlier, so a hash collision can
 never hand a request pages of other tokens.
 
+A request with a ``cache_salt`` (vLLM's, for tenants who must not learn from
+cache timing what others sent) chains its pages below a root of that salt: it
+shares pages only with requests of the same salt, and none with unsalted ones.
+
 The pages themselves stay with the ``PageAllocator``: a request that hits a
 cached page shares it (reference count); when the last holder frees it, the
 page keeps its contents and waits in the allocator's LRU of evictable pages
@@ -56,6 +60,7 @@ class PrefixCache:
         self.root_key = hash_fn(0, (hash(identity),))
         self._buckets: dict[int, list[Entry]] = {}
         self._by_page: dict[int, Entry] = {}
+        self._salts: dict[str, Entry] = {}  # salt → the root its requests' pages chain below
         self.stats = PrefixCacheStats()
         allocator.on_evict = self._evicted
 
@@ -72,11 +77,24 @@ class PrefixCache:
                 return entry
         return None
 
-    def match(self, tokens: Sequence[int], max_pages: int) -> list[Entry]:
-        """The cached entries of the longest run of ``tokens``' full pages, at most ``max_pages``.
-        Does not take the pages: call ``allocator.reuse`` on them to hold them."""
+    def _salt_root(self, salt: str | None, create: bool = False) -> Entry | None:
+        """The root entry of ``salt`` (None: the unsalted root, which has no entry). A root holds
+        no page; it lives while pages chain below it."""
+        if salt is None:
+            return None
+        root = self._salts.get(salt)
+        if root is None and create:
+            root = self._salts[salt] = Entry(self.hash_fn(self.root_key, (hash(salt),)), None, (), -1)
+        return root
+
+    def match(self, tokens: Sequence[int], max_pages: int, salt: str | None = None) -> list[Entry]:
+        """The cached entries of the longest run of ``tokens``' full pages, at most ``max_pages``
+        (among those of requests with the same ``salt``). Does not take the pages: call
+        ``allocator.reuse`` on them to hold them."""
         found: list[Entry] = []
-        parent = None
+        parent = self._salt_root(salt)
+        if salt is not None and parent is None:
+            return found
         ps = self.page_size
         for i in range(min(max_pages, len(tokens) // ps)):
             page_tokens = tuple(tokens[i * ps:(i + 1) * ps])
@@ -88,8 +106,10 @@ class PrefixCache:
         return found
 
     # ---- insertion ------------------------------------------------------------------------
-    def insert(self, parent: Entry | None, tokens: Sequence[int], page: int) -> Entry | None:
-        """Index ``page``, which holds the K/V of ``tokens`` after ``parent``'s prefix.
+    def insert(self, parent: Entry | None, tokens: Sequence[int], page: int,
+               salt: str | None = None) -> Entry | None:
+        """Index ``page``, which holds the K/V of ``tokens`` after ``parent``'s prefix (None:
+        the request's first page, indexed under its ``salt``).
 
         Returns the entry now standing for this prefix: an equal one already indexed (then
         ``page`` stays a private page of its request), or the new one. Returns None when
@@ -97,6 +117,8 @@ class PrefixCache:
         """
         if parent is not None and not parent.live:
             return None
+        if parent is None and salt is not None:
+            parent = self._salt_root(salt, create=True)
         tokens = tuple(tokens)
         key = self._key(parent, tokens)
         existing = self._find(key, parent, tokens)
@@ -135,8 +157,11 @@ class PrefixCache:
             self.allocator.unmark_cached(e.page)
             stack.extend(e.children)
             e.children = []
-        if entry.parent is not None and entry.parent.live:
-            entry.parent.children.remove(entry)
+        parent = entry.parent
+        if parent is not None and parent.live:
+            parent.children.remove(entry)
+            if parent.page == -1 and not parent.children:  # a salt's root with nothing below
+                self._salts = {k: v for k, v in self._salts.items() if v is not parent}
 
     def forget_pages(self, pages: Sequence[int]) -> None:
         """Drop the entries of these pages and everything chained below them (e.g. their
@@ -151,6 +176,7 @@ class PrefixCache:
         for entry in list(self._by_page.values()):
             if entry.live:
                 self._remove(entry)
+        self._salts.clear()
 
     def check(self) -> None:
         for page, entry in self._by_page.items():
@@ -158,4 +184,6 @@ class PrefixCache:
             assert entry in self._buckets[entry.key], f"page {page}: entry missing from its bucket"
             assert self.allocator.is_cached(page), f"page {page}: indexed but not marked cached"
             assert entry.parent is None or entry.parent.live, f"page {page}: parent left the index"
+        for salt, root in self._salts.items():
+            assert root.children, f"salt {salt!r}: a root with no pages below it was kept"
         assert sum(map(len, self._buckets.values())) == len(self._by_page), "bucket/page mismatch"

@@ -328,7 +328,8 @@ class Scheduler:
         if request.prompt_logprobs is not None:
             # Positions whose prompt logprobs are still to come must be computed, not found.
             max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
-        return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages)
+        return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages,
+                                       request.params.cache_salt)
 
     def step_dispatched(self, out: SchedulerOutput) -> None:
         """The step is on its way: its tokens have K/V in the cache for every later step (the
@@ -352,7 +353,8 @@ class Scheduler:
         while len(entries) < min(request.num_computed, request.num_known) // ps:
             i = len(entries)
             entry = cache.insert(entries[-1] if entries else None,
-                                 request.tokens(i * ps, (i + 1) * ps), request.pages[i])
+                                 request.tokens(i * ps, (i + 1) * ps), request.pages[i],
+                                 request.params.cache_salt)
             if entry is None:  # its prefix left the cache: nothing after it can be found
                 request.cache_broken = True
                 return
