@@ -341,10 +341,12 @@ class OpenAIServer:
                 i, output = finals[index]
                 echo = runs[i][2]
                 entries = (prompt_lps.get(i, []) if parsed.echo else []) + list(output.logprobs or ())
-                choices.append({"index": index, "text": echo + output.text,
-                                "logprobs": logprobs(i, entries, 0),
-                                "finish_reason": output.finish_reason,
-                                "stop_reason": proto.stop_reason(output, eos)})
+                choice = {"index": index, "text": echo + output.text,
+                          "logprobs": logprobs(i, entries, 0), "finish_reason": output.finish_reason,
+                          "stop_reason": proto.stop_reason(output, eos)}
+                if "prompt_logprobs" in parsed.fields:  # asked for (echo + logprobs asks too)
+                    choice["prompt_logprobs"] = proto.prompt_logprobs_json(prompt_lps.get(i), token_text)
+                choices.append(choice)
             completion = sum(len(output.token_ids) for _, output in finals.values())
             return web.json_response({**head, "choices": choices, "usage": proto.usage(
                 prompt_tokens, completion, sum(totals["cached"].values()))})
@@ -407,8 +409,10 @@ class OpenAIServer:
             return "tool_calls" if called and output.finish_reason == "stop" else output.finish_reason
 
         if not parsed.stream:
-            finals = {}
+            finals, prompt_lps = {}, None
             async for _, output in merged([call]):
+                if output.prompt_logprobs is not None and prompt_lps is None:
+                    prompt_lps = list(output.prompt_logprobs)
                 if output.finish_reason is not None:
                     finals[output.index] = output
             choices = []
@@ -422,8 +426,11 @@ class OpenAIServer:
                                 "stop_reason": proto.stop_reason(output, eos)})
             completion = sum(len(o.token_ids) for o in finals.values())
             cached = finals[0].num_cached_tokens if 0 in finals else 0
-            return web.json_response({**head, "choices": choices,
-                                      "usage": proto.usage(len(prompt_ids), completion, cached)})
+            reply = {**head, "choices": choices,
+                     "usage": proto.usage(len(prompt_ids), completion, cached)}
+            if params.prompt_logprobs is not None:  # vLLM's place for them
+                reply["prompt_logprobs"] = proto.prompt_logprobs_json(prompt_lps, token_text)
+            return web.json_response(reply)
 
         head["object"] = "chat.completion.chunk"
 

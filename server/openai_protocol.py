@@ -170,6 +170,8 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
         raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
     request.priority = int(priority)
     request.request_id = _expect(body, "request_id", str, "a string") or ""
+    if request.stream and body.get("prompt_logprobs") is not None:
+        raise ValueError("prompt_logprobs needs stream: false (they come with the whole response)")
 
 
 def _parse_common(body: Any, allowed: frozenset[str], endpoint: str
@@ -396,6 +398,24 @@ def chat_logprobs(entries: Sequence, token_text: TokenText) -> dict[str, list]:
         content.append({"token": text, "logprob": _finite(lp.logprob), "bytes": raw,
                         "top_logprobs": top})
     return {"content": content}
+
+
+def prompt_logprobs_json(entries: Sequence | None, token_text: TokenText) -> list | None:
+    """vLLM's prompt_logprobs: per prompt token (the first: null) a map of token id → its
+    logprob and text, for the prompt's token and the top alternatives (these with their rank)."""
+    if entries is None:
+        return None
+    out = []
+    for lp in entries:
+        if lp is None:
+            out.append(None)
+            continue
+        ranked = {str(t): {"logprob": _finite(v), "rank": rank, "decoded_token": token_text(t)[0]}
+                  for rank, (t, v) in enumerate(lp.top, 1)}
+        chosen = ranked.pop(str(lp.token_id), None) or {
+            "logprob": _finite(lp.logprob), "decoded_token": token_text(lp.token_id)[0]}
+        out.append({str(lp.token_id): chosen, **ranked})
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

@@ -176,6 +176,18 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
     assert "".join(lp.tokens) == choice.text[len(tokenizer.decode(token_prompt[:1])):]
     assert all(len(top) <= 2 for top in lp.top_logprobs)
     assert lp.text_offset == sorted(lp.text_offset)
+    assert echoed.choices[0].model_extra["prompt_logprobs"][0] is None
+
+    # prompt_logprobs (vLLM's, for scoring): per prompt token, its logprob (the first: null).
+    scored = client.completions.create(model=name, prompt=token_prompt, max_tokens=1, temperature=0,
+                                       extra_body={"prompt_logprobs": 1})
+    entries = scored.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(token_prompt) and entries[0] is None
+    for token, entry in zip(token_prompt[1:], entries[1:]):
+        assert entry[str(token)]["logprob"] <= 0 and 1 <= len(entry) <= 2
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=1, extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
 
     # Streamed, several prompts: each choice's deltas add up to its non-streamed text.
     texts: dict[int, str] = {}
@@ -406,6 +418,7 @@ def test_parse_maps_openai_and_vllm_fields():
                         ({"prompt": "x", "guided_json": {}, "guided_regex": "a"}, "guided_json"),
                         ({"prompt": [1, "a"]}, "prompt"), ({"prompt": "x", "stop": [1]}, "stop"),
                         ({"prompt": "x", "stream": "yes"}, "stream"),
+                        ({"prompt": "x", "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
                         ({"prompt": "x", "structured_outputs": {"jsonn": {}}}, "jsonn")]:
         with pytest.raises(ValueError, match=field):
             proto.parse_completion(body)
