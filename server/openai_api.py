@@ -287,12 +287,10 @@ class OpenAIServer:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         return web.json_response({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def _completion_runs(self, parsed: proto.ParsedRequest) -> list[tuple[list[int], Any, str]]:
+        """(prompt ids as run, SamplingParams, echoed text) of each prompt of a completion."""
         gateway = self.gateway
-        gateway.require_engine(generate=True)
-        parsed = self._parse(proto.parse_completion, await self._body(request))
-        model = self._check_model(parsed.model)
-        runs = []  # (prompt ids as run, params, echoed text)
+        runs = []
         for prompt in parsed.prompts:
             try:
                 if parsed.suffix is not None:
@@ -310,6 +308,14 @@ class OpenAIServer:
                 echo = prompt if isinstance(prompt, str) and len(run_ids) == len(ids) else \
                     gateway.engine.tokenizer.decode(run_ids, skip_special_tokens=False)
             runs.append((run_ids, params, echo))
+        return runs
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        parsed = self._parse(proto.parse_completion, await self._body(request))
+        model = self._check_model(parsed.model)
+        runs = await self._completion_runs(parsed)
         calls = [gateway.call(ids, params, parsed.priority) for ids, params, _ in runs]
         n = runs[0][1].n
         response_id = self._request_id(request, parsed, "cmpl")
