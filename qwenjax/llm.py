@@ -30,13 +30,24 @@ def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> En
                         kv_cache_fraction=kv_cache_fraction, **kwargs)
 
 
+def _alias(name: str, value, default, vllm_name: str, vllm_value):
+    """``value``, or vLLM's spelling of the same argument when only that one was given."""
+    if vllm_value is None:
+        return value
+    if value != default and value != vllm_value:
+        raise ValueError(f"{name}={value!r} and {vllm_name}={vllm_value!r} name the same setting; "
+                         "give one")
+    return vllm_value
+
+
 class _Base:
     def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, pp: int = 1,
                  mesh: Mesh | None = None,
                  devices: Sequence[int] | None = None,
                  dtype: str | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
-                 **engine_options):
+                 tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
+                 gpu_memory_utilization: float | None = None, **engine_options):
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
@@ -50,7 +61,13 @@ class _Base:
         generation_config.json, "builtin" ignores them; override_generation_config: a dict of
         generation_config keys applied on top; speculative_config: n-gram speculative decoding,
         e.g. {"method": "ngram", "num_speculative_tokens": 4}, off by default;
-        scheduling_policy: "fcfs" (default) or "priority", for the priority argument)."""
+        scheduling_policy: "fcfs" (default) or "priority", for the priority argument).
+        vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
+        ``gpu_memory_utilization`` (kv_cache_fraction)."""
+        tp = _alias("tp", tp, 1, "tensor_parallel_size", tensor_parallel_size)
+        pp = _alias("pp", pp, 1, "pipeline_parallel_size", pipeline_parallel_size)
+        kv_cache_fraction = _alias("kv_cache_fraction", kv_cache_fraction, 0.9,
+                                   "gpu_memory_utilization", gpu_memory_utilization)
         if isinstance(model, LoadedModel):
             self.lm = model
         else:

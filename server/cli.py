@@ -115,8 +115,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
                      help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
                           f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
-    net.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
-    net.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
+                     help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
+                     help="PEM private key (with --tls-cert)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
     net.add_argument("--step-timeout", type=float, default=300.0,

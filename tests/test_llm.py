@@ -286,3 +286,14 @@ def test_prefix_caching_real_model_shared_system_prompt(real_model_dir, tp):
     assert cached[0].num_cached_tokens == 0
     for i in (1, 2):
         assert cached[i].num_cached_tokens >= shared // page * page
+
+
+def test_vllm_argument_names(tmp_path):
+    from tiny import tiny_config, write_hf_checkpoint
+
+    write_hf_checkpoint(tiny_config(), tmp_path)
+    llm = LLM(str(tmp_path), tensor_parallel_size=2, gpu_memory_utilization=0.5, num_pages=16,
+              warm_up=False, progress=False)
+    assert llm.lm.mesh.shape["tp"] == 2 and llm.engine.config.kv_cache_fraction == 0.5
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(str(tmp_path), tp=2, tensor_parallel_size=4)
