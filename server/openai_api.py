@@ -378,7 +378,10 @@ class OpenAIServer:
                 totals["completion"] += len(output.delta_token_ids)
                 if output.finish_reason is not None and output.index == 0:
                     totals["cached"][i] = output.num_cached_tokens
-                if not text and not entries and output.finish_reason is None:
+                # Nothing new to show (a partial UTF-8 character held back, a model without a
+                # tokenizer): no event, unless the client follows the usage token by token.
+                if not (text or entries or output.finish_reason is not None
+                        or (parsed.continuous_usage and output.delta_token_ids)):
                     continue
                 choice = {"index": index, "text": text,
                           "logprobs": logprobs(i, entries, started[index]),
@@ -464,7 +467,7 @@ class OpenAIServer:
                 content = stream.feed(output.delta_text)
                 logprobs = proto.chat_logprobs(output.delta_logprobs, token_text) \
                     if parsed.chat_logprobs and output.delta_logprobs else None
-                if content or logprobs:
+                if content or logprobs or (parsed.continuous_usage and output.delta_token_ids):
                     yield chunk(index, {"content": content}, logprobs=logprobs)
                 if output.finish_reason is None:
                     continue

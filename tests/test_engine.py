@@ -610,3 +610,28 @@ def test_priority_scheduling_admits_and_keeps_the_lowest_values_first(tiny_dir):
         fcfs.add_request([1, 2, 3], params, priority=3)
     with pytest.raises(ValueError, match="scheduling_policy must be"):
         Engine(lm, EngineConfig(**SMALL, scheduling_policy="lifo"), warm_up=False)
+
+
+def test_outputs_waiting_for_a_slow_consumer_are_taken_as_one():
+    """EngineThread: several outputs of a sequence queued before its consumer came back merge
+    into one with both deltas and the later state; other sequences and errors stay apart."""
+    from qwenjax.engine.async_engine import _coalesced
+    from qwenjax.engine.request import RequestOutput, TokenLogprob
+
+    def out(ids, index=0, finish=None, lps=None):
+        return RequestOutput("r", [1], "x" * len(ids), list(ids), f"<{ids[-1]}>", ids[-1:],
+                             finish is not None, finish, delta_logprobs=lps, index=index)
+
+    a = out([5], lps=[TokenLogprob(5, -0.1, [])])
+    b = out([5, 6], lps=[TokenLogprob(6, -0.2, [])])
+    c = out([5, 6, 7], finish="length")
+    other = out([9], index=1)
+    error = ValueError("boom")
+    merged = _coalesced([a, b, other, c, error])
+    assert len(merged) == 4 and merged[-1] is error
+    first = merged[0]
+    assert first.delta_token_ids == [5, 6] and first.token_ids == [5, 6]
+    assert [lp.token_id for lp in first.delta_logprobs] == [5, 6] and first.delta_text == "<5><6>"
+    assert merged[1] is other and merged[2] is c  # not merged across another sequence
+    (done,) = _coalesced([b, c])
+    assert done.finish_reason == "length" and done.delta_token_ids == [6, 7] and done.finished

@@ -510,3 +510,23 @@ def test_wrong_types_are_refused_naming_the_field(base, name):
                                                               "stream": True}):
         status, answer = http(base, "/v1/completions", {"prompt": "x", **valid, **body})
         assert status == 400 and "stream" in answer["error"]["message"]
+
+
+def test_bench_frontend_runs_and_counts_every_token(tmp_path):
+    """scripts/bench_frontend.py (the front end's CPU cost per streamed token), tiny and quick:
+    every token of every request arrives over each protocol, one chunk per token at most."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_frontend.py"
+    spec = importlib.util.spec_from_file_location("bench_frontend", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "frontend.json"
+    assert bench.main(["--requests", "6", "--tokens", "5", "--concurrency", "3", "--step-ms", "5",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["api"] for r in rows] == ["direct", "grpc", "openai"]
+    for r in rows:
+        assert r["tokens"] == 30 and 1 <= r["tokens_per_chunk"] <= 5, r
+    assert rows[1]["loop_us_per_chunk"] > 0 and rows[2]["loop_us_per_chunk"] > 0

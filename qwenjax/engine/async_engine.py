@@ -2,7 +2,12 @@
 
 The engine is single-threaded; callers on any event loop (AsyncLLM, the gRPC
 server) talk to it through a command queue, and it answers on the loop of the
-caller that added the request.
+caller that added the request: once per step and loop, with all of that step's
+outputs for the loop's requests (one wake-up, not one per request).
+
+A consumer that falls behind (a loop busy encoding other streams) finds several
+outputs of its request waiting; it takes them as one (``RequestOutput.followed_by``),
+so a server under load sends fewer, larger chunks instead of falling further behind.
 """
 from __future__ import annotations
 
@@ -21,6 +26,25 @@ from qwenjax.engine.request import RequestOutput
 from qwenjax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def _deliver(deliveries) -> None:
+    """On a subscriber loop: put each item into its request's queue."""
+    for queue, item in deliveries:
+        queue.put_nowait(item)
+
+
+def _coalesced(items: list) -> list:
+    """Consecutive outputs of the same sequence merged into one (an exception ends the list)."""
+    merged: list = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if (isinstance(item, RequestOutput) and isinstance(last, RequestOutput)
+                and last.index == item.index and last.finish_reason is None):
+            merged[-1] = last.followed_by(item)
+        else:
+            merged.append(item)
+    return merged
 
 
 @dataclasses.dataclass
@@ -59,16 +83,20 @@ class EngineThread:
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
         self._commands.put(("add", request_id, list(prompt_ids), params, subscriber, priority))
         finished = False
+        queue = subscriber.queue
         try:
             while True:
-                item = await subscriber.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True  # refused or failed: nothing of ours is left to abort
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in _coalesced(items):
+                    if isinstance(item, BaseException):
+                        finished = True  # refused or failed: nothing of ours is left to abort
+                        raise item
+                    yield item
+                    if item.finished:
+                        finished = True
+                        return
         finally:
             if not finished:
                 self.abort(request_id)
@@ -83,15 +111,24 @@ class EngineThread:
 
     # ---- the engine thread -----------------------------------------------------------------
     def _publish(self, request_id: str, item) -> None:
-        subscriber = self._subscribers.get(request_id)
-        if subscriber is None:
-            return
-        if isinstance(item, BaseException) or item.finished:
-            del self._subscribers[request_id]
-        try:
-            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop has closed; nobody is listening
-            pass
+        self._publish_all([(request_id, item)])
+
+    def _publish_all(self, items) -> None:
+        """Hand (request id, output or exception) pairs to their subscribers: one call into each
+        subscriber loop, however many of its requests the step advanced."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            subscriber = self._subscribers.get(request_id)
+            if subscriber is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                del self._subscribers[request_id]
+            by_loop.setdefault(subscriber.loop, []).append((subscriber.queue, item))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the caller's loop has closed; nobody is listening
+                pass
 
     def _handle(self, command) -> None:
         kind = command[0]
@@ -127,10 +164,8 @@ class EngineThread:
                 outputs = self.engine.step()
             except Exception as error:  # the engine itself is broken: fail everyone listening
                 log.exception("engine step crashed")
-                for request_id in list(self._subscribers):
-                    self._publish(request_id, error)
+                self._publish_all([(request_id, error) for request_id in list(self._subscribers)])
                 continue
             finally:
                 self._step_started = None
-            for output in outputs:
-                self._publish(output.request_id, output)
+            self._publish_all([(output.request_id, output) for output in outputs])

@@ -160,3 +160,15 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     index: int = 0                        # which of the request's n sequences
+
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """One output standing for this one and the ``later`` one of the same sequence: the
+        later state, with both deltas (a consumer that fell behind takes them at once)."""
+        logprobs = None
+        if self.delta_logprobs is not None or later.delta_logprobs is not None:
+            logprobs = (self.delta_logprobs or []) + (later.delta_logprobs or [])
+        return dataclasses.replace(
+            later, delta_text=self.delta_text + later.delta_text,
+            delta_token_ids=self.delta_token_ids + later.delta_token_ids, delta_logprobs=logprobs,
+            prompt_logprobs=later.prompt_logprobs if later.prompt_logprobs is not None
+            else self.prompt_logprobs)
