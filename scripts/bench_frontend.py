@@ -46,8 +46,9 @@ def tiny_engine(concurrency: int):
 
     lm = LoadedModel(config, layout, mesh, random_weights(layout, mesh, jnp.float32), Model(layout, mesh),
                      "float32", None, "tiny-random")
-    engine_config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=256, prefill_chunk=32,
-                                 max_prefill_seqs=4, page_size=16, max_model_len=256,
+    # Prompts are 16 tokens: few prefill rows and packed tokens keep the compiled shapes few.
+    engine_config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(64, 4 * concurrency),
+                                 prefill_chunk=16, max_prefill_seqs=2, page_size=16, max_model_len=256,
                                  num_pages=concurrency * 16 + 16)
     return Engine(lm, engine_config, warm_up=True, progress=False)
 

@@ -338,7 +338,7 @@ def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_l
 
 
 def test_clients_that_leave_in_waves_leak_nothing(start, served_model, name):
-    """Two waves of 16 requests over the HTTP API, most abandoned by their clients (streams
+    """Two waves of 8 requests over the HTTP API, most abandoned by their clients (streams
     closed after a few events, non-streamed requests timed out): every engine request ends,
     every page is freed, the in-flight count returns to 0, and the requests left alone finish."""
     import random
@@ -375,11 +375,11 @@ def test_clients_that_leave_in_waves_leak_nothing(start, served_model, name):
         async with aiohttp.ClientSession() as session:
             results = []
             for wave in range(2):
-                results += await asyncio.gather(*(one(session, 16 * wave + i) for i in range(16)))
+                results += await asyncio.gather(*(one(session, 8 * wave + i) for i in range(8)))
             return results
 
     results = asyncio.run(waves())
-    assert set(results) <= {"left", "length"} and 8 <= results.count("left") <= 28, results
+    assert set(results) <= {"left", "length"} and 4 <= results.count("left") <= 14, results
     wait_until(lambda: server.gateway.in_flight == 0, 15.0)
     wait_engine_idle(engine, timeout=15.0)
     assert server.gateway.admission.queued == 0 and server.gateway.admission.queued_tokens == 0
@@ -485,7 +485,7 @@ def test_bench_serving_over_the_http_api(base, tmp_path):
 def test_wrong_types_are_refused_naming_the_field(base, name):
     """Every field of both endpoints, given values of the wrong kind: the answer is a 400 that
     names the field (or, where the value happens to be valid, a completed request); never a 500."""
-    values = ["x", -1, {"a": 1}, [1, "a"]]
+    values = ["x", {"a": 1}]  # a string and an object are wrong for nearly every field
     valid = {"model": name, "max_tokens": 1}
     seen = 0
     for path, fields, base_body in [
@@ -505,7 +505,7 @@ def test_wrong_types_are_refused_naming_the_field(base, name):
                 if status == 404:
                     assert field == "model"
                 seen += 1
-    assert seen > 300
+    assert seen > 150
     for body in ({"stream": "yes"}, {"stream_options": [1]}, {"stream_options": {"include_usage": 1},
                                                               "stream": True}):
         status, answer = http(base, "/v1/completions", {"prompt": "x", **valid, **body})
@@ -523,10 +523,10 @@ def test_bench_frontend_runs_and_counts_every_token(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "frontend.json"
-    assert bench.main(["--requests", "6", "--tokens", "5", "--concurrency", "3", "--step-ms", "5",
+    assert bench.main(["--requests", "4", "--tokens", "5", "--concurrency", "2", "--step-ms", "5",
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["api"] for r in rows] == ["direct", "grpc", "openai"]
     for r in rows:
-        assert r["tokens"] == 30 and 1 <= r["tokens_per_chunk"] <= 5, r
+        assert r["tokens"] == 20 and 1 <= r["tokens_per_chunk"] <= 5, r
     assert rows[1]["loop_us_per_chunk"] > 0 and rows[2]["loop_us_per_chunk"] > 0
