@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import qwenjax
-from server import openai_protocol as proto
+from server import convert, openai_protocol as proto
 from server.auth import bearer_token, token_matches
 from server.gateway import Call, Gateway, Refused
 
@@ -277,10 +277,7 @@ class OpenAIServer:
             if not isinstance(tokens, list) or not all(proto._is_int(t) for t in tokens):
                 raise ValueError("tokens must be a list of token ids")
             self._check_model(body.get("model"))
-            vocab = engine.lm.config.vocab_size
-            for i, t in enumerate(tokens):
-                if not 0 <= t < vocab:
-                    raise ValueError(f"tokens[{i}] is {t}; token ids must be in [0, {vocab})")
+            convert.check_token_ids(tokens, engine.lm.config.vocab_size, "tokens")
             if engine.tokenizer is None:
                 raise ValueError("this model has no tokenizer (random-weight preset)")
         except ValueError as error:
