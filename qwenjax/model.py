@@ -22,6 +22,7 @@ Layout choices (all for one device's view to be whole GQA groups):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -34,6 +35,7 @@ from qwenjax.config import ModelConfig
 from qwenjax.kv_cache import KVCache, write_kv
 from qwenjax.parallel import (DEFAULT_RULES, HeadPlan, LogicalAxes, ShardingRules, padded_size,
                               split_layers)
+from qwenjax.quantization import Fp8Weight, FP8_DTYPE, check_scheme, quantize_fp8
 from qwenjax.rope import apply_rope, rope_tables
 
 
@@ -43,12 +45,17 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: LogicalAxes
     init: str = "normal"  # "normal" | "ones" | "zeros"
+    # Positions of the axes a projection contracts (its inputs); empty for weights that are
+    # not quantizable projections (norms, biases, embedding, lm_head).
+    contract: tuple[int, ...] = ()
+    dtype: object = None  # None: the model dtype; fixed otherwise (fp8 values, fp32 scales)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerWeights:
     # With pp > 1 every field has a leading [pp] stage axis (one layer of each stage).
+    # With quantization="fp8" qkv, o, gate_up and down are Fp8Weight (values + scales).
     attn_norm: jax.Array  # [embed]
     qkv: jax.Array        # [embed, kv_heads, q_per_kv + 2, head_dim]
     qkv_bias: jax.Array   # [kv_heads, q_per_kv + 2, head_dim]
@@ -76,13 +83,16 @@ class Layout:
     mlp: int    # intermediate size, zero-padded to a multiple of tp
     vocab: int  # vocab size, zero-padded to a multiple of tp
     pp: int = 1  # pipeline stages
+    quantization: str | None = None  # None: projections in the model dtype; "fp8" (quantization.py)
 
     @classmethod
-    def create(cls, config: ModelConfig, tp: int = 1, pp: int = 1) -> "Layout":
+    def create(cls, config: ModelConfig, tp: int = 1, pp: int = 1,
+               quantization: str | None = None) -> "Layout":
         split_layers(config.num_layers, pp)  # validates pp against the layer count
         return cls(config=config, heads=HeadPlan.create(config, tp),
                    mlp=padded_size(config.intermediate_size, tp),
-                   vocab=padded_size(config.vocab_size, tp), pp=pp)
+                   vocab=padded_size(config.vocab_size, tp), pp=pp,
+                   quantization=check_scheme(quantization))
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -106,7 +116,27 @@ class Layout:
 
 
 def param_specs(layout: Layout) -> Weights:
-    """The declaration every other view of the weights derives from."""
+    """The weights as stored: ``dense_param_specs`` with each projection an ``Fp8Weight`` of
+    value and scale specs when the layout is quantized."""
+    dense = dense_param_specs(layout)
+    return jax.tree.map(lambda s: stored_spec(s, layout.quantization), dense, is_leaf=_is_spec)
+
+
+def stored_spec(spec: ParamSpec, quantization: str | None) -> ParamSpec | Fp8Weight:
+    """How one declared parameter is stored under ``quantization``: projections become fp8
+    values of the same shape and axes plus fp32 scales over their output axes."""
+    if quantization is None or not spec.contract:
+        return spec
+    out = [i for i in range(len(spec.shape)) if i not in spec.contract]
+    return Fp8Weight(
+        value=dataclasses.replace(spec, dtype=FP8_DTYPE),
+        scale=ParamSpec(tuple(spec.shape[i] for i in out), tuple(spec.axes[i] for i in out), "ones",
+                        dtype=jnp.float32),
+        contract=spec.contract)
+
+
+def dense_param_specs(layout: Layout) -> Weights:
+    """The declaration every other view of the weights derives from (in the model dtype)."""
     c, h = layout.config, layout.heads
     e, d = c.hidden_size, c.head_dim
     slots = h.q_per_kv + 2
@@ -114,16 +144,19 @@ def param_specs(layout: Layout) -> Weights:
     def layer() -> LayerWeights:
         return LayerWeights(
             attn_norm=ParamSpec((e,), ("embed",), "ones"),
-            qkv=ParamSpec((e, h.kv_heads, slots, d), ("embed", "kv_heads", None, "head_dim")),
+            qkv=ParamSpec((e, h.kv_heads, slots, d), ("embed", "kv_heads", None, "head_dim"),
+                          contract=(0,)),
             qkv_bias=ParamSpec((h.kv_heads, slots, d), ("kv_heads", None, "head_dim"), "zeros"),
-            o=ParamSpec((h.kv_heads, h.q_per_kv, d, e), ("kv_heads", None, "head_dim", "embed")),
+            o=ParamSpec((h.kv_heads, h.q_per_kv, d, e), ("kv_heads", None, "head_dim", "embed"),
+                        contract=(0, 1, 2)),
             mlp_norm=ParamSpec((e,), ("embed",), "ones"),
-            gate_up=ParamSpec((e, 2, layout.mlp), ("embed", None, "mlp")),
-            down=ParamSpec((layout.mlp, e), ("mlp", "embed")),
+            gate_up=ParamSpec((e, 2, layout.mlp), ("embed", None, "mlp"), contract=(0,)),
+            down=ParamSpec((layout.mlp, e), ("mlp", "embed"), contract=(0,)),
         )
 
     def staged() -> LayerWeights:
-        return jax.tree.map(lambda s: ParamSpec((layout.pp, *s.shape), ("stage", *s.axes), s.init),
+        return jax.tree.map(lambda s: ParamSpec((layout.pp, *s.shape), ("stage", *s.axes), s.init,
+                                                tuple(i + 1 for i in s.contract)),
                             layer(), is_leaf=_is_spec)
 
     # Embedding, final norm and lm_head are replicated over pp (every stage holds them):
@@ -148,8 +181,42 @@ def weight_shardings(layout: Layout, mesh: Mesh, rules: ShardingRules = DEFAULT_
 def abstract_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16,
                      rules: ShardingRules = DEFAULT_RULES) -> Weights:
     return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=rules.sharding(mesh, s.axes)),
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype or dtype, sharding=rules.sharding(mesh, s.axes)),
         param_specs(layout), is_leaf=_is_spec)
+
+
+def store(dense: jax.Array, spec: ParamSpec, layout: Layout, mesh: Mesh,
+          rules: ShardingRules = DEFAULT_RULES) -> jax.Array | Fp8Weight:
+    """One loaded parameter (``dense``, declared by ``spec``) as the layout stores it: itself,
+    or quantized on device into its value and scale shardings. Row-parallel projections (o,
+    down) contract a sharded axis, so a channel's scale takes the max over all its shards
+    (XLA's all-reduce), the same scale a tp=1 load computes."""
+    stored = stored_spec(spec, layout.quantization)
+    if isinstance(stored, ParamSpec):
+        return dense
+    return _quantizer(spec.contract, rules.sharding(mesh, stored.value.axes),
+                      rules.sharding(mesh, stored.scale.axes))(dense)
+
+
+def quantize_weights(weights: Weights, layout: Layout, mesh: Mesh,
+                     rules: ShardingRules = DEFAULT_RULES) -> Weights:
+    """Dense ``weights`` (as a dense layout stores them) → ``layout``'s stored form, one
+    parameter at a time (each dense projection is dropped once quantized)."""
+    specs, treedef = jax.tree.flatten(dense_param_specs(layout), is_leaf=_is_spec)
+    dense = treedef.flatten_up_to(weights)
+    del weights
+    out = []
+    for i, spec in enumerate(specs):
+        out.append(store(dense[i], spec, layout, mesh, rules))
+        dense[i] = None
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(contract: tuple[int, ...], value_sharding, scale_sharding):
+    # One compiled program per parameter kind, reused by every layer.
+    return jax.jit(functools.partial(quantize_fp8, contract=contract),
+                   out_shardings=Fp8Weight(value=value_sharding, scale=scale_sharding, contract=contract))
 
 
 def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0,
@@ -159,9 +226,11 @@ def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0
     Padded q heads, MLP columns and vocab rows get random values too; that is
     fine for timing but such weights are not a published model.
     """
-    specs = param_specs(layout)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    shardings = [rules.sharding(mesh, s.axes) for s in leaves]
+    leaves, treedef = jax.tree.flatten(dense_param_specs(layout), is_leaf=_is_spec)
+    # Stored shardings per declared parameter (an Fp8Weight of two for a quantized projection).
+    shardings = [jax.tree.map(lambda s: rules.sharding(mesh, s.axes),
+                              stored_spec(spec, layout.quantization), is_leaf=_is_spec)
+                 for spec in leaves]
     fields_per_layer = len(dataclasses.fields(LayerWeights))
 
     def init():
@@ -183,6 +252,8 @@ def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0
                 slot, staged = staged // fields_per_layer, staged + 1
                 real = [layout.layer_index(s, slot) is not None for s in range(layout.pp)]
                 value = value * jnp.asarray(real, dtype).reshape((-1,) + (1,) * len(shape))
+            if layout.quantization is not None and spec.contract:
+                value = quantize_fp8(value, spec.contract)
             out.append(value)
         return out
 
@@ -232,17 +303,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def _matmul(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    # fp32 accumulation: exact enough for parity, and CPU bf16 dots are only fast this way.
-    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def _project(x: jax.Array, w: jax.Array | Fp8Weight, dot: Callable) -> jax.Array:
+    """``dot(x, w)`` accumulated in fp32 (exact enough for parity, and CPU bf16 dots are only
+    fast this way), in ``x``'s dtype. An fp8 weight's scale is constant along the contraction:
+    scaling the fp32 output equals multiplying by the dequantized weight, which is never
+    materialized."""
+    if isinstance(w, Fp8Weight):
+        return (dot(x, w.value.astype(x.dtype)) * w.scale).astype(x.dtype)
+    return dot(x, w).astype(x.dtype)
 
 
-def _out_projection(attn: jax.Array, o: jax.Array) -> jax.Array:
+def _matmul(eq: str, x: jax.Array, w: jax.Array | Fp8Weight) -> jax.Array:
+    return _project(x, w, lambda a, b: jnp.einsum(eq, a, b, preferred_element_type=jnp.float32))
+
+
+def _out_projection(attn: jax.Array, o: jax.Array | Fp8Weight) -> jax.Array:
     """``[t, g, j, d] × [g, j, d, e] → [t, e]``, contracting (g, j, d) in the weight's storage
     order. ``jnp.einsum`` lists them as (d, g, j), and XLA:CPU then transposed the whole O
     weight into that order on every step (a copy per layer in the compiled step)."""
     dims = (((1, 2, 3), (0, 1, 2)), ((), ()))
-    return jax.lax.dot_general(attn, o, dims, preferred_element_type=jnp.float32).astype(attn.dtype)
+    return _project(attn, o, lambda a, b: jax.lax.dot_general(a, b, dims,
+                                                              preferred_element_type=jnp.float32))
 
 
 class Model:

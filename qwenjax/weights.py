@@ -21,14 +21,19 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, param_specs
+from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, dense_param_specs, store
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules
+from qwenjax.quantization import (CheckpointQuantization, Fp8CheckpointTensor,
+                                  checkpoint_quantization)
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn,
 }
+# Where FP8 checkpoints keep a weight's scale: ``<weight>_scale`` multiplies (compressed-tensors,
+# vLLM's fp8), ``<weight>_scale_inv`` is named for the inverse but multiplies too (block fp8).
+_SCALE_SUFFIXES = ("_scale", "_scale_inv")
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -40,10 +45,15 @@ def resolve_dtype(name: str):
 
 
 class Checkpoint:
-    """Lazy, memory-mapped view of an HF checkpoint directory (one file or an index)."""
+    """Lazy, memory-mapped view of an HF checkpoint directory (one file or an index).
+
+    In an FP8 checkpoint (``quantization_config`` in config.json) a weight with a scale
+    tensor reads as its dequantized float32 values (``Fp8CheckpointTensor``), slice by slice.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self.quantization: CheckpointQuantization | None = checkpoint_quantization(self.directory)
         index = self.directory / "model.safetensors.index.json"
         if index.exists():
             with open(index) as f:
@@ -83,8 +93,23 @@ class Checkpoint:
             raise KeyError(f"checkpoint {self.directory} has no tensor {name!r}")
         return self._tensors[name]
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A zero-copy view; slicing it and copying reads only those bytes from disk."""
+    def tensor(self, name: str) -> np.ndarray | Fp8CheckpointTensor:
+        """A zero-copy view; slicing it and copying reads only those bytes from disk. An fp8
+        weight with a scale is a view that dequantizes the slices read from it."""
+        raw = self._raw(name)
+        if raw.dtype == ml_dtypes.float8_e4m3fn:
+            scale = next((name + s for s in _SCALE_SUFFIXES if name + s in self._tensors), None)
+            if scale is None:
+                raise ValueError(f"checkpoint {self.directory}: fp8 tensor {name!r} has no "
+                                 f"{name}_scale or {name}_scale_inv")
+            if raw.ndim != 2:
+                raise ValueError(f"checkpoint {self.directory}: fp8 tensor {name!r} has shape "
+                                 f"{raw.shape}; only [out, in] weights can be fp8")
+            block = self.quantization.block if self.quantization else None
+            return Fp8CheckpointTensor(raw, self._raw(scale), block)
+        return raw
+
+    def _raw(self, name: str) -> np.ndarray:
         path, dtype, shape, offset = self._tensor_info(name)
         if path not in self._maps:
             self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
@@ -196,7 +221,7 @@ def _layer_readers(ckpt: Checkpoint, layout: Layout, i: int) -> dict[str, Callab
 def _staged_readers(ckpt: Checkpoint, layout: Layout, slot: int) -> LayerWeights:
     """Readers for layer slot ``slot`` of every stage (leading ``stage`` index): each device
     reads only its own stage's layer; padding slots are zeros (identity layers)."""
-    specs = param_specs(layout).layers[slot]
+    specs = dense_param_specs(layout).layers[slot]
     per_stage = [None if (i := layout.layer_index(s, slot)) is None else _layer_readers(ckpt, layout, i)
                  for s in range(layout.pp)]
 
@@ -242,7 +267,11 @@ def _readers(ckpt: Checkpoint, layout: Layout) -> Weights:
 
 def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dtype=jnp.bfloat16,
                     rules: ShardingRules = DEFAULT_RULES) -> Weights:
-    """Load an HF Qwen2 checkpoint into ``layout``'s sharded arrays of ``dtype``."""
+    """Load an HF Qwen2 checkpoint into ``layout``'s sharded arrays of ``dtype``.
+
+    A quantized layout loads each projection in float32 (exact for bf16 and dequantized fp8
+    sources), quantizes it on device and drops it before the next: the peak is the stored
+    model plus one float32 parameter."""
     ckpt = Checkpoint(directory)
     c = layout.config
     if not c.tie_word_embeddings and "lm_head.weight" not in ckpt:
@@ -251,17 +280,20 @@ def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dt
     if embed_shape != (c.vocab_size, c.hidden_size):
         raise ValueError(f"{directory}: embed_tokens is {embed_shape}, config expects "
                          f"{(c.vocab_size, c.hidden_size)}")
-    np_dtype = np.dtype(dtype)
     try:
-        specs = param_specs(layout)
+        specs = dense_param_specs(layout)
         readers = _readers(ckpt, layout)
         spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
         reader_leaves = treedef.flatten_up_to(readers)
         arrays = []
         for spec, read in zip(spec_leaves, reader_leaves):
             sharding = rules.sharding(mesh, spec.axes)
-            arrays.append(jax.make_array_from_callback(
-                spec.shape, sharding, lambda index, read=read: read(index).astype(np_dtype)))
+            quantized = layout.quantization is not None and bool(spec.contract)
+            np_dtype = np.dtype(np.float32 if quantized else dtype)
+            dense = jax.make_array_from_callback(
+                spec.shape, sharding, lambda index, read=read, t=np_dtype: read(index).astype(t))
+            arrays.append(store(dense, spec, layout, mesh, rules))
+            del dense
         return jax.tree.unflatten(treedef, arrays)
     finally:
         ckpt.close()

@@ -56,9 +56,12 @@ def test_greedy_matches_transformers_float32(real_model_dir, hf_reference, tp):
     assert "Paris" in lm.tokenizer.decode(outputs[0])
 
 
-def test_bfloat16_top1_agreement(real_model_dir, hf_reference):
-    """bf16 weights and activations, teacher-forced on the float32 continuation: ≥95% same argmax."""
-    lm = load_model(real_model_dir, tp=2, dtype="bfloat16")
+@pytest.mark.parametrize("dtype,quantization,least", [("bfloat16", None, 0.95),
+                                                      ("bfloat16", "fp8", 0.95)])
+def test_top1_agreement(real_model_dir, hf_reference, dtype, quantization, least):
+    """bf16 activations (and bf16 or fp8 weights), teacher-forced on the float32 continuation:
+    the share of positions with the oracle's argmax."""
+    lm = load_model(real_model_dir, tp=2, dtype=dtype, quantization=quantization)
     agree = total = 0
     for prompt, continuation in hf_reference:
         seq = prompt + continuation
@@ -66,7 +69,7 @@ def test_bfloat16_top1_agreement(real_model_dir, hf_reference):
         pages = -(-n // page)
         cache = KVCache.create(num_layers=lm.config.num_layers, kv_heads=lm.layout.heads.kv_heads,
                                head_dim=lm.config.head_dim, num_pages=pages, page_size=page,
-                               dtype=jnp.bfloat16, mesh=lm.mesh)
+                               dtype=jnp.dtype(dtype), mesh=lm.mesh)
         batch = StepBatch(jnp.asarray([seq], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None],
                           jnp.asarray([n], jnp.int32), jnp.arange(pages, dtype=jnp.int32)[None])
         logits, _ = lm.model.forward(lm.weights, cache, batch)
@@ -74,4 +77,5 @@ def test_bfloat16_top1_agreement(real_model_dir, hf_reference):
         agree += int((predicted == np.asarray(continuation)).sum())
         total += len(continuation)
     assert total >= 60
-    assert agree / total >= 0.95, f"bf16 top-1 agreement {agree}/{total}"
+    print(f"{dtype} {quantization}: top-1 agreement {agree}/{total}")
+    assert agree / total >= least, f"{dtype} {quantization} top-1 agreement {agree}/{total}"
