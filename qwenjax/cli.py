@@ -11,7 +11,7 @@ import time
 
 
 def add_model_arguments(p) -> None:
-    """--model, --tp, --pp, --devices, --dtype (generate, plan-free commands and serve)."""
+    """--model, --tp, --pp, --devices, --dtype, --quantization (generate and serve)."""
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory, orbax checkpoint (qwenjax convert) or preset name "
                         "(qwen2.5-0.5b … qwen2.5-72b, random weights); default: the fetched "
@@ -27,6 +27,10 @@ def add_model_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: the --mesh config's (serve), else an orbax checkpoint's own, else "
                         "bfloat16 on GPUs and float32 on CPU (faster there)")
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8: projection weights in float8_e4m3fn with per-channel scales (half "
+                        "the bytes of bf16; activations stay in --dtype). Default: none, except "
+                        "that an FP8 checkpoint stays FP8")
 
 
 def parse_devices(text: str) -> list[int]:
@@ -107,9 +111,10 @@ def cmd_generate(args) -> int:
                          "pass an HF checkpoint directory to generate text")
     start = time.perf_counter()
     # One request: a single decode row and prefill row; compile lazily what the request uses.
-    llm = LLM(args.model, tp=args.tp, pp=args.pp, devices=args.devices, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, tp=args.tp, pp=args.pp, devices=args.devices, dtype=args.dtype,
+              quantization=args.quantization, max_model_len=args.max_model_len,
               max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
-    _log(f"loaded {llm.lm.source} ({llm.lm.dtype}, tp={args.tp}, pp={args.pp}) on {device_summary()} "
+    _log(f"loaded {llm.lm.source} ({llm.lm.describe()}, tp={args.tp}, pp={args.pp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
     if llm.tokenizer is None:
         raise ValueError(f"--model {args.model}: the checkpoint has no tokenizer.json")

@@ -44,13 +44,17 @@ class _Base:
     def __init__(self, model: str | os.PathLike | None = None, *, tp: int = 1, pp: int = 1,
                  mesh: Mesh | None = None,
                  devices: Sequence[int] | None = None,
-                 dtype: str | None = None, max_model_len: int | None = None, max_num_seqs: int = 64,
+                 dtype: str | None = None, quantization: str | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                  gpu_memory_utilization: float | None = None, **engine_options):
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
+        ``quantization``: "fp8" stores the projection weights as float8 with per-channel scales
+        (half of bf16's memory and decode bytes); None keeps them in ``dtype``, unless the
+        checkpoint is FP8 (it stays FP8).
         ``warm_up``: compile every shape bucket now; default on accelerators, off on CPU (where
         compiling ~50 programs takes minutes; each is then compiled on first use and cached).
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
@@ -71,7 +75,8 @@ class _Base:
         if isinstance(model, LoadedModel):
             self.lm = model
         else:
-            self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices)
+            self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
+                                 quantization=quantization)
         if warm_up is None:
             warm_up = jax.default_backend() != "cpu"
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,

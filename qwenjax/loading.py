@@ -29,6 +29,18 @@ class LoadedModel:
     tokenizer: object | None  # qwenjax.tokenizer.Tokenizer; None for random-weight presets
     source: str
 
+    @property
+    def quantization(self) -> str | None:
+        return self.layout.quantization
+
+    def describe(self) -> str:
+        """The dtype, and the weights' quantization when there is one ("bfloat16, fp8 weights")."""
+        return self.dtype if self.quantization is None else f"{self.dtype}, {self.quantization} weights"
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weight arrays (global shapes: every shard once, padding included)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self.weights))
+
 
 def default_model_dir() -> Path:
     from qwenjax.model_fetch import fetch_default_model

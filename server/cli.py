@@ -180,9 +180,11 @@ def load_serving_model(args):
                          f"and devices cover all {jax.device_count()} devices)")
     start = time.perf_counter()
     dtype = args.dtype or (mesh_config.dtype if mesh_config is not None else None)
-    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh)
+    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh,
+                    quantization=args.quantization)
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
-    log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.dtype, shape, time.perf_counter() - start)
+    log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
+             time.perf_counter() - start)
     return lm, mesh_config
 
 

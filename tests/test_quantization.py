@@ -216,3 +216,32 @@ def test_quantization_configs_that_are_not_fp8_are_refused_by_name():
             g=dict(weights=dict(type="int", num_bits=4, strategy="group")))))
     with pytest.raises(ValueError, match="weight_block_size must be two positive ints"):
         parse_quantization_config(dict(quant_method="fp8", weight_block_size=[128]))
+
+
+@pytest.mark.real_model
+def test_fp8_engine_on_the_real_model(real_model_dir):
+    """The batched engine with fp8 weights answers as the one-request greedy path over the same
+    weights does, and still knows the capital of France."""
+    from qwenjax import LLM, SamplingParams
+    from qwenjax.greedy import GreedyGenerator
+    from qwenjax.loading import load_model
+
+    lm = load_model(real_model_dir, tp=2, dtype="float32", quantization="fp8")
+    assert lm.describe() == "float32, fp8 weights"
+    assert isinstance(lm.weights.layers[0].qkv, Fp8Weight)
+    # One byte per projection weight instead of four, plus a float32 scale per output channel;
+    # norms, biases, embedding and lm_head stay float32 (no padding at tp 2 for this model).
+    projections = [w for w in jax.tree.leaves(lm.weights.layers, is_leaf=lambda x: isinstance(x, Fp8Weight))
+                   if isinstance(w, Fp8Weight)]
+    assert len(projections) == 4 * lm.config.num_layers
+    saved = sum(3 * w.value.size - w.scale.nbytes for w in projections)
+    assert lm.weight_bytes() == lm.config.param_count() * 4 - saved
+    llm = LLM(lm, max_model_len=512, max_num_seqs=2, max_prefill_seqs=2, prefill_chunk=128,
+              warm_up=False, progress=False)
+    chats = [[{"role": "user", "content": q}] for q in
+             ("What is the capital of France?", "Name three primary colors.")]
+    outputs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    prompts = [lm.tokenizer.encode_chat(c) for c in chats]
+    expected = GreedyGenerator(lm).generate(prompts, 16, lm.tokenizer.eos_token_ids)
+    assert [o.token_ids for o in outputs] == expected
+    assert "Paris" in outputs[0].text

@@ -144,7 +144,7 @@ class Engine:
         if config.enable_prefix_caching:
             # Pages are only ever shared inside this engine, whose model, dtype and mesh are
             # fixed; the identity still roots the hash chain so that keys never mix.
-            identity = (str(lm.source), str(lm.dtype), tuple(lm.mesh.shape.items()))
+            identity = (str(lm.source), str(lm.dtype), lm.quantization, tuple(lm.mesh.shape.items()))
             self.prefix_cache = PrefixCache(self.allocator, config.page_size, identity)
         self.scheduler = Scheduler(self.scheduler_config, self.allocator, self.prefix_cache)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else lm.config.eos_token_ids
