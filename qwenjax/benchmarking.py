@@ -64,21 +64,30 @@ def measure_matmul_flops(n: int, dtype, reps: int, inner: int = 10) -> float:
     return 2 * n**3 * inner / seconds
 
 
-def shard_model(config, shard_of_tp: int, dtype, attention: str = "auto"):
+def shard_model(config, shard_of_tp: int, dtype, attention: str = "auto",
+                quantization: str | None = None):
     """DESIGN.md's "one GPU stands in for a TP group": random weights for one device's share of
     ``config`` at ``shard_of_tp``, on one device, with the engine's decode attention
     (``attention``: "auto" = the Pallas kernel on GPUs, "pallas", "xla"; the kernel runs in
-    interpret mode on CPU). Returns (shard config, Model, weights)."""
+    interpret mode on CPU) and ``quantization`` (None or "fp8" projections).
+    Returns (shard config, Model, weights)."""
     from qwenjax.attention import decode_kernel_for
     from qwenjax.model import Layout, Model, random_weights
     from qwenjax.parallel import DEFAULT_RULES, make_mesh, one_device_shard
 
     shard = one_device_shard(config, shard_of_tp)
     mesh = make_mesh(tp=1)
-    layout = Layout.create(shard, 1)
+    layout = Layout.create(shard, 1, quantization=quantization)
     kernel = decode_kernel_for(mesh, DEFAULT_RULES, attention,
                                interpret=jax.default_backend() == "cpu")
     return shard, Model(layout, mesh, decode_attention=kernel), random_weights(layout, mesh, dtype)
+
+
+def decode_weight_bytes(weights) -> int:
+    """Weight bytes one decode step reads: every array, except an untied embedding table, of
+    which a step reads only its tokens' rows (a tied one is read whole by the logits)."""
+    total = sum(x.nbytes for x in jax.tree.leaves(weights))
+    return total - (weights.embed.nbytes if weights.lm_head is not None else 0)
 
 
 # ---- profiles -------------------------------------------------------------------------------

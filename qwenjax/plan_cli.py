@@ -29,6 +29,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="KV tokens read by the modeled decode step (default 2048)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="weight and KV dtype (default: the mesh's)")
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="fp8 projection weights (default: none, or the checkpoint's own FP8)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return p
@@ -49,9 +51,15 @@ def cmd_plan(args) -> int:
     from qwenjax.planner import DEFAULT_CONTEXT, plan
 
     config = resolve_model(args.model)
+    quantization = args.quantization
+    if quantization is None and Path(args.model).is_dir():
+        from qwenjax.quantization import checkpoint_quantization
+
+        stored = checkpoint_quantization(args.model)
+        quantization = stored.scheme if stored is not None else None
     mesh = load_mesh_config(args.mesh)
     result = plan(config, mesh, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  dtype=args.dtype,
+                  dtype=args.dtype, quantization=quantization,
                   context=DEFAULT_CONTEXT if args.context is None else args.context)
     print(result.to_json() if args.json else result.format())
     # A plan that does not fit is an answer, not a failure of the command.

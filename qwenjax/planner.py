@@ -9,7 +9,8 @@ allocated and nothing is compiled.
 The model, in one place (docs/meshes.md walks through it):
 
 - budget per device      = memory_gb × kv_cache_fraction
-- weights per device     = Σ params on the device; with pp > 1 a stage's layer slots
+- weights per device     = Σ params on the device × their bytes (fp8 projections: 1 B each
+  + a float32 scale per output channel); with pp > 1 a stage's layer slots
   (⌈layers/pp⌉ on every stage, as the runtime lays them out) + the embedding, final
   norm and lm_head, which every stage holds (replicated over pp)
 - workspace per device   = 1 GiB fixed (XLA scratch, cuBLAS/cuDNN workspaces,
@@ -44,6 +45,9 @@ import math
 
 from qwenjax.config import ModelConfig
 from qwenjax.mesh_config import DTYPES, MeshConfig
+import jax
+import numpy as np
+
 from qwenjax.model import Layout, ParamSpec, param_specs
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules, split_layers
 
@@ -64,6 +68,7 @@ class Plan:
     mesh: str
     device: str
     dtype: str
+    quantization: str | None  # weights: None (in dtype) or "fp8" projections
     hosts: int
     devices_per_host: int
     dp: int
@@ -143,7 +148,8 @@ class Plan:
 
 def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None,
          max_num_seqs: int | None = None, dtype: str | None = None,
-         context: int = DEFAULT_CONTEXT, rules: ShardingRules = DEFAULT_RULES) -> Plan:
+         context: int = DEFAULT_CONTEXT, rules: ShardingRules = DEFAULT_RULES,
+         quantization: str | None = None) -> Plan:
     """Per-device memory, KV capacity and modeled batch-1 decode time of ``config`` on ``mesh``."""
     notes: list[str] = []
     dtype = dtype or mesh.dtype
@@ -168,16 +174,21 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if pp > config.num_layers:
         raise ValueError(f"axes.pp = {pp} exceeds the model's {config.num_layers} layers")
     nbytes = DTYPE_BYTES[dtype]
-    layout = Layout.create(config, tp)
+    layout = Layout.create(config, tp, quantization=quantization)
     heads = layout.heads
     specs = param_specs(layout)
     sizes = {"tp": tp}
+    is_spec = lambda x: isinstance(x, ParamSpec)  # noqa: E731
 
-    def on_device(spec: ParamSpec) -> int:
-        return _device_elements(spec, sizes, rules) * nbytes
+    def itemsize(spec: ParamSpec) -> int:
+        return nbytes if spec.dtype is None else np.dtype(spec.dtype).itemsize
 
-    def laid_out(spec: ParamSpec) -> int:
-        return math.prod(spec.shape) * nbytes
+    def on_device(param) -> int:  # a ParamSpec, or an Fp8Weight of value and scale specs
+        return sum(_device_elements(s, sizes, rules) * itemsize(s)
+                   for s in jax.tree.leaves(param, is_leaf=is_spec))
+
+    def laid_out(param) -> int:
+        return sum(math.prod(s.shape) * itemsize(s) for s in jax.tree.leaves(param, is_leaf=is_spec))
 
     # The per-layer declaration (the pp = 1 layout; with pp > 1 each device holds one stage's
     # slots of exactly these shapes).
@@ -276,6 +287,13 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     decode_ms = sum(stage_ms) + pipeline_ms
 
     # ---- notes ------------------------------------------------------------------------------
+    if quantization is not None:
+        dense_layer = sum(_device_elements(s, sizes, rules) * nbytes
+                          for s in jax.tree.leaves(param_specs(Layout.create(config, tp)).layers[0],
+                                                   is_leaf=is_spec))
+        notes.append(f"{quantization} projection weights: {layer_bytes * slots / GB:.2f} GB of layers "
+                     f"per device instead of {dense_layer * slots / GB:.2f} GB in {dtype} "
+                     "(embedding, lm_head, norms and biases stay in " + dtype + ")")
     if heads.kv_replicas > 1:
         notes.append(f"KV heads replicated ×{heads.kv_replicas} at load ({config.num_kv_heads} → "
                      f"{heads.kv_heads}); the group stores {kv_token_group / KiB:.0f} KiB "
@@ -300,7 +318,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
 
     return Plan(
         model=config.name, mesh=mesh.name, device=mesh.hardware.device, dtype=dtype,
-        hosts=mesh.hosts, devices_per_host=mesh.devices_per_host, dp=mesh.dp, tp=tp, pp=pp,
+        quantization=quantization, hosts=mesh.hosts, devices_per_host=mesh.devices_per_host, dp=mesh.dp, tp=tp, pp=pp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, context=context,
         page_size=mesh.page_size, kv_cache_fraction=mesh.kv_cache_fraction,
         memory_bytes_per_device=mesh.hardware.memory_bytes,
@@ -389,7 +407,8 @@ def _gb(n: float) -> str:
 def _format(p: Plan) -> str:
     topo = (f"{p.hosts} hosts × {p.devices_per_host}" if p.hosts > 1 else f"{p.devices_per_host}") + "×"
     lines = [
-        f"{p.model} on {p.mesh}: {topo} {p.device}; dp={p.dp} tp={p.tp} pp={p.pp}; {p.dtype}",
+        f"{p.model} on {p.mesh}: {topo} {p.device}; dp={p.dp} tp={p.tp} pp={p.pp}; {p.dtype}"
+        + (f", {p.quantization} weights" if p.quantization else ""),
         f"  layout     q heads {p.q_heads} → {p.q_heads_laid_out} ({p.q_heads_per_device}/device), "
         f"KV heads {p.kv_heads} → {p.kv_heads_laid_out} ({p.kv_heads_per_device}/device), "
         f"mlp {p.mlp_per_device}/device, vocab {p.vocab_per_device}/device",

@@ -6,7 +6,8 @@ device's share of the model at ``--shard-of-tp`` (e.g. 72B at TP4: 16 q heads,
 sequence, and ``--steps`` greedy decode steps run inside ONE jitted program
 (a lone small call would time Python dispatch, not the GPU). HBM read bandwidth
 is measured in the same run. Printed per batch size: ms/step, bytes moved
-(weights + valid KV), TB/s and MBU (= bytes / time / measured bandwidth), and
+(weights a step reads — all but an untied embedding table, of which it reads a few
+rows — plus valid KV), TB/s and MBU (= bytes / time / measured bandwidth), and
 separately the modeled collectives of the full TP group and the resulting
 modeled tokens/s.
 
@@ -17,6 +18,7 @@ tokens a step must yield on average for speculation to pay (docs/architecture.md
 
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 1,8,32,64 --ctx 2048
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 --batch 1 --verify 4
+    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --quantization fp8
     python scripts/bench_decode.py --smoke      # tiny, CPU, seconds (run by the tests)
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwenjax.benchmarking import (format_profile, measure_read_bandwidth, profile_call, shard_model,
+from qwenjax.benchmarking import (decode_weight_bytes, format_profile, measure_read_bandwidth,
+                                  profile_call, shard_model,
                                   write_results)
 from qwenjax.config import preset
 from qwenjax.kv_cache import KVCache
@@ -106,8 +109,7 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
 
     tokens = jnp.zeros((batch, 1), jnp.int32)
     seconds, run, cache = time_steps(decode, weights, cache, tokens, steps, reps)
-    itemsize = jnp.dtype(dtype).itemsize
-    weight_bytes = shard.param_count() * itemsize
+    weight_bytes = decode_weight_bytes(weights)
     kv_bytes = batch * (ctx + steps / 2) * shard.kv_bytes_per_token(jnp.dtype(dtype).name)
     result = dict(batch=batch, ctx=ctx, seconds_per_step=seconds, weight_bytes=weight_bytes,
                   kv_bytes=kv_bytes)
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: projection weights in float8_e4m3fn with per-channel scales")
     p.add_argument("--bandwidth-gib", type=float, default=4.0, help="array size for the HBM read test")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="per-direction link bandwidth per device for the collective model (NVLink-4: 450)")
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         args.batch, args.ctx, args.steps, args.reps, args.bandwidth_gib = "1,2", 40, 2, 1, 0.01
         args.verify, args.verify_batch = args.verify and 2, "1"
     dtype = jnp.dtype(args.dtype)
-    shard, model, weights = shard_model(config, args.shard_of_tp, dtype, args.attention)
+    shard, model, weights = shard_model(config, args.shard_of_tp, dtype, args.attention,
+                                        args.quantization)
     bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
 
     device = jax.devices()[0]
@@ -196,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                   shard=dict(q_heads=shard.num_heads, kv_heads=shard.num_kv_heads,
                              mlp=shard.intermediate_size, vocab=shard.vocab_size,
                              layers=shard.num_layers),
-                  dtype=args.dtype, attention=args.attention, sampling=args.sampling,
+                  dtype=args.dtype, quantization=args.quantization, attention=args.attention,
+                  sampling=args.sampling,
                   measured_read_tbps=bandwidth / 1e12,
                   collective_model=dict(link_gbps=args.link_gbps, latency_us=args.link_latency_us,
                                         all_reduces_per_step=2 * config.num_layers + 1))
     print(f"# decode: {config.name} shard of TP{args.shard_of_tp} on {device.device_kind} "
-          f"(jax {jax.__version__}, {args.dtype}, {header['date']})")
+          f"(jax {jax.__version__}, {args.dtype}{', fp8 weights' if args.quantization else ''}, "
+          f"{header['date']})")
     print(f"# shard: {header['shard']}; measured HBM read {bandwidth / 1e12:.2f} TB/s")
     print("| batch | ctx | ms/step (measured) | weights GB | KV GB | TB/s | MBU | "
           "collectives ms (modeled) | tok/s per seq (modeled) | tok/s total (modeled) |")

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: projection weights in float8_e4m3fn (activations stay in --dtype)")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bf16 peak for the spec MFU (H100 SXM: 989)")
     p.add_argument("--link-gbps", type=float, default=450.0, help="per-device link bandwidth (NVLink-4)")
@@ -104,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2)
         args.prompt, args.chunk, args.reps, gemm_n = "32,64", 32, 1, 256
     dtype = jnp.dtype(args.dtype)
-    shard, model, weights = shard_model(config, args.shard_of_tp, dtype)
+    shard, model, weights = shard_model(config, args.shard_of_tp, dtype, quantization=args.quantization)
     gemm = measure_matmul_flops(gemm_n, dtype, reps=max(args.reps, 3))
 
     device = jax.devices()[0]
     header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__, device=device.device_kind,
                   platform=device.platform, model=config.name, shard_of_tp=args.shard_of_tp,
-                  dtype=args.dtype, measured_gemm_tflops=gemm / 1e12, peak_tflops=args.peak_tflops,
+                  dtype=args.dtype, quantization=args.quantization, measured_gemm_tflops=gemm / 1e12, peak_tflops=args.peak_tflops,
                   chunk=args.chunk)
     print(f"# prefill: {config.name} shard of TP{args.shard_of_tp} on {device.device_kind} "
           f"(jax {jax.__version__}, {args.dtype}, chunk {args.chunk}, {header['date']})")

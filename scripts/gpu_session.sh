@@ -5,7 +5,7 @@
 # back (the machine stays warm 30 s after a call), the issue's targets first:
 #   run(command="bash scripts/gpu_session.sh 1", timeout_s=320)   # GPU tests, decode TP4 (profiled), TP8
 #   run(command="bash scripts/gpu_session.sh 2", timeout_s=320)   # prefill, host overhead, start-up
-#   run(command="bash scripts/gpu_session.sh 3", timeout_s=150)   # attention kernels, if time is left
+#   run(command="bash scripts/gpu_session.sh 3", timeout_s=230)   # fp8 decode, attention kernels, if time is left
 # then give_back. Each call brings back two files: summary.txt (every step's exit and last lines)
 # and gpu_partN.tgz (logs, JSON, the decode profile); the device tool returns at most 8 files.
 # Every step packs what it wrote, so a call cut short still brings back what finished.
@@ -59,6 +59,8 @@ if [ -n "$SMOKE" ]; then
     step bench_prefill 300 $PY scripts/bench_prefill.py --smoke --json "$WORK/prefill_tp4.json"
     step bench_host 300 $PY scripts/bench_host.py --smoke --json "$WORK/host.json"
   else
+    step bench_decode_fp8 300 $PY scripts/bench_decode.py --smoke --quantization fp8 \
+        --json "$WORK/decode_tp4_fp8.json"
     step bench_attention 300 $PY scripts/bench_attention.py --smoke --cases smoke_b2_ctx40 \
         --json "$WORK/attention.json"
   fi
@@ -84,7 +86,13 @@ elif [ "$PART" = 2 ]; then
   step bench_startup 130 $PY scripts/bench_engine.py --only startup --model qwen2.5-7b \
       --max-model-len 4096 --json "$WORK/startup.json"
 else
-  # 6. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
+  # 6. Decode of the 72B TP4 shard with fp8 projection weights (half the weight bytes of step 2):
+  #    whether XLA feeds the e4m3 → bf16 convert straight into the GEMV or writes a bf16 copy
+  #    first shows here as ms/step against step 2's.
+  step bench_decode_fp8 90 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
+      --quantization fp8 --batch 1,32 --ctx 2048 --json "$WORK/decode_tp4_fp8.json" \
+      --profile "$WORK/decode_tp4_fp8_profile"
+  # 7. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
   step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
 fi
 echo "done in $SECONDS s" | tee -a "$WORK/summary.txt"

@@ -31,6 +31,30 @@ def test_smoke_run_reports_figures(tmp_path, capsys):
     assert "| 2 | 40 |" in capsys.readouterr().out
 
 
+def test_fp8_smoke_run_moves_about_half_the_weight_bytes(tmp_path):
+    """The same shard with fp8 projections: the bytes a step reads fall to the fp8 values, their
+    scales and the float32 rest (norms, biases, lm_head), as summed from the arrays."""
+    bench = _load()
+    runs = {}
+    for name, extra in (("dense", []), ("fp8", ["--quantization", "fp8"])):
+        out = tmp_path / f"{name}.json"
+        assert bench.main(["--smoke", "--dtype", "float32", "--json", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert runs["fp8"]["quantization"] == "fp8" and runs["dense"]["quantization"] is None
+    dense, fp8 = runs["dense"]["rows"][0]["weight_bytes"], runs["fp8"]["rows"][0]["weight_bytes"]
+    from qwenjax.config import preset
+    from qwenjax.parallel import one_device_shard
+    import dataclasses
+
+    shard = one_device_shard(dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2), 4)
+    d, e = shard.head_dim, shard.hidden_size
+    projections = 2 * (e * (shard.num_heads + 2 * shard.num_kv_heads) * d + shard.num_heads * d * e
+                       + 3 * e * shard.intermediate_size)
+    scales = 2 * ((shard.num_heads + 2 * shard.num_kv_heads) * d + e + 2 * shard.intermediate_size + e)
+    # The 0.5B ties its embedding: the logits read the whole table, so it counts in both.
+    assert dense - fp8 == 3 * projections - 4 * scales
+
+
 def test_collective_model_numbers():
     bench = _load()
     from qwenjax.config import preset

@@ -68,3 +68,31 @@ def test_model_decode_uses_the_kernel_and_matches_xla():
 
     np.testing.assert_allclose(run(Model(layout, mesh, decode_attention=kernel)), run(Model(layout, mesh)),
                                atol=2e-3, rtol=2e-3)
+
+
+def test_fp8_weights_on_the_gpu_match_their_dequantized_model():
+    """fp8 projections compile and run on the GPU (the e4m3 convert feeding the GEMM) and equal
+    the dense model on the dequantized weights."""
+    import dataclasses
+
+    from qwenjax.config import preset
+    from qwenjax.kv_cache import KVCache
+    from qwenjax.model import Layout, Model, StepBatch, random_weights
+    from qwenjax.parallel import make_mesh
+    from qwenjax.quantization import dequantize_tree
+
+    config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=4)
+    mesh = make_mesh(1)
+    fp8 = Layout.create(config, 1, quantization="fp8")
+    weights = random_weights(fp8, mesh, jnp.float32, seed=1)
+
+    def run(layout, weights):
+        cache = KVCache.create(num_layers=4, kv_heads=2, head_dim=64, num_pages=8, page_size=16,
+                               dtype=jnp.float32, mesh=mesh)
+        tokens = jnp.asarray(np.random.default_rng(2).integers(0, 1000, (2, 64)), jnp.int32)
+        batch = StepBatch(tokens, jnp.tile(jnp.arange(64, dtype=jnp.int32), (2, 1)),
+                          jnp.full((2,), 64, jnp.int32), jnp.arange(8, dtype=jnp.int32).reshape(2, 4))
+        return np.asarray(jax.jit(Model(layout, mesh).forward)(weights, cache, batch)[0])
+
+    np.testing.assert_allclose(run(fp8, weights), run(Layout.create(config, 1), dequantize_tree(weights)),
+                               atol=2e-3, rtol=2e-3)

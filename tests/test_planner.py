@@ -309,6 +309,35 @@ def test_05b_tp8_layout_is_counted_exactly():
     assert p.fits, p.reason
 
 
+def test_fp8_weights_are_counted_as_the_runtime_lays_them_out():
+    """The plan's per-device weight bytes with fp8 projections equal the bytes of one device's
+    shards of the arrays the runtime builds (random weights on the fake 8-device mesh)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax.model import Layout, random_weights
+    from qwenjax.parallel import make_mesh
+
+    config = preset("qwen2.5-0.5b")
+    small = type(config)(**{**config.__dict__, "num_layers": 2})
+    p = plan(small, load_mesh_config("cpu-8"), quantization="fp8")
+    assert p.quantization == "fp8" and "fp8 projection weights" in p.format()
+    weights = random_weights(Layout.create(small, 8, quantization="fp8"), make_mesh(8), jnp.float32)
+    device0 = sum(s.data.nbytes for leaf in jax.tree.leaves(weights)
+                  for s in leaf.addressable_shards if s.device == jax.devices()[0])
+    assert p.weights_bytes_per_device == device0
+    assert p.weights_bytes_per_device < plan(small, load_mesh_config("cpu-8")).weights_bytes_per_device
+
+
+def test_72b_fits_two_a100s_with_fp8_weights_only():
+    dense = plan(Q72, load_mesh_config("2xa100-80gb-tp2"))
+    fp8 = plan(Q72, load_mesh_config("2xa100-80gb-tp2"), quantization="fp8")
+    assert not dense.fits and fp8.fits, (dense.reason, fp8.reason)
+    # Half the layer bytes: the embedding and lm_head (2 × 152k × 8192 / 2 in bf16) stay.
+    assert 37 * GB < fp8.weights_bytes_per_device < 38 * GB
+    assert fp8.modeled_hbm_ms < 0.55 * dense.modeled_hbm_ms
+
+
 def test_dtype_override_and_argument_checks():
     mesh = load_mesh_config("4xh100-80gb-tp4")
     f32 = plan(Q72, mesh, dtype="float32")

@@ -206,6 +206,22 @@ def test_load_time_fp8_of_a_dense_checkpoint_matches_quantizing_on_the_host(tmp_
     np.testing.assert_array_equal(np.asarray(fp8.lm_head), np.asarray(dense.lm_head))
 
 
+def test_fp8_pipeline_stages_equal_one_stage(tmp_path):
+    """With pp = 2 each stage-stacked projection carries stage-stacked scales; the logits equal
+    the single-stage fp8 model loaded from the same checkpoint."""
+    config = tiny_config(num_layers=3, vocab_size=256)
+    write_hf_checkpoint(config, tmp_path)
+    tokens = np.random.default_rng(3).integers(0, 250, size=(2, 16)).astype(np.int32)
+    logits = []
+    for pp in (1, 2):
+        layout, mesh = Layout.create(config, 2, pp, quantization="fp8"), make_mesh(tp=2, pp=pp)
+        weights = load_checkpoint(tmp_path, layout, mesh, jnp.float32)
+        if pp == 2:
+            assert weights.layers[0].down.scale.shape == (2, config.hidden_size)
+        logits.append(_logits(layout, mesh, weights, tokens))
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_quantization_configs_that_are_not_fp8_are_refused_by_name():
     assert parse_quantization_config(None) is None
     assert parse_quantization_config(dict(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
