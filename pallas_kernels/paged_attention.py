@@ -140,7 +140,9 @@ def _decode_kernel(
     q_ref,  # [num_heads, head_dim], this sequence's query
     k_ref,  # [total_pages, page_size, head_dim], this program's KV head
     v_ref,  # [total_pages, page_size, head_dim]
-    *out_refs,  # o [num_heads, head_dim] (+ lse [num_heads] when split)
+    *refs,  # quantized: k_scale, v_scale [total_pages, page_size]; then o [num_heads, head_dim]
+            # (+ lse [num_heads] when split)
+    quantized: bool,
     group: int,
     group_pad: int,
     page_size: int,
@@ -149,6 +151,7 @@ def _decode_kernel(
     scale_log2: float,
     split_output: bool,
 ):
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else ((), refs)
     seq = pl.program_id(0)
     kv_head = pl.program_id(1)
     split = pl.program_id(2)
@@ -181,10 +184,17 @@ def _decode_kernel(
         kv_index = (page_ids[:, None], lax.rem(tokens, page_size)[:, None], dims)
         kv_mask = jnp.broadcast_to(token_valid[:, None], (block_tokens, head_dim))
 
-        k = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=0)
+        # A float fill: Triton's lowering casts it to the tile's dtype (an int 0 cannot become fp8).
+        k = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=0.0)
+        if quantized:  # fp8 values × a scale per token: scale the scores, not the tile
+            k = k.astype(q.dtype)
+            token_index = (page_ids, lax.rem(tokens, page_size))
+            k_scale = plgpu.load(scale_refs[0].at[token_index], mask=token_valid, other=0)
         logits = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
+        if quantized:
+            logits = logits * k_scale[None, :]
         logits = jnp.where(token_valid[None, :], logits * scale_log2, -jnp.inf)
         # Every block in the loop holds >= 1 valid token, so new_max is finite and
         # exp2(-inf - new_max) = 0 handles the -inf start without a special case.
@@ -193,9 +203,14 @@ def _decode_kernel(
         probs = jnp.exp2(logits - new_max[:, None])
         row_sum = row_sum * correction + jnp.sum(probs, axis=1)
 
-        v = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=0)
+        v = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=0.0)
+        weights = probs
+        if quantized:  # Σ_t p_t (s_t v_t) = Σ_t (p_t s_t) v_t
+            v = v.astype(q.dtype)
+            weights = probs * plgpu.load(scale_refs[1].at[token_index], mask=token_valid,
+                                         other=0)[None, :]
         acc = acc * correction[:, None] + lax.dot_general(
-            probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+            weights.astype(v.dtype), v, (((1,), (0,)), ((), ())),
             preferred_element_type=jnp.float32,
         )
         return acc, new_max, row_sum
@@ -287,6 +302,8 @@ def paged_decode_attention(
     lengths: jax.Array,  # [batch] int32, valid cached tokens incl. the current one
     block_tables: jax.Array,  # [batch, pages_per_seq] int32 page ids
     *,
+    k_scales: jax.Array | None = None,  # [num_kv_heads, total_pages, page_size] f32 (fp8 pages)
+    v_scales: jax.Array | None = None,
     scale: float | None = None,
     interpret: bool = False,
     pages_per_block: int | None = None,
@@ -301,9 +318,13 @@ def paged_decode_attention(
     num_splits: split-K factor over each sequence's pages; default from
         `default_num_splits` (1 for short contexts or large batch x kv heads).
     num_warps, num_stages: Triton launch parameters (ignored when interpreting).
+    k_scales, v_scales: with quantized (fp8) pages, one scale per token and KV head; the
+        kernel converts the tiles to q's dtype and applies the scales to the scores and
+        the probabilities, so each page is still read once, at one byte per element.
     Lengths above pages_per_seq * page_size are clamped to it.
     """
-    validate_decode_args(q, k_pages, v_pages, lengths, block_tables)
+    validate_decode_args(q, k_pages, v_pages, lengths, block_tables, k_scales, v_scales)
+    quantized = k_scales is not None
     batch, num_heads, head_dim = q.shape
     num_kv_heads, total_pages, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -316,7 +337,9 @@ def paged_decode_attention(
         raise ValueError(f"head_dim={head_dim} must be a power of 2 >= {_MIN_DOT_TILE}")
     pages_per_block, num_splits, blocks_per_split = plan_launch(
         batch=batch, num_kv_heads=num_kv_heads, page_size=page_size,
-        pages_per_seq=pages_per_seq, itemsize=jnp.dtype(k_pages.dtype).itemsize,
+        # Quantized tiles are converted to q's dtype in the kernel: size blocks for that.
+        pages_per_seq=pages_per_seq,
+        itemsize=jnp.dtype(q.dtype if quantized else k_pages.dtype).itemsize,
         pages_per_block=pages_per_block, num_splits=num_splits)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
@@ -324,6 +347,7 @@ def paged_decode_attention(
 
     kernel = functools.partial(
         _decode_kernel,
+        quantized=quantized,
         group=group,
         group_pad=group_pad,
         page_size=page_size,
@@ -339,6 +363,10 @@ def paged_decode_attention(
         pl.BlockSpec((None, total_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0)),
         pl.BlockSpec((None, total_pages, page_size, head_dim), lambda b, h, s: (h, 0, 0, 0)),
     ]
+    scale_args = ()
+    if quantized:
+        in_specs += [pl.BlockSpec((None, total_pages, page_size), lambda b, h, s: (h, 0, 0))] * 2
+        scale_args = (k_scales, v_scales)
     if split_output:
         # [batch, heads, splits, ...] so the combine reads each head's splits
         # contiguously.
@@ -362,8 +390,8 @@ def paged_decode_attention(
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=_triton_compiler_params(num_warps, num_stages),
-        name=f"paged_decode_g{group}_p{pages_per_block}_s{num_splits}",
-    )(lengths, block_tables, q, k_pages, v_pages)
+        name=f"paged_decode_g{group}_p{pages_per_block}_s{num_splits}{'_fp8' if quantized else ''}",
+    )(lengths, block_tables, q, k_pages, v_pages, *scale_args)
     if not split_output:
         return outs[0]
     return _combine_splits(outs[1], outs[0], q.dtype, interpret=interpret)

@@ -20,13 +20,17 @@ def paged_decode_attention_reference(
     block_tables: jax.Array,  # [batch, pages_per_seq] int32 page ids
     *,
     scale: float | None = None,
+    k_scales: jax.Array | None = None,  # [num_kv_heads, total_pages, page_size] float32
+    v_scales: jax.Array | None = None,  # [num_kv_heads, total_pages, page_size] float32
 ) -> jax.Array:  # [batch, num_heads, head_dim], q.dtype
     """One query token per sequence attending over its paged KV cache.
 
     Query head h reads KV head h // (num_heads // num_kv_heads). Positions at or
     past a sequence's length are masked; a length-0 sequence returns zeros.
+    Quantized (fp8) pages come with one scale per token and KV head: the cached
+    vector is ``pages[h, p, t] * scales[h, p, t]``.
     """
-    validate_decode_args(q, k_pages, v_pages, lengths, block_tables)
+    validate_decode_args(q, k_pages, v_pages, lengths, block_tables, k_scales, v_scales)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_pages.shape
     pages_per_seq = block_tables.shape[1]
@@ -35,17 +39,20 @@ def paged_decode_attention_reference(
     group = num_heads // num_kv_heads
     max_tokens = pages_per_seq * page_size
 
-    def gather(pages):
+    def gather(pages, scales):
         # [kv, batch, pages_per_seq, page_size, dim] -> [batch, kv, tokens, dim]
         seq = pages[:, block_tables].reshape(num_kv_heads, batch, max_tokens, head_dim)
-        return jnp.swapaxes(seq, 0, 1).astype(jnp.float32)
+        seq = seq.astype(jnp.float32)
+        if scales is not None:
+            seq = seq * scales[:, block_tables].reshape(num_kv_heads, batch, max_tokens, 1)
+        return jnp.swapaxes(seq, 0, 1)
 
     valid = jnp.arange(max_tokens)[None, :] < lengths[:, None]  # [batch, tokens]
     # Slots past a length may hold anything (freed pages, uninitialized pools); zero
     # them so that 0 * NaN cannot reach the output through probs @ v.
     kv_valid = valid[:, None, :, None]
-    k = jnp.where(kv_valid, gather(k_pages), 0.0)
-    v = jnp.where(kv_valid, gather(v_pages), 0.0)
+    k = jnp.where(kv_valid, gather(k_pages, k_scales), 0.0)
+    v = jnp.where(kv_valid, gather(v_pages, v_scales), 0.0)
     q_grouped = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
     # HIGHEST: on GPUs the default float32 matmul is TF32 (10 mantissa bits), too
     # coarse for an oracle. Decode attention is memory-bound, so it costs little.
@@ -63,8 +70,15 @@ def paged_decode_attention_reference(
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
-def validate_decode_args(q, k_pages, v_pages, lengths, block_tables) -> None:
+def validate_decode_args(q, k_pages, v_pages, lengths, block_tables, k_scales=None,
+                         v_scales=None) -> None:
     """Shared argument checks; errors name the argument and the expected shape."""
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("k_scales and v_scales come together (quantized pages) or not at all")
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales is not None and scales.shape != k_pages.shape[:-1]:
+            raise ValueError(f"{name} must be [num_kv_heads, total_pages, page_size] = "
+                             f"{k_pages.shape[:-1]}; got {scales.shape}")
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, num_heads, head_dim]; got shape {q.shape}")
     batch, num_heads, head_dim = q.shape

@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from qwenjax.kv_cache import QuantizedPages, gather_pages
+
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                     positions: jax.Array, seq_lens: jax.Array, block_tables: jax.Array,
@@ -22,7 +24,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """Causal attention of a chunk of queries over paged K/V.
 
     q: [batch, chunk, kv_heads, q_per_kv, head_dim] (rotated)
-    k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim] (this step's K/V already written)
+    k_pages, v_pages: [kv_heads, num_pages, page_size, head_dim] (this step's K/V already written),
+        or QuantizedPages (fp8 values and per-token scales)
     positions: [batch, chunk] int32, -1 for padding
     seq_lens: [batch] int32
     block_tables: [batch, pages_per_seq] int32
@@ -53,12 +56,12 @@ def paged_attention_blockwise(q, k_pages, v_pages, positions, seq_lens, block_ta
     def body(i, carry):
         running_max, denom, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tables, i * pages_per_block, pages_per_block, axis=1)
-        k = gather_pages(k_pages, pages).astype(jnp.float32)  # [g, b, block_tokens, d]
+        k = gather_pages(k_pages, pages, jnp.float32)  # [g, b, block_tokens, d]
         t = i * block_tokens + jnp.arange(block_tokens)
         # Slots past a sequence's length hold whatever an earlier owner (or nobody) left there.
         # Masked scores drop their K, but 0 * NaN is NaN in probs @ V: zero those V rows.
         in_seq = (t[None, :] < seq_lens[:, None])[None, :, :, None]  # [1, b, block_tokens, 1]
-        v = jnp.where(in_seq, gather_pages(v_pages, pages).astype(jnp.float32), 0.0)
+        v = jnp.where(in_seq, gather_pages(v_pages, pages, jnp.float32), 0.0)
         scores = jnp.einsum("bsgjd,gbtd->bgjst", qf, k)
         visible = ((t[None, None, :] <= positions[:, :, None])
                    & (t[None, None, :] < seq_lens[:, None, None]))[:, None, None]
@@ -77,14 +80,6 @@ def paged_attention_blockwise(q, k_pages, v_pages, positions, seq_lens, block_ta
     _, denom, acc = jax.lax.fori_loop(0, live_blocks, body, init)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # padding queries: zeros
     return out.transpose(0, 3, 1, 2, 4).astype(q.dtype)
-
-
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """[kv_heads, num_pages, page_size, d] → [kv_heads, batch, pages_per_seq * page_size, d]."""
-    kv_heads, _, page_size, head_dim = pages.shape
-    batch, pages_per_seq = block_tables.shape
-    gathered = pages[:, block_tables]  # [kv_heads, batch, pages_per_seq, page_size, d]
-    return gathered.reshape(kv_heads, batch, pages_per_seq * page_size, head_dim)
 
 
 def paged_attention_reference(q, k_pages, v_pages, positions, seq_lens, block_tables):
@@ -119,8 +114,6 @@ def decode_kernel_for(mesh, rules, impl: str = "auto", *, interpret: bool = Fals
         raise ValueError(f"attention implementation must be auto, pallas or xla; got {impl!r}")
     if impl == "xla" or (impl == "auto" and jax.default_backend() not in ("gpu", "cuda", "rocm")):
         return None
-    from functools import partial
-
     from jax.sharding import PartitionSpec
 
     from pallas_kernels.paged_attention import paged_decode_attention
@@ -128,17 +121,32 @@ def decode_kernel_for(mesh, rules, impl: str = "auto", *, interpret: bool = Fals
 
     q_spec = rules.spec(("batch", "q_heads", "head_dim"))
     pool_spec = rules.spec(POOL_AXES)
+    scale_spec = rules.spec(POOL_AXES[:-1])
     replicated = PartitionSpec()
-    kernel = partial(paged_decode_attention, interpret=interpret)
-    specs = dict(in_specs=(q_spec, pool_spec, pool_spec, replicated, replicated), out_specs=q_spec,
-                 check_vma=False)
-    if mesh.shape.get("pp", 1) == 1:
-        return jax.shard_map(kernel, mesh=mesh, **specs)
 
-    def in_stage(q, k_pages, v_pages, seq_lens, block_tables):
-        # Called inside the pipeline's shard_map, which is manual over pp: this one nests in it,
-        # manual over tp too, on the context's mesh (where pp is already manual).
-        return jax.shard_map(kernel, mesh=jax.sharding.get_abstract_mesh(), axis_names={"tp"},
-                             **specs)(q, k_pages, v_pages, seq_lens, block_tables)
+    def dense(q, k_pages, v_pages, seq_lens, block_tables):
+        return paged_decode_attention(q, k_pages, v_pages, seq_lens, block_tables, interpret=interpret)
 
-    return in_stage
+    def quantized(q, k_values, v_values, k_scales, v_scales, seq_lens, block_tables):
+        return paged_decode_attention(q, k_values, v_values, seq_lens, block_tables,
+                                      k_scales=k_scales, v_scales=v_scales, interpret=interpret)
+
+    in_stage = mesh.shape.get("pp", 1) > 1
+
+    def call(q, k_pages, v_pages, seq_lens, block_tables):
+        # Inside the pipeline's shard_map (manual over pp) this one nests in it, manual over tp
+        # too, on the context's mesh (where pp is already manual).
+        where = (dict(mesh=jax.sharding.get_abstract_mesh(), axis_names={"tp"}) if in_stage
+                 else dict(mesh=mesh))
+        if isinstance(k_pages, QuantizedPages):
+            return jax.shard_map(
+                quantized, in_specs=(q_spec, pool_spec, pool_spec, scale_spec, scale_spec,
+                                     replicated, replicated),
+                out_specs=q_spec, check_vma=False, **where)(
+                q, k_pages.values, v_pages.values, k_pages.scales, v_pages.scales, seq_lens,
+                block_tables)
+        return jax.shard_map(dense, in_specs=(q_spec, pool_spec, pool_spec, replicated, replicated),
+                             out_specs=q_spec, check_vma=False, **where)(
+            q, k_pages, v_pages, seq_lens, block_tables)
+
+    return call

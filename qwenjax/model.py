@@ -427,7 +427,8 @@ class Model:
 
         def stage(layers, k_pools, v_pools, x_mb, parts_mb, prepared_mb):
             layers = jax.tree.map(lambda a: a[0], layers)
-            k_pools, v_pools = [a[0] for a in k_pools], [a[0] for a in v_pools]
+            first = lambda pool: jax.tree.map(lambda a: a[0], pool)  # noqa: E731 (QuantizedPages too)
+            k_pools, v_pools = [first(a) for a in k_pools], [first(a) for a in v_pools]
             s = jax.lax.axis_index("pp")
 
             def tick(t, carry):
@@ -456,7 +457,8 @@ class Model:
             init = (jnp.zeros(x_mb.shape[1:], x_mb.dtype), jnp.zeros_like(x_mb), k_pools, v_pools)
             _, out, k_pools, v_pools = jax.lax.fori_loop(0, M + pp - 1, tick, init)
             out = jax.lax.psum(jnp.where(s == pp - 1, out, jnp.zeros_like(out)), "pp")
-            return out, [a[None] for a in k_pools], [a[None] for a in v_pools]
+            stack = lambda pool: jax.tree.map(lambda a: a[None], pool)  # noqa: E731
+            return out, [stack(a) for a in k_pools], [stack(a) for a in v_pools]
 
         # Under jit even when called eagerly: a shard_map manual over only some axes is refused
         # outside a traced program.

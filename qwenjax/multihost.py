@@ -519,7 +519,7 @@ def _follow(lm, channel: Follower, busy: dict) -> int:
             return 0
         if kind == "setup":
             runner = ModelRunner(lm, SchedulerConfig(**meta["scheduler"]), meta["num_pages"],
-                                 meta["eos_token_ids"])
+                                 meta["eos_token_ids"], kv_cache_dtype=meta["kv_cache_dtype"])
         elif runner is None:
             channel.on_failure(f"sent {kind!r} before setup")
             return FAILURE_EXIT_CODE

@@ -54,6 +54,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-model-len", type=int, default=None,
                         help="prompt + output tokens of one request at most (default: the model's "
                              "max context)")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                        help="auto: KV cache in the model dtype; fp8: float8 (e4m3) with a scale "
+                             "per token and head, about half the KV memory (docs/quantization.md)")
     engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
     engine.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens of one "
@@ -210,7 +213,8 @@ def build_engine(args):
                           generation_config=args.generation_config,
                           override_generation_config=args.override_generation_config,
                           speculative_config=args.speculative_config,
-                          scheduling_policy=args.scheduling_policy, **options)
+                          scheduling_policy=args.scheduling_policy,
+                          kv_cache_dtype=args.kv_cache_dtype, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
     before = _cache_entries(cache)

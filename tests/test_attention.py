@@ -33,9 +33,11 @@ def test_blockwise_matches_reference(chunk, lengths, pages_per_block):
     assert np.all(np.asarray(got)[positions < 0] == 0)
 
 
-def test_model_decode_through_the_pallas_kernel_under_shard_map():
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_model_decode_through_the_pallas_kernel_under_shard_map(kv_cache_dtype):
     """Decode steps dispatched to the Pallas kernel (interpret mode, sharded over tp=2) give the
-    same logits as the XLA path; prefill keeps using XLA."""
+    same logits as the XLA path; prefill keeps using XLA. With fp8 pages both read the same
+    quantized cache."""
     from qwenjax.attention import decode_kernel_for
     from qwenjax.kv_cache import KVCache
     from qwenjax.model import Layout, Model, StepBatch, random_weights
@@ -54,7 +56,8 @@ def test_model_decode_through_the_pallas_kernel_under_shard_map():
 
     def run(model):
         cache = KVCache.create(num_layers=2, kv_heads=layout.heads.kv_heads, head_dim=config.head_dim,
-                               num_pages=6, page_size=8, dtype=jnp.float32, mesh=mesh)
+                               num_pages=6, page_size=8, dtype=jnp.float32, mesh=mesh,
+                               kv_cache_dtype=kv_cache_dtype)
         prefill = StepBatch(jnp.asarray(tokens[:, :18], jnp.int32),
                             jnp.tile(jnp.arange(18, dtype=jnp.int32), (2, 1)), jnp.full((2,), 18, jnp.int32), tables)
         _, cache = model.forward(weights, cache, prefill)

@@ -314,6 +314,59 @@ def test_kernel_lowers_to_triton_without_a_gpu(platform, device_kind):
     assert "num_warps = 4" in module and "num_stages = 2" in module
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_with_fp8_pages_matches_reference(num_splits):
+    """fp8 pages with a scale per token and head: the kernel's scaled scores and probabilities
+    equal the reference on the dequantized pages (interpret mode)."""
+    from qwenjax.kv_cache import quantize_tokens
+
+    pages_per_seq, page_size = 6, 16
+    lengths = ragged_lengths(page_size, pages_per_seq)
+    _, arrays = make_case(3, num_heads=14, num_kv_heads=2, head_dim=64, page_size=page_size,
+                          pages_per_seq=pages_per_seq, lengths=lengths, dtype=jnp.float32)
+    # Keys an order of magnitude apart per token, as Qwen's biased keys are.
+    arrays["k_pages"] = arrays["k_pages"] * jnp.linspace(1, 40, arrays["k_pages"].shape[2])[:, None]
+    k_values, k_scales = quantize_tokens(jnp.nan_to_num(arrays["k_pages"]))
+    v_values, v_scales = quantize_tokens(jnp.nan_to_num(arrays["v_pages"]))
+    quantized = dict(arrays, k_pages=k_values, v_pages=v_values, k_scales=k_scales, v_scales=v_scales)
+    expected = np.asarray(paged_decode_attention_reference(**quantized))
+    got = paged_decode_attention(**quantized, interpret=True, num_splits=num_splits)
+    assert_close(got, expected, jnp.float32)
+    # The reference on dequantized fp32 pages is the same function.
+    dequantized = dict(arrays, k_pages=k_values.astype(jnp.float32) * k_scales[..., None],
+                       v_pages=v_values.astype(jnp.float32) * v_scales[..., None])
+    assert_close(paged_decode_attention_reference(**dequantized), expected, jnp.float32)
+    with pytest.raises(ValueError, match="k_scales and v_scales come together"):
+        paged_decode_attention(**dict(quantized, v_scales=None), interpret=True)
+
+
+def test_fp8_kernel_lowers_to_triton_without_a_gpu():
+    """The fp8 variant (e4m3 tiles converted in the kernel, per-token scales gathered like the
+    page ids) passes jax's Triton lowering for CUDA and ROCm too."""
+    target = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
+    shapes = (jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16),
+              jax.ShapeDtypeStruct((2, 70, 16, 128), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((2, 70, 16, 128), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((4,), jnp.int32),
+              jax.ShapeDtypeStruct((4, 16), jnp.int32),
+              jax.ShapeDtypeStruct((2, 70, 16), jnp.float32),
+              jax.ShapeDtypeStruct((2, 70, 16), jnp.float32))
+
+    def attend(q, k, v, lengths, tables, k_scales, v_scales):
+        return paged_decode_attention(q, k, v, lengths, tables, k_scales=k_scales,
+                                      v_scales=v_scales, num_splits=4)
+
+    for platform, kind in (("cuda", "NVIDIA H100 80GB HBM3"), ("rocm", "gfx942")):
+        device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+        mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                         abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = jax.export.export(
+                jax.jit(attend), platforms=[platform],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(*shapes)
+        assert 'name = "paged_decode_g8_p8_s4_fp8"' in exported.mlir_module()
+
+
 def test_kernel_rejects_bad_shapes():
     _, arrays = make_case(8, num_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
                           pages_per_seq=2, lengths=[3], dtype=jnp.float32)

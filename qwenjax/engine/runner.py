@@ -250,10 +250,12 @@ class InFlight:
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, config: SchedulerConfig, num_pages: int,
-                 eos_token_ids: Sequence[int] = (), mirror=None):
+                 eos_token_ids: Sequence[int] = (), mirror=None, kv_cache_dtype: str = "auto"):
         """``mirror``: multi-host process 0's plan channel (``multihost.Leader``); the other
-        processes build the same runner and run every plan, warm-up and cache reset it sends."""
+        processes build the same runner and run every plan, warm-up and cache reset it sends.
+        ``kv_cache_dtype``: "auto" (pools in the model's dtype) or "fp8" (kv_cache.py)."""
         self.lm = lm
+        self.kv_cache_dtype = kv_cache_dtype
         self.mirror = mirror
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
@@ -273,7 +275,8 @@ class ModelRunner:
         self.num_pages = num_pages
         if mirror is not None:
             mirror.send("setup", {"scheduler": dataclasses.asdict(config), "num_pages": num_pages,
-                                  "eos_token_ids": list(self.eos_token_ids)})
+                                  "eos_token_ids": list(self.eos_token_ids),
+                                  "kv_cache_dtype": kv_cache_dtype})
         self.cache = self._new_cache()
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
         model = lm.model
@@ -323,7 +326,7 @@ class ModelRunner:
         return KVCache.create(
             num_layers=lm.config.num_layers, kv_heads=lm.layout.heads.kv_heads,
             head_dim=lm.config.head_dim, num_pages=self.num_pages, page_size=self.config.page_size,
-            dtype=lm.weights.final_norm.dtype, mesh=lm.mesh)
+            dtype=lm.weights.final_norm.dtype, mesh=lm.mesh, kv_cache_dtype=self.kv_cache_dtype)
 
     def reset_cache(self) -> None:
         """Fresh pools (after a failed step whose donated pools may be invalid)."""
