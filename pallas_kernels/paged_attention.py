@@ -134,6 +134,13 @@ def plan_launch(
     return pages_per_block, num_splits, -(-num_blocks // num_splits)
 
 
+def _fp8_tile(tile, dtype):
+    """An e4m3 tile (fp8, or uint8 holding its bits, as qwenjax's pools store it) in ``dtype``."""
+    if tile.dtype == jnp.uint8:
+        tile = lax.bitcast_convert_type(tile, jnp.float8_e4m3fn)
+    return tile.astype(dtype)
+
+
 def _decode_kernel(
     lengths_ref,  # [batch] int32 (whole array)
     block_table_ref,  # [pages_per_seq] int32, this sequence's row
@@ -168,6 +175,10 @@ def _decode_kernel(
     head_rows = pl.ds(kv_head * group, group_pad)
     q = plgpu.load(q_ref.at[head_rows, :], mask=row_mask, other=0)
 
+    # Masked lanes' fill, in a type Triton's lowering can cast to the tile's dtype (an int 0
+    # cannot become fp8; a float one cannot become uint8 in interpret mode).
+    fill = 0 if jnp.issubdtype(k_ref.dtype, jnp.integer) else 0.0
+
     first_block = split * blocks_per_split
     last_block = jnp.minimum(first_block + blocks_per_split, pl.cdiv(length, block_tokens))
     dims = jnp.arange(head_dim, dtype=jnp.int32)[None, :]
@@ -184,10 +195,9 @@ def _decode_kernel(
         kv_index = (page_ids[:, None], lax.rem(tokens, page_size)[:, None], dims)
         kv_mask = jnp.broadcast_to(token_valid[:, None], (block_tokens, head_dim))
 
-        # A float fill: Triton's lowering casts it to the tile's dtype (an int 0 cannot become fp8).
-        k = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=0.0)
+        k = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=fill)
         if quantized:  # fp8 values × a scale per token: scale the scores, not the tile
-            k = k.astype(q.dtype)
+            k = _fp8_tile(k, q.dtype)
             token_index = (page_ids, lax.rem(tokens, page_size))
             k_scale = plgpu.load(scale_refs[0].at[token_index], mask=token_valid, other=0)
         logits = lax.dot_general(
@@ -203,10 +213,10 @@ def _decode_kernel(
         probs = jnp.exp2(logits - new_max[:, None])
         row_sum = row_sum * correction + jnp.sum(probs, axis=1)
 
-        v = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=0.0)
+        v = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=fill)
         weights = probs
         if quantized:  # Σ_t p_t (s_t v_t) = Σ_t (p_t s_t) v_t
-            v = v.astype(q.dtype)
+            v = _fp8_tile(v, q.dtype)
             weights = probs * plgpu.load(scale_refs[1].at[token_index], mask=token_valid,
                                          other=0)[None, :]
         acc = acc * correction[:, None] + lax.dot_general(
@@ -318,7 +328,8 @@ def paged_decode_attention(
     num_splits: split-K factor over each sequence's pages; default from
         `default_num_splits` (1 for short contexts or large batch x kv heads).
     num_warps, num_stages: Triton launch parameters (ignored when interpreting).
-    k_scales, v_scales: with quantized (fp8) pages, one scale per token and KV head; the
+    k_scales, v_scales: with quantized pages (float8_e4m3fn, or uint8 holding e4m3 bits),
+        one scale per token and KV head; the
         kernel converts the tiles to q's dtype and applies the scales to the scores and
         the probabilities, so each page is still read once, at one byte per element.
     Lengths above pages_per_seq * page_size are clamped to it.

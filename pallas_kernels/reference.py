@@ -27,8 +27,8 @@ def paged_decode_attention_reference(
 
     Query head h reads KV head h // (num_heads // num_kv_heads). Positions at or
     past a sequence's length are masked; a length-0 sequence returns zeros.
-    Quantized (fp8) pages come with one scale per token and KV head: the cached
-    vector is ``pages[h, p, t] * scales[h, p, t]``.
+    Quantized pages (float8_e4m3fn, or uint8 holding e4m3 bits) come with one scale
+    per token and KV head: the cached vector is ``pages[h, p, t] * scales[h, p, t]``.
     """
     validate_decode_args(q, k_pages, v_pages, lengths, block_tables, k_scales, v_scales)
     batch, num_heads, head_dim = q.shape
@@ -42,6 +42,8 @@ def paged_decode_attention_reference(
     def gather(pages, scales):
         # [kv, batch, pages_per_seq, page_size, dim] -> [batch, kv, tokens, dim]
         seq = pages[:, block_tables].reshape(num_kv_heads, batch, max_tokens, head_dim)
+        if seq.dtype == jnp.uint8:  # quantized pages stored as e4m3 bits
+            seq = jax.lax.bitcast_convert_type(seq, jnp.float8_e4m3fn)
         seq = seq.astype(jnp.float32)
         if scales is not None:
             seq = seq * scales[:, block_tables].reshape(num_kv_heads, batch, max_tokens, 1)

@@ -21,9 +21,10 @@ def _bucket(n: int, minimum: int = 16) -> int:
 
 
 class GreedyGenerator:
-    def __init__(self, lm: LoadedModel, page_size: int = 16):
+    def __init__(self, lm: LoadedModel, page_size: int = 16, kv_cache_dtype: str = "auto"):
         self.lm = lm
         self.page_size = page_size
+        self.kv_cache_dtype = kv_cache_dtype
         model = lm.model
 
         def step(weights, cache, batch):
@@ -51,7 +52,7 @@ class GreedyGenerator:
         cache = KVCache.create(
             num_layers=config.num_layers, kv_heads=self.lm.layout.heads.kv_heads,
             head_dim=config.head_dim, num_pages=batch_size * pages_per_seq, page_size=ps,
-            dtype=self.lm.weights.final_norm.dtype, mesh=self.lm.mesh)
+            dtype=self.lm.weights.final_norm.dtype, mesh=self.lm.mesh, kv_cache_dtype=self.kv_cache_dtype)
         block_tables = jnp.arange(batch_size * pages_per_seq, dtype=jnp.int32).reshape(
             batch_size, pages_per_seq)
 

@@ -46,7 +46,10 @@ def check_kv_cache_dtype(name: str) -> str:
 class QuantizedPages:
     """One fp8 K or V pool: ``values * scales[..., None]`` are the cached vectors."""
 
-    values: jax.Array  # [kv_heads, num_pages, page_size, head_dim] float8_e4m3fn (pp > 1: [pp, …])
+    # uint8 holding float8_e4m3fn bits: XLA scatters fp8 by converting the whole pool to f16
+    # and back (measured on CPU: 31 ms per layer and step for a 16 MB pool, 4000× the uint8
+    # scatter), so the pool is stored as bytes and bitcast where it is read.
+    values: jax.Array  # [kv_heads, num_pages, page_size, head_dim] uint8 (pp > 1: [pp, …])
     scales: jax.Array  # [kv_heads, num_pages, page_size] float32 (pp > 1: [pp, …])
 
     @property
@@ -55,11 +58,18 @@ class QuantizedPages:
 
 
 def quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``[..., head_dim]`` → fp8 values and a float32 scale per vector (zero vectors: scale 1)."""
+    """``[..., head_dim]`` → e4m3 values as uint8 bits and a float32 scale per vector (zero
+    vectors: scale 1)."""
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1)
     scale = jnp.where(amax > 0, amax / _FP8_MAX, 1.0)
-    return jnp.clip(x / scale[..., None], -_FP8_MAX, _FP8_MAX).astype(FP8_DTYPE), scale
+    values = jnp.clip(x / scale[..., None], -_FP8_MAX, _FP8_MAX).astype(FP8_DTYPE)
+    return jax.lax.bitcast_convert_type(values, jnp.uint8), scale
+
+
+def fp8_bits_to(values: jax.Array, dtype) -> jax.Array:
+    """uint8 e4m3 bits → ``dtype``."""
+    return jax.lax.bitcast_convert_type(values, FP8_DTYPE).astype(dtype)
 
 
 def gather_pages(pages, block_tables: jax.Array, dtype=None) -> jax.Array:
@@ -67,7 +77,7 @@ def gather_pages(pages, block_tables: jax.Array, dtype=None) -> jax.Array:
     sequence ``[kv_heads, batch, pages_per_seq * page_size, d]`` (dequantized into ``dtype``,
     default float32, for fp8 pools)."""
     if isinstance(pages, QuantizedPages):
-        values = _gather(pages.values, block_tables).astype(dtype or jnp.float32)
+        values = fp8_bits_to(_gather(pages.values, block_tables), dtype or jnp.float32)
         scales = _gather(pages.scales[..., None], block_tables).astype(values.dtype)
         return values * scales
     gathered = _gather(pages, block_tables)
@@ -112,7 +122,7 @@ class KVCache:
         sharding = rules.sharding(mesh, axes)
         if check_kv_cache_dtype(kv_cache_dtype) == "fp8":
             scale_sharding = rules.sharding(mesh, axes[:-1])
-            zeros = jax.jit(lambda: QuantizedPages(jnp.zeros(shape, FP8_DTYPE),
+            zeros = jax.jit(lambda: QuantizedPages(jnp.zeros(shape, jnp.uint8),
                                                    jnp.ones(shape[:-1], jnp.float32)),
                             out_shardings=QuantizedPages(sharding, scale_sharding))
         else:

@@ -84,7 +84,7 @@ def test_fp8_pages_keep_each_token_to_its_own_scale():
     cache = KVCache.create(num_layers=1, kv_heads=2, head_dim=8, num_pages=4, page_size=4,
                            dtype=jnp.float32, mesh=make_mesh(2), kv_cache_dtype="fp8")
     k_pages, v_pages = cache.k[0], cache.v[0]
-    assert isinstance(k_pages, QuantizedPages) and k_pages.values.dtype == jnp.float8_e4m3fn
+    assert isinstance(k_pages, QuantizedPages) and k_pages.values.dtype == jnp.uint8  # e4m3 bits
     assert k_pages.scales.shape == (2, 4, 4) and cache.num_pages == 4 and cache.page_size == 4
     rng = np.random.default_rng(0)
     k = rng.standard_normal((2, 3, 2, 8)).astype(np.float32) * np.array([0.01, 1, 300])[None, :, None, None]

@@ -318,7 +318,7 @@ def test_kernel_lowers_to_triton_without_a_gpu(platform, device_kind):
 def test_kernel_with_fp8_pages_matches_reference(num_splits):
     """fp8 pages with a scale per token and head: the kernel's scaled scores and probabilities
     equal the reference on the dequantized pages (interpret mode)."""
-    from qwenjax.kv_cache import quantize_tokens
+    from qwenjax.kv_cache import fp8_bits_to, quantize_tokens
 
     pages_per_seq, page_size = 6, 16
     lengths = ragged_lengths(page_size, pages_per_seq)
@@ -333,20 +333,26 @@ def test_kernel_with_fp8_pages_matches_reference(num_splits):
     got = paged_decode_attention(**quantized, interpret=True, num_splits=num_splits)
     assert_close(got, expected, jnp.float32)
     # The reference on dequantized fp32 pages is the same function.
-    dequantized = dict(arrays, k_pages=k_values.astype(jnp.float32) * k_scales[..., None],
-                       v_pages=v_values.astype(jnp.float32) * v_scales[..., None])
+    dequantized = dict(arrays, k_pages=fp8_bits_to(k_values, jnp.float32) * k_scales[..., None],
+                       v_pages=fp8_bits_to(v_values, jnp.float32) * v_scales[..., None])
     assert_close(paged_decode_attention_reference(**dequantized), expected, jnp.float32)
+    # Pages as float8_e4m3fn (rather than qwenjax's uint8 bits) read the same.
+    as_fp8 = dict(quantized, k_pages=jax.lax.bitcast_convert_type(k_values, jnp.float8_e4m3fn),
+                  v_pages=jax.lax.bitcast_convert_type(v_values, jnp.float8_e4m3fn))
+    assert_close(paged_decode_attention(**as_fp8, interpret=True, num_splits=num_splits), expected,
+                 jnp.float32)
     with pytest.raises(ValueError, match="k_scales and v_scales come together"):
         paged_decode_attention(**dict(quantized, v_scales=None), interpret=True)
 
 
-def test_fp8_kernel_lowers_to_triton_without_a_gpu():
-    """The fp8 variant (e4m3 tiles converted in the kernel, per-token scales gathered like the
-    page ids) passes jax's Triton lowering for CUDA and ROCm too."""
+@pytest.mark.parametrize("pages_dtype", [jnp.uint8, jnp.float8_e4m3fn])
+def test_fp8_kernel_lowers_to_triton_without_a_gpu(pages_dtype):
+    """The fp8 variant (e4m3 tiles, as bytes or fp8, converted in the kernel; per-token scales
+    gathered like the page ids) passes jax's Triton lowering for CUDA and ROCm too."""
     target = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
     shapes = (jax.ShapeDtypeStruct((4, 16, 128), jnp.bfloat16),
-              jax.ShapeDtypeStruct((2, 70, 16, 128), jnp.float8_e4m3fn),
-              jax.ShapeDtypeStruct((2, 70, 16, 128), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((2, 70, 16, 128), pages_dtype),
+              jax.ShapeDtypeStruct((2, 70, 16, 128), pages_dtype),
               jax.ShapeDtypeStruct((4,), jnp.int32),
               jax.ShapeDtypeStruct((4, 16), jnp.int32),
               jax.ShapeDtypeStruct((2, 70, 16), jnp.float32),

@@ -236,8 +236,9 @@ def test_quantization_configs_that_are_not_fp8_are_refused_by_name():
 
 @pytest.mark.real_model
 def test_fp8_engine_on_the_real_model(real_model_dir):
-    """The batched engine with fp8 weights answers as the one-request greedy path over the same
-    weights does, and still knows the capital of France."""
+    """The batched engine with fp8 weights and an fp8 KV cache (chunked prefill, prefix cache,
+    decode over quantized pages) answers as the plain greedy loop over the same weights and
+    cache dtype does, and still knows the capital of France."""
     from qwenjax import LLM, SamplingParams
     from qwenjax.greedy import GreedyGenerator
     from qwenjax.loading import load_model
@@ -253,11 +254,12 @@ def test_fp8_engine_on_the_real_model(real_model_dir):
     saved = sum(3 * w.value.size - w.scale.nbytes for w in projections)
     assert lm.weight_bytes() == lm.config.param_count() * 4 - saved
     llm = LLM(lm, max_model_len=512, max_num_seqs=2, max_prefill_seqs=2, prefill_chunk=128,
-              warm_up=False, progress=False)
+              kv_cache_dtype="fp8", warm_up=False, progress=False)
+    assert llm.engine.runner.cache.k[0].values.dtype == jnp.uint8  # e4m3 bits
     chats = [[{"role": "user", "content": q}] for q in
              ("What is the capital of France?", "Name three primary colors.")]
     outputs = llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     prompts = [lm.tokenizer.encode_chat(c) for c in chats]
-    expected = GreedyGenerator(lm).generate(prompts, 16, lm.tokenizer.eos_token_ids)
+    expected = GreedyGenerator(lm, kv_cache_dtype="fp8").generate(prompts, 16, lm.tokenizer.eos_token_ids)
     assert [o.token_ids for o in outputs] == expected
     assert "Paris" in outputs[0].text
