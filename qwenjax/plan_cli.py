@@ -31,6 +31,8 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight and KV dtype (default: the mesh's)")
     p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
                    help="fp8 projection weights (default: none, or the checkpoint's own FP8)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: KV cache in e4m3 with a scale per token and head")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return p
@@ -59,7 +61,7 @@ def cmd_plan(args) -> int:
         quantization = stored.scheme if stored is not None else None
     mesh = load_mesh_config(args.mesh)
     result = plan(config, mesh, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                  dtype=args.dtype, quantization=quantization,
+                  dtype=args.dtype, quantization=quantization, kv_cache_dtype=args.kv_cache_dtype,
                   context=DEFAULT_CONTEXT if args.context is None else args.context)
     print(result.to_json() if args.json else result.format())
     # A plan that does not fit is an answer, not a failure of the command.

@@ -17,7 +17,8 @@ The model, in one place (docs/meshes.md walks through it):
   allocator slack; a prefill chunk's activations fit in it)
   + max_num_seqs × 4 B × (2 × vocab/tp            fp32 logits + the sampler's copy
                           + 2 × hidden + qkv/tp + 2 × mlp/tp)   fp32 activations
-- KV per token per device = kv_heads/tp × head_dim × 2 (K, V) × layers on it × dtype bytes
+- KV per token per device = kv_heads/tp × 2 (K, V) × layers on it × (head_dim × dtype bytes,
+  or head_dim + 4 with an fp8 KV cache: e4m3 values and a float32 scale per token and head)
 - KV capacity             = ⌊(budget − weights − workspace) / page bytes⌋ pages
                             (minimum over stages), × page_size tokens
 - decode ms/token (batch 1, one sequence at ``context`` tokens); stages run one after
@@ -48,6 +49,7 @@ from qwenjax.mesh_config import DTYPES, MeshConfig
 import jax
 import numpy as np
 
+from qwenjax.kv_cache import check_kv_cache_dtype, kv_bytes_per_vector
 from qwenjax.model import Layout, ParamSpec, param_specs
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules, split_layers
 
@@ -69,6 +71,7 @@ class Plan:
     device: str
     dtype: str
     quantization: str | None  # weights: None (in dtype) or "fp8" projections
+    kv_cache_dtype: str       # "auto" (dtype) or "fp8"
     hosts: int
     devices_per_host: int
     dp: int
@@ -100,7 +103,7 @@ class Plan:
     weights_bytes_per_device: int         # the largest stage's
 
     # KV cache
-    kv_bytes_per_token: int               # the model's own figure (config.kv_bytes_per_token)
+    kv_bytes_per_token: int               # the model's own figure (all layers and KV heads)
     kv_bytes_per_token_per_device: int    # the largest stage's
     kv_bytes_per_token_laid_out: int      # Σ over one replica's devices (replication included)
     kv_bytes_per_sequence: int            # model-level, at max_model_len
@@ -149,7 +152,7 @@ class Plan:
 def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None,
          max_num_seqs: int | None = None, dtype: str | None = None,
          context: int = DEFAULT_CONTEXT, rules: ShardingRules = DEFAULT_RULES,
-         quantization: str | None = None) -> Plan:
+         quantization: str | None = None, kv_cache_dtype: str = "auto") -> Plan:
     """Per-device memory, KV capacity and modeled batch-1 decode time of ``config`` on ``mesh``."""
     notes: list[str] = []
     dtype = dtype or mesh.dtype
@@ -210,7 +213,10 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     # identity layers), and runs all its slots: memory and time follow the slots.
     slots = stages[0]
     kv_heads_per_device = heads.kv_heads // tp
-    kv_token_per_layer = kv_heads_per_device * config.head_dim * 2 * nbytes
+    kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+    kv_vector = kv_bytes_per_vector(config.head_dim, dtype, kv_cache_dtype)
+    kv_token_per_layer = kv_heads_per_device * 2 * kv_vector
+    kv_token_model = config.num_layers * config.num_kv_heads * 2 * kv_vector
     # The logits read lm_head, or the embedding table itself when tied.
     logits_bytes = head_bytes if specs.lm_head is not None else embed_bytes
     stage_weights, stage_streamed, stage_kv_token = [], [], []
@@ -297,7 +303,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if heads.kv_replicas > 1:
         notes.append(f"KV heads replicated ×{heads.kv_replicas} at load ({config.num_kv_heads} → "
                      f"{heads.kv_heads}); the group stores {kv_token_group / KiB:.0f} KiB "
-                     f"per token for a {config.kv_bytes_per_token(dtype) / KiB:.0f} KiB model")
+                     f"per token for a {kv_token_model / KiB:.0f} KiB model")
     if heads.q_heads != config.num_heads:
         notes.append(f"q heads padded {config.num_heads} → {heads.q_heads} with zero heads "
                      "(whole GQA groups per device)")
@@ -318,7 +324,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
 
     return Plan(
         model=config.name, mesh=mesh.name, device=mesh.hardware.device, dtype=dtype,
-        quantization=quantization, hosts=mesh.hosts, devices_per_host=mesh.devices_per_host, dp=mesh.dp, tp=tp, pp=pp,
+        quantization=quantization, kv_cache_dtype=kv_cache_dtype, hosts=mesh.hosts, devices_per_host=mesh.devices_per_host, dp=mesh.dp, tp=tp, pp=pp,
         max_model_len=max_model_len, max_num_seqs=max_num_seqs, context=context,
         page_size=mesh.page_size, kv_cache_fraction=mesh.kv_cache_fraction,
         memory_bytes_per_device=mesh.hardware.memory_bytes,
@@ -332,10 +338,10 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
         weights_bytes_laid_out=laid_out_total,
         weights_bytes_per_stage=tuple(stage_weights),
         weights_bytes_per_device=max(stage_weights),
-        kv_bytes_per_token=config.kv_bytes_per_token(dtype),
+        kv_bytes_per_token=kv_token_model,
         kv_bytes_per_token_per_device=kv_token_device,
         kv_bytes_per_token_laid_out=kv_token_group,
-        kv_bytes_per_sequence=config.kv_bytes_per_token(dtype) * max_model_len,
+        kv_bytes_per_sequence=kv_token_model * max_model_len,
         kv_bytes_per_sequence_per_device=kv_token_device * max_model_len,
         memory_budget_bytes_per_device=budget,
         workspace_bytes_per_device=workspace,
@@ -408,7 +414,8 @@ def _format(p: Plan) -> str:
     topo = (f"{p.hosts} hosts × {p.devices_per_host}" if p.hosts > 1 else f"{p.devices_per_host}") + "×"
     lines = [
         f"{p.model} on {p.mesh}: {topo} {p.device}; dp={p.dp} tp={p.tp} pp={p.pp}; {p.dtype}"
-        + (f", {p.quantization} weights" if p.quantization else ""),
+        + (f", {p.quantization} weights" if p.quantization else "")
+        + (f", {p.kv_cache_dtype} KV cache" if p.kv_cache_dtype != "auto" else ""),
         f"  layout     q heads {p.q_heads} → {p.q_heads_laid_out} ({p.q_heads_per_device}/device), "
         f"KV heads {p.kv_heads} → {p.kv_heads_laid_out} ({p.kv_heads_per_device}/device), "
         f"mlp {p.mlp_per_device}/device, vocab {p.vocab_per_device}/device",

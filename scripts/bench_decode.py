@@ -18,7 +18,7 @@ tokens a step must yield on average for speculation to pay (docs/architecture.md
 
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 1,8,32,64 --ctx 2048
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 --batch 1 --verify 4
-    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --quantization fp8
+    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --quantization fp8 --kv-cache-dtype fp8
     python scripts/bench_decode.py --smoke      # tiny, CPU, seconds (run by the tests)
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from qwenjax.benchmarking import (decode_weight_bytes, format_profile, measure_r
                                   profile_call, shard_model,
                                   write_results)
 from qwenjax.config import preset
-from qwenjax.kv_cache import KVCache
+from qwenjax.kv_cache import KVCache, kv_bytes_per_vector
 from qwenjax.model import Model, PackedChunks, StepBatch
 from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch, sample
 from qwenjax.planner import allreduce_us, allreduces_per_step
@@ -88,11 +88,13 @@ def time_steps(step_loop, weights, cache, tokens, steps: int, reps: int) -> tupl
 
 
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
-                dtype, reps: int, sampling: str = "chat", profile: str | None = None) -> dict:
+                dtype, reps: int, sampling: str = "chat", profile: str | None = None,
+                kv_cache_dtype: str = "auto") -> dict:
     pages_per_seq = -(-(ctx + steps) // page_size)
     cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
                            head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
-                           page_size=page_size, dtype=dtype, mesh=model.mesh)
+                           page_size=page_size, dtype=dtype, mesh=model.mesh,
+                           kv_cache_dtype=kv_cache_dtype)
     block_tables = jnp.arange(batch * pages_per_seq, dtype=jnp.int32).reshape(batch, pages_per_seq)
     rows = sampling_batch(batch, sampling, ctx, shard.vocab_size)
 
@@ -110,7 +112,9 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
     tokens = jnp.zeros((batch, 1), jnp.int32)
     seconds, run, cache = time_steps(decode, weights, cache, tokens, steps, reps)
     weight_bytes = decode_weight_bytes(weights)
-    kv_bytes = batch * (ctx + steps / 2) * shard.kv_bytes_per_token(jnp.dtype(dtype).name)
+    kv_token = shard.num_layers * shard.num_kv_heads * 2 * kv_bytes_per_vector(
+        shard.head_dim, dtype, kv_cache_dtype)
+    kv_bytes = batch * (ctx + steps / 2) * kv_token
     result = dict(batch=batch, ctx=ctx, seconds_per_step=seconds, weight_bytes=weight_bytes,
                   kv_bytes=kv_bytes)
     if profile:
@@ -121,7 +125,8 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
 
 
 def bench_verify(model: Model, weights, shard, batch: int, ctx: int, k: int, steps: int,
-                 page_size: int, dtype, reps: int, sampling: str = "chat") -> float:
+                 page_size: int, dtype, reps: int, sampling: str = "chat",
+                 kv_cache_dtype: str = "auto") -> float:
     """Seconds per step that checks ``k`` drafts for each of ``batch`` sequences at ``ctx``: one
     packed chunk of 1 + k tokens per sequence (paged K/V writes, blockwise attention), logits and
     the sampler at every position, ``steps`` times inside one program."""
@@ -129,7 +134,8 @@ def bench_verify(model: Model, weights, shard, batch: int, ctx: int, k: int, ste
     pages_per_seq = -(-(ctx + n) // page_size)
     cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
                            head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
-                           page_size=page_size, dtype=dtype, mesh=model.mesh)
+                           page_size=page_size, dtype=dtype, mesh=model.mesh,
+                           kv_cache_dtype=kv_cache_dtype)
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
     cols = np.tile(np.arange(n), batch)
     positions = ctx + cols
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: projection weights in float8_e4m3fn with per-channel scales")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: KV pages in e4m3 with a scale per token and head")
     p.add_argument("--bandwidth-gib", type=float, default=4.0, help="array size for the HBM read test")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="per-direction link bandwidth per device for the collective model (NVLink-4: 450)")
@@ -201,13 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                   shard=dict(q_heads=shard.num_heads, kv_heads=shard.num_kv_heads,
                              mlp=shard.intermediate_size, vocab=shard.vocab_size,
                              layers=shard.num_layers),
-                  dtype=args.dtype, quantization=args.quantization, attention=args.attention,
+                  dtype=args.dtype, quantization=args.quantization,
+                  kv_cache_dtype=args.kv_cache_dtype, attention=args.attention,
                   sampling=args.sampling,
                   measured_read_tbps=bandwidth / 1e12,
                   collective_model=dict(link_gbps=args.link_gbps, latency_us=args.link_latency_us,
                                         all_reduces_per_step=2 * config.num_layers + 1))
     print(f"# decode: {config.name} shard of TP{args.shard_of_tp} on {device.device_kind} "
-          f"(jax {jax.__version__}, {args.dtype}{', fp8 weights' if args.quantization else ''}, "
+          f"(jax {jax.__version__}, {args.dtype}{', fp8 weights' if args.quantization else ''}"
+          f"{', fp8 KV' if args.kv_cache_dtype == 'fp8' else ''}, "
           f"{header['date']})")
     print(f"# shard: {header['shard']}; measured HBM read {bandwidth / 1e12:.2f} TB/s")
     print("| batch | ctx | ms/step (measured) | weights GB | KV GB | TB/s | MBU | "
@@ -216,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, batch in enumerate(int(b) for b in args.batch.split(",")):
         r = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size, dtype,
-                        args.reps, args.sampling, args.profile if i == 0 else None)
+                        args.reps, args.sampling, args.profile if i == 0 else None,
+                        args.kv_cache_dtype)
         moved = r["weight_bytes"] + r["kv_bytes"]
         r["tbps"] = moved / r["seconds_per_step"] / 1e12
         r["mbu"] = moved / r["seconds_per_step"] / bandwidth
@@ -238,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|")
     for batch in verify_batches:
         seconds = bench_verify(model, weights, shard, batch, args.ctx, args.verify, args.steps,
-                               args.page_size, dtype, args.reps, args.sampling)
+                               args.page_size, dtype, args.reps, args.sampling, args.kv_cache_dtype)
         decode = next((r["seconds_per_step"] for r in rows if r["batch"] == batch), None)
         if decode is None:
             decode = bench_batch(model, weights, shard, batch, args.ctx, args.steps, args.page_size,
-                                 dtype, args.reps, args.sampling)["seconds_per_step"]
+                                 dtype, args.reps, args.sampling,
+                                 kv_cache_dtype=args.kv_cache_dtype)["seconds_per_step"]
         header.setdefault("verify", []).append(dict(batch=batch, k=args.verify, seconds_per_step=seconds,
                                                     decode_seconds_per_step=decode))
         write_results(args.json, header, rows)

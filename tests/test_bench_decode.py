@@ -55,6 +55,18 @@ def test_fp8_smoke_run_moves_about_half_the_weight_bytes(tmp_path):
     assert dense - fp8 == 3 * projections - 4 * scales
 
 
+def test_fp8_kv_smoke_run_counts_values_and_scales(tmp_path):
+    bench = _load()
+    out = tmp_path / "kv.json"
+    assert bench.main(["--smoke", "--json", str(out), "--kv-cache-dtype", "fp8"]) == 0
+    result = json.loads(out.read_text())
+    assert result["kv_cache_dtype"] == "fp8"
+    row = result["rows"][-1]
+    assert row["batch"] == 2
+    # 2 layers × 1 KV head (0.5B at TP4) × (K, V) × (64 e4m3 bytes + a 4-byte scale) per token.
+    assert row["kv_bytes"] == 2 * (40 + 2 / 2) * (2 * 1 * 2 * 68)
+
+
 def test_collective_model_numbers():
     bench = _load()
     from qwenjax.config import preset

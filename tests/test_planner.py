@@ -338,6 +338,17 @@ def test_72b_fits_two_a100s_with_fp8_weights_only():
     assert fp8.modeled_hbm_ms < 0.55 * dense.modeled_hbm_ms
 
 
+def test_fp8_kv_cache_nearly_doubles_the_tokens_that_fit():
+    dense = plan(Q72, load_mesh_config("4xh100-80gb-tp4"))
+    fp8 = plan(Q72, load_mesh_config("4xh100-80gb-tp4"), kv_cache_dtype="fp8")
+    # 80 layers × 2 KV heads per device × (K, V) × (128 e4m3 bytes + a 4-byte scale).
+    assert fp8.kv_bytes_per_token_per_device == 80 * 2 * 2 * 132
+    assert dense.kv_bytes_per_token_per_device == 80 * 2 * 2 * 256
+    assert fp8.kv_bytes_per_token == 80 * 8 * 2 * 132
+    assert 1.9 < fp8.kv_capacity_tokens / dense.kv_capacity_tokens < 1.95
+    assert "fp8 KV cache" in fp8.format()
+
+
 def test_dtype_override_and_argument_checks():
     mesh = load_mesh_config("4xh100-80gb-tp4")
     f32 = plan(Q72, mesh, dtype="float32")
