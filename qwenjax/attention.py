@@ -32,7 +32,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     Returns [batch, chunk, kv_heads, q_per_kv, head_dim] in q's dtype; padding rows are zero.
     """
     batch, chunk, kv_heads, q_per_kv, head_dim = q.shape
-    if decode_kernel is not None and chunk == 1:
+    if (decode_kernel is not None and chunk == 1
+            and (not isinstance(k_pages, QuantizedPages) or fp8_kernel_supported())):
         out = decode_kernel(q.reshape(batch, kv_heads * q_per_kv, head_dim), k_pages, v_pages,
                             seq_lens, block_tables)
         return out.reshape(q.shape)
@@ -100,6 +101,21 @@ def paged_attention_reference(q, k_pages, v_pages, positions, seq_lens, block_ta
     out = jnp.einsum("bgjst,gbtd->bsgjd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def fp8_kernel_supported(device=None) -> bool:
+    """Whether the Pallas decode kernel can read fp8 pages here: Triton converts e4m3
+    (``float8e4nv``) only on NVIDIA compute capability ≥ 8.9 (H100, L40S; not A100), and
+    ROCm's MI300X natively has the fnuz variant only. Elsewhere fp8 KV decode takes the XLA
+    path (correct, slower). CPU (interpret mode in tests): supported."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return True
+    capability = getattr(device, "compute_capability", None)
+    if device.platform in ("gpu", "cuda") and capability is not None:
+        major, minor = (int(x) for x in str(capability).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    return False
 
 
 def decode_kernel_for(mesh, rules, impl: str = "auto", *, interpret: bool = False) -> Callable | None:

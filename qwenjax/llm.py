@@ -59,6 +59,7 @@ class _Base:
         compiling ~50 programs takes minutes; each is then compiled on first use and cached).
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,
         max_num_batched_tokens, prefill_chunk, max_prefill_seqs, cpu_kv_cache_gib, compile_cache,
+        kv_cache_dtype: "auto" or "fp8" (e4m3 pages with a scale per token and head),
         enable_prefix_caching: on by default, reuses the K/V of prompt prefixes seen before;
         async_scheduling: on by default, schedules the next step while the device runs this one;
         generation_config: "auto" (default) takes the sampling defaults of the model's

@@ -151,6 +151,7 @@ def model_info(engine) -> pb.ModelInfo:
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, mesh_shape={str(k): int(v) for k, v in lm.mesh.shape.items()},
         dtype=str(lm.dtype), quantization=lm.quantization or "",
+        kv_cache_dtype=engine.runner.kv_cache_dtype,
         max_context=engine.max_model_len, page_size=sc.page_size,
         kv_capacity_tokens=engine.allocator.num_pages * sc.page_size, max_num_seqs=sc.max_num_seqs,
         sampling_defaults={k: float(v) for k, v in engine.sampling_defaults.items()})

@@ -73,3 +73,15 @@ def test_model_decode_through_the_pallas_kernel_under_shard_map(kv_cache_dtype):
     want = run(Model(layout, mesh))
     got = run(Model(layout, mesh, decode_attention=kernel))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_pages_take_the_kernel_only_where_triton_converts_e4m3():
+    from types import SimpleNamespace
+
+    from qwenjax.attention import fp8_kernel_supported
+
+    gpu = lambda cc: SimpleNamespace(platform="gpu", compute_capability=cc)  # noqa: E731
+    assert fp8_kernel_supported(gpu("9.0")) and fp8_kernel_supported(gpu("8.9"))
+    assert not fp8_kernel_supported(gpu("8.0"))  # A100: XLA path
+    assert not fp8_kernel_supported(SimpleNamespace(platform="rocm"))
+    assert fp8_kernel_supported(SimpleNamespace(platform="cpu"))

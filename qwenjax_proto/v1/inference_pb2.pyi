@@ -276,7 +276,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mesh_shape", "dtype", "max_context", "page_size", "kv_capacity_tokens", "max_num_seqs", "sampling_defaults", "quantization")
+    __slots__ = ("model", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mesh_shape", "dtype", "max_context", "page_size", "kv_capacity_tokens", "max_num_seqs", "sampling_defaults", "quantization", "kv_cache_dtype")
     class MeshShapeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class ModelInfo(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     hidden_size: int
@@ -321,4 +322,5 @@ class ModelInfo(_message.Message):
     max_num_seqs: int
     sampling_defaults: _containers.ScalarMap[str, float]
     quantization: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., mesh_shape: _Optional[_Mapping[str, int]] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., quantization: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., mesh_shape: _Optional[_Mapping[str, int]] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., sampling_defaults: _Optional[_Mapping[str, float]] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
