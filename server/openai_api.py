@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import qwenjax
-from server import convert, openai_protocol as proto
+from server import convert, openai_protocol as proto, responses_protocol as rproto
 from server.auth import bearer_token, token_matches
 from server.gateway import Call, Gateway, Refused
 
@@ -55,9 +55,10 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response(error_body(status, message), status=status)
 
 
-def _sse(data: Any) -> bytes:
+def _sse(data: Any, event: str | None = None) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {text}\n\n".encode()
 
 
 async def merged(calls: Sequence[Call]) -> AsyncIterator[tuple[int, Any]]:
@@ -116,6 +117,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -200,9 +202,12 @@ class OpenAIServer:
         rid = parsed.request_id or request.headers.get("X-Request-Id") or ""
         return f"{prefix}-{rid}" if rid else proto.new_id(prefix)
 
-    async def _stream(self, request: web.Request, events: AsyncIterator[Any]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, events: AsyncIterator[Any], *,
+                      typed: bool = False) -> web.StreamResponse:
         """Server-sent events from ``events`` (dicts), then ``[DONE]``. The response starts only
-        when the first event is ready, so a refusal before it is a plain HTTP error."""
+        when the first event is ready, so a refusal before it is a plain HTTP error. ``typed``
+        (the Responses API): each event is named by its "type" and no ``[DONE]`` follows."""
+        name = (lambda event: event.get("type")) if typed else (lambda event: None)
         async with contextlib.aclosing(events) as events:
             first = await anext(events, None)
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -210,13 +215,16 @@ class OpenAIServer:
             await response.prepare(request)
             try:
                 if first is not None:
-                    await response.write(_sse(first))
+                    await response.write(_sse(first, name(first)))
                 async for event in events:
-                    await response.write(_sse(event))
+                    await response.write(_sse(event, name(event)))
             except Refused as refused:  # after the response started: an error event
                 status = _HTTP_STATUS.get(refused.code, 500)
-                await response.write(_sse(error_body(status, refused.message)))
-            await response.write(_sse("[DONE]"))
+                error = error_body(status, refused.message)
+                await response.write(_sse({"type": "error", **error["error"]}, "error") if typed
+                                     else _sse(error))
+            if not typed:
+                await response.write(_sse("[DONE]"))
             await response.write_eof()
             return response
 
@@ -393,11 +401,9 @@ class OpenAIServer:
 
         return await self._stream(request, events())
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def _chat_call(self, parsed: proto.ParsedRequest):
+        """(prompt ids, SamplingParams, the admitted Call) of a checked chat request."""
         gateway = self.gateway
-        gateway.require_engine(generate=True)
-        parsed = self._parse(proto.parse_chat, await self._body(request))
-        model = self._check_model(parsed.model)
         try:
             ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
                                        add_generation_prompt=parsed.add_generation_prompt,
@@ -405,7 +411,14 @@ class OpenAIServer:
         except ValueError as error:
             raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         prompt_ids, params = await self._prepare(parsed, ids)
-        call = gateway.call(prompt_ids, params, parsed.priority)
+        return prompt_ids, params, gateway.call(prompt_ids, params, parsed.priority)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        parsed = self._parse(proto.parse_chat, await self._body(request))
+        model = self._check_model(parsed.model)
+        prompt_ids, params, call = await self._chat_call(parsed)
         response_id = self._request_id(request, parsed, "chatcmpl")
         token_text = proto.TokenText(gateway.engine.tokenizer)
         eos = gateway.engine.eos_token_ids
@@ -482,3 +495,19 @@ class OpenAIServer:
                 yield {**head, "choices": [], "usage": proto.usage(len(prompt_ids), completion, cached)}
 
         return await self._stream(request, events())
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API, run as the chat completion it translates to
+        (server/responses_protocol.py)."""
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        body = await self._body(request)
+        parsed = self._parse(lambda b: proto.parse_chat(rproto.to_chat_body(b)), body)
+        model = self._check_model(parsed.model)
+        prompt_ids, params, call = await self._chat_call(parsed)
+        reply = rproto.ResponseBuilder(self._request_id(request, parsed, "resp"), model, body, parsed,
+                                       len(prompt_ids), proto.TokenText(gateway.engine.tokenizer))
+        outputs = (output async for _, output in merged([call]))
+        if not parsed.stream:
+            return web.json_response(await reply.collect(outputs))
+        return await self._stream(request, reply.events(outputs), typed=True)

@@ -323,7 +323,7 @@ def test_channel_stop_and_failures():
 class _FakeRunner:
     """Stands in for the follower's ModelRunner: the follower loop's control flow is under test."""
 
-    def __init__(self, lm, config, num_pages, eos_token_ids):
+    def __init__(self, lm, config, num_pages, eos_token_ids, kv_cache_dtype="auto"):
         self.resets = 0
 
     def run(self, plan):
@@ -353,7 +353,7 @@ def test_follower_failure_protocol(monkeypatch):
     from qwenjax.engine import runner as runner_module
 
     monkeypatch.setattr(runner_module, "ModelRunner", _FakeRunner)
-    setup = {"scheduler": {}, "num_pages": 4, "eos_token_ids": [2]}
+    setup = {"scheduler": {}, "num_pages": 4, "eos_token_ids": [2], "kv_cache_dtype": "auto"}
     monkeypatch.setattr("qwenjax.engine.scheduler.SchedulerConfig", lambda **kw: None)
 
     # A step that fails on this follower and then on the leader: the leader's reset brings the

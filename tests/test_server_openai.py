@@ -257,6 +257,85 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
+def test_responses_api_text_stream_and_usage(client, name, server, tokenizer):
+    """/v1/responses through the official client: the same greedy text as gRPC, the
+    instructions as a system message, usage in input/output tokens, an incomplete status at
+    max_output_tokens; streamed events whose deltas add up to the final text."""
+    instructions = "You are terse."
+    question = "Write a Python function that adds two numbers."
+    messages = [{"role": "system", "content": instructions}, {"role": "user", "content": question}]
+    ids, text = grpc_greedy(server, 8, messages=pb.Messages(messages=[pb.Message(**m) for m in messages]))
+    reply = client.responses.create(model=name, instructions=instructions, input=question,
+                                    max_output_tokens=8, temperature=0)
+    assert reply.output_text == text and reply.model == name and reply.object == "response"
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+    (item,) = reply.output
+    assert item.type == "message" and item.role == "assistant" and item.content[0].type == "output_text"
+    assert reply.usage.input_tokens == len(tokenizer.encode_chat(messages))
+    assert reply.usage.output_tokens == len(ids) == 8
+    assert reply.usage.total_tokens == reply.usage.input_tokens + 8
+
+    events = list(client.responses.create(model=name, instructions=instructions, input=question,
+                                          max_output_tokens=8, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.output_text == text and events[-1].response.usage.output_tokens == 8
+
+    # Input items: a multi-turn conversation with content parts, as the SDK sends them.
+    turns = client.responses.create(model=name, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": "Say hi."}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Hi!"}]},
+        {"role": "user", "content": "Again."}])
+    assert turns.output_text and turns.usage.output_tokens <= 4
+
+
+def test_responses_api_function_calls_and_refusals(client, name):
+    import openai
+
+    tool = {"type": "function", **WEATHER["function"]}
+    question = "What is the weather in Paris?"
+    reply = client.responses.create(model=name, input=question, tools=[tool], temperature=0,
+                                    tool_choice={"type": "function", "name": "get_weather"},
+                                    max_output_tokens=40)
+    (call,) = reply.output
+    assert call.type == "function_call" and call.name == "get_weather" and reply.status == "completed"
+    assert set(json.loads(call.arguments)) == {"city"} and call.call_id.startswith("call_")
+
+    events = list(client.responses.create(model=name, input=question, tools=[tool], temperature=0,
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          max_output_tokens=40, stream=True))
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [d.type for d in done] == ["function_call"] and done[0].arguments == call.arguments
+    assert not [e for e in events if e.type == "response.output_text.delta"]
+
+    # The call and its output go back as input items; the model answers in text.
+    answer = client.responses.create(model=name, tools=[tool], tool_choice="none", temperature=0,
+                                     max_output_tokens=6, input=[
+                                         {"role": "user", "content": question},
+                                         {"type": "function_call", "call_id": call.call_id,
+                                          "name": call.name, "arguments": call.arguments},
+                                         {"type": "function_call_output", "call_id": call.call_id,
+                                          "output": '{"temp_c": 21}'}])
+    assert answer.output_text and answer.output[0].type == "message"
+
+    def refused(**kwargs):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.responses.create(**{"model": name, "input": "hi", **kwargs})
+        return error.value.body["message"]
+
+    assert "previous_response_id" in refused(previous_response_id="resp_123")
+    assert "frobnicate" in refused(extra_body={"frobnicate": 1})
+    assert "web_search" in refused(tools=[{"type": "web_search"}])
+    assert "input_image" in refused(input=[{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://x"}]}])
+    assert "temperature" in refused(temperature=-1)
+
+
 def test_bad_requests_name_the_field(base, client, name):
     import openai
 
@@ -433,6 +512,35 @@ def test_parse_maps_openai_and_vllm_fields():
                           "response_format": {"type": "xml"}}, "response_format")]:
         with pytest.raises(ValueError, match=field):
             proto.parse_chat(body)
+
+
+def test_responses_request_becomes_the_chat_request_it_means():
+    from server.responses_protocol import to_chat_body
+
+    chat = to_chat_body({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 5, "top_p": 0.5,
+        "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}},
+        "input": [{"role": "developer", "content": "d"}, {"role": "user", "content": "q"},
+                  {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "call_1", "output": "1"}],
+        "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}],
+        "tool_choice": {"type": "function", "name": "f"}, "top_k": 3})
+    assert chat["max_tokens"] == 5 and chat["top_p"] == 0.5 and chat["top_k"] == 3
+    assert chat["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    roles = [m["role"] for m in chat["messages"]]
+    assert roles == ["system", "developer", "user", "assistant", "tool"]
+    assert [c["id"] for c in chat["messages"][3]["tool_calls"]] == ["call_1", "call_2"]  # one turn
+    assert chat["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    parsed = proto.parse_chat(dict(chat, tool_choice="auto"))  # and it is a valid chat request
+    assert parsed.fields["max_tokens"] == 5 and parsed.messages[1]["role"] == "system"
+    for body, message in (({"input": []}, "input must be"), ({"input": "x", "truncation": "auto"},
+                                                            "truncation"),
+                          ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning")):
+        with pytest.raises(ValueError, match=message):
+            to_chat_body(body)
 
 
 def test_tool_call_stream_holds_back_only_what_may_be_a_call():
