@@ -45,6 +45,7 @@ class _Base:
                  mesh: Mesh | None = None,
                  devices: Sequence[int] | None = None,
                  dtype: str | None = None, quantization: str | None = None,
+                 chat_template: str | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
@@ -52,6 +53,8 @@ class _Base:
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
+        ``chat_template``: a Jinja chat template (or a file holding one) to use instead of the
+        checkpoint's.
         ``quantization``: "fp8" stores the projection weights as float8 with per-channel scales
         (half of bf16's memory and decode bytes); None keeps them in ``dtype``, unless the
         checkpoint is FP8 (it stays FP8).
@@ -78,6 +81,11 @@ class _Base:
         else:
             self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
                                  quantization=quantization)
+        if chat_template is not None:
+            if self.lm.tokenizer is None:
+                raise ValueError("chat_template: this model has no tokenizer")
+            # A copy: a LoadedModel passed in keeps its own tokenizer.
+            self.lm = dataclasses.replace(self.lm, tokenizer=self.lm.tokenizer.with_chat_template(chat_template))
         if warm_up is None:
             warm_up = jax.default_backend() != "cpu"
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,

@@ -92,6 +92,15 @@ class Tokenizer:
             pad_token_id=pad_token_id,
         )
 
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """This tokenizer with another chat template (vLLM's ``--chat-template``): ``template``
+        is a Jinja template, or the path of a file holding one."""
+        source = resolve_chat_template(template)
+        copy = object.__new__(Tokenizer)
+        copy.__dict__.update(self.__dict__)
+        copy._chat_template = _compile_chat_template(source)
+        return copy
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self._eos_token_ids
@@ -170,6 +179,29 @@ class Tokenizer:
     ) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
                                                     continue_final_message))
+
+
+def resolve_chat_template(template: str) -> str:
+    """A chat template given as a file path or as the template itself → its source; checked
+    to compile (errors name the line)."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("chat_template must be a Jinja template or the path of a file holding one")
+    path = pathlib.Path(template)
+    looks_like_template = "{{" in template or "{%" in template
+    if not looks_like_template:
+        try:
+            is_file = path.is_file()
+        except OSError:  # a name too long for a path
+            is_file = False
+        if not is_file:
+            raise ValueError(f"chat_template {template[:80]!r} is neither a file nor a Jinja "
+                             "template ({{ … }} / {% … %})")
+        template = path.read_text()
+    try:
+        _compile_chat_template(template)
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise ValueError(f"chat_template does not compile: {error.message} (line {error.lineno})") from None
+    return template
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:

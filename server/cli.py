@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -87,6 +88,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)")
 
+    engine.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                        help="a Jinja chat template (or a file holding one) instead of the "
+                             "checkpoint's")
     sampling = p.add_argument_group("sampling defaults (for the fields a request leaves unset)")
     sampling.add_argument("--generation-config", default="auto", metavar="auto|builtin|DIR",
                           help="auto: the model's generation_config.json (temperature, top_k, top_p, "
@@ -197,6 +201,10 @@ def build_engine(args):
     from qwenjax.engine.engine import Engine, EngineConfig, enable_compile_cache
 
     lm, mesh_config = load_serving_model(args)
+    if args.chat_template is not None:
+        if lm.tokenizer is None:
+            raise ValueError("--chat-template: this model has no tokenizer")
+        lm = dataclasses.replace(lm, tokenizer=lm.tokenizer.with_chat_template(args.chat_template))
     options = {}
     max_model_len = args.max_model_len
     if mesh_config is not None:

@@ -46,12 +46,12 @@ def test_serve_takes_vllm_style_arguments(capsys):
     add_serve_arguments(parser)
     args = parser.parse_args(["/models/Qwen2.5-7B-Instruct", "-tp", "2", "--api-key", "k",
                               "--gpu-memory-utilization", "0.8", "--no-enable-prefix-caching", "-q", "fp8",
-                              "--kv-cache-dtype", "fp8",
+                              "--kv-cache-dtype", "fp8", "--chat-template", "t.jinja",
                               "--served-model-name", "qwen", "Qwen/Qwen2.5-7B-Instruct"])
     resolve_model_tag(args)
     assert (args.model, args.tp, args.kv_cache_fraction, args.enable_prefix_caching, args.quantization) == (
         "/models/Qwen2.5-7B-Instruct", 2, 0.8, False, "fp8")
-    assert args.kv_cache_dtype == "fp8"
+    assert args.kv_cache_dtype == "fp8" and args.chat_template == "t.jinja"
     config = server_config(args)
     assert config.api_token == "k" and config.http_port == 8000
     assert config.served_model_names == ("qwen", "Qwen/Qwen2.5-7B-Instruct")

@@ -202,3 +202,20 @@ def test_eos_falls_back_to_tokenizer_config(real_model_dir, tmp_path):
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.eos_token_ids == (151645,)  # <|im_end|> only
     assert tokenizer.pad_token_id == 151643
+
+
+def test_chat_template_override_from_a_string_or_a_file(tokenizer, tmp_path):
+    """vLLM's --chat-template: a template string or a file; the original tokenizer keeps its own."""
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}<assistant>{% endif %}"
+    chat = [{"role": "user", "content": "hi"}]
+    custom = tokenizer.with_chat_template(template)
+    assert custom.apply_chat_template(chat) == "<user>hi\n<assistant>"
+    assert tokenizer.apply_chat_template(chat).startswith("<|im_start|>system")
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert tokenizer.with_chat_template(str(path)).encode_chat(chat) == custom.encode_chat(chat)
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        tokenizer.with_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match=r"does not compile: .* \(line 1\)"):
+        tokenizer.with_chat_template("{% for m in messages %}")
