@@ -52,7 +52,7 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    orbax_form = [f"--{name}" for name in ("model", "mesh", "out", "dtype")
+    orbax_form = [f"--{name}" for name in ("model", "mesh", "out", "dtype", "quantization")
                   if getattr(args, name) is not None]
     if args.gguf is not None or args.out_dir is not None:
         if orbax_form:
@@ -76,7 +76,8 @@ def cmd_convert(args) -> int:
     mesh_config = load_mesh_config(args.mesh)
     dtype = args.dtype or mesh_config.dtype
     start = time.perf_counter()
-    out = convert_to_orbax(args.model, args.out, tp=mesh_config.tp, dtype=dtype, progress=True)
+    out = convert_to_orbax(args.model, args.out, tp=mesh_config.tp, dtype=dtype, progress=True,
+                           quantization=args.quantization)
     _log(f"wrote {args.model} for {mesh_config.name} (tp={mesh_config.tp}, {dtype}) in "
          f"{time.perf_counter() - start:.1f}s")
     print(out)
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--model --mesh --out: an HF directory or GGUF → a sharded orbax checkpoint "
                         "laid out for the mesh's tp",
         usage="qwenjax convert GGUF OUT\n       qwenjax convert --model DIR|GGUF --mesh MESH "
-              "--out CKPT [--dtype DTYPE]")
+              "--out CKPT [--dtype DTYPE] [-q fp8]")
     p.add_argument("gguf", nargs="?", default=None, help="GGUF file (HF directory form)")
     p.add_argument("out_dir", nargs="?", default=None, metavar="out",
                    help="HF directory to write (HF directory form)")
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="orbax checkpoint directory to write (new or empty)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype to store (default: the mesh config's)")
+    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
+                   help="store fp8 projection weights (an FP8 HF checkpoint stays FP8 anyway)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")

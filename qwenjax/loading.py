@@ -110,7 +110,7 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
         # Restored straight into this mesh's shardings (re-laid out on device if it was
         # written for another tp); dtype None keeps the dtype it was converted to.
         config, layout, weights, dtype = restore_checkpoint(directory, mesh, requested_dtype)
-        if quantization is not None:
+        if quantization is not None and layout.quantization is None:
             # Restored dense, quantized here: the peak is the dense model (convert an HF
             # directory with quantization for a smaller one).
             layout = dataclasses.replace(layout, quantization=quantization)

@@ -9,7 +9,9 @@ A qwenjax orbax checkpoint is a directory:
       params/                   orbax (OCDBT/tensorstore) tree of the ``Weights`` pytree
 
 ``params`` holds exactly the arrays ``load_checkpoint`` builds for that tp: KV heads
-replicated, q heads, MLP columns and vocab rows zero-padded, in the serving dtype.
+replicated, q heads, MLP columns and vocab rows zero-padded, in the serving dtype; with
+``quantization: "fp8"`` each projection is a ``{"value", "scale"}`` pair (quantization.py),
+restored as it was written (a mesh whose tp needs another layout is refused: convert again).
 Restoring on a mesh with the same layout reads each device's shards directly into
 their ``NamedSharding``s (each process reads only what it holds). A mesh whose tp
 gives another layout (e.g. 0.5B's 2 KV heads: tp=4 replicates them to 4, tp=2 keeps
@@ -31,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwenjax.config import ModelConfig
 from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, param_specs, weight_shardings
 from qwenjax.parallel import DEFAULT_RULES, HeadPlan, ShardingRules, mesh_tp
+from qwenjax.quantization import Fp8Weight
 
 FORMAT = "qwenjax-orbax"
 VERSION = 1
@@ -53,17 +56,30 @@ _LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "mlp_norm", "gate_up", "do
 
 
 def _to_tree(weights: Weights) -> dict:
+    def leaf(x):
+        return {"value": x.value, "scale": x.scale} if isinstance(x, Fp8Weight) else x
+
     tree = {"embed": weights.embed, "final_norm": weights.final_norm,
-            "layers": {str(i): {name: getattr(layer, name) for name in _LAYER_FIELDS}
+            "layers": {str(i): {name: leaf(getattr(layer, name)) for name in _LAYER_FIELDS}
                        for i, layer in enumerate(weights.layers)}}
     if weights.lm_head is not None:
         tree["lm_head"] = weights.lm_head
     return tree
 
 
-def _from_tree(tree: dict, num_layers: int) -> Weights:
-    return Weights(embed=tree["embed"],
-                   layers=[LayerWeights(**tree["layers"][str(i)]) for i in range(num_layers)],
+def _from_tree(tree: dict, layout: Layout) -> Weights:
+    specs = param_specs(layout)
+
+    def layer(i: int) -> LayerWeights:
+        fields = {}
+        for name in _LAYER_FIELDS:
+            value, spec = tree["layers"][str(i)][name], getattr(specs.layers[i], name)
+            fields[name] = (Fp8Weight(value=value["value"], scale=value["scale"],
+                                      contract=spec.contract)
+                            if isinstance(spec, Fp8Weight) else value)
+        return LayerWeights(**fields)
+
+    return Weights(embed=tree["embed"], layers=[layer(i) for i in range(layout.config.num_layers)],
                    final_norm=tree["final_norm"], lm_head=tree.get("lm_head"))
 
 
@@ -73,7 +89,7 @@ def _metadata(layout: Layout, dtype: str) -> dict:
     return {"format": FORMAT, "version": VERSION, "tp": h.tp, "dtype": dtype,
             "heads": {"num_heads": h.num_heads, "num_kv_heads": h.num_kv_heads,
                       "kv_replicas": h.kv_replicas, "q_per_kv": h.q_per_kv},
-            "mlp": layout.mlp, "vocab": layout.vocab}
+            "mlp": layout.mlp, "vocab": layout.vocab, "quantization": layout.quantization}
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -111,7 +127,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 def saved_layout(config: ModelConfig, meta: dict, source: str) -> Layout:
     """The layout the checkpoint was written in, checked against its recorded head plan."""
-    layout = Layout.create(config, meta["tp"])
+    # Checkpoints written before quantization existed have no key: dense.
+    layout = Layout.create(config, meta["tp"], quantization=meta.get("quantization"))
     expected = _metadata(layout, meta["dtype"])
     for key in ("heads", "mlp", "vocab"):
         if meta[key] != expected[key]:
@@ -283,13 +300,19 @@ def restore_checkpoint(directory: str | os.PathLike, mesh: Mesh, dtype: str | No
     jdtype = resolve_dtype(dtype)
     config = ModelConfig.from_hf(directory)
     saved = saved_layout(config, meta, str(directory))
-    target = Layout.create(config, mesh_tp(mesh))
+    target = Layout.create(config, mesh_tp(mesh), quantization=saved.quantization)
     same = _same_shapes(saved, target)
+    if not same and saved.quantization is not None:
+        raise ValueError(f"{directory}: {saved.quantization} weights written for tp={meta['tp']} "
+                         f"restore only where tp gives the same layout; tp={mesh_tp(mesh)} lays "
+                         "the heads out differently: convert the HF checkpoint for this tp")
     specs = param_specs(saved)
     is_spec = lambda x: isinstance(x, ParamSpec)
     if same:
+        # fp8 values and their float32 scales keep their own dtypes.
         abstract = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, jdtype, sharding=rules.sharding(mesh, s.axes)),
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype or jdtype,
+                                           sharding=rules.sharding(mesh, s.axes)),
             specs, is_leaf=is_spec)
     else:
         abstract = jax.tree.map(
@@ -304,7 +327,7 @@ def restore_checkpoint(directory: str | os.PathLike, mesh: Mesh, dtype: str | No
         reason = str(e).split(" [tensorstore_spec", 1)[0][:400]
         raise ValueError(f"{directory}: cannot restore {PARAMS_DIR}/ ({type(e).__name__}: {reason}); "
                          "the checkpoint is corrupt or incomplete") from None
-    weights = _from_tree(tree, config.num_layers)
+    weights = _from_tree(tree, saved)
     del tree
     if not same:
         weights = relayout(weights, saved, target, mesh, rules)
@@ -328,8 +351,9 @@ def _convert_mesh(tp: int) -> Mesh:
 
 
 def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: int, dtype: str,
-                     progress: bool = True) -> Path:
-    """An HF directory or a GGUF file → an orbax checkpoint laid out for ``tp`` in ``dtype``."""
+                     progress: bool = True, quantization: str | None = None) -> Path:
+    """An HF directory or a GGUF file → an orbax checkpoint laid out for ``tp`` in ``dtype``
+    (``quantization="fp8"``: fp8 projections; an FP8 HF checkpoint stays FP8)."""
     import tempfile
 
     from qwenjax.weights import load_checkpoint, resolve_dtype
@@ -347,13 +371,18 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=".qwenjax-gguf-") as tmp:
             convert_gguf_to_hf(model, tmp, progress=progress)
-            return convert_to_orbax(tmp, out, tp, dtype, progress)
+            return convert_to_orbax(tmp, out, tp, dtype, progress, quantization)
     if is_orbax_checkpoint(model):
         raise ValueError(f"--model {model}: already a qwenjax orbax checkpoint (it restores at any tp; "
                          "convert reads HF directories and GGUF files)")
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: neither a GGUF file nor a directory with config.json")
     config = ModelConfig.from_hf(model)
-    layout = Layout.create(config, tp)
+    if quantization is None:
+        from qwenjax.quantization import checkpoint_quantization
+
+        stored = checkpoint_quantization(model)
+        quantization = stored.scheme if stored is not None else None
+    layout = Layout.create(config, tp, quantization=quantization)
     weights = load_checkpoint(model, layout, _convert_mesh(tp), jdtype)
     return save_checkpoint(weights, layout, out, dtype, source_dir=model)
