@@ -27,6 +27,9 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_OF_CHAR = _byte_level_alphabet()
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+
+
 class Tokenizer:
     """A `tokenizers` tokenizer plus the special ids and chat template from the model directory."""
 
@@ -141,6 +144,17 @@ class Tokenizer:
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
         except KeyError:  # not byte-level text (an added token with other characters)
             return piece.encode()
+
+    def encode_fill_in_the_middle(self, prefix: str | Sequence[int], suffix: str) -> list[int]:
+        """The prompt that asks a Qwen2.5(-Coder) model for the text between ``prefix`` (text or
+        token ids) and ``suffix``: <|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>, the
+        format code editors send and Qwen2.5-Coder was trained on."""
+        ids = [self.special_token_id(t) for t in FIM_TOKENS]
+        if None in ids:
+            raise ValueError("suffix needs a tokenizer with the fill-in-the-middle tokens "
+                             f"{', '.join(FIM_TOKENS)}; this model's has none")
+        head = list(prefix) if not isinstance(prefix, str) else self.encode(prefix)
+        return [ids[0], *head, ids[1], *self.encode(suffix), ids[2]]
 
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

@@ -79,7 +79,8 @@ class InferenceServer:
         self.config = config
         self.metrics = ServerMetrics(lambda: self.gateway.engine, lambda: self.gateway.in_flight)
         self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
-        self.servicer = InferenceServicer(self.gateway, config.max_request_bytes)
+        self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
+                                          config.served_model_names)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None

@@ -299,7 +299,9 @@ class OpenAIServer:
         for prompt in parsed.prompts:
             try:
                 if parsed.suffix is not None:
-                    ids = proto.fill_in_the_middle(gateway.engine.tokenizer, prompt, parsed.suffix)
+                    if gateway.engine.tokenizer is None:
+                        raise ValueError("suffix needs the model's tokenizer")
+                    ids = gateway.engine.tokenizer.encode_fill_in_the_middle(prompt, parsed.suffix)
                 else:
                     ids = prompt if isinstance(prompt, list) else await gateway.encode(text=prompt)
             except ValueError as error:

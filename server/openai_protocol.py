@@ -229,20 +229,6 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     return prompts
 
 
-FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
-
-
-def fill_in_the_middle(tokenizer, prefix: str | list[int], suffix: str) -> list[int]:
-    """The prompt that asks a Qwen2.5(-Coder) model for the text between ``prefix`` and
-    ``suffix``: <|fim_prefix|>prefix<|fim_suffix|>suffix<|fim_middle|>."""
-    ids = [tokenizer.special_token_id(t) if tokenizer is not None else None for t in FIM_TOKENS]
-    if None in ids:
-        raise ValueError("suffix needs a tokenizer with the fill-in-the-middle tokens "
-                         f"{', '.join(FIM_TOKENS)}; this model's has none")
-    head = prefix if isinstance(prefix, list) else tokenizer.encode(prefix)
-    return [ids[0], *head, ids[1], *tokenizer.encode(suffix), ids[2]]
-
-
 def parse_chat(body: Any) -> ParsedRequest:
     body, request = _parse_common(body, CHAT_FIELDS, "/v1/chat/completions")
     fields = request.fields

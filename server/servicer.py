@@ -26,9 +26,11 @@ from server.gateway import Gateway, Refused
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, gateway: Gateway, max_request_bytes: int):
+    def __init__(self, gateway: Gateway, max_request_bytes: int,
+                 served_model_names: tuple[str, ...] = ()):
         self.gateway = gateway
         self.max_request_bytes = max_request_bytes
+        self.served_model_names = served_model_names
 
     # ---- shared checks -----------------------------------------------------------------------
     def _check_request(self, request, name: str) -> None:
@@ -51,6 +53,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ValueError("tools need the messages input: the chat template offers them")
         if request.continue_final_message and which != "messages":
             raise ValueError("continue_final_message needs the messages input")
+        if request.suffix:
+            if which == "messages":
+                raise ValueError("suffix (fill in the middle) needs the text or token_ids input")
+            tokenizer = self.gateway.engine.tokenizer
+            if tokenizer is None:
+                raise ValueError("suffix needs the model's tokenizer")
+            prefix = list(request.token_ids.ids) if which == "token_ids" else request.text
+            return tokenizer.encode_fill_in_the_middle(prefix, request.suffix)
         if which == "token_ids":
             return list(request.token_ids.ids)
         if which == "text":
@@ -136,7 +146,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.gateway.require_engine()
         except Refused as refused:
             await context.abort(refused.code, refused.message)
-        return model_info(self.gateway.engine)
+        return model_info(self.gateway.engine, self.served_model_names)
 
 
 def model_name(source: str) -> str:
@@ -144,10 +154,10 @@ def model_name(source: str) -> str:
     return path.name if path.is_dir() else source
 
 
-def model_info(engine) -> pb.ModelInfo:
+def model_info(engine, served_model_names: tuple[str, ...] = ()) -> pb.ModelInfo:
     lm, c, sc = engine.lm, engine.lm.config, engine.scheduler_config
     return pb.ModelInfo(
-        model=model_name(lm.source), vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+        model=served_model_names[0] if served_model_names else model_name(lm.source), vocab_size=c.vocab_size, hidden_size=c.hidden_size,
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, mesh_shape={str(k): int(v) for k, v in lm.mesh.shape.items()},
         dtype=str(lm.dtype), quantization=lm.quantization or "",

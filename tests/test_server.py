@@ -654,6 +654,9 @@ def test_model_info_tokenize_detokenize_return_real_values(model, stub):
     assert info.max_context == engine.max_model_len == ENGINE["max_model_len"]
     assert dict(info.mesh_shape) == {"dp": 1, "tp": 1} and info.dtype == DTYPE
     assert (info.quantization, info.kv_cache_dtype) == ("", "auto")
+    from server.servicer import model_info
+
+    assert model_info(engine, ("qwen", "alias")).model == "qwen"  # --served-model-name
     assert info.page_size == 16 and info.kv_capacity_tokens == ENGINE["num_pages"] * 16
     assert info.max_num_seqs == ENGINE["max_num_seqs"]
     assert dict(info.sampling_defaults) == {}  # the GGUF-built directory has no sampling values

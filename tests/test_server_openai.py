@@ -198,13 +198,16 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
     assert texts == {c.index: c.text for c in reply.choices}
 
 
-def test_fill_in_the_middle_with_suffix(client, name, tokenizer):
-    """suffix: the Coder model writes what goes between the prompt and the suffix."""
-    reply = client.completions.create(model=name, prompt="def add(a, b):\n    return ",
-                                      suffix="\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0)
+def test_fill_in_the_middle_with_suffix(client, name, tokenizer, server):
+    """suffix: the Coder model writes what goes between the prompt and the suffix; the gRPC
+    GenerateRequest.suffix gives the same tokens."""
+    prompt, after = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    reply = client.completions.create(model=name, prompt=prompt, suffix=after, max_tokens=8,
+                                      temperature=0)
     assert reply.choices[0].text.strip().startswith("a + b")
+    assert grpc_greedy(server, 8, text=prompt, suffix=after)[1] == reply.choices[0].text
     prefix, suffix = tokenizer.encode("x = "), tokenizer.encode("y")
-    assert proto.fill_in_the_middle(tokenizer, prefix, "y") == [
+    assert tokenizer.encode_fill_in_the_middle(prefix, "y") == [
         tokenizer.special_token_id("<|fim_prefix|>"), *prefix, tokenizer.special_token_id("<|fim_suffix|>"),
         *suffix, tokenizer.special_token_id("<|fim_middle|>")]
 
