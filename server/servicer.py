@@ -53,14 +53,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise ValueError("tools need the messages input: the chat template offers them")
         if request.continue_final_message and which != "messages":
             raise ValueError("continue_final_message needs the messages input")
-        if request.suffix:
+        suffix = getattr(request, "suffix", "")  # GenerateRequest's; TokenizeRequest has none
+        if suffix:
             if which == "messages":
                 raise ValueError("suffix (fill in the middle) needs the text or token_ids input")
             tokenizer = self.gateway.engine.tokenizer
             if tokenizer is None:
                 raise ValueError("suffix needs the model's tokenizer")
             prefix = list(request.token_ids.ids) if which == "token_ids" else request.text
-            return tokenizer.encode_fill_in_the_middle(prefix, request.suffix)
+            return tokenizer.encode_fill_in_the_middle(prefix, suffix)
         if which == "token_ids":
             return list(request.token_ids.ids)
         if which == "text":
