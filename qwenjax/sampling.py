@@ -55,7 +55,8 @@ def _fail(field: str, requirement: str, value) -> ValueError:
     return ValueError(f"{field} must be {requirement}, got {value!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An integer that is not a bool (JSON and Python callers alike)."""
     # bool is an int subclass in Python; True as max_tokens is a caller bug.
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -106,7 +107,7 @@ class SamplingParams:
 
         for name in ("n", "max_tokens", "min_tokens", "top_k"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise _fail(name, "an int", value)
             set_(name, int(value))
         if not 1 <= self.n <= MAX_N:
@@ -138,7 +139,7 @@ class SamplingParams:
             set_(name, float(value))
 
         if self.seed is not None:
-            if not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
+            if not is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
                 raise _fail("seed", "None or an int in [0, 2**63)", self.seed)
             set_("seed", int(self.seed))
 
@@ -173,15 +174,15 @@ class SamplingParams:
 
         if self.truncate_prompt_tokens is not None:
             k = self.truncate_prompt_tokens
-            if not _is_int(k) or not (k == -1 or k >= 1):
+            if not is_int(k) or not (k == -1 or k >= 1):
                 raise _fail("truncate_prompt_tokens", "None, -1 (the max context) or an int ≥ 1", k)
             set_("truncate_prompt_tokens", int(k))
 
-        ids = (self.stop_token_ids,) if _is_int(self.stop_token_ids) else self.stop_token_ids
+        ids = (self.stop_token_ids,) if is_int(self.stop_token_ids) else self.stop_token_ids
         if not isinstance(ids, (list, tuple, np.ndarray)):
             raise _fail("stop_token_ids", "an int or a sequence of ints", ids)
         for i in ids:
-            if not _is_int(i) or i < 0:
+            if not is_int(i) or i < 0:
                 raise _fail("stop_token_ids", "ints ≥ 0", i)
         set_("stop_token_ids", tuple(int(i) for i in ids))
 
@@ -193,7 +194,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                if not _is_int(value) or not 0 <= value <= MAX_LOGPROBS:
+                if not is_int(value) or not 0 <= value <= MAX_LOGPROBS:
                     raise _fail(name, f"None or an int in [0, {MAX_LOGPROBS}]", value)
                 set_(name, int(value))
 
@@ -205,7 +206,7 @@ class SamplingParams:
                                  f"got {len(self.logit_bias)}")
             bias = {}
             for token, value in self.logit_bias.items():
-                if not _is_int(token) or token < 0:
+                if not is_int(token) or token < 0:
                     raise _fail("logit_bias keys", "token ids (ints ≥ 0)", token)
                 if not _is_real(value) or not -LOGIT_BIAS_RANGE <= float(value) <= LOGIT_BIAS_RANGE:
                     raise _fail(f"logit_bias[{token}]",
@@ -218,7 +219,7 @@ class SamplingParams:
             if not isinstance(allowed, (list, tuple, np.ndarray)) or len(allowed) == 0:
                 raise _fail("allowed_token_ids", "None or a non-empty sequence of token ids", allowed)
             for t in allowed:
-                if not _is_int(t) or t < 0:
+                if not is_int(t) or t < 0:
                     raise _fail("allowed_token_ids", "token ids (ints ≥ 0)", t)
             set_("allowed_token_ids", tuple(int(t) for t in allowed))
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import time
 import uuid
 from typing import Any, Mapping, Sequence
 
 from qwenjax.engine.request import RequestOutput
+from qwenjax.sampling import is_int
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
 from qwenjax.tool_calls import ToolCall, parse_tool_calls, tool_choice_constraint
@@ -81,10 +81,6 @@ class ParsedRequest:
 
 
 # --------------------------------------------------------------------------- request checks
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _expect(body: Mapping[str, Any], name: str, kind: type | tuple, what: str):
@@ -166,7 +162,7 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
     request.include_usage = options.get("include_usage", False)
     request.continuous_usage = options.get("continuous_usage_stats", False)
     priority = body.get("priority", 0)
-    if not _is_int(priority):
+    if not is_int(priority):
         raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
     request.priority = int(priority)
     request.request_id = _expect(body, "request_id", str, "a string") or ""
@@ -210,12 +206,12 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
     shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
     if isinstance(prompt, str):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         prompts = [list(prompt)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+            isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt):
         prompts = [list(p) for p in prompt]
     elif prompt is None:
         raise ValueError("prompt is required")
