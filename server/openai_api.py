@@ -3,6 +3,8 @@
     GET  /v1/models
     POST /v1/completions        prompt: text, token ids, or a list of either; stream: SSE
     POST /v1/chat/completions   messages, tools/tool_choice, response_format; stream: SSE
+    POST /v1/responses          OpenAI's Responses API (server/responses_protocol.py)
+    GET  /v1/responses/{id}     a stored response
     POST /tokenize, /detokenize vLLM's
     GET  /health                200 while serving; 503 while loading, draining or stalled
     GET  /version, /metrics     the version; the server's Prometheus registry
@@ -118,6 +120,8 @@ class OpenAIServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/responses/{response_id}", self.get_response)
+        self.responses_store = rproto.ResponseStore()
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -500,16 +504,47 @@ class OpenAIServer:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API, run as the chat completion it translates to
-        (server/responses_protocol.py)."""
+        (server/responses_protocol.py); stored unless ``store`` is false."""
         gateway = self.gateway
         gateway.require_engine(generate=True)
         body = await self._body(request)
-        parsed = self._parse(lambda b: proto.parse_chat(rproto.to_chat_body(b)), body)
+        history: list[dict] = []
+        previous = body.get("previous_response_id") if isinstance(body, dict) else None
+        if isinstance(previous, str):
+            entry = self.responses_store.get(previous)
+            if entry is None:
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"previous_response_id {previous!r}: no "
+                              f"stored response has this id (the server keeps the last "
+                              f"{self.responses_store.capacity}, in memory)")
+            history = entry[1]
+        parsed = self._parse(lambda b: proto.parse_chat(rproto.to_chat_body(b, history)), body)
         model = self._check_model(parsed.model)
         prompt_ids, params, call = await self._chat_call(parsed)
         reply = rproto.ResponseBuilder(self._request_id(request, parsed, "resp"), model, body, parsed,
                                        len(prompt_ids), proto.TokenText(gateway.engine.tokenizer))
         outputs = (output async for _, output in merged([call]))
+
+        def store() -> None:
+            if body.get("store", True) and reply.result is not None:
+                self.responses_store.put(reply.result, history + rproto.input_messages(body)
+                                         + rproto.output_messages(reply.result))
+
         if not parsed.stream:
-            return web.json_response(await reply.collect(outputs))
-        return await self._stream(request, reply.events(outputs), typed=True)
+            result = await reply.collect(outputs)
+            store()
+            return web.json_response(result)
+
+        async def events():
+            async for event in reply.events(outputs):
+                if event["type"] in ("response.completed", "response.incomplete"):
+                    store()  # before the client sees it end, so it can continue at once
+                yield event
+
+        return await self._stream(request, events(), typed=True)
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        entry = self.responses_store.get(request.match_info["response_id"])
+        if entry is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no stored response has the id "
+                          f"{request.match_info['response_id']!r}")
+        return web.json_response(entry[0])

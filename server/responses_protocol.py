@@ -8,9 +8,11 @@ the Responses shape: ``output`` items (an assistant message with ``output_text``
 calls), ``status``/``incomplete_details``, ``usage`` with input/output tokens, and the
 streaming events ``response.created`` … ``response.completed``.
 
-Not here: ``previous_response_id`` (nothing is stored: send the conversation in ``input``),
-built-in tools (web/file search, computer use), reasoning items, images and files (the model
-reads text).
+Responses are stored (``store``, default true, as OpenAI's) in a bounded in-memory
+``ResponseStore``: ``GET /v1/responses/{id}`` returns one, and ``previous_response_id``
+continues its conversation (its input and output, not its instructions, as OpenAI does).
+Not here: built-in tools (web/file search, computer use), reasoning items, images and files
+(the model reads text).
 """
 from __future__ import annotations
 
@@ -32,16 +34,18 @@ FIELDS = _OWN | frozenset(_PASSED)
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def to_chat_body(body: Any) -> dict[str, Any]:
-    """The chat-completions body a Responses request means (ValueError names a bad field)."""
+def to_chat_body(body: Any, history: list[dict] | None = None) -> dict[str, Any]:
+    """The chat-completions body a Responses request means (ValueError names a bad field).
+    ``history``: the conversation of ``previous_response_id``, before this request's input."""
     if not isinstance(body, Mapping):
         raise ValueError("the request body must be a JSON object")
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise ValueError(f"unknown field(s) for /v1/responses: {', '.join(unknown)}")
-    if body.get("previous_response_id") is not None:
-        raise ValueError("previous_response_id is not supported: responses are not stored; send "
-                         "the whole conversation in input")
+    for name in ("previous_response_id", "store"):
+        kind = str if name == "previous_response_id" else bool
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise ValueError(f"{name} must be a {kind.__name__}")
     if body.get("background"):
         raise ValueError("background responses are not supported")
     reasoning = body.get("reasoning")
@@ -52,7 +56,7 @@ def to_chat_body(body: Any) -> dict[str, Any]:
         raise ValueError(f'truncation must be "disabled" (prompts are never cut silently), '
                          f'got {json.dumps(body.get("truncation"))}')
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
-    for name in ("model", "temperature", "top_p", "stream", "user", "metadata", "store",
+    for name in ("model", "temperature", "top_p", "stream", "user", "metadata",
                  "parallel_tool_calls", "stream_options"):
         if body.get(name) is not None:
             chat[name] = body[name]
@@ -64,7 +68,7 @@ def to_chat_body(body: Any) -> dict[str, Any]:
         if not isinstance(instructions, str):
             raise ValueError("instructions must be a string")
         messages.append({"role": "system", "content": instructions})
-    messages += _input_messages(body.get("input"))
+    messages += [dict(m) for m in history or ()] + _input_messages(body.get("input"))
     chat["messages"] = messages
     if body.get("top_logprobs") is not None:
         chat["logprobs"] = True
@@ -197,8 +201,9 @@ def response_object(response_id: str, created: int, model: str, body: Mapping[st
         "temperature": body.get("temperature"), "top_p": body.get("top_p"),
         "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
         "parallel_tool_calls": body.get("parallel_tool_calls", True), "text": text,
-        "metadata": body.get("metadata") or {}, "previous_response_id": None, "reasoning": None,
-        "store": False, "truncation": "disabled", "user": body.get("user"),
+        "metadata": body.get("metadata") or {},
+        "previous_response_id": body.get("previous_response_id"), "reasoning": None,
+        "store": body.get("store", True), "truncation": "disabled", "user": body.get("user"),
         "usage": usage_json,
     }
 
@@ -224,6 +229,7 @@ class ResponseBuilder:
         self.prompt_tokens, self.token_text = prompt_tokens, token_text
         self.created = proto.now()
         self.message_id = "msg_" + response_id.removeprefix("resp-").removeprefix("resp_")
+        self.result: dict[str, Any] | None = None  # the finished response
 
     def _logprobs(self, entries) -> list:
         if not self.parsed.chat_logprobs or not entries:
@@ -254,7 +260,8 @@ class ResponseBuilder:
         async for output in outputs:
             if output.finish_reason is not None:
                 last = output
-        return self.final(last)
+        self.result = self.final(last)
+        return self.result
 
     async def events(self, outputs: AsyncIterator) -> AsyncIterator[dict[str, Any]]:
         """response.created, in_progress, the message's item/part/text deltas (content only,
@@ -293,7 +300,7 @@ class ResponseBuilder:
             if rest or (not opened and not calls):  # an empty reply is an empty message
                 for e in deltas(rest, []):
                     yield e
-            done = self.final(output, text, sent_logprobs)
+            done = self.result = self.final(output, text, sent_logprobs)
             if opened:
                 yield event("response.output_text.done", **where, text=text, logprobs=sent_logprobs)
                 yield event("response.content_part.done", **where, part=text_part(text, sent_logprobs))
@@ -310,3 +317,49 @@ class ResponseBuilder:
                 yield event("response.output_item.done", output_index=index, item=item)
             yield event("response.completed" if done["status"] == "completed"
                         else "response.incomplete", response=done)
+
+
+def input_messages(body: Mapping[str, Any]) -> list[dict]:
+    """This request's own input as chat messages (what a stored conversation keeps of it)."""
+    return _input_messages(body.get("input"))
+
+
+def output_messages(response: Mapping[str, Any]) -> list[dict]:
+    """A finished response's output items as the chat messages that continue a conversation."""
+    text = "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function",
+              "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in response["output"] if item["type"] == "function_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+class ResponseStore:
+    """Finished responses and their conversations, least recently used dropped first.
+
+    In memory and per server process (as vLLM's): a restart forgets them, and a client that
+    needs more than ``capacity`` of them kept sends the conversation in ``input`` instead."""
+
+    def __init__(self, capacity: int = 1024):
+        import collections
+
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[str, tuple[dict, list[dict]]] = collections.OrderedDict()
+
+    def put(self, response: dict[str, Any], conversation: list[dict]) -> None:
+        self._entries[response["id"]] = (response, conversation)
+        self._entries.move_to_end(response["id"])
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict]] | None:
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -297,6 +297,33 @@ def test_responses_api_text_stream_and_usage(client, name, server, tokenizer):
     assert turns.output_text and turns.usage.output_tokens <= 4
 
 
+def test_responses_are_stored_and_continued(client, name, tokenizer):
+    """store (default true): GET /v1/responses/{id} returns it, and previous_response_id runs the
+    stored conversation (input and output, not instructions) before the new input."""
+    import openai
+
+    first = client.responses.create(model=name, instructions="Answer in French.", input="Say hi.",
+                                    max_output_tokens=4, temperature=0)
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    second = client.responses.create(model=name, previous_response_id=first.id, input="Again.",
+                                     max_output_tokens=4, temperature=0)
+    assert second.previous_response_id == first.id
+    conversation = [{"role": "user", "content": "Say hi."},
+                    {"role": "assistant", "content": first.output_text},
+                    {"role": "user", "content": "Again."}]
+    assert second.usage.input_tokens == len(tokenizer.encode_chat(conversation))
+    # Streamed responses are stored too, by the time the stream ends.
+    streamed = list(client.responses.create(model=name, previous_response_id=second.id,
+                                            input="Once more.", max_output_tokens=2, stream=True))
+    last = streamed[-1].response
+    assert client.responses.retrieve(last.id).usage.input_tokens == last.usage.input_tokens
+    unstored = client.responses.create(model=name, input="x", max_output_tokens=1, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError, match="resp_nope"):
+        client.responses.create(model=name, input="x", previous_response_id="resp_nope")
+
+
 def test_responses_api_function_calls_and_refusals(client, name):
     import openai
 
@@ -331,7 +358,6 @@ def test_responses_api_function_calls_and_refusals(client, name):
             client.responses.create(**{"model": name, "input": "hi", **kwargs})
         return error.value.body["message"]
 
-    assert "previous_response_id" in refused(previous_response_id="resp_123")
     assert "frobnicate" in refused(extra_body={"frobnicate": 1})
     assert "web_search" in refused(tools=[{"type": "web_search"}])
     assert "input_image" in refused(input=[{"role": "user", "content": [
