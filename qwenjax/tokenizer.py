@@ -28,6 +28,8 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+# What apply_chat_template itself passes to a chat template.
+_TEMPLATE_VARIABLES = frozenset(("messages", "add_generation_prompt", "bos_token", "eos_token", "tools"))
 
 
 class Tokenizer:
@@ -159,11 +161,19 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """Render `messages` ({"role": ..., "content": ...} dicts; an assistant turn may carry
         OpenAI-style "tool_calls") into the model's prompt text, offering `tools` (OpenAI-style
         function definitions) when given. `continue_final_message`: the last message is an
-        assistant turn the model goes on writing (no end-of-turn after it, no new turn)."""
+        assistant turn the model goes on writing (no end-of-turn after it, no new turn).
+        `template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`, e.g.
+        {"enable_thinking": False} for templates that read it; Qwen2.5's reads none)."""
+        template_kwargs = dict(template_kwargs or {})
+        reserved = sorted(set(template_kwargs) & _TEMPLATE_VARIABLES)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (set by the "
+                             "request itself)")
         if self._chat_template is None:
             raise ValueError("this tokenizer has no chat_template")
         _check_messages(messages)
@@ -182,6 +192,7 @@ class Tokenizer:
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
             tools=check_tools(tools) if tools else None,
+            **template_kwargs,
         )
         if continue_final_message:  # cut what the template put after the final content
             text = text[: text.rindex(messages[-1]["content"]) + len(messages[-1]["content"])]
@@ -190,9 +201,10 @@ class Tokenizer:
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
-                                                    continue_final_message))
+                                                    continue_final_message, template_kwargs))
 
 
 def resolve_chat_template(template: str) -> str:

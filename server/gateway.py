@@ -221,7 +221,7 @@ class Gateway:
     async def encode(self, *, text: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                      tools: Sequence[Mapping[str, Any]] | None = None,
                      add_generation_prompt: bool = True, continue_final_message: bool = False,
-                     ) -> list[int]:
+                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Token ids of ``text``, or of ``messages`` rendered by the chat template with ``tools``
         offered. Raises ValueError naming the problem."""
         tokenizer = self.engine.tokenizer
@@ -234,7 +234,8 @@ class Gateway:
         else:
             encode = functools.partial(tokenizer.encode_chat, tools=tools,
                                        add_generation_prompt=add_generation_prompt,
-                                       continue_final_message=continue_final_message)
+                                       continue_final_message=continue_final_message,
+                                       template_kwargs=template_kwargs)
             arg = messages
             size = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping))
         try:

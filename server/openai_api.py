@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import qwenjax
+from qwenjax.sampling import is_int
 from server import convert, openai_protocol as proto, responses_protocol as rproto
 from server.auth import bearer_token, token_matches
 from server.gateway import Call, Gateway, Refused
@@ -260,7 +261,8 @@ class OpenAIServer:
                 raise ValueError("the request body must be a JSON object")
             self._check_model(body.get("model"))
             unknown = sorted(set(body) - {"model", "prompt", "messages", "tools",
-                                          "add_generation_prompt", "continue_final_message"})
+                                          "add_generation_prompt", "continue_final_message",
+                                          "chat_template_kwargs"})
             if unknown:
                 raise ValueError(f"/tokenize does not accept the field(s) {', '.join(unknown)}")
             if ("prompt" in body) == ("messages" in body):
@@ -273,7 +275,8 @@ class OpenAIServer:
                 chat = proto.parse_chat({k: body[k] for k in body if k != "prompt"})
                 ids = await gateway.encode(messages=chat.messages, tools=chat.tools,
                                            add_generation_prompt=chat.add_generation_prompt,
-                                           continue_final_message=chat.continue_final_message)
+                                           continue_final_message=chat.continue_final_message,
+                                           template_kwargs=chat.template_kwargs)
         except ValueError as error:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         return web.json_response({"count": len(ids), "max_model_len": gateway.engine.max_model_len,
@@ -286,7 +289,7 @@ class OpenAIServer:
         engine = gateway.engine
         try:
             tokens = body.get("tokens") if isinstance(body, dict) else None
-            if not isinstance(tokens, list) or not all(proto._is_int(t) for t in tokens):
+            if not isinstance(tokens, list) or not all(is_int(t) for t in tokens):
                 raise ValueError("tokens must be a list of token ids")
             self._check_model(body.get("model"))
             convert.check_token_ids(tokens, engine.lm.config.vocab_size, "tokens")
@@ -413,7 +416,8 @@ class OpenAIServer:
         try:
             ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
                                        add_generation_prompt=parsed.add_generation_prompt,
-                                       continue_final_message=parsed.continue_final_message)
+                                       continue_final_message=parsed.continue_final_message,
+                                       template_kwargs=parsed.template_kwargs)
         except ValueError as error:
             raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         prompt_ids, params = await self._prepare(parsed, ids)

@@ -47,7 +47,7 @@ _COMMON = (("model", "stream", "stream_options", "stop", "logit_bias", "priority
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(_COMMON + (
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
-    "tool_choice", "add_generation_prompt", "continue_final_message"))
+    "tool_choice", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"))
 
 
 @dataclasses.dataclass
@@ -73,6 +73,7 @@ class ParsedRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_logprobs: bool = False
+    template_kwargs: dict[str, Any] | None = None  # vLLM's chat_template_kwargs
 
     @property
     def parses_tools(self) -> bool:
@@ -267,6 +268,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     add = _expect(body, "add_generation_prompt", bool, "true or false")
     request.continue_final_message = continuing
     request.add_generation_prompt = (not continuing) if add is None else add
+    request.template_kwargs = _expect(body, "chat_template_kwargs", dict, "an object")
     return request
 
 

@@ -29,7 +29,7 @@ _OWN = frozenset(("model", "input", "instructions", "max_output_tokens", "temper
 # vLLM's extra sampling fields, passed to the chat request unchanged.
 _PASSED = ("top_k", "min_p", "repetition_penalty", "seed", "stop", "priority", "cache_salt",
            "request_id", "presence_penalty", "frequency_penalty", "min_tokens", "ignore_eos",
-           "stop_token_ids", "structured_outputs", "logit_bias")
+           "stop_token_ids", "structured_outputs", "logit_bias", "chat_template_kwargs")
 FIELDS = _OWN | frozenset(_PASSED)
 _TEXT_PARTS = ("input_text", "output_text", "text")
 

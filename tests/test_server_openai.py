@@ -378,6 +378,8 @@ def test_bad_requests_name_the_field(base, client, name):
     assert "frobnicate" in refused(extra_body={"frobnicate": 1})
     assert "max_tokens" in refused(max_tokens=SERVER_ENGINE["max_model_len"] + 10)
     assert "top_logprobs" in refused(top_logprobs=2)
+    assert "may not set messages" in refused(extra_body={"chat_template_kwargs": {"messages": []}})
+    assert "chat_template_kwargs" in refused(extra_body={"chat_template_kwargs": ["x"]})
     assert "image_url" in refused(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}])
     assert http(base, "/v1/completions", b"{not json")[0] == 400

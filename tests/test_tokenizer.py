@@ -215,6 +215,12 @@ def test_chat_template_override_from_a_string_or_a_file(tokenizer, tmp_path):
     path = tmp_path / "template.jinja"
     path.write_text(template)
     assert tokenizer.with_chat_template(str(path)).encode_chat(chat) == custom.encode_chat(chat)
+    # chat_template_kwargs: more template variables; the ones the request sets are refused.
+    greeting = tokenizer.with_chat_template("{{ greeting | default('hello') }} {{ messages[0].content }}")
+    assert greeting.apply_chat_template(chat, template_kwargs={"greeting": "salut"}) == "salut hi"
+    assert greeting.apply_chat_template(chat) == "hello hi"
+    with pytest.raises(ValueError, match="may not set add_generation_prompt"):
+        greeting.apply_chat_template(chat, template_kwargs={"add_generation_prompt": False})
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         tokenizer.with_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match=r"does not compile: .* \(line 1\)"):
