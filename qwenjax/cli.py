@@ -113,7 +113,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     # One request: a single decode row and prefill row; compile lazily what the request uses.
     llm = LLM(args.model, tp=args.tp, pp=args.pp, devices=args.devices, dtype=args.dtype,
-              quantization=args.quantization, max_model_len=args.max_model_len,
+              quantization=args.quantization, chat_template=args.chat_template,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
               max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
     _log(f"loaded {llm.lm.source} ({llm.lm.describe()}, tp={args.tp}, pp={args.pp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message with the "
                                                        "model's chat template")
+    p.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
+                   help="with --chat: this Jinja chat template instead of the checkpoint's")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: KV cache in e4m3 with a scale per token and head")
     structure = p.add_argument_group("structured output (one of)")
     structure.add_argument("--json-schema", default=None,
                            help="the output follows this JSON schema (JSON text, or @FILE)")

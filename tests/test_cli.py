@@ -22,9 +22,12 @@ def test_generate_chat_at_tp4_prints_only_the_answer(real_model_dir, capsys):
 
 @pytest.mark.real_model
 def test_generate_with_a_choice_constraint(real_model_dir, capsys):
-    assert main(["generate", "--chat", "--max-tokens", "8", "--max-model-len", "256",
-                 "--choice", "Yes", "--choice", "No", "Is Paris in France?"]) == 0
-    assert capsys.readouterr().out in ("Yes\n", "No\n")
+    """Also with fp8 weights and an fp8 KV cache from the command line."""
+    assert main(["generate", "--chat", "--max-tokens", "8", "--max-model-len", "256", "-q", "fp8",
+                 "--kv-cache-dtype", "fp8", "--choice", "Yes", "--choice", "No",
+                 "Is Paris in France?"]) == 0
+    out = capsys.readouterr()
+    assert out.out in ("Yes\n", "No\n") and "fp8 weights" in out.err
     assert main(["generate", "--regex", "a+", "--choice", "b", "hi"]) == 2
     assert "exactly one of" in capsys.readouterr().err
 
