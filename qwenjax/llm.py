@@ -46,6 +46,7 @@ class _Base:
                  devices: Sequence[int] | None = None,
                  dtype: str | None = None, quantization: str | None = None,
                  chat_template: str | None = None,
+                 lora_modules: dict[str, str | os.PathLike] | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
@@ -55,6 +56,8 @@ class _Base:
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
         ``chat_template``: a Jinja chat template (or a file holding one) to use instead of the
         checkpoint's.
+        ``lora_modules``: {name: PEFT LoRA directory}: adapters served beside the base weights;
+        ``generate(..., lora=name)`` picks one per call (qwenjax/lora.py).
         ``quantization``: "fp8" stores the projection weights as float8 with per-channel scales
         (half of bf16's memory and decode bytes); None keeps them in ``dtype``, unless the
         checkpoint is FP8 (it stays FP8).
@@ -80,7 +83,7 @@ class _Base:
             self.lm = model
         else:
             self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
-                                 quantization=quantization)
+                                 quantization=quantization, lora_modules=lora_modules)
         if chat_template is not None:
             if self.lm.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer")
@@ -156,20 +159,24 @@ class LLM(_Base):
     _ids = itertools.count()
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-                 *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
+                 lora: str | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
         or a list of token-id lists. With ``n`` > 1 a prompt gets n outputs in a row
         (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
-        scheduling_policy="priority"): lower values are run first."""
-        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm, priority)
+        scheduling_policy="priority"): lower values are run first. ``lora``: the name of an
+        adapter from ``lora_modules`` (None: the base model)."""
+        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm,
+                         priority, lora)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False,
-             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+             priority: int | Sequence[int] | None = None,
+             lora: str | None = None) -> list[RequestOutput]:
         """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
-        ``priority`` as in ``generate``.
+        ``priority`` and ``lora`` as in ``generate``.
 
         ``continue_final_message``: the last message is an assistant turn to go on writing (to
         start the answer yourself, e.g. with "{"); ``add_generation_prompt`` (default: unless
@@ -185,14 +192,16 @@ class LLM(_Base):
             raise ValueError(f"got {len(given)} SamplingParams for {len(conversations)} conversations")
         requests = [self._chat_request(c, p, tools, tool_choice, add_generation_prompt,
                                        continue_final_message) for c, p in zip(conversations, given)]
-        return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority)
+        return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority,
+                         lora)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
-               chat: bool = False) -> Iterator[RequestOutput]:
+               chat: bool = False, lora: str | None = None) -> Iterator[RequestOutput]:
         """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it
         (with ``n`` > 1, of sequence ``.index``). Leaving the loop early aborts the request."""
         ids = self._encode_chat(prompt) if chat else self._encode(prompt)
-        request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}")
+        request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}",
+                                             lora=lora)
         finished = False
         try:
             while not finished:
@@ -206,7 +215,8 @@ class LLM(_Base):
                 self.engine.abort(request_id)
 
     def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
-             priority: int | Sequence[int] | None = None) -> list[RequestOutput]:
+             priority: int | Sequence[int] | None = None, lora: str | None = None) -> list[RequestOutput]:
+        self.engine.lora_slot(lora)  # an unknown adapter fails before any request is admitted
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
@@ -220,7 +230,8 @@ class LLM(_Base):
             self.engine.validate(ids, p, rank)
         order = {}
         for i, (ids, p, rank) in enumerate(zip(prompt_ids, params_list, priorities)):
-            order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}", priority=rank)] = i
+            order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}", priority=rank,
+                                          lora=lora)] = i
         # results[prompt][index]: each sequence's last output.
         results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
         bar = None
@@ -260,20 +271,22 @@ class AsyncLLM(_Base):
         self._thread = EngineThread(self.engine)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                 request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                 request_id: str | None = None, priority: int = 0,
+                 lora: str | None = None) -> AsyncIterator[RequestOutput]:
         ids = self._encode(prompt)
         return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
-                                     request_id or uuid.uuid4().hex, priority)
+                                     request_id or uuid.uuid4().hex, priority, lora)
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
-             continue_final_message: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
+             continue_final_message: bool = False, priority: int = 0,
+             lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt``,
-        ``continue_final_message`` and ``priority`` as in ``LLM.chat``."""
+        ``continue_final_message``, ``priority`` and ``lora`` as in ``LLM.chat``."""
         ids, params = self._chat_request(messages, params, tools, tool_choice,
                                          add_generation_prompt, continue_final_message)
-        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex, priority)
+        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex, priority, lora)
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

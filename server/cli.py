@@ -88,6 +88,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
                              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)")
 
+    engine.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                        help="LoRA adapters (PEFT directories) served beside the base model; a "
+                             "request picks one by name (HTTP: as its model; gRPC: lora)")
     engine.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (or a file holding one) instead of the "
                              "checkpoint's")
@@ -187,8 +190,11 @@ def load_serving_model(args):
                          f"and devices cover all {jax.device_count()} devices)")
     start = time.perf_counter()
     dtype = args.dtype or (mesh_config.dtype if mesh_config is not None else None)
+    from qwenjax.lora import parse_lora_modules
+
     lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh,
-                    quantization=args.quantization)
+                    quantization=args.quantization,
+                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)))
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)

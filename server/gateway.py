@@ -78,12 +78,13 @@ class Call:
     ``elapsed_s`` time it from admission (what the Complete message and metrics report)."""
 
     def __init__(self, gateway: Gateway, prompt_ids: list[int], params: SamplingParams,
-                 priority: int, client_id: str):
+                 priority: int, client_id: str, lora: str | None = None):
         self.gateway = gateway
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority
         self.client_id = client_id
+        self.lora = lora
         # Engine ids are never reused: an abort's final output for an old request must not reach
         # a newer request that a client gave the same request_id.
         self.engine_id = uuid.uuid4().hex
@@ -124,7 +125,8 @@ class Call:
         self.start = time.monotonic()
         queued, reason = True, None
         try:
-            stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority)
+            stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority,
+                                            self.lora)
             # aclosing: if the caller stops iterating (a cancelled handler), the engine stream is
             # closed (and the request aborted) now, not whenever it is garbage-collected.
             async with contextlib.aclosing(stream) as outputs:
@@ -256,8 +258,14 @@ class Gateway:
         return prompt_ids, params
 
     def call(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0,
-             client_id: str = "") -> Call:
-        return Call(self, list(prompt_ids), params, priority, client_id)
+             client_id: str = "", lora: str | None = None) -> Call:
+        """``lora``: a LoRA adapter the model was loaded with (checked here: refused before
+        admission)."""
+        try:
+            self.engine.lora_slot(lora)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
+        return Call(self, list(prompt_ids), params, priority, client_id, lora)
 
     def active(self, client_id: str) -> str | None:
         """The engine id of the running request a client named ``client_id``."""

@@ -180,12 +180,19 @@ class OpenAIServer:
         return self.served_model_names or (model_name(self.gateway.engine.lm.source),)
 
     def _check_model(self, model: str | None) -> str:
-        """The name responses report; a request naming another model is refused (404)."""
+        """The name responses report: the base model's, or a LoRA adapter's (``model`` naming
+        an adapter runs it, as in vLLM); a request naming another model is refused (404)."""
         names = self._names()
-        if model is not None and model not in names:
+        adapters = self.gateway.engine.lm.lora_names
+        if model is not None and model not in names and model not in adapters:
+            served = ", ".join(repr(n) for n in names + adapters)
             raise Refused(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this "
-                          f"server serves {', '.join(repr(n) for n in names)} (GET /v1/models)")
-        return names[0]
+                          f"server serves {served} (GET /v1/models)")
+        return model if model in adapters else names[0]
+
+    def _lora(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        return model if model is not None and model in self.gateway.engine.lm.lora_names else None
 
     def _parse(self, parse, body):
         try:
@@ -248,8 +255,11 @@ class OpenAIServer:
         self.gateway.require_engine(admitting=False)
         engine = self.gateway.engine
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
-                 "root": engine.lm.source, "max_model_len": engine.max_model_len}
+                 "root": engine.lm.source, "parent": None, "max_model_len": engine.max_model_len}
                 for name in self._names()]
+        data += [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
+                  "root": name, "parent": self._names()[0], "max_model_len": engine.max_model_len}
+                 for name in engine.lm.lora_names]
         return web.json_response({"object": "list", "data": data})
 
     async def tokenize(self, request: web.Request) -> web.Response:
@@ -330,7 +340,8 @@ class OpenAIServer:
         parsed = self._parse(proto.parse_completion, await self._body(request))
         model = self._check_model(parsed.model)
         runs = await self._completion_runs(parsed)
-        calls = [gateway.call(ids, params, parsed.priority) for ids, params, _ in runs]
+        calls = [gateway.call(ids, params, parsed.priority, lora=self._lora(parsed.model))
+                 for ids, params, _ in runs]
         n = runs[0][1].n
         response_id = self._request_id(request, parsed, "cmpl")
         token_text = proto.TokenText(gateway.engine.tokenizer)
@@ -421,7 +432,8 @@ class OpenAIServer:
         except ValueError as error:
             raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         prompt_ids, params = await self._prepare(parsed, ids)
-        return prompt_ids, params, gateway.call(prompt_ids, params, parsed.priority)
+        return prompt_ids, params, gateway.call(prompt_ids, params, parsed.priority,
+                                                lora=self._lora(parsed.model))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway

@@ -90,7 +90,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                                      request.priority)
             except ValueError as error:
                 raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-            call = gateway.call(prompt_ids, params, request.priority, request.request_id)
+            call = gateway.call(prompt_ids, params, request.priority, request.request_id,
+                                lora=request.lora or None)
             context.add_done_callback(lambda _: call.abort())
             async with contextlib.aclosing(call.outputs()) as outputs:
                 async for output in outputs:
@@ -162,7 +163,7 @@ def model_info(engine, served_model_names: tuple[str, ...] = ()) -> pb.ModelInfo
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, mesh_shape={str(k): int(v) for k, v in lm.mesh.shape.items()},
         dtype=str(lm.dtype), quantization=lm.quantization or "",
-        kv_cache_dtype=engine.runner.kv_cache_dtype,
+        kv_cache_dtype=engine.runner.kv_cache_dtype, lora_adapters=list(lm.lora_names),
         max_context=engine.max_model_len, page_size=sc.page_size,
         kv_capacity_tokens=engine.allocator.num_pages * sc.page_size, max_num_seqs=sc.max_num_seqs,
         sampling_defaults={k: float(v) for k, v in engine.sampling_defaults.items()})

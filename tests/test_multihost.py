@@ -237,7 +237,8 @@ def test_step_plan_round_trips_through_the_wire_format():
     batch = build_sampling_batch([SamplingRow(SamplingParams(temperature=0.7, top_k=5, seed=1), 9, 2)], 4)
     tables = np.zeros((4, 64), np.int32)
     tables[:3, :2] = [[1, 2], [3, 0], [4, 5]]  # a block table: zeros past the pages in use
-    decode = tuple(np.arange(4, dtype=np.int32).reshape(shape) for shape in ((4, 1), (4, 1), (4,))) + (tables,)
+    decode = tuple(np.arange(4, dtype=np.int32).reshape(shape) for shape in ((4, 1), (4, 1), (4,))) + (
+        tables, np.array([0, 1, 0, 2], np.int32))  # the last: each row's LoRA slot
     src = np.array([-1, 2, -1, 0], np.int32)  # rows 1 and 3 take their tokens on the device
     plan = StepPlan(4, 0, decode, None, batch, num_top=20, src=src,
                     score_index=np.array([1, 3], np.int32), score_target=np.array([7, 9], np.int32),
@@ -337,7 +338,8 @@ class _FakeRunner:
 
 def _plan_message(rows: int):
     batch = build_sampling_batch([SamplingRow(SamplingParams(temperature=0.0), 0, 0)] * rows, rows)
-    decode = (np.zeros((rows, 1), np.int32),) * 2 + (np.ones(rows, np.int32), np.zeros((rows, 4), np.int32))
+    decode = (np.zeros((rows, 1), np.int32),) * 2 + (np.ones(rows, np.int32), np.zeros((rows, 4), np.int32),
+                                                      np.zeros(rows, np.int32))
     return StepPlan(rows, 0, decode, None, batch, num_top=0, src=np.full(rows, -1, np.int32)).to_message()
 
 

@@ -77,11 +77,13 @@ class EngineThread:
 
     # ---- called from any thread ------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str, priority: int = 0,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them; leaving early aborts it."""
         self.engine.validate(prompt_ids, params, priority)  # raise here, before anything is queued
+        self.engine.lora_slot(lora)
         subscriber = _Subscriber(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(("add", request_id, list(prompt_ids), params, subscriber, priority))
+        self._commands.put(("add", request_id, list(prompt_ids), params, subscriber, priority, lora))
         finished = False
         queue = subscriber.queue
         try:
@@ -133,7 +135,7 @@ class EngineThread:
     def _handle(self, command) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt_ids, params, subscriber, priority = command
+            _, request_id, prompt_ids, params, subscriber, priority, lora = command
             if request_id in self._subscribers:
                 # Never replace a live subscriber: its client would wait forever.
                 error = ValueError(f"request_id {request_id!r} is already in use")
@@ -141,7 +143,8 @@ class EngineThread:
                 return
             self._subscribers[request_id] = subscriber
             try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id, priority=priority)
+                self.engine.add_request(prompt_ids, params, request_id=request_id, priority=priority,
+                                        lora=lora)
             except Exception as error:  # e.g. a duplicate id: only this request fails
                 self._publish(request_id, error)
         elif kind == "abort":

@@ -246,8 +246,11 @@ class Engine:
                              f"(the last sampled token needs no KV slot)")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a request; ``priority`` (scheduling_policy "priority"): lower runs first."""
+                    request_id: str | None = None, priority: int = 0,
+                    lora: str | None = None) -> str:
+        """Queue a request; ``priority`` (scheduling_policy "priority"): lower runs first;
+        ``lora``: the name of a LoRA adapter the model was loaded with (None: the base model)."""
+        lora_slot = self.lora_slot(lora)
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         prompt_ids = self.truncated(prompt_ids, params)
         self.validate(prompt_ids, params, priority)
@@ -268,7 +271,7 @@ class Engine:
                 raise ValueError(f"request_id {used!r} is already in use")
         if params.n == 1:
             self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher,
-                      priority=int(priority))
+                      priority=int(priority), lora_name=lora, lora_slot=lora_slot)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -280,9 +283,19 @@ class Engine:
             request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
                                 leader=leader, bad_words_ids=bad_words_ids,
                                 matcher=matcher.copy() if matcher is not None else None,
-                                priority=int(priority))
+                                priority=int(priority), lora_name=lora, lora_slot=lora_slot)
             leader = leader or request
         return request_id
+
+    def lora_slot(self, name: str | None) -> int:
+        """The weight slot of LoRA adapter ``name`` (0 for None: the base model)."""
+        if name is None:
+            return 0
+        names = self.lm.lora_names
+        if name not in names:
+            served = ", ".join(repr(n) for n in names) if names else "none (load them with lora_modules)"
+            raise ValueError(f"lora {name!r} is not loaded; adapters: {served}")
+        return names.index(name) + 1
 
     def _matcher(self, params: SamplingParams):
         """A grammar matcher for a request with structured_outputs (None without)."""

@@ -32,6 +32,9 @@ class Request:
     cache_entries: list = dataclasses.field(default_factory=list)
     cache_broken: bool = False
     num_cached_tokens: int | None = None  # prompt tokens found cached at first admission
+    # LoRA: the adapter the request runs with (None: the base model) and its weight slot.
+    lora_name: str | None = None
+    lora_slot: int = 0
     # Async scheduling: tokens sampled by dispatched steps and not yet read back (0–2), and the
     # row of the latest such token in its step's sampled ids (the next step reads it there).
     num_inflight: int = 0
@@ -55,6 +58,15 @@ class Request:
     ngrams: Any = dataclasses.field(default=None, repr=False)
     # Scheduling policy "priority": lower values are admitted, and kept, first (vLLM's).
     priority: int = 0
+
+    @property
+    def cache_salt(self) -> str | None:
+        """What keeps this request's prefix-cache pages apart: its cache_salt, and its LoRA
+        adapter (the same tokens have other K/V under another adapter)."""
+        salt = self.params.cache_salt
+        if self.lora_name is None:
+            return salt
+        return f"lora:{self.lora_name}\0{salt or ''}"
 
     @property
     def prompt_logprobs_done(self) -> bool:

@@ -350,14 +350,16 @@ class ModelRunner:
         if rows == 0:
             return None
         spec = self._spec
-        return StepBatch(spec(rows, 1), spec(rows, 1), spec(rows), spec(rows, self.pages_per_seq))
+        return StepBatch(spec(rows, 1), spec(rows, 1), spec(rows), spec(rows, self.pages_per_seq),
+                         spec(rows))
 
     def _abstract_prefill(self, tokens: int) -> PackedChunks | None:
         if tokens == 0:
             return None
         spec, rows, chunk = self._spec, self.prefill_rows, self._attention_slots(tokens)
         return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
-                            spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows))
+                            spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows),
+                            spec(tokens))
 
     def _abstract_feed(self, rows: int) -> tuple | None:
         return None if rows == 0 else (self._spec(self.max_sampled_rows), self._spec(rows))
@@ -479,9 +481,11 @@ class ModelRunner:
         positions = np.full((rows, 1), -1, np.int32)
         seq_lens = np.zeros((rows,), np.int32)
         tables = np.zeros((rows, self.pages_per_seq), np.int32)
+        lora = np.zeros((rows,), np.int32)
         src = np.full((rows,), _NOT_FED, np.int32)
         for i, c in enumerate(chunks):
             request = c.request
+            lora[i] = request.lora_slot
             if c.start < request.num_known:
                 tokens[i, 0] = request.tokens(c.start, c.start + 1)[0]
             else:  # the one token in flight, from the step dispatched just before this one
@@ -490,7 +494,7 @@ class ModelRunner:
             positions[i, 0] = c.start
             seq_lens[i] = c.start + 1
             tables[i, : len(request.pages)] = request.pages
-        return (tokens, positions, seq_lens, tables), src
+        return (tokens, positions, seq_lens, tables, lora), src
 
     def _attention_slots(self, tokens: int) -> int:
         """Query slots per prefill row in attention's view of a step of ``tokens`` packed tokens:
@@ -511,9 +515,11 @@ class ModelRunner:
         seq_lens = np.zeros((rows,), np.int32)
         tables = np.zeros((rows, self.pages_per_seq), np.int32)
         last_token = np.zeros((rows,), np.int32)
+        lora = np.zeros((total,), np.int32)
         offset = 0
         for r, c in enumerate(chunks):
             n, span = c.num_tokens, slice(offset, offset + c.num_tokens)
+            lora[span] = c.request.lora_slot
             tokens[span] = c.token_ids()
             positions[span] = np.arange(c.start, c.start + n)
             token_rows[span] = r
@@ -525,7 +531,7 @@ class ModelRunner:
             last_token[r] = offset + n - 1
             offset += n
         return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
-                last_token)
+                last_token, lora)
 
     def _sampling_row(self, chunk: ScheduledChunk, token_mask: np.ndarray | None = None,
                       drafted: Sequence[int] = ()) -> SamplingRow:

@@ -329,7 +329,7 @@ class Scheduler:
             # Positions whose prompt logprobs are still to come must be computed, not found.
             max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
         return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages,
-                                       request.params.cache_salt)
+                                       request.cache_salt)
 
     def step_dispatched(self, out: SchedulerOutput) -> None:
         """The step is on its way: its tokens have K/V in the cache for every later step (the
@@ -354,7 +354,7 @@ class Scheduler:
             i = len(entries)
             entry = cache.insert(entries[-1] if entries else None,
                                  request.tokens(i * ps, (i + 1) * ps), request.pages[i],
-                                 request.params.cache_salt)
+                                 request.cache_salt)
             if entry is None:  # its prefix left the cache: nothing after it can be found
                 request.cache_broken = True
                 return
