@@ -20,6 +20,7 @@ import pathlib
 import signal
 import sys
 import threading
+from typing import Sequence
 import time
 
 from qwenjax.cli import add_model_arguments
@@ -201,12 +202,22 @@ def load_serving_model(args):
     return lm, mesh_config
 
 
+def check_lora_names(served: Sequence[str], adapters: Sequence[str]) -> None:
+    """An adapter's name is what selects it (the HTTP API's ``model``): it may not also name the
+    base model."""
+    clash = sorted(set(served) & set(adapters))
+    if clash:
+        raise ValueError(f"--lora-modules: {', '.join(clash)} is also the served model's name; "
+                         "name the adapter otherwise (or set --served-model-name)")
+
+
 def build_engine(args):
     import jax
 
     from qwenjax.engine.engine import Engine, EngineConfig, enable_compile_cache
 
     lm, mesh_config = load_serving_model(args)
+    check_lora_names(args.served_model_name or [pathlib.Path(lm.source).name], lm.lora_names)
     if args.chat_template is not None:
         if lm.tokenizer is None:
             raise ValueError("--chat-template: this model has no tokenizer")

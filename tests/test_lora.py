@@ -136,6 +136,11 @@ def test_engine_generates_with_the_adapter_each_request_names(checkpoints):
 
 
 def test_adapters_that_cannot_be_applied_are_refused(tmp_path, checkpoints):
+    from server.cli import check_lora_names
+
+    check_lora_names(["qwen"], ["sql", "chat"])
+    with pytest.raises(ValueError, match="qwen is also the served model's name"):
+        check_lora_names(["qwen", "q2"], ["qwen"])
     assert parse_lora_modules(["x=/a", "y=/b"]) == {"x": "/a", "y": "/b"}
     with pytest.raises(ValueError, match="name=path"):
         parse_lora_modules(["nopath"])
