@@ -127,16 +127,19 @@ def build_lora(adapters: list[Adapter], layout, mesh: Mesh, dtype,
     e, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
     g_n, j_n = plan.kv_heads, plan.q_per_kv + 2
     slots, r = len(adapters) + 1, max(a.rank for a in adapters)
+    q, kv = c.num_heads * d, c.num_kv_heads * d
+    # (inputs, outputs) of each projection in the checkpoint's [out, in] convention.
+    dims = {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
+            "gate_proj": (e, inter), "up_proj": (e, inter), "down_proj": (inter, e)}
     for adapter in adapters:
         for (layer, projection), (a, b) in adapter.weights.items():
             if layer >= c.num_layers:
                 raise ValueError(f"LoRA {adapter.name!r}: layer {layer} does not exist "
                                  f"(the model has {c.num_layers})")
-            want_in = e if projection != "o_proj" and projection != "down_proj" else (
-                c.num_heads * d if projection == "o_proj" else inter)
-            if a.shape[1] != want_in:
-                raise ValueError(f"LoRA {adapter.name!r}: layer {layer} {projection} A has "
-                                 f"{a.shape[1]} inputs; the model's has {want_in}")
+            if (a.shape[1], b.shape[0]) != dims[projection]:
+                raise ValueError(f"LoRA {adapter.name!r}: layer {layer} {projection} maps "
+                                 f"{a.shape[1]} → {b.shape[0]}; the model's maps "
+                                 f"{dims[projection][0]} → {dims[projection][1]}")
     layers = []
     for i in range(c.num_layers):
         arrays = dict(qkv_a=np.zeros((slots, e, 3, r), np.float32),

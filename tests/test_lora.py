@@ -153,6 +153,10 @@ def test_adapters_that_cannot_be_applied_are_refused(tmp_path, checkpoints):
         read_adapter("dora", tmp_path / "dora")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         read_adapter("none", tmp_path)
+    wider = tiny_config(num_layers=2, vocab_size=256, intermediate_size=128)
+    write_hf_checkpoint(wider, tmp_path / "wider")
+    with pytest.raises(ValueError, match=r"layer 0 \w+_proj maps (64 → 96|96 → 64); the model.s maps"):
+        load_model(tmp_path / "wider", dtype="float32", lora_modules={"a": checkpoints / "a"})
     with pytest.raises(ValueError, match="pp = 1"):
         load_model(checkpoints / "base", pp=2, dtype="float32", lora_modules={"a": checkpoints / "a"})
 
