@@ -188,6 +188,30 @@ def build_lora(adapters: list[Adapter], layout, mesh: Mesh, dtype,
     return layers
 
 
+def random_lora(layout, mesh: Mesh, dtype, adapters: int, rank: int, seed: int = 0,
+                rules: ShardingRules = DEFAULT_RULES) -> list[LayerLoRA]:
+    """Random stacks for ``adapters`` adapters of ``rank`` (slot 0 zeros), made in their
+    shardings: what a step with LoRA costs, for benchmarks (no checkpoint needed)."""
+    c, plan = layout.config, layout.heads
+    shapes = dict(qkv_a=(c.hidden_size, 3, rank),
+                  qkv_b=(rank, plan.kv_heads, plan.q_per_kv + 2, c.head_dim),
+                  o_a=(plan.kv_heads, plan.q_per_kv, c.head_dim, rank), o_b=(rank, c.hidden_size),
+                  gate_up_a=(c.hidden_size, 2, rank), gate_up_b=(rank, 2, layout.mlp),
+                  down_a=(layout.mlp, rank), down_b=(rank, c.hidden_size))
+    shardings = {name: rules.sharding(mesh, AXES[name]) for name in shapes}
+
+    def layer(key):
+        keys = jax.random.split(key, len(shapes))
+        arrays = {}
+        for k, (name, shape) in zip(keys, shapes.items()):
+            value = jax.random.normal(k, (adapters + 1, *shape), jnp.float32) * 0.01
+            arrays[name] = value.at[0].set(0).astype(dtype)
+        return arrays
+
+    make = jax.jit(layer, out_shardings=shardings)
+    return [LayerLoRA(**make(k)) for k in jax.random.split(jax.random.key(seed), c.num_layers)]
+
+
 def lora_delta(eq_a: str, eq_b: str, x: jax.Array, a: jax.Array, b: jax.Array,
                onehot: jax.Array, take: np.ndarray | None = None) -> jax.Array:
     """``((x · A) ⊙ onehot) · B`` in fp32: ``eq_a`` gives ``[t, slots, …, r]``; ``take``

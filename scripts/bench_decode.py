@@ -19,6 +19,7 @@ tokens a step must yield on average for speculation to pay (docs/architecture.md
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 1,8,32,64 --ctx 2048
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 8 --batch 1 --verify 4
     python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --quantization fp8 --kv-cache-dtype fp8
+    python scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 --batch 32 --lora 4   # vs no --lora
     python scripts/bench_decode.py --smoke      # tiny, CPU, seconds (run by the tests)
 """
 from __future__ import annotations
@@ -90,6 +91,9 @@ def time_steps(step_loop, weights, cache, tokens, steps: int, reps: int) -> tupl
 def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, page_size: int,
                 dtype, reps: int, sampling: str = "chat", profile: str | None = None,
                 kv_cache_dtype: str = "auto") -> dict:
+    # With LoRA stacks in the weights, rows take adapters 1, 2, … in turn (every slot in use).
+    slots = 0 if weights.lora is None else weights.lora[0].o_b.shape[0] - 1
+    lora_ids = None if not slots else jnp.arange(batch, dtype=jnp.int32) % slots + 1
     pages_per_seq = -(-(ctx + steps) // page_size)
     cache = KVCache.create(num_layers=shard.num_layers, kv_heads=shard.num_kv_heads,
                            head_dim=shard.head_dim, num_pages=batch * pages_per_seq,
@@ -104,7 +108,7 @@ def bench_batch(model: Model, weights, shard, batch: int, ctx: int, steps: int, 
             cache, tokens = carry
             pos = jnp.full((batch, 1), ctx, jnp.int32) + i
             logits, cache = model.last_logits(
-                weights, cache, StepBatch(tokens, pos, pos[:, 0] + 1, block_tables))
+                weights, cache, StepBatch(tokens, pos, pos[:, 0] + 1, block_tables, lora_ids))
             return cache, sample(logits, rows).token_ids[:, None]
 
         return jax.lax.fori_loop(0, steps, step, (cache, tokens))
@@ -172,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fp8: projection weights in float8_e4m3fn with per-channel scales")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="fp8: KV pages in e4m3 with a scale per token and head")
+    p.add_argument("--lora", type=int, default=0, metavar="N",
+                   help="N random LoRA adapters resident, rows spread over them (the cost of "
+                        "serving adapters: every step computes all N)")
+    p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--bandwidth-gib", type=float, default=4.0, help="array size for the HBM read test")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="per-direction link bandwidth per device for the collective model (NVLink-4: 450)")
@@ -201,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = jnp.dtype(args.dtype)
     shard, model, weights = shard_model(config, args.shard_of_tp, dtype, args.attention,
                                         args.quantization)
+    if args.lora:
+        from qwenjax.lora import random_lora
+
+        weights = dataclasses.replace(weights, lora=random_lora(
+            model.layout, model.mesh, dtype, args.lora, args.lora_rank))
     bandwidth = measure_read_bandwidth(int(args.bandwidth_gib * 2**30), reps=max(args.reps, 3))
 
     device = jax.devices()[0]
@@ -210,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                              mlp=shard.intermediate_size, vocab=shard.vocab_size,
                              layers=shard.num_layers),
                   dtype=args.dtype, quantization=args.quantization,
-                  kv_cache_dtype=args.kv_cache_dtype, attention=args.attention,
+                  kv_cache_dtype=args.kv_cache_dtype, lora=args.lora, lora_rank=args.lora_rank,
+                  attention=args.attention,
                   sampling=args.sampling,
                   measured_read_tbps=bandwidth / 1e12,
                   collective_model=dict(link_gbps=args.link_gbps, latency_us=args.link_latency_us,

@@ -67,6 +67,28 @@ def test_fp8_kv_smoke_run_counts_values_and_scales(tmp_path):
     assert row["kv_bytes"] == 2 * (40 + 2 / 2) * (2 * 1 * 2 * 68)
 
 
+def test_lora_smoke_run_counts_the_adapter_stacks(tmp_path):
+    """--lora 2: two random rank-4 adapters resident, rows on both; their stacks are read by every
+    step, so the weight bytes grow by exactly their size."""
+    bench = _load()
+    runs = {}
+    for name, extra in (("base", []), ("lora", ["--lora", "2", "--lora-rank", "4"])):
+        out = tmp_path / f"{name}.json"
+        assert bench.main(["--smoke", "--dtype", "float32", "--json", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert (runs["lora"]["lora"], runs["lora"]["lora_rank"]) == (2, 4)
+    from qwenjax.config import preset
+    from qwenjax.parallel import one_device_shard
+    import dataclasses
+
+    s = one_device_shard(dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=2), 4)
+    d, e, m = s.head_dim, s.hidden_size, s.intermediate_size
+    per_slot = (e * 3 * 4 + 4 * (s.num_heads + 2 * s.num_kv_heads) * d + s.num_heads * d * 4 + 4 * e
+                + e * 2 * 4 + 4 * 2 * m + m * 4 + 4 * e)
+    grown = runs["lora"]["rows"][0]["weight_bytes"] - runs["base"]["rows"][0]["weight_bytes"]
+    assert grown == 2 * 3 * per_slot * 4  # 2 layers × 3 slots (one empty) × float32
+
+
 def test_collective_model_numbers():
     bench = _load()
     from qwenjax.config import preset
