@@ -14,7 +14,7 @@ from qwenjax.config import ModelConfig, is_preset, preset
 from qwenjax.model import Layout, Model, Weights, quantize_weights, random_weights
 from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
-from qwenjax.quantization import check_scheme, checkpoint_quantization
+from qwenjax.quantization import check_requested, checkpoint_quantization, effective_scheme
 from qwenjax.weights import load_checkpoint, resolve_dtype
 
 
@@ -85,11 +85,13 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     default the first ``tp``. ``attention``: decode attention implementation,
     "auto" (the Pallas kernel on GPUs, XLA elsewhere), "pallas" or "xla". ``pp``: pipeline
     stages (contiguous layer ranges, each on its own ``tp`` devices; ``tp × pp`` devices in all).
-    ``quantization``: "fp8" stores the projections as fp8 with per-channel scales
+    ``quantization``: "fp8" stores the projections as fp8 with per-channel scales, "int4" or
+    "int8" as integers with a scale and zero point per 128 input channels
     (qwenjax/quantization.py); None keeps them in ``dtype`` unless the checkpoint is itself
-    FP8, which stays FP8. ``lora_modules``: {name: PEFT adapter directory}, served beside the
-    base weights (requests pick one by name; qwenjax/lora.py)."""
-    check_scheme(quantization)
+    quantized (FP8, AWQ, GPTQ), which stays so ("awq"/"gptq" also name that).
+    ``lora_modules``: {name: PEFT adapter directory}, served beside the base weights (requests
+    pick one by name; qwenjax/lora.py)."""
+    check_requested(quantization)
     lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization)
     if not lora_modules:
         return lm
@@ -114,7 +116,7 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
         model = default_model_dir()
     if names_preset(model):
         config = preset(model)
-        layout = Layout.create(config, tp, pp, quantization)
+        layout = Layout.create(config, tp, pp, effective_scheme(quantization, None))
         weights = random_weights(layout, mesh, jdtype, seed=seed)
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
@@ -129,17 +131,14 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
         if quantization is not None and layout.quantization is None:
             # Restored dense, quantized here: the peak is the dense model (convert an HF
             # directory with quantization for a smaller one).
-            layout = dataclasses.replace(layout, quantization=quantization)
+            layout = dataclasses.replace(layout, quantization=effective_scheme(quantization, None))
             weights = quantize_weights(weights, layout, mesh)
     else:
         if not (directory / "config.json").exists():
             raise FileNotFoundError(
                 f"model {str(model)!r} is neither a preset nor a directory with config.json")
         config = ModelConfig.from_hf(directory)
-        stored = checkpoint_quantization(directory)
-        if quantization is None and stored is not None:
-            quantization = stored.scheme  # an FP8 checkpoint stays FP8 (vLLM does the same)
-        layout = Layout.create(config, tp, pp, quantization)
+        layout = checkpoint_layout(config, directory, tp, pp, quantization)
         weights = load_checkpoint(directory, layout, mesh, jdtype)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
@@ -148,6 +147,18 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
         tokenizer = Tokenizer.from_dir(directory)
     return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                        dtype, tokenizer, str(directory))
+
+
+def checkpoint_layout(config: ModelConfig, directory: str | os.PathLike, tp: int, pp: int = 1,
+                      quantization: str | None = None) -> Layout:
+    """The layout an HF checkpoint directory loads into: a quantized checkpoint stays
+    quantized unless ``quantization`` says otherwise (as in vLLM), and an AWQ/GPTQ one keeps
+    its group size so its codes load as they are."""
+    stored = checkpoint_quantization(directory)
+    scheme = effective_scheme(quantization, stored)
+    if stored is not None and stored.bits is not None and scheme == stored.scheme:
+        return Layout.create(config, tp, pp, scheme, group_size=stored.group_size)
+    return Layout.create(config, tp, pp, scheme)
 
 
 def device_summary() -> str:

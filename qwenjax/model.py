@@ -36,7 +36,8 @@ from qwenjax.kv_cache import KVCache, write_kv
 from qwenjax.lora import lora_delta, qkv_slot_projection
 from qwenjax.parallel import (DEFAULT_RULES, HeadPlan, LogicalAxes, ShardingRules, padded_size,
                               split_layers)
-from qwenjax.quantization import Fp8Weight, FP8_DTYPE, check_scheme, quantize_fp8
+from qwenjax.quantization import (DEFAULT_GROUP_SIZE, FP8_DTYPE, INT_BITS, INT_DTYPES, Fp8Weight,
+                                  IntWeight, check_scheme, int_bits, quantize_fp8, quantize_int)
 from qwenjax.rope import apply_rope, rope_tables
 
 
@@ -56,7 +57,7 @@ class ParamSpec:
 @dataclasses.dataclass
 class LayerWeights:
     # With pp > 1 every field has a leading [pp] stage axis (one layer of each stage).
-    # With quantization="fp8" qkv, o, gate_up and down are Fp8Weight (values + scales).
+    # Quantized, qkv, o, gate_up and down are Fp8Weight (values + scales) or IntWeight.
     attn_norm: jax.Array  # [embed]
     qkv: jax.Array        # [embed, kv_heads, q_per_kv + 2, head_dim]
     qkv_bias: jax.Array   # [kv_heads, q_per_kv + 2, head_dim]
@@ -85,16 +86,22 @@ class Layout:
     mlp: int    # intermediate size, zero-padded to a multiple of tp
     vocab: int  # vocab size, zero-padded to a multiple of tp
     pp: int = 1  # pipeline stages
-    quantization: str | None = None  # None: projections in the model dtype; "fp8" (quantization.py)
+    # None: projections in the model dtype; "fp8", "int4" or "int8" (quantization.py).
+    quantization: str | None = None
+    # Integer schemes: input channels per scale and zero point (None: the whole input).
+    group_size: int | None = DEFAULT_GROUP_SIZE
 
     @classmethod
     def create(cls, config: ModelConfig, tp: int = 1, pp: int = 1,
-               quantization: str | None = None) -> "Layout":
+               quantization: str | None = None,
+               group_size: int | None = DEFAULT_GROUP_SIZE) -> "Layout":
         split_layers(config.num_layers, pp)  # validates pp against the layer count
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
         return cls(config=config, heads=HeadPlan.create(config, tp),
                    mlp=padded_size(config.intermediate_size, tp),
                    vocab=padded_size(config.vocab_size, tp), pp=pp,
-                   quantization=check_scheme(quantization))
+                   quantization=check_scheme(quantization), group_size=group_size)
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -121,20 +128,44 @@ def param_specs(layout: Layout) -> Weights:
     """The weights as stored: ``dense_param_specs`` with each projection an ``Fp8Weight`` of
     value and scale specs when the layout is quantized."""
     dense = dense_param_specs(layout)
-    return jax.tree.map(lambda s: stored_spec(s, layout.quantization), dense, is_leaf=_is_spec)
+    return jax.tree.map(lambda s: stored_spec(s, layout), dense, is_leaf=_is_spec)
 
 
-def stored_spec(spec: ParamSpec, quantization: str | None) -> ParamSpec | Fp8Weight:
-    """How one declared parameter is stored under ``quantization``: projections become fp8
-    values of the same shape and axes plus fp32 scales over their output axes."""
-    if quantization is None or not spec.contract:
+def stored_spec(spec: ParamSpec, layout: Layout) -> ParamSpec | Fp8Weight | IntWeight:
+    """How one declared parameter is stored under ``layout.quantization``: projections become
+    fp8 values of the same shape and axes plus fp32 scales over their output axes, or integer
+    codes plus a scale and zero point per group along their last contracted axis."""
+    if layout.quantization is None or not spec.contract:
         return spec
-    out = [i for i in range(len(spec.shape)) if i not in spec.contract]
-    return Fp8Weight(
-        value=dataclasses.replace(spec, dtype=FP8_DTYPE),
-        scale=ParamSpec(tuple(spec.shape[i] for i in out), tuple(spec.axes[i] for i in out), "ones",
-                        dtype=jnp.float32),
-        contract=spec.contract)
+    if layout.quantization == "fp8":
+        out = [i for i in range(len(spec.shape)) if i not in spec.contract]
+        return Fp8Weight(
+            value=dataclasses.replace(spec, dtype=FP8_DTYPE),
+            scale=ParamSpec(tuple(spec.shape[i] for i in out), tuple(spec.axes[i] for i in out),
+                            "ones", dtype=jnp.float32),
+            contract=spec.contract)
+    axis = spec.contract[-1]
+    group = int_group(spec, layout)
+    grouped = spec.shape[:axis] + (spec.shape[axis] // group,) + spec.shape[axis + 1:]
+    codes = INT_DTYPES[INT_BITS[layout.quantization]]
+    return IntWeight(value=dataclasses.replace(spec, dtype=codes),
+                     scale=ParamSpec(grouped, spec.axes, "ones", dtype=jnp.float32),
+                     zero=ParamSpec(grouped, spec.axes, "zeros", dtype=codes),
+                     axis=axis, group=group)
+
+
+def int_group(spec: ParamSpec, layout: Layout) -> int:
+    """Entries of the grouped axis (``spec``'s last contracted one) that share a scale as
+    stored: the checkpoint's group size, or its largest divisor that also divides each
+    device's shard of the axis. Smaller stored groups repeat a checkpoint group's scale, so
+    the weights are the same; o_proj's groups run along head_dim (a group spanning heads
+    repeats per head), and an MLP shard whose length the group does not divide (72B's 29568
+    at tp=4: 7392 per device) gets groups of gcd(128, 7392) = 32."""
+    axis = spec.contract[-1]
+    length = spec.shape[axis]
+    if getattr(DEFAULT_RULES, spec.axes[axis] or "layers") == "tp":
+        length //= layout.heads.tp
+    return math.gcd(layout.group_size or spec.shape[axis], length)
 
 
 def dense_param_specs(layout: Layout) -> Weights:
@@ -188,16 +219,59 @@ def abstract_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16,
 
 
 def store(dense: jax.Array, spec: ParamSpec, layout: Layout, mesh: Mesh,
-          rules: ShardingRules = DEFAULT_RULES) -> jax.Array | Fp8Weight:
+          rules: ShardingRules = DEFAULT_RULES) -> jax.Array | Fp8Weight | IntWeight:
     """One loaded parameter (``dense``, declared by ``spec``) as the layout stores it: itself,
     or quantized on device into its value and scale shardings. Row-parallel projections (o,
     down) contract a sharded axis, so a channel's scale takes the max over all its shards
     (XLA's all-reduce), the same scale a tp=1 load computes."""
-    stored = stored_spec(spec, layout.quantization)
+    stored = stored_spec(spec, layout)
     if isinstance(stored, ParamSpec):
         return dense
-    return _quantizer(spec.contract, rules.sharding(mesh, stored.value.axes),
-                      rules.sharding(mesh, stored.scale.axes))(dense)
+    shardings, treedef = jax.tree.flatten(_stored_shardings(stored, mesh, rules))
+    return _quantizer(_form(stored), tuple(shardings), treedef)(dense)
+
+
+def pack_int(codes: jax.Array, scales: jax.Array, zeros: jax.Array, spec: ParamSpec,
+             layout: Layout, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> IntWeight:
+    """A checkpoint's integer projection, read as three arrays of ``spec``'s shape (codes, and
+    each entry's scale and zero point), in the stored form: one scale and zero per group."""
+    stored = stored_spec(spec, layout)
+    shardings, treedef = jax.tree.flatten(_stored_shardings(stored, mesh, rules))
+    return _packer(_form(stored), tuple(shardings), treedef)(codes, scales, zeros)
+
+
+@functools.lru_cache(maxsize=64)
+def _packer(form: tuple, shardings: tuple, treedef):
+    _, axis, group, bits = form
+
+    def pack(codes, scales, zeros):
+        def first_of_group(x):
+            shape = x.shape
+            grouped = x.reshape(shape[:axis] + (shape[axis] // group, group) + shape[axis + 1:])
+            return jnp.take(grouped, 0, axis=axis + 1)
+
+        dtype = INT_DTYPES[bits]
+        return IntWeight(value=codes.astype(dtype), scale=first_of_group(scales),
+                         zero=first_of_group(zeros).astype(dtype), axis=axis, group=group)
+
+    return jax.jit(pack, out_shardings=jax.tree.unflatten(treedef, shardings))
+
+
+def _stored_shardings(stored, mesh: Mesh, rules: ShardingRules):
+    return jax.tree.map(lambda s: rules.sharding(mesh, s.axes), stored, is_leaf=_is_spec)
+
+
+def _form(stored: Fp8Weight | IntWeight) -> tuple:
+    """The static facts of a quantized form (hashable): what ``_quantize`` needs."""
+    if isinstance(stored, Fp8Weight):
+        return ("fp8", stored.contract)
+    return ("int", stored.axis, stored.group, int_bits(stored.value.dtype))
+
+
+def _quantize(value: jax.Array, form: tuple) -> Fp8Weight | IntWeight:
+    if form[0] == "fp8":
+        return quantize_fp8(value, form[1])
+    return quantize_int(value, *form[1:])
 
 
 def quantize_weights(weights: Weights, layout: Layout, mesh: Mesh,
@@ -215,10 +289,10 @@ def quantize_weights(weights: Weights, layout: Layout, mesh: Mesh,
 
 
 @functools.lru_cache(maxsize=64)
-def _quantizer(contract: tuple[int, ...], value_sharding, scale_sharding):
+def _quantizer(form: tuple, shardings: tuple, treedef):
     # One compiled program per parameter kind, reused by every layer.
-    return jax.jit(functools.partial(quantize_fp8, contract=contract),
-                   out_shardings=Fp8Weight(value=value_sharding, scale=scale_sharding, contract=contract))
+    return jax.jit(functools.partial(_quantize, form=form),
+                   out_shardings=jax.tree.unflatten(treedef, shardings))
 
 
 def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0,
@@ -230,15 +304,14 @@ def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0
     """
     leaves, treedef = jax.tree.flatten(dense_param_specs(layout), is_leaf=_is_spec)
     # Stored shardings per declared parameter (an Fp8Weight of two for a quantized projection).
-    shardings = [jax.tree.map(lambda s: rules.sharding(mesh, s.axes),
-                              stored_spec(spec, layout.quantization), is_leaf=_is_spec)
-                 for spec in leaves]
+    stored = [stored_spec(spec, layout) for spec in leaves]
+    shardings = [_stored_shardings(s, mesh, rules) for s in stored]
     fields_per_layer = len(dataclasses.fields(LayerWeights))
 
     def init():
         keys = jax.random.split(jax.random.key(seed), len(leaves))
         out, staged = [], 0
-        for key, spec in zip(keys, leaves):
+        for key, spec, kept in zip(keys, leaves, stored):
             shape, axes = spec.shape, spec.axes
             if axes[0] == "stage":
                 shape, axes = shape[1:], axes[1:]
@@ -254,8 +327,8 @@ def random_weights(layout: Layout, mesh: Mesh, dtype=jnp.bfloat16, seed: int = 0
                 slot, staged = staged // fields_per_layer, staged + 1
                 real = [layout.layer_index(s, slot) is not None for s in range(layout.pp)]
                 value = value * jnp.asarray(real, dtype).reshape((-1,) + (1,) * len(shape))
-            if layout.quantization is not None and spec.contract:
-                value = quantize_fp8(value, spec.contract)
+            if not isinstance(kept, ParamSpec):
+                value = _quantize(value, _form(kept))
             out.append(value)
         return out
 
@@ -307,21 +380,25 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def _project(x: jax.Array, w: jax.Array | Fp8Weight, dot: Callable) -> jax.Array:
+def _project(x: jax.Array, w: jax.Array | Fp8Weight | IntWeight, dot: Callable) -> jax.Array:
     """``dot(x, w)`` accumulated in fp32 (exact enough for parity, and CPU bf16 dots are only
     fast this way), in ``x``'s dtype. An fp8 weight's scale is constant along the contraction:
     scaling the fp32 output equals multiplying by the dequantized weight, which is never
-    materialized."""
+    materialized. An integer weight's scales vary along it, so it is dequantized here (on GPU
+    XLA can fuse the conversion into the dot's operand; whether it does is measured by
+    bench_decode)."""
     if isinstance(w, Fp8Weight):
         return (dot(x, w.value.astype(x.dtype)) * w.scale).astype(x.dtype)
+    if isinstance(w, IntWeight):
+        w = w.dequantize(x.dtype)
     return dot(x, w).astype(x.dtype)
 
 
-def _matmul(eq: str, x: jax.Array, w: jax.Array | Fp8Weight) -> jax.Array:
+def _matmul(eq: str, x: jax.Array, w: jax.Array | Fp8Weight | IntWeight) -> jax.Array:
     return _project(x, w, lambda a, b: jnp.einsum(eq, a, b, preferred_element_type=jnp.float32))
 
 
-def _out_projection(attn: jax.Array, o: jax.Array | Fp8Weight) -> jax.Array:
+def _out_projection(attn: jax.Array, o: jax.Array | Fp8Weight | IntWeight) -> jax.Array:
     """``[t, g, j, d] × [g, j, d, e] → [t, e]``, contracting (g, j, d) in the weight's storage
     order. ``jnp.einsum`` lists them as (d, g, j), and XLA:CPU then transposed the whole O
     weight into that order on every step (a copy per layer in the compiled step)."""

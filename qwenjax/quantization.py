@@ -1,4 +1,6 @@
-"""FP8 weights: float8_e4m3fn values with one float32 scale per output channel.
+"""Quantized weights: FP8 with per-channel scales, and 4/8-bit integers with group scales.
+
+**FP8** (``"fp8"``): float8_e4m3fn values with one float32 scale per output channel.
 
 A matmul weight ``W`` is stored as ``value = round_e4m3(W / scale)`` with ``scale`` the
 largest magnitude of each output channel over the contracted axes, divided by 448 (e4m3's
@@ -18,6 +20,14 @@ per-tensor or block scales, or ``compressed-tensors`` float8 with tensor/channel
 are read by dequantizing each slice with its checkpoint scale and re-quantizing per output
 channel on device. For per-channel checkpoints that is exact (same scales, same values);
 for per-tensor and block scales a channel's values are rounded once more, to a finer scale.
+
+**Integers** (``"int4"``, ``"int8"``): unsigned codes with a float32 scale and an integer zero
+point per group of consecutive input channels (AWQ and GPTQ's format, "W4A16"):
+``W = (code - zero) * scale``. The scale varies along the contraction, so the projection
+dequantizes the weight inside the step (XLA fuses the conversion into the matmul's operand
+on GPU when it can). AWQ and GPTQ checkpoints load their codes, zeros and scales exactly
+(int_checkpoints.py); ``quantization="int4"`` on a dense checkpoint rounds each group to
+nearest (min/max range, no calibration: below AWQ/GPTQ quality, as it is for vLLM's RTN).
 """
 from __future__ import annotations
 
@@ -31,9 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SCHEMES = ("fp8",)
+SCHEMES = ("fp8", "int4", "int8")
+# Names vLLM takes for checkpoints in these formats; they select the checkpoint's own scheme.
+CHECKPOINT_FORMATS = ("awq", "gptq", "awq_marlin", "gptq_marlin")
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
+INT_BITS = {"int4": 4, "int8": 8}
+INT_DTYPES = {4: jnp.uint4, 8: jnp.uint8}
+DEFAULT_GROUP_SIZE = 128  # input channels per scale when quantizing a dense checkpoint
 
 
 def check_scheme(quantization: str | None) -> str | None:
@@ -42,6 +57,32 @@ def check_scheme(quantization: str | None) -> str | None:
         return quantization
     raise ValueError(f"quantization must be one of {', '.join(SCHEMES)} (or None for the model "
                      f"dtype); got {quantization!r}")
+
+
+def check_requested(quantization: str | None) -> str | None:
+    """A user's ``quantization``: a scheme, a checkpoint format name (vLLM's), or None."""
+    if quantization is None or quantization in SCHEMES + CHECKPOINT_FORMATS:
+        return quantization
+    raise ValueError(f"quantization must be one of {', '.join(SCHEMES + CHECKPOINT_FORMATS)} (or "
+                     f"None: the checkpoint's own); got {quantization!r}")
+
+
+def effective_scheme(requested: str | None, stored: "CheckpointQuantization | None") -> str | None:
+    """The scheme a checkpoint stored as ``stored`` loads in when the user asks for
+    ``requested``: a quantized checkpoint stays quantized unless told otherwise (as in vLLM),
+    and a format name ("awq", "gptq") must name the checkpoint's own format."""
+    check_requested(requested)
+    if requested in CHECKPOINT_FORMATS:
+        method = requested.removesuffix("_marlin")
+        if stored is None or stored.method != method:
+            found = stored.method if stored is not None else "not quantized"
+            raise ValueError(f"quantization {requested!r} names a checkpoint format, but the "
+                             f"checkpoint is {found}; use one of {', '.join(SCHEMES)} to quantize "
+                             "at load")
+        return stored.scheme
+    if requested is None and stored is not None:
+        return stored.scheme
+    return requested
 
 
 @jax.tree_util.register_dataclass
@@ -73,10 +114,67 @@ def quantize_fp8(weight: jax.Array, contract: tuple[int, ...]) -> Fp8Weight:
     return Fp8Weight(value=value, scale=scale, contract=tuple(contract))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class IntWeight:
+    """A matmul weight as unsigned integer codes with a scale and zero point per ``group``
+    consecutive entries of its contracted axis ``axis``: ``W = (value - zero) * scale``."""
+
+    value: jax.Array  # the weight's shape, uint4 or uint8 codes
+    scale: jax.Array  # the weight's shape with `axis` divided by `group`, float32
+    zero: jax.Array   # like scale, in value's dtype: the code of 0.0
+    axis: int = dataclasses.field(metadata=dict(static=True))
+    group: int = dataclasses.field(metadata=dict(static=True))
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        shape, a = self.value.shape, self.axis
+        codes = self.value.astype(jnp.float32).reshape(
+            shape[:a] + (shape[a] // self.group, self.group) + shape[a + 1:])
+        zero = jnp.expand_dims(self.zero.astype(jnp.float32), a + 1)
+        scale = jnp.expand_dims(self.scale, a + 1)
+        return ((codes - zero) * scale).reshape(shape).astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def bits(self) -> int:
+        return int_bits(self.value.dtype)
+
+
+def int_bits(dtype) -> int:
+    """Bits of an integer code dtype (uint4 or uint8)."""
+    return 4 if jnp.dtype(dtype) == jnp.uint4 else 8
+
+
+def quantize_int(weight: jax.Array, axis: int, group: int, bits: int) -> IntWeight:
+    """Round-to-nearest ``bits``-bit codes of ``weight`` over groups of ``group`` entries along
+    ``axis``, each group's range [min, max] mapped onto [0, 2^bits - 1]. An all-zero group
+    (padding) gets scale 1 and zero 0: exact zeros."""
+    top = 2 ** bits - 1
+    shape = weight.shape
+    w = weight.astype(jnp.float32).reshape(shape[:axis] + (shape[axis] // group, group)
+                                           + shape[axis + 1:])
+    lo = jnp.minimum(jnp.min(w, axis=axis + 1), 0.0)
+    hi = jnp.maximum(jnp.max(w, axis=axis + 1), 0.0)
+    scale = jnp.where(hi > lo, (hi - lo) / top, 1.0)
+    zero = jnp.clip(jnp.round(-lo / scale), 0, top)
+    codes = jnp.clip(jnp.round(w / jnp.expand_dims(scale, axis + 1)) + jnp.expand_dims(zero, axis + 1),
+                     0, top)
+    dtype = INT_DTYPES[bits]
+    return IntWeight(value=codes.reshape(shape).astype(dtype), scale=scale,
+                     zero=zero.astype(dtype), axis=axis, group=group)
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, (Fp8Weight, IntWeight))
+
+
 def dequantize_tree(tree, dtype=jnp.float32):
-    """Every ``Fp8Weight`` in ``tree`` replaced by its dense weight (tests, comparisons)."""
-    return jax.tree.map(lambda w: w.dequantize(dtype) if isinstance(w, Fp8Weight) else w, tree,
-                        is_leaf=lambda x: isinstance(x, Fp8Weight))
+    """Every quantized weight in ``tree`` replaced by its dense weight (tests, comparisons)."""
+    return jax.tree.map(lambda w: w.dequantize(dtype) if is_quantized(w) else w, tree,
+                        is_leaf=is_quantized)
 
 
 # ---- FP8 checkpoints -----------------------------------------------------------------------
@@ -84,9 +182,15 @@ def dequantize_tree(tree, dtype=jnp.float32):
 class CheckpointQuantization:
     """How a checkpoint's weights are stored, from its config.json ``quantization_config``."""
 
-    scheme: str                                  # "fp8"
-    method: str                                  # quant_method as written ("fp8", "compressed-tensors")
+    scheme: str                                  # "fp8", "int4" or "int8"
+    method: str                                  # quant_method as written ("fp8", "awq", …)
     block: tuple[int, int] | None = None         # weight_block_size [out, in] of block scales
+    group_size: int | None = None                # AWQ/GPTQ input channels per scale (None: all)
+    zero_offset: int = 0                         # added to stored zeros (GPTQ's v1 format: 1)
+
+    @property
+    def bits(self) -> int | None:
+        return INT_BITS.get(self.scheme)
 
 
 def checkpoint_quantization(directory: str | os.PathLike) -> CheckpointQuantization | None:
@@ -133,9 +237,47 @@ def parse_quantization_config(raw: dict | None, where: str = "config.json"
                     f"{weights.get('strategy')!r}; only 8-bit float weights with tensor or channel "
                     "scales (FP8) are supported")
         return CheckpointQuantization("fp8", method)
+    if method in ("awq", "gptq"):
+        return _parse_int_config(raw, method, where)
     raise ValueError(f"{where}: quantization method {method!r} is not supported; supported: FP8 "
-                     "checkpoints (quant_method 'fp8' or 'compressed-tensors' float8), or any "
-                     "bf16/fp16 checkpoint with quantization='fp8' at load")
+                     "checkpoints (quant_method 'fp8' or 'compressed-tensors' float8), AWQ (gemm) "
+                     "and GPTQ (4 or 8 bits, no act-order), or any bf16/fp16 checkpoint with "
+                     f"quantization one of {', '.join(SCHEMES)} at load")
+
+
+def _parse_int_config(raw: dict, method: str, where: str) -> CheckpointQuantization:
+    """AutoAWQ's ``{"quant_method": "awq", "bits"/"w_bit": 4, "group_size"/"q_group_size": 128,
+    "zero_point": true, "version": "gemm"}`` or AutoGPTQ/GPTQModel's ``{"quant_method": "gptq",
+    "bits": 4|8, "group_size": 128|-1, "desc_act": false, "sym": …, "checkpoint_format": …}``."""
+    bits = raw.get("bits", raw.get("w_bit"))
+    group = raw.get("group_size", raw.get("q_group_size"))
+    allowed_bits = (4,) if method == "awq" else (4, 8)
+    if bits not in allowed_bits:
+        raise ValueError(f"{where}: quantization_config.bits {bits!r} is not supported for {method} "
+                         f"(supported: {', '.join(map(str, allowed_bits))})")
+    if not isinstance(group, int) or isinstance(group, bool) or not (group > 0 or group == -1):
+        raise ValueError(f"{where}: quantization_config.group_size must be a positive int or -1, "
+                         f"got {group!r}")
+    if raw.get("lm_head"):
+        raise ValueError(f"{where}: a quantized lm_head is not supported (quantization_config.lm_head)")
+    offset = 0
+    if method == "awq":
+        version = str(raw.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"{where}: AWQ version {version!r} is not supported (gemm only: its "
+                             "packing is the one AWQ checkpoints on the hub use)")
+        if raw.get("zero_point", True) is not True:
+            raise ValueError(f"{where}: AWQ without zero points is not supported (zero_point must be true)")
+    else:
+        fmt = raw.get("checkpoint_format", "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported "
+                             "(gptq or gptq_v2)")
+        offset = 1 if fmt == "gptq" else 0  # v1 stores each zero point minus one
+        # desc_act (act-order) is checked per tensor from g_idx: it only matters when the
+        # groups are not in input order.
+    return CheckpointQuantization(f"int{bits}", method, group_size=None if group == -1 else group,
+                                  zero_offset=offset)
 
 
 class Fp8CheckpointTensor:

@@ -21,9 +21,11 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, dense_param_specs, store
+from qwenjax.model import (Layout, LayerWeights, ParamSpec, Weights, dense_param_specs, pack_int,
+                           store, stored_spec)
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules
-from qwenjax.quantization import (CheckpointQuantization, Fp8CheckpointTensor,
+from qwenjax.int_checkpoints import PackedIntTensor
+from qwenjax.quantization import (CheckpointQuantization, Fp8CheckpointTensor, IntWeight,
                                   checkpoint_quantization)
 
 _ST_DTYPES = {
@@ -80,13 +82,32 @@ class Checkpoint:
             self._tensors[tensor] = (path, info["dtype"], tuple(info["shape"]), base + start)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._tensors
+        return name in self._tensors or self._packed_base(name) is not None
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._tensors and self._packed_base(name) is not None:
+            return self.packed(name).shape
         return self._tensor_info(name)[2]
+
+    def _packed_base(self, name: str) -> str | None:
+        """``<linear>`` when ``name`` is ``<linear>.weight`` stored AWQ/GPTQ-packed."""
+        base = name.removesuffix(".weight")
+        return base if base != name and base + ".qweight" in self._tensors else None
+
+    def packed(self, name: str) -> PackedIntTensor:
+        """The AWQ/GPTQ linear whose dense weight is ``name`` (``<linear>.weight``)."""
+        base = self._packed_base(name)
+        if base is None:
+            raise KeyError(f"checkpoint {self.directory} has no packed weight {base or name}.qweight")
+        if self.quantization is None or self.quantization.bits is None:
+            raise ValueError(f"checkpoint {self.directory}: {base}.qweight is packed, but config.json "
+                             "has no AWQ/GPTQ quantization_config")
+        g_idx = self._raw(base + ".g_idx") if base + ".g_idx" in self._tensors else None
+        return PackedIntTensor(base, self._raw(base + ".qweight"), self._raw(base + ".qzeros"),
+                               self._raw(base + ".scales"), self.quantization, g_idx)
 
     def _tensor_info(self, name: str):
         if name not in self._tensors:
@@ -95,7 +116,10 @@ class Checkpoint:
 
     def tensor(self, name: str) -> np.ndarray | Fp8CheckpointTensor:
         """A zero-copy view; slicing it and copying reads only those bytes from disk. An fp8
-        weight with a scale is a view that dequantizes the slices read from it."""
+        weight with a scale, or an AWQ/GPTQ-packed one, is a view that dequantizes the slices
+        read from it."""
+        if name not in self._tensors and self._packed_base(name) is not None:
+            return self.packed(name)
         raw = self._raw(name)
         if raw.dtype == ml_dtypes.float8_e4m3fn:
             scale = next((name + s for s in _SCALE_SUFFIXES if name + s in self._tensors), None)
@@ -282,14 +306,24 @@ def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dt
                          f"{(c.vocab_size, c.hidden_size)}")
     try:
         specs = dense_param_specs(layout)
-        readers = _readers(ckpt, layout)
         spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
-        reader_leaves = treedef.flatten_up_to(readers)
+        reader_leaves = treedef.flatten_up_to(_readers(ckpt, layout))
+        packed = loads_packed(ckpt.quantization, layout)
+        part_readers = {part: treedef.flatten_up_to(_readers(_PartView(ckpt, part), layout))
+                        for part in _PACKED_PARTS} if packed else {}
         arrays = []
-        for spec, read in zip(spec_leaves, reader_leaves):
+        for i, (spec, read) in enumerate(zip(spec_leaves, reader_leaves)):
             sharding = rules.sharding(mesh, spec.axes)
-            quantized = layout.quantization is not None and bool(spec.contract)
-            np_dtype = np.dtype(np.float32 if quantized else dtype)
+            stored = stored_spec(spec, layout)
+            if packed and isinstance(stored, IntWeight):
+                parts = [jax.make_array_from_callback(
+                    spec.shape, sharding,
+                    lambda index, read=part_readers[part][i], t=t: read(index).astype(t))
+                    for part, t in _PACKED_PARTS.items()]
+                arrays.append(pack_int(*parts, spec, layout, mesh, rules))
+                del parts
+                continue
+            np_dtype = np.dtype(np.float32 if not isinstance(stored, ParamSpec) else dtype)
             dense = jax.make_array_from_callback(
                 spec.shape, sharding, lambda index, read=read, t=np_dtype: read(index).astype(t))
             arrays.append(store(dense, spec, layout, mesh, rules))
@@ -297,3 +331,25 @@ def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dt
         return jax.tree.unflatten(treedef, arrays)
     finally:
         ckpt.close()
+
+
+# An AWQ/GPTQ projection loads as three dense-shaped reads of its codes, scales and zero
+# points (small integers travel as uint8), which pack_int reduces to the stored groups.
+_PACKED_PARTS = {"codes": np.uint8, "scales": np.float32, "zeros": np.uint8}
+
+
+def loads_packed(stored: CheckpointQuantization | None, layout: Layout) -> bool:
+    """Whether ``layout`` takes an AWQ/GPTQ checkpoint's codes as they are (same bits and
+    groups) rather than dequantizing it and quantizing again."""
+    return (stored is not None and stored.bits is not None and stored.scheme == layout.quantization
+            and stored.group_size == layout.group_size)
+
+
+class _PartView:
+    """A checkpoint whose packed linears read as one part (codes, scales or zeros)."""
+
+    def __init__(self, ckpt: Checkpoint, part: str):
+        self._ckpt, self._part = ckpt, part
+
+    def tensor(self, name: str):
+        return self._ckpt.packed(name).view(self._part)

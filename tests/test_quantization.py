@@ -54,8 +54,8 @@ def test_quantized_layout_declares_values_and_scales():
     # Norms, biases, the embedding and lm_head stay in the model dtype.
     assert layer.attn_norm.dtype is None and layer.qkv_bias.dtype is None
     assert param_specs(layout).lm_head.dtype is None
-    with pytest.raises(ValueError, match="quantization must be one of fp8"):
-        Layout.create(tiny_config(), 1, quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of fp8, int4, int8"):
+        Layout.create(tiny_config(), 1, quantization="nf4")
 
 
 def _logits(layout, mesh, weights, tokens):
@@ -222,11 +222,11 @@ def test_fp8_pipeline_stages_equal_one_stage(tmp_path):
     np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
 
-def test_quantization_configs_that_are_not_fp8_are_refused_by_name():
+def test_unsupported_quantization_configs_are_refused_by_name():
     assert parse_quantization_config(None) is None
     assert parse_quantization_config(dict(quant_method="fp8", weight_block_size=[128, 128])).block == (128, 128)
-    with pytest.raises(ValueError, match="quantization method 'awq' is not supported"):
-        parse_quantization_config(dict(quant_method="awq", bits=4))
+    with pytest.raises(ValueError, match="quantization method 'bitsandbytes' is not supported"):
+        parse_quantization_config(dict(quant_method="bitsandbytes", load_in_4bit=True))
     with pytest.raises(ValueError, match="'int' with 4 bits"):
         parse_quantization_config(dict(quant_method="compressed-tensors", config_groups=dict(
             g=dict(weights=dict(type="int", num_bits=4, strategy="group")))))
