@@ -10,6 +10,16 @@ import sys
 import time
 
 
+# quantization.QUANTIZATION_CHOICES, spelled out so that parsing the command line imports
+# no jax (tests/test_cli.py checks that the two agree).
+QUANTIZATION_CHOICES = ("fp8", "int4", "int8", "awq", "gptq", "awq_marlin", "gptq_marlin")
+QUANTIZATION_HELP = ("fp8: projection weights in float8_e4m3fn with per-channel scales (half the "
+                     "bytes of bf16); int4/int8: integers with a scale and zero point per 128 "
+                     "input channels, rounded to nearest (a quarter/half the bytes); awq/gptq "
+                     "(or vLLM's *_marlin): the checkpoint's own AWQ/GPTQ codes. Activations stay "
+                     "in --dtype. Default: none, except that an FP8/AWQ/GPTQ checkpoint stays so")
+
+
 def add_model_arguments(p) -> None:
     """--model, --tp, --pp, --devices, --dtype, --quantization (generate and serve)."""
     p.add_argument("--model", default=None,
@@ -27,10 +37,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: the --mesh config's (serve), else an orbax checkpoint's own, else "
                         "bfloat16 on GPUs and float32 on CPU (faster there)")
-    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
-                   help="fp8: projection weights in float8_e4m3fn with per-channel scales (half "
-                        "the bytes of bf16; activations stay in --dtype). Default: none, except "
-                        "that an FP8 checkpoint stays FP8")
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES,
+                   help=QUANTIZATION_HELP)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -156,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="orbax checkpoint directory to write (new or empty)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype to store (default: the mesh config's)")
-    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
-                   help="store fp8 projection weights (an FP8 HF checkpoint stays FP8 anyway)")
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES,
+                   help="store quantized projection weights: " + QUANTIZATION_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")

@@ -14,8 +14,8 @@ from qwenjax.config import ModelConfig, is_preset, preset
 from qwenjax.model import Layout, Model, Weights, quantize_weights, random_weights
 from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
-from qwenjax.quantization import check_requested, checkpoint_quantization, effective_scheme
-from qwenjax.weights import load_checkpoint, resolve_dtype
+from qwenjax.quantization import check_requested, effective_scheme
+from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -147,18 +147,6 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
         tokenizer = Tokenizer.from_dir(directory)
     return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                        dtype, tokenizer, str(directory))
-
-
-def checkpoint_layout(config: ModelConfig, directory: str | os.PathLike, tp: int, pp: int = 1,
-                      quantization: str | None = None) -> Layout:
-    """The layout an HF checkpoint directory loads into: a quantized checkpoint stays
-    quantized unless ``quantization`` says otherwise (as in vLLM), and an AWQ/GPTQ one keeps
-    its group size so its codes load as they are."""
-    stored = checkpoint_quantization(directory)
-    scheme = effective_scheme(quantization, stored)
-    if stored is not None and stored.bits is not None and scheme == stored.scheme:
-        return Layout.create(config, tp, pp, scheme, group_size=stored.group_size)
-    return Layout.create(config, tp, pp, scheme)
 
 
 def device_summary() -> str:

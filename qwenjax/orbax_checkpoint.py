@@ -20,6 +20,7 @@ device with jitted gathers whose out_shardings are the target's; see ``relayout`
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwenjax.config import ModelConfig
 from qwenjax.model import Layout, LayerWeights, ParamSpec, Weights, param_specs, weight_shardings
 from qwenjax.parallel import DEFAULT_RULES, HeadPlan, ShardingRules, mesh_tp
-from qwenjax.quantization import Fp8Weight
+from qwenjax.quantization import DEFAULT_GROUP_SIZE, is_quantized
 
 FORMAT = "qwenjax-orbax"
 VERSION = 1
@@ -56,8 +57,11 @@ _LAYER_FIELDS = ("attn_norm", "qkv", "qkv_bias", "o", "mlp_norm", "gate_up", "do
 
 
 def _to_tree(weights: Weights) -> dict:
-    def leaf(x):
-        return {"value": x.value, "scale": x.scale} if isinstance(x, Fp8Weight) else x
+    def leaf(x):  # a quantized weight: a dict of its arrays ({value, scale} or {value, scale, zero})
+        if not is_quantized(x):
+            return x
+        return {f.name: _on_disk(getattr(x, f.name))
+                for f in dataclasses.fields(x) if not f.metadata.get("static")}
 
     tree = {"embed": weights.embed, "final_norm": weights.final_norm,
             "layers": {str(i): {name: leaf(getattr(layer, name)) for name in _LAYER_FIELDS}
@@ -67,6 +71,15 @@ def _to_tree(weights: Weights) -> dict:
     return tree
 
 
+def _on_disk(x):
+    """tensorstore has no 4-bit integers: int4 codes and zero points are written as uint8."""
+    if x.dtype != jnp.uint4:
+        return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.uint8, sharding=x.sharding)
+    return x.astype(jnp.uint8)
+
+
 def _from_tree(tree: dict, layout: Layout) -> Weights:
     specs = param_specs(layout)
 
@@ -74,9 +87,11 @@ def _from_tree(tree: dict, layout: Layout) -> Weights:
         fields = {}
         for name in _LAYER_FIELDS:
             value, spec = tree["layers"][str(i)][name], getattr(specs.layers[i], name)
-            fields[name] = (Fp8Weight(value=value["value"], scale=value["scale"],
-                                      contract=spec.contract)
-                            if isinstance(spec, Fp8Weight) else value)
+            # A quantized spec's static facts (contract; axis, group) with the restored arrays.
+            if is_quantized(spec):
+                value = {k: v.astype(getattr(spec, k).dtype) for k, v in value.items()}
+                value = dataclasses.replace(spec, **value)
+            fields[name] = value
         return LayerWeights(**fields)
 
     return Weights(embed=tree["embed"], layers=[layer(i) for i in range(layout.config.num_layers)],
@@ -89,7 +104,8 @@ def _metadata(layout: Layout, dtype: str) -> dict:
     return {"format": FORMAT, "version": VERSION, "tp": h.tp, "dtype": dtype,
             "heads": {"num_heads": h.num_heads, "num_kv_heads": h.num_kv_heads,
                       "kv_replicas": h.kv_replicas, "q_per_kv": h.q_per_kv},
-            "mlp": layout.mlp, "vocab": layout.vocab, "quantization": layout.quantization}
+            "mlp": layout.mlp, "vocab": layout.vocab, "quantization": layout.quantization,
+            "group_size": layout.group_size}
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
@@ -128,7 +144,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 def saved_layout(config: ModelConfig, meta: dict, source: str) -> Layout:
     """The layout the checkpoint was written in, checked against its recorded head plan."""
     # Checkpoints written before quantization existed have no key: dense.
-    layout = Layout.create(config, meta["tp"], quantization=meta.get("quantization"))
+    layout = Layout.create(config, meta["tp"], quantization=meta.get("quantization"),
+                           group_size=meta.get("group_size", DEFAULT_GROUP_SIZE))
     expected = _metadata(layout, meta["dtype"])
     for key in ("heads", "mlp", "vocab"):
         if meta[key] != expected[key]:
@@ -300,7 +317,8 @@ def restore_checkpoint(directory: str | os.PathLike, mesh: Mesh, dtype: str | No
     jdtype = resolve_dtype(dtype)
     config = ModelConfig.from_hf(directory)
     saved = saved_layout(config, meta, str(directory))
-    target = Layout.create(config, mesh_tp(mesh), quantization=saved.quantization)
+    target = Layout.create(config, mesh_tp(mesh), quantization=saved.quantization,
+                           group_size=saved.group_size)
     same = _same_shapes(saved, target)
     if not same and saved.quantization is not None:
         raise ValueError(f"{directory}: {saved.quantization} weights written for tp={meta['tp']} "
@@ -353,10 +371,11 @@ def _convert_mesh(tp: int) -> Mesh:
 def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: int, dtype: str,
                      progress: bool = True, quantization: str | None = None) -> Path:
     """An HF directory or a GGUF file → an orbax checkpoint laid out for ``tp`` in ``dtype``
-    (``quantization="fp8"``: fp8 projections; an FP8 HF checkpoint stays FP8)."""
+    (``quantization``: "fp8", "int4" or "int8" projections; an FP8/AWQ/GPTQ HF checkpoint
+    stays as it is unless told otherwise)."""
     import tempfile
 
-    from qwenjax.weights import load_checkpoint, resolve_dtype
+    from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
 
     jdtype = resolve_dtype(dtype)
     if tp < 1:
@@ -378,11 +397,6 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
     if not (model / "config.json").is_file():
         raise FileNotFoundError(f"--model {model}: neither a GGUF file nor a directory with config.json")
     config = ModelConfig.from_hf(model)
-    if quantization is None:
-        from qwenjax.quantization import checkpoint_quantization
-
-        stored = checkpoint_quantization(model)
-        quantization = stored.scheme if stored is not None else None
-    layout = Layout.create(config, tp, quantization=quantization)
+    layout = checkpoint_layout(config, model, tp, quantization=quantization)
     weights = load_checkpoint(model, layout, _convert_mesh(tp), jdtype)
     return save_checkpoint(weights, layout, out, dtype, source_dir=model)

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from qwenjax.config import PRESETS, ModelConfig, is_preset, preset
+from qwenjax.cli import QUANTIZATION_CHOICES
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,8 +30,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="KV tokens read by the modeled decode step (default 2048)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="weight and KV dtype (default: the mesh's)")
-    p.add_argument("--quantization", "-q", default=None, choices=["fp8"],
-                   help="fp8 projection weights (default: none, or the checkpoint's own FP8)")
+    p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES,
+                   help="fp8, int4 or int8 projection weights (default: none, or the "
+                        "checkpoint's own FP8/AWQ/GPTQ)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: KV cache in e4m3 with a scale per token and head")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -53,16 +55,21 @@ def cmd_plan(args) -> int:
     from qwenjax.planner import DEFAULT_CONTEXT, plan
 
     config = resolve_model(args.model)
-    quantization = args.quantization
-    if quantization is None and Path(args.model).is_dir():
-        from qwenjax.quantization import checkpoint_quantization
+    from qwenjax.quantization import DEFAULT_GROUP_SIZE, effective_scheme
 
-        stored = checkpoint_quantization(args.model)
-        quantization = stored.scheme if stored is not None else None
+    quantization, group_size = args.quantization, DEFAULT_GROUP_SIZE
+    if Path(args.model).is_dir():
+        from qwenjax.weights import checkpoint_layout
+
+        layout = checkpoint_layout(config, args.model, 1, quantization=quantization)
+        quantization, group_size = layout.quantization, layout.group_size
+    else:
+        quantization = effective_scheme(quantization, None)
     mesh = load_mesh_config(args.mesh)
     result = plan(config, mesh, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   dtype=args.dtype, quantization=quantization, kv_cache_dtype=args.kv_cache_dtype,
-                  context=DEFAULT_CONTEXT if args.context is None else args.context)
+                  context=DEFAULT_CONTEXT if args.context is None else args.context,
+                  group_size=group_size)
     print(result.to_json() if args.json else result.format())
     # A plan that does not fit is an answer, not a failure of the command.
     return 0

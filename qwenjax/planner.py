@@ -10,7 +10,8 @@ The model, in one place (docs/meshes.md walks through it):
 
 - budget per device      = memory_gb × kv_cache_fraction
 - weights per device     = Σ params on the device × their bytes (fp8 projections: 1 B each
-  + a float32 scale per output channel); with pp > 1 a stage's layer slots
+  + a float32 scale per output channel; int4/int8: ½ or 1 B each + a float32 scale and a
+  zero point per group of input channels); with pp > 1 a stage's layer slots
   (⌈layers/pp⌉ on every stage, as the runtime lays them out) + the embedding, final
   norm and lm_head, which every stage holds (replicated over pp)
 - workspace per device   = 1 GiB fixed (XLA scratch, cuBLAS/cuDNN workspaces,
@@ -52,6 +53,7 @@ import numpy as np
 from qwenjax.kv_cache import check_kv_cache_dtype, kv_bytes_per_vector
 from qwenjax.model import Layout, ParamSpec, param_specs
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules, split_layers
+from qwenjax.quantization import DEFAULT_GROUP_SIZE, element_bytes
 
 GB = 1e9
 GiB = 2**30
@@ -70,7 +72,7 @@ class Plan:
     mesh: str
     device: str
     dtype: str
-    quantization: str | None  # weights: None (in dtype) or "fp8" projections
+    quantization: str | None  # weights: None (in dtype), "fp8", "int4" or "int8" projections
     kv_cache_dtype: str       # "auto" (dtype) or "fp8"
     hosts: int
     devices_per_host: int
@@ -152,7 +154,8 @@ class Plan:
 def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None,
          max_num_seqs: int | None = None, dtype: str | None = None,
          context: int = DEFAULT_CONTEXT, rules: ShardingRules = DEFAULT_RULES,
-         quantization: str | None = None, kv_cache_dtype: str = "auto") -> Plan:
+         quantization: str | None = None, kv_cache_dtype: str = "auto",
+         group_size: int | None = DEFAULT_GROUP_SIZE) -> Plan:
     """Per-device memory, KV capacity and modeled batch-1 decode time of ``config`` on ``mesh``."""
     notes: list[str] = []
     dtype = dtype or mesh.dtype
@@ -177,21 +180,22 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if pp > config.num_layers:
         raise ValueError(f"axes.pp = {pp} exceeds the model's {config.num_layers} layers")
     nbytes = DTYPE_BYTES[dtype]
-    layout = Layout.create(config, tp, quantization=quantization)
+    layout = Layout.create(config, tp, quantization=quantization, group_size=group_size)
     heads = layout.heads
     specs = param_specs(layout)
     sizes = {"tp": tp}
     is_spec = lambda x: isinstance(x, ParamSpec)  # noqa: E731
 
-    def itemsize(spec: ParamSpec) -> int:
-        return nbytes if spec.dtype is None else np.dtype(spec.dtype).itemsize
+    def itemsize(spec: ParamSpec) -> float:
+        return nbytes if spec.dtype is None else element_bytes(spec.dtype)
 
-    def on_device(param) -> int:  # a ParamSpec, or an Fp8Weight of value and scale specs
-        return sum(_device_elements(s, sizes, rules) * itemsize(s)
-                   for s in jax.tree.leaves(param, is_leaf=is_spec))
+    def on_device(param) -> int:  # a ParamSpec, or a quantized weight's specs (values, scales…)
+        return round(sum(_device_elements(s, sizes, rules) * itemsize(s)
+                         for s in jax.tree.leaves(param, is_leaf=is_spec)))
 
     def laid_out(param) -> int:
-        return sum(math.prod(s.shape) * itemsize(s) for s in jax.tree.leaves(param, is_leaf=is_spec))
+        return round(sum(math.prod(s.shape) * itemsize(s)
+                         for s in jax.tree.leaves(param, is_leaf=is_spec)))
 
     # The per-layer declaration (the pp = 1 layout; with pp > 1 each device holds one stage's
     # slots of exactly these shapes).

@@ -44,6 +44,7 @@ import numpy as np
 SCHEMES = ("fp8", "int4", "int8")
 # Names vLLM takes for checkpoints in these formats; they select the checkpoint's own scheme.
 CHECKPOINT_FORMATS = ("awq", "gptq", "awq_marlin", "gptq_marlin")
+QUANTIZATION_CHOICES = SCHEMES + CHECKPOINT_FORMATS  # what --quantization accepts
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 INT_BITS = {"int4": 4, "int8": 8}
@@ -61,9 +62,9 @@ def check_scheme(quantization: str | None) -> str | None:
 
 def check_requested(quantization: str | None) -> str | None:
     """A user's ``quantization``: a scheme, a checkpoint format name (vLLM's), or None."""
-    if quantization is None or quantization in SCHEMES + CHECKPOINT_FORMATS:
+    if quantization is None or quantization in QUANTIZATION_CHOICES:
         return quantization
-    raise ValueError(f"quantization must be one of {', '.join(SCHEMES + CHECKPOINT_FORMATS)} (or "
+    raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} (or "
                      f"None: the checkpoint's own); got {quantization!r}")
 
 
@@ -141,6 +142,12 @@ class IntWeight:
     @property
     def bits(self) -> int:
         return int_bits(self.value.dtype)
+
+
+def element_bytes(dtype) -> float:
+    """Bytes a stored element takes: XLA keeps 4-bit integers two to a byte."""
+    dtype = jnp.dtype(dtype)
+    return 0.5 if dtype in (jnp.dtype(jnp.uint4), jnp.dtype(jnp.int4)) else dtype.itemsize
 
 
 def int_bits(dtype) -> int:

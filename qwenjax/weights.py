@@ -25,8 +25,9 @@ from qwenjax.model import (Layout, LayerWeights, ParamSpec, Weights, dense_param
                            store, stored_spec)
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules
 from qwenjax.int_checkpoints import PackedIntTensor
+from qwenjax.config import ModelConfig
 from qwenjax.quantization import (CheckpointQuantization, Fp8CheckpointTensor, IntWeight,
-                                  checkpoint_quantization)
+                                  checkpoint_quantization, effective_scheme)
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -287,6 +288,18 @@ def _readers(ckpt: Checkpoint, layout: Layout) -> Weights:
         final_norm=_vector(ckpt, "model.norm.weight"),
         lm_head=None if c.tie_word_embeddings else lm_head,
     )
+
+
+def checkpoint_layout(config: ModelConfig, directory: str | os.PathLike, tp: int, pp: int = 1,
+                      quantization: str | None = None) -> Layout:
+    """The layout an HF checkpoint directory loads into: a quantized checkpoint stays
+    quantized unless ``quantization`` says otherwise (as in vLLM), and an AWQ/GPTQ one keeps
+    its group size so its codes load as they are."""
+    stored = checkpoint_quantization(directory)
+    scheme = effective_scheme(quantization, stored)
+    if stored is not None and stored.bits is not None and scheme == stored.scheme:
+        return Layout.create(config, tp, pp, scheme, group_size=stored.group_size)
+    return Layout.create(config, tp, pp, scheme)
 
 
 def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dtype=jnp.bfloat16,

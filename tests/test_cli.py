@@ -32,6 +32,13 @@ def test_generate_with_a_choice_constraint(real_model_dir, capsys):
     assert "exactly one of" in capsys.readouterr().err
 
 
+def test_quantization_choices_agree_with_the_library():
+    from qwenjax.cli import QUANTIZATION_CHOICES
+    from qwenjax.quantization import QUANTIZATION_CHOICES as library
+
+    assert QUANTIZATION_CHOICES == library
+
+
 def test_errors_name_the_problem(capsys):
     assert main(["generate", "--model", "/nonexistent", "hi"]) == 2
     assert "neither a preset nor a directory with config.json" in capsys.readouterr().err

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from qwenjax.int_checkpoints import AWQ_ORDER, PackedIntTensor, pack_words, unpack_words
-from qwenjax.loading import checkpoint_layout
 from qwenjax.model import Layout, param_specs, random_weights
 from qwenjax.parallel import make_mesh
 from qwenjax.quantization import (IntWeight, dequantize_tree, effective_scheme,
                                   parse_quantization_config, quantize_int)
-from qwenjax.weights import Checkpoint, load_checkpoint
+from qwenjax.weights import Checkpoint, checkpoint_layout, load_checkpoint
 from test_quantization import PROJECTIONS, _logits
 from tiny import hf_logits, tiny_config, write_hf_checkpoint
 

@@ -88,25 +88,29 @@ def test_dtype_from_mesh_and_override(hf_dir, tmp_path):
                                   np.asarray(reference.weights.embed).astype(np.float32))
 
 
-def test_fp8_checkpoint_restores_its_values_and_scales(hf_dir, tmp_path):
-    """convert -q fp8 stores fp8 values and float32 scales; restoring gives exactly what a
-    quantized safetensors load gives, at the tp it was written for and at another tp with the
-    same layout; a tp with another layout is refused, naming the way out."""
-    out = tmp_path / "fp8"
+@pytest.mark.parametrize("scheme,dtype", [("fp8", "float8_e4m3fn"), ("int4", "uint4")])
+def test_quantized_checkpoint_restores_its_values_and_scales(hf_dir, tmp_path, scheme, dtype):
+    """convert -q fp8|int4 stores the quantized values with their float32 scales (and int4's
+    zero points); restoring gives exactly what a quantized safetensors load gives, at the tp it
+    was written for and at another tp with the same layout; a tp with another layout is
+    refused, naming the way out."""
+    out = tmp_path / scheme
     assert main(["convert", "--model", str(hf_dir), "--mesh", "2xa100-80gb-tp2", "--out", str(out),
-                 "--dtype", "float32", "-q", "fp8"]) == 0
-    assert json.loads((out / METADATA_FILE).read_text())["quantization"] == "fp8"
-    reference = load_model(hf_dir, tp=2, dtype="float32", quantization="fp8")
-    for tp in (2, 1):  # tp=1 keeps the 2 KV heads × 7 q heads of tp=2
+                 "--dtype", "float32", "-q", scheme]) == 0
+    assert json.loads((out / METADATA_FILE).read_text())["quantization"] == scheme
+    reference = load_model(hf_dir, tp=2, dtype="float32", quantization=scheme)
+    # tp=1 keeps the 2 KV heads × 7 q heads of tp=2; int4's stored groups divide each MLP
+    # shard, so they differ between tp 1 and 2 (a different layout).
+    for tp in (2, 1) if scheme == "fp8" else (2,):
         restored = load_model(out, tp=tp)
-        assert restored.quantization == "fp8" and restored.layout.heads.kv_heads == 2
+        assert restored.quantization == scheme and restored.layout.heads.kv_heads == 2
         for got, want in zip(_leaves(restored.weights), _leaves(reference.weights), strict=True):
             assert got.shape == want.shape and got.dtype == want.dtype
             np.testing.assert_array_equal(np.asarray(got).view(np.uint8) if got.dtype.itemsize == 1
                                           else np.asarray(got),
                                           np.asarray(want).view(np.uint8) if want.dtype.itemsize == 1
                                           else np.asarray(want))
-    assert str(restored.weights.layers[0].down.value.dtype) == "float8_e4m3fn"
+    assert str(restored.weights.layers[0].down.value.dtype) == dtype
     with pytest.raises(ValueError, match="convert the HF checkpoint for this tp"):
         load_model(out, tp=4)
 

@@ -412,3 +412,34 @@ def test_cli_errors(capsys):
         _run_cli(["plan", "--model", "qwen9-1t", "--mesh", "cpu-8"], capsys)
     with pytest.raises(FileNotFoundError, match="known: "):
         _run_cli(["plan", "--model", "qwen2.5-0.5b", "--mesh", "9xh900"], capsys)
+
+
+def test_int4_weights_are_counted_as_the_runtime_lays_them_out():
+    """Codes count half a byte (XLA stores 4-bit integers two to a byte), float32 scales and
+    4-bit zero points one per group: the elements of one device's shards of the arrays the
+    runtime builds."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwenjax.model import Layout, random_weights
+    from qwenjax.parallel import make_mesh
+
+    config = preset("qwen2.5-0.5b")
+    small = type(config)(**{**config.__dict__, "num_layers": 2})
+    p = plan(small, load_mesh_config("cpu-8"), quantization="int4")
+    weights = random_weights(Layout.create(small, 8, quantization="int4"), make_mesh(8), jnp.float32)
+    device0 = sum(s.data.size * (0.5 if s.data.dtype == jnp.uint4 else s.data.dtype.itemsize)
+                  for leaf in jax.tree.leaves(weights)
+                  for s in leaf.addressable_shards if s.device == jax.devices()[0])
+    assert p.weights_bytes_per_device == device0
+    assert "int4 projection weights" in p.format()
+
+
+def test_72b_fits_one_gpu_with_int4_weights():
+    """The 72B on one MI300X (192 GB) in bf16 needs 145 GB of weights; in int4 with groups of
+    128 about 43 GB (embedding and lm_head stay bf16: 5 GB of it)."""
+    dense = plan(Q72, load_mesh_config("1xmi300x-tp1"))
+    int4 = plan(Q72, load_mesh_config("1xmi300x-tp1"), quantization="int4")
+    assert 140 * GB < dense.weights_bytes_per_device < 150 * GB
+    assert 40 * GB < int4.weights_bytes_per_device < 46 * GB
+    assert int4.kv_cache_bytes_per_device > dense.kv_cache_bytes_per_device + 95 * GB
