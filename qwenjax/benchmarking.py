@@ -20,6 +20,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from qwenjax.quantization import element_bytes
+
 
 def median_seconds(fn: Callable, *args, reps: int, warmup: int = 1) -> float:
     """Median wall seconds of ``fn(*args)`` (outputs awaited) after ``warmup`` calls."""
@@ -69,7 +71,7 @@ def shard_model(config, shard_of_tp: int, dtype, attention: str = "auto",
     """DESIGN.md's "one GPU stands in for a TP group": random weights for one device's share of
     ``config`` at ``shard_of_tp``, on one device, with the engine's decode attention
     (``attention``: "auto" = the Pallas kernel on GPUs, "pallas", "xla"; the kernel runs in
-    interpret mode on CPU) and ``quantization`` (None or "fp8" projections).
+    interpret mode on CPU) and ``quantization`` (None, "fp8", "int4" or "int8" projections).
     Returns (shard config, Model, weights)."""
     from qwenjax.attention import decode_kernel_for
     from qwenjax.model import Layout, Model, random_weights
@@ -86,8 +88,13 @@ def shard_model(config, shard_of_tp: int, dtype, attention: str = "auto",
 def decode_weight_bytes(weights) -> int:
     """Weight bytes one decode step reads: every array, except an untied embedding table, of
     which a step reads only its tokens' rows (a tied one is read whole by the logits)."""
-    total = sum(x.nbytes for x in jax.tree.leaves(weights))
+    total = sum(_stored_bytes(x) for x in jax.tree.leaves(weights))
     return total - (weights.embed.nbytes if weights.lm_head is not None else 0)
+
+
+def _stored_bytes(x: jax.Array) -> int:
+    # jax reports a byte per 4-bit element; XLA stores them two to a byte.
+    return round(x.size * element_bytes(x.dtype))
 
 
 # ---- profiles -------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ import math
 from qwenjax.config import ModelConfig
 from qwenjax.mesh_config import DTYPES, MeshConfig
 import jax
-import numpy as np
 
 from qwenjax.kv_cache import check_kv_cache_dtype, kv_bytes_per_vector
 from qwenjax.model import Layout, ParamSpec, param_specs

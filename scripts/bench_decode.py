@@ -172,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: projection weights in float8_e4m3fn with per-channel scales")
+    p.add_argument("--quantization", default=None, choices=["fp8", "int4", "int8"],
+                   help="fp8: projection weights in float8_e4m3fn with per-channel scales; "
+                        "int4/int8: integer codes with a scale and zero point per 128 inputs "
+                        "(AWQ/GPTQ's layout); activations stay in --dtype")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="fp8: KV pages in e4m3 with a scale per token and head")
     p.add_argument("--lora", type=int, default=0, metavar="N",

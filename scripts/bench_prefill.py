@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: projection weights in float8_e4m3fn (activations stay in --dtype)")
+    p.add_argument("--quantization", default=None, choices=["fp8", "int4", "int8"],
+                   help="fp8: projection weights in float8_e4m3fn with per-channel scales; "
+                        "int4/int8: integer codes with a scale and zero point per 128 inputs "
+                        "(AWQ/GPTQ's layout); activations stay in --dtype")
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="the device's dense bf16 peak for the spec MFU (H100 SXM: 989)")
     p.add_argument("--link-gbps", type=float, default=450.0, help="per-device link bandwidth (NVLink-4)")

@@ -55,6 +55,23 @@ def test_fp8_smoke_run_moves_about_half_the_weight_bytes(tmp_path):
     assert dense - fp8 == 3 * projections - 4 * scales
 
 
+def test_int4_smoke_run_counts_half_a_byte_per_code(tmp_path):
+    """int4 projections: half a byte per code (XLA packs them; jax's nbytes says one), plus a
+    float32 scale and a 4-bit zero point per group: groups of 128 inputs for qkv and gate_up,
+    one head's 64 for o (0.5B's head_dim), 64 for down (1216 MLP columns on the shard)."""
+    bench = _load()
+    runs = {}
+    for name, extra in (("dense", []), ("int4", ["--quantization", "int4"])):
+        out = tmp_path / f"{name}.json"
+        assert bench.main(["--smoke", "--dtype", "float32", "--json", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    dense, int4 = runs["dense"]["rows"][0]["weight_bytes"], runs["int4"]["rows"][0]["weight_bytes"]
+    h, k, d, e, mlp = 4, 1, 64, 896, 1216
+    codes = e * (h + 2 * k) * d + h * d * e + 3 * e * mlp
+    groups = e // 128 * (h + 2 * k) * d + h * e + e // 128 * 2 * mlp + mlp // 64 * e
+    assert dense - int4 == 2 * (codes * 3.5 - groups * 4.5)
+
+
 def test_fp8_kv_smoke_run_counts_values_and_scales(tmp_path):
     bench = _load()
     out = tmp_path / "kv.json"

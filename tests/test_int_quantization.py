@@ -3,7 +3,6 @@ slice by slice and loaded code for code at several tp, and the model against tra
 the same dequantized weights."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -60,6 +60,8 @@ def test_greedy_matches_transformers_float32(real_model_dir, hf_reference, tp):
     ("bfloat16", None, "auto", 0.95),
     ("bfloat16", "fp8", "auto", 0.95),
     ("bfloat16", None, "fp8", 0.95),  # both fp8: 64/66 measured (2026-12-04)
+    ("bfloat16", "int8", "auto", 0.95),
+    ("bfloat16", "int4", "auto", 0.90),  # round-to-nearest in groups of 128: 63/66 (2026-12-04)
 ])
 def test_top1_agreement(real_model_dir, hf_reference, dtype, quantization, kv_cache_dtype, least):
     """bf16 activations (bf16 or fp8 weights, bf16 or fp8 KV cache), teacher-forced on the
