@@ -5,7 +5,7 @@
 # back (the machine stays warm 30 s after a call), the targets first:
 #   run(command="bash scripts/gpu_session.sh 1", timeout_s=320)   # GPU tests, decode TP4 (profiled), TP8
 #   run(command="bash scripts/gpu_session.sh 2", timeout_s=320)   # prefill, host overhead, start-up
-#   run(command="bash scripts/gpu_session.sh 3", timeout_s=300)   # fp8 decode, attention kernels, if time is left
+#   run(command="bash scripts/gpu_session.sh 3", timeout_s=320)   # fp8/int4 decode, attention kernels, if time is left
 # then give_back. Each call brings back two files: summary.txt (every step's exit and last lines)
 # and gpu_partN.tgz (logs, JSON, the decode profile); the device tool returns at most 8 files.
 # Every step packs what it wrote, so a call cut short still brings back what finished.
@@ -61,6 +61,8 @@ if [ -n "$SMOKE" ]; then
   else
     step bench_decode_fp8 300 $PY scripts/bench_decode.py --smoke --quantization fp8 \
         --json "$WORK/decode_tp4_fp8.json"
+    step bench_decode_int4 300 $PY scripts/bench_decode.py --smoke --quantization int4 \
+        --json "$WORK/decode_tp4_int4.json"
     step bench_decode_fp8_kv 300 $PY scripts/bench_decode.py --smoke --quantization fp8 \
         --kv-cache-dtype fp8 --json "$WORK/decode_tp4_fp8_kv.json"
     step bench_attention 300 $PY scripts/bench_attention.py --smoke --cases smoke_b2_ctx40 \
@@ -94,11 +96,16 @@ else
   step bench_decode_fp8 90 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
       --quantization fp8 --batch 1,32 --ctx 2048 --json "$WORK/decode_tp4_fp8.json" \
       --profile "$WORK/decode_tp4_fp8_profile"
+  #    The same with int4 projections (AWQ/GPTQ's layout, a quarter of the bytes): whether XLA
+  #    fuses the group dequantization into the GEMV, or materializes bf16 weights each step.
+  step bench_decode_int4 60 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
+      --quantization int4 --batch 1,32 --ctx 2048 --json "$WORK/decode_tp4_int4.json" \
+      --profile "$WORK/decode_tp4_int4_profile"
   #    And with the fp8 KV cache too, at batch 32 × 2k where KV is a quarter of the bytes read.
-  step bench_decode_fp8_kv 70 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
+  step bench_decode_fp8_kv 50 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
       --quantization fp8 --kv-cache-dtype fp8 --batch 32 --ctx 2048 --json "$WORK/decode_tp4_fp8_kv.json"
   # 7. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
-  step bench_attention 120 $PY scripts/bench_attention.py --json "$WORK/attention.json"
+  step bench_attention 100 $PY scripts/bench_attention.py --json "$WORK/attention.json"
 fi
 echo "done in $SECONDS s" | tee -a "$WORK/summary.txt"
 pack

@@ -70,9 +70,10 @@ def test_model_decode_uses_the_kernel_and_matches_xla():
                                atol=2e-3, rtol=2e-3)
 
 
-def test_fp8_weights_on_the_gpu_match_their_dequantized_model():
-    """fp8 projections compile and run on the GPU (the e4m3 convert feeding the GEMM) and equal
-    the dense model on the dequantized weights."""
+@pytest.mark.parametrize("scheme", ["fp8", "int4"])
+def test_quantized_weights_on_the_gpu_match_their_dequantized_model(scheme):
+    """fp8 and int4 projections compile and run on the GPU (the e4m3 convert, or the int4
+    dequantization, feeding the GEMM) and equal the dense model on the dequantized weights."""
     import dataclasses
 
     from qwenjax.config import preset
@@ -83,8 +84,8 @@ def test_fp8_weights_on_the_gpu_match_their_dequantized_model():
 
     config = dataclasses.replace(preset("qwen2.5-0.5b"), num_layers=4)
     mesh = make_mesh(1)
-    fp8 = Layout.create(config, 1, quantization="fp8")
-    weights = random_weights(fp8, mesh, jnp.float32, seed=1)
+    quantized = Layout.create(config, 1, quantization=scheme)
+    weights = random_weights(quantized, mesh, jnp.float32, seed=1)
 
     def run(layout, weights):
         cache = KVCache.create(num_layers=4, kv_heads=2, head_dim=64, num_pages=8, page_size=16,
@@ -94,8 +95,24 @@ def test_fp8_weights_on_the_gpu_match_their_dequantized_model():
                           jnp.full((2,), 64, jnp.int32), jnp.arange(8, dtype=jnp.int32).reshape(2, 4))
         return np.asarray(jax.jit(Model(layout, mesh).forward)(weights, cache, batch)[0])
 
-    np.testing.assert_allclose(run(fp8, weights), run(Layout.create(config, 1), dequantize_tree(weights)),
+    np.testing.assert_allclose(run(quantized, weights),
+                               run(Layout.create(config, 1), dequantize_tree(weights)),
                                atol=2e-3, rtol=2e-3)
+
+
+def test_int4_weights_take_half_a_byte_on_the_gpu():
+    """XLA on GPU stores 4-bit integers two to a byte (what the planner and bench_decode count):
+    device memory grows by about half the element count."""
+    device = jax.devices()[0]
+    stats = device.memory_stats()
+    if not stats or "bytes_in_use" not in stats:
+        pytest.skip(f"{device.device_kind}: no memory_stats")
+    n = 1 << 28
+    before = device.memory_stats()["bytes_in_use"]
+    codes = jax.jit(lambda: jnp.ones((n,), jnp.uint4))()
+    codes.block_until_ready()
+    grown = device.memory_stats()["bytes_in_use"] - before
+    assert 0.45 * n < grown < 0.6 * n, f"{n} int4 elements took {grown} bytes"
 
 
 @pytest.mark.parametrize("batch, context, heads, kv_heads", [(32, 2048, 8, 1), (8, 32768, 8, 1)])
