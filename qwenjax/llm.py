@@ -47,6 +47,7 @@ class _Base:
                  dtype: str | None = None, quantization: str | None = None,
                  chat_template: str | None = None,
                  lora_modules: dict[str, str | os.PathLike] | None = None,
+                 max_loras: int | None = None, max_lora_rank: int | None = None,
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
@@ -57,7 +58,9 @@ class _Base:
         ``chat_template``: a Jinja chat template (or a file holding one) to use instead of the
         checkpoint's.
         ``lora_modules``: {name: PEFT LoRA directory}: adapters served beside the base weights;
-        ``generate(..., lora=name)`` picks one per call (qwenjax/lora.py).
+        ``generate(..., lora=name)`` picks one per call (qwenjax/lora.py). ``max_loras``: LoRA
+        slots (default: one per adapter given; more leave room for ``add_lora`` later);
+        ``max_lora_rank``: the largest rank they hold (default: the largest adapter's, or 16).
         ``quantization``: "fp8" stores the projection weights as float8 with per-channel scales
         (half of bf16's memory and decode bytes); None keeps them in ``dtype``, unless the
         checkpoint is FP8 (it stays FP8).
@@ -83,7 +86,8 @@ class _Base:
             self.lm = model
         else:
             self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
-                                 quantization=quantization, lora_modules=lora_modules)
+                                 quantization=quantization, lora_modules=lora_modules,
+                                 max_loras=max_loras, max_lora_rank=max_lora_rank)
         if chat_template is not None:
             if self.lm.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer")
@@ -98,6 +102,10 @@ class _Base:
     @property
     def tokenizer(self):
         return self.lm.tokenizer
+
+    def list_loras(self) -> tuple[str, ...]:
+        """The LoRA adapters loaded now."""
+        return self.engine.lora_names
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``params=None`` means: the model's generation_config.json sampling values
@@ -157,6 +165,17 @@ class LLM(_Base):
     """Synchronous batch generation and streaming over the continuous-batching engine."""
 
     _ids = itertools.count()
+
+    def add_lora(self, name: str, path: str | os.PathLike) -> None:
+        """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot (the model needs
+        ``max_loras`` slots to spare); ``generate(..., lora=name)`` then uses it."""
+        from qwenjax.lora import read_adapter
+
+        self.engine.add_lora(read_adapter(name, path))
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name``, freeing its slot for another."""
+        self.engine.remove_lora(name)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
@@ -290,6 +309,15 @@ class AsyncLLM(_Base):
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
+
+    async def add_lora(self, name: str, path: str | os.PathLike) -> None:
+        """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot while serving
+        (the model needs ``max_loras`` slots to spare); requests may use it once this returns."""
+        await self._thread.add_lora(name, path)
+
+    async def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name`` (refused while a request still uses it)."""
+        await self._thread.remove_lora(name)
 
     def shutdown(self) -> None:
         self._thread.shutdown()

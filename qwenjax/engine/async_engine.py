@@ -34,6 +34,14 @@ def _deliver(deliveries) -> None:
         queue.put_nowait(item)
 
 
+def _settle(future: asyncio.Future, result, error) -> None:
+    if not future.done():  # the caller may have been cancelled
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
 def _coalesced(items: list) -> list:
     """Consecutive outputs of the same sequence merged into one (an exception ends the list)."""
     merged: list = []
@@ -106,6 +114,25 @@ class EngineThread:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    async def call(self, fn, *args):
+        """``fn(engine, *args)`` run on the engine thread between two steps (what changes the
+        engine's state outside a request: LoRA slots); its result, or its exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", fn, args, loop, future))
+        return await future
+
+    async def add_lora(self, name: str, path) -> None:
+        """Load a PEFT adapter into a free LoRA slot: read on a worker thread, written into the
+        resident stacks between steps. Raises ValueError/FileNotFoundError naming the problem."""
+        from qwenjax.lora import read_adapter
+
+        adapter = await asyncio.to_thread(read_adapter, name, path)
+        await self.call(Engine.add_lora, adapter)
+
+    async def remove_lora(self, name: str) -> None:
+        await self.call(Engine.remove_lora, name)
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
         self._commands.put(("wake",))
@@ -149,6 +176,16 @@ class EngineThread:
                 self._publish(request_id, error)
         elif kind == "abort":
             self.engine.abort(command[1])
+        elif kind == "call":
+            _, fn, args, loop, future = command
+            try:
+                result, error = fn(self.engine, *args), None
+            except Exception as exc:
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the caller's loop has closed
+                pass
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -166,6 +166,9 @@ class Engine:
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._inflight: InFlight | None = None     # the step dispatched and not yet read back
         self._ids = itertools.count()
+        from qwenjax.lora import LoRASlots
+
+        self.loras = LoRASlots(lm.max_loras + 1, lm.max_lora_rank, lm.lora_names)
         self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
@@ -249,8 +252,9 @@ class Engine:
                     request_id: str | None = None, priority: int = 0,
                     lora: str | None = None) -> str:
         """Queue a request; ``priority`` (scheduling_policy "priority"): lower runs first;
-        ``lora``: the name of a LoRA adapter the model was loaded with (None: the base model)."""
+        ``lora``: the name of a loaded LoRA adapter (None: the base model)."""
         lora_slot = self.lora_slot(lora)
+        lora_load = self.loras.load_id(lora) if lora is not None else 0
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         prompt_ids = self.truncated(prompt_ids, params)
         self.validate(prompt_ids, params, priority)
@@ -271,7 +275,8 @@ class Engine:
                 raise ValueError(f"request_id {used!r} is already in use")
         if params.n == 1:
             self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher,
-                      priority=int(priority), lora_name=lora, lora_slot=lora_slot)
+                      priority=int(priority), lora_name=lora, lora_slot=lora_slot,
+                      lora_load=lora_load)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -283,19 +288,54 @@ class Engine:
             request = self._add(child_id, prompt_ids, child, parent_id=request_id, index=i,
                                 leader=leader, bad_words_ids=bad_words_ids,
                                 matcher=matcher.copy() if matcher is not None else None,
-                                priority=int(priority), lora_name=lora, lora_slot=lora_slot)
+                                priority=int(priority), lora_name=lora, lora_slot=lora_slot,
+                      lora_load=lora_load)
             leader = leader or request
         return request_id
 
     def lora_slot(self, name: str | None) -> int:
         """The weight slot of LoRA adapter ``name`` (0 for None: the base model)."""
-        if name is None:
-            return 0
-        names = self.lm.lora_names
-        if name not in names:
-            served = ", ".join(repr(n) for n in names) if names else "none (load them with lora_modules)"
-            raise ValueError(f"lora {name!r} is not loaded; adapters: {served}")
-        return names.index(name) + 1
+        return 0 if name is None else self.loras.slot(name)
+
+    @property
+    def lora_names(self) -> tuple[str, ...]:
+        """The LoRA adapters loaded now (at start and since)."""
+        return self.loras.names
+
+    def add_lora(self, adapter) -> None:
+        """Load ``adapter`` (a ``lora.Adapter``, from ``lora.read_adapter``) into a free slot
+        between steps. Its arrays are written into the resident stacks, whose shapes do not
+        change: nothing recompiles. Raises ValueError (a taken name, no free slot, a rank
+        above max_lora_rank, shapes not the model's)."""
+        import jax
+
+        from qwenjax.lora import check_adapter, slot_arrays, write_slot
+
+        if jax.process_count() > 1:
+            raise ValueError("adapters are loaded while serving on one host only; on several "
+                             "hosts give them at start (lora_modules)")
+        if self.lm.weights.lora is None:
+            raise ValueError("this model has no LoRA slots; load it with max_loras ≥ 1 "
+                             "(--max-loras) to add adapters while serving")
+        check_adapter(adapter, self.lm.layout)
+        arrays = slot_arrays(adapter, self.lm.layout, self.loras.rank)
+        slot = self.loras.add(adapter.name)
+        try:
+            lora = write_slot(self.lm.weights.lora, slot, arrays)
+        except BaseException:
+            self.loras.remove(adapter.name)
+            raise
+        self.lm.weights = dataclasses.replace(self.lm.weights, lora=lora)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload adapter ``name``; refused while a request still runs or waits on it. Its slot
+        is reused by the next load (which overwrites it whole)."""
+        users = sum(1 for r in self._requests.values() if r.lora_name == name)
+        self.loras.slot(name)  # raises for a name that is not loaded
+        if users:
+            raise ValueError(f"lora {name!r} has {users} request(s) running or waiting; unload it "
+                             "once they finish")
+        self.loras.remove(name)
 
     def _matcher(self, params: SamplingParams):
         """A grammar matcher for a request with structured_outputs (None without)."""

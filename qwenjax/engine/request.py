@@ -35,6 +35,7 @@ class Request:
     # LoRA: the adapter the request runs with (None: the base model) and its weight slot.
     lora_name: str | None = None
     lora_slot: int = 0
+    lora_load: int = 0  # which load of the adapter (LoRASlots.load_id): salts the prefix cache
     # Async scheduling: tokens sampled by dispatched steps and not yet read back (0–2), and the
     # row of the latest such token in its step's sampled ids (the next step reads it there).
     num_inflight: int = 0
@@ -66,7 +67,7 @@ class Request:
         salt = self.params.cache_salt
         if self.lora_name is None:
             return salt
-        return f"lora:{self.lora_name}\0{salt or ''}"
+        return f"lora:{self.lora_name}@{self.lora_load}\0{salt or ''}"
 
     @property
     def prompt_logprobs_done(self) -> bool:
