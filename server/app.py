@@ -59,6 +59,9 @@ class ServerConfig:
     # A step running longer than this (a hung device or collective: nothing fails) turns health
     # NOT_SERVING and logs where the engine thread is; SERVING again once it ends. 0 = off.
     step_timeout: float = 300.0
+    # Load/unload LoRA adapters from the server's disk while serving (HTTP /v1/load_lora_adapter,
+    # gRPC LoadLoRAAdapter): off by default, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self):
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -80,7 +83,8 @@ class InferenceServer:
         self.metrics = ServerMetrics(lambda: self.gateway.engine, lambda: self.gateway.in_flight)
         self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
         self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
-                                          config.served_model_names)
+                                          config.served_model_names,
+                                          config.allow_runtime_lora_updating)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None
@@ -137,7 +141,8 @@ class InferenceServer:
             context.load_cert_chain(config.tls_cert, config.tls_key)
         self.http = OpenAIServer(self.gateway, self.metrics.registry, self.serving,
                                  api_token=config.api_token, max_request_bytes=config.max_request_bytes,
-                                 served_model_names=config.served_model_names)
+                                 served_model_names=config.served_model_names,
+                                 allow_runtime_lora_updating=config.allow_runtime_lora_updating)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

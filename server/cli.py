@@ -92,6 +92,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                         help="LoRA adapters (PEFT directories) served beside the base model; a "
                              "request picks one by name (HTTP: as its model; gRPC: lora)")
+    engine.add_argument("--max-loras", type=int, default=None,
+                        help="LoRA slots (adapters resident at once; each step computes all of "
+                             "them). Default: one per --lora-modules adapter, or 1 with "
+                             "--allow-runtime-lora-updating")
+    engine.add_argument("--max-lora-rank", type=int, default=None,
+                        help="the largest adapter rank the slots hold (default: the largest "
+                             "--lora-modules adapter's, else 16)")
+    engine.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and "
+                             "gRPC LoadLoRAAdapter/UnloadLoRAAdapter): adapters from the server's "
+                             "disk, into free --max-loras slots (vLLM's "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
     engine.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (or a file holding one) instead of the "
                              "checkpoint's")
@@ -166,7 +178,8 @@ def server_config(args):
         max_request_bytes=args.max_request_bytes,
         api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
-        step_timeout=args.step_timeout)
+        step_timeout=args.step_timeout,
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
 
 
 def load_serving_model(args):
@@ -195,11 +208,20 @@ def load_serving_model(args):
 
     lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh,
                     quantization=args.quantization,
-                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)))
+                    lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
+                    max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None))
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)
     return lm, mesh_config
+
+
+def lora_slots(args) -> int | None:
+    """--max-loras, defaulting to one free slot when adapters may be loaded while serving."""
+    slots = getattr(args, "max_loras", None)
+    if slots is None and getattr(args, "allow_runtime_lora_updating", False):
+        return max(1, len(getattr(args, "lora_modules", None) or ()))
+    return slots
 
 
 def check_lora_names(served: Sequence[str], adapters: Sequence[str]) -> None:

@@ -267,6 +267,39 @@ class Gateway:
             raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
         return Call(self, list(prompt_ids), params, priority, client_id, lora)
 
+    async def add_lora(self, name: Any, path: Any, served_names: Sequence[str]) -> None:
+        """Load a PEFT adapter while serving (``--allow-runtime-lora-updating``); refusals
+        carry the status: a bad or taken name INVALID_ARGUMENT, a missing directory NOT_FOUND."""
+        thread = self.require_engine(admitting=False)
+        for field, value in (("lora_name", name), ("lora_path", path)):
+            if not isinstance(value, str) or not value:
+                raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{field} must be a non-empty string, got {value!r}")
+        if name in served_names:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"lora_name {name!r} is the served model's name; name the adapter otherwise")
+        if name in self.engine.lora_names:  # before reading anything (the engine checks again)
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"lora {name!r} is already loaded; unload it first")
+        try:
+            await thread.add_lora(name, path)
+        except FileNotFoundError as error:
+            raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    async def remove_lora(self, name: Any) -> None:
+        """Unload an adapter: NOT_FOUND when it is not loaded, FAILED_PRECONDITION while
+        requests still use it."""
+        thread = self.require_engine(admitting=False)
+        if not isinstance(name, str) or name not in self.engine.lora_names:
+            raise self.refuse(grpc.StatusCode.NOT_FOUND, f"lora {name!r} is not loaded; adapters: "
+                              + (", ".join(repr(n) for n in self.engine.lora_names) or "none"))
+        try:
+            await thread.remove_lora(name)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+
     def active(self, client_id: str) -> str | None:
         """The engine id of the running request a client named ``client_id``."""
         return self._active.get(client_id)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.UNAVAILABLE: 503,
 }
@@ -106,7 +107,7 @@ class OpenAIServer:
 
     def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
-                 served_model_names: Sequence[str] = ()):
+                 served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False):
         self.gateway = gateway
         self.registry = registry
         self.serving = serving
@@ -128,6 +129,9 @@ class OpenAIServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
+        if allow_runtime_lora_updating:  # vLLM's routes, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING
+            app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
+            app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port."""
@@ -183,7 +187,7 @@ class OpenAIServer:
         """The name responses report: the base model's, or a LoRA adapter's (``model`` naming
         an adapter runs it, as in vLLM); a request naming another model is refused (404)."""
         names = self._names()
-        adapters = self.gateway.engine.lm.lora_names
+        adapters = self.gateway.engine.lora_names
         if model is not None and model not in names and model not in adapters:
             served = ", ".join(repr(n) for n in names + adapters)
             raise Refused(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this "
@@ -192,7 +196,7 @@ class OpenAIServer:
 
     def _lora(self, model: str | None) -> str | None:
         """The LoRA adapter a request's ``model`` names (None: the base model)."""
-        return model if model is not None and model in self.gateway.engine.lm.lora_names else None
+        return model if model is not None and model in self.gateway.engine.lora_names else None
 
     def _parse(self, parse, body):
         try:
@@ -259,8 +263,34 @@ class OpenAIServer:
                 for name in self._names()]
         data += [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
                   "root": name, "parent": self._names()[0], "max_model_len": engine.max_model_len}
-                 for name in engine.lm.lora_names]
+                 for name in engine.lora_names]
         return web.json_response({"object": "list", "data": data})
+
+    async def load_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name": …, "lora_path": …}``: a PEFT directory on the server's disk into a
+        free LoRA slot; requests name it as their ``model`` once this returns (vLLM's answer)."""
+        body = self._object(await self._body(request), {"lora_name", "lora_path"})
+        name = body.get("lora_name")
+        await self.gateway.add_lora(name, body.get("lora_path"), self._names())
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora_adapter(self, request: web.Request) -> web.Response:
+        """``{"lora_name": …}`` (vLLM's ``lora_int_id`` is accepted and unused)."""
+        body = self._object(await self._body(request), {"lora_name", "lora_int_id"})
+        name = body.get("lora_name")
+        await self.gateway.remove_lora(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _object(self, body: Any, fields: set[str]) -> dict:
+        if not isinstance(body, dict):
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, "the request body must be "
+                                      f"a JSON object, got {type(body).__name__}")
+        unknown = sorted(set(body) - fields)
+        if unknown:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                                      f"unknown field(s) {', '.join(map(repr, unknown))}; this "
+                                      f"endpoint takes {', '.join(sorted(fields))}")
+        return body
 
     async def tokenize(self, request: web.Request) -> web.Response:
         gateway = self.gateway

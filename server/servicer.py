@@ -27,10 +27,11 @@ from server.gateway import Gateway, Refused
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway, max_request_bytes: int,
-                 served_model_names: tuple[str, ...] = ()):
+                 served_model_names: tuple[str, ...] = (), allow_runtime_lora_updating: bool = False):
         self.gateway = gateway
         self.max_request_bytes = max_request_bytes
         self.served_model_names = served_model_names
+        self.allow_runtime_lora_updating = allow_runtime_lora_updating
 
     # ---- shared checks -----------------------------------------------------------------------
     def _check_request(self, request, name: str) -> None:
@@ -143,6 +144,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         text = engine.tokenizer.decode(list(request.ids), skip_special_tokens=request.skip_special_tokens)
         return pb.DetokenizeResponse(text=text)
 
+    async def LoadLoRAAdapter(self, request: pb.LoadLoRAAdapterRequest,
+                              context) -> pb.LoadLoRAAdapterResponse:
+        try:
+            self._check_lora_updating()
+            served = self.served_model_names or (model_name(self.gateway.engine.lm.source),)
+            await self.gateway.add_lora(request.lora_name, request.lora_path, served)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+        return pb.LoadLoRAAdapterResponse(lora_adapters=list(self.gateway.engine.lora_names))
+
+    async def UnloadLoRAAdapter(self, request: pb.UnloadLoRAAdapterRequest,
+                                context) -> pb.UnloadLoRAAdapterResponse:
+        try:
+            self._check_lora_updating()
+            await self.gateway.remove_lora(request.lora_name)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+        return pb.UnloadLoRAAdapterResponse(lora_adapters=list(self.gateway.engine.lora_names))
+
+    def _check_lora_updating(self) -> None:
+        self.gateway.require_engine(admitting=False)
+        if not self.allow_runtime_lora_updating:
+            raise self.gateway.refuse(grpc.StatusCode.PERMISSION_DENIED,
+                                      "loading adapters while serving is off; start the server "
+                                      "with --allow-runtime-lora-updating")
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         try:
             self.gateway.require_engine()
@@ -163,7 +190,7 @@ def model_info(engine, served_model_names: tuple[str, ...] = ()) -> pb.ModelInfo
         num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, mesh_shape={str(k): int(v) for k, v in lm.mesh.shape.items()},
         dtype=str(lm.dtype), quantization=lm.quantization or "",
-        kv_cache_dtype=engine.runner.kv_cache_dtype, lora_adapters=list(lm.lora_names),
+        kv_cache_dtype=engine.runner.kv_cache_dtype, lora_adapters=list(engine.lora_names),
         max_context=engine.max_model_len, page_size=sc.page_size,
         kv_capacity_tokens=engine.allocator.num_pages * sc.page_size, max_num_seqs=sc.max_num_seqs,
         sampling_defaults={k: float(v) for k, v in engine.sampling_defaults.items()})

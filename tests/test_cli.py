@@ -69,3 +69,19 @@ def test_serve_takes_vllm_style_arguments(capsys):
     assert "given twice" in capsys.readouterr().err
     assert serve_main(["--gpu-memory-utilization", "1.5"]) == 2
     assert "--gpu-memory-utilization must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_serve_lora_slot_arguments():
+    import argparse
+
+    from server.cli import add_serve_arguments, lora_slots, server_config
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["/m", "--allow-runtime-lora-updating"])
+    assert lora_slots(args) == 1 and server_config(args).allow_runtime_lora_updating
+    args = parser.parse_args(["/m", "--lora-modules", "a=/a", "b=/b", "--max-loras", "4",
+                              "--max-lora-rank", "64"])
+    assert lora_slots(args) == 4 and args.max_lora_rank == 64
+    assert not server_config(args).allow_runtime_lora_updating
+    assert lora_slots(parser.parse_args(["/m"])) is None

@@ -229,9 +229,11 @@ def test_servers_pick_the_adapter_by_model_name_and_lora_field(checkpoints, serv
 
     config = EngineConfig(max_model_len=128, max_num_seqs=2, max_prefill_seqs=1, prefill_chunk=32,
                           num_pages=32)
-    lm = load_model(checkpoints / "base", dtype="float32", lora_modules={"a": checkpoints / "a"})
+    lm = load_model(checkpoints / "base", dtype="float32", lora_modules={"a": checkpoints / "a"},
+                    max_loras=2)
     thread = EngineThread(Engine(lm, config, warm_up=False, progress=False))
-    servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
+    servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0,
+                      allow_runtime_lora_updating=True)
     try:
         server = servers.start()
         prompt = [int(t) for t in np.random.default_rng(5).integers(0, 250, 12)]
@@ -268,6 +270,54 @@ def test_servers_pick_the_adapter_by_model_name_and_lora_field(checkpoints, serv
         assert reply["choices"][0]["logprobs"]["token_logprobs"] != \
             plain["choices"][0]["logprobs"]["token_logprobs"]
         assert complete("a")["choices"][0]["logprobs"] == reply["choices"][0]["logprobs"]
+
+        # Loading and unloading while serving: HTTP as vLLM's routes, gRPC as its own RPCs.
+        def post(path, body, server_port=server.http_port):
+            request = urllib.request.Request(f"http://127.0.0.1:{server_port}{path}",
+                                             data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())["error"]["message"]
+
+        assert post("/v1/load_lora_adapter", {"lora_name": "b", "lora_path": str(checkpoints / "b")}) \
+            == (200, "Success: LoRA adapter 'b' added successfully.")
+        assert complete("b")["model"] == "b"
+        assert complete("b")["choices"][0]["logprobs"] != plain["choices"][0]["logprobs"]
+        status, message = post("/v1/load_lora_adapter", {"lora_name": "b", "lora_path": "x"})
+        assert status == 400 and "already loaded" in message
+        status, message = post("/v1/load_lora_adapter", {"lora_name": "c",
+                                                         "lora_path": str(checkpoints / "nowhere")})
+        assert status == 404 and "adapter_config.json" in message
+        status, message = post("/v1/load_lora_adapter", {"lora_name": "base", "lora_path": "x"})
+        assert status == 400 and "the served model's name" in message
+        assert post("/v1/load_lora_adapter", {"lora_name": "c"})[0] == 400
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            reply = stub.UnloadLoRAAdapter(pb.UnloadLoRAAdapterRequest(lora_name="b"), timeout=30)
+            assert list(reply.lora_adapters) == ["a"]
+            with pytest.raises(grpc.RpcError) as error:
+                stub.UnloadLoRAAdapter(pb.UnloadLoRAAdapterRequest(lora_name="b"), timeout=30)
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            reply = stub.LoadLoRAAdapter(pb.LoadLoRAAdapterRequest(
+                lora_name="b2", lora_path=str(checkpoints / "b")), timeout=60)
+            assert list(reply.lora_adapters) == ["a", "b2"]
+            ids, _, _ = collect(stub.Generate(pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=prompt), sampling=greedy(6), lora="b2"), timeout=120))
+            assert len(ids) == 6
+        assert post("/v1/unload_lora_adapter", {"lora_name": "b2"}) == \
+            (200, "Success: LoRA adapter 'b2' removed successfully.")
+        # Off unless the server was started with it: no HTTP route, PERMISSION_DENIED on gRPC.
+        locked = servers.start(allow_runtime_lora_updating=False)
+        assert post("/v1/load_lora_adapter", {"lora_name": "d", "lora_path": "x"},
+                    locked.http_port)[0] == 404
+        with grpc.insecure_channel(locked.address) as channel:
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.InferenceStub(channel).LoadLoRAAdapter(pb.LoadLoRAAdapterRequest(
+                    lora_name="d", lora_path=str(checkpoints / "b")), timeout=30)
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         servers.stop_all()
         thread.shutdown()

@@ -59,6 +59,16 @@ class InferenceStub:
                 request_serializer=qwenjax_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=qwenjax_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/qwenjax.v1.Inference/LoadLoRAAdapter',
+                request_serializer=qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/qwenjax.v1.Inference/UnloadLoRAAdapter',
+                request_serializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -96,6 +106,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Load a PEFT LoRA directory on the server's disk into a free adapter slot, or unload one
+        (server started with --allow-runtime-lora-updating; PERMISSION_DENIED otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +147,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=qwenjax_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=qwenjax_dot_v1_dot_inference__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +294,60 @@ class Inference:
             '/qwenjax.v1.Inference/GetModelInfo',
             qwenjax_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             qwenjax_dot_v1_dot_inference__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenjax.v1.Inference/LoadLoRAAdapter',
+            qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            qwenjax_dot_v1_dot_inference__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenjax.v1.Inference/UnloadLoRAAdapter',
+            qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
