@@ -236,7 +236,8 @@ def test_a_client_built_from_reflection_alone_can_generate(served):
         pool = descriptor_pool.DescriptorPool(database)  # its own pool: no generated code involved
         service = pool.FindServiceByName("qwenjax.v1.Inference")
         assert {m.name for m in service.methods} == {
-            "Generate", "Abort", "Tokenize", "Detokenize", "GetModelInfo"}
+            "Generate", "Abort", "Tokenize", "Detokenize", "GetModelInfo", "LoadLoRAAdapter",
+            "UnloadLoRAAdapter"}
         method = service.methods_by_name["Generate"]
         assert method.server_streaming and not method.client_streaming
         Request = message_factory.GetMessageClass(method.input_type)
