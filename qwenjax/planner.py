@@ -323,7 +323,8 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     if context > max_model_len:
         notes.append(f"decode context {context} exceeds max_model_len {max_model_len}")
     if mesh.dp > 1:
-        notes.append(f"{mesh.dp} data-parallel replicas: capacity and decode are per replica")
+        notes.append(f"{mesh.dp} data-parallel replicas: capacity and decode are per replica; "
+                     "each replica is served by its own server on its devices (docs/deployment.md)")
 
     return Plan(
         model=config.name, mesh=mesh.name, device=mesh.hardware.device, dtype=dtype,

@@ -635,3 +635,12 @@ def test_outputs_waiting_for_a_slow_consumer_are_taken_as_one():
     assert merged[1] is other and merged[2] is c  # not merged across another sequence
     (done,) = _coalesced([b, c])
     assert done.finish_reason == "length" and done.delta_token_ids == [6, 7] and done.finished
+
+
+def test_a_data_parallel_mesh_is_refused_with_the_way_out(tiny_dir):
+    """A dp axis would run every replica on the same batch: refused, naming what to do."""
+    from qwenjax.parallel import make_mesh
+
+    lm = load_model(tiny_dir, dtype="float32", mesh=make_mesh(tp=2, dp=2))
+    with pytest.raises(ValueError, match="the mesh has dp=2: one engine serves one replica"):
+        Engine(lm, EngineConfig(max_model_len=64, num_pages=16), warm_up=False, progress=False)

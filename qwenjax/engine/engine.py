@@ -113,6 +113,13 @@ def enable_compile_cache() -> None:
 class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(), *,
                  warm_up: bool = True, progress: bool = True):
+        replicas = dict(lm.mesh.shape).get("dp", 1)
+        if replicas > 1:
+            # One engine schedules one replica's batch and page pool; over a dp axis every
+            # replica would compute the same batch. Replicas are separate servers.
+            raise ValueError(f"the mesh has dp={replicas}: one engine serves one replica; run one "
+                             "server per replica on its own devices (--devices, or a mesh config "
+                             "with dp: 1) behind a load balancer (docs/deployment.md)")
         self.lm = lm
         self.tokenizer = lm.tokenizer
         max_model_len = config.max_model_len or lm.config.max_context
