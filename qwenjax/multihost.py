@@ -3,7 +3,7 @@
 Every process runs ``jax.distributed.initialize`` and loads its own shards of the
 weights (``make_array_from_callback`` reads only addressable shards). Process 0,
 the *leader*, runs the engine (scheduler, gRPC); every step it sends the step's
-plan (``runner.StepPlan``: the packed numpy arrays and the sampling batch) to the
+plan (``step_plan.StepPlan``: the packed numpy arrays and the sampling batch) to the
 *followers*, which run the same compiled programs in the same order with the same
 shapes. Collectives inside the programs then pair up, and only the leader reads
 the (replicated) sampled tokens back.
@@ -493,7 +493,8 @@ def run_follower(lm, channel: Follower | None = None, *, reset_wait: float = RES
 def _follow(lm, channel: Follower, busy: dict) -> int:
     import jax
 
-    from qwenjax.engine.runner import ModelRunner, StepPlan
+    from qwenjax.engine.runner import ModelRunner
+    from qwenjax.engine.step_plan import StepPlan
     from qwenjax.engine.scheduler import SchedulerConfig
 
     runner = None

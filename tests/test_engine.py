@@ -94,7 +94,7 @@ def test_no_compilation_after_warm_up(tiny_dir, caplog):
 
 
 def test_warm_up_compiles_in_parallel_only_what_the_cache_holds_on_accelerators(tiny_dir, tmp_path):
-    from qwenjax.engine.runner import compile_workers, remember_compiled
+    from qwenjax.engine.compilation import compile_workers, remember_compiled
 
     lm = load_model(tiny_dir, tp=1, dtype="float32")
     runner = Engine(lm, EngineConfig(**SMALL, num_pages=100), warm_up=False).runner

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from qwenjax import multihost
-from qwenjax.engine.runner import StepPlan
+from qwenjax.engine.step_plan import StepPlan
 from qwenjax.sampling import SamplingParams, SamplingRow, build_sampling_batch
 
 from tiny import tiny_config, write_hf_checkpoint

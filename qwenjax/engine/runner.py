@@ -45,12 +45,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import io
 import itertools
 import logging
-import os
-import pathlib
 import time
 from typing import Sequence
 
@@ -59,12 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qwenjax.engine.compilation import compile_workers, remember_compiled
 from qwenjax.engine.request import Request, TokenLogprob
 from qwenjax.engine.scheduler import ScheduledChunk, SchedulerConfig, SchedulerOutput
+from qwenjax.engine.step_plan import NOT_FED, StepPlan
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
-from qwenjax.sampling import (SamplingBatch, SamplingParams, SamplingRow, build_sampling_batch,
+from qwenjax.sampling import (SamplingParams, SamplingRow, build_sampling_batch,
                               count_output_token, raw_logprobs, sample)
 
 log = logging.getLogger(__name__)
@@ -74,12 +72,11 @@ MAX_TOP_LOGPROBS = 20
 # Prompt positions scored per call: bounds the float32 [positions, vocab] logits it makes.
 SCORE_BLOCK = 512
 _PAD_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, step=0)
-_NOT_FED = -1  # src of a decode row whose input token the host packed itself
 
 
 def _in_flight_tokens(prev_ids: jax.Array, src: jax.Array) -> jax.Array:
-    """The token each row takes from the previous sampler's ids (``src``), -1 where _NOT_FED."""
-    return jnp.where(src == _NOT_FED, -1, jnp.take(prev_ids, jnp.maximum(src, 0), axis=0))
+    """The token each row takes from the previous sampler's ids (``src``), -1 where NOT_FED."""
+    return jnp.where(src == NOT_FED, -1, jnp.take(prev_ids, jnp.maximum(src, 0), axis=0))
 
 
 def row_buckets(limit: int) -> list[int]:
@@ -98,129 +95,6 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
         if size >= n:
             return size
     raise ValueError(f"{n} rows exceed the largest bucket {sizes[-1]}")
-
-
-# ---- parallel compilation ------------------------------------------------------------------
-# Notes, beside JAX's persistent compilation cache, of the programs a warm-up put into it.
-_COMPILED_NOTES = "qwenjax-compiled"
-
-
-def _program_note(lowered, cache_dir: str | None) -> pathlib.Path | None:
-    """The file noting that this lowered program was compiled into the persistent cache before:
-    a hash of its StableHLO, the jax version, the device kind and XLA_FLAGS (None: no cache)."""
-    directory = cache_dir or jax.config.jax_compilation_cache_dir
-    if not directory:
-        return None
-    try:
-        module = io.BytesIO()
-        lowered.compiler_ir("stablehlo").operation.write_bytecode(module)
-    except Exception:  # noqa: BLE001 - an unknown program is compiled one at a time
-        return None
-    device = jax.devices()[0]
-    digest = hashlib.sha256(module.getvalue())
-    digest.update(f"{jax.__version__} {device.platform} {device.device_kind} "
-                  f"{os.environ.get('XLA_FLAGS', '')}".encode())
-    return pathlib.Path(directory) / _COMPILED_NOTES / digest.hexdigest()
-
-
-def compile_workers(lowered: Sequence, *, platform: str | None = None,
-                    cache_dir: str | None = None) -> int:
-    """Threads for compiling ``lowered`` programs. On CPU, one per core. On an accelerator, one
-    per core only when the persistent cache already holds every program (a warm start only
-    loads them); a cold compile goes one program at a time, because XLA's autotuner times
-    candidate kernels on the device, and programs compiling side by side would disturb it."""
-    cores = os.cpu_count() or 1
-    if (platform or jax.devices()[0].platform) == "cpu":
-        return cores
-    notes = [_program_note(program, cache_dir) for program in lowered]
-    return cores if all(note is not None and note.exists() for note in notes) else 1
-
-
-def remember_compiled(lowered: Sequence, *, platform: str | None = None,
-                      cache_dir: str | None = None) -> None:
-    """Note ``lowered`` programs as compiled into the persistent cache (see compile_workers;
-    CPU compiles on every core anyway, so nothing is noted there)."""
-    if (platform or jax.devices()[0].platform) == "cpu":
-        return
-    for program in lowered:
-        note = _program_note(program, cache_dir)
-        if note is not None:
-            note.parent.mkdir(parents=True, exist_ok=True)
-            note.touch()
-
-
-@dataclasses.dataclass
-class StepPlan:
-    """Everything the device side of one step needs, as plain numpy (sendable to other hosts)."""
-
-    decode_rows: int                          # program key: decode bucket ...
-    prefill_tokens: int                       # ... and packed prefill bucket
-    decode: tuple[np.ndarray, ...] | None     # StepBatch fields
-    prefill: tuple[np.ndarray, ...] | None    # PackedChunks fields
-    sampling: SamplingBatch | None            # numpy fields; None: nothing to sample
-    num_top: int = 0
-    # [decode_rows]: the previous step's sampled row holding each decode row's input token, or
-    # _NOT_FED where ``decode``'s tokens hold it. None with no decode rows.
-    src: np.ndarray | None = None
-    # Prompt logprobs: the positions to score as indices into the step's flattened hidden states
-    # (decode rows, then the packed prefill tokens), and the prompt token that follows each.
-    score_index: np.ndarray | None = None
-    score_target: np.ndarray | None = None
-    score_top: int = 0
-    # Speculative decoding: [max_prefill_seqs × k] indices into the packed prefill tokens whose
-    # logits are also sampled (drafted positions); None without a prefill part or drafting.
-    drafted: np.ndarray | None = None
-
-    def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
-        meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
-                "num_top": self.num_top, "has_decode": self.decode is not None,
-                "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None,
-                "score_top": self.score_top}
-        arrays = {} if self.src is None else {"src": self.src}
-        if self.drafted is not None:
-            arrays["drafted"] = self.drafted
-        if self.score_index is not None:
-            arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
-        for name, part in (("decode", self.decode), ("prefill", self.prefill)):
-            for i, a in enumerate(part or ()):
-                arrays[f"{name}.{i}"] = a
-        if self.sampling is not None:
-            for field in dataclasses.fields(SamplingBatch):
-                arrays[f"sampling.{field.name}"] = getattr(self.sampling, field.name)
-        # Block tables are max_model_len / page_size wide and mostly zero: send only up to the
-        # last column holding anything (about 0.5 MB → a few KB per step at 32k context).
-        meta["widths"] = {}
-        for name, a in arrays.items():
-            if a.ndim == 2 and a.shape[1] > 1:
-                used = np.flatnonzero(a.any(axis=0))
-                width = int(used[-1]) + 1 if used.size else 0
-                if width < a.shape[1]:
-                    meta["widths"][name] = a.shape[1]
-                    arrays[name] = a[:, :width]
-        return meta, arrays
-
-    @classmethod
-    def from_message(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "StepPlan":
-        arrays = dict(arrays)
-        for name, width in meta.get("widths", {}).items():
-            a = arrays[name]
-            full = np.zeros((a.shape[0], width), a.dtype)
-            full[:, : a.shape[1]] = a
-            arrays[name] = full
-
-        def part(name, n):
-            return tuple(arrays[f"{name}.{i}"] for i in range(n)) if meta[f"has_{name}"] else None
-
-        sampling = None
-        if meta["has_sampling"]:
-            sampling = SamplingBatch(**{f.name: arrays[f"sampling.{f.name}"]
-                                        for f in dataclasses.fields(SamplingBatch)})
-        return cls(int(meta["decode_rows"]), int(meta["prefill_tokens"]),
-                   part("decode", len(dataclasses.fields(StepBatch))),
-                   part("prefill", len(dataclasses.fields(PackedChunks))),
-                   sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
-                   arrays.get("score_target"), int(meta.get("score_top", 0)),
-                   arrays.get("drafted"))
 
 
 @dataclasses.dataclass
@@ -482,7 +356,7 @@ class ModelRunner:
         seq_lens = np.zeros((rows,), np.int32)
         tables = np.zeros((rows, self.pages_per_seq), np.int32)
         lora = np.zeros((rows,), np.int32)
-        src = np.full((rows,), _NOT_FED, np.int32)
+        src = np.full((rows,), NOT_FED, np.int32)
         for i, c in enumerate(chunks):
             request = c.request
             lora[i] = request.lora_slot
@@ -656,7 +530,7 @@ class ModelRunner:
         if plan.sampling is None:
             return None, scores
         # Sampler rows: the decode rows (same src), then prefill rows (never fed).
-        src = np.full((plan.sampling.temperature.shape[0],), _NOT_FED, np.int32)
+        src = np.full((plan.sampling.temperature.shape[0],), NOT_FED, np.int32)
         if plan.src is not None:
             src[: len(plan.src)] = plan.src
         sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(

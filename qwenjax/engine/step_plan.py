@@ -1,0 +1,86 @@
+"""A step's device-side inputs as plain numpy: what the runner's ``plan`` makes and ``run``
+takes, and what multi-host serving sends from process 0 to the other processes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qwenjax.model import PackedChunks, StepBatch
+from qwenjax.sampling import SamplingBatch
+
+NOT_FED = -1  # src of a decode row whose input token the host packed itself
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """Everything the device side of one step needs, as plain numpy (sendable to other hosts)."""
+
+    decode_rows: int                          # program key: decode bucket ...
+    prefill_tokens: int                       # ... and packed prefill bucket
+    decode: tuple[np.ndarray, ...] | None     # StepBatch fields
+    prefill: tuple[np.ndarray, ...] | None    # PackedChunks fields
+    sampling: SamplingBatch | None            # numpy fields; None: nothing to sample
+    num_top: int = 0
+    # [decode_rows]: the previous step's sampled row holding each decode row's input token, or
+    # NOT_FED where ``decode``'s tokens hold it. None with no decode rows.
+    src: np.ndarray | None = None
+    # Prompt logprobs: the positions to score as indices into the step's flattened hidden states
+    # (decode rows, then the packed prefill tokens), and the prompt token that follows each.
+    score_index: np.ndarray | None = None
+    score_target: np.ndarray | None = None
+    score_top: int = 0
+    # Speculative decoding: [max_prefill_seqs × k] indices into the packed prefill tokens whose
+    # logits are also sampled (drafted positions); None without a prefill part or drafting.
+    drafted: np.ndarray | None = None
+
+    def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
+                "num_top": self.num_top, "has_decode": self.decode is not None,
+                "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None,
+                "score_top": self.score_top}
+        arrays = {} if self.src is None else {"src": self.src}
+        if self.drafted is not None:
+            arrays["drafted"] = self.drafted
+        if self.score_index is not None:
+            arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
+        for name, part in (("decode", self.decode), ("prefill", self.prefill)):
+            for i, a in enumerate(part or ()):
+                arrays[f"{name}.{i}"] = a
+        if self.sampling is not None:
+            for field in dataclasses.fields(SamplingBatch):
+                arrays[f"sampling.{field.name}"] = getattr(self.sampling, field.name)
+        # Block tables are max_model_len / page_size wide and mostly zero: send only up to the
+        # last column holding anything (about 0.5 MB → a few KB per step at 32k context).
+        meta["widths"] = {}
+        for name, a in arrays.items():
+            if a.ndim == 2 and a.shape[1] > 1:
+                used = np.flatnonzero(a.any(axis=0))
+                width = int(used[-1]) + 1 if used.size else 0
+                if width < a.shape[1]:
+                    meta["widths"][name] = a.shape[1]
+                    arrays[name] = a[:, :width]
+        return meta, arrays
+
+    @classmethod
+    def from_message(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "StepPlan":
+        arrays = dict(arrays)
+        for name, width in meta.get("widths", {}).items():
+            a = arrays[name]
+            full = np.zeros((a.shape[0], width), a.dtype)
+            full[:, : a.shape[1]] = a
+            arrays[name] = full
+
+        def part(name, n):
+            return tuple(arrays[f"{name}.{i}"] for i in range(n)) if meta[f"has_{name}"] else None
+
+        sampling = None
+        if meta["has_sampling"]:
+            sampling = SamplingBatch(**{f.name: arrays[f"sampling.{f.name}"]
+                                        for f in dataclasses.fields(SamplingBatch)})
+        return cls(int(meta["decode_rows"]), int(meta["prefill_tokens"]),
+                   part("decode", len(dataclasses.fields(StepBatch))),
+                   part("prefill", len(dataclasses.fields(PackedChunks))),
+                   sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
+                   arrays.get("score_target"), int(meta.get("score_top", 0)),
+                   arrays.get("drafted"))
