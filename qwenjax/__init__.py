@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest"]
 
 
 def __getattr__(name):
@@ -19,6 +19,10 @@ def __getattr__(name):
         from qwenjax.structured import StructuredOutputs
 
         return StructuredOutputs
+    if name == "LoRARequest":
+        from qwenjax.lora import LoRARequest
+
+        return LoRARequest
     if name == "RequestOutput":
         from qwenjax.engine.request import RequestOutput
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -18,6 +19,7 @@ from jax.sharding import Mesh
 from qwenjax.engine.engine import Engine, EngineConfig
 from qwenjax.engine.request import RequestOutput
 from qwenjax.loading import LoadedModel, load_model
+from qwenjax.lora import LoRARequest
 from qwenjax.sampling import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
@@ -98,6 +100,7 @@ class _Base:
         self.engine = Engine(self.lm, _engine_config(max_model_len, max_num_seqs, kv_cache_fraction,
                                                      engine_options),
                              warm_up=warm_up, progress=progress)
+        self.lm = self.engine.lm  # the engine's own (its LoRA slots change as adapters load)
 
     @property
     def tokenizer(self):
@@ -145,6 +148,15 @@ class _Base:
         return ids, params
 
 
+def _one_lora(lora, lora_request):
+    if lora is not None and lora_request is not None:
+        raise ValueError("give lora or lora_request, not both")
+    lora = lora if lora is not None else lora_request
+    if lora is not None and not isinstance(lora, (str, LoRARequest)):
+        raise TypeError(f"lora must be an adapter name or a LoRARequest, got {type(lora).__name__}")
+    return lora
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
@@ -177,25 +189,37 @@ class LLM(_Base):
         """Unload adapter ``name``, freeing its slot for another."""
         self.engine.remove_lora(name)
 
+    def _lora(self, lora, lora_request) -> str | None:
+        """The adapter name a call runs on; a ``LoRARequest`` not loaded yet is loaded now."""
+        lora = _one_lora(lora, lora_request)
+        if isinstance(lora, LoRARequest):
+            if lora.lora_name not in self.engine.lora_names:
+                self.add_lora(lora.lora_name, lora.lora_path)
+            return lora.lora_name
+        return lora
+
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
-                 lora: str | None = None) -> list[RequestOutput]:
+                 lora: str | LoRARequest | None = None,
+                 lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
         or a list of token-id lists. With ``n`` > 1 a prompt gets n outputs in a row
         (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
-        scheduling_policy="priority"): lower values are run first. ``lora``: the name of an
-        adapter from ``lora_modules`` (None: the base model)."""
+        scheduling_policy="priority"): lower values are run first. ``lora``: the name of a
+        loaded adapter (None: the base model), or a ``LoRARequest`` (vLLM's, also as
+        ``lora_request``), loaded into a free slot on first use."""
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm,
-                         priority, lora)
+                         priority, self._lora(lora, lora_request))
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False,
              priority: int | Sequence[int] | None = None,
-             lora: str | None = None) -> list[RequestOutput]:
+             lora: str | LoRARequest | None = None,
+             lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
-        ``priority`` and ``lora`` as in ``generate``.
+        ``priority`` and ``lora`` (``lora_request``) as in ``generate``.
 
         ``continue_final_message``: the last message is an assistant turn to go on writing (to
         start the answer yourself, e.g. with "{"); ``add_generation_prompt`` (default: unless
@@ -212,15 +236,16 @@ class LLM(_Base):
         requests = [self._chat_request(c, p, tools, tool_choice, add_generation_prompt,
                                        continue_final_message) for c, p in zip(conversations, given)]
         return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority,
-                         lora)
+                         self._lora(lora, lora_request))
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
-               chat: bool = False, lora: str | None = None) -> Iterator[RequestOutput]:
+               chat: bool = False, lora: str | LoRARequest | None = None,
+               lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it
         (with ``n`` > 1, of sequence ``.index``). Leaving the loop early aborts the request."""
         ids = self._encode_chat(prompt) if chat else self._encode(prompt)
         request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}",
-                                             lora=lora)
+                                             lora=self._lora(lora, lora_request))
         finished = False
         try:
             while not finished:
@@ -291,21 +316,35 @@ class AsyncLLM(_Base):
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
                  request_id: str | None = None, priority: int = 0,
-                 lora: str | None = None) -> AsyncIterator[RequestOutput]:
+                 lora: str | LoRARequest | None = None,
+                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
+        """``lora`` (``lora_request``) as in ``LLM.generate``."""
         ids = self._encode(prompt)
-        return self._thread.generate(ids, params or self.engine.default_sampling_params(len(ids)),
-                                     request_id or uuid.uuid4().hex, priority, lora)
+        return self._generate(ids, params or self.engine.default_sampling_params(len(ids)),
+                              request_id or uuid.uuid4().hex, priority, _one_lora(lora, lora_request))
+
+    async def _generate(self, ids, params, request_id, priority, lora):
+        if isinstance(lora, LoRARequest):
+            if lora.lora_name not in self.engine.lora_names:
+                await self.add_lora(lora.lora_name, lora.lora_path)
+            lora = lora.lora_name
+        async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
+                                                             lora)) as outputs:
+            async for output in outputs:
+                yield output
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None, tools: Sequence[dict] | None = None,
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False, priority: int = 0,
-             lora: str | None = None) -> AsyncIterator[RequestOutput]:
+             lora: str | LoRARequest | None = None,
+             lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt``,
         ``continue_final_message``, ``priority`` and ``lora`` as in ``LLM.chat``."""
         ids, params = self._chat_request(messages, params, tools, tool_choice,
                                          add_generation_prompt, continue_final_message)
-        return self._thread.generate(ids, params, request_id or uuid.uuid4().hex, priority, lora)
+        return self._generate(ids, params, request_id or uuid.uuid4().hex, priority,
+                              _one_lora(lora, lora_request))
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

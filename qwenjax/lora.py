@@ -61,6 +61,17 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|
                   r"lora_([AB])(?:\.default)?\.weight$")
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's way to name an adapter per call (``generate(..., lora_request=LoRARequest("sql",
+    1, "/adapters/sql"))``): loaded into a free slot on first use, then found by name. The
+    integer id is accepted for vLLM's signature; names identify adapters here."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str = ""
+
+
 @dataclasses.dataclass
 class Adapter:
     """One PEFT adapter read into float32 numpy: (layer, projection) → (A [r, in], B [out, r])."""

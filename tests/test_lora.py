@@ -1,5 +1,6 @@
 """LoRA adapters: the model with an adapter equals the checkpoint with the adapter merged into
 its weights (the oracle), row by row in mixed batches, through the engine and the APIs."""
+import asyncio
 import json
 import shutil
 
@@ -154,7 +155,8 @@ def test_adapters_load_and_unload_while_serving(checkpoints):
 
     llm.add_lora("x", checkpoints / "a")
     assert llm.list_loras() == ("x",)
-    assert [(x.shape, x.sharding) for x in jax.tree.leaves(llm.lm.weights.lora)] == before
+    after = [(x.shape, x.sharding) for x in jax.tree.leaves(llm.lm.weights.lora)]
+    assert after == before and float(jnp.abs(llm.lm.weights.lora[0].qkv_a[1]).max()) > 0
     first = llm.generate([prompt], greedy, lora="x", use_tqdm=False)[0]
     assert first.token_ids == oracles["merged_a"]
     assert llm.generate([prompt], greedy, lora="x", use_tqdm=False)[0].num_cached_tokens == 16
@@ -185,6 +187,26 @@ def test_adapters_load_and_unload_while_serving(checkpoints):
     plain = LLM(str(checkpoints / "base"), dtype="float32", **options)
     with pytest.raises(ValueError, match="this model has no LoRA slots"):
         plain.add_lora("a", checkpoints / "a")
+    # vLLM's LoRARequest: loaded on first use, then found by name; AsyncLLM alike (its own
+    # engine over the same loaded model: its slots are its own).
+    from qwenjax import AsyncLLM, LoRARequest
+
+    request = LoRARequest("sql", 1, str(checkpoints / "a"))
+    assert llm.generate([prompt], greedy, lora_request=request,
+                        use_tqdm=False)[0].token_ids == oracles["merged_a"]
+    assert llm.list_loras() == ("x", "sql")  # slot order: "x" took slot 1 again
+    with pytest.raises(ValueError, match="lora or lora_request, not both"):
+        llm.generate([prompt], greedy, lora="x", lora_request=request)
+    served = AsyncLLM(llm.lm, **options)
+
+    async def stream():
+        return [o async for o in served.generate(prompt, greedy, lora=LoRARequest(
+            "b", 2, str(checkpoints / "b")))][-1].token_ids
+
+    try:
+        assert asyncio.run(stream()) == oracles["merged_b"]
+    finally:
+        served.shutdown()
 
 
 def test_adapters_that_cannot_be_applied_are_refused(tmp_path, checkpoints):

@@ -120,7 +120,9 @@ class Engine:
             raise ValueError(f"the mesh has dp={replicas}: one engine serves one replica; run one "
                              "server per replica on its own devices (--devices, or a mesh config "
                              "with dp: 1) behind a load balancer (docs/deployment.md)")
-        self.lm = lm
+        # Its own LoadedModel (the arrays shared): adding a LoRA adapter replaces this engine's
+        # weights tree, never that of another engine over the same model.
+        self.lm = lm = dataclasses.replace(lm)
         self.tokenizer = lm.tokenizer
         max_model_len = config.max_model_len or lm.config.max_context
         if max_model_len > lm.config.max_context:
