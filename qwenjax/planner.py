@@ -324,7 +324,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
         notes.append(f"decode context {context} exceeds max_model_len {max_model_len}")
     if mesh.dp > 1:
         notes.append(f"{mesh.dp} data-parallel replicas: capacity and decode are per replica; "
-                     "each replica is served by its own server on its devices (docs/deployment.md)")
+                     "each replica is an engine of its own (docs/deployment.md)")
 
     return Plan(
         model=config.name, mesh=mesh.name, device=mesh.hardware.device, dtype=dtype,

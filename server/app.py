@@ -80,7 +80,7 @@ class ServerConfig:
 class InferenceServer:
     def __init__(self, config: ServerConfig = ServerConfig()):
         self.config = config
-        self.metrics = ServerMetrics(lambda: self.gateway.engine, lambda: self.gateway.in_flight)
+        self.metrics = ServerMetrics(lambda: self.gateway.engines, lambda: self.gateway.in_flight)
         self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
         self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
                                           config.served_model_names,
@@ -207,7 +207,9 @@ class InferenceServer:
         scheme = "https" if self.config.tls_cert else "http"
         http = f"{scheme}://{self.config.host}:{self.http_port}/v1" if self.http_port else "off"
         quantized = f" quantization={lm.quantization}" if lm.quantization else ""
-        return (f"serving {model_name(lm.source)} mesh({mesh}) dtype={lm.dtype}{quantized} "
+        replicas = len(self.gateway.engines)
+        mesh = f"mesh({mesh})" + (f" × {replicas} replicas" if replicas > 1 else "")
+        return (f"serving {model_name(lm.source)} {mesh} dtype={lm.dtype}{quantized} "
                 f"max_context={engine.max_model_len} kv_pages={engine.allocator.num_pages} "
                 f"warm-up={engine.warm_up_seconds:.1f}s on {self.address} "
                 f"tls={'on' if self.config.tls_cert else 'off'} "

@@ -39,6 +39,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="mesh config name under configs/meshes or a YAML path (instead of --tp): "
                             "its axes, and its dtype, page size, KV fraction and max_model_len as "
                             "defaults; required with more than one process")
+    model.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=int, default=1,
+                       help="replicas of the model, each on its own tp × pp devices with its own "
+                            "KV cache and engine; requests go to the least loaded (one host; "
+                            "a --mesh config sets it with axes.dp)")
 
     multi = p.add_argument_group("multi-host (docs/multihost.md)")
     multi.add_argument("--coordinator", default=None,
@@ -182,15 +186,16 @@ def server_config(args):
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
 
 
-def load_serving_model(args):
-    """The model on --mesh (or --tp/--devices); every process of a multi-host mesh runs this."""
+def load_serving_model(args, mesh=None):
+    """The model on --mesh (or --tp/--devices, or ``mesh``: one data-parallel replica's); every
+    process of a multi-host mesh runs this."""
     import jax
 
     from qwenjax import multihost
     from qwenjax.loading import load_model
 
     dist = multihost.distributed()
-    mesh, mesh_config = None, None
+    mesh_config = None
     if args.mesh is not None:
         from qwenjax.mesh_config import load_mesh_config
 
@@ -198,7 +203,7 @@ def load_serving_model(args):
             raise ValueError("--mesh sets the devices and the tp/pp degrees; drop --tp, --pp and --devices")
         mesh_config = load_mesh_config(args.mesh)
         multihost.check_mesh(mesh_config, dist)
-        mesh = mesh_config.jax_mesh()
+        mesh = mesh if mesh is not None else mesh_config.jax_mesh()
     elif dist is not None and dist.num_processes > 1:
         raise ValueError(f"--num-processes {dist.num_processes} needs --mesh (a config whose hosts "
                          f"and devices cover all {jax.device_count()} devices)")
@@ -206,7 +211,8 @@ def load_serving_model(args):
     dtype = args.dtype or (mesh_config.dtype if mesh_config is not None else None)
     from qwenjax.lora import parse_lora_modules
 
-    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype, devices=args.devices, mesh=mesh,
+    lm = load_model(args.model, tp=args.tp, pp=args.pp, dtype=dtype,
+                    devices=args.devices if mesh is None else None, mesh=mesh,
                     quantization=args.quantization,
                     lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
                     max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None))
@@ -214,6 +220,47 @@ def load_serving_model(args):
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)
     return lm, mesh_config
+
+
+def replica_meshes(args) -> list | None:
+    """One mesh per data-parallel replica (``--data-parallel-size``, or a mesh config with
+    dp > 1), each over its own tp × pp devices; None for a single replica."""
+    import jax
+
+    from qwenjax import multihost
+    from qwenjax.loading import select_devices
+    from qwenjax.parallel import make_mesh
+
+    dp = getattr(args, "data_parallel_size", 1)
+    if dp < 1:
+        raise ValueError(f"--data-parallel-size must be ≥ 1, got {dp}")
+    if args.mesh is not None:
+        from qwenjax.mesh_config import load_mesh_config
+
+        mesh_config = load_mesh_config(args.mesh)
+        if mesh_config.dp == 1 and dp == 1:
+            return None
+        if dp not in (1, mesh_config.dp) or mesh_config.dp == 1:
+            raise ValueError(f"--data-parallel-size {dp} and the mesh config's dp = "
+                             f"{mesh_config.dp} disagree; set axes.dp in the config")
+        dp, full = mesh_config.dp, mesh_config.jax_mesh()
+        groups = [list(full.devices[r].flat) for r in range(dp)]
+        tp, pp = mesh_config.tp, mesh_config.pp
+    else:
+        if dp == 1:
+            return None
+        tp, pp = args.tp, args.pp
+        per = tp * pp
+        devices = select_devices(args.devices) or jax.devices()[: dp * per]
+        if len(devices) != dp * per:
+            raise ValueError(f"--data-parallel-size {dp} × tp {tp} × pp {pp} needs {dp * per} "
+                             f"devices; {len(devices)} are given or visible")
+        groups = [devices[r * per:(r + 1) * per] for r in range(dp)]
+    dist = multihost.distributed()
+    if dist is not None and dist.num_processes > 1:
+        raise ValueError("data-parallel replicas run in one process (one host); across hosts run "
+                         "one server per replica")
+    return [make_mesh(tp=tp, pp=pp, devices=group) for group in groups]
 
 
 def lora_slots(args) -> int | None:
@@ -233,12 +280,24 @@ def check_lora_names(served: Sequence[str], adapters: Sequence[str]) -> None:
                          "name the adapter otherwise (or set --served-model-name)")
 
 
-def build_engine(args):
+def build_engines(args) -> list:
+    """The engines to serve: one, or one per data-parallel replica."""
+    meshes = replica_meshes(args)
+    if meshes is None:
+        return [build_engine(args)]
+    engines = []
+    for replica, mesh in enumerate(meshes):
+        log.info("replica %d of %d", replica + 1, len(meshes))
+        engines.append(build_engine(args, mesh))
+    return engines
+
+
+def build_engine(args, mesh=None):
     import jax
 
     from qwenjax.engine.engine import Engine, EngineConfig, enable_compile_cache
 
-    lm, mesh_config = load_serving_model(args)
+    lm, mesh_config = load_serving_model(args, mesh)
     check_lora_names(args.served_model_name or [pathlib.Path(lm.source).name], lm.lora_names)
     if args.chat_template is not None:
         if lm.tokenizer is None:
@@ -293,7 +352,7 @@ def serve_follower(args) -> int:
 
 
 async def _load_in_background(args):
-    """Build the engine on a daemon thread, so a SIGTERM during a long load can still exit."""
+    """Build the engines on a daemon thread, so a SIGTERM during a long load can still exit."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -303,11 +362,11 @@ async def _load_in_background(args):
 
     def run():
         try:
-            engine = build_engine(args)
+            engines = build_engines(args)
         except BaseException as error:  # noqa: BLE001 - handed to the loop to report
             loop.call_soon_threadsafe(settle, done.set_exception, error)
         else:
-            loop.call_soon_threadsafe(settle, done.set_result, engine)
+            loop.call_soon_threadsafe(settle, done.set_result, engines)
 
     threading.Thread(target=run, name="qwenjax-load", daemon=True).start()
     return await done
@@ -337,13 +396,18 @@ async def serve(args) -> int:
         await server.stop()
         return 0
     try:
-        engine = loading.result()
+        engines = loading.result()
     except (ValueError, FileNotFoundError) as error:
         log.error("cannot serve: %s", error)
         stopped.cancel()
         await server.stop()
         return 2
-    engine_thread = EngineThread(engine)
+    if len(engines) == 1:
+        engine_thread = EngineThread(engines[0])
+    else:
+        from qwenjax.engine.replicas import EngineReplicas
+
+        engine_thread = EngineReplicas([EngineThread(engine) for engine in engines])
     await server.attach(engine_thread)
     log.info("%s", server.describe())
 

@@ -171,7 +171,9 @@ class Gateway:
     def __init__(self, admission: Admission, metrics: ServerMetrics):
         self.admission = admission
         self.metrics = metrics
-        self.engine_thread = None   # qwenjax.engine.async_engine.EngineThread, once the model is up
+        # qwenjax.engine.async_engine.EngineThread (or replicas.EngineReplicas, the same
+        # interface over several), once the model is up.
+        self.engine_thread = None
         self.draining = False
         self._active: dict[str, str] = {}  # client request_id → engine request id
         self._in_flight = 0
@@ -181,6 +183,11 @@ class Gateway:
     @property
     def engine(self):
         return self.engine_thread.engine if self.engine_thread is not None else None
+
+    @property
+    def engines(self) -> list:
+        """Every engine served (data-parallel replicas: several); empty while loading."""
+        return self.engine_thread.engines if self.engine_thread is not None else []
 
     @property
     def in_flight(self) -> int:

@@ -5,7 +5,7 @@ engine loop stays free of metrics code, and a scrape sees the state of that mome
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -18,22 +18,22 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 90
 class _EngineCounters:
     """Counters kept by the engine itself (one object's fields), read when scraped."""
 
-    def __init__(self, engine: Callable[[], object | None], stats: Callable[[object], object | None],
+    def __init__(self, engines: Callable[[], Sequence], stats: Callable[[object], object | None],
                  counters: tuple[tuple[str, str, str], ...]):
-        """``stats``: the engine's tally object (None: none); ``counters``: (name, doc, field)."""
-        self._engine, self._stats, self._counters = engine, stats, counters
+        """``stats``: an engine's tally object (None: none); ``counters``: (name, doc, field),
+        summed over the engines (data-parallel replicas)."""
+        self._engines, self._stats, self._counters = engines, stats, counters
 
     def describe(self):
-        return self._families(None)
+        return self._families([])
 
     def collect(self):
-        current = self._engine()
-        return self._families(self._stats(current) if current is not None else None)
+        return self._families([s for s in map(self._stats, self._engines()) if s is not None])
 
-    def _families(self, stats):
+    def _families(self, stats: list):
         for name, doc, field in self._counters:
             family = CounterMetricFamily(name, doc)
-            family.add_metric([], getattr(stats, field) if stats is not None else 0)
+            family.add_metric([], sum(getattr(s, field) for s in stats))
             yield family
 
 
@@ -50,9 +50,10 @@ SPEC_DECODE_COUNTERS = (
 
 
 class ServerMetrics:
-    def __init__(self, engine: Callable[[], object | None],
+    def __init__(self, engines: Callable[[], Sequence],
                  in_flight: Callable[[], int] | None = None):
-        """``engine``: returns the served Engine, or None while the model is loading.
+        """``engines``: returns the served engines (several with data-parallel replicas; none
+        while the model is loading); gauges and counters sum over them.
         ``in_flight``: Generate calls this server is running."""
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
@@ -72,10 +73,8 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=registry)
 
         def gauge(name: str, doc: str, read: Callable[[object], float]) -> None:
-            def value() -> float:
-                current = engine()
-                return float(read(current)) if current is not None else 0.0
-            Gauge(name, doc, registry=registry).set_function(value)
+            Gauge(name, doc, registry=registry).set_function(
+                lambda: float(sum(read(e) for e in engines())))
 
         gauge("qwenjax:requests_running", "Requests holding KV pages in the engine",
               lambda e: len(e.scheduler.running))
@@ -86,9 +85,9 @@ class ServerMetrics:
         gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
               "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
         registry.register(_EngineCounters(
-            engine, lambda e: e.prefix_cache.stats if e.prefix_cache is not None else None,
+            engines, lambda e: e.prefix_cache.stats if e.prefix_cache is not None else None,
             PREFIX_CACHE_COUNTERS))
-        registry.register(_EngineCounters(engine, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
+        registry.register(_EngineCounters(engines, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
         if in_flight is not None:
             Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
                   "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))

@@ -991,11 +991,14 @@ def test_engine_tallies_are_exported_when_scraped():
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
         prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
         spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
-    got = samples(ServerMetrics(lambda: engine))
+    got = samples(ServerMetrics(lambda: [engine]))
     assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
-    assert samples(ServerMetrics(lambda: None))["qwenjax:spec_decode_num_drafts_total"] == 0
+    assert samples(ServerMetrics(lambda: []))["qwenjax:spec_decode_num_drafts_total"] == 0
+    # Data-parallel replicas: each figure is the sum over the engines.
+    both = samples(ServerMetrics(lambda: [engine, engine]))
+    assert both["qwenjax:prefix_cache_hits_total"] == 32 and both["qwenjax:kv_pages_total"] == 16
 
 
 def test_priority_needs_the_priority_policy(stub):

@@ -72,6 +72,11 @@ class EngineThread:
         self._thread.start()
 
     @property
+    def engines(self) -> list[Engine]:
+        """The engines this serves (one; ``replicas.EngineReplicas`` has several)."""
+        return [self.engine]
+
+    @property
     def step_seconds(self) -> float:
         """How long the step now running has been running (0 between steps): a hung device or
         collective shows here, since nothing fails (server.app's watchdog reads it)."""

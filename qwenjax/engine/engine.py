@@ -117,9 +117,9 @@ class Engine:
         if replicas > 1:
             # One engine schedules one replica's batch and page pool; over a dp axis every
             # replica would compute the same batch. Replicas are separate servers.
-            raise ValueError(f"the mesh has dp={replicas}: one engine serves one replica; run one "
-                             "server per replica on its own devices (--devices, or a mesh config "
-                             "with dp: 1) behind a load balancer (docs/deployment.md)")
+            raise ValueError(f"the mesh has dp={replicas}: one engine serves one replica; serve "
+                             "replicas with --data-parallel-size (qwenjax.engine.replicas: one "
+                             "engine per replica) or as separate servers (docs/deployment.md)")
         # Its own LoadedModel (the arrays shared): adding a LoRA adapter replaces this engine's
         # weights tree, never that of another engine over the same model.
         self.lm = lm = dataclasses.replace(lm)
