@@ -285,11 +285,13 @@ def build_engines(args) -> list:
     meshes = replica_meshes(args)
     if meshes is None:
         return [build_engine(args)]
-    engines = []
-    for replica, mesh in enumerate(meshes):
-        log.info("replica %d of %d", replica + 1, len(meshes))
-        engines.append(build_engine(args, mesh))
-    return engines
+    import concurrent.futures
+
+    # Side by side: each replica loads and compiles on its own devices (XLA releases the
+    # interpreter lock while it compiles), so N replicas start in about the time of one.
+    log.info("building %d data-parallel replicas", len(meshes))
+    with concurrent.futures.ThreadPoolExecutor(len(meshes), thread_name_prefix="qwenjax-replica") as pool:
+        return list(pool.map(lambda mesh: build_engine(args, mesh), meshes))
 
 
 def build_engine(args, mesh=None):
