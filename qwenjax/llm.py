@@ -64,8 +64,9 @@ class _Base:
         slots (default: one per adapter given; more leave room for ``add_lora`` later);
         ``max_lora_rank``: the largest rank they hold (default: the largest adapter's, or 16).
         ``quantization``: "fp8" stores the projection weights as float8 with per-channel scales
-        (half of bf16's memory and decode bytes); None keeps them in ``dtype``, unless the
-        checkpoint is FP8 (it stays FP8).
+        (half of bf16's memory and decode bytes), "int8"/"int4" as integers with a scale and zero
+        point per 128 inputs (a half/quarter); None keeps them in ``dtype``, unless the
+        checkpoint is FP8, AWQ or GPTQ (it stays so; "awq"/"gptq" say the same).
         ``warm_up``: compile every shape bucket now; default on accelerators, off on CPU (where
         compiling ~50 programs takes minutes; each is then compiled on first use and cached).
         ``engine_options``: any other ``EngineConfig`` field (num_pages, page_size,

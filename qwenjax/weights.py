@@ -21,11 +21,11 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
+from qwenjax.config import ModelConfig
+from qwenjax.int_checkpoints import PackedIntTensor
 from qwenjax.model import (Layout, LayerWeights, ParamSpec, Weights, dense_param_specs, pack_int,
                            store, stored_spec)
 from qwenjax.parallel import DEFAULT_RULES, ShardingRules
-from qwenjax.int_checkpoints import PackedIntTensor
-from qwenjax.config import ModelConfig
 from qwenjax.quantization import (CheckpointQuantization, Fp8CheckpointTensor, IntWeight,
                                   checkpoint_quantization, effective_scheme)
 
@@ -102,7 +102,8 @@ class Checkpoint:
         """The AWQ/GPTQ linear whose dense weight is ``name`` (``<linear>.weight``)."""
         base = self._packed_base(name)
         if base is None:
-            raise KeyError(f"checkpoint {self.directory} has no packed weight {base or name}.qweight")
+            raise KeyError(f"checkpoint {self.directory} has no "
+                           f"{name.removesuffix('.weight')}.qweight (an AWQ/GPTQ-packed {name})")
         if self.quantization is None or self.quantization.bits is None:
             raise ValueError(f"checkpoint {self.directory}: {base}.qweight is packed, but config.json "
                              "has no AWQ/GPTQ quantization_config")
@@ -115,7 +116,7 @@ class Checkpoint:
             raise KeyError(f"checkpoint {self.directory} has no tensor {name!r}")
         return self._tensors[name]
 
-    def tensor(self, name: str) -> np.ndarray | Fp8CheckpointTensor:
+    def tensor(self, name: str) -> np.ndarray | Fp8CheckpointTensor | PackedIntTensor:
         """A zero-copy view; slicing it and copying reads only those bytes from disk. An fp8
         weight with a scale, or an AWQ/GPTQ-packed one, is a view that dequantizes the slices
         read from it."""
