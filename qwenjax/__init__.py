@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest",
+           "BeamSearchParams"]
 
 
 def __getattr__(name):
@@ -19,6 +20,10 @@ def __getattr__(name):
         from qwenjax.structured import StructuredOutputs
 
         return StructuredOutputs
+    if name == "BeamSearchParams":
+        from qwenjax.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "LoRARequest":
         from qwenjax.lora import LoRARequest
 

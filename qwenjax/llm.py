@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from qwenjax.engine.engine import Engine, EngineConfig
 from qwenjax.engine.request import RequestOutput
+from qwenjax.beam_search import BeamSearchOutput, BeamSearchParams
 from qwenjax.loading import LoadedModel, load_model
 from qwenjax.lora import LoRARequest
 from qwenjax.sampling import SamplingParams
@@ -238,6 +239,34 @@ class LLM(_Base):
                                        continue_final_message) for c, p in zip(conversations, given)]
         return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority,
                          self._lora(lora, lora_request))
+
+    def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
+                    lora: str | LoRARequest | None = None,
+                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: per prompt, the ``params.beam_width`` best sequences
+        (``.sequences``, best first: ``tokens`` with the prompt, ``token_ids`` and ``text`` of the
+        output, ``cum_logprob``); qwenjax/beam_search.py. Each step runs every live beam as a
+        one-token request; the prefix cache keeps their shared prefixes."""
+        from qwenjax.beam_search import beam_search
+
+        name = self._lora(lora, lora_request)
+        prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
+        for ids in prompt_ids:
+            if len(ids) + params.max_tokens > self.engine.max_model_len:
+                raise ValueError(f"prompt has {len(ids)} tokens and max_tokens is "
+                                 f"{params.max_tokens}: over the max context of "
+                                 f"{self.engine.max_model_len}")
+
+        def top_logprobs(sequences, k):
+            step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=k, ignore_eos=True)
+            return [out.logprobs[0].top for out in self._run(sequences, step, False, None, name)]
+
+        outputs = beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids)
+        if self.tokenizer is not None:
+            for output in outputs:
+                for beam in output.sequences:
+                    beam.text = self.tokenizer.decode(beam.token_ids)
+        return outputs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False, lora: str | LoRARequest | None = None,

@@ -1,0 +1,92 @@
+"""Beam search over the engine, as vLLM's ``LLM.beam_search`` does it.
+
+Each step asks the engine for one token of every live beam with its ``2 × beam_width`` most
+likely continuations (their log-probabilities under the model's raw distribution); each
+beam's candidates score ``cum_logprob + logprob``; the best ``beam_width`` that do not end in
+EOS live on, those that do are complete. At the end the complete and live beams are ranked
+by ``cum_logprob / length ** length_penalty`` (length: prompt and output tokens, an ending
+EOS not counted — vLLM's score). The beams of a prompt share its prefix, so the prefix cache
+computes a step's prompts in one page or so each rather than from the start.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+# Alternatives the engine returns per token (runner.MAX_TOP_LOGPROBS) / 2 candidates per beam.
+MAX_BEAM_WIDTH = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSearchParams:
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM_WIDTH}], got "
+                             f"{self.beam_width!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+
+
+@dataclasses.dataclass
+class BeamSearchSequence:
+    tokens: list[int]             # prompt and output (vLLM's)
+    cum_logprob: float            # of the output tokens
+    num_prompt_tokens: int
+    text: str | None = None       # the output, decoded (None without a tokenizer)
+    finish_reason: str = "length"  # "stop": ended in EOS
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The output tokens alone."""
+        return self.tokens[self.num_prompt_tokens:]
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first, beam_width of them
+
+
+def score(beam: BeamSearchSequence, eos_token_ids: Sequence[int], length_penalty: float) -> float:
+    length = len(beam.tokens) - (1 if beam.tokens and beam.tokens[-1] in eos_token_ids else 0)
+    return beam.cum_logprob / (length ** length_penalty)
+
+
+def beam_search(prompts: Sequence[Sequence[int]], params: BeamSearchParams,
+                top_logprobs: Callable[[list[list[int]], int], list[list[tuple[int, float]]]],
+                eos_token_ids: Sequence[int]) -> list[BeamSearchOutput]:
+    """``top_logprobs(sequences, k)``: for each token sequence, the k most likely next tokens
+    and their log-probabilities (the engine, one step of all live beams at once)."""
+    width, k = params.beam_width, 2 * params.beam_width
+    live = [[BeamSearchSequence(list(p), 0.0, len(p))] for p in prompts]
+    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    for _ in range(params.max_tokens):
+        flat = [beam for beams in live for beam in beams]
+        if not flat:
+            break
+        tops = top_logprobs([beam.tokens for beam in flat], k)
+        cursor = 0
+        for i, beams in enumerate(live):
+            candidates = []
+            for beam in beams:
+                for token, logprob in tops[cursor][:k]:
+                    child = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob,
+                                               beam.num_prompt_tokens)
+                    if token in eos_token_ids and not params.ignore_eos:
+                        child.finish_reason = "stop"
+                        done[i].append(child)
+                    else:
+                        candidates.append(child)
+                cursor += 1
+            candidates.sort(key=lambda b: score(b, eos_token_ids, params.length_penalty), reverse=True)
+            live[i] = candidates[:width]
+    outputs = []
+    for i in range(len(prompts)):
+        ranked = sorted(done[i] + live[i], key=lambda b: score(b, eos_token_ids, params.length_penalty),
+                        reverse=True)
+        outputs.append(BeamSearchOutput(ranked[:width]))
+    return outputs
