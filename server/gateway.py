@@ -285,7 +285,7 @@ class Gateway:
         if name in served_names:
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
                               f"lora_name {name!r} is the served model's name; name the adapter otherwise")
-        if name in self.engine.lora_names:  # before reading anything (the engine checks again)
+        if any(name in e.lora_names for e in self.engines):  # before reading anything
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
                               f"lora {name!r} is already loaded; unload it first")
         try:
@@ -299,7 +299,7 @@ class Gateway:
         """Unload an adapter: NOT_FOUND when it is not loaded, FAILED_PRECONDITION while
         requests still use it."""
         thread = self.require_engine(admitting=False)
-        if not isinstance(name, str) or name not in self.engine.lora_names:
+        if not isinstance(name, str) or all(name not in e.lora_names for e in self.engines):
             raise self.refuse(grpc.StatusCode.NOT_FOUND, f"lora {name!r} is not loaded; adapters: "
                               + (", ".join(repr(n) for n in self.engine.lora_names) or "none"))
         try:
