@@ -56,37 +56,58 @@ def score(beam: BeamSearchSequence, eos_token_ids: Sequence[int], length_penalty
     return beam.cum_logprob / (length ** length_penalty)
 
 
+class BeamSearch:
+    """The search's state, stepped by whoever runs the model: ``pending()`` gives the token
+    sequences to extend, ``advance(tops)`` takes each one's ``k`` most likely next tokens
+    with their log-probabilities, ``outputs()`` ranks what it found."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], params: BeamSearchParams,
+                 eos_token_ids: Sequence[int]):
+        self.params, self.eos = params, tuple(eos_token_ids)
+        self.k = 2 * params.beam_width
+        self._live = [[BeamSearchSequence(list(p), 0.0, len(p))] for p in prompts]
+        self._done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self._steps = 0
+
+    def _score(self, beam: BeamSearchSequence) -> float:
+        return score(beam, self.eos, self.params.length_penalty)
+
+    def pending(self) -> list[list[int]]:
+        """Every live beam's tokens (none once max_tokens steps are done)."""
+        if self._steps >= self.params.max_tokens:
+            return []
+        return [beam.tokens for beams in self._live for beam in beams]
+
+    def advance(self, tops: Sequence[Sequence[tuple[int, float]]]) -> None:
+        cursor = 0
+        for i, beams in enumerate(self._live):
+            candidates = []
+            for beam in beams:
+                for token, logprob in tops[cursor][:self.k]:
+                    child = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob,
+                                               beam.num_prompt_tokens)
+                    if token in self.eos and not self.params.ignore_eos:
+                        child.finish_reason = "stop"
+                        self._done[i].append(child)
+                    else:
+                        candidates.append(child)
+                cursor += 1
+            candidates.sort(key=self._score, reverse=True)
+            self._live[i] = candidates[:self.params.beam_width]
+        self._steps += 1
+
+    def outputs(self) -> list[BeamSearchOutput]:
+        return [BeamSearchOutput(sorted(done + live, key=self._score, reverse=True)
+                                 [:self.params.beam_width])
+                for done, live in zip(self._done, self._live)]
+
+
 def beam_search(prompts: Sequence[Sequence[int]], params: BeamSearchParams,
                 top_logprobs: Callable[[list[list[int]], int], list[list[tuple[int, float]]]],
                 eos_token_ids: Sequence[int]) -> list[BeamSearchOutput]:
     """``top_logprobs(sequences, k)``: for each token sequence, the k most likely next tokens
     and their log-probabilities (the engine, one step of all live beams at once)."""
-    width, k = params.beam_width, 2 * params.beam_width
-    live = [[BeamSearchSequence(list(p), 0.0, len(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        flat = [beam for beams in live for beam in beams]
-        if not flat:
-            break
-        tops = top_logprobs([beam.tokens for beam in flat], k)
-        cursor = 0
-        for i, beams in enumerate(live):
-            candidates = []
-            for beam in beams:
-                for token, logprob in tops[cursor][:k]:
-                    child = BeamSearchSequence(beam.tokens + [token], beam.cum_logprob + logprob,
-                                               beam.num_prompt_tokens)
-                    if token in eos_token_ids and not params.ignore_eos:
-                        child.finish_reason = "stop"
-                        done[i].append(child)
-                    else:
-                        candidates.append(child)
-                cursor += 1
-            candidates.sort(key=lambda b: score(b, eos_token_ids, params.length_penalty), reverse=True)
-            live[i] = candidates[:width]
-    outputs = []
-    for i in range(len(prompts)):
-        ranked = sorted(done[i] + live[i], key=lambda b: score(b, eos_token_ids, params.length_penalty),
-                        reverse=True)
-        outputs.append(BeamSearchOutput(ranked[:width]))
-    return outputs
+    search = BeamSearch(prompts, params, eos_token_ids)
+    while sequences := search.pending():
+        search.advance(top_logprobs(sequences, search.k))
+    return search.outputs()

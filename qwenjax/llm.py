@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -150,6 +151,21 @@ class _Base:
         return ids, params
 
 
+def _check_beam_room(prompt_ids, params: BeamSearchParams, max_model_len: int) -> None:
+    for ids in prompt_ids:
+        if len(ids) + params.max_tokens > max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                             f"over the max context of {max_model_len}")
+
+
+def _decoded(outputs: list[BeamSearchOutput], tokenizer) -> list[BeamSearchOutput]:
+    if tokenizer is not None:
+        for output in outputs:
+            for beam in output.sequences:
+                beam.text = tokenizer.decode(beam.token_ids)
+    return outputs
+
+
 def _one_lora(lora, lora_request):
     if lora is not None and lora_request is not None:
         raise ValueError("give lora or lora_request, not both")
@@ -251,22 +267,14 @@ class LLM(_Base):
 
         name = self._lora(lora, lora_request)
         prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
-        for ids in prompt_ids:
-            if len(ids) + params.max_tokens > self.engine.max_model_len:
-                raise ValueError(f"prompt has {len(ids)} tokens and max_tokens is "
-                                 f"{params.max_tokens}: over the max context of "
-                                 f"{self.engine.max_model_len}")
+        _check_beam_room(prompt_ids, params, self.engine.max_model_len)
 
         def top_logprobs(sequences, k):
             step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=k, ignore_eos=True)
             return [out.logprobs[0].top for out in self._run(sequences, step, False, None, name)]
 
-        outputs = beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids)
-        if self.tokenizer is not None:
-            for output in outputs:
-                for beam in output.sequences:
-                    beam.text = self.tokenizer.decode(beam.token_ids)
-        return outputs
+        return _decoded(beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids),
+                        self.tokenizer)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False, lora: str | LoRARequest | None = None,
@@ -378,6 +386,29 @@ class AsyncLLM(_Base):
 
     def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
+
+    async def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
+                          lora: str | LoRARequest | None = None) -> list[BeamSearchOutput]:
+        """``LLM.beam_search`` on the engine thread: each step's beams run as concurrent
+        one-token requests, beside whatever else this AsyncLLM is generating."""
+        from qwenjax.beam_search import BeamSearch
+
+        if isinstance(lora, LoRARequest):
+            if lora.lora_name not in self.engine.lora_names:
+                await self.add_lora(lora.lora_name, lora.lora_path)
+            lora = lora.lora_name
+        prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
+        _check_beam_room(prompt_ids, params, self.engine.max_model_len)
+        search = BeamSearch(prompt_ids, params, self.engine.eos_token_ids)
+        step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=search.k, ignore_eos=True)
+
+        async def top(ids):
+            outputs = [o async for o in self._thread.generate(ids, step, uuid.uuid4().hex, 0, lora)]
+            return outputs[-1].logprobs[0].top
+
+        while sequences := search.pending():
+            search.advance(await asyncio.gather(*(top(ids) for ids in sequences)))
+        return _decoded(search.outputs(), self.tokenizer)
 
     async def add_lora(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot while serving

@@ -79,6 +79,19 @@ def test_llm_beam_search_equals_the_search_over_exact_logits(tmp_path):
         assert [b.tokens for b in g.sequences] == [b.tokens for b in w.sequences]
         np.testing.assert_allclose([b.cum_logprob for b in g.sequences],
                                    [b.cum_logprob for b in w.sequences], rtol=1e-4, atol=1e-4)
+    # AsyncLLM runs the same search as concurrent requests on its engine thread.
+    import asyncio
+
+    from qwenjax import AsyncLLM
+
+    served = AsyncLLM(llm.lm, max_model_len=64, max_num_seqs=8, max_prefill_seqs=4,
+                      prefill_chunk=32, warm_up=False, progress=False)
+    try:
+        concurrent = asyncio.run(served.beam_search(prompts, params))
+    finally:
+        served.shutdown()
+    assert [[b.tokens for b in o.sequences] for o in concurrent] == \
+        [[b.tokens for b in o.sequences] for o in got]
     # Width 1 is greedy decoding (an independent path: the engine's own sampler).
     [one] = llm.beam_search([prompts[0]], BeamSearchParams(beam_width=1, max_tokens=5,
                                                            ignore_eos=True))
