@@ -167,6 +167,53 @@ class Call:
             gateway._leave()
 
 
+class BeamCall:
+    """A ``use_beam_search`` request: ``params.n`` beams found by beam search
+    (qwenjax/beam_search.py), each step's beams run as one-token Calls (admitted and counted as
+    any request). The same ``outputs()`` as a Call: the beams, best first, once the search ends."""
+
+    def __init__(self, gateway: Gateway, prompt_ids: list[int], params: SamplingParams,
+                 priority: int, lora: str | None, length_penalty: float):
+        self.gateway, self.prompt_ids, self.params = gateway, prompt_ids, params
+        self.priority, self.lora, self.length_penalty = priority, lora, length_penalty
+        self.engine_id = uuid.uuid4().hex
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        from qwenjax.beam_search import BeamSearch, BeamSearchParams
+
+        gateway, params = self.gateway, self.params
+        search = BeamSearch([self.prompt_ids], BeamSearchParams(
+            params.n, params.max_tokens, params.ignore_eos, self.length_penalty),
+            gateway.engine.eos_token_ids)
+        step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=search.k, ignore_eos=True)
+
+        async def top(ids):
+            last = None
+            call = gateway.call(ids, step, self.priority, lora=self.lora)
+            async with contextlib.aclosing(call.outputs()) as outputs:
+                async for last in outputs:
+                    pass
+            return last.logprobs[0].top
+
+        while sequences := search.pending():
+            tasks = [asyncio.ensure_future(top(ids)) for ids in sequences]
+            try:
+                tops = await asyncio.gather(*tasks)
+            except BaseException:  # a refused or failed step: its siblings are aborted
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            search.advance(tops)
+        tokenizer = gateway.engine.tokenizer
+        beams = search.outputs()[0].sequences
+        for rank, beam in enumerate(beams):
+            text = tokenizer.decode(beam.token_ids) if tokenizer is not None else ""
+            yield RequestOutput(self.engine_id, self.prompt_ids, text, beam.token_ids, text,
+                                beam.token_ids, finished=rank == len(beams) - 1,
+                                finish_reason=beam.finish_reason, index=rank)
+
+
 class Gateway:
     def __init__(self, admission: Admission, metrics: ServerMetrics):
         self.admission = admission
@@ -306,6 +353,15 @@ class Gateway:
             await thread.remove_lora(name)
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+
+    def beam_call(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0,
+                  lora: str | None = None, length_penalty: float = 1.0) -> BeamCall:
+        """A ``use_beam_search`` request (``params.n`` beams of ``params.max_tokens``)."""
+        try:
+            self.engine.lora_slot(lora)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
+        return BeamCall(self, list(prompt_ids), params, priority, lora, length_penalty)
 
     def active(self, client_id: str) -> str | None:
         """The engine id of the running request a client named ``client_id``."""

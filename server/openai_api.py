@@ -370,8 +370,7 @@ class OpenAIServer:
         parsed = self._parse(proto.parse_completion, await self._body(request))
         model = self._check_model(parsed.model)
         runs = await self._completion_runs(parsed)
-        calls = [gateway.call(ids, params, parsed.priority, lora=self._lora(parsed.model))
-                 for ids, params, _ in runs]
+        calls = [self._call(parsed, ids, params) for ids, params, _ in runs]
         n = runs[0][1].n
         response_id = self._request_id(request, parsed, "cmpl")
         token_text = proto.TokenText(gateway.engine.tokenizer)
@@ -462,8 +461,15 @@ class OpenAIServer:
         except ValueError as error:
             raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         prompt_ids, params = await self._prepare(parsed, ids)
-        return prompt_ids, params, gateway.call(prompt_ids, params, parsed.priority,
-                                                lora=self._lora(parsed.model))
+        return prompt_ids, params, self._call(parsed, prompt_ids, params)
+
+    def _call(self, parsed: proto.ParsedRequest, prompt_ids: list[int], params):
+        """The admitted request: a Call, or a BeamCall with use_beam_search."""
+        lora = self._lora(parsed.model)
+        if parsed.beam_search:
+            return self.gateway.beam_call(prompt_ids, params, parsed.priority, lora,
+                                          parsed.length_penalty)
+        return self.gateway.call(prompt_ids, params, parsed.priority, lora=lora)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway

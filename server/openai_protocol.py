@@ -43,7 +43,11 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
 # Accepted and dropped: they change nothing about the output of this server.
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
 _COMMON = (("model", "stream", "stream_options", "stop", "logit_bias", "priority", "request_id",
-            "structured_outputs", "max_tokens") + _SAMPLING + tuple(_GUIDED) + _IGNORED)
+            "structured_outputs", "max_tokens", "use_beam_search", "length_penalty")
+           + _SAMPLING + tuple(_GUIDED) + _IGNORED)
+# What beam search cannot honour (its beams follow the model's raw log-probabilities).
+_NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "structured_outputs",
+                   "logit_bias", "best_of", "response_format", *_GUIDED)
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(_COMMON + (
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
@@ -74,6 +78,9 @@ class ParsedRequest:
     continue_final_message: bool = False
     chat_logprobs: bool = False
     template_kwargs: dict[str, Any] | None = None  # vLLM's chat_template_kwargs
+    # vLLM's use_beam_search: n beams, ranked by cum logprob / length ** length_penalty
+    beam_search: bool = False
+    length_penalty: float = 1.0
 
     @property
     def parses_tools(self) -> bool:
@@ -167,6 +174,21 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
         raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
     request.priority = int(priority)
     request.request_id = _expect(body, "request_id", str, "a string") or ""
+    request.beam_search = bool(_expect(body, "use_beam_search", bool, "true or false"))
+    if "length_penalty" in body:
+        if not request.beam_search:
+            raise ValueError("length_penalty needs use_beam_search: true")
+        request.length_penalty = float(_expect(body, "length_penalty", (int, float), "a number"))
+    if request.beam_search:
+        from qwenjax.beam_search import MAX_BEAM_WIDTH
+
+        for name in _NOT_WITH_BEAMS:
+            if body.get(name) not in (None, False, [], {}):
+                raise ValueError(f"{name} does not work with use_beam_search")
+        width = body.get("n", 1)
+        if not is_int(width) or not 1 <= width <= MAX_BEAM_WIDTH:
+            raise ValueError(f"n (the beam width with use_beam_search) must be an int in "
+                             f"[1, {MAX_BEAM_WIDTH}], got {json.dumps(width)[:80]}")
     if request.stream and body.get("prompt_logprobs") is not None:
         raise ValueError("prompt_logprobs needs stream: false (they come with the whole response)")
 

@@ -1,6 +1,8 @@
 """Beam search: the algorithm on a hand-made distribution (it finds what greedy misses), and
 LLM.beam_search through the engine against the same search over the model's exact logits."""
+import dataclasses
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,69 @@ def jax_log_softmax(x):
     import jax
 
     return jax.nn.log_softmax(jnp.asarray(x, jnp.float32))
+
+
+def test_use_beam_search_over_http_equals_llm_beam_search(tmp_path, real_model_dir, server_loop):
+    """vLLM's ``use_beam_search`` on /v1/completions and /v1/chat/completions: n choices, the
+    beams LLM.beam_search finds, best first (a tiny model with the real tokenizer)."""
+    import json
+    import shutil
+    import urllib.error
+    import urllib.request
+
+    from qwenjax import LLM
+    from qwenjax.engine.async_engine import EngineThread
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.loading import load_model
+    from server_harness import Servers
+
+    write_hf_checkpoint(tiny_config(num_layers=2, vocab_size=256), tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(real_model_dir / name, tmp_path / name)
+    options = dict(max_model_len=64, max_num_seqs=8, max_prefill_seqs=4, prefill_chunk=32)
+    llm = LLM(str(tmp_path), dtype="float32", warm_up=False, progress=False, **options)
+    prompt = list(map(int, np.random.default_rng(4).integers(3, 250, 8)))
+    [want] = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=4))
+    lm = load_model(tmp_path, dtype="float32")
+    # A chat template whose output stays inside the tiny vocabulary (no special tokens).
+    lm = dataclasses.replace(lm, tokenizer=lm.tokenizer.with_chat_template(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+    thread = EngineThread(Engine(lm, EngineConfig(**options), warm_up=False, progress=False))
+    servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
+
+    def post(path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())["error"]["message"]
+
+    try:
+        server = servers.start()
+        status, reply = post("/v1/completions", {"prompt": prompt, "max_tokens": 4, "n": 3,
+                                                 "use_beam_search": True})
+        assert status == 200, reply
+        assert [c["text"] for c in reply["choices"]] == [b.text for b in want.sequences]
+        assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+        assert reply["usage"]["completion_tokens"] == sum(len(b.token_ids) for b in want.sequences)
+        status, reply = post("/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "!"}], "max_tokens": 3, "n": 2,
+            "use_beam_search": True, "length_penalty": 0.5})
+        assert status == 200, reply
+        chat_ids = lm.tokenizer.encode("!")
+        [chat_want] = llm.beam_search([chat_ids], BeamSearchParams(beam_width=2, max_tokens=3,
+                                                                  length_penalty=0.5))
+        assert [c["message"]["content"] for c in reply["choices"]] == \
+            [b.text for b in chat_want.sequences]
+        for body, message in (
+                ({"prompt": prompt, "use_beam_search": True, "logprobs": 2}, "logprobs does not work"),
+                ({"prompt": prompt, "use_beam_search": True, "n": 11}, r"must be an int in \[1, 10\]"),
+                ({"prompt": prompt, "length_penalty": 1.0}, "length_penalty needs use_beam_search")):
+            status, error = post("/v1/completions", body)
+            assert status == 400 and re.search(message, error), error
+    finally:
+        servers.stop_all()
+        thread.shutdown()
