@@ -10,8 +10,11 @@ computes a step's prompts in one page or so each rather than from the start.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
+
+from qwenjax.sampling import SamplingParams
 
 # Alternatives the engine returns per token (runner.MAX_TOP_LOGPROBS) / 2 candidates per beam.
 MAX_BEAM_WIDTH = 10
@@ -100,6 +103,36 @@ class BeamSearch:
         return [BeamSearchOutput(sorted(done + live, key=self._score, reverse=True)
                                  [:self.params.beam_width])
                 for done, live in zip(self._done, self._live)]
+
+
+    def step_params(self) -> SamplingParams:
+        """What each beam's one-token request asks for: its k most likely next tokens."""
+        return SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.k, ignore_eos=True)
+
+    def decoded(self, tokenizer) -> list[BeamSearchOutput]:
+        """``outputs()`` with each beam's output text (none without a tokenizer)."""
+        outputs = self.outputs()
+        if tokenizer is not None:
+            for output in outputs:
+                for beam in output.sequences:
+                    beam.text = tokenizer.decode(beam.token_ids)
+        return outputs
+
+
+async def run_concurrently(search: BeamSearch,
+                           top: Callable[[list[int]], Awaitable[list[tuple[int, float]]]]) -> None:
+    """Step ``search`` to its end, each step's beams as concurrent ``top(tokens)`` calls (one
+    engine request each); a step that fails cancels its siblings and ends the search."""
+    while sequences := search.pending():
+        tasks = [asyncio.ensure_future(top(ids)) for ids in sequences]
+        try:
+            tops = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        search.advance(tops)
 
 
 def beam_search(prompts: Sequence[Sequence[int]], params: BeamSearchParams,

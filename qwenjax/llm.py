@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -158,14 +157,6 @@ def _check_beam_room(prompt_ids, params: BeamSearchParams, max_model_len: int) -
                              f"over the max context of {max_model_len}")
 
 
-def _decoded(outputs: list[BeamSearchOutput], tokenizer) -> list[BeamSearchOutput]:
-    if tokenizer is not None:
-        for output in outputs:
-            for beam in output.sequences:
-                beam.text = tokenizer.decode(beam.token_ids)
-    return outputs
-
-
 def _one_lora(lora, lora_request):
     if lora is not None and lora_request is not None:
         raise ValueError("give lora or lora_request, not both")
@@ -263,18 +254,18 @@ class LLM(_Base):
         (``.sequences``, best first: ``tokens`` with the prompt, ``token_ids`` and ``text`` of the
         output, ``cum_logprob``); qwenjax/beam_search.py. Each step runs every live beam as a
         one-token request; the prefix cache keeps their shared prefixes."""
-        from qwenjax.beam_search import beam_search
+        from qwenjax.beam_search import BeamSearch
 
         name = self._lora(lora, lora_request)
         prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
         _check_beam_room(prompt_ids, params, self.engine.max_model_len)
 
-        def top_logprobs(sequences, k):
-            step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=k, ignore_eos=True)
-            return [out.logprobs[0].top for out in self._run(sequences, step, False, None, name)]
-
-        return _decoded(beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids),
-                        self.tokenizer)
+        search = BeamSearch(prompt_ids, params, self.engine.eos_token_ids)
+        step = search.step_params()
+        while sequences := search.pending():
+            search.advance([out.logprobs[0].top
+                            for out in self._run(sequences, step, False, None, name)])
+        return search.decoded(self.tokenizer)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False, lora: str | LoRARequest | None = None,
@@ -362,10 +353,7 @@ class AsyncLLM(_Base):
                               request_id or uuid.uuid4().hex, priority, _one_lora(lora, lora_request))
 
     async def _generate(self, ids, params, request_id, priority, lora):
-        if isinstance(lora, LoRARequest):
-            if lora.lora_name not in self.engine.lora_names:
-                await self.add_lora(lora.lora_name, lora.lora_path)
-            lora = lora.lora_name
+        lora = await self._resolve_lora(lora)
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
                                                              lora)) as outputs:
             async for output in outputs:
@@ -391,24 +379,28 @@ class AsyncLLM(_Base):
                           lora: str | LoRARequest | None = None) -> list[BeamSearchOutput]:
         """``LLM.beam_search`` on the engine thread: each step's beams run as concurrent
         one-token requests, beside whatever else this AsyncLLM is generating."""
-        from qwenjax.beam_search import BeamSearch
+        from qwenjax.beam_search import BeamSearch, run_concurrently
 
-        if isinstance(lora, LoRARequest):
-            if lora.lora_name not in self.engine.lora_names:
-                await self.add_lora(lora.lora_name, lora.lora_path)
-            lora = lora.lora_name
+        lora = await self._resolve_lora(lora)
         prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
         _check_beam_room(prompt_ids, params, self.engine.max_model_len)
         search = BeamSearch(prompt_ids, params, self.engine.eos_token_ids)
-        step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=search.k, ignore_eos=True)
+        step = search.step_params()
 
         async def top(ids):
             outputs = [o async for o in self._thread.generate(ids, step, uuid.uuid4().hex, 0, lora)]
             return outputs[-1].logprobs[0].top
 
-        while sequences := search.pending():
-            search.advance(await asyncio.gather(*(top(ids) for ids in sequences)))
-        return _decoded(search.outputs(), self.tokenizer)
+        await run_concurrently(search, top)
+        return search.decoded(self.tokenizer)
+
+    async def _resolve_lora(self, lora) -> str | None:
+        """The adapter name a call runs on; a ``LoRARequest`` not loaded yet is loaded now."""
+        if isinstance(lora, LoRARequest):
+            if lora.lora_name not in self.engine.lora_names:
+                await self.add_lora(lora.lora_name, lora.lora_path)
+            return lora.lora_name
+        return lora
 
     async def add_lora(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot while serving

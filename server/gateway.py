@@ -179,13 +179,13 @@ class BeamCall:
         self.engine_id = uuid.uuid4().hex
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        from qwenjax.beam_search import BeamSearch, BeamSearchParams
+        from qwenjax.beam_search import BeamSearch, BeamSearchParams, run_concurrently
 
         gateway, params = self.gateway, self.params
         search = BeamSearch([self.prompt_ids], BeamSearchParams(
             params.n, params.max_tokens, params.ignore_eos, self.length_penalty),
             gateway.engine.eos_token_ids)
-        step = SamplingParams(temperature=0.0, max_tokens=1, logprobs=search.k, ignore_eos=True)
+        step = search.step_params()
 
         async def top(ids):
             last = None
@@ -195,20 +195,10 @@ class BeamCall:
                     pass
             return last.logprobs[0].top
 
-        while sequences := search.pending():
-            tasks = [asyncio.ensure_future(top(ids)) for ids in sequences]
-            try:
-                tops = await asyncio.gather(*tasks)
-            except BaseException:  # a refused or failed step: its siblings are aborted
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            search.advance(tops)
-        tokenizer = gateway.engine.tokenizer
-        beams = search.outputs()[0].sequences
+        await run_concurrently(search, top)
+        beams = search.decoded(gateway.engine.tokenizer)[0].sequences
         for rank, beam in enumerate(beams):
-            text = tokenizer.decode(beam.token_ids) if tokenizer is not None else ""
+            text = beam.text or ""
             yield RequestOutput(self.engine_id, self.prompt_ids, text, beam.token_ids, text,
                                 beam.token_ids, finished=rank == len(beams) - 1,
                                 finish_reason=beam.finish_reason, index=rank)
