@@ -163,7 +163,7 @@ def int_group(spec: ParamSpec, layout: Layout) -> int:
     at tp=4: 7392 per device) gets groups of gcd(128, 7392) = 32."""
     axis = spec.contract[-1]
     length = spec.shape[axis]
-    if getattr(DEFAULT_RULES, spec.axes[axis] or "layers") == "tp":
+    if DEFAULT_RULES.spec((spec.axes[axis],))[0] == "tp":  # a tp-sharded axis: per device
         length //= layout.heads.tp
     return math.gcd(layout.group_size or spec.shape[axis], length)
 
