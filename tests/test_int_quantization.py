@@ -221,3 +221,14 @@ def test_act_order_gptq_is_refused_by_tensor(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="o_proj: g_idx puts input channels in groups out of order"):
         Checkpoint(tmp_path).tensor("model.layers.0.self_attn.o_proj.weight")
+
+
+def test_plan_reads_an_awq_checkpoints_own_scheme_and_groups(tmp_path, capsys):
+    from qwenjax.cli import main
+
+    _write_int_checkpoint(tmp_path, tiny_config(), "awq", group=32)
+    assert main(["plan", "--model", str(tmp_path), "--mesh", "cpu-8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["quantization"] == "int4"
+    assert main(["plan", "--model", str(tmp_path), "--mesh", "cpu-8", "--json", "-q", "gptq"]) == 2
+    assert "names a checkpoint format, but the checkpoint is awq" in capsys.readouterr().err
