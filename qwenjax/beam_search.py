@@ -20,6 +20,11 @@ from qwenjax.sampling import SamplingParams
 MAX_BEAM_WIDTH = 10
 
 
+def step_params(k: int) -> SamplingParams:
+    """What each beam's one-token request asks for: its ``k`` most likely next tokens."""
+    return SamplingParams(temperature=0.0, max_tokens=1, logprobs=k, ignore_eos=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class BeamSearchParams:
     beam_width: int
@@ -106,8 +111,7 @@ class BeamSearch:
 
 
     def step_params(self) -> SamplingParams:
-        """What each beam's one-token request asks for: its k most likely next tokens."""
-        return SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.k, ignore_eos=True)
+        return step_params(self.k)
 
     def decoded(self, tokenizer) -> list[BeamSearchOutput]:
         """``outputs()`` with each beam's output text (none without a tokenizer)."""
@@ -137,10 +141,11 @@ async def run_concurrently(search: BeamSearch,
 
 def beam_search(prompts: Sequence[Sequence[int]], params: BeamSearchParams,
                 top_logprobs: Callable[[list[list[int]], int], list[list[tuple[int, float]]]],
-                eos_token_ids: Sequence[int]) -> list[BeamSearchOutput]:
+                eos_token_ids: Sequence[int], tokenizer=None) -> list[BeamSearchOutput]:
     """``top_logprobs(sequences, k)``: for each token sequence, the k most likely next tokens
-    and their log-probabilities (the engine, one step of all live beams at once)."""
+    and their log-probabilities (the engine, one step of all live beams at once); the beams'
+    texts decoded with ``tokenizer`` when one is given."""
     search = BeamSearch(prompts, params, eos_token_ids)
     while sequences := search.pending():
         search.advance(top_logprobs(sequences, search.k))
-    return search.outputs()
+    return search.decoded(tokenizer)

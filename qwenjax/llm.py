@@ -254,18 +254,18 @@ class LLM(_Base):
         (``.sequences``, best first: ``tokens`` with the prompt, ``token_ids`` and ``text`` of the
         output, ``cum_logprob``); qwenjax/beam_search.py. Each step runs every live beam as a
         one-token request; the prefix cache keeps their shared prefixes."""
-        from qwenjax.beam_search import BeamSearch
+        from qwenjax.beam_search import beam_search, step_params
 
         name = self._lora(lora, lora_request)
         prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
         _check_beam_room(prompt_ids, params, self.engine.max_model_len)
 
-        search = BeamSearch(prompt_ids, params, self.engine.eos_token_ids)
-        step = search.step_params()
-        while sequences := search.pending():
-            search.advance([out.logprobs[0].top
-                            for out in self._run(sequences, step, False, None, name)])
-        return search.decoded(self.tokenizer)
+        def top_logprobs(sequences, k):
+            return [out.logprobs[0].top
+                    for out in self._run(sequences, step_params(k), False, None, name)]
+
+        return beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids,
+                           self.tokenizer)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                chat: bool = False, lora: str | LoRARequest | None = None,

@@ -3,7 +3,8 @@
 Adapters are registered when the model loads (``LLM(lora_modules={name: dir})``,
 ``qwenjax serve --lora-modules name=dir``) or later into free slots (``Engine.add_lora``;
 ``max_loras`` slots of ``max_lora_rank`` are allocated at load), and stay resident until
-unloaded: slot 0 is "no adapter" (zeros), slot i holds one adapter. Each projection gets stacked ``A [slots, in…, r]`` and
+unloaded: slot 0 is "no adapter" (zeros), slot i holds one adapter. Each projection gets
+stacked ``A [slots, in…, r]`` and
 ``B [slots, r, out…]`` laid out like its base weight (the head plan's KV replication and q-head
 padding, MLP padding), with the adapter's scale (alpha / r, or alpha / √r with rsLoRA) folded
 into B and ranks zero-padded to the largest.
@@ -149,25 +150,29 @@ def check_adapter(adapter: Adapter, layout) -> None:
                              f"{dims[projection][0]} → {dims[projection][1]}")
 
 
+def slot_shapes(layout, rank: int) -> dict[str, tuple[int, ...]]:
+    """One slot's shape of each LayerLoRA stack (its leading slot axis left out)."""
+    c, plan = layout.config, layout.heads
+    e, d = c.hidden_size, c.head_dim
+    return dict(qkv_a=(e, 3, rank), qkv_b=(rank, plan.kv_heads, plan.q_per_kv + 2, d),
+                o_a=(plan.kv_heads, plan.q_per_kv, d, rank), o_b=(rank, e),
+                gate_up_a=(e, 2, rank), gate_up_b=(rank, 2, layout.mlp),
+                down_a=(layout.mlp, rank), down_b=(rank, e))
+
+
 def slot_arrays(adapter: Adapter | None, layout, rank: int) -> list[dict[str, np.ndarray]]:
     """One slot of every layer's stacks (float32, no slot axis) holding ``adapter`` laid out
     like the base weights, its rank zero-padded to ``rank`` (None: an empty slot, zeros)."""
     c, plan = layout.config, layout.heads
-    e, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
-    g_n, j_n, r = plan.kv_heads, plan.q_per_kv + 2, rank
+    d, inter = c.head_dim, c.intermediate_size
+    g_n, j_n = plan.kv_heads, plan.q_per_kv + 2
     if adapter is not None and adapter.rank > rank:
         raise ValueError(f"LoRA {adapter.name!r} has rank {adapter.rank}; the slots hold rank ≤ "
                          f"{rank} (max_lora_rank)")
+    shapes = slot_shapes(layout, rank)
     layers = []
     for i in range(c.num_layers):
-        arrays = dict(qkv_a=np.zeros((e, 3, r), np.float32),
-                      qkv_b=np.zeros((r, g_n, j_n, d), np.float32),
-                      o_a=np.zeros((g_n, plan.q_per_kv, d, r), np.float32),
-                      o_b=np.zeros((r, e), np.float32),
-                      gate_up_a=np.zeros((e, 2, r), np.float32),
-                      gate_up_b=np.zeros((r, 2, layout.mlp), np.float32),
-                      down_a=np.zeros((layout.mlp, r), np.float32),
-                      down_b=np.zeros((r, e), np.float32))
+        arrays = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
         layers.append(arrays)
         if adapter is None:
             continue
@@ -251,12 +256,7 @@ def random_lora(layout, mesh: Mesh, dtype, adapters: int, rank: int, seed: int =
                 rules: ShardingRules = DEFAULT_RULES) -> list[LayerLoRA]:
     """Random stacks for ``adapters`` adapters of ``rank`` (slot 0 zeros), made in their
     shardings: what a step with LoRA costs, for benchmarks (no checkpoint needed)."""
-    c, plan = layout.config, layout.heads
-    shapes = dict(qkv_a=(c.hidden_size, 3, rank),
-                  qkv_b=(rank, plan.kv_heads, plan.q_per_kv + 2, c.head_dim),
-                  o_a=(plan.kv_heads, plan.q_per_kv, c.head_dim, rank), o_b=(rank, c.hidden_size),
-                  gate_up_a=(c.hidden_size, 2, rank), gate_up_b=(rank, 2, layout.mlp),
-                  down_a=(layout.mlp, rank), down_b=(rank, c.hidden_size))
+    shapes = slot_shapes(layout, rank)
     shardings = {name: rules.sharding(mesh, AXES[name]) for name in shapes}
 
     def layer(key):
@@ -268,7 +268,8 @@ def random_lora(layout, mesh: Mesh, dtype, adapters: int, rank: int, seed: int =
         return arrays
 
     make = jax.jit(layer, out_shardings=shardings)
-    return [LayerLoRA(**make(k)) for k in jax.random.split(jax.random.key(seed), c.num_layers)]
+    return [LayerLoRA(**make(k))
+            for k in jax.random.split(jax.random.key(seed), layout.config.num_layers)]
 
 
 class LoRASlots:
