@@ -430,7 +430,7 @@ def test_speculative_config_names_the_bad_field():
     for bad, field in (({"num_speculative_tokens": 0}, "num_speculative_tokens"),
                        ({"method": "eagle", "num_speculative_tokens": 2}, "method"),
                        ({"num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup_min"),
-                       ({"num_speculative_tokens": 2, "model": "x"}, "unknown keys"),
+                       ({"num_speculative_tokens": 2, "draft_model": "x"}, "unknown keys"),
                        ({"method": "ngram"}, "num_speculative_tokens")):
         with pytest.raises(ValueError, match=field):
             SpeculativeConfig.parse(bad)

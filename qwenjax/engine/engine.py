@@ -66,9 +66,10 @@ class EngineConfig:
     # "auto" = the model's generation_config.json, "builtin" = SamplingParams(), or a directory.
     generation_config: str = "auto"
     override_generation_config: Mapping[str, Any] | None = None  # e.g. {"temperature": 0.2}
-    # Speculative decoding with n-gram drafts, as vLLM's: {"method": "ngram",
+    # Speculative decoding, as vLLM's: n-gram drafts {"method": "ngram",
     # "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
-    # "disable_by_batch_size": None}; None: off.
+    # "disable_by_batch_size": None}, or a draft model's {"model": DIR,
+    # "num_speculative_tokens": k}; None: off.
     speculative_config: SpeculativeConfig | Mapping[str, Any] | None = None
     # "fcfs" (arrival order) or "priority": add_request's priority, lower first; preemption
     # takes the newest request of the lowest priority (vLLM's --scheduling-policy).
@@ -135,6 +136,8 @@ class Engine:
             prompt_lookup_max=speculative.prompt_lookup_max,
             spec_disable_by_batch_size=speculative.disable_by_batch_size or 0)
         kv_cache_dtype = check_kv_cache_dtype(config.kv_cache_dtype)
+        self.draft_lm = None if speculative is None or speculative.model is None else \
+            self._load_draft_model(speculative.model)
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),
@@ -161,7 +164,16 @@ class Engine:
             identity = (str(lm.source), str(lm.dtype), lm.quantization, kv_cache_dtype,
                         tuple(lm.mesh.shape.items()))
             self.prefix_cache = PrefixCache(self.allocator, config.page_size, identity)
-        self.scheduler = Scheduler(self.scheduler_config, self.allocator, self.prefix_cache)
+        self.drafter = None
+        if self.draft_lm is not None:
+            from qwenjax.engine.draft_model import DraftModel
+
+            self.drafter = DraftModel(
+                self.draft_lm, vocab_size=lm.config.vocab_size,
+                num_speculative_tokens=speculative.num_speculative_tokens, num_pages=num_pages,
+                page_size=config.page_size, pages_per_seq=needed, max_rows=config.max_prefill_seqs)
+        self.scheduler = Scheduler(self.scheduler_config, self.allocator, self.prefix_cache,
+                                   drafter=None if self.drafter is None else self.drafter.propose)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else lm.config.eos_token_ids
         self.eos_token_ids = tuple(eos)
         from qwenjax import multihost
@@ -181,6 +193,30 @@ class Engine:
         self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
+        if warm_up and self.drafter is not None:
+            start = time.perf_counter()
+            self.drafter.warm_up()
+            self.warm_up_seconds += time.perf_counter() - start
+
+    def _load_draft_model(self, model) -> LoadedModel:
+        """The draft model of ``speculative_config.model`` on this engine's mesh, in its dtype."""
+        from qwenjax import multihost
+        from qwenjax.loading import load_model
+
+        if self.lm.layout.pp > 1:
+            raise ValueError("speculative_config.model: a draft model needs pp = 1 (pipeline "
+                             "stages would each need the draft's layers); use method 'ngram'")
+        if multihost.leader() is not None:
+            raise ValueError("speculative_config.model: a draft model is not supported across "
+                             "hosts yet; use method 'ngram'")
+        draft = load_model(model, mesh=self.lm.mesh, dtype=self.lm.dtype)
+        if (draft.tokenizer is not None and self.lm.tokenizer is not None
+                and draft.tokenizer.vocab_size != self.lm.tokenizer.vocab_size):
+            raise ValueError(f"speculative_config.model {str(model)!r} has a tokenizer of "
+                             f"{draft.tokenizer.vocab_size} tokens, the served model one of "
+                             f"{self.lm.tokenizer.vocab_size}: a draft model must share the "
+                             "served model's tokenizer")
+        return draft
 
     def default_sampling_params(self, num_prompt_tokens: int | None = None) -> SamplingParams:
         """What a request without SamplingParams gets: the model's defaults (EngineConfig's
@@ -218,6 +254,10 @@ class Engine:
         # This process's devices (multi-host: the others' stats are not visible here; the page
         # count is then sent to them with the runner's set-up).
         devices = list(self.lm.mesh.local_devices)
+        if self.draft_lm is not None:  # the draft model's cache has a page for every page
+            from qwenjax.engine.draft_model import DraftModel
+
+            page_bytes += DraftModel.page_bytes(self.draft_lm, config.page_size)
         if devices[0].platform == "cpu":
             return max(1, int(config.cpu_kv_cache_gib * 2**30 // page_bytes))
         return pages_for_memory(memory_fraction=config.kv_cache_fraction, page_bytes=page_bytes,

@@ -53,10 +53,13 @@ class Request:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     # params.structured_outputs: this sequence's place in its grammar (qwenjax.structured.Matcher).
     matcher: Any = dataclasses.field(default=None, repr=False)
-    # Speculative decoding: its decode steps check n-gram drafts (qwenjax.engine.speculative),
-    # found in its n-gram index (a speculative.NgramIndex, made by the scheduler).
+    # Speculative decoding: its decode steps check drafts (qwenjax.engine.speculative): n-gram
+    # drafts from its n-gram index (a speculative.NgramIndex, made by the scheduler), or a draft
+    # model's (what the draft cache holds of it: a draft_model.DraftState; None once its pages
+    # are released).
     speculate: bool = False
     ngrams: Any = dataclasses.field(default=None, repr=False)
+    draft_state: Any = dataclasses.field(default=None, repr=False)
     # Scheduling policy "priority": lower values are admitted, and kept, first (vLLM's).
     priority: int = 0
 

@@ -32,12 +32,15 @@ flight; pages are indexed in the prefix cache only once their tokens are known.
 Speculative decoding (``num_speculative_tokens`` > 0): a decoding request that
 speculates gets n-gram drafts (its ``speculative.NgramIndex``) and becomes a prefill
 chunk of its last token and the drafts, while a prefill row, budget and free pages
-allow; its ``num_computed`` then counts the drafts only once they are accepted.
+allow; its ``num_computed`` then counts the drafts only once they are accepted. With a
+draft model (``drafter``), such a chunk reserves room for k drafts as it is scheduled,
+and the drafter proposes them for all those chunks at once when the rest is scheduled.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Callable, Sequence
 
 from qwenjax.engine.prefix_cache import PrefixCache
 from qwenjax.engine.request import Request, RequestStatus
@@ -122,12 +125,18 @@ class SchedulerOutput:
         return not self.decode and not self.prefill
 
 
+# A draft model's proposer (qwenjax.engine.draft_model.DraftModel.propose): up to k draft
+# tokens for each (request, k), in one batched call.
+Drafter = Callable[[Sequence[tuple[Request, int]]], list[list[int]]]
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, drafter: Drafter | None = None):
         self.config = config
         self.allocator = allocator
         self.prefix_cache = prefix_cache
+        self.drafter = drafter  # None: n-gram drafts
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
 
@@ -175,6 +184,7 @@ class Scheduler:
         request.num_computed = 0
         request.cache_entries = []
         request.cache_broken = False
+        request.draft_state = None  # the draft cache's pages went with the others
 
     def reset_prefix_cache(self) -> None:
         """The K/V pools were rebuilt: no cached page holds what it did."""
@@ -202,6 +212,7 @@ class Scheduler:
         cfg = self.config
         out = SchedulerOutput(decode=[], prefill=[], preempted=[])
         budget = cfg.max_num_batched_tokens
+        reserved: list[tuple[ScheduledChunk, int]] = []  # (chunk, k) awaiting the draft model
 
         for request in self.running:  # pages filled, with their tokens back, since the last step
             self._cache_full_pages(request)
@@ -219,11 +230,15 @@ class Scheduler:
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 i += 1  # no prefill row left this step; it continues next step
                 continue
-            draft = self._draft(request, budget) if n == 1 and len(out.prefill) < cfg.max_prefill_seqs else ()
-            if draft and (cfg.pages_for(request.num_computed + 1 + len(draft)) - len(request.pages)
-                          > self.allocator.num_free):
-                draft = ()  # a draft never preempts anyone
-            n += len(draft)
+            draft, room = (), 0
+            if n == 1 and len(out.prefill) < cfg.max_prefill_seqs:
+                room = self._draft_room(request, budget)
+                if room and self.drafter is None:
+                    draft, room = self._ngram_draft(request, room), 0
+            if (draft or room) and (cfg.pages_for(request.num_computed + 1 + len(draft) + room)
+                                    - len(request.pages) > self.allocator.num_free):
+                draft, room = (), 0  # a draft never preempts anyone
+            n += len(draft) + room
             need = cfg.pages_for(request.num_computed + n) - len(request.pages)
             while need > self.allocator.num_free:
                 victim = self.running[-1]
@@ -236,8 +251,12 @@ class Scheduler:
             request.pages += self.allocator.alloc(need)
             chunk = ScheduledChunk(request, request.num_computed, n, draft)
             (out.decode if n == 1 else out.prefill).append(chunk)
+            if room:
+                reserved.append((chunk, room))
             budget -= n
             i += 1
+        if reserved:
+            self._model_drafts(out, reserved)
 
         # New (or preempted) requests only when nothing had to be preempted this step.
         i = 0
@@ -284,21 +303,36 @@ class Scheduler:
         cfg = self.config
         return cfg.num_speculative_tokens > 0 and not 0 < cfg.spec_disable_by_batch_size < len(self.running)
 
-    def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
-        """N-gram drafts for a decoding request that speculates: as many as the budget, its
-        max_tokens and max_model_len leave room for (the step yields up to one more token)."""
+    def _draft_room(self, request: Request, budget: int) -> int:
+        """Drafts a decoding request that speculates may check this step: as many as the
+        budget, its max_tokens and max_model_len leave room for (the step yields up to one
+        more token); 0: none."""
         cfg = self.config
         if not request.speculate or request.num_inflight or not self.drafting:
-            return ()
-        k = min(cfg.num_speculative_tokens, budget - 1, cfg.prefill_chunk - 1,
-                request.params.max_tokens - request.num_output_tokens - 1,
-                cfg.max_model_len - request.num_tokens)
-        if k < 1:
-            return ()
-        draft = self._ngrams(request, request.num_tokens).propose(k)
+            return 0
+        return max(0, min(cfg.num_speculative_tokens, budget - 1, cfg.prefill_chunk - 1,
+                          request.params.max_tokens - request.num_output_tokens - 1,
+                          cfg.max_model_len - request.num_tokens))
+
+    @staticmethod
+    def _checkable(request: Request, draft: Sequence[int]) -> tuple[int, ...]:
         if draft and request.matcher is not None:  # only what the grammar can take is checked
-            draft = draft[: request.matcher.accepted_prefix(draft)]
+            draft = draft[: request.matcher.accepted_prefix(list(draft))]
         return tuple(draft)
+
+    def _ngram_draft(self, request: Request, k: int) -> tuple[int, ...]:
+        return self._checkable(request, self._ngrams(request, request.num_tokens).propose(k))
+
+    def _model_drafts(self, out: SchedulerOutput, reserved: list[tuple[ScheduledChunk, int]]) -> None:
+        """The draft model's tokens for the chunks that reserved room for them (their pages
+        are allocated); a chunk left without drafts is a decode row again."""
+        proposals = self.drafter([(chunk.request, k) for chunk, k in reserved])
+        for (chunk, k), proposal in zip(reserved, proposals):
+            chunk.draft = self._checkable(chunk.request, proposal[:k])
+            chunk.num_tokens = 1 + len(chunk.draft)
+            if not chunk.draft:
+                out.prefill.remove(chunk)
+                out.decode.append(chunk)
 
     def _ngrams(self, request: Request, upto: int) -> NgramIndex:
         """The request's n-gram index, holding its first ``upto`` tokens (all known)."""

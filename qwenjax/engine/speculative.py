@@ -1,4 +1,5 @@
-"""Speculative decoding with n-gram drafts (prompt lookup), as vLLM's ``method: "ngram"``.
+"""Speculative decoding with n-gram drafts (prompt lookup), as vLLM's ``method: "ngram"``,
+or with a draft model's (``method: "draft_model"``, qwenjax/engine/draft_model.py).
 
 A decoding request's next tokens often repeat a stretch of its own context (code being
 edited, a quoted document, a JSON key list). The drafter looks for the latest earlier
@@ -16,17 +17,23 @@ seeded requests produce the same tokens with or without speculation.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 
+METHODS = ("ngram", "draft_model")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's ``speculative_config`` for the n-gram method."""
+    """vLLM's ``speculative_config``: n-gram drafts, or a draft model's (``model``: a smaller
+    model with the same tokenizer, e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-72B-Instruct)."""
 
     num_speculative_tokens: int
-    method: str = "ngram"
+    method: str | None = None  # None: "draft_model" when a model is given, else "ngram"
+    model: str | None = None   # the draft model: an HF checkpoint directory or a preset name
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
     # No drafts while more requests than this are running (None: always draft). Checking k
@@ -35,9 +42,19 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
 
     def __post_init__(self):
-        if self.method != "ngram":
-            raise ValueError(f"speculative_config.method must be 'ngram' (drafts from the "
-                             f"context; no draft model is supported), got {self.method!r}")
+        if self.method is None:
+            object.__setattr__(self, "method", "ngram" if self.model is None else "draft_model")
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method must be one of {list(METHODS)}, got "
+                             f"{self.method!r}")
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise ValueError(f"speculative_config.model must be a path or preset name, got {self.model!r}")
+        if self.method == "draft_model" and self.model is None:
+            raise ValueError("speculative_config.method 'draft_model' needs speculative_config.model "
+                             "(the draft model's directory)")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError(f"speculative_config.model is set ({self.model!r}) but method is "
+                             "'ngram', which drafts from the context; use method 'draft_model'")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
