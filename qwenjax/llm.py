@@ -77,8 +77,9 @@ class _Base:
         async_scheduling: on by default, schedules the next step while the device runs this one;
         generation_config: "auto" (default) takes the sampling defaults of the model's
         generation_config.json, "builtin" ignores them; override_generation_config: a dict of
-        generation_config keys applied on top; speculative_config: n-gram speculative decoding,
-        e.g. {"method": "ngram", "num_speculative_tokens": 4}, off by default;
+        generation_config keys applied on top; speculative_config: speculative decoding, off by
+        default: n-gram drafts {"method": "ngram", "num_speculative_tokens": 4} or a draft
+        model's {"model": DIR, "num_speculative_tokens": 4} (same tokenizer, e.g. the 0.5B);
         scheduling_policy: "fcfs" (default) or "priority", for the priority argument).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""

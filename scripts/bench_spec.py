@@ -1,7 +1,8 @@
-"""Speculative decoding with n-gram drafts on the real Qwen2.5-Coder-0.5B-Instruct.
+"""Speculative decoding with n-gram drafts (or a draft model's) on the real Qwen2.5-Coder-0.5B-Instruct.
 
     python scripts/bench_spec.py                      # k = 0 (off), 2, 4, 8; markdown table
     python scripts/bench_spec.py --k 0,4 --json out.json
+    python scripts/bench_spec.py --model 7B_DIR --draft-model 0.5B_DIR   # a draft model's drafts
 
 Two workloads, greedy, each request alone (batch 1: the latency case speculation is for) and
 then all requests of the workload at once:
@@ -68,6 +69,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded 0.5B)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--k", default="0,2,4,8", help="num_speculative_tokens values; 0 = off")
+    p.add_argument("--draft-model", default=None,
+                   help="draft with this model (same tokenizer) instead of n-grams")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -81,7 +84,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows, reference = [], {}
     for k in (int(x) for x in args.k.split(",")):
-        spec = {"method": "ngram", "num_speculative_tokens": k} if k else None
+        spec = None
+        if k:
+            spec = ({"method": "ngram", "num_speculative_tokens": k} if args.draft_model is None
+                    else {"model": args.draft_model, "num_speculative_tokens": k})
         llm = LLM(lm, max_model_len=1024, max_num_seqs=8, enable_prefix_caching=False,
                   speculative_config=spec, warm_up=False, progress=False)
         for workload, prompts in (("edit", EDIT), ("chat", CHAT)):
@@ -104,7 +110,8 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
                   device=str(jax.devices()[0].device_kind), platform=platform.processor() or platform.machine(),
-                  dtype=str(lm.dtype), max_tokens=args.max_tokens)
+                  dtype=str(lm.dtype), max_tokens=args.max_tokens,
+                  drafts=args.draft_model or "ngram")
     base = {(r["workload"], r["batch"]): r["tokens_per_s"] for r in rows if r["k"] == 0}
     print(f"\n{header}\n")
     print("| k | workload | batch | output tok/s | vs k=0 | drafts accepted | same tokens as k=0 |")

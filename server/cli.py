@@ -89,9 +89,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="fcfs: arrival order; priority: GenerateRequest.priority, lower first, "
                              "and preemption takes the newest request of the lowest priority")
     engine.add_argument("--speculative-config", type=parse_json_object, default=None, metavar="JSON",
-                        help="speculative decoding with n-gram drafts from each request's context, as "
-                             "vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
-                             "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}' (default: off)")
+                        help="speculative decoding, as vLLM's: n-gram drafts from each request's context "
+                             "'{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+                             "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or a smaller draft "
+                             "model with the same tokenizer '{\"model\": DIR, \"num_speculative_tokens\": 4}' "
+                             "(default: off)")
 
     engine.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                         help="LoRA adapters (PEFT directories) served beside the base model; a "
