@@ -62,8 +62,13 @@ class ServerConfig:
     # Load/unload LoRA adapters from the server's disk while serving (HTTP /v1/load_lora_adapter,
     # gRPC LoadLoRAAdapter): off by default, as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING.
     allow_runtime_lora_updating: bool = False
+    # Split chat replies into reasoning and content (qwenjax.reasoning; vLLM's --reasoning-parser).
+    reasoning_parser: str | None = None
 
     def __post_init__(self):
+        from qwenjax.reasoning import check_reasoning_parser
+
+        check_reasoning_parser(self.reasoning_parser)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         for name in ("max_queue", "max_queued_tokens"):
@@ -84,7 +89,8 @@ class InferenceServer:
         self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
         self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
                                           config.served_model_names,
-                                          config.allow_runtime_lora_updating)
+                                          config.allow_runtime_lora_updating,
+                                          config.reasoning_parser)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._watchdog: asyncio.Task | None = None
@@ -142,7 +148,8 @@ class InferenceServer:
         self.http = OpenAIServer(self.gateway, self.metrics.registry, self.serving,
                                  api_token=config.api_token, max_request_bytes=config.max_request_bytes,
                                  served_model_names=config.served_model_names,
-                                 allow_runtime_lora_updating=config.allow_runtime_lora_updating)
+                                 allow_runtime_lora_updating=config.allow_runtime_lora_updating,
+                                 reasoning_parser=config.reasoning_parser)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Sequence
 import time
 
 from qwenjax.cli import add_model_arguments
+from qwenjax.reasoning import REASONING_PARSERS  # no jax: parsing the command line stays quick
 
 log = logging.getLogger("qwenjax.server")
 
@@ -129,6 +130,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--http-port", type=int, default=8000,
                      help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                           "/v1/models, …) on --host (0: off)")
+    net.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                     help="split chat replies of reasoning models (QwQ-32B, DeepSeek-R1-Distill-Qwen) "
+                          "into reasoning (before </think>) and content, as vLLM's: HTTP message "
+                          "reasoning/reasoning_content, Responses reasoning items, gRPC "
+                          "Complete.reasoning")
     net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                      help="model name(s) the HTTP API answers to; the first is reported (default: "
                           "the model directory's name)")
@@ -185,7 +191,8 @@ def server_config(args):
         api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
         step_timeout=args.step_timeout,
-        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False))
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
+        reasoning_parser=getattr(args, "reasoning_parser", None))
 
 
 def load_serving_model(args, mesh=None):

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from google.protobuf import unknown_fields
 
 from qwenjax.engine.request import RequestOutput
+from qwenjax.reasoning import split_reasoning
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tool_calls import parse_tool_calls
 from qwenjax_proto.v1 import inference_pb2 as pb
@@ -124,9 +125,11 @@ def _token_logprob(lp) -> pb.TokenLogprob:
 
 
 def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
-                      tools: Sequence[dict] | None = None) -> pb.GenerateResponse:
+                      tools: Sequence[dict] | None = None,
+                      reasoning_parser: str | None = None) -> pb.GenerateResponse:
     """``tools``: the tools the request offered, whose calls are parsed from the reply (None:
-    none offered, or tool_choice "none")."""
+    none offered, or tool_choice "none"). ``reasoning_parser``: split the reply's reasoning
+    off first (qwenjax.reasoning); calls are parsed from the content after it."""
     complete = pb.Complete(
         index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
@@ -139,8 +142,13 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
         complete.matched_stop = output.matched_stop
     elif output.matched_stop is not None:
         complete.matched_stop_token_id = int(output.matched_stop)
+    text = output.text
+    if reasoning_parser is not None:
+        reasoning, text = split_reasoning(text)
+        complete.reasoning, complete.content = reasoning or "", text or ""
+        text = text or ""
     if tools and output.finish_reason == "stop":
-        content, calls = parse_tool_calls(output.text, tools)
+        content, calls = parse_tool_calls(text, tools)
         if calls:
             complete.finish_reason = "tool_calls"
             complete.content = content

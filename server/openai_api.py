@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import ssl
@@ -107,8 +108,10 @@ class OpenAIServer:
 
     def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
-                 served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False):
+                 served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
+                 reasoning_parser: str | None = None):
         self.gateway = gateway
+        self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
         self.serving = serving
         self._token = api_token.encode() if api_token else None
@@ -450,6 +453,11 @@ class OpenAIServer:
 
         return await self._stream(request, events())
 
+    def _parse_chat(self, body, translate: Callable = lambda body: body) -> proto.ParsedRequest:
+        """A chat request (``translate``d into one first), with the server's reasoning parser."""
+        parsed = self._parse(lambda b: proto.parse_chat(translate(b)), body)
+        return dataclasses.replace(parsed, reasoning_parser=self.reasoning_parser)
+
     async def _chat_call(self, parsed: proto.ParsedRequest):
         """(prompt ids, SamplingParams, the admitted Call) of a checked chat request."""
         gateway = self.gateway
@@ -474,7 +482,7 @@ class OpenAIServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway
         gateway.require_engine(generate=True)
-        parsed = self._parse(proto.parse_chat, await self._body(request))
+        parsed = self._parse_chat(await self._body(request))
         model = self._check_model(parsed.model)
         prompt_ids, params, call = await self._chat_call(parsed)
         response_id = self._request_id(request, parsed, "chatcmpl")
@@ -512,7 +520,7 @@ class OpenAIServer:
         head["object"] = "chat.completion.chunk"
 
         async def events():
-            streams = [proto.ToolCallStream(parsed) for _ in range(params.n)]
+            streams = [proto.ChatStream(parsed) for _ in range(params.n)]
             completion, cached = 0, 0
 
             def chunk(index: int, delta: dict, *, logprobs=None, finish=None, stop=None):
@@ -532,16 +540,22 @@ class OpenAIServer:
                         yield chunk(index, {"role": "assistant", "content": ""})
                 index, stream = output.index, streams[output.index]
                 completion += len(output.delta_token_ids)
-                content = stream.feed(output.delta_text)
+                reasoning, content = stream.feed(output.delta_text)
                 logprobs = proto.chat_logprobs(output.delta_logprobs, token_text) \
                     if parsed.chat_logprobs and output.delta_logprobs else None
-                if content or logprobs or (parsed.continuous_usage and output.delta_token_ids):
+                if reasoning:
+                    yield chunk(index, proto.reasoning_delta(reasoning), logprobs=logprobs)
+                    logprobs = None
+                if content or logprobs or (parsed.continuous_usage and output.delta_token_ids
+                                           and not reasoning):
                     yield chunk(index, {"content": content}, logprobs=logprobs)
                 if output.finish_reason is None:
                     continue
                 if index == 0:
                     cached = output.num_cached_tokens
-                rest, calls = stream.finish()
+                reasoning, rest, calls = stream.finish()
+                if reasoning:
+                    yield chunk(index, proto.reasoning_delta(reasoning))
                 if rest:
                     yield chunk(index, {"content": rest})
                 if calls:
@@ -569,7 +583,7 @@ class OpenAIServer:
                               f"stored response has this id (the server keeps the last "
                               f"{self.responses_store.capacity}, in memory)")
             history = entry[1]
-        parsed = self._parse(lambda b: proto.parse_chat(rproto.to_chat_body(b, history)), body)
+        parsed = self._parse_chat(body, lambda b: rproto.to_chat_body(b, history))
         model = self._check_model(parsed.model)
         prompt_ids, params, call = await self._chat_call(parsed)
         reply = rproto.ResponseBuilder(self._request_id(request, parsed, "resp"), model, body, parsed,

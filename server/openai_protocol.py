@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 from qwenjax.engine.request import RequestOutput
+from qwenjax.reasoning import ReasoningStream, split_reasoning
 from qwenjax.sampling import is_int
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
@@ -81,6 +82,8 @@ class ParsedRequest:
     # vLLM's use_beam_search: n beams, ranked by cum logprob / length ** length_penalty
     beam_search: bool = False
     length_penalty: float = 1.0
+    # The server's --reasoning-parser (qwenjax.reasoning): replies split into reasoning and content.
+    reasoning_parser: str | None = None
 
     @property
     def parses_tools(self) -> bool:
@@ -437,12 +440,51 @@ def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
 
 
 def chat_message(text: str, request: ParsedRequest) -> tuple[dict[str, Any], bool]:
-    """(the assistant message of a finished reply, whether it called tools)."""
-    content, calls = parse_tool_calls(text, request.tools) if request.parses_tools else (text, [])
+    """(the assistant message of a finished reply, whether it called tools). With a reasoning
+    parser, the reasoning goes to ``reasoning`` and ``reasoning_content`` (vLLM's old name, which
+    its clients still read) and tools are parsed from the content after it; content is None
+    when the reply is all reasoning."""
+    reasoning = None
+    if request.reasoning_parser is not None:
+        reasoning, text = split_reasoning(text)
+    content, calls = parse_tool_calls(text or "", request.tools) if request.parses_tools else (text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if request.reasoning_parser is not None:
+        message.update(reasoning=reasoning, reasoning_content=reasoning)
+        if not content:
+            message["content"] = None
     if calls:
         message["tool_calls"] = [tool_call_json(c) for c in calls]
     return message, bool(calls)
+
+
+class ChatStream:
+    """A streamed reply's deltas: reasoning (with a reasoning parser), then content with tool
+    calls held back (``ToolCallStream``). ``feed`` returns (reasoning, content) to send now;
+    ``finish`` (reasoning, content, calls) still to send once the reply is complete."""
+
+    def __init__(self, request: ParsedRequest):
+        self.reasoning = None if request.reasoning_parser is None else ReasoningStream()
+        self.tools = ToolCallStream(request)
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, delta = self.reasoning.feed(delta)
+        return reasoning, self.tools.feed(delta)
+
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        reasoning, content = "", ""
+        if self.reasoning is not None:
+            reasoning, delta = self.reasoning.feed("", final=True)
+            content = self.tools.feed(delta)
+        rest, calls = self.tools.finish()
+        return reasoning, content + rest, calls
+
+
+def reasoning_delta(text: str) -> dict[str, str]:
+    """A chat chunk's delta carrying reasoning, under both of vLLM's names."""
+    return {"reasoning": text, "reasoning_content": text}
 
 
 _TAG = "<tool_call>"

@@ -124,6 +124,8 @@ def _input_messages(items: Any) -> list[dict]:
                 last["tool_calls"].append(call)  # parallel calls: one assistant turn
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "reasoning":
+            continue  # a reply's reasoning, sent back: reasoning models are not shown their own
         elif kind == "function_call_output":
             output = item.get("output")
             if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
@@ -131,7 +133,7 @@ def _input_messages(items: Any) -> list[dict]:
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         else:
             raise ValueError(f"input[{i}] is a {kind!r} item; this server reads message, "
-                             "function_call and function_call_output items")
+                             "function_call, function_call_output and reasoning items")
     return messages
 
 
@@ -174,6 +176,12 @@ def function_call_item(call_json: Mapping[str, Any]) -> dict[str, Any]:
 def message_item(item_id: str, text: str, logprobs: list | None, status: str = "completed") -> dict:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
             "content": [text_part(text, logprobs)] if status == "completed" else []}
+
+
+def reasoning_item(item_id: str, text: str, status: str = "completed") -> dict:
+    """A reply's reasoning (a reasoning parser's), as the Responses API carries raw reasoning."""
+    return {"type": "reasoning", "id": item_id, "status": status, "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}] if status == "completed" else []}
 
 
 def text_part(text: str, logprobs: list | None) -> dict[str, Any]:
@@ -229,6 +237,7 @@ class ResponseBuilder:
         self.prompt_tokens, self.token_text = prompt_tokens, token_text
         self.created = proto.now()
         self.message_id = "msg_" + response_id.removeprefix("resp-").removeprefix("resp_")
+        self.reasoning_id = "rs_" + self.message_id.removeprefix("msg_")
         self.result: dict[str, Any] | None = None  # the finished response
 
     def _logprobs(self, entries) -> list:
@@ -252,6 +261,8 @@ class ResponseBuilder:
             text, logprobs = message["content"], self._logprobs(output.logprobs or ())
         if text or not items:
             items.insert(0, message_item(self.message_id, text or "", logprobs))
+        if message.get("reasoning"):
+            items.insert(0, reasoning_item(self.reasoning_id, message["reasoning"]))
 
         return self._object("completed", items, output)
 
@@ -274,15 +285,37 @@ class ResponseBuilder:
         start = self._object("in_progress", [])
         yield event("response.created", response=start)
         yield event("response.in_progress", response=start)
-        stream = proto.ToolCallStream(self.parsed)
+        stream = proto.ChatStream(self.parsed)
+        # The reasoning item (with a reasoning parser, when the reply has any) comes first.
+        thought = dict(item_id=self.reasoning_id, output_index=0, content_index=0)
+        reasoning, thinking = "", None  # None: no reasoning item; True: open; False: done
         where = dict(item_id=self.message_id, output_index=0, content_index=0)
         text, sent_logprobs, opened = "", [], False
+
+        def think(delta: str):
+            nonlocal reasoning, thinking
+            if thinking is None:
+                thinking = True
+                yield event("response.output_item.added", output_index=0,
+                            item=reasoning_item(self.reasoning_id, "", status="in_progress"))
+            reasoning += delta
+            yield event("response.reasoning_text.delta", **thought, delta=delta)
+
+        def end_thinking():
+            nonlocal thinking
+            if thinking:
+                thinking = False
+                yield event("response.reasoning_text.done", **thought, text=reasoning)
+                yield event("response.output_item.done", output_index=0,
+                            item=reasoning_item(self.reasoning_id, reasoning))
 
         def deltas(content: str, logprobs: list):
             nonlocal opened, text
             if not opened:
                 opened = True
-                yield event("response.output_item.added", output_index=0,
+                yield from end_thinking()
+                where["output_index"] = 0 if thinking is None else 1
+                yield event("response.output_item.added", output_index=where["output_index"],
                             item=message_item(self.message_id, "", None, status="in_progress"))
                 yield event("response.content_part.added", **where, part=text_part("", None))
             text += content
@@ -290,21 +323,30 @@ class ResponseBuilder:
             yield event("response.output_text.delta", **where, delta=content, logprobs=logprobs)
 
         async for output in outputs:
-            content = stream.feed(output.delta_text)
+            thinking_delta, content = stream.feed(output.delta_text)
+            if thinking_delta:
+                for e in think(thinking_delta):
+                    yield e
             if content:
                 for e in deltas(content, self._logprobs(output.delta_logprobs)):
                     yield e
             if output.finish_reason is None:
                 continue
-            rest, calls = stream.finish()
+            thinking_delta, rest, calls = stream.finish()
+            if thinking_delta:
+                for e in think(thinking_delta):
+                    yield e
             if rest or (not opened and not calls):  # an empty reply is an empty message
                 for e in deltas(rest, []):
                     yield e
+            for e in end_thinking():
+                yield e
             done = self.result = self.final(output, text, sent_logprobs)
             if opened:
+                index = where["output_index"]
                 yield event("response.output_text.done", **where, text=text, logprobs=sent_logprobs)
                 yield event("response.content_part.done", **where, part=text_part(text, sent_logprobs))
-                yield event("response.output_item.done", output_index=0, item=done["output"][0])
+                yield event("response.output_item.done", output_index=index, item=done["output"][index])
             for index, item in enumerate(done["output"]):
                 if item["type"] != "function_call":
                     continue

@@ -27,8 +27,10 @@ from server.gateway import Gateway, Refused
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway, max_request_bytes: int,
-                 served_model_names: tuple[str, ...] = (), allow_runtime_lora_updating: bool = False):
+                 served_model_names: tuple[str, ...] = (), allow_runtime_lora_updating: bool = False,
+                 reasoning_parser: str | None = None):
         self.gateway = gateway
+        self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.max_request_bytes = max_request_bytes
         self.served_model_names = served_model_names
         self.allow_runtime_lora_updating = allow_runtime_lora_updating
@@ -102,7 +104,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if output.finish_reason is not None:  # one Complete per sequence
                         yield convert.complete_response(
                             output, call.ttft_s, call.elapsed_s,
-                            tools if request.tool_choice != "none" else None)
+                            tools if request.tool_choice != "none" else None,
+                            self.reasoning_parser if request.WhichOneof("input") == "messages" else None)
         except Refused as refused:
             await context.abort(refused.code, refused.message)
 

@@ -260,6 +260,40 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
+def test_reasoning_parser_splits_chat_replies(start, server, name):
+    """A server with --reasoning-parser deepseek_r1 (over the same engine): the reply's text
+    before </think> as reasoning (reasoning and reasoning_content), the rest as content, the
+    same whether streamed or not, in the Responses API (a reasoning item) and in gRPC's
+    Complete; the raw text is what a server without the parser returns."""
+    import openai
+
+    from qwenjax.reasoning import split_reasoning
+
+    thinking = start(reasoning_parser="deepseek_r1")
+    messages = [{"role": "user", "content": "Print this string verbatim: <think>hello</think>world"}]
+    _, raw = grpc_greedy(server, 30, messages=pb.Messages(messages=[pb.Message(**m) for m in messages]))
+    reasoning, content = split_reasoning(raw)
+    assert reasoning and content  # the 0.5B does copy the tags
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{thinking.http_port}/v1", api_key="unused",
+                       max_retries=0, timeout=120) as client:
+        message = client.chat.completions.create(model=name, messages=messages, max_tokens=30,
+                                                 temperature=0).choices[0].message
+        assert (message.reasoning_content, message.reasoning, message.content) == (reasoning, reasoning, content)
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(
+            model=name, messages=messages, max_tokens=30, temperature=0, stream=True) if c.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == content
+        response = client.responses.create(model=name, input=messages[0]["content"],
+                                           max_output_tokens=30, temperature=0)
+        assert [item.type for item in response.output] == ["reasoning", "message"]
+        assert response.output[0].content[0].text == reasoning and response.output_text == content
+    with grpc.insecure_channel(thinking.address) as channel:
+        responses = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+            sampling=greedy(30), messages=pb.Messages(messages=[pb.Message(**m) for m in messages])))
+        (complete,) = [r.complete for r in responses if r.HasField("complete")]
+    assert (complete.reasoning, complete.content) == (reasoning, content)
+
+
 def test_responses_api_text_stream_and_usage(client, name, server, tokenizer):
     """/v1/responses through the official client: the same greedy text as gRPC, the
     instructions as a system message, usage in input/output tokens, an incomplete status at
