@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -149,35 +149,93 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-class Matcher:
-    """One sequence's place in its grammar."""
+@dataclasses.dataclass
+class _Thinking:
+    """A reasoning model's output before its grammar starts: the grammar waits until the output
+    holds ``end`` (``</think>``), read through ``token_bytes``; ``tail`` is what may begin it."""
 
-    def __init__(self, matcher, vocab_size: int):
+    end: bytes
+    token_bytes: Callable[[int], bytes]
+    tail: bytes = b""
+
+    def take(self, token_id: int) -> bool:
+        """Follow one token; True once the end has come."""
+        text = self.tail + self.token_bytes(token_id)
+        if self.end in text:
+            return True
+        self.tail = text[-(len(self.end) - 1):]
+        return False
+
+    def ends_at(self, tokens: Sequence[int]) -> int | None:
+        """The index of the token in ``tokens`` that completes the end, if one does (state
+        unchanged)."""
+        probe = dataclasses.replace(self)
+        return next((i for i, t in enumerate(tokens) if probe.take(t)), None)
+
+
+class Matcher:
+    """One sequence's place in its grammar. ``after_reasoning``: the grammar starts once the
+    output has closed its reasoning (vLLM's structured outputs with a reasoning parser); until
+    then every token is allowed."""
+
+    def __init__(self, matcher, vocab_size: int, thinking: _Thinking | None = None):
         self._matcher = matcher
         self._vocab_size = vocab_size
         self._words = mask_words(vocab_size)
+        self._thinking = thinking
+
+    def after_reasoning(self, end: str, token_bytes: Callable[[int], bytes]) -> "Matcher":
+        """This matcher (in its start state) with its grammar held until the output holds
+        ``end``, e.g. "</think>"."""
+        return Matcher(self._matcher, self._vocab_size, _Thinking(end.encode(), token_bytes))
+
+    @property
+    def thinking(self) -> bool:
+        return self._thinking is not None
+
+    def _all_tokens(self) -> np.ndarray:
+        return np.full((self._words,), -1, np.int32)
 
     def bitmask(self) -> np.ndarray:
         """[vocab / 32] int32: bit j of word w set = token 32w + j may come next."""
+        if self._thinking is not None:
+            return self._all_tokens()
         # llguidance may add a word past the vocabulary; its bits name no token.
         return np.frombuffer(self._matcher.compute_bitmask(), np.int32)[: self._words]
 
     def copy(self) -> "Matcher":
         """An independent matcher in the same state (each of n sequences needs its own)."""
-        return Matcher(self._matcher.deep_copy(), self._vocab_size)
+        thinking = None if self._thinking is None else dataclasses.replace(self._thinking)
+        return Matcher(self._matcher.deep_copy(), self._vocab_size, thinking)
 
     def advance(self, token_id: int) -> bool:
         """Take the sampled token; False if the grammar refuses it (then the matcher is dead)."""
+        if self._thinking is not None:
+            if self._thinking.take(token_id):
+                self._thinking = None  # the grammar starts with the next token
+            return True
         return bool(self._matcher.consume_token(token_id))
 
     def accepted_prefix(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens``, in order, the grammar takes from here (state unchanged):
         the part of a speculative draft worth checking."""
+        if self._thinking is not None:
+            end = self._thinking.ends_at(tokens)
+            if end is None:
+                return len(tokens)
+            return end + 1 + int(self._matcher.validate_tokens(list(tokens[end + 1:])))
         return int(self._matcher.validate_tokens(list(tokens)))
 
     def draft_bitmasks(self, draft: Sequence[int]) -> np.ndarray:
         """[len(draft) + 1, vocab / 32]: the mask before each drafted token and the one after
         the last, for a draft the grammar takes whole (``accepted_prefix``); state unchanged."""
+        if self._thinking is not None:
+            end = self._thinking.ends_at(draft)
+            free = len(draft) + 1 if end is None else end + 1  # positions still unconstrained
+            masks = [self._all_tokens()] * free
+            if end is not None:
+                masks += list(Matcher(self._matcher, self._vocab_size).draft_bitmasks(draft[end + 1:]))
+            return np.stack(masks)
         masks = [self.bitmask()]
         for token in draft:
             if not self._matcher.consume_token(token):
@@ -197,14 +255,16 @@ class Matcher:
             _executor = llguidance.LLExecutor()
         width = matchers[0]._words  # the executor takes exactly vocab / 32 words a mask
         out = np.zeros((len(matchers), width), np.int32)
-        _executor.unsafe_compute_mask_ptr([(m._matcher, i) for i, m in enumerate(matchers)],
-                                          out.ctypes.data, width * 4, len(matchers))
+        out[[i for i, m in enumerate(matchers) if m.thinking]] = -1  # reasoning: any token
+        grammars = [(m._matcher, i) for i, m in enumerate(matchers) if not m.thinking]
+        if grammars:
+            _executor.unsafe_compute_mask_ptr(grammars, out.ctypes.data, width * 4, len(matchers))
         return out
 
     @property
     def done(self) -> bool:
         """The grammar is complete: nothing but EOS may follow."""
-        return bool(self._matcher.is_stopped())
+        return self._thinking is None and bool(self._matcher.is_stopped())
 
     @property
     def error(self) -> str:

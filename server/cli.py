@@ -331,6 +331,7 @@ def build_engine(args, mesh=None):
                           override_generation_config=args.override_generation_config,
                           speculative_config=args.speculative_config,
                           scheduling_policy=args.scheduling_policy,
+                          reasoning_parser=getattr(args, "reasoning_parser", None),
                           kv_cache_dtype=args.kv_cache_dtype, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)

@@ -137,6 +137,41 @@ def test_structured_outputs_json_regex_choice_in_one_batch(llm):
         StructuredOutputs(regex="a", choice=["b"])
 
 
+def test_structured_outputs_start_after_the_reasoning(lm):
+    """With a reasoning parser, a grammar constrains the reply only once its reasoning has
+    closed (</think>), also in drafts; a prompt that already closed it is constrained from the
+    first token."""
+    from qwenjax.reasoning import split_reasoning
+
+    llm = LLM(lm, **SMALL, reasoning_parser="deepseek_r1")
+    choice = SamplingParams(temperature=0.0, max_tokens=24, structured_outputs={"choice": ["yes", "no"]})
+    out = llm.chat(_chat("Print this string verbatim: <think>hello</think>world"), choice,
+                   use_tqdm=False)[0]
+    reasoning, content = split_reasoning(out.text)
+    assert reasoning == "hello" and content in ("yes", "no") and out.finish_reason == "stop", out.text
+    closed = llm.chat([_chat("Is Paris in France?") + [
+        {"role": "assistant", "content": "<think>It is.</think>"}]], choice, use_tqdm=False,
+        continue_final_message=True, add_generation_prompt=False)[0]
+    assert closed.text in ("yes", "no")
+    # The matcher's view of drafts: free up to the closing tag, the grammar's after it.
+    matcher = llm.engine._matcher(choice).after_reasoning("</think>", lm.tokenizer.token_bytes)
+    think = lm.tokenizer.encode("hi</think>")
+    yes, maybe = lm.tokenizer.encode("yes"), lm.tokenizer.encode("maybe")
+    assert matcher.accepted_prefix(think + yes) == len(think + yes)
+    assert matcher.accepted_prefix(think + maybe) == len(think)
+    masks = matcher.draft_bitmasks(think + yes)
+    assert (masks[: len(think)] == -1).all() and not (masks[len(think)] == -1).all()
+    assert matcher.thinking and not matcher.done  # state unchanged by the probes
+    from qwenjax.structured import Matcher
+
+    plain = llm.engine._matcher(choice)  # a step's rows: thinking ones take any token
+    rows = Matcher.bitmasks([plain, matcher, plain])
+    assert (rows[1] == -1).all() and (rows[0] == plain.bitmask()).all() and (rows[2] == rows[0]).all()
+    for token in think:
+        assert matcher.advance(token)
+    assert not matcher.thinking and (matcher.bitmask() == masks[len(think)]).all()
+
+
 def test_tool_calls_auto_and_required(llm):
     """Tools offered through the chat template: the model's reply parses into a call ("auto"),
     and "required" constrains the reply to a list of calls to offered tools."""

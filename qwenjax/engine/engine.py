@@ -74,6 +74,9 @@ class EngineConfig:
     # "fcfs" (arrival order) or "priority": add_request's priority, lower first; preemption
     # takes the newest request of the lowest priority (vLLM's --scheduling-policy).
     scheduling_policy: str = "fcfs"
+    # A reasoning model's parser (qwenjax.reasoning, vLLM's --reasoning-parser): a request's
+    # structured outputs constrain its output only after the reasoning closes (</think>).
+    reasoning_parser: str | None = None
 
 
 @dataclasses.dataclass
@@ -136,6 +139,9 @@ class Engine:
             prompt_lookup_max=speculative.prompt_lookup_max,
             spec_disable_by_batch_size=speculative.disable_by_batch_size or 0)
         kv_cache_dtype = check_kv_cache_dtype(config.kv_cache_dtype)
+        from qwenjax.reasoning import check_reasoning_parser
+
+        check_reasoning_parser(config.reasoning_parser)
         self.draft_lm = None if speculative is None or speculative.model is None else \
             self._load_draft_model(speculative.model)
         self.scheduler_config = SchedulerConfig(
@@ -310,6 +316,11 @@ class Engine:
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
+        if matcher is not None and self.config.reasoning_parser is not None \
+                and not self._reasoning_closed(prompt_ids):
+            from qwenjax.reasoning import END
+
+            matcher = matcher.after_reasoning(END, self.tokenizer.token_bytes)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if params.n == 1:
@@ -398,6 +409,15 @@ class Engine:
             self._grammars = GrammarCompiler(self.tokenizer.to_json(), self.lm.config.vocab_size,
                                              self.eos_token_ids)
         return self._grammars.matcher(params.structured_outputs)
+
+    def _reasoning_closed(self, prompt_ids: Sequence[int], window: int = 8) -> bool:
+        """Whether the prompt itself closed the reasoning its reply would open: it ends with
+        </think> (and whitespace), as an assistant turn continued after its reasoning or a
+        template that turns thinking off does. (A tag quoted earlier in the prompt counts not.)"""
+        from qwenjax.reasoning import END
+
+        tail = b"".join(self.tokenizer.token_bytes(t) for t in prompt_ids[-window:])
+        return tail.rstrip().endswith(END.encode())
 
     def _bad_words_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each bad word as token ids, as vLLM encodes them: the word, and the word after a
