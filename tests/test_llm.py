@@ -165,7 +165,7 @@ def test_structured_outputs_start_after_the_reasoning(lm):
     from qwenjax.structured import Matcher
 
     plain = llm.engine._matcher(choice)  # a step's rows: thinking ones take any token
-    rows = Matcher.bitmasks([plain, matcher, plain])
+    rows = Matcher.bitmasks([plain, matcher, plain.copy()])
     assert (rows[1] == -1).all() and (rows[0] == plain.bitmask()).all() and (rows[2] == rows[0]).all()
     for token in think:
         assert matcher.advance(token)
