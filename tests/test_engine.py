@@ -436,10 +436,12 @@ def test_speculative_config_names_the_bad_field():
             SpeculativeConfig.parse(bad)
 
 
-def test_speculative_decoding_gives_the_plain_outputs(tiny_lm):
+def test_speculative_decoding_gives_the_plain_outputs(tiny_dir):
     """N-gram drafts checked in one step: the same tokens, stops and logprobs as plain decoding
     (greedy, seeded sampling, penalties, min_tokens, stop tokens, max_tokens of 1–3), through
-    preemption and prefix caching, with drafts accepted and fewer steps for a repetitive text."""
+    preemption and prefix caching, with drafts accepted and fewer steps for a repetitive text.
+    At tp = 1: the check at tp = 4 is test_draft_model.py's (the same verification step)."""
+    tiny_lm = load_model(tiny_dir, tp=1, dtype="float32")
     rng = np.random.default_rng(11)
     loop = rng.integers(0, VOCAB, 12).tolist()
     prompts = [loop * 6 + loop[:5]] + [

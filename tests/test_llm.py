@@ -247,10 +247,12 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
         engine_llm.shutdown()
 
 
-@pytest.mark.parametrize("tp", [1, 4])
+@pytest.mark.parametrize("tp", [1])
 def test_batch_invariance_real_model(real_model_dir, tp):
     """Random arrivals, prompts of 1–300 tokens, 64-token chunks, a pool small enough to preempt:
-    every request's greedy tokens equal its own single-request run."""
+    every request's greedy tokens equal its own single-request run. (At tp = 4 the same
+    scheduling runs on the tiny model, test_engine.py: 78 s of the suite's 20-minute budget
+    bought no path the two do not cover.)"""
     lm = load_model(real_model_dir, tp=tp, dtype="float32")
     rng = np.random.default_rng(tp)
     words = lm.tokenizer.encode(" ".join(["The quick brown fox jumps over the lazy dog."] * 40)
