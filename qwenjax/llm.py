@@ -80,7 +80,9 @@ class _Base:
         generation_config keys applied on top; speculative_config: speculative decoding, off by
         default: n-gram drafts {"method": "ngram", "num_speculative_tokens": 4} or a draft
         model's {"model": DIR, "num_speculative_tokens": 4} (same tokenizer, e.g. the 0.5B);
-        scheduling_policy: "fcfs" (default) or "priority", for the priority argument).
+        scheduling_policy: "fcfs" (default) or "priority", for the priority argument;
+        reasoning_parser: "deepseek_r1" for reasoning models, whose structured outputs then
+        start after </think>; split a reply with qwenjax.reasoning.split_reasoning).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""
         tp = _alias("tp", tp, 1, "tensor_parallel_size", tensor_parallel_size)
