@@ -7,11 +7,8 @@ from qwenjax.engine.engine import Engine, EngineConfig
 from qwenjax.engine.speculative import SpeculativeConfig
 from qwenjax.loading import load_model
 from qwenjax.sampling import SamplingParams
+from test_engine import SMALL, VOCAB
 from tiny import tiny_config, write_hf_checkpoint
-
-VOCAB = 250
-SMALL = dict(max_num_seqs=8, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
-             page_size=8, max_model_len=768)
 
 
 @pytest.fixture(scope="module")
