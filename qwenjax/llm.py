@@ -201,6 +201,12 @@ class LLM(_Base):
         """Unload adapter ``name``, freeing its slot for another."""
         self.engine.remove_lora(name)
 
+    def update_weights(self, path: str | os.PathLike) -> None:
+        """Serve the weights of the HF checkpoint at ``path`` (same architecture, e.g. a
+        trainer's latest step) from now on, without recompiling; the prefix cache is cleared.
+        The new weights load beside the old ones (twice the weight memory at the peak)."""
+        self.engine.update_weights(path)
+
     def _lora(self, lora, lora_request) -> str | None:
         """The adapter name a call runs on; a ``LoRARequest`` not loaded yet is loaded now."""
         lora = _one_lora(lora, lora_request)
@@ -413,6 +419,12 @@ class AsyncLLM(_Base):
     async def remove_lora(self, name: str) -> None:
         """Unload adapter ``name`` (refused while a request still uses it)."""
         await self._thread.remove_lora(name)
+
+    async def update_weights(self, path: str | os.PathLike) -> None:
+        """Serve the weights of the HF checkpoint at ``path`` from the next step on: loaded
+        while requests keep running, swapped in between two steps; running requests are then
+        recomputed under them (``Engine.set_weights``)."""
+        await self._thread.update_weights(path)
 
     def shutdown(self) -> None:
         self._thread.shutdown()

@@ -64,6 +64,8 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = False
     # Split chat replies into reasoning and content (qwenjax.reasoning; vLLM's --reasoning-parser).
     reasoning_parser: str | None = None
+    # Serve HTTP POST /update_weights_from_disk (SGLang's): new weights from the server's disk.
+    allow_weight_updates: bool = False
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -149,7 +151,8 @@ class InferenceServer:
                                  api_token=config.api_token, max_request_bytes=config.max_request_bytes,
                                  served_model_names=config.served_model_names,
                                  allow_runtime_lora_updating=config.allow_runtime_lora_updating,
-                                 reasoning_parser=config.reasoning_parser)
+                                 reasoning_parser=config.reasoning_parser,
+                                 allow_weight_updates=config.allow_weight_updates)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

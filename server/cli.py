@@ -106,6 +106,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-lora-rank", type=int, default=None,
                         help="the largest adapter rank the slots hold (default: the largest "
                              "--lora-modules adapter's, else 16)")
+    engine.add_argument("--allow-weight-updates", action="store_true",
+                        help="serve POST /update_weights_from_disk {\"model_path\": DIR} (SGLang's): "
+                             "the weights of an HF checkpoint of the same architecture on the "
+                             "server's disk (e.g. a trainer's latest step) served from the next "
+                             "step, without a restart or a recompile")
     engine.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and "
                              "gRPC LoadLoRAAdapter/UnloadLoRAAdapter): adapters from the server's "
@@ -192,7 +197,8 @@ def server_config(args):
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
         step_timeout=args.step_timeout,
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
-        reasoning_parser=getattr(args, "reasoning_parser", None))
+        reasoning_parser=getattr(args, "reasoning_parser", None),
+        allow_weight_updates=getattr(args, "allow_weight_updates", False))
 
 
 def load_serving_model(args, mesh=None):

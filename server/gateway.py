@@ -332,6 +332,20 @@ class Gateway:
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
+    async def update_weights(self, path: Any) -> None:
+        """Serve a checkpoint's weights from now on (``--allow-weight-updates``): NOT_FOUND for
+        a path that is no checkpoint, INVALID_ARGUMENT for one of another architecture."""
+        thread = self.require_engine(admitting=False)
+        if not isinstance(path, str) or not path:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"model_path must be a non-empty string, got {path!r}")
+        try:
+            await thread.update_weights(path)
+        except FileNotFoundError as error:
+            raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
     async def remove_lora(self, name: Any) -> None:
         """Unload an adapter: NOT_FOUND when it is not loaded, FAILED_PRECONDITION while
         requests still use it."""

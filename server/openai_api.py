@@ -109,7 +109,7 @@ class OpenAIServer:
     def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, allow_weight_updates: bool = False):
         self.gateway = gateway
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
@@ -135,6 +135,8 @@ class OpenAIServer:
         if allow_runtime_lora_updating:  # vLLM's routes, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING
             app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
             app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
+        if allow_weight_updates:  # SGLang's route
+            app.router.add_post("/update_weights_from_disk", self.update_weights_from_disk)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port."""
@@ -283,6 +285,13 @@ class OpenAIServer:
         name = body.get("lora_name")
         await self.gateway.remove_lora(name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        """``{"model_path": …}``: an HF checkpoint of the served architecture on the server's
+        disk, served from the next step on (SGLang's answer: ``success`` and ``message``)."""
+        body = self._object(await self._body(request), {"model_path", "load_format"})
+        await self.gateway.update_weights(body.get("model_path"))
+        return web.json_response({"success": True, "message": "Succeeded to update model weights."})
 
     def _object(self, body: Any, fields: set[str]) -> dict:
         if not isinstance(body, dict):

@@ -138,6 +138,12 @@ class EngineThread:
     async def remove_lora(self, name: str) -> None:
         await self.call(Engine.remove_lora, name)
 
+    async def update_weights(self, path) -> None:
+        """Load a checkpoint's weights on a worker thread while steps go on, then swap them in
+        between two steps (``Engine.load_weights``, ``Engine.set_weights``)."""
+        weights = await asyncio.to_thread(self.engine.load_weights, path)
+        await self.call(Engine.set_weights, weights)
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stop.set()
         self._commands.put(("wake",))

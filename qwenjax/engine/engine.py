@@ -197,6 +197,7 @@ class Engine:
 
         self.loras = LoRASlots(lm.max_loras + 1, lm.max_lora_rank, lm.lora_names)
         self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
+        self.weights_version = 0  # set_weights calls so far
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
         if warm_up and self.drafter is not None:
@@ -386,6 +387,58 @@ class Engine:
             self.loras.remove(adapter.name)
             raise
         self.lm.weights = dataclasses.replace(self.lm.weights, lora=lora)
+
+    # ---- new weights while serving ----------------------------------------------------------
+    def load_weights(self, model) -> Any:
+        """The weights of checkpoint ``model`` (an HF directory of this model's architecture, e.g.
+        a trainer's latest step) laid out as this engine's, in its dtype and quantization;
+        ValueError/FileNotFoundError name what does not fit. Only reads and places new arrays,
+        so it may run off the engine thread while steps go on (``set_weights`` swaps them in)."""
+        import jax
+
+        from qwenjax.config import ModelConfig
+        from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
+
+        if jax.process_count() > 1:
+            raise ValueError("weights are updated while serving on one host only")
+        directory = pathlib.Path(model)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"model_path {str(model)!r} is not a checkpoint directory "
+                                    "(no config.json)")
+        lm = self.lm
+        config = dataclasses.replace(ModelConfig.from_hf(directory), name=lm.config.name)
+        if config != lm.config:
+            differ = [f.name for f in dataclasses.fields(config)
+                      if getattr(config, f.name) != getattr(lm.config, f.name)]
+            raise ValueError(f"model_path {str(model)!r} is not the served model's architecture: "
+                             f"its config differs in {', '.join(differ)}")
+        layout = checkpoint_layout(config, directory, lm.layout.heads.tp, lm.layout.pp, lm.quantization)
+        if layout != lm.layout:
+            raise ValueError(f"model_path {str(model)!r} loads as {layout.quantization or 'dense'} "
+                             f"weights; the engine serves {lm.quantization or 'dense'} ones")
+        return load_checkpoint(directory, layout, lm.mesh, resolve_dtype(lm.dtype))
+
+    def set_weights(self, weights) -> None:
+        """Serve ``weights`` (``load_weights``') from the next step on; same shapes and shardings,
+        so nothing recompiles. Every running request is recomputed under them (none mixes K/V of
+        both) and the prefix cache is cleared; tokens already sent stay as they are. A step in
+        flight finishes with the old weights."""
+        import jax
+
+        weights = dataclasses.replace(weights, lora=self.lm.weights.lora)  # adapters stay
+        old, new = jax.tree.structure(self.lm.weights), jax.tree.structure(weights)
+        if old != new:
+            raise ValueError("the new weights are not laid out as the served ones")
+        self.lm.weights = weights
+        self.scheduler.preempt_all()
+        self.scheduler.reset_prefix_cache()
+        self.weights_version += 1
+
+    def update_weights(self, model) -> None:
+        """``set_weights(load_weights(model))`` (SGLang's update_weights_from_disk). The new
+        weights load beside the old ones, so the peak is twice the weight memory; a load that
+        fails leaves the engine serving the old ones."""
+        self.set_weights(self.load_weights(model))
 
     def remove_lora(self, name: str) -> None:
         """Unload adapter ``name``; refused while a request still runs or waits on it. Its slot

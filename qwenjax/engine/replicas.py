@@ -101,6 +101,14 @@ class EngineReplicas:
                 await thread.call(Engine.remove_lora, name)
             raise
 
+    async def update_weights(self, path) -> None:
+        """Every replica's weights loaded first (side by side), then swapped in: a checkpoint
+        that does not load leaves all of them on the old weights."""
+        loaded = await asyncio.gather(*(asyncio.to_thread(t.engine.load_weights, path)
+                                        for t in self.threads))
+        for thread, weights in zip(self.threads, loaded):
+            await thread.call(Engine.set_weights, weights)
+
     async def remove_lora(self, name: str) -> None:
         """From every replica. A replica still running a request on it keeps it (and says so);
         new requests on it then go only to the replicas that still hold it."""

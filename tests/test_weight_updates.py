@@ -1,0 +1,162 @@
+"""New weights while serving (Engine.update_weights, LLM/AsyncLLM.update_weights, HTTP
+/update_weights_from_disk in test_server_openai.py): requests continue under the new weights
+exactly as a model loaded from them would, the prefix cache forgets the old K/V, and a
+checkpoint of another architecture is refused before anything changes."""
+import asyncio
+
+import numpy as np
+import pytest
+
+from qwenjax import AsyncLLM, SamplingParams
+from qwenjax.engine.engine import Engine, EngineConfig
+from qwenjax.greedy import GreedyGenerator
+from qwenjax.loading import load_model
+from tiny import tiny_config, write_hf_checkpoint
+
+VOCAB = 250
+CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
+              page_size=8, max_model_len=256, num_pages=64)
+
+
+def _lively(directory, seed: int, **overrides):
+    """A tiny checkpoint whose greedy tokens follow the context (matrices scaled ×4)."""
+    from safetensors.numpy import load_file, save_file
+
+    write_hf_checkpoint(tiny_config(vocab_size=VOCAB, **overrides), directory, seed=seed)
+    path = directory / "model.safetensors"
+    save_file({k: v * 4 if v.ndim == 2 else v for k, v in load_file(path).items()}, path,
+              metadata={"format": "pt"})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return (_lively(tmp_path_factory.mktemp("weights-a"), 0),
+            _lively(tmp_path_factory.mktemp("weights-b"), 3))
+
+
+def test_requests_continue_under_the_new_weights(checkpoints):
+    a, b = checkpoints
+    lm = load_model(a, tp=2, dtype="float32")
+    after = GreedyGenerator(load_model(b, tp=2, dtype="float32"))
+    engine = Engine(lm, EngineConfig(**CONFIG, async_scheduling=False), warm_up=False)
+    prompt, other = np.random.default_rng(0).integers(0, VOCAB, (2, 40)).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine.add_request(other, SamplingParams(temperature=0.0, max_tokens=1))  # cached, then done
+    while engine.has_unfinished():
+        engine.step()
+    first = engine.add_request(prompt, greedy)
+    tokens = []
+    for _ in range(5):  # its prefill and a few tokens under the old weights
+        tokens += [t for o in engine.step() for t in o.delta_token_ids]
+    before = list(tokens)
+    assert before == GreedyGenerator(lm).generate([prompt], len(before))[0]
+    engine.update_weights(b)
+    assert engine.weights_version == 1
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() if o.request_id == first for t in o.delta_token_ids]
+    # Recomputed under the new weights: the rest is their continuation of what was sent.
+    assert tokens[len(before):] == after.generate([prompt + before], 12 - len(before))[0]
+    # New requests are the new model's. The pages cached under the old weights are forgotten;
+    # those the first request computed again under the new ones are found.
+    engine.add_request(other, greedy, request_id="other")
+    engine.add_request(prompt, greedy, request_id="again")
+    outputs = {}
+    while engine.has_unfinished():
+        outputs.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert outputs["other"].token_ids == after.generate([other], 12)[0]
+    assert outputs["again"].token_ids == after.generate([prompt], 12)[0]
+    assert outputs["other"].num_cached_tokens == 0 and outputs["again"].num_cached_tokens == 32
+    engine.check()
+
+
+def test_another_architecture_or_no_checkpoint_is_refused_before_anything_changes(checkpoints, tmp_path):
+    a, _ = checkpoints
+    wider = _lively(tmp_path / "wider", 1, intermediate_size=128)
+    lm = load_model(a, tp=1, dtype="float32")
+    engine = Engine(lm, EngineConfig(**CONFIG), warm_up=False)
+    weights = engine.lm.weights
+    with pytest.raises(ValueError, match="differs in intermediate_size"):
+        engine.update_weights(wider)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        engine.update_weights(tmp_path / "nowhere")
+    assert engine.lm.weights is weights and engine.weights_version == 0
+
+
+def test_async_llm_updates_between_steps_while_requests_stream(checkpoints):
+    a, b = checkpoints
+    llm = AsyncLLM(str(a), tp=1, dtype="float32", **CONFIG, warm_up=False, progress=False)
+    prompt = np.random.default_rng(1).integers(0, VOCAB, 20).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    want = GreedyGenerator(load_model(b, tp=1, dtype="float32")).generate([prompt], 8)[0]
+
+    async def run():
+        streaming = asyncio.ensure_future(_collect(llm, prompt, greedy))
+        await llm.update_weights(b)  # loaded on a worker thread while the request streams
+        streamed = await streaming
+        after = await _collect(llm, prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        return streamed, after
+
+    try:
+        streamed, after = asyncio.run(run())
+    finally:
+        llm.shutdown()
+    assert len(streamed) == 40 and after == want
+
+
+async def _collect(llm, prompt, params) -> list[int]:
+    tokens = []
+    async for output in llm.generate(prompt, params):
+        tokens += output.delta_token_ids
+    return tokens
+
+
+def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path):
+    """SGLang's POST /update_weights_from_disk, on a server started with
+    --allow-weight-updates: the next completion is the new model's; refusals name the field or
+    the path; without the flag there is no such route."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import grpc
+
+    from qwenjax.engine.async_engine import EngineThread
+    from qwenjax_proto.v1 import inference_pb2 as pb
+    from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
+    from server_harness import Servers, collect, greedy
+
+    a, b = checkpoints
+    thread = EngineThread(Engine(load_model(a, tp=1, dtype="float32"), EngineConfig(**CONFIG),
+                                 warm_up=False, progress=False))
+    servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
+    prompt = np.random.default_rng(2).integers(0, VOCAB, 16).tolist()
+    want = GreedyGenerator(load_model(b, tp=1, dtype="float32")).generate([prompt], 6)[0]
+
+    def post(port, path, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    try:
+        server = servers.start(allow_weight_updates=True)
+        port = server.http_port
+        assert post(port, "/update_weights_from_disk", {"model_path": str(b)}) == (
+            200, {"success": True, "message": "Succeeded to update model weights."})
+        with grpc.insecure_channel(server.address) as channel:
+            ids, _, _ = collect(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=prompt), sampling=greedy(6, ignore_eos=True)), timeout=120))
+        assert ids == want and thread.engine.weights_version == 1
+        status, message = post(port, "/update_weights_from_disk", {"model_path": str(tmp_path)})
+        assert status == 404 and "no config.json" in message
+        assert post(port, "/update_weights_from_disk", {"path": str(b)})[0] == 400
+        assert post(port, "/update_weights_from_disk", {"model_path": 3})[0] == 400
+        locked = servers.start()
+        assert post(locked.http_port, "/update_weights_from_disk", {"model_path": str(b)})[0] == 404
+    finally:
+        servers.stop_all()
+        thread.shutdown()
