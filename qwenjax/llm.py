@@ -201,6 +201,19 @@ class LLM(_Base):
         """Unload adapter ``name``, freeing its slot for another."""
         self.engine.remove_lora(name)
 
+    def sleep(self, level: int = 1) -> None:
+        """Hand the device memory of the weights and KV cache back while idle (vLLM's sleep
+        mode): level 1 keeps the weights in host memory, level 2 drops them (``update_weights``
+        before ``wake_up``)."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached prefixes (False while requests are unfinished)."""
+        return self.engine.reset_prefix_cache()
+
     def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` (same architecture, e.g. a
         trainer's latest step) from now on, without recompiling; the prefix cache is cleared.
@@ -419,6 +432,16 @@ class AsyncLLM(_Base):
     async def remove_lora(self, name: str) -> None:
         """Unload adapter ``name`` (refused while a request still uses it)."""
         await self._thread.remove_lora(name)
+
+    async def sleep(self, level: int = 1) -> None:
+        """``LLM.sleep`` between two steps (refused while requests are unfinished)."""
+        await self._thread.sleep(level)
+
+    async def wake_up(self) -> None:
+        await self._thread.wake_up()
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self._thread.reset_prefix_cache()
 
     async def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` from the next step on: loaded

@@ -66,6 +66,8 @@ class ServerConfig:
     reasoning_parser: str | None = None
     # Serve HTTP POST /update_weights_from_disk (SGLang's): new weights from the server's disk.
     allow_weight_updates: bool = False
+    # Serve HTTP POST /sleep, /wake_up, GET /is_sleeping (vLLM's sleep mode).
+    enable_sleep_mode: bool = False
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -152,7 +154,8 @@ class InferenceServer:
                                  served_model_names=config.served_model_names,
                                  allow_runtime_lora_updating=config.allow_runtime_lora_updating,
                                  reasoning_parser=config.reasoning_parser,
-                                 allow_weight_updates=config.allow_weight_updates)
+                                 allow_weight_updates=config.allow_weight_updates,
+                                 enable_sleep_mode=config.enable_sleep_mode)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

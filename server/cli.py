@@ -111,6 +111,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                              "the weights of an HF checkpoint of the same architecture on the "
                              "server's disk (e.g. a trainer's latest step) served from the next "
                              "step, without a restart or a recompile")
+    engine.add_argument("--enable-sleep-mode", action="store_true",
+                        help="serve POST /sleep?level=1|2, POST /wake_up and GET /is_sleeping "
+                             "(vLLM's): the device memory of the weights (level 1: kept in host "
+                             "memory; 2: dropped, new ones by /update_weights_from_disk) and of "
+                             "the KV cache handed back while idle")
     engine.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and "
                              "gRPC LoadLoRAAdapter/UnloadLoRAAdapter): adapters from the server's "
@@ -198,7 +203,8 @@ def server_config(args):
         step_timeout=args.step_timeout,
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
         reasoning_parser=getattr(args, "reasoning_parser", None),
-        allow_weight_updates=getattr(args, "allow_weight_updates", False))
+        allow_weight_updates=getattr(args, "allow_weight_updates", False),
+        enable_sleep_mode=getattr(args, "enable_sleep_mode", False))
 
 
 def load_serving_model(args, mesh=None):

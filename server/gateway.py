@@ -262,6 +262,9 @@ class Gateway:
         if admitting and self.draining:
             raise self.refuse(grpc.StatusCode.UNAVAILABLE, "the server is draining before "
                               "shutdown; retry on another replica", generate=generate)
+        if generate and self.sleeping:
+            raise self.refuse(grpc.StatusCode.UNAVAILABLE, "the engine is asleep (sleep mode); "
+                              "retry once it is woken up", generate=generate)
         return self.engine_thread
 
     async def encode(self, *, text: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
@@ -331,6 +334,27 @@ class Gateway:
             raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    @property
+    def sleeping(self) -> bool:
+        return any(e.sleeping for e in self.engines)
+
+    async def sleep(self, level: Any) -> None:
+        """Sleep mode (``--enable-sleep-mode``): FAILED_PRECONDITION while requests run."""
+        thread = self.require_engine(admitting=False)
+        if level not in (1, 2):
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"level must be 1 or 2, got {level!r}")
+        try:
+            await thread.sleep(level)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
+
+    async def wake_up(self) -> None:
+        thread = self.require_engine(admitting=False)
+        try:
+            await thread.wake_up()
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
 
     async def update_weights(self, path: Any) -> None:
         """Serve a checkpoint's weights from now on (``--allow-weight-updates``): NOT_FOUND for

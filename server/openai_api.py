@@ -109,7 +109,8 @@ class OpenAIServer:
     def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
-                 reasoning_parser: str | None = None, allow_weight_updates: bool = False):
+                 reasoning_parser: str | None = None, allow_weight_updates: bool = False,
+                 enable_sleep_mode: bool = False):
         self.gateway = gateway
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
@@ -137,6 +138,11 @@ class OpenAIServer:
             app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
         if allow_weight_updates:  # SGLang's route
             app.router.add_post("/update_weights_from_disk", self.update_weights_from_disk)
+        if enable_sleep_mode:  # vLLM's routes
+            app.router.add_post("/sleep", self.sleep)
+            app.router.add_post("/wake_up", self.wake_up)
+            app.router.add_get("/is_sleeping", self.is_sleeping)
+        app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen on ``host:port`` (0: any free port); returns the bound port."""
@@ -292,6 +298,25 @@ class OpenAIServer:
         body = self._object(await self._body(request), {"model_path", "load_format"})
         await self.gateway.update_weights(body.get("model_path"))
         return web.json_response({"success": True, "message": "Succeeded to update model weights."})
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        """``POST /sleep?level=1|2`` (vLLM's): the weights' and KV cache's device memory handed
+        back while idle; generation requests get 503 until ``POST /wake_up``."""
+        level = request.query.get("level", "1")
+        await self.gateway.sleep(int(level) if level.isdigit() else level)
+        return web.Response()
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        await self.gateway.wake_up()
+        return web.Response()
+
+    async def is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.gateway.sleeping})
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """Forget the cached prefixes (vLLM's route): ``{"reset": false}`` while requests run."""
+        thread = self.gateway.require_engine(admitting=False)
+        return web.json_response({"reset": await thread.reset_prefix_cache()})
 
     def _object(self, body: Any, fields: set[str]) -> dict:
         if not isinstance(body, dict):

@@ -138,13 +138,25 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path):
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read())
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as error:
             return error.code, error.read().decode()
 
+    def get(port, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
     try:
-        server = servers.start(allow_weight_updates=True)
+        server = servers.start(allow_weight_updates=True, enable_sleep_mode=True)
         port = server.http_port
+        # Sleep mode (vLLM's routes): generation waits out the sleep with 503.
+        assert post(port, "/sleep?level=1", {})[0] == 200 and get(port, "/is_sleeping") == {"is_sleeping": True}
+        status, message = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+        assert status == 503 and "asleep" in message
+        assert post(port, "/sleep?level=3", {})[0] == 400
+        assert post(port, "/wake_up", {})[0] == 200 and get(port, "/is_sleeping") == {"is_sleeping": False}
+        assert post(port, "/reset_prefix_cache", {}) == (200, {"reset": True})
         assert post(port, "/update_weights_from_disk", {"model_path": str(b)}) == (
             200, {"success": True, "message": "Succeeded to update model weights."})
         with grpc.insecure_channel(server.address) as channel:
@@ -160,3 +172,43 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path):
     finally:
         servers.stop_all()
         thread.shutdown()
+
+
+def test_sleep_frees_the_device_memory_and_wake_up_serves_as_before(checkpoints):
+    """vLLM's sleep mode: level 1 keeps the weights on the host and wakes up to the same
+    outputs; level 2 drops them, and waking needs new ones (a trainer's step)."""
+    import jax
+
+    a, b = checkpoints
+    engine = Engine(load_model(a, tp=2, dtype="float32"), EngineConfig(**CONFIG), warm_up=False)
+    prompt = np.random.default_rng(3).integers(0, VOCAB, 30).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def run():
+        engine.add_request(prompt, greedy)
+        outputs = []
+        while engine.has_unfinished():
+            outputs += [o for o in engine.step() if o.finished]
+        return outputs[0]
+
+    first = run()
+    weights = jax.tree.leaves(engine.lm.weights)
+    engine.sleep(1)
+    assert engine.sleeping == 1 and all(a.is_deleted() for a in weights)
+    with pytest.raises(ValueError, match="asleep"):
+        engine.add_request(prompt, greedy)
+    engine.wake_up()
+    again = run()
+    assert again.token_ids == first.token_ids and again.num_cached_tokens == 0  # cache forgotten
+    assert engine.reset_prefix_cache() and run().num_cached_tokens == 0
+
+    engine.sleep(2)
+    with pytest.raises(ValueError, match="update_weights before waking"):
+        engine.wake_up()
+    engine.update_weights(b)  # while asleep
+    engine.wake_up()
+    assert run().token_ids == GreedyGenerator(load_model(b, tp=2, dtype="float32")).generate([prompt], 8)[0]
+    engine.add_request(prompt, greedy)
+    with pytest.raises(ValueError, match="still running"):
+        engine.sleep(1)
+    assert not engine.reset_prefix_cache()

@@ -138,6 +138,15 @@ class EngineThread:
     async def remove_lora(self, name: str) -> None:
         await self.call(Engine.remove_lora, name)
 
+    async def sleep(self, level: int = 1) -> None:
+        await self.call(Engine.sleep, level)
+
+    async def wake_up(self) -> None:
+        await self.call(Engine.wake_up)
+
+    async def reset_prefix_cache(self) -> bool:
+        return await self.call(Engine.reset_prefix_cache)
+
     async def update_weights(self, path) -> None:
         """Load a checkpoint's weights on a worker thread while steps go on, then swap them in
         between two steps (``Engine.load_weights``, ``Engine.set_weights``)."""

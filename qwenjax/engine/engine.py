@@ -198,6 +198,8 @@ class Engine:
         self.loras = LoRASlots(lm.max_loras + 1, lm.max_lora_rank, lm.lora_names)
         self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
         self.weights_version = 0  # set_weights calls so far
+        self.sleeping = 0  # sleep mode: 0 awake, else the level it sleeps at
+        self._host_weights = self._host_lora = self._shardings = None
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
         if warm_up and self.drafter is not None:
@@ -277,6 +279,8 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError naming the problem; nothing is admitted."""
+        if self.sleeping:
+            raise ValueError("the engine is asleep (sleep mode); wake it up first")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
@@ -430,9 +434,65 @@ class Engine:
         if old != new:
             raise ValueError("the new weights are not laid out as the served ones")
         self.lm.weights = weights
+        self._host_weights = None  # asleep: wake_up keeps these, not the ones slept with
         self.scheduler.preempt_all()
         self.scheduler.reset_prefix_cache()
         self.weights_version += 1
+
+    # ---- sleep mode: the device memory handed back while idle --------------------------------
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix page (vLLM's reset_prefix_cache), e.g. between benchmark
+        runs; False (nothing done) while requests are unfinished, whose pages may be cached."""
+        if self.has_unfinished() or self._inflight is not None:
+            return False
+        self.scheduler.reset_prefix_cache()
+        return True
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights and the KV cache while idle (vLLM's sleep mode,
+        e.g. for a trainer sharing the GPUs): level 1 keeps the weights in host memory for
+        ``wake_up``; level 2 drops them (give new ones with ``update_weights``/``set_weights``
+        before waking). LoRA adapters are kept in host memory at both levels; a draft model stays
+        on the devices. The compiled programs stay: waking recompiles nothing. Refused while
+        requests are unfinished."""
+        import jax
+
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self.sleeping:
+            raise ValueError(f"the engine is already asleep (level {self.sleeping})")
+        if self.has_unfinished() or self._inflight is not None:
+            raise ValueError("sleep: requests are still running; wait for them or abort them first")
+        if jax.process_count() > 1:
+            raise ValueError("sleep mode runs on one host only")
+        weights = self.lm.weights
+        self._shardings = jax.tree.map(lambda a: a.sharding, weights)
+        lora = None if weights.lora is None else jax.device_get(weights.lora)
+        self._host_weights = jax.device_get(weights) if level == 1 else None
+        self._host_lora = lora
+        for array in jax.tree.leaves((weights, self.runner.cache)):
+            array.delete()
+        self.runner.cache = None
+        self.scheduler.reset_prefix_cache()
+        self.sleeping = level
+
+    def wake_up(self) -> None:
+        """Weights and a fresh KV cache back on the devices; requests may come again."""
+        import jax
+
+        if not self.sleeping:
+            return
+        if self._host_weights is not None:
+            self.lm.weights = jax.device_put(self._host_weights, self._shardings)
+        elif any(a.is_deleted() for a in jax.tree.leaves(self.lm.weights)):
+            raise ValueError("the engine slept at level 2 (its weights dropped): give it new ones "
+                             "with update_weights before waking it")
+        if self._host_lora is not None:
+            self.lm.weights = dataclasses.replace(
+                self.lm.weights, lora=jax.device_put(self._host_lora, self._shardings.lora))
+        self.runner.reset_cache()
+        self._host_weights = self._host_lora = self._shardings = None
+        self.sleeping = 0
 
     def update_weights(self, model) -> None:
         """``set_weights(load_weights(model))`` (SGLang's update_weights_from_disk). The new

@@ -101,6 +101,25 @@ class EngineReplicas:
                 await thread.call(Engine.remove_lora, name)
             raise
 
+    async def sleep(self, level: int = 1) -> None:
+        """Every replica (a replica with requests left refuses, and the ones before it wake)."""
+        done = []
+        try:
+            for thread in self.threads:
+                await thread.sleep(level)
+                done.append(thread)
+        except BaseException:
+            for thread in done:
+                await thread.wake_up()
+            raise
+
+    async def wake_up(self) -> None:
+        for thread in self.threads:
+            await thread.wake_up()
+
+    async def reset_prefix_cache(self) -> bool:
+        return all([await thread.reset_prefix_cache() for thread in self.threads])
+
     async def update_weights(self, path) -> None:
         """Every replica's weights loaded first (side by side), then swapped in: a checkpoint
         that does not load leaves all of them on the old weights."""
