@@ -68,6 +68,10 @@ class ServerConfig:
     allow_weight_updates: bool = False
     # Serve HTTP POST /sleep, /wake_up, GET /is_sleeping (vLLM's sleep mode).
     enable_sleep_mode: bool = False
+    # Log each request as it is admitted (its first max_log_len prompt token ids, its sampling
+    # parameters) and as it ends (reason, TTFT, latency): vLLM's --enable-log-requests.
+    enable_log_requests: bool = False
+    max_log_len: int = 64
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -78,6 +82,8 @@ class ServerConfig:
         for name in ("max_queue", "max_queued_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0 (0 = no limit), got {getattr(self, name)}")
+        if self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be ≥ 0, got {self.max_log_len}")
         if self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be ≥ 1024, got {self.max_request_bytes}")
         if self.drain_timeout < 0:
@@ -90,7 +96,8 @@ class InferenceServer:
     def __init__(self, config: ServerConfig = ServerConfig()):
         self.config = config
         self.metrics = ServerMetrics(lambda: self.gateway.engines, lambda: self.gateway.in_flight)
-        self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics)
+        self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics,
+                               config.max_log_len if config.enable_log_requests else None)
         self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
                                           config.served_model_names,
                                           config.allow_runtime_lora_updating,

@@ -140,6 +140,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     net.add_argument("--http-port", type=int, default=8000,
                      help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                           "/v1/models, …) on --host (0: off)")
+    net.add_argument("--enable-log-requests", action="store_true",
+                     help="log each request as it is admitted (prompt token ids up to --max-log-len, "
+                          "sampling parameters, adapter) and as it ends (reason, TTFT, latency), "
+                          "as vLLM's (logger qwenjax.requests)")
+    net.add_argument("--max-log-len", type=int, default=64,
+                     help="prompt token ids shown per logged request (default 64)")
     net.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                      help="split chat replies of reasoning models (QwQ-32B, DeepSeek-R1-Distill-Qwen) "
                           "into reasoning (before </think>) and content, as vLLM's: HTTP message "
@@ -204,7 +210,8 @@ def server_config(args):
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
         reasoning_parser=getattr(args, "reasoning_parser", None),
         allow_weight_updates=getattr(args, "allow_weight_updates", False),
-        enable_sleep_mode=getattr(args, "enable_sleep_mode", False))
+        enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+        enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
 
 
 def load_serving_model(args, mesh=None):

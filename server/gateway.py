@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Mapping, Sequence
@@ -25,6 +26,8 @@ import jinja2
 from qwenjax.engine.request import RequestOutput
 from qwenjax.sampling import SamplingParams
 from server.metrics import ServerMetrics
+
+log = logging.getLogger("qwenjax.requests")
 
 # Inputs longer than this (characters) are tokenized on a worker thread so a large prompt does
 # not stall every other stream on the loop; smaller ones cost less than the thread hop.
@@ -123,6 +126,11 @@ class Call:
         gateway._enter()
         metrics.prompt_tokens.inc(num_prompt)
         self.start = time.monotonic()
+        if gateway.log_requests is not None:
+            shown = self.prompt_ids[: gateway.log_requests]
+            log.info("request %s%s: %d prompt tokens %s%s, lora=%s, priority=%d, %s", self.engine_id,
+                     f" ({self.client_id})" if self.client_id else "", num_prompt, shown,
+                     "…" if len(shown) < num_prompt else "", self.lora, self.priority, self.params)
         queued, reason = True, None
         try:
             stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority,
@@ -160,6 +168,10 @@ class Call:
         finally:
             if queued:
                 gateway.admission.release(queued_tokens)
+            if gateway.log_requests is not None:
+                ttft = "-" if self.first is None else f"{1000 * (self.first - self.start):.0f} ms"
+                log.info("request %s finished: %s, ttft %s, e2e %.0f ms", self.engine_id,
+                         reason or "abort", ttft, 1000 * (time.monotonic() - self.start))
             metrics.requests.labels(reason or "abort").inc()
             metrics.e2e.observe(time.monotonic() - self.start)
             if self.client_id and gateway._active.get(self.client_id) == self.engine_id:
@@ -205,9 +217,12 @@ class BeamCall:
 
 
 class Gateway:
-    def __init__(self, admission: Admission, metrics: ServerMetrics):
+    def __init__(self, admission: Admission, metrics: ServerMetrics, log_requests: int | None = None):
         self.admission = admission
         self.metrics = metrics
+        # vLLM's --enable-log-requests: each admitted request logged (its first this-many prompt
+        # token ids, --max-log-len) and its end; None: off.
+        self.log_requests = log_requests
         # qwenjax.engine.async_engine.EngineThread (or replicas.EngineReplicas, the same
         # interface over several), once the model is up.
         self.engine_thread = None

@@ -111,7 +111,7 @@ async def _collect(llm, prompt, params) -> list[int]:
     return tokens
 
 
-def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path):
+def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplog):
     """SGLang's POST /update_weights_from_disk, on a server started with
     --allow-weight-updates: the next completion is the new model's; refusals name the field or
     the path; without the flag there is no such route."""
@@ -167,8 +167,17 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path):
         assert status == 404 and "no config.json" in message
         assert post(port, "/update_weights_from_disk", {"path": str(b)})[0] == 400
         assert post(port, "/update_weights_from_disk", {"model_path": 3})[0] == 400
-        locked = servers.start()
+        locked = servers.start(enable_log_requests=True, max_log_len=4)
         assert post(locked.http_port, "/update_weights_from_disk", {"model_path": str(b)})[0] == 404
+        assert post(locked.http_port, "/sleep", {})[0] == 404
+        # --enable-log-requests: each request logged as admitted (4 prompt ids) and as it ends.
+        with caplog.at_level("INFO", logger="qwenjax.requests"):
+            with grpc.insecure_channel(locked.address) as channel:
+                collect(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=prompt), sampling=greedy(3)), timeout=120))
+        admitted, ended = [r.getMessage() for r in caplog.records if r.name == "qwenjax.requests"]
+        assert f"16 prompt tokens {prompt[:4]}…" in admitted and "max_tokens=3" in admitted
+        assert "finished: length" in ended and "ttft" in ended
     finally:
         servers.stop_all()
         thread.shutdown()
