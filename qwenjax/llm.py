@@ -214,6 +214,20 @@ class LLM(_Base):
         """Forget the cached prefixes (False while requests are unfinished)."""
         return self.engine.reset_prefix_cache()
 
+    def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
+              use_tqdm: bool = True, lora: str | None = None) -> list:
+        """The embedding of each prompt (vLLM's ``LLM.embed``): the final-normed hidden state of
+        its last token, L2-normalized unless ``pooling_params`` (a ``PoolingParams``) says
+        otherwise; batched with anything else the engine runs. Returns
+        ``EmbeddingRequestOutput``s (``.outputs.embedding``)."""
+        from qwenjax.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
+
+        pooling_params = pooling_params if pooling_params is not None else PoolingParams()
+        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], pooling_params,
+                            use_tqdm, lora=lora)
+        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))
+                for o in outputs]
+
     def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` (same architecture, e.g. a
         trainer's latest step) from now on, without recompiling; the prefix cache is cleared.

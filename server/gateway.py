@@ -118,6 +118,7 @@ class Call:
                                  f"request_id {self.client_id!r} names a request still running")
         num_prompt = len(self.prompt_ids)
         queued_tokens = num_prompt * self.params.n  # n sequences each prefill the prompt
+        # (self.params: SamplingParams, or PoolingParams for an embedding.)
         refusal = gateway.admission.admit(queued_tokens)
         if refusal is not None:
             raise gateway.refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)

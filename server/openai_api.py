@@ -128,6 +128,7 @@ class OpenAIServer:
         app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/responses/{response_id}", self.get_response)
         self.responses_store = rproto.ResponseStore()
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -400,6 +401,38 @@ class OpenAIServer:
                     gateway.engine.tokenizer.decode(run_ids, skip_special_tokens=False)
             runs.append((run_ids, params, echo))
         return runs
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's /v1/embeddings: the last token's final hidden state of each input (vLLM's
+        pooling of a decoder model; qwenjax/pooling.py), the inputs run as concurrent requests."""
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        parsed = self._parse(proto.parse_embeddings, await self._body(request))
+        model = self._check_model(parsed.model)
+        engine = gateway.engine
+        runs = []
+        try:
+            for text in parsed.inputs:
+                ids = text if isinstance(text, list) else await gateway.encode(text=text)
+                if parsed.truncate_prompt_tokens is not None:
+                    ids = ids[-parsed.truncate_prompt_tokens:]
+                engine.validate(ids, parsed.pooling, parsed.priority)
+                runs.append(ids)
+        except ValueError as error:
+            raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        lora = self._lora(parsed.model)
+        calls = [gateway.call(ids, parsed.pooling, parsed.priority, lora=lora) for ids in runs]
+        vectors = {}
+        async for i, output in merged(calls):
+            if output.finished:
+                vectors[i] = output.embedding
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": proto.embedding_json(vectors[i], parsed.encoding_format)}
+                     for i in range(len(runs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway

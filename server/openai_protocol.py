@@ -227,7 +227,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     return request
 
 
-def _prompts(prompt: Any) -> list[str | list[int]]:
+def _prompts(prompt: Any, name: str = "prompt") -> list[str | list[int]]:
     """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
     shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
     if isinstance(prompt, str):
@@ -240,15 +240,60 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
             isinstance(p, list) and p and all(is_int(t) for t in p) for p in prompt):
         prompts = [list(p) for p in prompt]
     elif prompt is None:
-        raise ValueError("prompt is required")
+        raise ValueError(f"{name} is required")
     else:
-        raise ValueError(f"prompt must be {shape} (none of them empty)")
+        raise ValueError(f"{name} must be {shape} (none of them empty)")
     if len(prompts) > MAX_PROMPTS:
-        raise ValueError(f"prompt holds {len(prompts)} prompts; the limit is {MAX_PROMPTS}")
+        raise ValueError(f"{name} holds {len(prompts)} prompts; the limit is {MAX_PROMPTS}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
+            raise ValueError(f"{name}[{i}] is empty" if len(prompts) > 1 else f"{name} is empty")
     return prompts
+
+
+EMBEDDING_FIELDS = frozenset(("model", "input", "encoding_format", "dimensions", "user",
+                              "normalize", "priority", "truncate_prompt_tokens"))
+
+
+@dataclasses.dataclass
+class EmbeddingRequest:
+    inputs: list[str | list[int]]
+    pooling: Any                    # qwenjax.pooling.PoolingParams
+    model: str | None = None
+    encoding_format: str = "float"  # or "base64": little-endian float32, as OpenAI's
+    priority: int = 0
+    truncate_prompt_tokens: int | None = None
+
+
+def parse_embeddings(body: Any) -> EmbeddingRequest:
+    """/v1/embeddings (OpenAI's, with vLLM's ``normalize``, ``priority`` and
+    ``truncate_prompt_tokens``)."""
+    from qwenjax.pooling import PoolingParams
+
+    body = _check_fields(body, EMBEDDING_FIELDS, "/v1/embeddings")
+    encoding = _expect(body, "encoding_format", str, "\"float\" or \"base64\"") or "float"
+    if encoding not in ("float", "base64"):
+        raise ValueError(f"encoding_format must be \"float\" or \"base64\", got {json.dumps(encoding)}")
+    dimensions = _expect(body, "dimensions", int, "a positive integer")
+    normalize = _expect(body, "normalize", bool, "true or false")
+    truncate = _expect(body, "truncate_prompt_tokens", int, "a positive integer")
+    if truncate is not None and truncate < 1:
+        raise ValueError(f"truncate_prompt_tokens must be a positive integer, got {truncate}")
+    return EmbeddingRequest(
+        _prompts(body.get("input"), "input"),
+        PoolingParams(normalize=True if normalize is None else normalize, dimensions=dimensions),
+        _expect(body, "model", str, "a string"), encoding,
+        _expect(body, "priority", int, "an integer") or 0, truncate)
+
+
+def embedding_json(values: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        import base64
+
+        import numpy as np
+
+        return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+    return values
 
 
 def parse_chat(body: Any) -> ParsedRequest:

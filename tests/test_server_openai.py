@@ -260,6 +260,42 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
+def test_embeddings(client, name, base, tokenizer):
+    """/v1/embeddings through the official client: one unit vector per input (texts and token
+    ids alike), closer for paraphrases; base64 is the same float32 values; ``dimensions`` cuts
+    then normalizes, ``normalize: false`` (vLLM's) leaves the raw state; bad fields refused."""
+    import base64
+
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quantum chromodynamics."]
+    reply = client.embeddings.create(model=name, input=texts)
+    vectors = np.array([d.embedding for d in reply.data])
+    assert [d.index for d in reply.data] == [0, 1, 2] and vectors.shape == (3, 896)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similar = vectors @ vectors.T
+    assert similar[0, 1] > similar[0, 2] + 0.2 and similar[0, 1] > similar[1, 2] + 0.2
+    ids = tokenizer.encode(texts[0])
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+    by_ids = client.embeddings.create(model=name, input=[ids]).data[0].embedding
+    np.testing.assert_allclose(by_ids, vectors[0], atol=1e-6)
+    status, packed = http(base, "/v1/embeddings", {"input": texts[0], "encoding_format": "base64"})
+    assert status == 200
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(decoded, vectors[0], atol=1e-6)
+    _, raw = http(base, "/v1/embeddings", {"input": texts[0], "normalize": False})
+    raw = np.array(raw["data"][0]["embedding"])
+    assert abs(np.linalg.norm(raw) - 1) > 0.1
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), vectors[0], atol=1e-5)
+    cut = client.embeddings.create(model=name, input=texts[0], dimensions=32).data[0].embedding
+    np.testing.assert_allclose(cut, raw[:32] / np.linalg.norm(raw[:32]), atol=1e-5)
+    for body, field in (({"input": []}, "input"), ({"input": "x", "dimensions": 4096}, "dimensions"),
+                        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+                        ({"input": "x", "pooling": "mean"}, "pooling")):
+        status, error = http(base, "/v1/embeddings", body)
+        assert status == 400 and field in error["error"]["message"], (body, error)
+
+
 def test_reasoning_parser_splits_chat_replies(start, server, name):
     """A server with --reasoning-parser deepseek_r1 (over the same engine): the reply's text
     before </think> as reasoning (reasoning and reasoning_content), the rest as content, the

@@ -42,6 +42,16 @@ from qwenjax.sampling import MAX_SEED, SamplingParams
 
 log = logging.getLogger(__name__)
 
+# What a pooling (embedding) request samples: one greedy token with its last prompt token's
+# hidden state, dropped (the step computes that row anyway).
+POOLING_SAMPLING = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+
+def _is_pooling(params) -> bool:
+    from qwenjax.pooling import PoolingParams
+
+    return isinstance(params, PoolingParams)
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
@@ -279,6 +289,9 @@ class Engine:
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError naming the problem; nothing is admitted."""
+        if _is_pooling(params):
+            params.check(self.lm.config.hidden_size)
+            params = POOLING_SAMPLING
         if self.sleeping:
             raise ValueError("the engine is asleep (sleep mode); wake it up first")
         if not isinstance(params, SamplingParams):
@@ -310,9 +323,12 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0,
-                    lora: str | None = None) -> str:
+                    lora: str | None = None, pooling=None) -> str:
         """Queue a request; ``priority`` (scheduling_policy "priority"): lower runs first;
-        ``lora``: the name of a loaded LoRA adapter (None: the base model)."""
+        ``lora``: the name of a loaded LoRA adapter (None: the base model). ``params`` may be
+        a PoolingParams: an embedding request (``add_pooling_request``)."""
+        if _is_pooling(params):
+            return self.add_pooling_request(prompt_ids, params, request_id, priority, lora)
         lora_slot = self.lora_slot(lora)
         lora_load = self.loras.load_id(lora) if lora is not None else 0
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
@@ -341,7 +357,7 @@ class Engine:
         if params.n == 1:
             self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher,
                       priority=int(priority), lora_name=lora, lora_slot=lora_slot,
-                      lora_load=lora_load)
+                      lora_load=lora_load, pooling=pooling)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -357,6 +373,21 @@ class Engine:
                       lora_load=lora_load)
             leader = leader or request
         return request_id
+
+    def add_pooling_request(self, prompt_ids: Sequence[int], pooling=None,
+                            request_id: str | None = None, priority: int = 0,
+                            lora: str | None = None) -> str:
+        """Queue a request for the embedding of ``prompt_ids`` (qwenjax/pooling.py): its last
+        output carries ``embedding``; ``pooling``: a PoolingParams (default: normalized).
+        (``add_request`` with PoolingParams for its params does the same.)"""
+        from qwenjax.pooling import PoolingParams
+
+        pooling = pooling if pooling is not None else PoolingParams()
+        if not isinstance(pooling, PoolingParams):
+            raise ValueError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
+        pooling.check(self.lm.config.hidden_size)
+        return self.add_request(prompt_ids, POOLING_SAMPLING, request_id, priority, lora,
+                                pooling=pooling)
 
     def lora_slot(self, name: str | None) -> int:
         """The weight slot of LoRA adapter ``name`` (0 for None: the base model)."""
@@ -749,6 +780,11 @@ class Engine:
         track.metrics.finish_time = time.monotonic()
         out = self._output(request, delta, delta_ids, delta_logprobs or [], last, track)
         out.finish_reason, out.matched_stop = reason, matched
+        if request.pooling is not None and request.embedding is not None:
+            # An embedding, not a generation: the token sampled with it is dropped.
+            out.embedding = request.pooling.apply(request.embedding)
+            out.text, out.delta_text, out.token_ids, out.delta_token_ids = "", "", [], []
+            out.finish_reason, out.matched_stop = "stop", None
         return out
 
     def _output(self, request: Request, delta: str, delta_ids: list[int], delta_logprobs,

@@ -62,6 +62,10 @@ class Request:
     draft_state: Any = dataclasses.field(default=None, repr=False)
     # Scheduling policy "priority": lower values are admitted, and kept, first (vLLM's).
     priority: int = 0
+    # Embeddings: a pooling request (qwenjax.pooling.PoolingParams) and, once its prompt is
+    # computed, the hidden state of its last token (float32 numpy).
+    pooling: Any = None
+    embedding: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def cache_salt(self) -> str | None:
@@ -176,6 +180,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     index: int = 0                        # which of the request's n sequences
+    embedding: list[float] | None = None  # a pooling request's embedding (on its last output)
 
     def followed_by(self, later: RequestOutput) -> RequestOutput:
         """One output standing for this one and the ``later`` one of the same sequence: the

@@ -118,6 +118,9 @@ class InFlight:
     # outputs (sampling.raw_logprobs) holding them in that order.
     scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
     scores: list = dataclasses.field(default_factory=list)
+    # Embeddings: the pooling requests of the step, and their pooled hidden states (device).
+    pooling: list[Request] = dataclasses.field(default_factory=list)
+    pooled: object | None = None
     # Speculative decoding: a drafting chunk's sampled row → the sampler rows of its drafts.
     draft_rows: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
@@ -188,6 +191,9 @@ class ModelRunner:
 
         # Compiled on first use for each (hidden rows, block, top) shape: scoring is rare.
         self._score = jax.jit(score, static_argnames=("num_top",), out_shardings=self._replicated)
+        # Embeddings: the final-normed hidden state of each pooling request's last prompt token.
+        self._pool = jax.jit(lambda hidden, index: jnp.take(hidden, index, axis=0).astype(jnp.float32),
+                             out_shardings=self._replicated)
         # The last sampler's token ids, max_sampled_rows wide: the next step's fed inputs.
         self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
@@ -509,6 +515,15 @@ class ModelRunner:
             plan.score_target = np.asarray(target, np.int32)
             plan.score_top = (MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs for r, _ in scored)
                               else 0)
+        # Embeddings: a pooling request's sampled row is its last prompt token; its index in the
+        # flattened hidden states (decode rows first, then the packed prefill tokens).
+        ends = {id(c): decode_rows + sum(p.num_tokens for p in out.prefill[: j + 1]) - 1
+                for j, c in enumerate(out.prefill)}
+        pool = [(i if i < decode_rows else ends[id(c)], c.request) for i, c in placed
+                if c.request.pooling is not None]
+        if pool:
+            plan.pool_index = np.zeros((1 << (len(pool) - 1).bit_length(),), np.int32)
+            plan.pool_index[: len(pool)] = [index for index, _ in pool]
         return plan, placed, scored, draft_rows
 
     def run(self, plan: StepPlan) -> tuple:
@@ -527,6 +542,8 @@ class ModelRunner:
         drafted = None if plan.drafted is None else self._put(plan.drafted)
         logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill, drafted)
         scores = self._run_scoring(plan, hidden)
+        if plan.pool_index is not None:
+            scores.append(self._pool(hidden, self._put(plan.pool_index)))  # last: the embeddings
         if plan.sampling is None:
             return None, scores
         # Sampler rows: the decode rows (same src), then prefill rows (never fed).
@@ -559,17 +576,25 @@ class ModelRunner:
         if self.mirror is not None:
             self.mirror.send("step", *plan.to_message())
         sampled, scores = self.run(plan)
+        pooled = scores.pop() if plan.pool_index is not None else None
+        if pooled is not None:
+            pooled.copy_to_host_async()
         if sampled is not None:  # start the copy back now; collect() then finds it done
             for name in ("token_ids", "logprobs", "finite") + (("top_ids", "top_logprobs")
                                                               if plan.num_top else ()):
                 getattr(sampled, name).copy_to_host_async()
         for array in itertools.chain.from_iterable(scores):
             array.copy_to_host_async()
-        return InFlight(out, plan, placed, sampled, scored, scores, draft_rows)
+        pooling = [c.request for _, c in placed if c.request.pooling is not None]
+        return InFlight(out, plan, placed, sampled, scored, scores, draft_rows=draft_rows,
+                        pooling=pooling, pooled=pooled)
 
     def collect(self, step: InFlight) -> tuple[list[SampledToken], list[tuple[Request, int, TokenLogprob]]]:
         """Wait for a dispatched step: the token sampled for each chunk that completes, and the
         (request, position, logprob of the next prompt token) of each scored prompt position."""
+        if step.pooling:  # embeddings: on the requests, which finish with this step's token
+            for request, vector in zip(step.pooling, np.asarray(step.pooled)):
+                request.embedding = vector
         return self._collect_sampled(step), self._collect_scores(step)
 
     @staticmethod

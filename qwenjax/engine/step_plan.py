@@ -33,6 +33,9 @@ class StepPlan:
     # Speculative decoding: [max_prefill_seqs × k] indices into the packed prefill tokens whose
     # logits are also sampled (drafted positions); None without a prefill part or drafting.
     drafted: np.ndarray | None = None
+    # Embeddings (pooling requests): indices into the flattened hidden states of each such
+    # request's last prompt token, padded to a power of two; None when no request pools.
+    pool_index: np.ndarray | None = None
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
@@ -42,6 +45,8 @@ class StepPlan:
         arrays = {} if self.src is None else {"src": self.src}
         if self.drafted is not None:
             arrays["drafted"] = self.drafted
+        if self.pool_index is not None:
+            arrays["pool_index"] = self.pool_index
         if self.score_index is not None:
             arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
         for name, part in (("decode", self.decode), ("prefill", self.prefill)):
@@ -83,4 +88,4 @@ class StepPlan:
                    part("prefill", len(dataclasses.fields(PackedChunks))),
                    sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
                    arrays.get("score_target"), int(meta.get("score_top", 0)),
-                   arrays.get("drafted"))
+                   arrays.get("drafted"), arrays.get("pool_index"))
