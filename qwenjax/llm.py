@@ -388,6 +388,18 @@ class AsyncLLM(_Base):
         return self._generate(ids, params or self.engine.default_sampling_params(len(ids)),
                               request_id or uuid.uuid4().hex, priority, _one_lora(lora, lora_request))
 
+    async def embed(self, prompt: Prompt, pooling_params=None, *, priority: int = 0,
+                    lora: str | LoRARequest | None = None):
+        """The embedding of one prompt (``LLM.embed``), batched with whatever else runs."""
+        from qwenjax.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
+
+        ids = self._encode(prompt)
+        async for output in self._generate(ids, pooling_params or PoolingParams(), uuid.uuid4().hex,
+                                           priority, _one_lora(lora, None)):
+            if output.finished:
+                return EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
+                                              EmbeddingOutput(output.embedding))
+
     async def _generate(self, ids, params, request_id, priority, lora):
         lora = await self._resolve_lora(lora)
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,

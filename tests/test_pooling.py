@@ -61,3 +61,28 @@ def test_embeddings_equal_the_last_hidden_state_whatever_else_runs(lm):
     with pytest.raises(ValueError, match="dimensions must be a positive int"):
         PoolingParams(dimensions=0)
     engine.check()
+
+
+def test_llm_and_async_llm_embed(lm):
+    import asyncio
+
+    from qwenjax import LLM, AsyncLLM
+
+    prompts = [[5, 6, 7], [9] * 20]
+    options = dict(max_model_len=128, max_num_seqs=4, warm_up=False, progress=False)
+    outputs = LLM(lm, **options).embed(prompts, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == prompts
+    for o, prompt in zip(outputs, prompts):
+        want = _last_hidden(lm, prompt)
+        np.testing.assert_allclose(o.outputs.embedding, want / np.linalg.norm(want), atol=1e-5)
+    llm = AsyncLLM(lm, **options)
+
+    async def both():
+        return await asyncio.gather(*(llm.embed(p) for p in prompts))
+
+    try:
+        together = asyncio.run(both())
+    finally:
+        llm.shutdown()
+    for a, b in zip(together, outputs):
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, atol=1e-6)
