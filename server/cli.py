@@ -79,6 +79,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="do not reuse the K/V of prompt prefixes computed for earlier requests")
     engine.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                         help="reuse them (the default)")
+    engine.add_argument("--kv-offloading-size", type=float, default=0.0, metavar="GiB",
+                        help="host memory for KV pages the prefix cache evicts (vLLM's flag): a "
+                             "prompt whose prefix was evicted gets its pages copied back instead "
+                             "of recomputed (default 0: off)")
     engine.add_argument("--gpu-memory-utilization", "--kv-cache-fraction", dest="kv_cache_fraction",
                         type=float, default=None, metavar="F",
                         help="share of each device's memory for weights, workspace and KV cache, in "
@@ -351,6 +355,7 @@ def build_engine(args, mesh=None):
                           speculative_config=args.speculative_config,
                           scheduling_policy=args.scheduling_policy,
                           reasoning_parser=getattr(args, "reasoning_parser", None),
+                          kv_offloading_size=args.kv_offloading_size,
                           kv_cache_dtype=args.kv_cache_dtype, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)

@@ -84,6 +84,9 @@ class EngineConfig:
     # "fcfs" (arrival order) or "priority": add_request's priority, lower first; preemption
     # takes the newest request of the lowest priority (vLLM's --scheduling-policy).
     scheduling_policy: str = "fcfs"
+    # GiB of host memory for KV pages the prefix cache evicts (vLLM's kv_offloading_size): a
+    # prefix found there is copied back instead of recomputed (engine/host_cache.py). 0: off.
+    kv_offloading_size: float = 0.0
     # A reasoning model's parser (qwenjax.reasoning, vLLM's --reasoning-parser): a request's
     # structured outputs constrain its output only after the reasoning closes (</think>).
     reasoning_parser: str | None = None
@@ -197,6 +200,8 @@ class Engine:
         # Multi-host process 0: the runner sends every step to the other processes.
         self.runner = ModelRunner(lm, self.scheduler_config, num_pages, self.eos_token_ids,
                                   mirror=multihost.leader(), kv_cache_dtype=kv_cache_dtype)
+        if config.kv_offloading_size:
+            self._use_host_cache(config.kv_offloading_size)
         self._requests: dict[str, Request] = {}
         self._groups: dict[str, list[str]] = {}  # n > 1: request id → its unfinished sequences' ids
         self._tracking: dict[str, _Tracking] = {}
@@ -216,6 +221,23 @@ class Engine:
             start = time.perf_counter()
             self.drafter.warm_up()
             self.warm_up_seconds += time.perf_counter() - start
+
+    def _use_host_cache(self, gib: float) -> None:
+        import jax
+
+        from qwenjax.engine.host_cache import HostKVStore
+
+        if not self.config.enable_prefix_caching:
+            raise ValueError("kv_offloading_size needs prefix caching (the host tier holds what "
+                             "the prefix cache evicts)")
+        if self.lm.layout.pp > 1 or jax.process_count() > 1:
+            raise ValueError("kv_offloading_size: the host KV tier runs with pp = 1 on one host")
+        page_bytes = sum(a.nbytes for a in jax.tree.leaves(self.runner.cache)) // self.runner.num_pages
+        capacity = int(gib * 2**30 // page_bytes)
+        if capacity < 1:
+            raise ValueError(f"kv_offloading_size {gib} GiB holds no page of {page_bytes} bytes")
+        self.scheduler.use_host_cache(HostKVStore(capacity, self.runner.read_pages,
+                                                  self.runner.write_pages))
 
     def _load_draft_model(self, model) -> LoadedModel:
         """The draft model of ``speculative_config.model`` on this engine's mesh, in its dtype."""

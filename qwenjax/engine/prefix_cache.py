@@ -18,12 +18,21 @@ page keeps its contents and waits in the allocator's LRU of evictable pages
 until the pool needs it, and only then does its entry leave the index (with the
 entries chained below it, which nothing can reach any more).
 
+With a host tier (``on_offload``, qwenjax/engine/host_cache.py), an entry that leaves
+the index that way is handed over first, with those below it, for their pages to be
+copied to host memory. Off the device the prefixes are named by ``digest``: a
+cryptographic hash chain over the same tokens (and salt and identity), safe to look
+up without the parent entries a device hit is confirmed by.
+
 Pure Python, no JAX.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Hashable, Sequence
+
+import numpy as np
 
 from qwenjax.kv_cache import PageAllocator
 
@@ -34,6 +43,11 @@ def default_hash(parent: int, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+def chain_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The digest of a page of ``tokens`` after the prefix whose digest is ``parent``."""
+    return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=20).digest()
+
+
 @dataclasses.dataclass(eq=False)
 class Entry:
     key: int
@@ -42,6 +56,7 @@ class Entry:
     page: int
     children: list["Entry"] = dataclasses.field(default_factory=list)
     live: bool = True
+    digest: bytes = b""  # the prefix's chain_digest (what a host tier names it by)
 
 
 @dataclasses.dataclass
@@ -62,6 +77,10 @@ class PrefixCache:
         self._by_page: dict[int, Entry] = {}
         self._salts: dict[str, Entry] = {}  # salt → the root its requests' pages chain below
         self.stats = PrefixCacheStats()
+        self.root_digest = hashlib.blake2b(repr(identity).encode(), digest_size=20).digest()
+        # A host tier's intake: called with the (digest, page) of every entry that leaves the
+        # index by eviction (and those chained below it), before the page gets new contents.
+        self.on_offload: Callable[[list[tuple[bytes, int]]], None] | None = None
         allocator.on_evict = self._evicted
 
     def __len__(self) -> int:
@@ -84,8 +103,25 @@ class PrefixCache:
             return None
         root = self._salts.get(salt)
         if root is None and create:
-            root = self._salts[salt] = Entry(self.hash_fn(self.root_key, (hash(salt),)), None, (), -1)
+            root = self._salts[salt] = Entry(self.hash_fn(self.root_key, (hash(salt),)), None, (), -1,
+                                             digest=self.salt_digest(salt))
         return root
+
+    def salt_digest(self, salt: str | None) -> bytes:
+        if salt is None:
+            return self.root_digest
+        return hashlib.blake2b(self.root_digest + salt.encode(), digest_size=20).digest()
+
+    def digests(self, tokens: Sequence[int], after: "Entry | None", first: int, count: int,
+                salt: str | None = None) -> list[bytes]:
+        """The digests of ``tokens``' full pages first … first + count - 1, the page before
+        ``first`` being ``after``'s (None: ``first`` is 0)."""
+        digest = after.digest if after is not None else self.salt_digest(salt)
+        ps, out = self.page_size, []
+        for i in range(first, first + count):
+            digest = chain_digest(digest, tokens[i * ps:(i + 1) * ps])
+            out.append(digest)
+        return out
 
     def match(self, tokens: Sequence[int], max_pages: int, salt: str | None = None) -> list[Entry]:
         """The cached entries of the longest run of ``tokens``' full pages, at most ``max_pages``
@@ -126,7 +162,8 @@ class PrefixCache:
             return existing
         if page in self._by_page:  # the page already stands for another prefix: keep that
             return None
-        entry = Entry(key, parent, tokens, page)
+        digest = chain_digest(parent.digest if parent is not None else self.root_digest, tokens)
+        entry = Entry(key, parent, tokens, page, digest=digest)
         self._buckets.setdefault(key, []).append(entry)
         self._by_page[page] = entry
         if parent is not None:
@@ -140,6 +177,14 @@ class PrefixCache:
         entry = self._by_page.get(page)
         if entry is not None:
             self.stats.evictions += 1
+            if self.on_offload is not None:
+                leaving, stack = [], [entry]
+                while stack:
+                    e = stack.pop()
+                    if e.live:
+                        leaving.append((e.digest, e.page))
+                        stack.extend(e.children)
+                self.on_offload(leaving)
             self._remove(entry)
 
     def _remove(self, entry: Entry) -> None:

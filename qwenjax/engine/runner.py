@@ -191,6 +191,12 @@ class ModelRunner:
 
         # Compiled on first use for each (hidden rows, block, top) shape: scoring is rare.
         self._score = jax.jit(score, static_argnames=("num_top",), out_shardings=self._replicated)
+        # Whole pages out of and into every layer's pools (the prefix cache's host tier).
+        self._read_pages = jax.jit(lambda cache, index: jax.tree.map(
+            lambda pool: jnp.take(pool, index, axis=1), (cache.k, cache.v)))
+        self._write_pages = jax.jit(lambda cache, index, payload: KVCache(*jax.tree.map(
+            lambda pool, new: pool.at[:, index].set(new.astype(pool.dtype), mode="drop"),
+            (cache.k, cache.v), payload)), donate_argnums=(0,))
         # Embeddings: the final-normed hidden state of each pooling request's last prompt token.
         self._pool = jax.jit(lambda hidden, index: jnp.take(hidden, index, axis=0).astype(jnp.float32),
                              out_shardings=self._replicated)
@@ -207,6 +213,23 @@ class ModelRunner:
             num_layers=lm.config.num_layers, kv_heads=lm.layout.heads.kv_heads,
             head_dim=lm.config.head_dim, num_pages=self.num_pages, page_size=self.config.page_size,
             dtype=lm.weights.final_norm.dtype, mesh=lm.mesh, kv_cache_dtype=self.kv_cache_dtype)
+
+    # ---- whole pages in and out (the host tier of the prefix cache) ---------------------------
+    def read_pages(self, pages: list[int]):
+        """Those pages of every layer's pools (page axis 1 of each leaf), as device arrays
+        computed now, before any later step writes them."""
+        index = np.zeros((1 << max(len(pages) - 1, 0).bit_length(),), np.int32)
+        index[: len(pages)] = pages
+        return self._read_pages(self.cache, index)  # (padding rows past len(pages))
+
+    def write_pages(self, pages: list[int], payload) -> None:
+        """Write ``payload`` (``read_pages``' shape, numpy) into those pages, the pools donated."""
+        size = 1 << max(len(pages) - 1, 0).bit_length()
+        index = np.full((size,), self.num_pages, np.int32)  # past the pool: dropped
+        index[: len(pages)] = pages
+        payload = jax.tree.map(lambda a: np.concatenate(
+            [a, np.zeros((a.shape[0], size - a.shape[1], *a.shape[2:]), a.dtype)], axis=1), payload)
+        self.cache = self._write_pages(self.cache, index, payload)
 
     def reset_cache(self) -> None:
         """Fresh pools (after a failed step whose donated pools may be invalid)."""

@@ -137,8 +137,17 @@ class Scheduler:
         self.allocator = allocator
         self.prefix_cache = prefix_cache
         self.drafter = drafter  # None: n-gram drafts
+        self.host_cache = None  # a host-memory tier under the prefix cache (use_host_cache)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+
+    def use_host_cache(self, store) -> None:
+        """Keep the pages the prefix cache evicts in ``store`` (a host_cache.HostKVStore) and
+        restore them at admission."""
+        if self.prefix_cache is None:
+            raise ValueError("a host KV tier needs prefix caching")
+        self.host_cache = store
+        self.prefix_cache.on_offload = store.offload
 
     # ---- admission and removal ------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -190,6 +199,8 @@ class Scheduler:
         """The K/V pools were rebuilt: no cached page holds what it did."""
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
+        if self.host_cache is not None:
+            self.host_cache.clear()
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -269,7 +280,8 @@ class Scheduler:
                 i += 1  # sequence 0 computes its prompt's pages (a step or few); others go first
                 continue
             hits = self._cached_prefix(request)
-            cached = len(hits) * cfg.page_size
+            restored = self._host_prefix(request, hits)
+            cached = (len(hits) + len(restored)) * cfg.page_size
             n = self._grant(request.num_tokens - cached, budget)
             if n > 1 and len(out.prefill) >= cfg.max_prefill_seqs:
                 break
@@ -283,6 +295,8 @@ class Scheduler:
                 self.allocator.reuse(entry.page)
             request.pages = [e.page for e in hits] + self.allocator.alloc(need)
             request.cache_entries = hits
+            if restored:
+                self._restore(request, len(hits), restored)
             request.num_computed = cached
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = cached
@@ -364,6 +378,38 @@ class Scheduler:
             max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
         return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages,
                                        request.cache_salt)
+
+    def _host_prefix(self, request: Request, hits: list) -> list:
+        """The host tier's pages of the request's full pages after its device ``hits`` (the
+        same limit as ``_cached_prefix``)."""
+        if self.host_cache is None:
+            return []
+        ps = self.config.page_size
+        max_pages = (request.num_tokens - 1) // ps
+        if request.prompt_logprobs is not None:
+            max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // ps)
+        if max_pages <= len(hits):
+            return []
+        tokens = request.tokens(0, max_pages * ps)
+        digests = self.prefix_cache.digests(tokens, hits[-1] if hits else None, len(hits),
+                                            max_pages - len(hits), request.cache_salt)
+        return self.host_cache.match(digests)
+
+    def _restore(self, request: Request, first: int, payloads: list) -> None:
+        """Copy the host tier's ``payloads`` into the request's pages from ``first`` on, and
+        index them as the device's own."""
+        ps = self.config.page_size
+        pages = request.pages[first: first + len(payloads)]
+        self.host_cache.restore(pages, payloads)
+        entries = request.cache_entries
+        for i, page in enumerate(pages, start=first):
+            entry = self.prefix_cache.insert(entries[-1] if entries else None,
+                                             request.tokens(i * ps, (i + 1) * ps), page,
+                                             request.cache_salt)
+            if entry is None:
+                request.cache_broken = True
+                break
+            entries.append(entry)
 
     def step_dispatched(self, out: SchedulerOutput) -> None:
         """The step is on its way: its tokens have K/V in the cache for every later step (the
