@@ -58,7 +58,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qwenjax.engine.compilation import compile_workers, remember_compiled
 from qwenjax.engine.request import Request, TokenLogprob
 from qwenjax.engine.scheduler import ScheduledChunk, SchedulerConfig, SchedulerOutput
-from qwenjax.engine.step_plan import NOT_FED, StepPlan
+from qwenjax.engine.step_plan import (NOT_FED, StepPlan, attention_slots, pack_decode,
+                                       pack_prefill)
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
@@ -259,7 +260,7 @@ class ModelRunner:
     def _abstract_prefill(self, tokens: int) -> PackedChunks | None:
         if tokens == 0:
             return None
-        spec, rows, chunk = self._spec, self.prefill_rows, self._attention_slots(tokens)
+        spec, rows, chunk = self._spec, self.prefill_rows, attention_slots(tokens, self.config.prefill_chunk)
         return PackedChunks(spec(tokens), spec(tokens), spec(tokens), spec(tokens), spec(rows, chunk),
                             spec(rows, chunk), spec(rows), spec(rows, self.pages_per_seq), spec(rows),
                             spec(tokens))
@@ -377,65 +378,6 @@ class ModelRunner:
         return jax.tree.map(lambda a: jax.make_array_from_callback(
             a.shape, self._replicated, lambda index: a[index]), tree)
 
-    def _pack_decode(self, chunks: Sequence[ScheduledChunk], rows: int) -> tuple:
-        """The StepBatch arrays, and ``src``: for a row whose token is still on the device
-        (sampled by the step before, not read back), that step's sampled row."""
-        tokens = np.zeros((rows, 1), np.int32)
-        positions = np.full((rows, 1), -1, np.int32)
-        seq_lens = np.zeros((rows,), np.int32)
-        tables = np.zeros((rows, self.pages_per_seq), np.int32)
-        lora = np.zeros((rows,), np.int32)
-        src = np.full((rows,), NOT_FED, np.int32)
-        for i, c in enumerate(chunks):
-            request = c.request
-            lora[i] = request.lora_slot
-            if c.start < request.num_known:
-                tokens[i, 0] = request.tokens(c.start, c.start + 1)[0]
-            else:  # the one token in flight, from the step dispatched just before this one
-                assert request.num_inflight == 1 and request.inflight_row >= 0, request.request_id
-                src[i] = request.inflight_row
-            positions[i, 0] = c.start
-            seq_lens[i] = c.start + 1
-            tables[i, : len(request.pages)] = request.pages
-        return (tokens, positions, seq_lens, tables, lora), src
-
-    def _attention_slots(self, tokens: int) -> int:
-        """Query slots per prefill row in attention's view of a step of ``tokens`` packed tokens:
-        no chunk is longer than either (a 16-token step, e.g. drafts being checked, attends
-        with 16 slots a row, not ``prefill_chunk``)."""
-        return min(self.config.prefill_chunk, tokens)
-
-    def _pack_prefill(self, chunks: Sequence[ScheduledChunk], total: int) -> tuple | None:
-        if total == 0:
-            return None
-        rows, chunk_len = self.prefill_rows, self._attention_slots(total)
-        tokens = np.zeros((total,), np.int32)
-        positions = np.full((total,), -1, np.int32)
-        token_rows = np.zeros((total,), np.int32)
-        token_cols = np.zeros((total,), np.int32)
-        row_tokens = np.full((rows, chunk_len), total, np.int32)  # index T = empty slot
-        row_positions = np.full((rows, chunk_len), -1, np.int32)
-        seq_lens = np.zeros((rows,), np.int32)
-        tables = np.zeros((rows, self.pages_per_seq), np.int32)
-        last_token = np.zeros((rows,), np.int32)
-        lora = np.zeros((total,), np.int32)
-        offset = 0
-        for r, c in enumerate(chunks):
-            n, span = c.num_tokens, slice(offset, offset + c.num_tokens)
-            lora[span] = c.request.lora_slot
-            tokens[span] = c.token_ids()
-            positions[span] = np.arange(c.start, c.start + n)
-            token_rows[span] = r
-            token_cols[span] = np.arange(n)
-            row_tokens[r, :n] = np.arange(offset, offset + n)
-            row_positions[r, :n] = positions[span]
-            seq_lens[r] = c.start + n
-            tables[r, : len(c.request.pages)] = c.request.pages
-            last_token[r] = offset + n - 1
-            offset += n
-        return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
-                last_token, lora)
-
     def _sampling_row(self, chunk: ScheduledChunk, token_mask: np.ndarray | None = None,
                       drafted: Sequence[int] = ()) -> SamplingRow:
         """The request's next token's sampling row; with ``drafted``, the row of the token after
@@ -479,8 +421,11 @@ class ModelRunner:
         decode_rows = bucket_for(len(out.decode), self.decode_buckets)
         prefill_tokens = bucket_for(sum(c.num_tokens for c in out.prefill), self.token_buckets)
         prefill_rows = self.prefill_rows if prefill_tokens else 0
-        decode, src = self._pack_decode(out.decode, decode_rows) if decode_rows else (None, None)
-        prefill = self._pack_prefill(out.prefill, prefill_tokens)
+        decode, src = (pack_decode(out.decode, decode_rows, self.pages_per_seq) if decode_rows
+                       else (None, None))
+        prefill = pack_prefill(out.prefill, prefill_tokens, self.prefill_rows,
+                               attention_slots(prefill_tokens, self.config.prefill_chunk),
+                               self.pages_per_seq)
 
         rows = [_PAD_ROW] * self._sampler_rows(decode_rows, prefill_tokens)
         placed: list[tuple[int, ScheduledChunk]] = []

@@ -3,11 +3,15 @@ takes, and what multi-host serving sends from process 0 to the other processes."
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from qwenjax.model import PackedChunks, StepBatch
 from qwenjax.sampling import SamplingBatch
+
+if TYPE_CHECKING:
+    from qwenjax.engine.scheduler import ScheduledChunk
 
 NOT_FED = -1  # src of a decode row whose input token the host packed itself
 
@@ -89,3 +93,68 @@ class StepPlan:
                    sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
                    arrays.get("score_target"), int(meta.get("score_top", 0)),
                    arrays.get("drafted"), arrays.get("pool_index"))
+
+
+# ---- packing a scheduled step into padded arrays ---------------------------------------
+def pack_decode(chunks: Sequence[ScheduledChunk], rows: int, pages_per_seq: int) -> tuple:
+    """The StepBatch arrays, and ``src``: for a row whose token is still on the device
+    (sampled by the step before, not read back), that step's sampled row."""
+    tokens = np.zeros((rows, 1), np.int32)
+    positions = np.full((rows, 1), -1, np.int32)
+    seq_lens = np.zeros((rows,), np.int32)
+    tables = np.zeros((rows, pages_per_seq), np.int32)
+    lora = np.zeros((rows,), np.int32)
+    src = np.full((rows,), NOT_FED, np.int32)
+    for i, c in enumerate(chunks):
+        request = c.request
+        lora[i] = request.lora_slot
+        if c.start < request.num_known:
+            tokens[i, 0] = request.tokens(c.start, c.start + 1)[0]
+        else:  # the one token in flight, from the step dispatched just before this one
+            assert request.num_inflight == 1 and request.inflight_row >= 0, request.request_id
+            src[i] = request.inflight_row
+        positions[i, 0] = c.start
+        seq_lens[i] = c.start + 1
+        tables[i, : len(request.pages)] = request.pages
+    return (tokens, positions, seq_lens, tables, lora), src
+
+
+def attention_slots(tokens: int, prefill_chunk: int) -> int:
+    """Query slots per prefill row in attention's view of a step of ``tokens`` packed tokens:
+    no chunk is longer than either (a 16-token step, e.g. drafts being checked, attends
+    with 16 slots a row, not ``prefill_chunk``)."""
+    return min(prefill_chunk, tokens)
+
+
+def pack_prefill(chunks: Sequence[ScheduledChunk], total: int, rows: int, chunk_len: int,
+             pages_per_seq: int) -> tuple | None:
+    """The PackedChunks arrays of the prefill chunks, ``total`` tokens (a bucket) packed
+    back to back, attention's view ``rows`` × ``chunk_len`` (``attention_slots``)."""
+    if total == 0:
+        return None
+    tokens = np.zeros((total,), np.int32)
+    positions = np.full((total,), -1, np.int32)
+    token_rows = np.zeros((total,), np.int32)
+    token_cols = np.zeros((total,), np.int32)
+    row_tokens = np.full((rows, chunk_len), total, np.int32)  # index T = empty slot
+    row_positions = np.full((rows, chunk_len), -1, np.int32)
+    seq_lens = np.zeros((rows,), np.int32)
+    tables = np.zeros((rows, pages_per_seq), np.int32)
+    last_token = np.zeros((rows,), np.int32)
+    lora = np.zeros((total,), np.int32)
+    offset = 0
+    for r, c in enumerate(chunks):
+        n, span = c.num_tokens, slice(offset, offset + c.num_tokens)
+        lora[span] = c.request.lora_slot
+        tokens[span] = c.token_ids()
+        positions[span] = np.arange(c.start, c.start + n)
+        token_rows[span] = r
+        token_cols[span] = np.arange(n)
+        row_tokens[r, :n] = np.arange(offset, offset + n)
+        row_positions[r, :n] = positions[span]
+        seq_lens[r] = c.start + n
+        tables[r, : len(c.request.pages)] = c.request.pages
+        last_token[r] = offset + n - 1
+        offset += n
+    return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
+            last_token, lora)
