@@ -41,6 +41,12 @@ PREFIX_CACHE_COUNTERS = (
     ("qwenjax:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "queries"),
     ("qwenjax:prefix_cache_hits", "Prompt tokens found in the prefix cache", "hits"),
     ("qwenjax:prefix_cache_evictions", "Cached KV pages evicted for new contents", "evictions"))
+HOST_CACHE_COUNTERS = (
+    ("qwenjax:kv_offload_pages_stored", "Evicted KV pages copied to host memory (--kv-offloading-size)",
+     "stored"),
+    ("qwenjax:kv_offload_pages_restored", "KV pages copied back from host memory instead of "
+     "recomputed", "restored"),
+    ("qwenjax:kv_offload_pages_dropped", "KV pages dropped from host memory for room", "dropped"))
 # vLLM's spec_decode names.
 SPEC_DECODE_COUNTERS = (
     ("qwenjax:spec_decode_num_drafts", "Decode steps of a request that checked drafts", "num_drafts"),
@@ -88,6 +94,9 @@ class ServerMetrics:
             engines, lambda e: e.prefix_cache.stats if e.prefix_cache is not None else None,
             PREFIX_CACHE_COUNTERS))
         registry.register(_EngineCounters(engines, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
+        registry.register(_EngineCounters(
+            engines, lambda e: e.scheduler.host_cache.stats if e.scheduler.host_cache is not None
+            else None, HOST_CACHE_COUNTERS))
         if in_flight is not None:
             Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
                   "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))

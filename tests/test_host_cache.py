@@ -60,6 +60,11 @@ def test_evicted_prefixes_come_back_from_host_memory(lm, kv_cache_dtype):
     again = _run(engine, prompts, [[3]])[3]
     assert stats.restored > before and again.num_cached_tokens >= 40
     assert again.token_ids == plain[3].token_ids
+    from server.metrics import ServerMetrics  # the server's counters read the same tallies
+
+    registry = ServerMetrics(lambda: [engine]).registry
+    assert registry.get_sample_value("qwenjax:kv_offload_pages_restored_total") == stats.restored
+    assert registry.get_sample_value("qwenjax:kv_offload_pages_stored_total") == stats.stored
 
 
 def test_offloading_needs_prefix_caching_and_a_page_of_room(lm):
