@@ -367,27 +367,27 @@ class Scheduler:
         ps = self.config.page_size
         return leader.num_computed < (len(request.prompt_ids) - 1) // ps * ps
 
-    def _cached_prefix(self, request: Request) -> list:
-        """Cache entries of the request's leading full pages; at least one token is left to
-        compute, since the step that computes the last one also yields the next token."""
-        if self.prefix_cache is None:
-            return []
+    def _findable_pages(self, request: Request) -> int:
+        """Leading full pages a request may find cached: at least one token is left to compute,
+        since the step that computes the last one also yields the next token."""
         max_pages = (request.num_tokens - 1) // self.config.page_size
         if request.prompt_logprobs is not None:
             # Positions whose prompt logprobs are still to come must be computed, not found.
             max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
-        return self.prefix_cache.match(request.tokens(0, request.num_tokens), max_pages,
-                                       request.cache_salt)
+        return max_pages
+
+    def _cached_prefix(self, request: Request) -> list:
+        """Cache entries of the request's leading full pages (``_findable_pages`` at most)."""
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.match(request.tokens(0, request.num_tokens),
+                                       self._findable_pages(request), request.cache_salt)
 
     def _host_prefix(self, request: Request, hits: list) -> list:
-        """The host tier's pages of the request's full pages after its device ``hits`` (the
-        same limit as ``_cached_prefix``)."""
+        """The host tier's pages of the request's full pages after its device ``hits``."""
         if self.host_cache is None:
             return []
-        ps = self.config.page_size
-        max_pages = (request.num_tokens - 1) // ps
-        if request.prompt_logprobs is not None:
-            max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // ps)
+        ps, max_pages = self.config.page_size, self._findable_pages(request)
         if max_pages <= len(hits):
             return []
         tokens = request.tokens(0, max_pages * ps)
