@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenjax.engine.request import Request
+from qwenjax.engine.runner import bucket_for, row_buckets
 from qwenjax.kv_cache import KVCache, page_bytes_per_device
 from qwenjax.loading import LoadedModel
 from qwenjax.model import StepBatch
@@ -49,15 +50,6 @@ class DraftState:
     fed: tuple[int, ...] = ()      # drafts whose K/V follow them (right if the target took them)
 
 
-def row_buckets(limit: int) -> list[int]:
-    """1, 2, 4, … up to ``limit`` (itself included)."""
-    sizes, n = [], 1
-    while n < limit:
-        sizes.append(n)
-        n *= 2
-    return sizes + [limit]
-
-
 class DraftModel:
     """The draft model of one engine: its weights, its KV cache and its two programs."""
 
@@ -68,7 +60,7 @@ class DraftModel:
         self.lm = lm
         self.k = num_speculative_tokens
         self.num_pages, self.page_size, self.pages_per_seq = num_pages, page_size, pages_per_seq
-        self.buckets = row_buckets(max_rows)
+        self.buckets = [size for size in row_buckets(max_rows) if size]
         self.vocab = min(vocab_size, lm.config.vocab_size)  # ids both models know
         self.epoch = 0
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
@@ -185,10 +177,7 @@ class DraftModel:
         return out
 
     def _bucket(self, rows: int) -> int:
-        for size in self.buckets:
-            if size >= rows:
-                return size
-        raise ValueError(f"{rows} rows exceed the largest bucket {self.buckets[-1]}")
+        return bucket_for(rows, self.buckets)
 
     def _call(self, kind: str, rows: Sequence[tuple[Request, int, int, int]], size: int) -> np.ndarray:
         """One program call over ``rows`` of (request, first position, tokens, drafts wanted),
