@@ -13,6 +13,7 @@ abort as well, so no path depends on generator finalisation alone.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import pathlib
 
@@ -118,6 +119,53 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if engine_id is not None:
             engine_thread.abort(engine_id)
         return pb.AbortResponse(found=engine_id is not None)
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        """Each input's embedding (qwenjax/pooling.py), the inputs run as concurrent requests;
+        the first failure cancels the others."""
+        from qwenjax.pooling import PoolingParams
+
+        gateway = self.gateway
+        try:
+            gateway.require_engine(generate=True)
+            try:
+                self._check_request(request, "EmbedRequest")
+                if not request.inputs:
+                    raise ValueError("inputs is empty: give at least one text or token_ids input")
+                pooling = PoolingParams(normalize=not request.raw,
+                                        dimensions=request.dimensions or None)
+                runs = []
+                for i, item in enumerate(request.inputs):
+                    which = item.WhichOneof("input")
+                    if which is None:
+                        raise ValueError(f"inputs[{i}] has neither text nor token_ids")
+                    ids = (list(item.token_ids.ids) if which == "token_ids"
+                           else await gateway.encode(text=item.text))
+                    gateway.engine.validate(ids, pooling, request.priority)
+                    runs.append(ids)
+            except ValueError as error:
+                raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+            calls = [gateway.call(ids, pooling, request.priority, lora=request.lora or None)
+                     for ids in runs]
+
+            async def final(call):
+                last = None
+                async with contextlib.aclosing(call.outputs()) as outputs:
+                    async for output in outputs:
+                        last = output
+                return last
+
+            tasks = [asyncio.ensure_future(final(call)) for call in calls]
+            try:
+                outputs = await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+        return pb.EmbedResponse(embeddings=[
+            pb.Embedding(values=o.embedding, prompt_tokens=len(ids)) for o, ids in zip(outputs, runs)])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:

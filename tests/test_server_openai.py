@@ -260,7 +260,7 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
-def test_embeddings(client, name, base, tokenizer):
+def test_embeddings(client, name, base, server, tokenizer):
     """/v1/embeddings through the official client: one unit vector per input (texts and token
     ids alike), closer for paraphrases; base64 is the same float32 values; ``dimensions`` cuts
     then normalizes, ``normalize: false`` (vLLM's) leaves the raw state; bad fields refused."""
@@ -289,6 +289,20 @@ def test_embeddings(client, name, base, tokenizer):
     np.testing.assert_allclose(raw / np.linalg.norm(raw), vectors[0], atol=1e-5)
     cut = client.embeddings.create(model=name, input=texts[0], dimensions=32).data[0].embedding
     np.testing.assert_allclose(cut, raw[:32] / np.linalg.norm(raw[:32]), atol=1e-5)
+    # gRPC's Embed: the same vectors.
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        reply = stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=texts[0]), pb.EmbedInput(
+            token_ids=pb.TokenIds(ids=ids))]), timeout=120)
+        assert [e.prompt_tokens for e in reply.embeddings] == [len(ids)] * 2
+        for e in reply.embeddings:
+            np.testing.assert_allclose(e.values, vectors[0], atol=1e-5)
+        raw32 = stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedInput(text=texts[0])], raw=True,
+                                           dimensions=32), timeout=120).embeddings[0].values
+        np.testing.assert_allclose(raw32, raw[:32], rtol=1e-4, atol=1e-4)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Embed(pb.EmbedRequest(), timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     for body, field in (({"input": []}, "input"), ({"input": "x", "dimensions": 4096}, "dimensions"),
                         ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
                         ({"input": "x", "pooling": "mean"}, "pooling")):

@@ -69,6 +69,11 @@ class InferenceStub:
                 request_serializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
                 response_deserializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/qwenjax.v1.Inference/Embed',
+                request_serializer=qwenjax_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=qwenjax_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -120,6 +125,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeddings: the final-normed hidden state of each input's last token (as /v1/embeddings).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.UnloadLoRAAdapter,
                     request_deserializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.FromString,
                     response_serializer=qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=qwenjax_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=qwenjax_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +365,33 @@ class Inference:
             '/qwenjax.v1.Inference/UnloadLoRAAdapter',
             qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
             qwenjax_dot_v1_dot_inference__pb2.UnloadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwenjax.v1.Inference/Embed',
+            qwenjax_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            qwenjax_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
