@@ -35,6 +35,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                         "checkpoint's own FP8/AWQ/GPTQ)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: KV cache in e4m3 with a scale per token and head")
+    p.add_argument("--speculative-model", default=None, metavar="MODEL",
+                   help="a draft model (preset or checkpoint directory) for speculative decoding: "
+                        "its weights and KV cache counted on the same devices")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return p
@@ -69,7 +72,8 @@ def cmd_plan(args) -> int:
     result = plan(config, mesh, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                   dtype=args.dtype, quantization=quantization, kv_cache_dtype=args.kv_cache_dtype,
                   context=DEFAULT_CONTEXT if args.context is None else args.context,
-                  group_size=group_size)
+                  group_size=group_size,
+                  draft=None if args.speculative_model is None else resolve_model(args.speculative_model))
     print(result.to_json() if args.json else result.format())
     # A plan that does not fit is an answer, not a failure of the command.
     return 0

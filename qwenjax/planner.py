@@ -138,6 +138,10 @@ class Plan:
     modeled_decode_ms: float
     modeled_tokens_per_s: float
 
+    # speculative decoding with a draft model (0 without one): its share of each device
+    draft_weights_bytes_per_device: int = 0
+    draft_kv_bytes_per_token_per_device: int = 0
+
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
@@ -154,8 +158,10 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
          max_num_seqs: int | None = None, dtype: str | None = None,
          context: int = DEFAULT_CONTEXT, rules: ShardingRules = DEFAULT_RULES,
          quantization: str | None = None, kv_cache_dtype: str = "auto",
-         group_size: int | None = DEFAULT_GROUP_SIZE) -> Plan:
-    """Per-device memory, KV capacity and modeled batch-1 decode time of ``config`` on ``mesh``."""
+         group_size: int | None = DEFAULT_GROUP_SIZE, draft: ModelConfig | None = None) -> Plan:
+    """Per-device memory, KV capacity and modeled batch-1 decode time of ``config`` on ``mesh``.
+    ``draft``: a draft model for speculative decoding, laid out on the same devices in ``dtype``
+    with its own KV cache page for every page (qwenjax/engine/draft_model.py)."""
     notes: list[str] = []
     dtype = dtype or mesh.dtype
     if dtype not in DTYPES:
@@ -222,10 +228,20 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     kv_token_model = config.num_layers * config.num_kv_heads * 2 * kv_vector
     # The logits read lm_head, or the embedding table itself when tied.
     logits_bytes = head_bytes if specs.lm_head is not None else embed_bytes
+    draft_weights = draft_kv_token = 0
+    if draft is not None:
+        if pp > 1:
+            raise ValueError("a draft model needs pp = 1 (speculative_config.model)")
+        draft_layout = Layout.create(draft, tp)
+        draft_weights = sum(on_device(s) for s in jax.tree.leaves(param_specs(draft_layout),
+                                                                     is_leaf=is_spec))
+        draft_kv_token = (draft.num_layers * (draft_layout.heads.kv_heads // tp) * 2
+                          * kv_bytes_per_vector(draft.head_dim, dtype, "auto"))
     stage_weights, stage_streamed, stage_kv_token = [], [], []
     for s in range(pp):
         last = s == pp - 1
-        stage_weights.append(slots * layer_bytes + embed_bytes + norm_bytes + head_bytes)
+        stage_weights.append(slots * layer_bytes + embed_bytes + norm_bytes + head_bytes
+                             + draft_weights)
         # Every stage computes the logits (replicated over pp) at the same time: count them once.
         stage_streamed.append(slots * layer_bytes + (norm_bytes + logits_bytes if last else 0))
         stage_kv_token.append(slots * kv_token_per_layer)
@@ -238,7 +254,9 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
     budget = int(mesh.hardware.memory_bytes * mesh.kv_cache_fraction)
     pages_per_seq = -(-max_model_len // mesh.page_size)
     stage_free = [budget - w - workspace for w in stage_weights]
-    stage_pages = [max(0, free) // (mesh.page_size * kv) for free, kv in zip(stage_free, stage_kv_token)]
+    # (A draft model's cache has a page for every page of the served model's.)
+    stage_pages = [max(0, free) // (mesh.page_size * (kv + draft_kv_token))
+                   for free, kv in zip(stage_free, stage_kv_token)]
     tight = min(range(pp), key=lambda s: stage_pages[s])
     capacity_pages = stage_pages[tight]
     capacity_seqs = capacity_pages // pages_per_seq
@@ -258,7 +276,7 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
                   f"need {(stage_weights[worst] + workspace) / GB:.1f} GB per device{where} but only "
                   f"{budget / GB:.1f} GB of {capacity_line} are available")
     elif capacity_seqs < 1:
-        need = pages_per_seq * mesh.page_size * stage_kv_token[tight]
+        need = pages_per_seq * mesh.page_size * (stage_kv_token[tight] + draft_kv_token)
         where = f" (pipeline stage {tight})" if pp > 1 else ""
         fits = False
         reason = (f"KV cache for one {max_model_len}-token sequence needs {need / GB:.2f} GB per "
@@ -322,6 +340,10 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
                      f"{max(stage_ms):.2f} ms bounds a step)")
     if context > max_model_len:
         notes.append(f"decode context {context} exceeds max_model_len {max_model_len}")
+    if draft is not None:
+        notes.append(f"draft model {draft.name}: {draft_weights / GB:.2f} GB of weights and "
+                     f"{draft_kv_token / KiB:.1f} KiB of KV per token per device, counted in the "
+                     "memory and KV capacity; the modeled step is the served model's alone")
     if mesh.dp > 1:
         notes.append(f"{mesh.dp} data-parallel replicas: capacity and decode are per replica; "
                      "each replica is an engine of its own (docs/deployment.md)")
@@ -364,6 +386,8 @@ def plan(config: ModelConfig, mesh: MeshConfig, max_model_len: int | None = None
         modeled_collective_ms=collective_ms, modeled_pipeline_ms=pipeline_ms,
         modeled_stage_ms=stage_ms,
         modeled_decode_ms=decode_ms, modeled_tokens_per_s=1e3 / decode_ms,
+        draft_weights_bytes_per_device=draft_weights,
+        draft_kv_bytes_per_token_per_device=draft_kv_token,
         notes=tuple(notes),
     )
 

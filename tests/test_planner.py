@@ -162,6 +162,25 @@ def test_72b_on_4xh100_tp4():
     assert used == p.memory_budget_bytes_per_device == 72 * GB
 
 
+def test_a_draft_model_takes_its_weights_and_a_page_for_every_page(capsys):
+    mesh = load_mesh_config("4xh100-80gb-tp4")
+    alone, p = plan(Q72, mesh), plan(Q72, mesh, draft=preset("qwen2.5-0.5b"))
+    # The 0.5B at TP4: its 2 KV heads replicated to 4, one per device: 24 layers × K and V × 64
+    # × 2 bytes per token; its weights split four ways but for the norms and biases' share.
+    assert p.draft_kv_bytes_per_token_per_device == 24 * 2 * 64 * 2 == 6 * KiB
+    assert 0.2 * GB < p.draft_weights_bytes_per_device < 0.3 * GB
+    assert p.weights_bytes_per_device == alone.weights_bytes_per_device + p.draft_weights_bytes_per_device
+    per_token = p.kv_bytes_per_token_per_device + p.draft_kv_bytes_per_token_per_device
+    assert p.kv_capacity_tokens * per_token <= p.kv_cache_bytes_per_device
+    assert (alone.kv_capacity_seqs, p.kv_capacity_seqs) == (12, 11)
+    assert p.modeled_decode_ms == alone.modeled_decode_ms and any("draft model" in n for n in p.notes)
+    with pytest.raises(ValueError, match="needs pp = 1"):
+        plan(Q72, load_mesh_config("2x8xh100-tp8-pp2"), draft=preset("qwen2.5-0.5b"))
+    code, out = _run_cli(["plan", "--model", "qwen2.5-72b", "--mesh", "4xh100-80gb-tp4",
+                          "--speculative-model", "qwen2.5-0.5b", "--json"], capsys)
+    assert code == 0 and json.loads(out)["draft_kv_bytes_per_token_per_device"] == 6 * KiB
+
+
 def test_72b_at_131k_is_40_gib_per_sequence_and_flagged():
     p = plan(Q72, load_mesh_config("4xh100-80gb-tp4"), max_model_len=131072)
     assert p.kv_bytes_per_sequence == 40 * GiB
