@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest",
-           "BeamSearchParams"]
+           "BeamSearchParams", "PoolingParams"]
 
 
 def __getattr__(name):
@@ -24,6 +24,10 @@ def __getattr__(name):
         from qwenjax.beam_search import BeamSearchParams
 
         return BeamSearchParams
+    if name == "PoolingParams":
+        from qwenjax.pooling import PoolingParams
+
+        return PoolingParams
     if name == "LoRARequest":
         from qwenjax.lora import LoRARequest
 
