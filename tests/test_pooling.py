@@ -60,6 +60,10 @@ def test_embeddings_equal_the_last_hidden_state_whatever_else_runs(lm):
         engine.add_pooling_request([1, 2], PoolingParams(dimensions=65))
     with pytest.raises(ValueError, match="dimensions must be a positive int"):
         PoolingParams(dimensions=0)
+    import qwenjax
+
+    assert all(getattr(qwenjax, name) is not None for name in qwenjax.__all__)
+    assert qwenjax.PoolingParams is PoolingParams
     engine.check()
 
 
