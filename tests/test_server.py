@@ -971,14 +971,15 @@ def test_bench_serving_against_a_running_server(served, tmp_path):
 
 
 def test_engine_tallies_are_exported_when_scraped():
-    """The prefix-cache and speculative-decoding counters read the engine's own tallies (zero
-    while no engine is loaded)."""
+    """The prefix-cache, host-tier and speculative-decoding counters read the engine's own
+    tallies (zero while no engine is loaded)."""
     import types
 
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
     from qwenjax.engine.engine import SpecDecodeStats
+    from qwenjax.engine.host_cache import HostCacheStats
     from qwenjax.engine.prefix_cache import PrefixCacheStats
     from server.metrics import ServerMetrics
 
@@ -987,7 +988,8 @@ def test_engine_tallies_are_exported_when_scraped():
         return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
 
     engine = types.SimpleNamespace(
-        scheduler=types.SimpleNamespace(running=[1], waiting=[]),
+        scheduler=types.SimpleNamespace(running=[1], waiting=[], host_cache=types.SimpleNamespace(
+            stats=HostCacheStats(stored=5, restored=2, dropped=1))),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
         prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
         spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
@@ -995,6 +997,7 @@ def test_engine_tallies_are_exported_when_scraped():
     assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
+    assert got["qwenjax:kv_offload_pages_restored_total"] == 2
     assert samples(ServerMetrics(lambda: []))["qwenjax:spec_decode_num_drafts_total"] == 0
     # Data-parallel replicas: each figure is the sum over the engines.
     both = samples(ServerMetrics(lambda: [engine, engine]))
