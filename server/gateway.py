@@ -410,3 +410,40 @@ class Gateway:
     def active(self, client_id: str) -> str | None:
         """The engine id of the running request a client named ``client_id``."""
         return self._active.get(client_id)
+
+
+async def merged(calls: Sequence[Call]) -> AsyncIterator[tuple[int, Any]]:
+    """(call index, output) of several calls as they come; the first failure ends all of them
+    (leaving early cancels the rest, which aborts them)."""
+    if len(calls) == 1:
+        async with contextlib.aclosing(calls[0].outputs()) as outputs:
+            async for output in outputs:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, call: Call) -> None:
+        try:
+            async with contextlib.aclosing(call.outputs()) as outputs:
+                async for output in outputs:
+                    queue.put_nowait((i, output, None))
+        except Exception as error:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, error))
+        else:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, call)) for i, call in enumerate(calls)]
+    try:
+        running = len(tasks)
+        while running:
+            i, output, error = await queue.get()
+            if error is not None:
+                raise error
+            if output is None:
+                running -= 1
+                continue
+            yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

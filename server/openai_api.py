@@ -18,7 +18,6 @@ aborts its requests: the handler is cancelled, which closes the engine stream.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -34,7 +33,7 @@ import qwenjax
 from qwenjax.sampling import is_int
 from server import convert, openai_protocol as proto, responses_protocol as rproto
 from server.auth import bearer_token, token_matches
-from server.gateway import Call, Gateway, Refused
+from server.gateway import Gateway, Refused, merged
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +63,6 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {text}\n\n".encode()
-
-
-async def merged(calls: Sequence[Call]) -> AsyncIterator[tuple[int, Any]]:
-    """(call index, output) of several calls as they come; the first failure ends all of them
-    (leaving early cancels the rest, which aborts them)."""
-    if len(calls) == 1:
-        async with contextlib.aclosing(calls[0].outputs()) as outputs:
-            async for output in outputs:
-                yield 0, output
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, call: Call) -> None:
-        try:
-            async with contextlib.aclosing(call.outputs()) as outputs:
-                async for output in outputs:
-                    queue.put_nowait((i, output, None))
-        except Exception as error:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, None, error))
-        else:
-            queue.put_nowait((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i, call)) for i, call in enumerate(calls)]
-    try:
-        running = len(tasks)
-        while running:
-            i, output, error = await queue.get()
-            if error is not None:
-                raise error
-            if output is None:
-                running -= 1
-                continue
-            yield i, output
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class OpenAIServer:

@@ -13,7 +13,6 @@ abort as well, so no path depends on generator finalisation alone.
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 
@@ -23,7 +22,7 @@ from qwenjax.tool_calls import tool_choice_constraint
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server import convert
-from server.gateway import Gateway, Refused
+from server.gateway import Gateway, Refused, merged
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -147,25 +146,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
             calls = [gateway.call(ids, pooling, request.priority, lora=request.lora or None)
                      for ids in runs]
-
-            async def final(call):
-                last = None
-                async with contextlib.aclosing(call.outputs()) as outputs:
-                    async for output in outputs:
-                        last = output
-                return last
-
-            tasks = [asyncio.ensure_future(final(call)) for call in calls]
-            try:
-                outputs = await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                raise
+            vectors = {}
+            async for i, output in merged(calls):
+                if output.finished:
+                    vectors[i] = output.embedding
         except Refused as refused:
             await context.abort(refused.code, refused.message)
-        return pb.EmbedResponse(embeddings=[
-            pb.Embedding(values=o.embedding, prompt_tokens=len(ids)) for o, ids in zip(outputs, runs)])
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=vectors[i], prompt_tokens=len(ids))
+                                            for i, ids in enumerate(runs)])
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
