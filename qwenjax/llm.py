@@ -220,13 +220,12 @@ class LLM(_Base):
         its last token, L2-normalized unless ``pooling_params`` (a ``PoolingParams``) says
         otherwise; batched with anything else the engine runs. Returns
         ``EmbeddingRequestOutput``s (``.outputs.embedding``)."""
-        from qwenjax.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
+        from qwenjax.pooling import EmbeddingRequestOutput, PoolingParams
 
         pooling_params = pooling_params if pooling_params is not None else PoolingParams()
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], pooling_params,
                             use_tqdm, lora=lora)
-        return [EmbeddingRequestOutput(o.request_id, o.prompt_token_ids, EmbeddingOutput(o.embedding))
-                for o in outputs]
+        return [EmbeddingRequestOutput.of(o) for o in outputs]
 
     def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` (same architecture, e.g. a
@@ -391,14 +390,13 @@ class AsyncLLM(_Base):
     async def embed(self, prompt: Prompt, pooling_params=None, *, priority: int = 0,
                     lora: str | LoRARequest | None = None):
         """The embedding of one prompt (``LLM.embed``), batched with whatever else runs."""
-        from qwenjax.pooling import EmbeddingOutput, EmbeddingRequestOutput, PoolingParams
+        from qwenjax.pooling import EmbeddingRequestOutput, PoolingParams
 
         ids = self._encode(prompt)
         async for output in self._generate(ids, pooling_params or PoolingParams(), uuid.uuid4().hex,
                                            priority, _one_lora(lora, None)):
             if output.finished:
-                return EmbeddingRequestOutput(output.request_id, output.prompt_token_ids,
-                                              EmbeddingOutput(output.embedding))
+                return EmbeddingRequestOutput.of(output)
 
     async def _generate(self, ids, params, request_id, priority, lora):
         lora = await self._resolve_lora(lora)

@@ -55,3 +55,8 @@ class EmbeddingRequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
+
+    @classmethod
+    def of(cls, output) -> "EmbeddingRequestOutput":
+        """From a pooling request's last RequestOutput."""
+        return cls(output.request_id, output.prompt_token_ids, EmbeddingOutput(output.embedding))
