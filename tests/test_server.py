@@ -237,7 +237,7 @@ def test_a_client_built_from_reflection_alone_can_generate(served):
         service = pool.FindServiceByName("qwenjax.v1.Inference")
         assert {m.name for m in service.methods} == {
             "Generate", "Abort", "Tokenize", "Detokenize", "GetModelInfo", "LoadLoRAAdapter",
-            "UnloadLoRAAdapter"}
+            "UnloadLoRAAdapter", "Embed"}
         method = service.methods_by_name["Generate"]
         assert method.server_streaming and not method.client_streaming
         Request = message_factory.GetMessageClass(method.input_type)
