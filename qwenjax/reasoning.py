@@ -23,8 +23,9 @@ def check_reasoning_parser(name: str | None) -> str | None:
     return name
 
 
-def _held(text: str, tag: str) -> int:
-    """Characters at the end of ``text`` that may begin ``tag`` (fewer than all of it)."""
+def held_back(text: str, tag: str) -> int:
+    """Characters at the end of ``text`` that may begin ``tag`` (fewer than all of it): what a
+    stream holds back until it is clear whether the tag comes."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
             return k
@@ -43,7 +44,7 @@ def _parts(text: str, final: bool) -> tuple[str, str | None]:
         body = text
     end = body.find(END)
     if end < 0:
-        return (body if final else body[: len(body) - _held(body, END)]), None
+        return (body if final else body[: len(body) - held_back(body, END)]), None
     return body[:end], body[end + len(END):]
 
 
@@ -68,8 +69,3 @@ class ReasoningStream:
         out = reasoning[self._reasoning:], (content or "")[self._content:]
         self._reasoning, self._content = len(reasoning), len(content or "")
         return out
-
-    @property
-    def ended(self) -> bool:
-        """The closing tag has come: what follows is content."""
-        return _parts(self.text, False)[1] is not None

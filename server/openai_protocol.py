@@ -21,7 +21,7 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 from qwenjax.engine.request import RequestOutput
-from qwenjax.reasoning import ReasoningStream, split_reasoning
+from qwenjax.reasoning import ReasoningStream, held_back, split_reasoning
 from qwenjax.sampling import is_int
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
@@ -570,11 +570,7 @@ class ToolCallStream:
         if tag >= 0:
             end, self.blocked = tag, True
         else:
-            end = len(self.text)
-            for hold in range(min(len(_TAG) - 1, len(self.text)), 0, -1):
-                if _TAG.startswith(self.text[-hold:]):
-                    end -= hold
-                    break
+            end = len(self.text) - held_back(self.text, _TAG)
         # Whitespace waits for what follows: before a call it is not content (the non-streamed
         # reply strips it too).
         while end > self.sent and self.text[end - 1].isspace():
