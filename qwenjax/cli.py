@@ -1,4 +1,4 @@
-"""``qwenjax`` command line: fetch-model, convert, generate, plan, serve.
+"""``qwenjax`` command line: fetch-model, convert, generate, plan, serve, run-batch.
 
 Only results go to stdout (generated text, a directory); progress and logs go to stderr.
 """
@@ -194,10 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from qwenjax.plan_cli import add_plan_parser
-    from server.cli import add_serve_parser
+    from server.cli import add_run_batch_parser, add_serve_parser
 
     add_plan_parser(sub)
     add_serve_parser(sub)
+    add_run_batch_parser(sub)
     return parser
 
 

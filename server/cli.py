@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,6 +33,38 @@ TOKEN_ENV = "QWENJAX_API_TOKEN"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_arguments(p, multihost=True)
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    net.add_argument("--http-port", type=int, default=8000,
+                     help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                          "/v1/models, …) on --host (0: off)")
+    net.add_argument("--metrics-port", type=int, default=9400,
+                     help="Prometheus /metrics HTTP port on --host (0: off)")
+    net.add_argument("--max-queue", type=int, default=256,
+                     help="requests admitted but without a first token before RESOURCE_EXHAUSTED "
+                          "(0: no limit)")
+    net.add_argument("--max-queued-tokens", type=int, default=262_144,
+                     help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
+    net.add_argument("--max-request-bytes", type=int, default=4 << 20,
+                     help="larger requests get INVALID_ARGUMENT")
+    net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
+                     help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
+                          f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
+    net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
+                     help="PEM certificate chain (with --tls-key)")
+    net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
+                     help="PEM private key (with --tls-cert)")
+    net.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM")
+    net.add_argument("--step-timeout", type=float, default=300.0,
+                     help="an engine step running longer (a hung device or collective) turns health "
+                          "NOT_SERVING and logs the engine thread's stack; 0 = off (default 300)")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None:
+    """The model, engine, sampling-default and request-handling flags (serve and run-batch)."""
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="the model, as --model takes it (vLLM's `vllm serve MODEL` form)")
     model = p.add_argument_group("model")
@@ -45,17 +78,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                             "KV cache and engine; requests go to the least loaded (one host; "
                             "a --mesh config sets it with axes.dp)")
 
-    multi = p.add_argument_group("multi-host (docs/multihost.md)")
-    multi.add_argument("--coordinator", default=None,
-                       help="HOST:PORT of process 0's jax.distributed coordinator (default: "
-                            "$QWENJAX_COORDINATOR)")
-    multi.add_argument("--num-processes", type=int, default=None,
-                       help="processes in the mesh, one per host (default: $QWENJAX_NUM_PROCESSES)")
-    multi.add_argument("--process-id", type=int, default=None,
-                       help="this process's rank; 0 serves gRPC (default: $QWENJAX_PROCESS_ID)")
-    multi.add_argument("--plan-port", type=int, default=None,
-                       help="port on process 0's host for the step-plan channel (default: "
-                            "$QWENJAX_PLAN_PORT, else the coordinator port + 1)")
+    if multihost:
+        multi = p.add_argument_group("multi-host (docs/multihost.md)")
+        multi.add_argument("--coordinator", default=None,
+                           help="HOST:PORT of process 0's jax.distributed coordinator (default: "
+                                "$QWENJAX_COORDINATOR)")
+        multi.add_argument("--num-processes", type=int, default=None,
+                           help="processes in the mesh, one per host (default: $QWENJAX_NUM_PROCESSES)")
+        multi.add_argument("--process-id", type=int, default=None,
+                           help="this process's rank; 0 serves gRPC (default: $QWENJAX_PROCESS_ID)")
+        multi.add_argument("--plan-port", type=int, default=None,
+                           help="port on process 0's host for the step-plan channel (default: "
+                                "$QWENJAX_PLAN_PORT, else the coordinator port + 1)")
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--max-model-len", type=int, default=None,
@@ -138,47 +172,25 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                           metavar="JSON", help="generation_config keys applied on top, e.g. "
                                                "'{\"temperature\": 0.2, \"top_k\": 40}'")
 
-    net = p.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
-    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    net.add_argument("--http-port", type=int, default=8000,
-                     help="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
-                          "/v1/models, …) on --host (0: off)")
-    net.add_argument("--enable-log-requests", action="store_true",
-                     help="log each request as it is admitted (prompt token ids up to --max-log-len, "
-                          "sampling parameters, adapter) and as it ends (reason, TTFT, latency), "
-                          "as vLLM's (logger qwenjax.requests)")
-    net.add_argument("--max-log-len", type=int, default=64,
-                     help="prompt token ids shown per logged request (default 64)")
-    net.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
-                     help="split chat replies of reasoning models (QwQ-32B, DeepSeek-R1-Distill-Qwen) "
-                          "into reasoning (before </think>) and content, as vLLM's: HTTP message "
-                          "reasoning/reasoning_content, Responses reasoning items, gRPC "
-                          "Complete.reasoning")
-    net.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                     help="model name(s) the HTTP API answers to; the first is reported (default: "
-                          "the model directory's name)")
-    net.add_argument("--metrics-port", type=int, default=9400,
-                     help="Prometheus /metrics HTTP port on --host (0: off)")
-    net.add_argument("--max-queue", type=int, default=256,
-                     help="requests admitted but without a first token before RESOURCE_EXHAUSTED "
-                          "(0: no limit)")
-    net.add_argument("--max-queued-tokens", type=int, default=262_144,
-                     help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
-    net.add_argument("--max-request-bytes", type=int, default=4 << 20,
-                     help="larger requests get INVALID_ARGUMENT")
-    net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
-                     help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
-                          f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
-    net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
-                     help="PEM certificate chain (with --tls-key)")
-    net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
-                     help="PEM private key (with --tls-cert)")
-    net.add_argument("--drain-timeout", type=float, default=30.0,
-                     help="seconds in-flight requests get to finish after SIGTERM")
-    net.add_argument("--step-timeout", type=float, default=300.0,
-                     help="an engine step running longer (a hung device or collective) turns health "
-                          "NOT_SERVING and logs the engine thread's stack; 0 = off (default 300)")
+    requests = p.add_argument_group("requests")
+    requests.add_argument("--enable-log-requests", action="store_true",
+                          help="log each request as it is admitted (prompt token ids up to "
+                               "--max-log-len, sampling parameters, adapter) and as it ends "
+                               "(reason, TTFT, latency), as vLLM's (logger qwenjax.requests)")
+    requests.add_argument("--max-log-len", type=int, default=64,
+                          help="prompt token ids shown per logged request (default 64)")
+    requests.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                          help="split chat replies of reasoning models (QwQ-32B, "
+                               "DeepSeek-R1-Distill-Qwen) into reasoning (before </think>) and "
+                               "content, as vLLM's: HTTP message reasoning/reasoning_content, "
+                               "Responses reasoning items, gRPC Complete.reasoning")
+    requests.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                          help="model name(s) the HTTP API answers to; the first is reported (default: "
+                               "the model directory's name)")
+    requests.add_argument("--enable-auto-tool-choice", action="store_true",
+                          help="accepted for vLLM's command lines: tool calls are always parsed")
+    requests.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
+                          help="Qwen2.5's <tool_call> format (vLLM's hermes parser; the only one)")
 
 
 def parse_json_object(text: str) -> dict:
@@ -198,6 +210,63 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def add_run_batch_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "run-batch", help="answer an OpenAI batch file offline (JSONL requests to "
+                          "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses), "
+                          "as vLLM's run-batch")
+    p.add_argument("-i", "--input-file", required=True,
+                   help="the batch file: one request per line, OpenAI's batch format (- = stdin)")
+    p.add_argument("-o", "--output-file", required=True,
+                   help="the answers: one line per request, in input order (- = stdout)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at once (default: 2 × --max-num-seqs × replicas)")
+    add_engine_arguments(p, multihost=False)
+    p.set_defaults(func=cmd_run_batch)
+    return p
+
+
+def cmd_run_batch(args) -> int:
+    resolve_model_tag(args)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.input_file != "-" and not pathlib.Path(args.input_file).is_file():
+        raise FileNotFoundError(f"--input-file {args.input_file}: no such file")
+    if args.output_file != "-" and not pathlib.Path(args.output_file).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--output-file {args.output_file}: its directory does not exist")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be ≥ 1, got {args.max_concurrency}")
+    engines = build_engines(args)
+    return asyncio.run(_run_batch(args, engines))
+
+
+async def _run_batch(args, engines) -> int:
+    from qwenjax.engine.async_engine import EngineThread
+    from server.batch import read_lines, run_batch
+
+    if len(engines) == 1:
+        engine_thread = EngineThread(engines[0])
+    else:
+        from qwenjax.engine.replicas import EngineReplicas
+
+        engine_thread = EngineReplicas([EngineThread(engine) for engine in engines])
+    concurrency = args.max_concurrency or 2 * args.max_num_seqs * len(engines)
+    try:
+        with contextlib.ExitStack() as stack:
+            sink = sys.stdout if args.output_file == "-" else \
+                stack.enter_context(open(args.output_file, "w", encoding="utf-8"))
+            summary = await run_batch(engine_thread, read_lines(args.input_file), sink,
+                                      served_model_names=tuple(args.served_model_name or ()),
+                                      reasoning_parser=args.reasoning_parser,
+                                      max_concurrency=concurrency)
+    finally:
+        engine_thread.shutdown()
+    log.info("run-batch: %d requests answered (%d succeeded, %d failed) in %.1f s → %s",
+             summary.total, summary.succeeded, summary.failed, summary.seconds, args.output_file)
+    return 0
 
 
 def server_config(args):

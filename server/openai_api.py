@@ -107,13 +107,18 @@ class OpenAIServer:
             app.router.add_get("/is_sleeping", self.is_sleeping)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Listen on ``host:port`` (0: any free port); returns the bound port."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0,
+                    ssl_context: ssl.SSLContext | None = None, *, path: str | None = None) -> int | None:
+        """Listen on ``host:port`` (0: any free port) and return the bound port; or, with
+        ``path``, on that Unix socket only (run-batch's private channel) and return None."""
         # handler_cancellation: a client that disconnects cancels its handler, which aborts
         # the engine request instead of generating for nobody.
         self._runner = runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
                                               handler_cancellation=True)
         await runner.setup()
+        if path is not None:
+            await web.UnixSite(runner, path).start()
+            return None
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
         await site.start()
         return runner.addresses[0][1]

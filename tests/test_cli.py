@@ -57,6 +57,7 @@ def test_serve_takes_vllm_style_arguments(capsys):
     args = parser.parse_args(["/models/Qwen2.5-7B-Instruct", "-tp", "2", "--api-key", "k",
                               "--gpu-memory-utilization", "0.8", "--no-enable-prefix-caching", "-q", "fp8",
                               "--kv-cache-dtype", "fp8", "--chat-template", "t.jinja",
+                              "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                               "--served-model-name", "qwen", "Qwen/Qwen2.5-7B-Instruct"])
     resolve_model_tag(args)
     assert (args.model, args.tp, args.kv_cache_fraction, args.enable_prefix_caching, args.quantization) == (
@@ -67,6 +68,9 @@ def test_serve_takes_vllm_style_arguments(capsys):
     assert config.served_model_names == ("qwen", "Qwen/Qwen2.5-7B-Instruct")
     assert serve_main(["a", "--model", "b"]) == 2
     assert "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # vLLM's other tool-call parsers are for other models
+        parser.parse_args(["m", "--tool-call-parser", "mistral"])
+    assert "invalid choice: 'mistral'" in capsys.readouterr().err
     assert serve_main(["--gpu-memory-utilization", "1.5"]) == 2
     assert "--gpu-memory-utilization must be in (0, 1]" in capsys.readouterr().err
 
