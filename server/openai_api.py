@@ -8,6 +8,7 @@
     POST /tokenize, /detokenize vLLM's
     GET  /health                200 while serving; 503 while loading, draining or stalled
     GET  /version, /metrics     the version; the server's Prometheus registry
+    POST /generate, …           SGLang's native API (server/sglang_api.py)
 
 It runs on the gRPC server's asyncio loop and sends every request through the same
 ``Gateway``: one admission limit, one drain, one set of metrics for both protocols.
@@ -106,6 +107,9 @@ class OpenAIServer:
             app.router.add_post("/wake_up", self.wake_up)
             app.router.add_get("/is_sleeping", self.is_sleeping)
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
+        from server.sglang_api import SGLangAPI
+
+        SGLangAPI(self).register(app.router)  # /generate, /encode, … (SGLang's native API)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
                     ssl_context: ssl.SSLContext | None = None, *, path: str | None = None) -> int | None:

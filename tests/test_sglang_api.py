@@ -1,0 +1,231 @@
+"""SGLang's native HTTP API (server/sglang_api.py): the request mapping without a model, then
+the routes on the real Qwen2.5-Coder-0.5B, checked against the OpenAI API of the same server
+(one engine: the same greedy tokens and logprobs)."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+
+from server import sglang_api as sg
+from server_harness import Servers
+
+PROMPT = "def fibonacci(n):"
+
+
+# --------------------------------------------------------------------------- no model
+
+
+def test_sampling_params_take_sglangs_names():
+    fields = sg.sampling_fields({"max_new_tokens": 7, "min_new_tokens": 2, "top_k": -1,
+                                 "no_stop_trim": True, "sampling_seed": 5, "stop": "\n",
+                                 "stop_token_ids": [3], "logit_bias": {"12": -5},
+                                 "stream_interval": 4, "spaces_between_special_tokens": True})
+    assert fields == {"max_tokens": 7, "min_tokens": 2, "top_k": 0,
+                      "include_stop_str_in_output": True, "seed": 5, "stop": ("\n",),
+                      "stop_token_ids": (3,), "logit_bias": {12: -5}}
+    schema = sg.sampling_fields({"json_schema": '{"type": "object"}'})["structured_outputs"]
+    assert schema.json == {"type": "object"}
+    grammar = sg.sampling_fields({"ebnf": 'root ::= "yes" | "no"'})["structured_outputs"].grammar
+    assert "start" in grammar and '"yes"' in grammar  # GBNF rewritten in llguidance's Lark
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"stop_regex": "x"}, "does not accept the field(s) stop_regex"),
+    ({"custom_params": {}}, "custom_params"),
+    ({"spaces_between_special_tokens": False}, "only true"),
+    ({"regex": "a", "ebnf": "root ::= \"a\""}, "set one of"),
+    ({"json_schema": "{not json"}, "sampling_params.json_schema"),
+    ({"stop": [1]}, "stop must be"),
+])
+def test_bad_sampling_params_are_named(params, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sg.sampling_fields(params)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"text": "a", "input_ids": [1]}, "one of text or input_ids"),
+    ({}, "one of text or input_ids"),
+    ({"text": []}, "non-empty list"),
+    ({"input_ids": [[1], []]}, "input_ids must be"),
+    ({"text": ["a", "b"], "rid": "x"}, "one rid per prompt"),
+    ({"text": ["a", "b"], "rid": ["x", "x"]}, "its own"),
+    ({"text": ["a", "b"], "sampling_params": [{}]}, "1 entries for 2 prompts"),
+    ({"text": "a", "return_hidden_states": True}, "return_hidden_states"),
+    ({"text": "a", "top_logprobs_num": -1}, "top_logprobs_num must be"),
+])
+def test_bad_generate_requests_are_named(body, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sg.parse_generate(body)
+
+
+def test_parse_generate_batches_and_logprobs():
+    parsed = sg.parse_generate({"input_ids": [[1, 2], [3]], "rid": ["a", "b"],
+                                "sampling_params": [{"temperature": 0}, {"n": 2}],
+                                "return_logprob": True, "top_logprobs_num": 3,
+                                "logprob_start_len": 0})
+    assert parsed.batched and parsed.prompts == [[1, 2], [3]] and parsed.rids == ["a", "b"]
+    assert parsed.fields == [{"temperature": 0, "logprobs": 3, "prompt_logprobs": 3},
+                             {"n": 2, "logprobs": 3, "prompt_logprobs": 3}]
+    single = sg.parse_generate({"text": "hi"})
+    assert not single.batched and len(single.rids[0]) == 32 and single.fields == [{}]
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.fixture(scope="module")
+def base(server_loop, served_engine_thread):
+    servers = Servers(server_loop, served_engine_thread, port=0, metrics_port=None, http_port=0)
+    yield f"http://127.0.0.1:{servers.start().http_port}"
+    servers.stop_all()
+
+
+def _post(base: str, path: str, body=None, method: str = "POST") -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def _events(response) -> list:
+    events = []
+    for line in response:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_generate_equals_the_openai_completion(base):
+    status, reply = _post(base, "/generate", {"text": PROMPT, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 10}})
+    assert status == 200, reply
+    status, completion = _post(base, "/v1/completions", {"prompt": PROMPT, "temperature": 0,
+                                                         "max_tokens": 10})
+    assert reply["text"] == completion["choices"][0]["text"]
+    meta = reply["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 10}
+    assert meta["prompt_tokens"] == completion["usage"]["prompt_tokens"]
+    assert meta["completion_tokens"] == len(reply["output_ids"]) == 10
+    assert len(meta["id"]) == 32 and meta["e2e_latency"] > 0
+    _, decoded = _post(base, "/detokenize", {"tokens": reply["output_ids"]})
+    assert decoded["prompt"] == reply["text"]
+
+    # A batch of token-id prompts, two greedy samples each: a list, prompt-major.
+    _, ids = _post(base, "/tokenize", {"prompt": PROMPT})
+    status, replies = _post(base, "/generate", {"input_ids": [ids["tokens"], ids["tokens"][:3]],
+                                                "sampling_params": {"temperature": 0, "n": 2,
+                                                                    "max_new_tokens": 10}})
+    assert status == 200 and len(replies) == 4
+    assert [r["text"] for r in replies[:2]] == [reply["text"]] * 2
+    assert replies[2]["output_ids"] == replies[3]["output_ids"] != reply["output_ids"]
+
+
+def test_generate_logprobs_match_the_openai_api(base):
+    body = {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 6},
+            "return_logprob": True, "top_logprobs_num": 2, "logprob_start_len": 0,
+            "return_text_in_logprobs": True}
+    status, reply = _post(base, "/generate", body)
+    assert status == 200, reply
+    meta = reply["meta_info"]
+    _, completion = _post(base, "/v1/completions", {"prompt": PROMPT, "temperature": 0,
+                                                    "max_tokens": 6, "logprobs": 2, "echo": True})
+    openai = completion["choices"][0]["logprobs"]
+    assert [e[1] for e in meta["output_token_logprobs"]] == reply["output_ids"]
+    assert [e[2] for e in meta["output_token_logprobs"]] == openai["tokens"][-6:]
+    inputs = meta["input_token_logprobs"]
+    assert len(inputs) == meta["prompt_tokens"] and inputs[0][0] is None
+    assert meta["input_top_logprobs"][0] is None
+    ours = [e[0] for e in inputs[1:] + meta["output_token_logprobs"]]
+    assert ours == pytest.approx(openai["token_logprobs"], abs=1e-3)
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    assert meta["output_top_logprobs"][0][0][1] == reply["output_ids"][0]  # greedy: the top one
+
+    # From a later prompt position on, no texts.
+    status, later = _post(base, "/generate", {**body, "logprob_start_len": 2,
+                                              "return_text_in_logprobs": False})
+    assert later["meta_info"]["input_token_logprobs"] == [[lp, tid, None] for lp, tid, _ in inputs[2:]]
+    status, refused = _post(base, "/generate", {**body, "logprob_start_len": 500})
+    assert status == 400 and "logprob_start_len" in refused["error"]["message"]
+
+
+def test_generate_streams_cumulative_text_and_constraints(base):
+    body = {"text": PROMPT, "sampling_params": {"temperature": 0, "max_new_tokens": 10},
+            "stream": True}
+    request = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]" and len(events) > 2
+    texts = [e["text"] for e in events[:-1]]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))  # each chunk: all so far
+    _, whole = _post(base, "/generate", {**body, "stream": False})
+    assert texts[-1] == whole["text"] and events[-2]["meta_info"]["finish_reason"]["type"] == "length"
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-2])
+
+    _, stopped = _post(base, "/generate", {"text": PROMPT, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 30, "stop": ["\n"]}})
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "\n"}
+    _, digits = _post(base, "/generate", {"text": "My lucky number is", "sampling_params": {
+        "temperature": 0, "max_new_tokens": 8, "regex": "[0-9]{3}"}})
+    assert re.fullmatch("[0-9]{3}", digits["text"]), digits
+    _, answer = _post(base, "/generate", {"text": "Is the sky blue? Answer:", "sampling_params": {
+        "temperature": 0, "max_new_tokens": 8, "ebnf": 'root ::= "yes" | "no"'}})
+    assert answer["text"] in ("yes", "no")
+
+
+def test_abort_request_ends_a_running_generate(base):
+    body = {"text": PROMPT, "rid": "sg-abort-1", "stream": True,
+            "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}}
+    request = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        first = response.readline()
+        while not first.startswith(b"data: "):
+            first = response.readline()
+        assert _post(base, "/abort_request", {"rid": "sg-abort-1"}) == (200, {"found": True})
+        events = [json.loads(first[6:])] + _events(response)
+    assert events[-1] == "[DONE]"
+    last = events[-2]["meta_info"]
+    assert last["finish_reason"]["type"] == "abort" and last["completion_tokens"] < 400
+    assert _post(base, "/abort_request", {"rid": "sg-abort-1"}) == (200, {"found": False})
+    status, refused = _post(base, "/abort_request", {"rid": ""})
+    assert status == 400
+
+
+def test_info_cache_health_and_encode(base):
+    status, info = _post(base, "/get_model_info", method="GET")
+    assert status == 200 and info["is_generation"] and info["architectures"] == ["Qwen2ForCausalLM"]
+    status, server = _post(base, "/get_server_info", method="GET")
+    assert status == 200 and server["tp_size"] == 1 and server["context_length"] == 512
+    assert server["max_running_requests"] == 8 and server["max_total_num_tokens"] == 8 * 32 * 16
+    assert _post(base, "/flush_cache")[0] == 200
+    assert _post(base, "/flush_cache", method="GET")[0] == 200
+    assert _post(base, "/health_generate", method="GET")[0] == 200
+
+    status, vectors = _post(base, "/encode", {"text": ["hello world", "def f():"]})
+    assert status == 200 and len(vectors) == 2
+    _, openai = _post(base, "/v1/embeddings", {"input": ["hello world", "def f():"]})
+    for ours, theirs in zip(vectors, openai["data"]):
+        assert ours["embedding"] == pytest.approx(theirs["embedding"], abs=1e-4)
+    status, one = _post(base, "/encode", {"input_ids": [1, 2, 3], "rid": "e1"})
+    assert one["meta_info"]["id"] == "e1" and one["meta_info"]["prompt_tokens"] == 3
+
+    status, refused = _post(base, "/generate", {"text": "x", "sampling_params": {"max_new_tokens": 10**6}})
+    assert status == 400 and "max context" in refused["error"]["message"]
+    status, refused = _post(base, "/generate", {"text": "x", "bogus": 1})
+    assert status == 400 and "bogus" in refused["error"]["message"]
