@@ -22,14 +22,15 @@ QUANTIZATION_HELP = ("fp8: projection weights in float8_e4m3fn with per-channel 
 
 def add_model_arguments(p) -> None:
     """--model, --tp, --pp, --devices, --dtype, --quantization (generate and serve)."""
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", "--model-path", dest="model", default=None,
                    help="HF checkpoint directory, orbax checkpoint (qwenjax convert) or preset name "
                         "(qwen2.5-0.5b … qwen2.5-72b, random weights); default: the fetched "
                         "Qwen2.5-Coder-0.5B-Instruct")
-    # vLLM's names (--tensor-parallel-size, -tp, …) work too, so its command lines carry over.
-    p.add_argument("--tp", "--tensor-parallel-size", "-tp", dest="tp", type=int, default=1,
+    # vLLM's names (--tensor-parallel-size, -tp, …) and SGLang's (--model-path, --tp-size, …) work
+    # too, so their command lines carry over.
+    p.add_argument("--tp", "--tensor-parallel-size", "-tp", "--tp-size", dest="tp", type=int, default=1,
                    help="tensor-parallel degree (devices per stage)")
-    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", dest="pp", type=int, default=1,
+    p.add_argument("--pp", "--pipeline-parallel-size", "-pp", "--pp-size", dest="pp", type=int, default=1,
                    help="pipeline stages (contiguous layer ranges, each on --tp devices; tp × pp in all)")
     p.add_argument("--devices", type=parse_devices, default=None,
                    help="comma-separated device indices, e.g. 2,3 (two servers can share a box on "

@@ -73,7 +73,7 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                        help="mesh config name under configs/meshes or a YAML path (instead of --tp): "
                             "its axes, and its dtype, page size, KV fraction and max_model_len as "
                             "defaults; required with more than one process")
-    model.add_argument("--data-parallel-size", "-dp", dest="data_parallel_size", type=int, default=1,
+    model.add_argument("--data-parallel-size", "-dp", "--dp-size", dest="data_parallel_size", type=int, default=1,
                        help="replicas of the model, each on its own tp × pp devices with its own "
                             "KV cache and engine; requests go to the least loaded (one host; "
                             "a --mesh config sets it with axes.dp)")
@@ -92,13 +92,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                                 "$QWENJAX_PLAN_PORT, else the coordinator port + 1)")
 
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-model-len", type=int, default=None,
+    engine.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
+                        default=None,
                         help="prompt + output tokens of one request at most (default: the model's "
                              "max context)")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                         help="auto: KV cache in the model dtype; fp8: float8 (e4m3) with a scale "
                              "per token and head, about half the KV memory (docs/quantization.md)")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests decoding at once")
+    engine.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int,
+                        default=64, help="requests decoding at once")
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
     engine.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens of one "
                                                                       "request per step")
@@ -108,8 +110,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
     engine.add_argument("--compile-workers", type=int, default=None,
                         help="threads that compile or load step programs at start-up (default: one "
                              "per core; on a GPU, one while any program is missing from the cache)")
-    engine.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching",
-                        action="store_false",
+    engine.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", "--disable-radix-cache",
+                        dest="enable_prefix_caching", action="store_false",
                         help="do not reuse the K/V of prompt prefixes computed for earlier requests")
     engine.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                         help="reuse them (the default)")
@@ -117,8 +119,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                         help="host memory for KV pages the prefix cache evicts (vLLM's flag): a "
                              "prompt whose prefix was evicted gets its pages copied back instead "
                              "of recomputed (default 0: off)")
-    engine.add_argument("--gpu-memory-utilization", "--kv-cache-fraction", dest="kv_cache_fraction",
-                        type=float, default=None, metavar="F",
+    engine.add_argument("--gpu-memory-utilization", "--kv-cache-fraction", "--mem-fraction-static",
+                        dest="kv_cache_fraction", type=float, default=None, metavar="F",
                         help="share of each device's memory for weights, workspace and KV cache, in "
                              "(0, 1] (default: the --mesh config's, else 0.9); unused with --num-pages")
     engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
@@ -134,10 +136,10 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                              "model with the same tokenizer '{\"model\": DIR, \"num_speculative_tokens\": 4}' "
                              "(default: off)")
 
-    engine.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+    engine.add_argument("--lora-modules", "--lora-paths", dest="lora_modules", nargs="+", default=None, metavar="NAME=DIR",
                         help="LoRA adapters (PEFT directories) served beside the base model; a "
                              "request picks one by name (HTTP: as its model; gRPC: lora)")
-    engine.add_argument("--max-loras", type=int, default=None,
+    engine.add_argument("--max-loras", "--max-loras-per-batch", dest="max_loras", type=int, default=None,
                         help="LoRA slots (adapters resident at once; each step computes all of "
                              "them). Default: one per --lora-modules adapter, or 1 with "
                              "--allow-runtime-lora-updating")
@@ -173,13 +175,15 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                                                "'{\"temperature\": 0.2, \"top_k\": 40}'")
 
     requests = p.add_argument_group("requests")
-    requests.add_argument("--enable-log-requests", action="store_true",
+    requests.add_argument("--enable-log-requests", "--log-requests", dest="enable_log_requests",
+                          action="store_true",
                           help="log each request as it is admitted (prompt token ids up to "
                                "--max-log-len, sampling parameters, adapter) and as it ends "
                                "(reason, TTFT, latency), as vLLM's (logger qwenjax.requests)")
     requests.add_argument("--max-log-len", type=int, default=64,
                           help="prompt token ids shown per logged request (default 64)")
     requests.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                          type=lambda name: name.replace("-", "_"),  # SGLang's deepseek-r1
                           help="split chat replies of reasoning models (QwQ-32B, "
                                "DeepSeek-R1-Distill-Qwen) into reasoning (before </think>) and "
                                "content, as vLLM's: HTTP message reasoning/reasoning_content, "
@@ -189,8 +193,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                                "the model directory's name)")
     requests.add_argument("--enable-auto-tool-choice", action="store_true",
                           help="accepted for vLLM's command lines: tool calls are always parsed")
-    requests.add_argument("--tool-call-parser", default="hermes", choices=["hermes"],
-                          help="Qwen2.5's <tool_call> format (vLLM's hermes parser; the only one)")
+    requests.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "qwen25", "qwen"],
+                          help="Qwen2.5's <tool_call> format, the only one: vLLM's hermes parser, "
+                               "SGLang's qwen25")
 
 
 def parse_json_object(text: str) -> dict:

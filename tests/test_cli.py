@@ -75,6 +75,25 @@ def test_serve_takes_vllm_style_arguments(capsys):
     assert "--gpu-memory-utilization must be in (0, 1]" in capsys.readouterr().err
 
 
+def test_serve_takes_sglang_style_arguments():
+    """`python -m sglang.launch_server --model-path M --tp-size 2 …` flags, under qwenjax serve."""
+    import argparse
+
+    from server.cli import add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "/m", "--tp-size", "2", "--dp-size", "2",
+                              "--context-length", "4096", "--mem-fraction-static", "0.8",
+                              "--max-running-requests", "32", "--disable-radix-cache",
+                              "--lora-paths", "a=/l", "--max-loras-per-batch", "2", "--log-requests",
+                              "--reasoning-parser", "deepseek-r1", "--tool-call-parser", "qwen25"])
+    assert (args.model, args.tp, args.data_parallel_size, args.max_model_len, args.kv_cache_fraction,
+            args.max_num_seqs, args.enable_prefix_caching, args.lora_modules, args.max_loras,
+            args.enable_log_requests, args.reasoning_parser) == (
+        "/m", 2, 2, 4096, 0.8, 32, False, ["a=/l"], 2, True, "deepseek_r1")
+
+
 def test_serve_lora_slot_arguments():
     import argparse
 
