@@ -308,6 +308,11 @@ def table_width(n: int) -> int:
 _NO_IDS = np.zeros(0, np.int64)
 
 
+def truncation_settings(p: SamplingParams) -> tuple[float, int, float, float]:
+    """(temperature, top_k, top_p, min_p) of a sampler row: temperature 0 = greedy, top_k 0 = off."""
+    return 0.0 if p.greedy else p.temperature, max(p.top_k, 0), p.top_p, p.min_p
+
+
 def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> SamplingBatch:
     """Pack ``rows`` into numpy arrays padded to ``num_rows`` (padding rows are greedy, no-ops).
 
@@ -335,10 +340,7 @@ def build_sampling_batch(rows: Sequence[SamplingRow], num_rows: int) -> Sampling
         p = row.params
         if row.step < 0:
             raise ValueError(f"rows[{i}].step must be ≥ 0, got {row.step}")
-        temperature[i] = 0.0 if p.greedy else p.temperature
-        top_k[i] = max(p.top_k, 0)
-        top_p[i] = p.top_p
-        min_p[i] = p.min_p
+        temperature[i], top_k[i], top_p[i], min_p[i] = truncation_settings(p)
         seeds[i] = row.seed % 2**32
         steps[i] = row.step
         rep[i] = p.repetition_penalty
@@ -543,33 +545,44 @@ def _truncation_threshold(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array,
     return jax.lax.cond(jnp.all(few | ~truncates), candidates_only, whole_vocabulary)
 
 
-def _row_gumbel(seed: jax.Array, step: jax.Array, vocab: int) -> jax.Array:
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    return jax.random.gumbel(key, (vocab,), jnp.float32)
+def row_noise(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
+    """The Gumbel noise [R, vocab] each row's sample adds, from key ``fold_in(key(seed), step)``
+    (a draft model draws its proposal for a step with the same noise: qwenjax/engine/draft_model.py)."""
+    def row(seed, step):
+        key = jax.random.fold_in(jax.random.key(seed), step)
+        return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+    return jax.vmap(row)(seeds, steps)
 
 
-def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    """Temperature → top-k → top-p → min-p → Gumbel-max, per row. [R, V] → [R] int32."""
-    num_rows, vocab = logits.shape
-    greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
-    scaled = logits / jnp.where(greedy, 1.0, batch.temperature)[:, None]
+def truncated_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                     top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Temperature → top-k → top-p → min-p, per row: the logits [R, V] scaled by the row's
+    temperature, the tokens it cannot sample at -inf (greedy rows: only scaled by 1)."""
+    num_rows = logits.shape[0]
+    greedy = temperature < GREEDY_TEMPERATURE_EPS
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
 
     # Finding the top-k/top-p candidates dominates the sampler's cost; skip it when no row
     # asks for top-k/top-p. Skipping is row-neutral: a row with both off keeps every token
     # in every branch.
-    truncates = ~greedy & ((batch.top_k > 0) | (batch.top_p < 1.0))
+    truncates = ~greedy & ((top_k > 0) | (top_p < 1.0))
     threshold = jax.lax.cond(
         jnp.any(truncates),
-        lambda: _truncation_threshold(scaled, batch.top_k, batch.top_p, truncates),
+        lambda: _truncation_threshold(scaled, top_k, top_p, truncates),
         lambda: jnp.full((num_rows,), -jnp.inf, scaled.dtype))
     # min-p relative to the max prob is unchanged by top-k/top-p renormalisation
     # (the max token is always kept), so it is a log-space offset from the max.
     # log(0) = -inf turns it off.
     max_scaled = jnp.max(scaled, axis=-1)
-    threshold = jnp.maximum(threshold, max_scaled + jnp.log(batch.min_p))
-    masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    threshold = jnp.maximum(threshold, max_scaled + jnp.log(min_p))
+    return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
-    noise = jax.vmap(_row_gumbel, in_axes=(0, 0, None))(batch.seeds, batch.steps, vocab)
+
+def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Temperature → top-k → top-p → min-p → Gumbel-max, per row. [R, V] → [R] int32."""
+    masked = truncated_logits(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p)
+    noise = row_noise(batch.seeds, batch.steps, logits.shape[1])
     return jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
 
 

@@ -4,7 +4,7 @@
     python scripts/bench_spec.py --k 0,4 --json out.json
     python scripts/bench_spec.py --model 7B_DIR --draft-model 0.5B_DIR   # a draft model's drafts
 
-Two workloads, greedy, each request alone (batch 1: the latency case speculation is for) and
+Two workloads, greedy (or ``--temperature``, seeded), each request alone (batch 1: the latency case speculation is for) and
 then all requests of the workload at once:
 - edit: code-editing requests whose answer mostly repeats code from the prompt (rename a
   variable, add a docstring) — where n-gram drafts are accepted;
@@ -12,7 +12,8 @@ then all requests of the workload at once:
 
 Each configuration runs its workload once untimed (compiling its step shapes; prefix caching
 is off so that the timed run has the same shapes), then once timed. The outputs of every
-configuration are checked equal to those of k = 0 (greedy decoding is unchanged by drafts).
+configuration are checked equal to those of k = 0 (drafts never change the tokens: greedy
+and seeded sampling alike).
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def main() -> None:
     p.add_argument("--draft-model", default=None,
                    help="draft with this model (same tokenizer) instead of n-grams")
     p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sample at this temperature (seeded: the tokens stay those of k = 0)")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
 
@@ -81,7 +85,8 @@ def main() -> None:
     from qwenjax.loading import load_model
 
     lm = load_model(args.model, dtype=args.dtype)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=0,
+                            max_tokens=args.max_tokens)
     rows, reference = [], {}
     for k in (int(x) for x in args.k.split(",")):
         spec = None
@@ -111,6 +116,7 @@ def main() -> None:
     header = dict(date=datetime.date.today().isoformat(), jax=jax.__version__,
                   device=str(jax.devices()[0].device_kind), platform=platform.processor() or platform.machine(),
                   dtype=str(lm.dtype), max_tokens=args.max_tokens,
+                  temperature=args.temperature, top_p=args.top_p,
                   drafts=args.draft_model or "ngram")
     base = {(r["workload"], r["batch"]): r["tokens_per_s"] for r in rows if r["k"] == 0}
     print(f"\n{header}\n")

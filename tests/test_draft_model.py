@@ -92,10 +92,42 @@ def test_the_model_as_its_own_draft_has_every_greedy_draft_accepted(lively_dir):
     assert engine.allocator.num_free == 256
 
 
+def test_sampled_drafts_share_the_samplers_noise(lively_dir, monkeypatch):
+    """Sampled requests (temperature, top-k/top-p/min-p, seeded) drafting with the served model
+    itself: drawn with the noise the sampler adds at each step, nearly every draft is accepted,
+    where greedy drafts of the same requests are mostly refused; the tokens are the plain ones."""
+    from qwenjax.engine import draft_model
+
+    lm = load_model(lively_dir, tp=1, dtype="float32")
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (6, 30, 80, 12)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m, seed=i, max_tokens=24,
+                             ignore_eos=True)
+              for i, (t, k, p, m) in enumerate([(1.0, -1, 1.0, 0.0), (0.8, 40, 1.0, 0.0),
+                                                (1.2, -1, 0.9, 0.0), (1.0, -1, 1.0, 0.05)])]
+    spec = {"model": str(lively_dir), "num_speculative_tokens": 3}
+    runs = {}
+    for name in ("plain", "coupled", "greedy drafts"):
+        if name == "greedy drafts":  # what drafting was before: the draft's argmax
+            monkeypatch.setattr(draft_model, "truncation_settings", lambda p: (0.0, 0, 1.0, 0.0))
+        engine = Engine(lm, EngineConfig(**SMALL, num_pages=256,
+                                         speculative_config=None if name == "plain" else spec),
+                        warm_up=False)
+        outputs, _ = _generate(engine, prompts, params, [0, 0, 1, 2])
+        runs[name] = outputs, engine.spec_stats
+    plain = runs["plain"][0]
+    for name in ("coupled", "greedy drafts"):
+        for i in plain:
+            assert runs[name][0][i].token_ids == plain[i].token_ids, (name, i)
+    coupled, greedy = runs["coupled"][1], runs["greedy drafts"][1]
+    assert coupled.num_accepted_tokens >= 0.9 * coupled.num_draft_tokens, coupled
+    rate = lambda stats: stats.num_accepted_tokens / stats.num_draft_tokens  # noqa: E731
+    assert rate(greedy) < rate(coupled) - 0.3, (greedy, coupled)
+
+
 @pytest.mark.parametrize("tp,draft", [(1, "itself"), (4, "other")])
 def test_outputs_do_not_depend_on_the_draft(lively_dir, other_draft_dir, tp, draft):
-    """The model itself (drafts accepted by greedy rows, mostly refused by sampled ones) or
-    another, smaller model drafting: the same tokens, stops and logprobs as plain decoding
+    """The model itself (its drafts mostly accepted) or another, smaller model drafting: the same tokens, stops and logprobs as plain decoding
     (greedy and seeded sampling, penalties, stop tokens, max_tokens 1–3), through preemption
     (the draft state goes with the pages) and prefix caching."""
     lm = load_model(lively_dir, tp=tp, dtype="float32")

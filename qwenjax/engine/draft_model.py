@@ -1,9 +1,17 @@
 """Speculative decoding with a draft model (vLLM's ``speculative_config={"model": DIR, ...}``).
 
 A smaller model with the same tokenizer (Qwen2.5-0.5B-Instruct for 7B…72B) proposes the
-next k tokens greedily; the engine checks them in one step of the target model exactly as it
-checks n-gram drafts (qwenjax/engine/speculative.py), so outputs do not depend on the draft:
-it only decides how many tokens a step yields.
+next k tokens; the engine checks them in one step of the target model exactly as it checks
+n-gram drafts (qwenjax/engine/speculative.py), so outputs do not depend on the draft: it only
+decides how many tokens a step yields.
+
+Greedy requests get the draft's greedy tokens. A sampled request's draft for output index
+``s`` is drawn the way the served model's sampler will draw that token: the request's
+temperature, top-k, top-p and min-p applied to the draft's logits, plus the very Gumbel noise
+the sampler adds at step ``s`` (``fold_in(key(seed), s)``). The target keeps a draft when its
+own sample equals it, and with shared noise the two argmaxes agree whenever the two models'
+truncated distributions are close: a coupled draw, not a guess at the most likely token. The
+target's samples are unchanged, so seeded requests keep their tokens with or without drafts.
 
 The draft model runs on the target's mesh with a KV cache of its own over the *same page
 ids*: a request's pages (allocated by the scheduler for its tokens and its drafts) index both
@@ -13,7 +21,7 @@ of the request's tokens, and ``fed`` the drafts written after them, which count 
 target accepts them. Before proposing, the draft catches up on the tokens it has not seen
 (the prompt on a request's first draft, in chunks of ``CATCHUP_CHUNK``; afterwards the one
 or two tokens the last check added), then one program computes the last ``WINDOW`` tokens
-and k - 1 greedy decode steps on device: one dispatch and one read-back per step.
+and k - 1 decode steps on device: one dispatch and one read-back per step.
 
 A wrong or stale draft cache only makes drafts worse, never outputs wrong; after a failed
 draft call the cache is rebuilt and every request starts over (``epoch``).
@@ -34,6 +42,7 @@ from qwenjax.engine.runner import bucket_for, row_buckets
 from qwenjax.kv_cache import KVCache, page_bytes_per_device
 from qwenjax.loading import LoadedModel
 from qwenjax.model import StepBatch
+from qwenjax.sampling import GREEDY_TEMPERATURE_EPS, row_noise, truncated_logits, truncation_settings
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +59,37 @@ class DraftState:
     fed: tuple[int, ...] = ()      # drafts whose K/V follow them (right if the target took them)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DraftSampling:
+    """How each row of a proposing call draws its drafts: the request's temperature and
+    truncation, its seed, and the output index of its first draft (the sampler's ``step``)."""
+
+    temperature: np.ndarray  # [R] float32, 0 = greedy (padding rows too)
+    top_k: np.ndarray        # [R] int32, 0 = off
+    top_p: np.ndarray        # [R] float32
+    min_p: np.ndarray        # [R] float32
+    seeds: np.ndarray        # [R] uint32
+    steps: np.ndarray        # [R] int32
+
+    @classmethod
+    def empty(cls, rows: int) -> "DraftSampling":
+        return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+                   np.zeros(rows, np.float32), np.zeros(rows, np.uint32), np.zeros(rows, np.int32))
+
+    def set_row(self, i: int, request: Request) -> None:
+        (self.temperature[i], self.top_k[i], self.top_p[i],
+         self.min_p[i]) = truncation_settings(request.params)
+        self.seeds[i] = request.seed % 2**32
+        self.steps[i] = request.num_output_tokens
+
+
 class DraftModel:
     """The draft model of one engine: its weights, its KV cache and its two programs."""
 
     def __init__(self, lm: LoadedModel, *, vocab_size: int, num_speculative_tokens: int,
                  num_pages: int, page_size: int, pages_per_seq: int, max_rows: int):
+        """``vocab_size``: the served model's (its sampler's noise is drawn over all of it)."""
         if dict(lm.mesh.shape).get("pp", 1) > 1:
             raise ValueError("speculative decoding with a draft model needs pp = 1")
         self.lm = lm
@@ -67,12 +102,28 @@ class DraftModel:
         self.cache = self._new_cache()
         model, vocab, k = lm.model, self.vocab, self.k
 
-        def run(weights, cache, batch: StepBatch, limits, steps: int):
-            """Compute ``batch`` (then ``steps`` greedy decode steps): the greedy token after
-            each row's last position and each step's, ``[rows, steps + 1]``. A decode step
-            writes only at positions ≤ the row's ``limits`` (its pages end there)."""
+        def choose(logits, sampling: DraftSampling, offset):
+            """Each row's draft token: greedy, or the token the served model's sampler would
+            draw from these logits with its noise for that step (the coupled draw)."""
+            logits = logits[:, :vocab].astype(jnp.float32)
+            greedy_ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            greedy = sampling.temperature < GREEDY_TEMPERATURE_EPS
+
+            def coupled():
+                masked = truncated_logits(logits, sampling.temperature, sampling.top_k,
+                                          sampling.top_p, sampling.min_p)
+                noise = row_noise(sampling.seeds, sampling.steps + offset, vocab_size)[:, :vocab]
+                return jnp.where(greedy, greedy_ids,
+                                 jnp.argmax(masked + noise, axis=-1).astype(jnp.int32))
+
+            return jax.lax.cond(jnp.all(greedy), lambda: greedy_ids, coupled)
+
+        def run(weights, cache, batch: StepBatch, limits, sampling: DraftSampling, steps: int):
+            """Compute ``batch`` (then ``steps`` decode steps): the draft token after each row's
+            last position and each step's, ``[rows, steps + 1]``. A decode step writes only at
+            positions ≤ the row's ``limits`` (its pages end there)."""
             logits, cache = model.last_logits(weights, cache, batch)
-            token = jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)
+            token = choose(logits, sampling, 0)
             last = jnp.max(batch.positions, axis=1)  # -1: a padding row
             drafts = jnp.zeros((token.shape[0], steps + 1), jnp.int32).at[:, 0].set(token)
 
@@ -83,7 +134,7 @@ class DraftModel:
                 step = StepBatch(token[:, None], position[:, None], jnp.maximum(position + 1, 0),
                                  batch.block_tables)
                 logits, cache = model.last_logits(weights, cache, step)
-                token = jnp.argmax(logits[:, :vocab], axis=-1).astype(jnp.int32)
+                token = choose(logits, sampling, i + 1)
                 return cache, token, drafts.at[:, i + 1].set(token)
 
             cache, _, drafts = jax.lax.fori_loop(0, steps, body, (cache, token, drafts))
@@ -120,8 +171,8 @@ class DraftModel:
 
     # ---- proposing ---------------------------------------------------------------------------
     def propose(self, batch: Sequence[tuple[Request, int]]) -> list[list[int]]:
-        """Up to ``k`` greedy draft tokens for each (request, k): requests whose known tokens
-        are all there, with pages for their tokens and k drafts."""
+        """Up to ``k`` draft tokens for each (request, k): requests whose known tokens are all
+        there, with pages for their tokens and k drafts."""
         if not batch:
             return []
         try:
@@ -188,13 +239,17 @@ class DraftModel:
         seq_lens = np.zeros((size,), np.int32)
         tables = np.zeros((size, self.pages_per_seq), np.int32)
         limits = np.full((size,), -1, np.int32)
+        sampling = DraftSampling.empty(size)
         for i, (request, start, n, k) in enumerate(rows):
             tokens[i, :n] = request.tokens(start, start + n)
             positions[i, :n] = np.arange(start, start + n)
             seq_lens[i] = start + n
             tables[i, : len(request.pages)] = request.pages
             limits[i] = start + n + k - 2  # the last draft is proposed, never fed
+            if kind == "propose":
+                sampling.set_row(i, request)
         put = lambda a: jax.device_put(a, self._replicated)  # noqa: E731
         batch = StepBatch(put(tokens), put(positions), put(seq_lens), put(tables))
-        drafts, self.cache = self._run(self.lm.weights, self.cache, batch, put(limits), steps=steps)
+        drafts, self.cache = self._run(self.lm.weights, self.cache, batch, put(limits),
+                                       jax.tree.map(put, sampling), steps=steps)
         return np.asarray(drafts) if kind == "propose" else None
