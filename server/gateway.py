@@ -132,7 +132,7 @@ class Call:
             log.info("request %s%s: %d prompt tokens %s%s, lora=%s, priority=%d, %s", self.engine_id,
                      f" ({self.client_id})" if self.client_id else "", num_prompt, shown,
                      "…" if len(shown) < num_prompt else "", self.lora, self.priority, self.params)
-        queued, reason = True, None
+        queued, reason, generated = True, None, 0
         try:
             stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority,
                                             self.lora)
@@ -148,6 +148,9 @@ class Call:
                             self.first = time.monotonic()
                             metrics.ttft.observe(self.first - self.start)
                         metrics.generation_tokens.inc(len(output.delta_token_ids))
+                        generated += len(output.delta_token_ids)
+                    if output.finish_reason is not None and output.metrics is not None:
+                        metrics.observe_finished(output.metrics, len(output.token_ids))
                     if output.finished:
                         self.finished = True
                         reason = output.finish_reason
@@ -175,6 +178,8 @@ class Call:
                          reason or "abort", ttft, 1000 * (time.monotonic() - self.start))
             metrics.requests.labels(reason or "abort").inc()
             metrics.e2e.observe(time.monotonic() - self.start)
+            metrics.request_prompt_tokens.observe(num_prompt)
+            metrics.request_generation_tokens.observe(generated)
             if self.client_id and gateway._active.get(self.client_id) == self.engine_id:
                 del gateway._active[self.client_id]
             gateway._leave()

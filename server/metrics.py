@@ -13,6 +13,9 @@ from prometheus_client.core import CounterMetricFamily
 # Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+# Seconds per output token: a 72B decode step on a GPU is 10-50 ms; on a CPU, ~0.1-1 s.
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 131072)
 
 
 class _EngineCounters:
@@ -55,6 +58,16 @@ SPEC_DECODE_COUNTERS = (
      "over plain decoding)", "num_accepted_tokens"))
 
 
+SCHEDULER_COUNTERS = (
+    ("qwenjax:num_preemptions", "Running requests sent back to the queue for lack of KV pages "
+     "(their K/V recomputed when they resume)", "num_preemptions"),)
+
+
+def _usage(engines: Sequence) -> float:
+    total = sum(e.allocator.num_pages for e in engines)
+    return sum(e.allocator.num_used for e in engines) / total if total else 0.0
+
+
 class ServerMetrics:
     def __init__(self, engines: Callable[[], Sequence],
                  in_flight: Callable[[], int] | None = None):
@@ -77,6 +90,24 @@ class ServerMetrics:
                               "Admission to first streamed token", buckets=TTFT_BUCKETS, registry=registry)
         self.e2e = Histogram("qwenjax:e2e_request_latency_seconds", "Admission to the end of the request",
                              buckets=E2E_BUCKETS, registry=registry)
+        # Where a request's time goes, from the engine's clock (vLLM's request_*_time_seconds).
+        self.queue_time = Histogram("qwenjax:request_queue_time_seconds", "Engine: added to its "
+                                    "first step (waiting behind others)", buckets=E2E_BUCKETS,
+                                    registry=registry)
+        self.prefill_time = Histogram("qwenjax:request_prefill_time_seconds", "Engine: first step "
+                                      "to first token (the prompt's chunks)", buckets=E2E_BUCKETS,
+                                      registry=registry)
+        self.decode_time = Histogram("qwenjax:request_decode_time_seconds", "Engine: first token "
+                                     "to the end", buckets=E2E_BUCKETS, registry=registry)
+        self.tpot = Histogram("qwenjax:time_per_output_token_seconds", "Engine: a sequence's "
+                              "decode time over its tokens after the first", buckets=TPOT_BUCKETS,
+                              registry=registry)
+        self.request_prompt_tokens = Histogram("qwenjax:request_prompt_tokens", "Prompt tokens per "
+                                               "finished request", buckets=TOKEN_BUCKETS,
+                                               registry=registry)
+        self.request_generation_tokens = Histogram(
+            "qwenjax:request_generation_tokens", "Generated tokens per finished request (all its "
+            "sequences)", buckets=TOKEN_BUCKETS, registry=registry)
 
         def gauge(name: str, doc: str, read: Callable[[object], float]) -> None:
             Gauge(name, doc, registry=registry).set_function(
@@ -88,12 +119,15 @@ class ServerMetrics:
               lambda e: len(e.scheduler.waiting))
         gauge("qwenjax:kv_pages_used", "KV cache pages in use", lambda e: e.allocator.num_used)
         gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
+        Gauge("qwenjax:kv_cache_usage_perc", "Share of the KV cache pages in use, 0-1 (vLLM's "
+              "name)", registry=registry).set_function(lambda: _usage(engines()))
         gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
               "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
         registry.register(_EngineCounters(
             engines, lambda e: e.prefix_cache.stats if e.prefix_cache is not None else None,
             PREFIX_CACHE_COUNTERS))
         registry.register(_EngineCounters(engines, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
+        registry.register(_EngineCounters(engines, lambda e: e.scheduler, SCHEDULER_COUNTERS))
         registry.register(_EngineCounters(
             engines, lambda e: e.scheduler.host_cache.stats if e.scheduler.host_cache is not None
             else None, HOST_CACHE_COUNTERS))
@@ -101,6 +135,16 @@ class ServerMetrics:
             Gauge("qwenjax:requests_in_flight", "Generate calls this server is handling (admitted, "
                   "not yet answered)", registry=registry).set_function(lambda: float(in_flight()))
         self._http = None
+
+    def observe_finished(self, metrics, num_tokens: int) -> None:
+        """A finished sequence's engine times (``RequestMetrics``) and its token count."""
+        for histogram, seconds in ((self.queue_time, metrics.queue_time),
+                                   (self.prefill_time, metrics.prefill_time),
+                                   (self.decode_time, metrics.decode_time)):
+            if seconds is not None:
+                histogram.observe(max(seconds, 0.0))
+        if metrics.decode_time is not None and num_tokens > 1:
+            self.tpot.observe(max(metrics.decode_time, 0.0) / (num_tokens - 1))
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP on a thread of prometheus-client's; returns the bound port."""

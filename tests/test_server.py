@@ -154,6 +154,15 @@ def test_32_concurrent_streams_match_the_greedy_reference(model, served):
     assert delta("qwenjax:prompt_tokens_total") == sum(map(len, prompt_ids))
     assert delta("qwenjax:time_to_first_token_seconds_count") == 32
     assert delta("qwenjax:e2e_request_latency_seconds_count") == 32
+    # Per request: its prompt and output sizes, and where its time went on the engine.
+    assert delta("qwenjax:request_prompt_tokens_count") == 32
+    assert delta("qwenjax:request_prompt_tokens_sum") == sum(map(len, prompt_ids))
+    assert delta("qwenjax:request_generation_tokens_sum") == sum(len(r[0]) for r in results)
+    for phase in ("queue", "prefill", "decode"):
+        assert delta(f"qwenjax:request_{phase}_time_seconds_count") == 32, phase
+        assert delta(f"qwenjax:request_{phase}_time_seconds_sum") > 0, phase
+    assert delta("qwenjax:time_per_output_token_seconds_count") == sum(len(r[0]) > 1 for r in results)
+    assert 0 <= after["qwenjax:kv_cache_usage_perc"] <= 1 and "qwenjax:num_preemptions_total" in after
     assert after["qwenjax:kv_pages_total"] == ENGINE["num_pages"]
     wait_engine_idle(engine)
 
@@ -988,8 +997,9 @@ def test_engine_tallies_are_exported_when_scraped():
         return {s.name: s.value for f in text_string_to_metric_families(body) for s in f.samples}
 
     engine = types.SimpleNamespace(
-        scheduler=types.SimpleNamespace(running=[1], waiting=[], host_cache=types.SimpleNamespace(
-            stats=HostCacheStats(stored=5, restored=2, dropped=1))),
+        scheduler=types.SimpleNamespace(running=[1], waiting=[], num_preemptions=4,
+                                        host_cache=types.SimpleNamespace(
+                                            stats=HostCacheStats(stored=5, restored=2, dropped=1))),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
         prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
         spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
@@ -998,6 +1008,7 @@ def test_engine_tallies_are_exported_when_scraped():
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
     assert got["qwenjax:kv_offload_pages_restored_total"] == 2
+    assert got["qwenjax:num_preemptions_total"] == 4 and got["qwenjax:kv_cache_usage_perc"] == 3 / 8
     assert samples(ServerMetrics(lambda: []))["qwenjax:spec_decode_num_drafts_total"] == 0
     # Data-parallel replicas: each figure is the sum over the engines.
     both = samples(ServerMetrics(lambda: [engine, engine]))

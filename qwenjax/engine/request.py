@@ -140,9 +140,31 @@ class TokenLogprob:
 
 @dataclasses.dataclass
 class RequestMetrics:
+    """Engine-side times of a request (time.monotonic()): added, first computed in a step,
+    first token sampled, finished."""
+
     arrival_time: float
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        """Waiting for its first step (behind other requests' prefills, or a full KV cache)."""
+        t = self.first_scheduled_time
+        return None if t is None else t - self.arrival_time
+
+    @property
+    def prefill_time(self) -> float | None:
+        """From its first step to its first token (its prompt's chunks)."""
+        t0, t1 = self.first_scheduled_time, self.first_token_time
+        return None if t0 is None or t1 is None else t1 - t0
+
+    @property
+    def decode_time(self) -> float | None:
+        """From its first token to its end."""
+        t0, t1 = self.first_token_time, self.finish_time
+        return None if t0 is None or t1 is None else t1 - t0
 
     @property
     def ttft(self) -> float | None:

@@ -140,6 +140,7 @@ class Scheduler:
         self.host_cache = None  # a host-memory tier under the prefix cache (use_host_cache)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # requests sent back to the queue, losing their K/V
 
     def use_host_cache(self, store) -> None:
         """Keep the pages the prefix cache evicts in ``store`` (a host_cache.HostKVStore) and
@@ -207,6 +208,7 @@ class Scheduler:
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self._put(self.waiting, request, front=True)
 
     def preempt_all(self) -> None:
