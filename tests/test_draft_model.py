@@ -72,18 +72,31 @@ def test_config_picks_the_method_and_names_the_bad_field():
 
 
 def test_the_model_as_its_own_draft_has_every_greedy_draft_accepted(lively_dir):
-    """The draft cache follows each request through its prompt (caught up in chunks, one
-    longer than CATCHUP_CHUNK) and its drafts: drafting with the served model itself, greedy
+    """The draft cache follows each request through its prompt (caught up with its prefill
+    chunks) and its drafts: drafting with the served model itself, greedy
     drafts are all accepted (up to float ties), and the tokens are the plain ones."""
     lm = load_model(lively_dir, tp=1, dtype="float32")
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, VOCAB, n).tolist() for n in (5, 40, 300, 17)]
     params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)] * 4
     results = {}
+    catch_ups_in_proposals = []
     for spec in (None, {"model": str(lively_dir), "num_speculative_tokens": 4}):
         engine = Engine(lm, EngineConfig(**SMALL, num_pages=256, speculative_config=spec), warm_up=False)
+        if engine.drafter is not None:  # count the catch-up calls a proposal had to make
+            propose = engine.scheduler.drafter
+
+            def counted(batch, propose=propose, drafter=engine.drafter):
+                before = drafter.catchup_calls
+                proposals = propose(batch)
+                catch_ups_in_proposals.append(drafter.catchup_calls - before)
+                return proposals
+
+            engine.scheduler.drafter = counted
         results[spec is not None] = (*_generate(engine, prompts, params, [0, 0, 1, 2]), engine)
     (plain, plain_steps, _), (spec, spec_steps, engine) = results.values()
+    # The prompts were caught up alongside their prefill chunks, none at a first draft.
+    assert engine.drafter.catchup_calls >= 300 // 64 and not any(catch_ups_in_proposals)
     for i in plain:
         assert spec[i].token_ids == plain[i].token_ids, i
     stats = engine.spec_stats

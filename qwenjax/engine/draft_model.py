@@ -18,10 +18,13 @@ ids*: a request's pages (allocated by the scheduler for its tokens and its draft
 caches, so the draft needs no allocator and is freed with the request. What the draft cache
 holds is tracked per request (``DraftState``): ``computed`` positions hold the draft's K/V
 of the request's tokens, and ``fed`` the drafts written after them, which count once the
-target accepts them. Before proposing, the draft catches up on the tokens it has not seen
-(the prompt on a request's first draft, in chunks of ``CATCHUP_CHUNK``; afterwards the one
-or two tokens the last check added), then one program computes the last ``WINDOW`` tokens
-and k - 1 decode steps on device: one dispatch and one read-back per step.
+target accepts them. A prompt is caught up alongside its prefill: each step, the draft
+computes the prompt chunks the served model computes (``catch_up``, in calls of up to
+``CATCHUP_CHUNK`` tokens a row), so a request's first draft does not hold up the decoding
+requests of its step. Before proposing, the draft catches up on anything else it has not
+seen (tokens decoded while drafting was paused, a cache rebuilt after a failure), then one
+program computes the last ``WINDOW`` tokens (the one or two the last check added) and k - 1
+decode steps on device: one dispatch and one read-back per step.
 
 A wrong or stale draft cache only makes drafts worse, never outputs wrong; after a failed
 draft call the cache is rebuilt and every request starts over (``epoch``).
@@ -98,6 +101,7 @@ class DraftModel:
         self.buckets = [size for size in row_buckets(max_rows) if size]
         self.vocab = min(vocab_size, lm.config.vocab_size)  # ids both models know
         self.epoch = 0
+        self.catchup_calls = 0  # catch-up programs run (prompt chunks, or before a proposal)
         self._replicated = NamedSharding(lm.mesh, PartitionSpec())
         self.cache = self._new_cache()
         model, vocab, k = lm.model, self.vocab, self.k
@@ -199,22 +203,42 @@ class DraftModel:
             state.fed = ()
         return state
 
+    def catch_up(self, batch: Sequence[tuple[Request, int]]) -> None:
+        """Compute the draft K/V of each request's first ``upto`` tokens that the draft cache
+        lacks: the engine calls it with the prompt chunks of a step, so that a prompt is
+        caught up alongside its prefill rather than at its first draft, where the catch-up
+        would hold up every decoding request of that step."""
+        if not batch:
+            return
+        try:
+            self._catch_up([(request, self._state(request), upto) for request, upto in batch])
+        except Exception:  # as in propose: speed only
+            log.exception("the draft model failed to catch up; rebuilding its cache")
+            self.epoch += 1
+            self.cache = self._new_cache()
+
+    def _catch_up(self, rows: Sequence[tuple[Request, DraftState, int]]) -> None:
+        """Catch-up calls until each (request, state, upto) has its first ``upto`` tokens."""
+        while True:
+            calls = []
+            for request, state, upto in rows:
+                if upto > state.computed:
+                    n = min(CATCHUP_CHUNK, upto - state.computed)
+                    calls.append((request, state.computed, n, 0))
+                    state.computed += n
+            if not calls:
+                return
+            for start in range(0, len(calls), self.buckets[-1]):
+                part = calls[start: start + self.buckets[-1]]
+                self.catchup_calls += 1
+                self._call("catchup", part, self._bucket(len(part)))
+
     def _propose(self, batch: Sequence[tuple[Request, int]]) -> list[list[int]]:
         states = [self._state(request) for request, _ in batch]
-        # Catch up (a prompt, or tokens decoded without drafts) until ≤ WINDOW tokens are new.
-        while True:
-            rows = []
-            for (request, _), state in zip(batch, states):
-                end = request.num_tokens - 1  # the last token is left for the proposing call
-                if end - state.computed >= WINDOW:
-                    n = min(CATCHUP_CHUNK, end - state.computed)
-                    rows.append((request, state.computed, n, 0))
-                    state.computed += n
-            if not rows:
-                break
-            for start in range(0, len(rows), self.buckets[-1]):
-                part = rows[start: start + self.buckets[-1]]
-                self._call("catchup", part, self._bucket(len(part)))
+        # Tokens the draft has not seen (a prompt it was not given, tokens decoded without
+        # drafts) until ≤ WINDOW are new; the last token is left for the proposing call.
+        self._catch_up([(request, state, request.num_tokens - WINDOW)
+                        for (request, _), state in zip(batch, states)])
         rows = []
         for (request, k), state in zip(batch, states):
             rows.append((request, state.computed, request.num_tokens - state.computed, k))

@@ -467,6 +467,10 @@ class Engine(LiveState):
             outputs += self._collect(previous)
             previous = None
         out = self.scheduler.schedule()
+        if self.drafter is not None and self.scheduler.drafting:
+            # The draft model computes the same prompt chunks (dispatched first, run alongside).
+            self.drafter.catch_up([(c.request, c.start + c.num_real) for c in out.prefill
+                                   if c.request.speculate and not c.draft])
         if not out.empty:
             try:
                 dispatched = self.runner.dispatch(out)
