@@ -227,6 +227,36 @@ class LLM(_Base):
                             use_tqdm, lora=lora)
         return [EmbeddingRequestOutput.of(o) for o in outputs]
 
+    def classify(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
+                 lora: str | None = None) -> list:
+        """Class probabilities of each prompt on a classification checkpoint
+        (``Qwen2ForSequenceClassification``; vLLM's ``LLM.classify``): the softmax of its score
+        head on the last token. Returns ``ClassificationRequestOutput``s (``.outputs.probs``;
+        the labels are ``llm.labels``)."""
+        from qwenjax.pooling import ClassificationRequestOutput, PoolingParams
+
+        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
+                            PoolingParams(task="classify"), use_tqdm, lora=lora)
+        return [ClassificationRequestOutput.of(o) for o in outputs]
+
+    def reward(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
+               lora: str | None = None) -> list:
+        """The reward of each prompt on a reward checkpoint (``Qwen2ForRewardModel``, e.g.
+        Qwen2.5-Math-RM-72B; vLLM's ``LLM.reward``): its score head on the last token. Returns
+        ``PoolingRequestOutput``s (``.outputs.data``: the head's outputs, one for a scalar
+        reward)."""
+        from qwenjax.pooling import PoolingParams, PoolingRequestOutput
+
+        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
+                            PoolingParams(task="reward"), use_tqdm, lora=lora)
+        return [PoolingRequestOutput.of(o) for o in outputs]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class labels of a classification checkpoint (``id2label``); () otherwise."""
+        head = self.engine.lm.score_head
+        return head.labels if head is not None else ()
+
     def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` (same architecture, e.g. a
         trainer's latest step) from now on, without recompiling; the prefix cache is cleared.

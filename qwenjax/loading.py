@@ -15,6 +15,7 @@ from qwenjax.model import Layout, Model, Weights, quantize_weights, random_weigh
 from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
 from qwenjax.quantization import check_requested, effective_scheme
+from qwenjax.score_head import head_kind, load_score_head
 from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
 
 
@@ -31,6 +32,8 @@ class LoadedModel:
     lora_names: tuple[str, ...] = ()  # LoRA adapters loaded with the model (slot i + 1 each)
     max_loras: int = 0       # LoRA slots allocated (adapters resident at once); 0: no LoRA
     max_lora_rank: int = 0   # the largest adapter rank the slots hold
+    # A classification or reward checkpoint's head (qwenjax/score_head.py); None: a causal LM.
+    score_head: object | None = None
 
     @property
     def quantization(self) -> str | None:
@@ -138,6 +141,7 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
     directory = Path(model)
+    score_head = None
     if is_orbax_checkpoint(directory):
         if pp > 1:
             raise ValueError("orbax checkpoints restore with pp=1 only; load the HF checkpoint "
@@ -155,15 +159,20 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
             raise FileNotFoundError(
                 f"model {str(model)!r} is neither a preset nor a directory with config.json")
         config = ModelConfig.from_hf(directory)
+        head = head_kind(directory)
+        if head is not None:  # no lm_head: the step's unused token logits read the embedding
+            config = dataclasses.replace(config, tie_word_embeddings=True)
         layout = checkpoint_layout(config, directory, tp, pp, quantization)
         weights = load_checkpoint(directory, layout, mesh, jdtype)
+        if head is not None:
+            score_head = load_score_head(directory, config.hidden_size, mesh)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         from qwenjax.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(directory)
     return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
-                       dtype, tokenizer, str(directory))
+                       dtype, tokenizer, str(directory), score_head=score_head)
 
 
 def device_summary() -> str:

@@ -391,6 +391,12 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
         with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=".qwenjax-gguf-") as tmp:
             convert_gguf_to_hf(model, tmp, progress=progress)
             return convert_to_orbax(tmp, out, tp, dtype, progress, quantization)
+    from qwenjax.score_head import head_kind
+
+    if head_kind(model) is not None:
+        raise ValueError(f"--model {model}: a {head_kind(model)} checkpoint (a score head instead "
+                         "of an LM head); orbax checkpoints hold causal LMs only: serve the HF "
+                         "directory")
     if is_orbax_checkpoint(model):
         raise ValueError(f"--model {model}: already a qwenjax orbax checkpoint (it restores at any tp; "
                          "convert reads HF directories and GGUF files)")

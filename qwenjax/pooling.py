@@ -13,10 +13,18 @@ import dataclasses
 import numpy as np
 
 
+TASKS = ("embed", "classify", "reward")
+
+
 @dataclasses.dataclass(frozen=True)
 class PoolingParams:
+    """``task``: "embed" (the hidden state), or, on a classification / reward checkpoint
+    (qwenjax/score_head.py), "classify" (the softmax of its head's logits) or "reward" (its
+    head's raw output)."""
+
     normalize: bool = True          # L2-normalize the embedding
     dimensions: int | None = None   # keep the first this-many values (None: all)
+    task: str = "embed"
 
     @property
     def n(self) -> int:
@@ -29,15 +37,34 @@ class PoolingParams:
         d = self.dimensions
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
             raise ValueError(f"dimensions must be a positive int, got {d!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task != "embed" and d is not None:
+            raise ValueError(f"dimensions applies to embeddings, not to task {self.task!r}")
 
-    def check(self, hidden_size: int) -> None:
+    def check(self, hidden_size: int, head_kind: str | None = None) -> None:
+        """Whether the served model can answer: ``head_kind`` is its score head's ("classify",
+        "reward"; None: a causal LM)."""
         if self.dimensions is not None and self.dimensions > hidden_size:
             raise ValueError(f"dimensions is {self.dimensions}; the model's embeddings have "
                              f"{hidden_size}")
+        if self.task != "embed" and self.task != head_kind:
+            have = f"a {head_kind} head" if head_kind else "no score head (a causal LM)"
+            raise ValueError(f"task {self.task!r} needs a checkpoint with a {self.task} head "
+                             f"(Qwen2For{'SequenceClassification' if self.task == 'classify' else 'RewardModel'}); "
+                             f"the served model has {have}")
 
-    def apply(self, hidden: np.ndarray) -> list[float]:
-        """The embedding of a last-token hidden state (float32)."""
-        vector = np.asarray(hidden, np.float32)[: self.dimensions]
+    def apply(self, pooled: np.ndarray, hidden_size: int) -> list[float]:
+        """The answer from a pooled row: the last-token hidden state (``hidden_size`` values),
+        then the score head's outputs when the model has one."""
+        pooled = np.asarray(pooled, np.float32)
+        if self.task != "embed":
+            scores = pooled[hidden_size:].astype(np.float64)
+            if self.task == "classify":
+                scores = np.exp(scores - scores.max())
+                scores = scores / scores.sum()
+            return scores.tolist()
+        vector = pooled[:hidden_size][: self.dimensions]
         if self.normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return vector.tolist()
@@ -60,3 +87,43 @@ class EmbeddingRequestOutput:
     def of(cls, output) -> "EmbeddingRequestOutput":
         """From a pooling request's last RequestOutput."""
         return cls(output.request_id, output.prompt_token_ids, EmbeddingOutput(output.embedding))
+
+
+@dataclasses.dataclass
+class ClassificationOutput:
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclasses.dataclass
+class ClassificationRequestOutput:
+    """``LLM.classify``'s result for one prompt (vLLM's: ``.outputs.probs``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: ClassificationOutput
+
+    @classmethod
+    def of(cls, output) -> "ClassificationRequestOutput":
+        return cls(output.request_id, output.prompt_token_ids, ClassificationOutput(output.embedding))
+
+
+@dataclasses.dataclass
+class PoolingOutput:
+    data: list[float]
+
+
+@dataclasses.dataclass
+class PoolingRequestOutput:
+    """``LLM.reward``'s result for one prompt (vLLM's: ``.outputs.data``, the reward)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: PoolingOutput
+
+    @classmethod
+    def of(cls, output) -> "PoolingRequestOutput":
+        return cls(output.request_id, output.prompt_token_ids, PoolingOutput(output.embedding))

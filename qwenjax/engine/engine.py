@@ -278,9 +278,14 @@ class Engine(LiveState):
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError naming the problem; nothing is admitted."""
+        head = self.lm.score_head
         if _is_pooling(params):
-            params.check(self.lm.config.hidden_size)
+            params.check(self.lm.config.hidden_size, head.kind if head is not None else None)
             params = POOLING_SAMPLING
+        elif head is not None:
+            raise ValueError(f"this checkpoint is a {head.kind} model (a score head, no LM head): "
+                             f"it does not generate; ask it to {head.kind} (LLM.{head.kind}, HTTP "
+                             "/classify or /pooling)")
         if self.sleeping:
             raise ValueError("the engine is asleep (sleep mode); wake it up first")
         if not isinstance(params, SamplingParams):
@@ -322,7 +327,7 @@ class Engine(LiveState):
         lora_load = self.loras.load_id(lora) if lora is not None else 0
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         prompt_ids = self.truncated(prompt_ids, params)
-        self.validate(prompt_ids, params, priority)
+        self.validate(prompt_ids, pooling if pooling is not None else params, priority)
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
@@ -374,7 +379,8 @@ class Engine(LiveState):
         pooling = pooling if pooling is not None else PoolingParams()
         if not isinstance(pooling, PoolingParams):
             raise ValueError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
-        pooling.check(self.lm.config.hidden_size)
+        head = self.lm.score_head
+        pooling.check(self.lm.config.hidden_size, head.kind if head is not None else None)
         return self.add_request(prompt_ids, POOLING_SAMPLING, request_id, priority, lora,
                                 pooling=pooling)
 
@@ -635,7 +641,7 @@ class Engine(LiveState):
         out.finish_reason, out.matched_stop = reason, matched
         if request.pooling is not None and request.embedding is not None:
             # An embedding, not a generation: the token sampled with it is dropped.
-            out.embedding = request.pooling.apply(request.embedding)
+            out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size)
             out.text, out.delta_text, out.token_ids, out.delta_token_ids = "", "", [], []
             out.finish_reason, out.matched_stop = "stop", None
         return out

@@ -115,6 +115,9 @@ class LiveState:
 
         if jax.process_count() > 1:
             raise ValueError("weights are updated while serving on one host only")
+        if self.lm.score_head is not None:
+            raise ValueError("new weights for a classification or reward model (its score head) "
+                             "are not supported; restart the server on the new checkpoint")
         directory = pathlib.Path(model)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"model_path {str(model)!r} is not a checkpoint directory "

@@ -198,9 +198,13 @@ class ModelRunner:
         self._write_pages = jax.jit(lambda cache, index, payload: KVCache(*jax.tree.map(
             lambda pool, new: pool.at[:, index].set(new.astype(pool.dtype), mode="drop"),
             (cache.k, cache.v), payload)), donate_argnums=(0,))
-        # Embeddings: the final-normed hidden state of each pooling request's last prompt token.
-        self._pool = jax.jit(lambda hidden, index: jnp.take(hidden, index, axis=0).astype(jnp.float32),
-                             out_shardings=self._replicated)
+        # Embeddings: the final-normed hidden state of each pooling request's last prompt token,
+        # followed by the score head's outputs on it (classification and reward checkpoints).
+        def pool(hidden, index, head):
+            rows = jnp.take(hidden, index, axis=0).astype(jnp.float32)
+            return rows if head is None else jnp.concatenate([rows, head(rows)], axis=1)
+
+        self._pool = jax.jit(pool, out_shardings=self._replicated)
         # The last sampler's token ids, max_sampled_rows wide: the next step's fed inputs.
         self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
@@ -511,7 +515,8 @@ class ModelRunner:
         logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill, drafted)
         scores = self._run_scoring(plan, hidden)
         if plan.pool_index is not None:
-            scores.append(self._pool(hidden, self._put(plan.pool_index)))  # last: the embeddings
+            scores.append(self._pool(hidden, self._put(plan.pool_index),  # last: the embeddings
+                                     self.lm.score_head))
         if plan.sampling is None:
             return None, scores
         # Sampler rows: the decode rows (same src), then prefill rows (never fed).

@@ -1,0 +1,133 @@
+"""Classification and reward checkpoints (qwenjax/score_head.py): tiny random ones written by
+transformers, their outputs against transformers' in float32, through the engine (batched,
+chunked, at tp 2), ``LLM.classify``/``LLM.reward`` and the HTTP routes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qwenjax.pooling import PoolingParams
+from tiny import tiny_config
+
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def _randomize(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A Qwen2ForSequenceClassification with 3 labels, and transformers' model of it."""
+    import torch
+    import transformers
+
+    directory = tmp_path_factory.mktemp("classifier")
+    torch.manual_seed(3)
+    config = transformers.Qwen2Config(**{**tiny_config().to_hf_dict(),
+                                         "architectures": ["Qwen2ForSequenceClassification"]},
+                                      num_labels=3, id2label=LABELS,
+                                      label2id={v: k for k, v in LABELS.items()}, pad_token_id=249)
+    model = transformers.Qwen2ForSequenceClassification(config).float().eval()
+    _randomize(model)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A Qwen2ForRewardModel (Qwen2.5-Math-RM's layout: score.0, ReLU, score.2), and a function
+    computing its reward with transformers' backbone."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("reward")
+    torch.manual_seed(4)
+    config = transformers.Qwen2Config(**tiny_config().to_hf_dict())
+    backbone = transformers.Qwen2Model(config).float().eval()
+    _randomize(backbone)
+    hidden = config.hidden_size
+    head = {"score.0.weight": 0.2 * torch.randn(hidden, hidden), "score.0.bias": 0.1 * torch.randn(hidden),
+            "score.2.weight": 0.2 * torch.randn(1, hidden), "score.2.bias": 0.1 * torch.randn(1)}
+    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    save_file({**tensors, **head}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(
+        {**tiny_config().to_hf_dict(), "architectures": ["Qwen2ForRewardModel"], "num_labels": 1}))
+
+    def reward(ids):
+        with torch.no_grad():
+            h = backbone(torch.tensor([ids])).last_hidden_state[0, -1]
+            h = torch.relu(h @ head["score.0.weight"].T + head["score.0.bias"])
+            return (h @ head["score.2.weight"].T + head["score.2.bias"]).numpy()
+
+    return directory, reward
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 240, n).tolist() for n in (5, 23, 70, 1)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_classify_matches_transformers(classifier, tp):
+    import torch
+
+    from qwenjax import LLM
+
+    directory, model = classifier
+    llm = LLM(str(directory), tp=tp, max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+              max_num_batched_tokens=32, warm_up=False, progress=False)
+    assert llm.labels == ("negative", "neutral", "positive")
+    prompts = _prompts()
+    results = llm.classify(prompts, use_tqdm=False)
+    for ids, result in zip(prompts, results):
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits.softmax(-1)[0].numpy()
+        assert result.outputs.num_classes == 3 and result.prompt_token_ids == ids
+        np.testing.assert_allclose(result.outputs.probs, want, atol=2e-5)
+    # The backbone's hidden state is there too (embedding requests), and generation is refused.
+    assert len(llm.embed([prompts[0]], use_tqdm=False)[0].outputs.embedding) == 64
+    with pytest.raises(ValueError, match="classify model .* does not generate"):
+        llm.generate([prompts[0]])
+    with pytest.raises(ValueError, match="task 'reward' needs a checkpoint with a reward head"):
+        llm.reward([prompts[0]], use_tqdm=False)
+
+
+def test_reward_matches_transformers(reward_model):
+    from qwenjax import LLM
+
+    directory, reward = reward_model
+    llm = LLM(str(directory), max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+              max_num_batched_tokens=32, warm_up=False, progress=False)
+    prompts = _prompts()
+    for ids, result in zip(prompts, llm.reward(prompts, use_tqdm=False)):
+        np.testing.assert_allclose(result.outputs.data, reward(ids), atol=2e-5)
+    with pytest.raises(ValueError, match="task 'classify' needs"):
+        llm.classify([prompts[0]], use_tqdm=False)
+
+
+def test_pooling_params_name_bad_tasks():
+    with pytest.raises(ValueError, match="task must be one of embed, classify, reward"):
+        PoolingParams(task="score")
+    with pytest.raises(ValueError, match="dimensions applies to embeddings"):
+        PoolingParams(task="classify", dimensions=4)
+    with pytest.raises(ValueError, match="no score head"):
+        PoolingParams(task="reward").check(64, None)
+    probs = PoolingParams(task="classify").apply(np.array([9.0, 9.0, 0.0, np.log(3.0)]), 2)
+    np.testing.assert_allclose(probs, [0.25, 0.75])
+    assert PoolingParams(task="reward").apply(np.array([1.0, 2.0, -0.5]), 2) == [-0.5]
+
+
+def test_a_score_head_checkpoint_is_not_converted(classifier, tmp_path):
+    from qwenjax.orbax_checkpoint import convert_to_orbax
+
+    with pytest.raises(ValueError, match="a classify checkpoint .* serve the HF directory"):
+        convert_to_orbax(classifier[0], tmp_path / "out", tp=1, dtype="float32", progress=False)
