@@ -422,11 +422,31 @@ class AsyncLLM(_Base):
         """The embedding of one prompt (``LLM.embed``), batched with whatever else runs."""
         from qwenjax.pooling import EmbeddingRequestOutput, PoolingParams
 
-        ids = self._encode(prompt)
-        async for output in self._generate(ids, pooling_params or PoolingParams(), uuid.uuid4().hex,
+        return EmbeddingRequestOutput.of(await self._pooled(prompt, pooling_params or PoolingParams(),
+                                                            priority, lora))
+
+    async def classify(self, prompt: Prompt, *, priority: int = 0,
+                       lora: str | LoRARequest | None = None):
+        """The class probabilities of one prompt on a classification checkpoint (``LLM.classify``)."""
+        from qwenjax.pooling import ClassificationRequestOutput, PoolingParams
+
+        return ClassificationRequestOutput.of(await self._pooled(prompt, PoolingParams(task="classify"),
+                                                                 priority, lora))
+
+    async def reward(self, prompt: Prompt, *, priority: int = 0,
+                     lora: str | LoRARequest | None = None):
+        """The reward of one prompt on a reward checkpoint (``LLM.reward``)."""
+        from qwenjax.pooling import PoolingParams, PoolingRequestOutput
+
+        return PoolingRequestOutput.of(await self._pooled(prompt, PoolingParams(task="reward"),
+                                                          priority, lora))
+
+    async def _pooled(self, prompt: Prompt, pooling, priority: int, lora):
+        """The last output of a pooling request for ``prompt``."""
+        async for output in self._generate(self._encode(prompt), pooling, uuid.uuid4().hex,
                                            priority, _one_lora(lora, None)):
             if output.finished:
-                return EmbeddingRequestOutput.of(output)
+                return output
 
     async def _generate(self, ids, params, request_id, priority, lora):
         lora = await self._resolve_lora(lora)

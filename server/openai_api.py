@@ -5,6 +5,7 @@
     POST /v1/chat/completions   messages, tools/tool_choice, response_format; stream: SSE
     POST /v1/responses          OpenAI's Responses API (server/responses_protocol.py)
     GET  /v1/responses/{id}     a stored response
+    POST /classify, /pooling    vLLM's, on classification and reward checkpoints
     POST /tokenize, /detokenize vLLM's
     GET  /health                200 while serving; 503 while loading, draining or stalled
     GET  /version, /metrics     the version; the server's Prometheus registry
@@ -92,6 +93,8 @@ class OpenAIServer:
         app.router.add_get("/v1/responses/{response_id}", self.get_response)
         self.responses_store = rproto.ResponseStore()
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/classify", self.classify)
+        app.router.add_post("/pooling", self.pooling)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -109,7 +112,8 @@ class OpenAIServer:
         app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         from server.sglang_api import SGLangAPI
 
-        SGLangAPI(self).register(app.router)  # /generate, /encode, … (SGLang's native API)
+        self.sglang = SGLangAPI(self)
+        self.sglang.register(app.router)  # /generate, /encode, … (SGLang's native API)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
                     ssl_context: ssl.SSLContext | None = None, *, path: str | None = None) -> int | None:
@@ -376,9 +380,58 @@ class OpenAIServer:
     async def embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's /v1/embeddings: the last token's final hidden state of each input (vLLM's
         pooling of a decoder model; qwenjax/pooling.py), the inputs run as concurrent requests."""
-        gateway = self.gateway
-        gateway.require_engine(generate=True)
+        self.gateway.require_engine(generate=True)
         parsed = self._parse(proto.parse_embeddings, await self._body(request))
+        model, runs, vectors = await self._pool(parsed)
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "object": "list", "model": model,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": proto.embedding_json(vectors[i], parsed.encoding_format)}
+                     for i in range(len(runs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def _head_task(self) -> str:
+        """What /pooling answers: the score head's task, or "embed" on a causal LM."""
+        head = self.gateway.engine.lm.score_head
+        return head.kind if head is not None else "embed"
+
+    async def classify(self, request: web.Request) -> web.Response:
+        """vLLM's /classify on a classification checkpoint: each input's class probabilities
+        and its most likely label; SGLang's form (``text``/``input_ids``) is SGLang's answer."""
+        self.gateway.require_engine(generate=True)
+        body = await self._body(request)
+        if isinstance(body, dict) and ("text" in body or "input_ids" in body) and "input" not in body:
+            return await self.sglang.pooled(body, "/classify", self._head_task())
+        parsed = self._parse(lambda b: proto.parse_embeddings(b, "/classify", "classify"), body)
+        model, runs, vectors = await self._pool(parsed)
+        labels = self.gateway.engine.lm.score_head.labels
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "id": proto.new_id("classify"), "object": "list", "created": proto.now(), "model": model,
+            "data": [{"index": i, "label": labels[vectors[i].index(max(vectors[i]))],
+                      "probs": vectors[i], "num_classes": len(vectors[i])} for i in range(len(runs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
+    async def pooling(self, request: web.Request) -> web.Response:
+        """vLLM's /pooling: the model's pooled output of each input: a reward checkpoint's
+        reward, a classifier's probabilities, otherwise the (normalized) embedding."""
+        self.gateway.require_engine(generate=True)
+        task = self._head_task()
+        parsed = self._parse(lambda b: proto.parse_embeddings(b, "/pooling", task), await self._body(request))
+        model, runs, vectors = await self._pool(parsed)
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "id": proto.new_id("pool"), "object": "list", "created": proto.now(), "model": model,
+            "data": [{"index": i, "object": "pooling",
+                      "data": proto.embedding_json(vectors[i], parsed.encoding_format)}
+                     for i in range(len(runs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
+    async def _pool(self, parsed: proto.EmbeddingRequest) -> tuple[str, list[list[int]], dict[int, list]]:
+        """(model name, each input's token ids, {input index: its pooled output}): the inputs
+        run as concurrent pooling requests."""
+        gateway = self.gateway
         model = self._check_model(parsed.model)
         engine = gateway.engine
         runs = []
@@ -397,13 +450,7 @@ class OpenAIServer:
         async for i, output in merged(calls):
             if output.finished:
                 vectors[i] = output.embedding
-        tokens = sum(map(len, runs))
-        return web.json_response({
-            "object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i,
-                      "embedding": proto.embedding_json(vectors[i], parsed.encoding_format)}
-                     for i in range(len(runs))],
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return model, runs, vectors
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         gateway = self.gateway

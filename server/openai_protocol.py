@@ -265,12 +265,18 @@ class EmbeddingRequest:
     truncate_prompt_tokens: int | None = None
 
 
-def parse_embeddings(body: Any) -> EmbeddingRequest:
+# vLLM's /classify and /pooling on a classification or reward checkpoint.
+SCORE_FIELDS = frozenset(("model", "input", "encoding_format", "user", "priority",
+                          "truncate_prompt_tokens"))
+
+
+def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "embed") -> EmbeddingRequest:
     """/v1/embeddings (OpenAI's, with vLLM's ``normalize``, ``priority`` and
-    ``truncate_prompt_tokens``)."""
+    ``truncate_prompt_tokens``); with another ``task``, vLLM's /classify or /pooling on a
+    checkpoint with a score head (qwenjax/score_head.py)."""
     from qwenjax.pooling import PoolingParams
 
-    body = _check_fields(body, EMBEDDING_FIELDS, "/v1/embeddings")
+    body = _check_fields(body, EMBEDDING_FIELDS if task == "embed" else SCORE_FIELDS, endpoint)
     encoding = _expect(body, "encoding_format", str, "\"float\" or \"base64\"") or "float"
     if encoding not in ("float", "base64"):
         raise ValueError(f"encoding_format must be \"float\" or \"base64\", got {json.dumps(encoding)}")
@@ -281,7 +287,8 @@ def parse_embeddings(body: Any) -> EmbeddingRequest:
         raise ValueError(f"truncate_prompt_tokens must be a positive integer, got {truncate}")
     return EmbeddingRequest(
         _prompts(body.get("input"), "input"),
-        PoolingParams(normalize=True if normalize is None else normalize, dimensions=dimensions),
+        PoolingParams(normalize=True if normalize is None else normalize, dimensions=dimensions,
+                      task=task),
         _expect(body, "model", str, "a string"), encoding,
         _expect(body, "priority", int, "an integer") or 0, truncate)
 

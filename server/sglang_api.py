@@ -4,6 +4,7 @@ for clients written against ``python -m sglang.launch_server``:
     POST /generate          text or input_ids (one or a batch), sampling_params, stream,
                             return_logprob / logprob_start_len / top_logprobs_num, rid, lora_path
     POST /encode            embeddings of text or input_ids (the last token's, as /v1/embeddings)
+    POST /classify          (text or input_ids) a classification or reward checkpoint's scores
     POST /abort_request     {"rid": …}: stop a running /generate request
     POST /flush_cache       forget the cached prefixes (400 while requests run)
     GET  /get_model_info    model path, is_generation, architectures
@@ -339,10 +340,15 @@ class SGLangAPI:
     async def encode(self, request: web.Request) -> web.Response:
         """Embeddings (qwenjax/pooling.py, normalized): ``{"embedding", "meta_info"}``, a list
         for a batch."""
+        self.gateway.require_engine(generate=True)
+        return await self.pooled(await self.api._body(request), "/encode", "embed")
+
+    async def pooled(self, body: Any, endpoint: str, task: str) -> web.Response:
+        """/encode, and /classify in SGLang's form: each input's pooled output (an embedding,
+        a classifier's probabilities, a reward) as ``{"embedding", "meta_info"}``."""
         gateway = self.gateway
-        gateway.require_engine(generate=True)
         try:
-            body = _check(await self.api._body(request), ENCODE_FIELDS, "/encode")
+            body = _check(body, ENCODE_FIELDS, endpoint)
             prompts, batched = _prompts(body)
             rids = _per_prompt(body.get("rid"), len(prompts), "rid", str, "a string")
             priority = body.get("priority", 0)
@@ -350,7 +356,7 @@ class SGLangAPI:
                 raise ValueError("priority must be an integer")
         except ValueError as error:
             raise self._refuse(error) from None
-        pooling, runs = PoolingParams(), []
+        pooling, runs = PoolingParams(task=task), []
         for prompt in prompts:
             ids = await self._ids(prompt)
             try:

@@ -113,6 +113,22 @@ def test_reward_matches_transformers(reward_model):
     with pytest.raises(ValueError, match="task 'classify' needs"):
         llm.classify([prompts[0]], use_tqdm=False)
 
+    # AsyncLLM: the same rewards, as concurrent requests on its engine thread.
+    import asyncio
+
+    from qwenjax import AsyncLLM
+
+    served = AsyncLLM(llm.lm, max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+                      max_num_batched_tokens=32, warm_up=False, progress=False)
+    try:
+        async def all_rewards():
+            return await asyncio.gather(*(served.reward(ids) for ids in prompts))
+
+        for ids, result in zip(prompts, asyncio.run(all_rewards())):
+            np.testing.assert_allclose(result.outputs.data, reward(ids), atol=2e-5)
+    finally:
+        served.shutdown()
+
 
 def test_pooling_params_name_bad_tasks():
     with pytest.raises(ValueError, match="task must be one of embed, classify, reward"):
@@ -131,3 +147,60 @@ def test_a_score_head_checkpoint_is_not_converted(classifier, tmp_path):
 
     with pytest.raises(ValueError, match="a classify checkpoint .* serve the HF directory"):
         convert_to_orbax(classifier[0], tmp_path / "out", tp=1, dtype="float32", progress=False)
+
+
+def test_http_classify_and_pooling(classifier, reward_model, server_loop):
+    """vLLM's /classify and /pooling, SGLang's /classify form, and generation refused, on a
+    classification and a reward checkpoint served over HTTP."""
+    import urllib.error
+    import urllib.request
+
+    from qwenjax.engine.async_engine import EngineThread
+    from qwenjax.engine.engine import Engine, EngineConfig
+    from qwenjax.loading import load_model
+    from server_harness import Servers
+
+    def post(base, path, body):
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    prompts = _prompts()[:3]
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk=16,
+                          max_prefill_seqs=2, max_model_len=128, num_pages=64)
+    answers = {}
+    for kind, directory in (("classify", classifier[0]), ("reward", reward_model[0])):
+        thread = EngineThread(Engine(load_model(directory, dtype="float32"), config, warm_up=False))
+        servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
+        try:
+            base = f"http://127.0.0.1:{servers.start().http_port}"
+            status, pooled = post(base, "/pooling", {"input": prompts})
+            assert status == 200, pooled
+            answers[kind] = [d["data"] for d in pooled["data"]]
+            assert pooled["usage"]["prompt_tokens"] == sum(map(len, prompts))
+            status, sglang = post(base, "/classify", {"input_ids": prompts})
+            assert status == 200  # (a prefix-cache hit this time: equal up to float rounding)
+            np.testing.assert_allclose([r["embedding"] for r in sglang], answers[kind], atol=1e-6)
+            status, refused = post(base, "/v1/completions", {"prompt": prompts[0], "max_tokens": 2})
+            assert status == 400 and "does not generate" in refused["error"]["message"]
+            status, classified = post(base, "/classify", {"input": prompts})
+            if kind == "classify":
+                assert status == 200
+                np.testing.assert_allclose([d["probs"] for d in classified["data"]], answers[kind],
+                                           atol=1e-6)
+                assert all(d["label"] == LABELS[int(np.argmax(d["probs"]))] and d["num_classes"] == 3
+                           for d in classified["data"])
+            else:
+                assert status == 400 and "needs a checkpoint with a classify head" in \
+                    classified["error"]["message"]
+        finally:
+            servers.stop_all()
+            thread.shutdown()
+    for ids, probs in zip(prompts, answers["classify"]):
+        assert abs(sum(probs) - 1) < 1e-6 and len(probs) == 3
+    for ids, reward in zip(prompts, answers["reward"]):
+        np.testing.assert_allclose(reward, reward_model[1](ids), atol=2e-5)
