@@ -132,7 +132,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if not request.inputs:
                     raise ValueError("inputs is empty: give at least one text or token_ids input")
                 pooling = PoolingParams(normalize=not request.raw,
-                                        dimensions=request.dimensions or None)
+                                        dimensions=request.dimensions or None,
+                                        task=request.task or "embed")
                 runs = []
                 for i, item in enumerate(request.inputs):
                     which = item.WhichOneof("input")

@@ -155,9 +155,13 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
     import urllib.error
     import urllib.request
 
+    import grpc
+
     from qwenjax.engine.async_engine import EngineThread
     from qwenjax.engine.engine import Engine, EngineConfig
     from qwenjax.loading import load_model
+    from qwenjax_proto.v1 import inference_pb2 as pb
+    from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
     from server_harness import Servers
 
     def post(base, path, body):
@@ -177,7 +181,8 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
         thread = EngineThread(Engine(load_model(directory, dtype="float32"), config, warm_up=False))
         servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
         try:
-            base = f"http://127.0.0.1:{servers.start().http_port}"
+            server = servers.start()
+            base = f"http://127.0.0.1:{server.http_port}"
             status, pooled = post(base, "/pooling", {"input": prompts})
             assert status == 200, pooled
             answers[kind] = [d["data"] for d in pooled["data"]]
@@ -185,6 +190,12 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
             status, sglang = post(base, "/classify", {"input_ids": prompts})
             assert status == 200  # (a prefix-cache hit this time: equal up to float rounding)
             np.testing.assert_allclose([r["embedding"] for r in sglang], answers[kind], atol=1e-6)
+            with grpc.insecure_channel(server.address) as channel:  # gRPC Embed with a task
+                response = pb_grpc.InferenceStub(channel).Embed(pb.EmbedRequest(
+                    inputs=[pb.EmbedInput(token_ids=pb.TokenIds(ids=p)) for p in prompts],
+                    task=kind), timeout=60)
+            np.testing.assert_allclose([list(e.values) for e in response.embeddings],
+                                       answers[kind], atol=1e-5)
             status, refused = post(base, "/v1/completions", {"prompt": prompts[0], "max_tokens": 2})
             assert status == 400 and "does not generate" in refused["error"]["message"]
             status, classified = post(base, "/classify", {"input": prompts})
