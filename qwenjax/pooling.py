@@ -9,6 +9,7 @@ pooling, as decoder embedding models built on Qwen2 use), optionally cut to its 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -76,20 +77,6 @@ class EmbeddingOutput:
 
 
 @dataclasses.dataclass
-class EmbeddingRequestOutput:
-    """``LLM.embed``'s result for one prompt (vLLM's shape: ``.outputs.embedding``)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: EmbeddingOutput
-
-    @classmethod
-    def of(cls, output) -> "EmbeddingRequestOutput":
-        """From a pooling request's last RequestOutput."""
-        return cls(output.request_id, output.prompt_token_ids, EmbeddingOutput(output.embedding))
-
-
-@dataclasses.dataclass
 class ClassificationOutput:
     probs: list[float]
 
@@ -99,31 +86,38 @@ class ClassificationOutput:
 
 
 @dataclasses.dataclass
-class ClassificationRequestOutput:
-    """``LLM.classify``'s result for one prompt (vLLM's: ``.outputs.probs``)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: ClassificationOutput
-
-    @classmethod
-    def of(cls, output) -> "ClassificationRequestOutput":
-        return cls(output.request_id, output.prompt_token_ids, ClassificationOutput(output.embedding))
-
-
-@dataclasses.dataclass
 class PoolingOutput:
     data: list[float]
 
 
 @dataclasses.dataclass
-class PoolingRequestOutput:
-    """``LLM.reward``'s result for one prompt (vLLM's: ``.outputs.data``, the reward)."""
+class _PooledRequestOutput:
+    """One prompt's result, vLLM's shape (``.outputs``), from a pooling request's last
+    RequestOutput (``of``)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    outputs: PoolingOutput
+    outputs: Any
+    wrap: ClassVar[type]
 
     @classmethod
-    def of(cls, output) -> "PoolingRequestOutput":
-        return cls(output.request_id, output.prompt_token_ids, PoolingOutput(output.embedding))
+    def of(cls, output):
+        return cls(output.request_id, output.prompt_token_ids, cls.wrap(output.embedding))
+
+
+class EmbeddingRequestOutput(_PooledRequestOutput):
+    """``LLM.embed``'s result (``.outputs.embedding``)."""
+
+    wrap = EmbeddingOutput
+
+
+class ClassificationRequestOutput(_PooledRequestOutput):
+    """``LLM.classify``'s result (``.outputs.probs``)."""
+
+    wrap = ClassificationOutput
+
+
+class PoolingRequestOutput(_PooledRequestOutput):
+    """``LLM.reward``'s result (``.outputs.data``: the reward)."""
+
+    wrap = PoolingOutput

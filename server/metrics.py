@@ -86,28 +86,27 @@ class ServerMetrics:
                                      registry=registry)
         self.generation_tokens = Counter("qwenjax:generation_tokens_total",
                                          "Tokens generated and streamed to clients", registry=registry)
-        self.ttft = Histogram("qwenjax:time_to_first_token_seconds",
-                              "Admission to first streamed token", buckets=TTFT_BUCKETS, registry=registry)
-        self.e2e = Histogram("qwenjax:e2e_request_latency_seconds", "Admission to the end of the request",
-                             buckets=E2E_BUCKETS, registry=registry)
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=registry)
+
+        self.ttft = histogram("qwenjax:time_to_first_token_seconds", "Admission to first streamed "
+                              "token", TTFT_BUCKETS)
+        self.e2e = histogram("qwenjax:e2e_request_latency_seconds", "Admission to the end of the "
+                             "request", E2E_BUCKETS)
         # Where a request's time goes, from the engine's clock (vLLM's request_*_time_seconds).
-        self.queue_time = Histogram("qwenjax:request_queue_time_seconds", "Engine: added to its "
-                                    "first step (waiting behind others)", buckets=E2E_BUCKETS,
-                                    registry=registry)
-        self.prefill_time = Histogram("qwenjax:request_prefill_time_seconds", "Engine: first step "
-                                      "to first token (the prompt's chunks)", buckets=E2E_BUCKETS,
-                                      registry=registry)
-        self.decode_time = Histogram("qwenjax:request_decode_time_seconds", "Engine: first token "
-                                     "to the end", buckets=E2E_BUCKETS, registry=registry)
-        self.tpot = Histogram("qwenjax:time_per_output_token_seconds", "Engine: a sequence's "
-                              "decode time over its tokens after the first", buckets=TPOT_BUCKETS,
-                              registry=registry)
-        self.request_prompt_tokens = Histogram("qwenjax:request_prompt_tokens", "Prompt tokens per "
-                                               "finished request", buckets=TOKEN_BUCKETS,
-                                               registry=registry)
-        self.request_generation_tokens = Histogram(
-            "qwenjax:request_generation_tokens", "Generated tokens per finished request (all its "
-            "sequences)", buckets=TOKEN_BUCKETS, registry=registry)
+        self.queue_time = histogram("qwenjax:request_queue_time_seconds", "Engine: added to its "
+                                    "first step (waiting behind others)", E2E_BUCKETS)
+        self.prefill_time = histogram("qwenjax:request_prefill_time_seconds", "Engine: first step "
+                                      "to first token (the prompt's chunks)", E2E_BUCKETS)
+        self.decode_time = histogram("qwenjax:request_decode_time_seconds", "Engine: first token "
+                                     "to the end", E2E_BUCKETS)
+        self.tpot = histogram("qwenjax:time_per_output_token_seconds", "Engine: a sequence's "
+                              "decode time over its tokens after the first", TPOT_BUCKETS)
+        self.request_prompt_tokens = histogram("qwenjax:request_prompt_tokens", "Prompt tokens "
+                                               "per finished request", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("qwenjax:request_generation_tokens", "Generated "
+                                                   "tokens per finished request (all its "
+                                                   "sequences)", TOKEN_BUCKETS)
 
         def gauge(name: str, doc: str, read: Callable[[object], float]) -> None:
             Gauge(name, doc, registry=registry).set_function(

@@ -101,9 +101,12 @@ def _expect(body: Mapping[str, Any], name: str, kind: type | tuple, what: str):
     return value
 
 
-def _check_fields(body: Any, allowed: frozenset[str], endpoint: str) -> dict[str, Any]:
+def check_fields(body: Any, allowed: frozenset[str], endpoint: str,
+                 what: str = "the request body") -> dict[str, Any]:
+    """``body`` (``what``: the request body, or an object in it) without its null fields;
+    ValueError naming any field ``endpoint`` does not take."""
     if not isinstance(body, Mapping):
-        raise ValueError(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise ValueError(f"{what} must be a JSON object, got {type(body).__name__}")
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ValueError(f"{endpoint} does not accept the field(s) {', '.join(unknown)}; its "
@@ -199,7 +202,7 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
 def _parse_common(body: Any, allowed: frozenset[str], endpoint: str
                   ) -> tuple[dict[str, Any], ParsedRequest]:
     """(the body without nulls, the request with the fields both endpoints share)."""
-    body = _check_fields(body, allowed, endpoint)
+    body = check_fields(body, allowed, endpoint)
     request = ParsedRequest(fields=_sampling_fields(body))
     _common(body, request)
     return body, request
@@ -276,7 +279,7 @@ def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "e
     checkpoint with a score head (qwenjax/score_head.py)."""
     from qwenjax.pooling import PoolingParams
 
-    body = _check_fields(body, EMBEDDING_FIELDS if task == "embed" else SCORE_FIELDS, endpoint)
+    body = check_fields(body, EMBEDDING_FIELDS if task == "embed" else SCORE_FIELDS, endpoint)
     encoding = _expect(body, "encoding_format", str, "\"float\" or \"base64\"") or "float"
     if encoding not in ("float", "base64"):
         raise ValueError(f"encoding_format must be \"float\" or \"base64\", got {json.dumps(encoding)}")

@@ -76,16 +76,6 @@ class GenerateRequest:
     priority: int = 0
 
 
-def _check(body: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:
-    if not isinstance(body, Mapping):
-        raise ValueError(f"{where} must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ValueError(f"{where} does not accept the field(s) {', '.join(unknown)}; its fields "
-                         f"are: {', '.join(sorted(allowed))}")
-    return {k: v for k, v in body.items() if v is not None}
-
-
 def _prompts(body: Mapping[str, Any]) -> tuple[list[str | list[int]], bool]:
     """(prompts, whether a batch was sent) from ``text`` or ``input_ids``."""
     if ("text" in body) == ("input_ids" in body):
@@ -120,7 +110,7 @@ def _per_prompt(value: Any, count: int, name: str, kind: type, what: str) -> lis
 
 def sampling_fields(params: Any) -> dict[str, Any]:
     """SamplingParams fields of SGLang's ``sampling_params``; ValueError naming a bad one."""
-    params = _check(params, SAMPLING_FIELDS, "sampling_params")
+    params = proto.check_fields(params, SAMPLING_FIELDS, "sampling_params", "sampling_params")
     fields = {field: params[name] for name, field in _SAMPLING.items() if name in params}
     if fields.get("top_k") == -1:
         fields["top_k"] = 0
@@ -176,7 +166,7 @@ def _ebnf_to_lark(grammar: str) -> str:
 
 
 def parse_generate(body: Any) -> GenerateRequest:
-    body = _check(body, GENERATE_FIELDS, "/generate")
+    body = proto.check_fields(body, GENERATE_FIELDS, "/generate")
     prompts, batched = _prompts(body)
     if len(prompts) > proto.MAX_PROMPTS:
         raise ValueError(f"a batch has at most {proto.MAX_PROMPTS} prompts, got {len(prompts)}")
@@ -348,7 +338,7 @@ class SGLangAPI:
         a classifier's probabilities, a reward) as ``{"embedding", "meta_info"}``."""
         gateway = self.gateway
         try:
-            body = _check(body, ENCODE_FIELDS, endpoint)
+            body = proto.check_fields(body, ENCODE_FIELDS, endpoint)
             prompts, batched = _prompts(body)
             rids = _per_prompt(body.get("rid"), len(prompts), "rid", str, "a string")
             priority = body.get("priority", 0)

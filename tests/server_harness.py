@@ -9,6 +9,8 @@ import socket
 import subprocess
 import threading
 import time
+import json
+import urllib.error
 import urllib.request
 
 import grpc
@@ -156,3 +158,19 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as error:
         return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+def http(base: str, path: str, body=None, headers=None, method=None) -> tuple[int, dict | str]:
+    """(status, JSON body or text) of an HTTP request; ``body``: bytes, or JSON to encode."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, raw = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw

@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.request
 
 import pytest
 
 from server import batch
-from server_harness import Servers
+from server_harness import Servers, http
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
 
 def _line(custom_id, url, body, method="POST") -> str:
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
-
-
-def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
 
 
 def _stable(body):
@@ -110,7 +99,7 @@ def test_batch_answers_equal_the_http_api(server_loop, served_engine_thread):
         assert out[4]["error"]["code"] == "duplicate_custom_id"
         answers = {o["custom_id"]: o for o in out if o["response"] is not None}
         for custom_id, url, body in requests:
-            status, expected = _post(base, url, body)
+            status, expected = http(base, url, body)
             response = answers[custom_id]["response"]
             assert answers[custom_id]["error"] is None and answers[custom_id]["id"].startswith("batch_req_")
             assert response["status_code"] == status, (custom_id, response)

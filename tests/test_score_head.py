@@ -152,9 +152,6 @@ def test_a_score_head_checkpoint_is_not_converted(classifier, tmp_path):
 def test_http_classify_and_pooling(classifier, reward_model, server_loop):
     """vLLM's /classify and /pooling, SGLang's /classify form, and generation refused, on a
     classification and a reward checkpoint served over HTTP."""
-    import urllib.error
-    import urllib.request
-
     import grpc
 
     from qwenjax.engine.async_engine import EngineThread
@@ -162,16 +159,7 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
     from qwenjax.loading import load_model
     from qwenjax_proto.v1 import inference_pb2 as pb
     from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
-    from server_harness import Servers
-
-    def post(base, path, body):
-        request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+    from server_harness import Servers, http
 
     prompts = _prompts()[:3]
     config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk=16,
@@ -183,11 +171,11 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
         try:
             server = servers.start()
             base = f"http://127.0.0.1:{server.http_port}"
-            status, pooled = post(base, "/pooling", {"input": prompts})
+            status, pooled = http(base, "/pooling", {"input": prompts})
             assert status == 200, pooled
             answers[kind] = [d["data"] for d in pooled["data"]]
             assert pooled["usage"]["prompt_tokens"] == sum(map(len, prompts))
-            status, sglang = post(base, "/classify", {"input_ids": prompts})
+            status, sglang = http(base, "/classify", {"input_ids": prompts})
             assert status == 200  # (a prefix-cache hit this time: equal up to float rounding)
             np.testing.assert_allclose([r["embedding"] for r in sglang], answers[kind], atol=1e-6)
             with grpc.insecure_channel(server.address) as channel:  # gRPC Embed with a task
@@ -196,9 +184,9 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
                     task=kind), timeout=60)
             np.testing.assert_allclose([list(e.values) for e in response.embeddings],
                                        answers[kind], atol=1e-5)
-            status, refused = post(base, "/v1/completions", {"prompt": prompts[0], "max_tokens": 2})
+            status, refused = http(base, "/v1/completions", {"prompt": prompts[0], "max_tokens": 2})
             assert status == 400 and "does not generate" in refused["error"]["message"]
-            status, classified = post(base, "/classify", {"input": prompts})
+            status, classified = http(base, "/classify", {"input": prompts})
             if kind == "classify":
                 assert status == 200
                 np.testing.assert_allclose([d["probs"] for d in classified["data"]], answers[kind],

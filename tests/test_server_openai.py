@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from http.client import HTTPConnection
 
 import grpc
@@ -19,7 +17,7 @@ import pytest
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server import openai_protocol as proto
-from server_harness import SERVER_ENGINE, Servers, collect, greedy, wait_engine_idle, wait_until
+from server_harness import SERVER_ENGINE, Servers, collect, greedy, http, wait_engine_idle, wait_until
 
 TOKEN = "http-token-51c2"
 MAX_REQUEST_BYTES = 64 << 10
@@ -69,21 +67,6 @@ def grpc_greedy(server, max_tokens: int, **input_) -> tuple[list[int], str]:
             pb.GenerateRequest(sampling=greedy(max_tokens), **input_), timeout=120)
         ids, text, _ = collect(responses)
     return ids, text
-
-
-def http(base: str, path: str, body=None, headers=None, method=None) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, raw = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read().decode()
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
 
 
 # --------------------------------------------------------------------------- the real model

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
 import urllib.request
 
 import pytest
 
 from server import sglang_api as sg
-from server_harness import Servers
+from server_harness import Servers, http
 
 PROMPT = "def fibonacci(n):"
 
@@ -85,19 +84,7 @@ def base(server_loop, served_engine_thread):
 
 
 def _post(base: str, path: str, body=None, method: str = "POST") -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            raw = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read().decode()
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
+    return http(base, path, body, method=method)
 
 
 def _events(response) -> list:
