@@ -35,11 +35,25 @@ def add_model_arguments(p) -> None:
     p.add_argument("--devices", type=parse_devices, default=None,
                    help="comma-separated device indices, e.g. 2,3 (two servers can share a box on "
                         "disjoint devices); default: the first tp × pp")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: the --mesh config's (serve), else an orbax checkpoint's own, else "
-                        "bfloat16 on GPUs and float32 on CPU (faster there)")
+    p.add_argument("--dtype", default=None, type=parse_dtype, metavar="DTYPE",
+                   help="bfloat16, float16 (or half), float32 (or float), auto: the --mesh "
+                        "config's (serve), else an orbax checkpoint's own, else bfloat16 on GPUs "
+                        "and float32 on CPU (faster there); auto is the default")
     p.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_CHOICES,
                    help=QUANTIZATION_HELP)
+
+
+DTYPE_NAMES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+               "half": "float16", "fp16": "float16", "float32": "float32", "float": "float32",
+               "fp32": "float32"}
+
+
+def parse_dtype(text: str) -> str | None:
+    """--dtype, in vLLM's spellings too (auto: None, half, float)."""
+    if text not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; use one of "
+                                         f"{', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[text]
 
 
 def parse_devices(text: str) -> list[int]:

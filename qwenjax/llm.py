@@ -82,7 +82,8 @@ class _Base:
         model's {"model": DIR, "num_speculative_tokens": 4} (same tokenizer, e.g. the 0.5B);
         scheduling_policy: "fcfs" (default) or "priority", for the priority argument;
         reasoning_parser: "deepseek_r1" for reasoning models, whose structured outputs then
-        start after </think>; split a reply with qwenjax.reasoning.split_reasoning).
+        start after </think>; split a reply with qwenjax.reasoning.split_reasoning; seed: the
+        seeds of requests that give none are drawn from it, so reruns sample alike).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""
         tp = _alias("tp", tp, 1, "tensor_parallel_size", tensor_parallel_size)

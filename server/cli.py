@@ -32,6 +32,20 @@ log = logging.getLogger("qwenjax.server")
 TOKEN_ENV = "QWENJAX_API_TOKEN"
 
 
+# Flags of `vllm serve` / `sglang.launch_server` that ask for what qwenjax does anyway (or has
+# no use for): accepted so that their command lines run unchanged, and logged at start-up.
+NO_OP_FLAGS = {
+    "--trust-remote-code": "Qwen2 is built in: no code from the checkpoint runs",
+    "--enforce-eager": "there are no CUDA graphs: XLA compiles each step shape once",
+    "--disable-cuda-graph": "as --enforce-eager",
+    "--enable-torch-compile": "XLA compiles every step",
+    "--enable-chunked-prefill": "prefill is always chunked (--prefill-chunk)",
+    "--disable-log-stats": "no periodic stats log; Prometheus metrics are served instead",
+    "--disable-log-requests": "requests are logged only with --enable-log-requests",
+    "--disable-custom-all-reduce": "XLA inserts the collectives",
+}
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, multihost=True)
     net = p.add_argument_group("server")
@@ -102,6 +116,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
     engine.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int,
                         default=64, help="requests decoding at once")
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    engine.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=None,
+                        help="tokens per KV cache page (vLLM's --block-size, SGLang's --page-size; "
+                             "default: the --mesh config's, else 16)")
+    engine.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None,
+                        help="seed the seeds of requests that give none, so that a rerun of the same "
+                             "requests samples the same tokens (default: drawn from the OS)")
     engine.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens of one "
                                                                       "request per step")
     engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
@@ -197,6 +217,10 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                           help="Qwen2.5's <tool_call> format, the only one: vLLM's hermes parser, "
                                "SGLang's qwen25")
 
+    same = p.add_argument_group("accepted from vLLM and SGLang command lines, with no effect here")
+    for flag, why in NO_OP_FLAGS.items():
+        same.add_argument(flag, action="append_const", const=flag, dest="no_op_flags", help=why)
+
 
 def parse_json_object(text: str) -> dict:
     try:
@@ -234,10 +258,10 @@ def add_run_batch_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_run_batch(args) -> int:
-    resolve_model_tag(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolve_model_tag(args)
     if args.input_file != "-" and not pathlib.Path(args.input_file).is_file():
         raise FileNotFoundError(f"--input-file {args.input_file}: no such file")
     if args.output_file != "-" and not pathlib.Path(args.output_file).resolve().parent.is_dir():
@@ -418,6 +442,8 @@ def build_engine(args, mesh=None):
         max_model_len = max_model_len or min(mesh_config.max_model_len, lm.config.max_context)
     if args.kv_cache_fraction is not None:
         options["kv_cache_fraction"] = args.kv_cache_fraction
+    if args.page_size is not None:
+        options["page_size"] = args.page_size
     log.info("compiling step shapes")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
@@ -429,7 +455,7 @@ def build_engine(args, mesh=None):
                           speculative_config=args.speculative_config,
                           scheduling_policy=args.scheduling_policy,
                           reasoning_parser=getattr(args, "reasoning_parser", None),
-                          kv_offloading_size=args.kv_offloading_size,
+                          kv_offloading_size=args.kv_offloading_size, seed=args.seed,
                           kv_cache_dtype=args.kv_cache_dtype, **options)
     enable_compile_cache()
     cache = pathlib.Path(jax.config.jax_compilation_cache_dir)
@@ -537,7 +563,10 @@ async def serve(args) -> int:
 
 
 def resolve_model_tag(args) -> None:
-    """``serve MODEL`` is ``serve --model MODEL``; both at once must agree."""
+    """``serve MODEL`` is ``serve --model MODEL``; both at once must agree. (And the flags
+    accepted with no effect are logged.)"""
+    for flag in getattr(args, "no_op_flags", None) or ():
+        log.info("%s: accepted, no effect here (%s)", flag, NO_OP_FLAGS[flag])
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"the model is given twice, as {args.model_tag!r} and --model "
@@ -548,10 +577,10 @@ def resolve_model_tag(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    resolve_model_tag(args)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    resolve_model_tag(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key must be given together")
     from qwenjax import multihost

@@ -94,6 +94,30 @@ def test_serve_takes_sglang_style_arguments():
         "/m", 2, 2, 4096, 0.8, 32, False, ["a=/l"], 2, True, "deepseek_r1")
 
 
+def test_common_vllm_flags_run_unchanged(caplog):
+    """A typical `vllm serve` line for Qwen2.5: dtype spellings, block size, seed, and flags
+    that ask for what qwenjax does anyway (accepted and logged)."""
+    import argparse
+    import logging
+
+    from server.cli import add_serve_arguments, resolve_model_tag
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["Qwen2.5-7B-Instruct", "--trust-remote-code", "--dtype", "half",
+                              "--block-size", "32", "--seed", "7", "--enforce-eager",
+                              "--enable-chunked-prefill", "--disable-log-requests"])
+    with caplog.at_level(logging.INFO, logger="qwenjax.server"):
+        resolve_model_tag(args)
+    assert (args.dtype, args.page_size, args.seed) == ("float16", 32, 7)
+    assert args.no_op_flags == ["--trust-remote-code", "--enforce-eager", "--enable-chunked-prefill",
+                                "--disable-log-requests"]
+    assert "--trust-remote-code: accepted, no effect here" in caplog.text
+    assert parser.parse_args(["--dtype", "auto"]).dtype is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "int3"])
+
+
 def test_serve_lora_slot_arguments():
     import argparse
 

@@ -646,3 +646,22 @@ def test_a_data_parallel_mesh_is_refused_with_the_way_out(tiny_dir):
     lm = load_model(tiny_dir, dtype="float32", mesh=make_mesh(tp=2, dp=2))
     with pytest.raises(ValueError, match="the mesh has dp=2: one engine serves one replica"):
         Engine(lm, EngineConfig(max_model_len=64, num_pages=16), warm_up=False, progress=False)
+
+
+def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_dir):
+    """EngineConfig.seed (vLLM's --seed): requests without a seed draw theirs from it, so the
+    same requests sample the same tokens in a new engine; without it, each engine draws anew."""
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, VOCAB, 9).tolist() for _ in range(3)]
+    params = [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)] * 3
+
+    def tokens(seed):
+        engine = Engine(lm, EngineConfig(**SMALL, num_pages=128, seed=seed), warm_up=False)
+        outputs, _ = _run(engine, prompts, params)
+        return [outputs[i].token_ids for i in range(len(prompts))]
+
+    assert tokens(7) == tokens(7) != tokens(8)
+    assert tokens(None) != tokens(None)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        Engine(lm, EngineConfig(**SMALL, num_pages=128, seed="7"), warm_up=False)

@@ -91,6 +91,9 @@ class EngineConfig:
     # A reasoning model's parser (qwenjax.reasoning, vLLM's --reasoning-parser): a request's
     # structured outputs constrain its output only after the reasoning closes (</think>).
     reasoning_parser: str | None = None
+    # Seeds the seeds drawn for requests that give none (vLLM's --seed): the same requests in
+    # the same order then sample the same tokens run after run. None: drawn from the OS.
+    seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -168,6 +171,10 @@ class Engine(LiveState):
             max_model_len=max_model_len, policy=config.scheduling_policy, **spec_fields)
         self.spec_stats = SpecDecodeStats()
         self.config = config
+        if config.seed is not None and (not isinstance(config.seed, int) or isinstance(config.seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {config.seed!r}")
+        # Seeds of requests without one: from the OS, or from config.seed.
+        self._seeds = random.SystemRandom() if config.seed is None else random.Random(config.seed)
         source = pathlib.Path(lm.source)  # a preset name for random weights: no file to read
         self.sampling_defaults = sampling_defaults(source if source.is_dir() else None,
                                                    config.generation_config,
@@ -423,7 +430,7 @@ class Engine(LiveState):
         return tuple(dict.fromkeys(found))
 
     def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, **fields) -> Request:
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         now = time.monotonic()
         speculate = self.scheduler_config.num_speculative_tokens > 0
         request = Request(request_id, list(prompt_ids), params, seed, now, speculate=speculate, **fields)
