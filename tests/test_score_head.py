@@ -112,6 +112,10 @@ def test_reward_matches_transformers(reward_model):
         np.testing.assert_allclose(result.outputs.data, reward(ids), atol=2e-5)
     with pytest.raises(ValueError, match="task 'classify' needs"):
         llm.classify([prompts[0]], use_tqdm=False)
+    with pytest.raises(ValueError, match="sleep level 2 drops the weights"):
+        llm.sleep(level=2)
+    with pytest.raises(ValueError, match="new weights for a classification or reward model"):
+        llm.update_weights(directory)
 
     # AsyncLLM: the same rewards, as concurrent requests on its engine thread.
     import asyncio

@@ -186,6 +186,9 @@ class LiveState:
             raise ValueError("sleep: requests are still running; wait for them or abort them first")
         if jax.process_count() > 1:
             raise ValueError("sleep mode runs on one host only")
+        if level == 2 and self.lm.score_head is not None:
+            raise ValueError("sleep level 2 drops the weights for new ones, which a classification "
+                             "or reward model does not take; use level 1")
         weights = self.lm.weights
         self._shardings = jax.tree.map(lambda a: a.sharding, weights)
         lora = None if weights.lora is None else jax.device_get(weights.lora)
