@@ -6,6 +6,7 @@
     POST /v1/responses          OpenAI's Responses API (server/responses_protocol.py)
     GET  /v1/responses/{id}     a stored response
     POST /classify, /pooling    vLLM's, on classification and reward checkpoints
+    POST /score, /rerank        vLLM's (and /v1/…, /v2/rerank): embedding cosine similarities
     POST /tokenize, /detokenize vLLM's
     GET  /health                200 while serving; 503 while loading, draining or stalled
     GET  /version, /metrics     the version; the server's Prometheus registry
@@ -52,6 +53,14 @@ _ERROR_TYPE = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
 _OPEN_PATHS = ("/health", "/version", "/metrics")  # no token: probes and scrapers send none
 
 
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Of two embeddings (normalized already; divided again for safety)."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
 def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": _ERROR_TYPE.get(status, "Error"), "param": None,
                       "code": status}}
@@ -95,6 +104,10 @@ class OpenAIServer:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/classify", self.classify)
         app.router.add_post("/pooling", self.pooling)
+        for path in ("/score", "/v1/score"):
+            app.router.add_post(path, self.score)
+        for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+            app.router.add_post(path, self.rerank)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
@@ -427,6 +440,44 @@ class OpenAIServer:
                       "data": proto.embedding_json(vectors[i], parsed.encoding_format)}
                      for i in range(len(runs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
+    def _embedding_model(self, endpoint: str) -> None:
+        head = self.gateway.engine.lm.score_head
+        if head is not None:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{endpoint} compares "
+                                      f"embeddings; this is a {head.kind} checkpoint (a "
+                                      "cross-encoder score is not supported)")
+
+    async def score(self, request: web.Request) -> web.Response:
+        """vLLM's /score on an embedding model: the cosine similarity of each (text_1, text_2)
+        pair's embeddings (last-token, normalized; as /v1/embeddings)."""
+        self.gateway.require_engine(generate=True)
+        self._embedding_model("/score")
+        parsed, pairs = self._parse(proto.parse_score, await self._body(request))
+        model, runs, vectors = await self._pool(parsed)
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "id": proto.new_id("score"), "object": "list", "created": proto.now(), "model": model,
+            "data": [{"index": k, "object": "score", "score": _cosine(vectors[i], vectors[j])}
+                     for k, (i, j) in enumerate(pairs)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """The Jina/Cohere rerank API (vLLM's /rerank, /v1/rerank, /v2/rerank) on an embedding
+        model: the documents by the cosine similarity of their embeddings to the query's, best
+        first, ``top_n`` of them."""
+        self.gateway.require_engine(generate=True)
+        self._embedding_model("/rerank")
+        parsed = self._parse(proto.parse_rerank, await self._body(request))
+        model, runs, vectors = await self._pool(parsed.embedding)
+        scores = [_cosine(vectors[0], vectors[1 + d]) for d in range(len(parsed.documents))]
+        ranked = sorted(range(len(scores)), key=lambda d: -scores[d])[: parsed.top_n]
+        tokens = sum(map(len, runs))
+        return web.json_response({
+            "id": proto.new_id("rerank"), "model": model, "usage": {"total_tokens": tokens},
+            "results": [{"index": d, "relevance_score": scores[d],
+                         **({"document": {"text": parsed.documents[d]}}
+                            if parsed.return_documents else {})} for d in ranked]})
 
     async def _pool(self, parsed: proto.EmbeddingRequest) -> tuple[str, list[list[int]], dict[int, list]]:
         """(model name, each input's token ids, {input index: its pooled output}): the inputs

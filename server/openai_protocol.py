@@ -296,6 +296,74 @@ def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "e
         _expect(body, "priority", int, "an integer") or 0, truncate)
 
 
+SCORE_PAIR_FIELDS = frozenset(("model", "text_1", "text_2", "user", "priority",
+                               "truncate_prompt_tokens"))
+RERANK_FIELDS = frozenset(("model", "query", "documents", "top_n", "return_documents", "user",
+                           "priority", "truncate_prompt_tokens"))
+
+
+def _texts(value: Any, name: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError(f"{name} must be a non-empty string or a non-empty list of them")
+    if len(texts) > MAX_PROMPTS:
+        raise ValueError(f"{name} has {len(texts)} texts; at most {MAX_PROMPTS}")
+    return texts
+
+
+def _embedding_request(body: Mapping[str, Any], texts: list[str]) -> EmbeddingRequest:
+    from qwenjax.pooling import PoolingParams
+
+    truncate = _expect(body, "truncate_prompt_tokens", int, "a positive integer")
+    if truncate is not None and truncate < 1:
+        raise ValueError(f"truncate_prompt_tokens must be a positive integer, got {truncate}")
+    return EmbeddingRequest(texts, PoolingParams(), _expect(body, "model", str, "a string"),
+                            priority=_expect(body, "priority", int, "an integer") or 0,
+                            truncate_prompt_tokens=truncate)
+
+
+def parse_score(body: Any) -> tuple[EmbeddingRequest, list[tuple[int, int]]]:
+    """vLLM's /score on an embedding model: (the texts to embed, the (i, j) pairs to score):
+    text_1 one text and text_2 one or more (1 against each), or two lists of one length (pairwise)."""
+    body = check_fields(body, SCORE_PAIR_FIELDS, "/score")
+    first, second = _texts(body.get("text_1"), "text_1"), _texts(body.get("text_2"), "text_2")
+    if len(first) == 1:
+        pairs = [(0, 1 + j) for j in range(len(second))]
+    elif len(first) == len(second):
+        pairs = [(i, len(first) + i) for i in range(len(first))]
+    else:
+        raise ValueError(f"text_1 has {len(first)} texts and text_2 {len(second)}: give text_1 one "
+                         "text, or both lists of one length (scored pairwise)")
+    return _embedding_request(body, first + second), pairs
+
+
+@dataclasses.dataclass
+class RerankRequest:
+    embedding: EmbeddingRequest  # the query, then the documents
+    documents: list[str]
+    top_n: int
+    return_documents: bool = True
+
+
+def parse_rerank(body: Any) -> RerankRequest:
+    """The Jina/Cohere rerank API that vLLM serves (/rerank, /v1/rerank, /v2/rerank)."""
+    body = check_fields(body, RERANK_FIELDS, "/rerank")
+    query = body.get("query")
+    if not isinstance(query, str) or not query:
+        raise ValueError("query must be a non-empty string")
+    documents = body.get("documents")
+    if isinstance(documents, list):
+        documents = [d.get("text") if isinstance(d, Mapping) else d for d in documents]
+    documents = _texts(documents, "documents")
+    top_n = _expect(body, "top_n", int, "a positive integer")
+    if top_n is not None and top_n < 1:
+        raise ValueError(f"top_n must be a positive integer, got {top_n}")
+    returned = _expect(body, "return_documents", bool, "true or false")
+    return RerankRequest(_embedding_request(body, [query] + documents), documents,
+                         min(top_n or len(documents), len(documents)),
+                         True if returned is None else returned)
+
+
 def embedding_json(values: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":
         import base64

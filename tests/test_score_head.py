@@ -190,6 +190,8 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
                                        answers[kind], atol=1e-5)
             status, refused = http(base, "/v1/completions", {"prompt": prompts[0], "max_tokens": 2})
             assert status == 400 and "does not generate" in refused["error"]["message"]
+            status, refused = http(base, "/score", {"text_1": "a", "text_2": "b"})
+            assert status == 400 and "cross-encoder" in refused["error"]["message"]
             status, classified = http(base, "/classify", {"input": prompts})
             if kind == "classify":
                 assert status == 200

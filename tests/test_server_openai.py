@@ -243,6 +243,37 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
+def test_score_and_rerank_compare_embeddings(base):
+    """vLLM's /score and the rerank API on the served model: cosine similarities of the
+    /v1/embeddings vectors, 1-to-N and pairwise, documents ranked best first."""
+    import numpy as np
+
+    texts = ["The cat sat on the mat.", "A cat is sitting on a rug.", "Interest rates rose again."]
+    _, embedded = http(base, "/v1/embeddings", {"input": texts})
+    vectors = [np.asarray(d["embedding"]) for d in embedded["data"]]
+    status, scored = http(base, "/score", {"text_1": texts[0], "text_2": texts[1:]})
+    assert status == 200, scored
+    scores = [d["score"] for d in scored["data"]]
+    assert scores == pytest.approx([vectors[0] @ vectors[1], vectors[0] @ vectors[2]], abs=1e-4)
+    assert scores[0] > scores[1] and scored["data"][1]["object"] == "score"
+    status, pairwise = http(base, "/v1/score", {"text_1": texts[:2], "text_2": texts[1:]})
+    assert [d["score"] for d in pairwise["data"]] == pytest.approx(
+        [vectors[0] @ vectors[1], vectors[1] @ vectors[2]], abs=1e-4)
+    status, refused = http(base, "/score", {"text_1": texts[:2], "text_2": texts})
+    assert status == 400 and "pairwise" in refused["error"]["message"]
+
+    status, ranked = http(base, "/v2/rerank", {"query": texts[0], "top_n": 1,
+                                               "documents": [texts[2], {"text": texts[1]}]})
+    assert status == 200, ranked
+    assert [r["index"] for r in ranked["results"]] == [1]
+    assert ranked["results"][0]["document"] == {"text": texts[1]}
+    assert ranked["results"][0]["relevance_score"] == pytest.approx(scores[0], abs=1e-4)
+    status, everything = http(base, "/rerank", {"query": texts[0], "documents": texts[1:],
+                                                "return_documents": False})
+    assert [r["index"] for r in everything["results"]] == [0, 1]
+    assert "document" not in everything["results"][0]
+
+
 def test_embeddings(client, name, base, server, tokenizer):
     """/v1/embeddings through the official client: one unit vector per input (texts and token
     ids alike), closer for paraphrases; base64 is the same float32 values; ``dimensions`` cuts
