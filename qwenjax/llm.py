@@ -228,6 +228,23 @@ class LLM(_Base):
                             use_tqdm, lora=lora)
         return [EmbeddingRequestOutput.of(o) for o in outputs]
 
+    def score(self, text_1: Prompt | Sequence[Prompt], text_2: Prompt | Sequence[Prompt], *,
+              use_tqdm: bool = True, lora: str | None = None) -> list:
+        """vLLM's ``LLM.score`` on an embedding model: the cosine similarity of the embeddings of
+        one ``text_1`` and each ``text_2``, or of two lists pairwise. Returns
+        ``ScoringRequestOutput``s (``.outputs.score``), one per pair."""
+        from qwenjax.pooling import (PoolingParams, ScoringOutput, ScoringRequestOutput, cosine,
+                                     score_pairs)
+
+        first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
+        pairs = score_pairs(len(first), len(second))
+        outputs = self._run([self._encode(p) for p in first + second], PoolingParams(), use_tqdm,
+                            lora=lora)
+        return [ScoringRequestOutput(f"{outputs[i].request_id}-{outputs[j].request_id}",
+                                     outputs[i].prompt_token_ids + outputs[j].prompt_token_ids,
+                                     ScoringOutput(cosine(outputs[i].embedding, outputs[j].embedding)))
+                for i, j in pairs]
+
     def classify(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
                  lora: str | None = None) -> list:
         """Class probabilities of each prompt on a classification checkpoint

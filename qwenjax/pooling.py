@@ -71,6 +71,23 @@ class PoolingParams:
         return vector.tolist()
 
 
+def score_pairs(num_first: int, num_second: int) -> list[tuple[int, int]]:
+    """The (i, j) pairs vLLM's scoring takes, indexing first + second: one first text against
+    each second one, or two lists of one length pairwise."""
+    if num_first == 1:
+        return [(0, 1 + j) for j in range(num_second)]
+    if num_first == num_second:
+        return [(i, num_first + i) for i in range(num_first)]
+    raise ValueError(f"text_1 has {num_first} texts and text_2 {num_second}: give text_1 one "
+                     "text, or both lists of one length (scored pairwise)")
+
+
+def cosine(a, b) -> float:
+    """The cosine similarity of two embeddings."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
 @dataclasses.dataclass
 class EmbeddingOutput:
     embedding: list[float]
@@ -88,6 +105,20 @@ class ClassificationOutput:
 @dataclasses.dataclass
 class PoolingOutput:
     data: list[float]
+
+
+@dataclasses.dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclasses.dataclass
+class ScoringRequestOutput:
+    """``LLM.score``'s result for one pair (vLLM's: ``.outputs.score``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # the two texts' ids, one after the other
+    outputs: ScoringOutput
 
 
 @dataclasses.dataclass

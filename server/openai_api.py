@@ -33,6 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import qwenjax
+from qwenjax.pooling import cosine
 from qwenjax.sampling import is_int
 from server import convert, openai_protocol as proto, responses_protocol as rproto
 from server.auth import bearer_token, token_matches
@@ -51,14 +52,6 @@ _ERROR_TYPE = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
 _OPEN_PATHS = ("/health", "/version", "/metrics")  # no token: probes and scrapers send none
-
-
-def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    """Of two embeddings (normalized already; divided again for safety)."""
-    import numpy as np
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -458,7 +451,7 @@ class OpenAIServer:
         tokens = sum(map(len, runs))
         return web.json_response({
             "id": proto.new_id("score"), "object": "list", "created": proto.now(), "model": model,
-            "data": [{"index": k, "object": "score", "score": _cosine(vectors[i], vectors[j])}
+            "data": [{"index": k, "object": "score", "score": cosine(vectors[i], vectors[j])}
                      for k, (i, j) in enumerate(pairs)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}})
 
@@ -470,7 +463,7 @@ class OpenAIServer:
         self._embedding_model("/rerank")
         parsed = self._parse(proto.parse_rerank, await self._body(request))
         model, runs, vectors = await self._pool(parsed.embedding)
-        scores = [_cosine(vectors[0], vectors[1 + d]) for d in range(len(parsed.documents))]
+        scores = [cosine(vectors[0], vectors[1 + d]) for d in range(len(parsed.documents))]
         ranked = sorted(range(len(scores)), key=lambda d: -scores[d])[: parsed.top_n]
         tokens = sum(map(len, runs))
         return web.json_response({

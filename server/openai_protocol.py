@@ -325,16 +325,11 @@ def _embedding_request(body: Mapping[str, Any], texts: list[str]) -> EmbeddingRe
 def parse_score(body: Any) -> tuple[EmbeddingRequest, list[tuple[int, int]]]:
     """vLLM's /score on an embedding model: (the texts to embed, the (i, j) pairs to score):
     text_1 one text and text_2 one or more (1 against each), or two lists of one length (pairwise)."""
+    from qwenjax.pooling import score_pairs
+
     body = check_fields(body, SCORE_PAIR_FIELDS, "/score")
     first, second = _texts(body.get("text_1"), "text_1"), _texts(body.get("text_2"), "text_2")
-    if len(first) == 1:
-        pairs = [(0, 1 + j) for j in range(len(second))]
-    elif len(first) == len(second):
-        pairs = [(i, len(first) + i) for i in range(len(first))]
-    else:
-        raise ValueError(f"text_1 has {len(first)} texts and text_2 {len(second)}: give text_1 one "
-                         "text, or both lists of one length (scored pairwise)")
-    return _embedding_request(body, first + second), pairs
+    return _embedding_request(body, first + second), score_pairs(len(first), len(second))
 
 
 @dataclasses.dataclass

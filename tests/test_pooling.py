@@ -74,11 +74,24 @@ def test_llm_and_async_llm_embed(lm):
 
     prompts = [[5, 6, 7], [9] * 20]
     options = dict(max_model_len=128, max_num_seqs=4, warm_up=False, progress=False)
-    outputs = LLM(lm, **options).embed(prompts, use_tqdm=False)
+    sync = LLM(lm, **options)
+    outputs = sync.embed(prompts, use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == prompts
     for o, prompt in zip(outputs, prompts):
         want = _last_hidden(lm, prompt)
         np.testing.assert_allclose(o.outputs.embedding, want / np.linalg.norm(want), atol=1e-5)
+    # LLM.score: cosine similarities, one against each, or pairwise.
+    third = [4, 4, 8, 1]
+    vectors = [np.asarray(o.outputs.embedding) for o in sync.embed(prompts + [third], use_tqdm=False)]
+    one_to_n = sync.score(prompts[0], [prompts[1], third], use_tqdm=False)
+    np.testing.assert_allclose([s.outputs.score for s in one_to_n],
+                               [vectors[0] @ vectors[1], vectors[0] @ vectors[2]], atol=1e-5)
+    assert one_to_n[1].prompt_token_ids == prompts[0] + third
+    pairwise = sync.score(prompts, [third, prompts[0]], use_tqdm=False)
+    np.testing.assert_allclose([s.outputs.score for s in pairwise],
+                               [vectors[0] @ vectors[2], vectors[1] @ vectors[0]], atol=1e-5)
+    with pytest.raises(ValueError, match="pairwise"):
+        sync.score(prompts, [third] * 3, use_tqdm=False)
     llm = AsyncLLM(lm, **options)
 
     async def both():
