@@ -4,6 +4,7 @@
     POST /v1/completions        prompt: text, token ids, or a list of either; stream: SSE
     POST /v1/chat/completions   messages, tools/tool_choice, response_format; stream: SSE
     POST /v1/responses          OpenAI's Responses API (server/responses_protocol.py)
+    POST /v1/messages           Anthropic's Messages API (server/anthropic_protocol.py)
     GET  /v1/responses/{id}     a stored response
     POST /classify, /pooling    vLLM's, on classification and reward checkpoints
     POST /score, /rerank        vLLM's (and /v1/…, /v2/rerank): embedding cosine similarities
@@ -35,7 +36,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import qwenjax
 from qwenjax.pooling import cosine
 from qwenjax.sampling import is_int
-from server import convert, openai_protocol as proto, responses_protocol as rproto
+from server import anthropic_protocol as aproto, convert, openai_protocol as proto
+from server import responses_protocol as rproto
 from server.auth import bearer_token, token_matches
 from server.gateway import Gateway, Refused, merged
 
@@ -51,7 +53,8 @@ _HTTP_STATUS = {
 _ERROR_TYPE = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
-_OPEN_PATHS = ("/health", "/version", "/metrics")  # no token: probes and scrapers send none
+_OPEN_PATHS = ("/health", "/version", "/metrics")
+ANTHROPIC_PATH = "/v1/messages"  # no token: probes and scrapers send none
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
@@ -59,8 +62,10 @@ def error_body(status: int, message: str) -> dict[str, Any]:
                       "code": status}}
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response(error_body(status, message), status=status)
+def _error(status: int, message: str, path: str = "") -> web.Response:
+    """An error response in the shape of the API asked (Anthropic's under /v1/messages)."""
+    body = aproto.error_body if path.startswith(ANTHROPIC_PATH) else error_body
+    return web.json_response(body(status, message), status=status)
 
 
 def _sse(data: Any, event: str | None = None) -> bytes:
@@ -92,6 +97,8 @@ class OpenAIServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post(ANTHROPIC_PATH, self.messages)
+        app.router.add_post(ANTHROPIC_PATH + "/count_tokens", self.count_message_tokens)
         app.router.add_get("/v1/responses/{response_id}", self.get_response)
         self.responses_store = rproto.ResponseStore()
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -146,22 +153,26 @@ class OpenAIServer:
     @web.middleware
     async def _errors_and_auth(self, request: web.Request, handler):
         if self._token is not None and not request.path.startswith(_OPEN_PATHS):
-            presented = bearer_token(request.headers.get("Authorization"))
+            # (Anthropic's clients send the key as x-api-key.)
+            api_key = request.headers.get("x-api-key")
+            presented = bearer_token(request.headers.get("Authorization")) or \
+                (api_key.encode() if api_key else None)
             if presented is None:
-                return _error(401, "missing 'Authorization: Bearer <token>' header")
+                return _error(401, "missing 'Authorization: Bearer <token>' header",
+                              request.path)
             if not token_matches(presented, self._token):
-                return _error(401, "wrong bearer token")
+                return _error(401, "wrong bearer token", request.path)
         try:
             return await handler(request)
         except Refused as refused:
-            return _error(_HTTP_STATUS.get(refused.code, 500), refused.message)
+            return _error(_HTTP_STATUS.get(refused.code, 500), refused.message, request.path)
         except web.HTTPRequestEntityTooLarge:
             return _error(413, f"the request body is over {self.max_request_bytes} bytes "
-                               "(--max-request-bytes)")
+                               "(--max-request-bytes)", request.path)
         except web.HTTPException as http:  # 404/405 of the router, in OpenAI's error shape
             if http.status < 400:
                 raise
-            return _error(http.status, f"{request.method} {request.path}: {http.reason}")
+            return _error(http.status, f"{request.method} {request.path}: {http.reason}", request.path)
 
     async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
@@ -212,7 +223,7 @@ class OpenAIServer:
         return f"{prefix}-{rid}" if rid else proto.new_id(prefix)
 
     async def _stream(self, request: web.Request, events: AsyncIterator[Any], *,
-                      typed: bool = False) -> web.StreamResponse:
+                      typed: bool = False, error_event: Callable | None = None) -> web.StreamResponse:
         """Server-sent events from ``events`` (dicts), then ``[DONE]``. The response starts only
         when the first event is ready, so a refusal before it is a plain HTTP error. ``typed``
         (the Responses API): each event is named by its "type" and no ``[DONE]`` follows."""
@@ -229,9 +240,12 @@ class OpenAIServer:
                     await response.write(_sse(event, name(event)))
             except Refused as refused:  # after the response started: an error event
                 status = _HTTP_STATUS.get(refused.code, 500)
-                error = error_body(status, refused.message)
-                await response.write(_sse({"type": "error", **error["error"]}, "error") if typed
-                                     else _sse(error))
+                if error_event is not None:
+                    await response.write(_sse(error_event(status, refused.message), "error"))
+                else:
+                    error = error_body(status, refused.message)
+                    await response.write(_sse({"type": "error", **error["error"]}, "error") if typed
+                                         else _sse(error))
             if not typed:
                 await response.write(_sse("[DONE]"))
             await response.write_eof()
@@ -736,6 +750,43 @@ class OpenAIServer:
                 yield event
 
         return await self._stream(request, events(), typed=True)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API, run as the chat completion it translates to
+        (server/anthropic_protocol.py)."""
+        gateway = self.gateway
+        gateway.require_engine(generate=True)
+        body = await self._body(request)
+        parsed = self._parse_chat(body, aproto.to_chat_body)
+        model = self._check_model(parsed.model)
+        prompt_ids, _, call = await self._chat_call(parsed)
+        builder = aproto.MessageBuilder(self._request_id(request, parsed, "msg"), model, body,
+                                        parsed, len(prompt_ids))
+        outputs = (output async for _, output in merged([call]))
+        if not parsed.stream:
+            return web.json_response(await builder.collect(outputs))
+        return await self._stream(request, builder.events(outputs), typed=True,
+                                  error_event=aproto.error_body)
+
+    async def count_message_tokens(self, request: web.Request) -> web.Response:
+        """Anthropic's /v1/messages/count_tokens: the prompt's tokens as the model would see it."""
+        gateway = self.gateway
+        gateway.require_engine()
+        body = await self._body(request)
+        if isinstance(body, dict):
+            body = {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools",
+                                                            "tool_choice", "thinking")}
+            body["max_tokens"] = 1
+        parsed = self._parse_chat(body, aproto.to_chat_body)
+        self._check_model(parsed.model)
+        try:
+            ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
+                                       add_generation_prompt=parsed.add_generation_prompt,
+                                       continue_final_message=parsed.continue_final_message,
+                                       template_kwargs=parsed.template_kwargs)
+        except ValueError as error:
+            raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        return web.json_response({"input_tokens": len(ids)})
 
     async def get_response(self, request: web.Request) -> web.Response:
         entry = self.responses_store.get(request.match_info["response_id"])
