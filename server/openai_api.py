@@ -601,17 +601,19 @@ class OpenAIServer:
         parsed = self._parse(lambda b: proto.parse_chat(translate(b)), body)
         return dataclasses.replace(parsed, reasoning_parser=self.reasoning_parser)
 
+    async def _chat_prompt(self, parsed: proto.ParsedRequest) -> list[int]:
+        """The token ids of a checked chat request's messages (and tools) as the model reads them."""
+        try:
+            return await self.gateway.encode(messages=parsed.messages, tools=parsed.tools,
+                                             add_generation_prompt=parsed.add_generation_prompt,
+                                             continue_final_message=parsed.continue_final_message,
+                                             template_kwargs=parsed.template_kwargs)
+        except ValueError as error:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
     async def _chat_call(self, parsed: proto.ParsedRequest):
         """(prompt ids, SamplingParams, the admitted Call) of a checked chat request."""
-        gateway = self.gateway
-        try:
-            ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
-                                       add_generation_prompt=parsed.add_generation_prompt,
-                                       continue_final_message=parsed.continue_final_message,
-                                       template_kwargs=parsed.template_kwargs)
-        except ValueError as error:
-            raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        prompt_ids, params = await self._prepare(parsed, ids)
+        prompt_ids, params = await self._prepare(parsed, await self._chat_prompt(parsed))
         return prompt_ids, params, self._call(parsed, prompt_ids, params)
 
     def _call(self, parsed: proto.ParsedRequest, prompt_ids: list[int], params):
@@ -770,8 +772,7 @@ class OpenAIServer:
 
     async def count_message_tokens(self, request: web.Request) -> web.Response:
         """Anthropic's /v1/messages/count_tokens: the prompt's tokens as the model would see it."""
-        gateway = self.gateway
-        gateway.require_engine()
+        self.gateway.require_engine()
         body = await self._body(request)
         if isinstance(body, dict):
             body = {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools",
@@ -779,14 +780,7 @@ class OpenAIServer:
             body["max_tokens"] = 1
         parsed = self._parse_chat(body, aproto.to_chat_body)
         self._check_model(parsed.model)
-        try:
-            ids = await gateway.encode(messages=parsed.messages, tools=parsed.tools,
-                                       add_generation_prompt=parsed.add_generation_prompt,
-                                       continue_final_message=parsed.continue_final_message,
-                                       template_kwargs=parsed.template_kwargs)
-        except ValueError as error:
-            raise gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        return web.json_response({"input_tokens": len(ids)})
+        return web.json_response({"input_tokens": len(await self._chat_prompt(parsed))})
 
     async def get_response(self, request: web.Request) -> web.Response:
         entry = self.responses_store.get(request.match_info["response_id"])
