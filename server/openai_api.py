@@ -762,8 +762,8 @@ class OpenAIServer:
         parsed = self._parse_chat(body, aproto.to_chat_body)
         model = self._check_model(parsed.model)
         prompt_ids, _, call = await self._chat_call(parsed)
-        builder = aproto.MessageBuilder(self._request_id(request, parsed, "msg"), model, body,
-                                        parsed, len(prompt_ids))
+        message_id = self._request_id(request, parsed, "msg").replace("msg-", "msg_", 1)
+        builder = aproto.MessageBuilder(message_id, model, body, parsed, len(prompt_ids))
         outputs = (output async for _, output in merged([call]))
         if not parsed.stream:
             return web.json_response(await builder.collect(outputs))

@@ -108,7 +108,7 @@ def test_a_message_is_the_chat_completion_it_means(base):
     assert message["content"] == [{"type": "text", "text": chat["choices"][0]["message"]["content"]}]
     assert (message["stop_reason"], message["stop_sequence"]) == ("max_tokens", None)
     assert message["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
-    assert message["usage"]["output_tokens"] == 12 and message["id"].startswith("msg")
+    assert message["usage"]["output_tokens"] == 12 and message["id"].startswith("msg_")
     _, counted = http(base, "/v1/messages/count_tokens", {"messages": HELLO})
     assert counted == {"input_tokens": chat["usage"]["prompt_tokens"]}
 
