@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import ssl
@@ -271,7 +272,12 @@ class OpenAIServer:
         data += [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
                   "root": name, "parent": self._names()[0], "max_model_len": engine.max_model_len}
                  for name in engine.lora_names]
-        return web.json_response({"object": "list", "data": data})
+        # Anthropic's clients list models from the same path: their fields ride along.
+        created_at = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc).isoformat()
+        for entry in data:
+            entry.update(type="model", display_name=entry["id"], created_at=created_at)
+        return web.json_response({"object": "list", "data": data, "has_more": False,
+                                  "first_id": data[0]["id"], "last_id": data[-1]["id"]})
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         """``{"lora_name": …, "lora_path": …}``: a PEFT directory on the server's disk into a

@@ -109,6 +109,9 @@ def test_a_message_is_the_chat_completion_it_means(base):
     assert (message["stop_reason"], message["stop_sequence"]) == ("max_tokens", None)
     assert message["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
     assert message["usage"]["output_tokens"] == 12 and message["id"].startswith("msg_")
+    status, models = http(base, "/v1/models")  # Anthropic's clients list models there too
+    assert status == 200 and models["data"][0]["type"] == "model" and models["has_more"] is False
+    assert models["first_id"] == models["data"][0]["id"] == message["model"]
     _, counted = http(base, "/v1/messages/count_tokens", {"messages": HELLO})
     assert counted == {"input_tokens": chat["usage"]["prompt_tokens"]}
 

@@ -99,6 +99,18 @@ def test_classify_matches_transformers(classifier, tp):
         llm.generate([prompts[0]])
     with pytest.raises(ValueError, match="task 'reward' needs a checkpoint with a reward head"):
         llm.reward([prompts[0]], use_tqdm=False)
+    if tp == 1:  # AsyncLLM: the same probabilities
+        import asyncio
+
+        from qwenjax import AsyncLLM
+
+        served = AsyncLLM(llm.lm, max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+                          max_num_batched_tokens=32, warm_up=False, progress=False)
+        try:
+            result = asyncio.run(served.classify(prompts[1]))
+        finally:
+            served.shutdown()
+        np.testing.assert_allclose(result.outputs.probs, results[1].outputs.probs, atol=1e-6)
 
 
 def test_reward_matches_transformers(reward_model):
