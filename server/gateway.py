@@ -124,6 +124,7 @@ class Call:
             raise gateway.refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         if self.client_id:
             gateway._active[self.client_id] = self.engine_id
+        gateway._running.add(self.engine_id)
         gateway._enter()
         metrics.prompt_tokens.inc(num_prompt)
         self.start = time.monotonic()
@@ -182,6 +183,7 @@ class Call:
             metrics.request_generation_tokens.observe(generated)
             if self.client_id and gateway._active.get(self.client_id) == self.engine_id:
                 del gateway._active[self.client_id]
+            gateway._running.discard(self.engine_id)
             gateway._leave()
 
 
@@ -234,6 +236,7 @@ class Gateway:
         self.engine_thread = None
         self.draining = False
         self._active: dict[str, str] = {}  # client request_id → engine request id
+        self._running: set[str] = set()    # engine ids of the requests admitted here, running
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -411,6 +414,15 @@ class Gateway:
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
         return BeamCall(self, list(prompt_ids), params, priority, lora, length_penalty)
+
+    def abort_all(self) -> int:
+        """Stop every request admitted through this gateway (SGLang's ``abort_all``); returns
+        how many were running."""
+        thread = self.require_engine(admitting=False)
+        running = list(self._running)
+        for engine_id in running:
+            thread.abort(engine_id)
+        return len(running)
 
     def active(self, client_id: str) -> str | None:
         """The engine id of the running request a client named ``client_id``."""

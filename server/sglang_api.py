@@ -5,7 +5,7 @@ for clients written against ``python -m sglang.launch_server``:
                             return_logprob / logprob_start_len / top_logprobs_num, rid, lora_path
     POST /encode            embeddings of text or input_ids (the last token's, as /v1/embeddings)
     POST /classify          (text or input_ids) a classification or reward checkpoint's scores
-    POST /abort_request     {"rid": …}: stop a running /generate request
+    POST /abort_request     {"rid": …}: stop a running /generate request ({"abort_all": true}: all)
     POST /flush_cache       forget the cached prefixes (400 while requests run)
     GET  /get_model_info    model path, is_generation, architectures
     GET  /get_server_info   the serving limits, under SGLang's names
@@ -367,10 +367,12 @@ class SGLangAPI:
     async def abort_request(self, request: web.Request) -> web.Response:
         """``{"rid": …}``: the running request with that rid stops; its /generate answer ends
         with ``finish_reason.type`` "abort". 200 either way (SGLang's), ``found`` says which."""
-        body = self.api._object(await self.api._body(request), {"rid"})
+        body = self.api._object(await self.api._body(request), {"rid", "abort_all"})
+        if body.get("abort_all") is True:
+            return web.json_response({"found": self.gateway.abort_all() > 0})
         rid = body.get("rid")
         if not isinstance(rid, str) or not rid:
-            raise self._refuse(ValueError("rid must be a non-empty string"))
+            raise self._refuse(ValueError("rid must be a non-empty string (or abort_all: true)"))
         thread = self.gateway.require_engine(admitting=False)
         engine_id = self.gateway.active(rid)
         if engine_id is not None:

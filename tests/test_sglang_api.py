@@ -193,6 +193,25 @@ def test_abort_request_ends_a_running_generate(base):
     status, refused = _post(base, "/abort_request", {"rid": ""})
     assert status == 400
 
+    # abort_all: every running request stops (two streams, ids given and not).
+    responses = []
+    for rid in ("sg-abort-2", None):
+        one = {k: v for k, v in body.items() if k != "rid"} | ({"rid": rid} if rid else {})
+        responses.append(urllib.request.urlopen(urllib.request.Request(
+            base + "/generate", data=json.dumps(one).encode(),
+            headers={"Content-Type": "application/json"}), timeout=120))
+    try:
+        for response in responses:  # both running
+            while not response.readline().startswith(b"data: "):
+                pass
+        assert _post(base, "/abort_request", {"abort_all": True}) == (200, {"found": True})
+        for response in responses:
+            rest = _events(response)
+            assert rest[-1] == "[DONE]" and rest[-2]["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        for response in responses:
+            response.close()
+
 
 def test_info_cache_health_and_encode(base):
     status, info = _post(base, "/get_model_info", method="GET")
