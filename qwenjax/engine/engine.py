@@ -493,7 +493,6 @@ class Engine(LiveState):
                     outputs += self._collect(previous)
                 return outputs + self._fail_step(out, error)
             self.scheduler.step_dispatched(out)
-            self._note_first_steps(out)
             for row, chunk in dispatched.placed:
                 chunk.request.num_inflight += 1
                 chunk.request.inflight_row = row
@@ -507,17 +506,6 @@ class Engine(LiveState):
             self._settle(self._inflight)  # only rows of requests that stopped meanwhile
             self._inflight = None
         return outputs
-
-    def _note_first_steps(self, out) -> None:
-        """The time of each request's first step (its queue time ends there)."""
-        now = None
-        for chunk in itertools.chain(out.prefill, out.decode):
-            if chunk.request.output_ids:
-                continue
-            track = self._tracking.get(chunk.request.request_id)
-            if track is not None and track.metrics.first_scheduled_time is None:
-                now = now or time.monotonic()
-                track.metrics.first_scheduled_time = now
 
     def _read_back_first(self, step: InFlight) -> bool:
         """Whether the step in flight must be read back before the next is scheduled (that
@@ -644,6 +632,7 @@ class Engine(LiveState):
                 reason, matched = "stop", detokenizer.matched_stop
         track.text += delta
         track.metrics.finish_time = time.monotonic()
+        track.metrics.first_scheduled_time = request.first_scheduled_time
         out = self._output(request, delta, delta_ids, delta_logprobs or [], last, track)
         out.finish_reason, out.matched_stop = reason, matched
         if request.pooling is not None and request.embedding is not None:

@@ -66,6 +66,8 @@ class Request:
     # computed, the hidden state of its last token (float32 numpy).
     pooling: Any = None
     embedding: Any = dataclasses.field(default=None, repr=False)
+    # time.monotonic() when the scheduler first admitted it (its queue time ends there).
+    first_scheduled_time: float | None = None
 
     @property
     def cache_salt(self) -> str | None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Callable, Sequence
 
 from qwenjax.engine.prefix_cache import PrefixCache
@@ -300,8 +301,9 @@ class Scheduler:
             if restored:
                 self._restore(request, len(hits), restored)
             request.num_computed = cached
-            if request.num_cached_tokens is None:
+            if request.num_cached_tokens is None:  # its first admission
                 request.num_cached_tokens = cached
+                request.first_scheduled_time = time.monotonic()
             if self.prefix_cache is not None:
                 self.prefix_cache.stats.queries += request.num_tokens
                 self.prefix_cache.stats.hits += cached
