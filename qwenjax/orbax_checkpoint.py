@@ -393,8 +393,9 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
             return convert_to_orbax(tmp, out, tp, dtype, progress, quantization)
     from qwenjax.score_head import head_kind
 
-    if head_kind(model) is not None:
-        raise ValueError(f"--model {model}: a {head_kind(model)} checkpoint (a score head instead "
+    kind = head_kind(model)
+    if kind is not None:
+        raise ValueError(f"--model {model}: a {kind} checkpoint (a score head instead "
                          "of an LM head); orbax checkpoints hold causal LMs only: serve the HF "
                          "directory")
     if is_orbax_checkpoint(model):

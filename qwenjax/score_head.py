@@ -33,10 +33,11 @@ def head_kind(directory: str | os.PathLike) -> str | None:
     """"classify" or "reward" for a checkpoint with a score head (by ``architectures``), None
     for a causal LM."""
     path = Path(directory) / "config.json"
-    if not path.is_file():
-        return None
-    architectures = json.loads(path.read_text()).get("architectures") or []
-    kinds = {ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES}
+    return _kind(json.loads(path.read_text())) if path.is_file() else None
+
+
+def _kind(raw: dict) -> str | None:
+    kinds = {ARCHITECTURES[a] for a in raw.get("architectures") or () if a in ARCHITECTURES}
     return kinds.pop() if len(kinds) == 1 else None
 
 
@@ -72,8 +73,8 @@ def load_score_head(directory: str | os.PathLike, hidden_size: int, mesh: Mesh) 
     from qwenjax.weights import Checkpoint
 
     directory = Path(directory)
-    kind = head_kind(directory)
     raw = json.loads((directory / "config.json").read_text())
+    kind = _kind(raw)
     ckpt = Checkpoint(directory)
     names = ["score.weight"] if kind == "classify" else ["score.0.weight", "score.2.weight"]
     weights, biases = [], []
