@@ -83,7 +83,9 @@ class _Base:
         scheduling_policy: "fcfs" (default) or "priority", for the priority argument;
         reasoning_parser: "deepseek_r1" for reasoning models, whose structured outputs then
         start after </think>; split a reply with qwenjax.reasoning.split_reasoning; seed: the
-        seeds of requests that give none are drawn from it, so reruns sample alike).
+        seeds of requests that give none are drawn from it, so reruns sample alike;
+        pooler_config: how embed/classify/reward/encode pool, e.g. {"pooling_type": "MEAN"} or
+        {"step_tag_id": ID}, default the checkpoint's own, qwenjax.pooling.PoolerConfig).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""
         tp = _alias("tp", tp, 1, "tensor_parallel_size", tensor_parallel_size)
@@ -267,6 +269,22 @@ class LLM(_Base):
 
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
                             PoolingParams(task="reward"), use_tqdm, lora=lora)
+        return [PoolingRequestOutput.of(o) for o in outputs]
+
+    def encode(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
+               pooling_task: str | None = None, use_tqdm: bool = True,
+               lora: str | None = None) -> list:
+        """vLLM's ``LLM.encode``: each prompt's pooled output for ``pooling_task`` ("embed",
+        "token_embed", "classify", "token_classify", "reward"; default ``pooling_params``'
+        task, else the model's own: embed, classify or reward), e.g. "token_embed" for every
+        prompt token's embedding or "reward" on a process reward model for each step's
+        probabilities. Returns ``PoolingRequestOutput``s (``.outputs.data``: floats, or one
+        list per pooled token)."""
+        from qwenjax.pooling import PoolingRequestOutput
+
+        params = self.engine.pooling_params(pooling_params, pooling_task)
+        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], params,
+                            use_tqdm, lora=lora)
         return [PoolingRequestOutput.of(o) for o in outputs]
 
     @property
@@ -458,6 +476,14 @@ class AsyncLLM(_Base):
 
         return PoolingRequestOutput.of(await self._pooled(prompt, PoolingParams(task="reward"),
                                                           priority, lora))
+
+    async def encode(self, prompt: Prompt, pooling_params=None, *, pooling_task: str | None = None,
+                     priority: int = 0, lora: str | LoRARequest | None = None):
+        """One prompt's pooled output for ``pooling_task`` (``LLM.encode``)."""
+        from qwenjax.pooling import PoolingRequestOutput
+
+        params = self.engine.pooling_params(pooling_params, pooling_task)
+        return PoolingRequestOutput.of(await self._pooled(prompt, params, priority, lora))
 
     async def _pooled(self, prompt: Prompt, pooling, priority: int, lora):
         """The last output of a pooling request for ``prompt``."""

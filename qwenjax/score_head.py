@@ -7,7 +7,9 @@ of the LM head:
 * ``Qwen2ForSequenceClassification`` (transformers): ``score.weight`` [num_labels, hidden], no
   bias; the class probabilities are the softmax of its logits (labels from ``id2label``);
 * ``Qwen2ForRewardModel`` (Qwen2.5-Math-RM-72B): ``score.0`` Linear(hidden, hidden) with bias,
-  ReLU, ``score.2`` Linear(hidden, num_labels) with bias; the reward is its raw output.
+  ReLU, ``score.2`` Linear(hidden, num_labels) with bias; the reward is its raw output;
+* ``Qwen2ForProcessRewardModel`` (Qwen2.5-Math-PRM-7B/72B): the same two layers with 2 labels,
+  read at every step separator token; a step's reward is the softmax's second probability.
 
 The backbone is an ordinary Qwen2 decoder and loads as one; such a checkpoint has no
 ``lm_head``, so the step's (unused) token logits come from the embedding table, as for tied
@@ -26,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-ARCHITECTURES = {"Qwen2ForSequenceClassification": "classify", "Qwen2ForRewardModel": "reward"}
+ARCHITECTURES = {"Qwen2ForSequenceClassification": "classify", "Qwen2ForRewardModel": "reward",
+                 "Qwen2ForProcessRewardModel": "process_reward"}
 
 
 def head_kind(directory: str | os.PathLike) -> str | None:
-    """"classify" or "reward" for a checkpoint with a score head (by ``architectures``), None
+    """"classify", "reward" or "process_reward" for a checkpoint with a score head (by ``architectures``), None
     for a causal LM."""
     path = Path(directory) / "config.json"
     return _kind(json.loads(path.read_text())) if path.is_file() else None

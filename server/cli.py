@@ -155,6 +155,13 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                              "\"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2}', or a smaller draft "
                              "model with the same tokenizer '{\"model\": DIR, \"num_speculative_tokens\": 4}' "
                              "(default: off)")
+    engine.add_argument("--pooler-config", "--override-pooler-config", dest="pooler_config",
+                        type=parse_json_object, default=None, metavar="JSON",
+                        help="how pooling requests pool, as vLLM's: '{\"pooling_type\": \"MEAN\"}' "
+                             "(LAST, MEAN or CLS for embeddings and classification; ALL or STEP "
+                             "for token tasks), \"step_tag_id\", \"normalize\" (default: the "
+                             "checkpoint's: LAST; a sentence-transformers Pooling module's mode; "
+                             "STEP at <extra_0> for a process reward model)")
 
     engine.add_argument("--lora-modules", "--lora-paths", dest="lora_modules", nargs="+", default=None, metavar="NAME=DIR",
                         help="LoRA adapters (PEFT directories) served beside the base model; a "
@@ -453,6 +460,7 @@ def build_engine(args, mesh=None):
                           generation_config=args.generation_config,
                           override_generation_config=args.override_generation_config,
                           speculative_config=args.speculative_config,
+                          pooler_config=args.pooler_config,
                           scheduling_policy=args.scheduling_policy,
                           reasoning_parser=getattr(args, "reasoning_parser", None),
                           kv_offloading_size=args.kv_offloading_size, seed=args.seed,

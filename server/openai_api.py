@@ -418,9 +418,8 @@ class OpenAIServer:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _head_task(self) -> str:
-        """What /pooling answers: the score head's task, or "embed" on a causal LM."""
-        head = self.gateway.engine.lm.score_head
-        return head.kind if head is not None else "embed"
+        """What /pooling answers by default: the model's own task (embed, classify, reward)."""
+        return self.gateway.engine.pooling_params().task
 
     async def classify(self, request: web.Request) -> web.Response:
         """vLLM's /classify on a classification checkpoint: each input's class probabilities
@@ -441,7 +440,8 @@ class OpenAIServer:
 
     async def pooling(self, request: web.Request) -> web.Response:
         """vLLM's /pooling: the model's pooled output of each input: a reward checkpoint's
-        reward, a classifier's probabilities, otherwise the (normalized) embedding."""
+        reward, a classifier's probabilities, otherwise the (normalized) embedding; or the
+        ``task`` asked for (``token_embed``, ``token_classify``: a list per pooled token)."""
         self.gateway.require_engine(generate=True)
         task = self._head_task()
         parsed = self._parse(lambda b: proto.parse_embeddings(b, "/pooling", task), await self._body(request))

@@ -271,6 +271,9 @@ class EmbeddingRequest:
 # vLLM's /classify and /pooling on a classification or reward checkpoint.
 SCORE_FIELDS = frozenset(("model", "input", "encoding_format", "user", "priority",
                           "truncate_prompt_tokens"))
+# vLLM's /pooling: any pooling task (qwenjax.pooling.TASKS), "token_embed" and "token_classify"
+# answering a list per pooled token.
+POOLING_FIELDS = SCORE_FIELDS | {"task", "normalize", "dimensions", "use_activation"}
 
 
 def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "embed") -> EmbeddingRequest:
@@ -279,7 +282,10 @@ def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "e
     checkpoint with a score head (qwenjax/score_head.py)."""
     from qwenjax.pooling import PoolingParams
 
-    body = check_fields(body, EMBEDDING_FIELDS if task == "embed" else SCORE_FIELDS, endpoint)
+    fields = (POOLING_FIELDS if endpoint == "/pooling" else
+              EMBEDDING_FIELDS if task == "embed" else SCORE_FIELDS)
+    body = check_fields(body, fields, endpoint)
+    task = _expect(body, "task", str, "a pooling task") or task
     encoding = _expect(body, "encoding_format", str, "\"float\" or \"base64\"") or "float"
     if encoding not in ("float", "base64"):
         raise ValueError(f"encoding_format must be \"float\" or \"base64\", got {json.dumps(encoding)}")
@@ -290,8 +296,8 @@ def parse_embeddings(body: Any, endpoint: str = "/v1/embeddings", task: str = "e
         raise ValueError(f"truncate_prompt_tokens must be a positive integer, got {truncate}")
     return EmbeddingRequest(
         _prompts(body.get("input"), "input"),
-        PoolingParams(normalize=True if normalize is None else normalize, dimensions=dimensions,
-                      task=task),
+        PoolingParams(normalize=normalize, dimensions=dimensions, task=task,
+                      use_activation=_expect(body, "use_activation", bool, "true or false")),
         _expect(body, "model", str, "a string"), encoding,
         _expect(body, "priority", int, "an integer") or 0, truncate)
 

@@ -131,9 +131,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._check_request(request, "EmbedRequest")
                 if not request.inputs:
                     raise ValueError("inputs is empty: give at least one text or token_ids input")
-                pooling = PoolingParams(normalize=not request.raw,
+                pooling = PoolingParams(normalize=False if request.raw else None,
                                         dimensions=request.dimensions or None,
                                         task=request.task or "embed")
+                per_token = pooling.per_token(gateway.engine.head_kind)
                 runs = []
                 for i, item in enumerate(request.inputs):
                     which = item.WhichOneof("input")
@@ -153,6 +154,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     vectors[i] = output.embedding
         except Refused as refused:
             await context.abort(refused.code, refused.message)
+        if per_token:
+            return pb.EmbedResponse(embeddings=[
+                pb.Embedding(tokens=[pb.FloatList(values=row) for row in vectors[i]],
+                             prompt_tokens=len(ids)) for i, ids in enumerate(runs)])
         return pb.EmbedResponse(embeddings=[pb.Embedding(values=vectors[i], prompt_tokens=len(ids))
                                             for i, ids in enumerate(runs)])
 

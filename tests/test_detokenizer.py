@@ -1,6 +1,5 @@
 """IncrementalDetokenizer against full decodes with the real Qwen2.5 tokenizer."""
 import random
-import time
 
 import pytest
 

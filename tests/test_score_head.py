@@ -71,6 +71,112 @@ def reward_model(tmp_path_factory):
     return directory, reward
 
 
+STEP_TAG = 7  # the tiny vocabulary's stand-in for Qwen2.5-Math-PRM's "<extra_0>"
+
+
+@pytest.fixture(scope="module")
+def process_reward_model(tmp_path_factory):
+    """A Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM's layout: score.0, ReLU, score.2 with 2
+    labels), and a function giving its head's logits at every prompt position with
+    transformers' backbone."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("prm")
+    torch.manual_seed(5)
+    config = transformers.Qwen2Config(**tiny_config().to_hf_dict())
+    backbone = transformers.Qwen2Model(config).float().eval()
+    _randomize(backbone)
+    hidden = config.hidden_size
+    head = {"score.0.weight": 0.2 * torch.randn(hidden, hidden), "score.0.bias": 0.1 * torch.randn(hidden),
+            "score.2.weight": 0.3 * torch.randn(2, hidden), "score.2.bias": 0.1 * torch.randn(2)}
+    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    save_file({**tensors, **head}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(
+        {**tiny_config().to_hf_dict(), "architectures": ["Qwen2ForProcessRewardModel"]}))
+
+    def logits(ids):
+        with torch.no_grad():
+            h = backbone(torch.tensor([ids])).last_hidden_state[0]
+            h = torch.relu(h @ head["score.0.weight"].T + head["score.0.bias"])
+            return (h @ head["score.2.weight"].T + head["score.2.bias"]).numpy()
+
+    return directory, logits
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _steps(n: int, seed: int) -> list[int]:
+    """A prompt of ``n`` tokens with a step tag every few tokens (and last)."""
+    ids = np.random.default_rng(seed).integers(10, 240, n)
+    ids[5::9] = STEP_TAG
+    ids[-1] = STEP_TAG
+    return ids.tolist()
+
+
+def test_process_reward_model_matches_transformers(process_reward_model):
+    """Qwen2.5-Math-PRM's use: each step's probabilities (softmax of the head) at its step tag,
+    chunked and batched; every token's with token_classify; one per prompt refused."""
+    from qwenjax import LLM
+
+    directory, logits = process_reward_model
+    llm = LLM(str(directory), max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+              max_num_batched_tokens=32, warm_up=False, progress=False,
+              pooler_config={"step_tag_id": STEP_TAG})
+    assert llm.engine.head_kind == "process_reward"
+    assert llm.engine.pooler.tok_pooling_type == "STEP"  # the checkpoint's default, tag overridden
+    prompts = [_steps(n, seed) for seed, n in enumerate((40, 9, 77))]
+    for ids, result in zip(prompts, llm.reward(prompts, use_tqdm=False)):
+        want = _softmax(logits(ids))[np.asarray(ids) == STEP_TAG]
+        assert len(result.outputs.data) == len(want) >= 1
+        np.testing.assert_allclose(result.outputs.data, want, atol=2e-5)
+    every, = llm.encode(prompts[1], pooling_task="token_classify", use_tqdm=False)
+    # The model's STEP pooling applies to token tasks: the same rows.
+    np.testing.assert_allclose(every.outputs.data, _softmax(logits(prompts[1]))[
+        np.asarray(prompts[1]) == STEP_TAG], atol=2e-5)
+    from qwenjax.pooling import PoolingParams
+
+    every, = llm.encode(prompts[1], PoolingParams(step_tag_id=prompts[1][0]),
+                        pooling_task="token_classify", use_tqdm=False)
+    np.testing.assert_allclose(every.outputs.data, _softmax(logits(prompts[1]))[
+        np.asarray(prompts[1]) == prompts[1][0]], atol=2e-5)
+    raw, = llm.encode(prompts[1], PoolingParams(use_activation=False), pooling_task="reward",
+                      use_tqdm=False)
+    np.testing.assert_allclose(raw.outputs.data, logits(prompts[1])[np.asarray(prompts[1]) == STEP_TAG],
+                               atol=2e-5)
+    with pytest.raises(ValueError, match="task 'classify' needs"):
+        llm.classify([prompts[0]], use_tqdm=False)
+    with pytest.raises(ValueError, match="process_reward model .* ask it to reward"):
+        llm.generate([prompts[0]])
+
+
+def test_token_classify_on_outcome_models(classifier, reward_model):
+    import torch
+
+    from qwenjax import LLM
+
+    prompt = _steps(30, 9)
+    directory, model = classifier
+    llm = LLM(str(directory), max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+              max_num_batched_tokens=32, warm_up=False, progress=False)
+    every, = llm.encode(prompt, pooling_task="token_classify", use_tqdm=False)
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([prompt])).last_hidden_state
+        want = model.score(hidden).softmax(-1)[0].numpy()  # the head at every position
+    np.testing.assert_allclose(every.outputs.data, want, atol=2e-5)
+    llm = LLM(str(reward_model[0]), max_model_len=128, max_num_seqs=4, prefill_chunk=16,
+              max_num_batched_tokens=32, warm_up=False, progress=False)
+    every, = llm.encode(prompt, pooling_task="token_classify", use_tqdm=False)
+    rewards = np.asarray(every.outputs.data)
+    assert rewards.shape == (30, 1)  # raw rewards, the last one the outcome reward
+    np.testing.assert_allclose(rewards[-1], reward_model[1](prompt), atol=2e-5)
+    np.testing.assert_allclose(rewards[10], reward_model[1](prompt[:11]), atol=2e-5)
+
+
 def _prompts():
     rng = np.random.default_rng(0)
     return [rng.integers(3, 240, n).tolist() for n in (5, 23, 70, 1)]
@@ -206,6 +312,20 @@ def test_http_classify_and_pooling(classifier, reward_model, server_loop):
             assert status == 400 and "cross-encoder" in refused["error"]["message"]
             status, classified = http(base, "/classify", {"input": prompts})
             if kind == "classify":
+                # vLLM's /pooling with a task: a list per token; gRPC Embed's rows alike.
+                status, tokens = http(base, "/pooling", {"input": prompts[:2], "task": "token_classify"})
+                assert status == 200, tokens
+                assert [len(d["data"]) for d in tokens["data"]] == [len(p) for p in prompts[:2]]
+                np.testing.assert_allclose(tokens["data"][0]["data"][-1], answers[kind][0], atol=1e-5)
+                with grpc.insecure_channel(server.address) as channel:
+                    response = pb_grpc.InferenceStub(channel).Embed(pb.EmbedRequest(
+                        inputs=[pb.EmbedInput(token_ids=pb.TokenIds(ids=prompts[0]))],
+                        task="token_classify"), timeout=60)
+                np.testing.assert_allclose([list(t.values) for t in response.embeddings[0].tokens],
+                                           tokens["data"][0]["data"], atol=1e-5)
+                status, refused = http(base, "/pooling", {"input": prompts[:1], "task": "mean"})
+                assert status == 400 and "task must be one of" in refused["error"]["message"]
+                status, classified = http(base, "/classify", {"input": prompts})
                 assert status == 200
                 np.testing.assert_allclose([d["probs"] for d in classified["data"]], answers[kind],
                                            atol=1e-6)

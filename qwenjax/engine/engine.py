@@ -94,6 +94,10 @@ class EngineConfig:
     # Seeds the seeds drawn for requests that give none (vLLM's --seed): the same requests in
     # the same order then sample the same tokens run after run. None: drawn from the OS.
     seed: int | None = None
+    # How pooling requests pool (vLLM's --pooler-config, qwenjax.pooling.PoolerConfig.override):
+    # e.g. {"pooling_type": "MEAN"}; None: the checkpoint's own (LAST; a sentence-transformers
+    # Pooling module's mode; STEP at <extra_0> for a process reward model).
+    pooler_config: Mapping[str, Any] | str | None = None
 
 
 @dataclasses.dataclass
@@ -179,6 +183,10 @@ class Engine(LiveState):
         self.sampling_defaults = sampling_defaults(source if source.is_dir() else None,
                                                    config.generation_config,
                                                    config.override_generation_config)
+        from qwenjax.pooling import PoolerConfig
+
+        self.pooler = PoolerConfig.for_checkpoint(source if source.is_dir() else None,
+                                                  self.head_kind).override(config.pooler_config)
         if config.compile_cache:
             enable_compile_cache()
         num_pages = config.num_pages or self._pages_from_memory(config)
@@ -283,15 +291,36 @@ class Engine(LiveState):
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
+    @property
+    def head_kind(self) -> str | None:
+        """The served checkpoint's score head ("classify", "reward", "process_reward"); None
+        for a causal LM."""
+        head = self.lm.score_head
+        return head.kind if head is not None else None
+
+    def pooling_params(self, params=None, task: str | None = None):
+        """``params`` (a PoolingParams, default normalized) for ``task`` when given; with neither
+        given, the served model's own task: embed, classify or reward."""
+        from qwenjax.pooling import PoolingParams
+
+        if params is None:
+            kind = self.head_kind
+            params = PoolingParams(task="embed" if kind is None else
+                                   "classify" if kind == "classify" else "reward")
+        elif not isinstance(params, PoolingParams):
+            raise ValueError(f"pooling_params must be PoolingParams, got {type(params).__name__}")
+        return params if task is None else dataclasses.replace(params, task=task)
+
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
         """Raise ValueError naming the problem; nothing is admitted."""
-        head = self.lm.score_head
+        kind = self.head_kind
         if _is_pooling(params):
-            params.check(self.lm.config.hidden_size, head.kind if head is not None else None)
+            params.check(self.lm.config.hidden_size, kind, self.pooler)
             params = POOLING_SAMPLING
-        elif head is not None:
-            raise ValueError(f"this checkpoint is a {head.kind} model (a score head, no LM head): "
-                             f"it does not generate; ask it to {head.kind} (LLM.{head.kind}, HTTP "
+        elif kind is not None:
+            task = "classify" if kind == "classify" else "reward"
+            raise ValueError(f"this checkpoint is a {kind} model (a score head, no LM head): "
+                             f"it does not generate; ask it to {task} (LLM.{task}, HTTP "
                              "/classify or /pooling)")
         if self.sleeping:
             raise ValueError("the engine is asleep (sleep mode); wake it up first")
@@ -386,8 +415,7 @@ class Engine(LiveState):
         pooling = pooling if pooling is not None else PoolingParams()
         if not isinstance(pooling, PoolingParams):
             raise ValueError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
-        head = self.lm.score_head
-        pooling.check(self.lm.config.hidden_size, head.kind if head is not None else None)
+        pooling.check(self.lm.config.hidden_size, self.head_kind, self.pooler)
         return self.add_request(prompt_ids, POOLING_SAMPLING, request_id, priority, lora,
                                 pooling=pooling)
 
@@ -436,6 +464,11 @@ class Engine(LiveState):
         request = Request(request_id, list(prompt_ids), params, seed, now, speculate=speculate, **fields)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        if request.pooling is not None:
+            from qwenjax.pooling import PoolState
+
+            request.pool = PoolState(*request.pooling.rows(self.pooler, self.head_kind),
+                                     request.prompt_ids)
         detokenizer = None
         if self.tokenizer is not None:
             from qwenjax.detokenizer import IncrementalDetokenizer
@@ -637,7 +670,8 @@ class Engine(LiveState):
         out.finish_reason, out.matched_stop = reason, matched
         if request.pooling is not None and request.embedding is not None:
             # An embedding, not a generation: the token sampled with it is dropped.
-            out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size)
+            out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size,
+                                                  self.head_kind, self.pooler)
             out.text, out.delta_text, out.token_ids, out.delta_token_ids = "", "", [], []
             out.finish_reason, out.matched_stop = "stop", None
         return out

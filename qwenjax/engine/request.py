@@ -62,9 +62,11 @@ class Request:
     draft_state: Any = dataclasses.field(default=None, repr=False)
     # Scheduling policy "priority": lower values are admitted, and kept, first (vLLM's).
     priority: int = 0
-    # Embeddings: a pooling request (qwenjax.pooling.PoolingParams) and, once its prompt is
-    # computed, the hidden state of its last token (float32 numpy).
+    # Pooling: a pooling request (qwenjax.pooling.PoolingParams), the rows it has pooled so far
+    # (a qwenjax.pooling.PoolState, made by the engine) and, once its prompt is computed, all
+    # of them ([rows, width] float32 numpy).
     pooling: Any = None
+    pool: Any = dataclasses.field(default=None, repr=False)
     embedding: Any = dataclasses.field(default=None, repr=False)
     # time.monotonic() when the scheduler first admitted it (its queue time ends there).
     first_scheduled_time: float | None = None
@@ -204,7 +206,8 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     index: int = 0                        # which of the request's n sequences
-    embedding: list[float] | None = None  # a pooling request's embedding (on its last output)
+    # A pooling request's answer (on its last output): floats, or a list of them per pooled token.
+    embedding: list | None = None
 
     def followed_by(self, later: RequestOutput) -> RequestOutput:
         """One output standing for this one and the ``later`` one of the same sequence: the

@@ -119,9 +119,12 @@ class InFlight:
     # outputs (sampling.raw_logprobs) holding them in that order.
     scored: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
     scores: list = dataclasses.field(default_factory=list)
-    # Embeddings: the pooling requests of the step, and their pooled hidden states (device).
-    pooling: list[Request] = dataclasses.field(default_factory=list)
+    # Pooling: (request, rows) of each pooling request's rows gathered this step, in order,
+    # then the requests whose rows (MEAN) were summed, one sum each; their device outputs.
+    pool_rows: list[tuple[Request, int]] = dataclasses.field(default_factory=list)
+    pool_sums: list[Request] = dataclasses.field(default_factory=list)
     pooled: object | None = None
+    pooled_sums: object | None = None
     # Speculative decoding: a drafting chunk's sampled row → the sampler rows of its drafts.
     draft_rows: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
@@ -198,13 +201,20 @@ class ModelRunner:
         self._write_pages = jax.jit(lambda cache, index, payload: KVCache(*jax.tree.map(
             lambda pool, new: pool.at[:, index].set(new.astype(pool.dtype), mode="drop"),
             (cache.k, cache.v), payload)), donate_argnums=(0,))
-        # Embeddings: the final-normed hidden state of each pooling request's last prompt token,
-        # followed by the score head's outputs on it (classification and reward checkpoints).
+        # Pooling: the final-normed hidden states of pooling requests' rows, followed by the
+        # score head's outputs on them (classification and reward checkpoints); and MEAN
+        # pooling's per-request sums of a step's rows (segment ``num_segments`` is dropped).
         def pool(hidden, index, head):
             rows = jnp.take(hidden, index, axis=0).astype(jnp.float32)
             return rows if head is None else jnp.concatenate([rows, head(rows)], axis=1)
 
+        def pool_sums(hidden, segments, num_segments):
+            return jax.ops.segment_sum(hidden.astype(jnp.float32), segments,
+                                       num_segments=num_segments + 1)[:num_segments]
+
         self._pool = jax.jit(pool, out_shardings=self._replicated)
+        self._pool_sums = jax.jit(pool_sums, static_argnames=("num_segments",),
+                                  out_shardings=self._replicated)
         # The last sampler's token ids, max_sampled_rows wide: the next step's fed inputs.
         self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
@@ -418,7 +428,7 @@ class ModelRunner:
 
     def plan(self, out: SchedulerOutput) -> tuple[StepPlan, list[tuple[int, ScheduledChunk]]]:
         """The host half of a step: its arrays, and which sampled row belongs to which chunk."""
-        plan, placed, _, _ = self._plan(out)
+        plan, placed, *_ = self._plan(out)
         return plan, placed
 
     def _plan(self, out: SchedulerOutput):
@@ -487,16 +497,46 @@ class ModelRunner:
             plan.score_target = np.asarray(target, np.int32)
             plan.score_top = (MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs for r, _ in scored)
                               else 0)
-        # Embeddings: a pooling request's sampled row is its last prompt token; its index in the
-        # flattened hidden states (decode rows first, then the packed prefill tokens).
-        ends = {id(c): decode_rows + sum(p.num_tokens for p in out.prefill[: j + 1]) - 1
-                for j, c in enumerate(out.prefill)}
-        pool = [(i if i < decode_rows else ends[id(c)], c.request) for i, c in placed
-                if c.request.pooling is not None]
-        if pool:
-            plan.pool_index = np.zeros((1 << (len(pool) - 1).bit_length(),), np.int32)
-            plan.pool_index[: len(pool)] = [index for index, _ in pool]
-        return plan, placed, scored, draft_rows
+        pooled = self._plan_pooling(out, plan)
+        return plan, placed, scored, draft_rows, pooled
+
+    @staticmethod
+    def _plan_pooling(out: SchedulerOutput, plan: StepPlan) -> tuple[list, list]:
+        """The rows pooling requests take from this step (``PoolState.take``): indices into the
+        flattened hidden states (decode rows first, then the packed prefill tokens) gathered
+        in ``plan.pool_index``, and MEAN requests' rows as segments of ``plan.pool_segments``,
+        summed. Returns ((request, rows) gathered, requests summed) in plan order."""
+        if not any(c.request.pool is not None for c in out.chunks):
+            return [], []
+        flat_starts = list(range(len(out.decode)))
+        offset = plan.decode_rows
+        for c in out.prefill:
+            flat_starts.append(offset)
+            offset += c.num_tokens
+        index, gathered, summed, segments = [], [], [], []
+        for flat, c in zip(flat_starts, out.chunks):
+            state = c.request.pool
+            positions = state.take(c.start, c.start + c.num_real) if state is not None else ()
+            if not positions:
+                continue
+            rows = [flat + p - c.start for p in positions]
+            if state.mean:  # a sum per MEAN request; every other row to a dropped segment
+                segments.append(rows)
+                summed.append(c.request)
+            else:
+                index += rows
+                gathered.append((c.request, len(rows)))
+        if index:
+            plan.pool_index = np.zeros((1 << (len(index) - 1).bit_length(),), np.int32)
+            plan.pool_index[: len(index)] = index
+        if segments:
+            num_segments = 1 << (len(segments) - 1).bit_length()
+            plan.pool_segments = np.full((plan.decode_rows + plan.prefill_tokens,), num_segments,
+                                         np.int32)
+            for j, rows in enumerate(segments):
+                plan.pool_segments[rows] = j
+            plan.pool_num_segments = num_segments
+        return gathered, summed
 
     def run(self, plan: StepPlan) -> tuple:
         """The device half: the step program, then the sampler and the prompt scoring.
@@ -514,9 +554,11 @@ class ModelRunner:
         drafted = None if plan.drafted is None else self._put(plan.drafted)
         logits, hidden, self.cache = program(self.lm.weights, self.cache, decode, feed, prefill, drafted)
         scores = self._run_scoring(plan, hidden)
+        if plan.pool_segments is not None:  # last: the pooled rows' sums, then the rows
+            scores.append(self._pool_sums(hidden, self._put(plan.pool_segments),
+                                          num_segments=plan.pool_num_segments))
         if plan.pool_index is not None:
-            scores.append(self._pool(hidden, self._put(plan.pool_index),  # last: the embeddings
-                                     self.lm.score_head))
+            scores.append(self._pool(hidden, self._put(plan.pool_index), self.lm.score_head))
         if plan.sampling is None:
             return None, scores
         # Sampler rows: the decode rows (same src), then prefill rows (never fed).
@@ -545,30 +587,46 @@ class ModelRunner:
 
     def dispatch(self, out: SchedulerOutput) -> InFlight:
         """Start one scheduled step on the device; nothing waits for it (see ``collect``)."""
-        plan, placed, scored, draft_rows = self._plan(out)
+        plan, placed, scored, draft_rows, (pool_rows, pool_sums) = self._plan(out)
         if self.mirror is not None:
             self.mirror.send("step", *plan.to_message())
         sampled, scores = self.run(plan)
         pooled = scores.pop() if plan.pool_index is not None else None
-        if pooled is not None:
-            pooled.copy_to_host_async()
+        pooled_sums = scores.pop() if plan.pool_segments is not None else None
+        for array in (pooled, pooled_sums):
+            if array is not None:
+                array.copy_to_host_async()
         if sampled is not None:  # start the copy back now; collect() then finds it done
             for name in ("token_ids", "logprobs", "finite") + (("top_ids", "top_logprobs")
                                                               if plan.num_top else ()):
                 getattr(sampled, name).copy_to_host_async()
         for array in itertools.chain.from_iterable(scores):
             array.copy_to_host_async()
-        pooling = [c.request for _, c in placed if c.request.pooling is not None]
         return InFlight(out, plan, placed, sampled, scored, scores, draft_rows=draft_rows,
-                        pooling=pooling, pooled=pooled)
+                        pool_rows=pool_rows, pool_sums=pool_sums, pooled=pooled,
+                        pooled_sums=pooled_sums)
 
     def collect(self, step: InFlight) -> tuple[list[SampledToken], list[tuple[Request, int, TokenLogprob]]]:
         """Wait for a dispatched step: the token sampled for each chunk that completes, and the
         (request, position, logprob of the next prompt token) of each scored prompt position."""
-        if step.pooling:  # embeddings: on the requests, which finish with this step's token
-            for request, vector in zip(step.pooling, np.asarray(step.pooled)):
-                request.embedding = vector
+        self._collect_pooled(step)
         return self._collect_sampled(step), self._collect_scores(step)
+
+    @staticmethod
+    def _collect_pooled(step: InFlight) -> None:
+        """Pooled rows onto their requests; a request whose prompt this step completes gets
+        them all (``Request.embedding``), as it finishes with this step's token."""
+        if step.pool_rows:
+            rows, start = np.asarray(step.pooled), 0
+            for request, n in step.pool_rows:
+                request.pool.add_rows(rows[start: start + n])
+                start += n
+        if step.pool_sums:
+            for request, total in zip(step.pool_sums, np.asarray(step.pooled_sums)):
+                request.pool.add_sum(total)
+        for _, c in step.placed:
+            if c.request.pool is not None:
+                c.request.embedding = c.request.pool.result()
 
     @staticmethod
     def _collect_scores(step: InFlight) -> list[tuple[Request, int, TokenLogprob]]:

@@ -378,6 +378,8 @@ class Scheduler:
         if request.prompt_logprobs is not None:
             # Positions whose prompt logprobs are still to come must be computed, not found.
             max_pages = min(max_pages, (len(request.prompt_logprobs) - 1) // self.config.page_size)
+        if request.pool is not None:  # so must the positions a pooling request still pools
+            max_pages = min(max_pages, request.pool.cacheable // self.config.page_size)
         return max_pages
 
     def _cached_prefix(self, request: Request) -> list:

@@ -37,20 +37,24 @@ class StepPlan:
     # Speculative decoding: [max_prefill_seqs × k] indices into the packed prefill tokens whose
     # logits are also sampled (drafted positions); None without a prefill part or drafting.
     drafted: np.ndarray | None = None
-    # Embeddings (pooling requests): indices into the flattened hidden states of each such
-    # request's last prompt token, padded to a power of two; None when no request pools.
+    # Pooling requests (qwenjax.pooling): indices into the flattened hidden states of the rows
+    # they take, padded to a power of two; and, for MEAN pooling, each flattened row's segment
+    # (its request's sum, or ``pool_num_segments``: none). None when no request pools.
     pool_index: np.ndarray | None = None
+    pool_segments: np.ndarray | None = None
+    pool_num_segments: int = 0
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"decode_rows": self.decode_rows, "prefill_tokens": self.prefill_tokens,
                 "num_top": self.num_top, "has_decode": self.decode is not None,
                 "has_prefill": self.prefill is not None, "has_sampling": self.sampling is not None,
-                "score_top": self.score_top}
+                "score_top": self.score_top, "pool_num_segments": self.pool_num_segments}
         arrays = {} if self.src is None else {"src": self.src}
         if self.drafted is not None:
             arrays["drafted"] = self.drafted
-        if self.pool_index is not None:
-            arrays["pool_index"] = self.pool_index
+        for name in ("pool_index", "pool_segments"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         if self.score_index is not None:
             arrays["score_index"], arrays["score_target"] = self.score_index, self.score_target
         for name, part in (("decode", self.decode), ("prefill", self.prefill)):
@@ -92,7 +96,8 @@ class StepPlan:
                    part("prefill", len(dataclasses.fields(PackedChunks))),
                    sampling, int(meta["num_top"]), arrays.get("src"), arrays.get("score_index"),
                    arrays.get("score_target"), int(meta.get("score_top", 0)),
-                   arrays.get("drafted"), arrays.get("pool_index"))
+                   arrays.get("drafted"), arrays.get("pool_index"), arrays.get("pool_segments"),
+                   int(meta.get("pool_num_segments", 0)))
 
 
 # ---- packing a scheduled step into padded arrays ---------------------------------------
