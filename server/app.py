@@ -29,6 +29,7 @@ from qwenjax.generation_config import describe as describe_defaults
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.cors import CORS
 from server.metrics import ServerMetrics
 from server.gateway import Admission, Gateway
 from server.servicer import InferenceServicer, model_name
@@ -72,6 +73,9 @@ class ServerConfig:
     # parameters) and as it ends (reason, TTFT, latency): vLLM's --enable-log-requests.
     enable_log_requests: bool = False
     max_log_len: int = 64
+    # Browsers' cross-origin requests to the HTTP API (server/cors.py; vLLM's --allowed-origins,
+    # …): every origin by default, as vLLM; None: no CORS headers (browsers refuse other origins).
+    cors: CORS | None = CORS()
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -162,7 +166,7 @@ class InferenceServer:
                                  allow_runtime_lora_updating=config.allow_runtime_lora_updating,
                                  reasoning_parser=config.reasoning_parser,
                                  allow_weight_updates=config.allow_weight_updates,
-                                 enable_sleep_mode=config.enable_sleep_mode)
+                                 enable_sleep_mode=config.enable_sleep_mode, cors=config.cors)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

@@ -70,6 +70,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="PEM certificate chain (with --tls-key)")
     net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
                      help="PEM private key (with --tls-cert)")
+    net.add_argument("--allowed-origins", type=parse_json_list, default=("*",), metavar="JSON",
+                     help="origins whose browser pages may call the HTTP API (CORS), a JSON list "
+                          "like '[\"https://ui.example\"]' (default: '[\"*\"]', every origin, as vLLM)")
+    net.add_argument("--allowed-methods", type=parse_json_list, default=("*",), metavar="JSON",
+                     help="HTTP methods those pages may use (default: '[\"*\"]')")
+    net.add_argument("--allowed-headers", type=parse_json_list, default=("*",), metavar="JSON",
+                     help="request headers those pages may send (default: '[\"*\"]')")
+    net.add_argument("--allow-credentials", action="store_true",
+                     help="let them send cookies and HTTP auth (the origin is echoed, not '*')")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
     net.add_argument("--step-timeout", type=float, default=300.0,
@@ -240,6 +249,16 @@ def parse_json_object(text: str) -> dict:
     return value
 
 
+def parse_json_list(text: str) -> tuple[str, ...]:
+    """A JSON list of strings (vLLM's form for --allowed-origins, …)."""
+    from server.cors import parse_list
+
+    try:
+        return parse_list(text, "the value")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="serve the model over gRPC (streaming Generate, "
                                             "health, reflection, Prometheus metrics)")
@@ -307,6 +326,7 @@ async def _run_batch(args, engines) -> int:
 
 def server_config(args):
     from server.app import ServerConfig
+    from server.cors import CORS
 
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port or None,
@@ -320,7 +340,9 @@ def server_config(args):
         reasoning_parser=getattr(args, "reasoning_parser", None),
         allow_weight_updates=getattr(args, "allow_weight_updates", False),
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
-        enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+        enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+        cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers,
+                  args.allow_credentials))
 
 
 def load_serving_model(args, mesh=None):

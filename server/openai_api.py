@@ -82,7 +82,7 @@ class OpenAIServer:
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
                  reasoning_parser: str | None = None, allow_weight_updates: bool = False,
-                 enable_sleep_mode: bool = False):
+                 enable_sleep_mode: bool = False, cors=None):
         self.gateway = gateway
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
@@ -128,6 +128,8 @@ class OpenAIServer:
 
         self.sglang = SGLangAPI(self)
         self.sglang.register(app.router)  # /generate, /encode, … (SGLang's native API)
+        if cors is not None:  # a server/cors.CORS: browsers' preflights answered before auth
+            cors.install(app)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0,
                     ssl_context: ssl.SSLContext | None = None, *, path: str | None = None) -> int | None:

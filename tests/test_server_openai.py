@@ -511,6 +511,70 @@ def test_bearer_token(start, name):
         assert c.models.list().data[0].id == name
 
 
+def _raw(port: int, method: str, path: str, headers: dict, body: bytes | None = None):
+    """(status, headers, body) of one HTTP request."""
+    connection = HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        connection.close()
+
+
+def test_cors_preflight_and_headers(start, name):
+    """Browsers' cross-origin calls (server/cors.py): preflights answered before the bearer
+    token is asked for, every response (streams too) marked for an allowed origin, and a
+    narrowed set of origins, methods and headers enforced; the command line's flags."""
+    import argparse
+
+    from server.cli import add_serve_arguments, server_config
+    from server.cors import CORS
+
+    guarded = start(api_token=TOKEN)
+    ui = "https://ui.example"
+    status, headers, _ = _raw(guarded.http_port, "OPTIONS", "/v1/chat/completions", {
+        "Origin": ui, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    chat = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hi"}],
+                       "max_tokens": 2, "stream": True}).encode()
+    auth = {"Origin": ui, "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    status, headers, text = _raw(guarded.http_port, "POST", "/v1/chat/completions", auth, chat)
+    assert status == 200 and text.rstrip().endswith("data: [DONE]")
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    status, headers, _ = _raw(guarded.http_port, "GET", "/v1/models", {"Origin": ui})
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == "*"  # the browser can read why
+
+    narrow = start(cors=CORS(origins=(ui,), methods=("POST",), headers=("authorization",),
+                             credentials=True))
+    status, headers, _ = _raw(narrow.http_port, "GET", "/v1/models", {"Origin": ui})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ui
+    assert headers["Access-Control-Allow-Credentials"] == "true" and headers["Vary"] == "Origin"
+    status, headers, _ = _raw(narrow.http_port, "GET", "/v1/models", {"Origin": "https://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+    for origin, method, asked, problem in (("https://evil.example", "POST", "", "origin"),
+                                           (ui, "DELETE", "", "method"),
+                                           (ui, "POST", "x-custom", "headers")):
+        status, _, text = _raw(narrow.http_port, "OPTIONS", "/v1/completions", {
+            "Origin": origin, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": asked})
+        assert status == 400 and text == f"Disallowed CORS {problem}"
+    off = start(cors=None)
+    status, headers, _ = _raw(off.http_port, "GET", "/v1/models", {"Origin": ui})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--allowed-origins", f'["{ui}"]', "--allow-credentials"])
+    assert server_config(args).cors == CORS(origins=(ui,), credentials=True)
+    assert server_config(parser.parse_args([])).cors == CORS()  # every origin, as vLLM
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--allowed-origins", ui])  # not a JSON list
+
+
 def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_loop):
     """A client that goes away mid-stream frees its request; a draining server answers 503 and
     its health goes 503, while a stream already running finishes."""
