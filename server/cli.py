@@ -92,6 +92,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                    help="the model, as --model takes it (vLLM's `vllm serve MODEL` form)")
     model = p.add_argument_group("model")
     add_model_arguments(model)
+    model.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                       help="dummy: random weights of the checkpoint's shapes (config.json only: "
+                            "trials and benchmarks without the weights; vLLM's); default: read them")
+    model.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=None, metavar="DIR",
+                       help="a directory with tokenizer.json to use instead of the model's")
     model.add_argument("--mesh", default=None,
                        help="mesh config name under configs/meshes or a YAML path (instead of --tp): "
                             "its axes, and its dtype, page size, KV fraction and max_model_len as "
@@ -374,7 +379,8 @@ def load_serving_model(args, mesh=None):
                     devices=args.devices if mesh is None else None, mesh=mesh,
                     quantization=args.quantization,
                     lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
-                    max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None))
+                    max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None),
+                    load_format=args.load_format, tokenizer=args.tokenizer)
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)

@@ -334,3 +334,35 @@ def test_vllm_argument_names(tmp_path):
     assert llm.lm.mesh.shape["tp"] == 2 and llm.engine.config.kv_cache_fraction == 0.5
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(str(tmp_path), tp=2, tensor_parallel_size=4)
+
+
+def test_dummy_weights_and_another_tokenizer(tmp_path, real_model_dir):
+    """vLLM's load_format="dummy": a directory with only config.json serves random weights of
+    its shapes; ``tokenizer`` takes the tokenizer from another directory; serve's flags."""
+    import argparse
+    import shutil
+
+    from server.cli import add_serve_arguments
+    from tiny import tiny_config
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps(tiny_config(vocab_size=151936).to_hf_dict()))
+    with pytest.raises(FileNotFoundError):
+        LLM(str(config_only), warm_up=False, progress=False)  # no weights to read
+    llm = LLM(str(config_only), load_format="dummy", tokenizer=str(real_model_dir), num_pages=32,
+              max_model_len=64, warm_up=False, progress=False)
+    assert llm.lm.config.hidden_size == 64 and llm.tokenizer.encode("hello") == [14990]
+    out, = llm.generate(["hello"], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                        use_tqdm=False)
+    assert len(out.token_ids) == 3 and isinstance(out.text, str)
+    with pytest.raises(ValueError, match="load_format must be one of auto, safetensors, dummy"):
+        LLM(str(config_only), load_format="pt")
+    empty = tmp_path / "empty"
+    shutil.copytree(config_only, empty)
+    with pytest.raises(FileNotFoundError, match="is not a directory with tokenizer.json"):
+        LLM(str(config_only), load_format="dummy", tokenizer=str(empty))
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args([str(config_only), "--load-format", "dummy", "--tokenizer", "t"])
+    assert (args.load_format, args.tokenizer) == ("dummy", "t")
