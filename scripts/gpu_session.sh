@@ -4,7 +4,7 @@
 # and no machine starts with under 4 minutes left. So: two calls of under 5 minutes each, back to
 # back (the machine stays warm 30 s after a call), the issue's targets first:
 #   run(command="bash scripts/gpu_session.sh 1", timeout_s=320)   # GPU tests, decode TP4 (profiled), TP8
-#   run(command="bash scripts/gpu_session.sh 2", timeout_s=320)   # prefill, host overhead, start-up
+#   run(command="bash scripts/gpu_session.sh 2", timeout_s=320)   # prefill, host overhead, start-up, sampler
 #   run(command="bash scripts/gpu_session.sh 3", timeout_s=320)   # fp8/int4 decode, attention kernels, if time is left
 # then give_back. Each call brings back two files: summary.txt (every step's exit and last lines)
 # and gpu_partN.tgz (logs, JSON, the decode profile); the device tool returns at most 8 files.
@@ -58,6 +58,7 @@ if [ -n "$SMOKE" ]; then
   elif [ "$PART" = 2 ]; then
     step bench_prefill 300 $PY scripts/bench_prefill.py --smoke --json "$WORK/prefill_tp4.json"
     step bench_host 300 $PY scripts/bench_host.py --smoke --json "$WORK/host.json"
+    step bench_sampler 300 $PY scripts/bench_sampler.py --smoke --json "$WORK/sampler.json"
   else
     step bench_decode_fp8 300 $PY scripts/bench_decode.py --smoke --quantization fp8 \
         --json "$WORK/decode_tp4_fp8.json"
@@ -89,8 +90,11 @@ elif [ "$PART" = 2 ]; then
   # 5. Cold and warm start of the 7B engine (persistent compile cache; warm loads in parallel).
   step bench_startup 130 $PY scripts/bench_engine.py --only startup --model qwen2.5-7b \
       --max-model-len 4096 --json "$WORK/startup.json"
+  # 6. The sampler at 64 and 256 rows × 152k vocab: top-k/top-p candidates, whole-vocabulary
+  #    bisection (top_k off), and the sort bisection replaced.
+  step bench_sampler 25 $PY scripts/bench_sampler.py --rows 64,256 --json "$WORK/sampler.json"
 else
-  # 6. Decode of the 72B TP4 shard with fp8 projection weights (half the weight bytes of step 2):
+  # 7. Decode of the 72B TP4 shard with fp8 projection weights (half the weight bytes of step 2):
   #    whether XLA feeds the e4m3 → bf16 convert straight into the GEMV or writes a bf16 copy
   #    first shows here as ms/step against step 2's.
   step bench_decode_fp8 90 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
@@ -104,7 +108,7 @@ else
   #    And with the fp8 KV cache too, at batch 32 × 2k where KV is a quarter of the bytes read.
   step bench_decode_fp8_kv 50 $PY scripts/bench_decode.py --preset qwen2.5-72b --shard-of-tp 4 \
       --quantization fp8 --kv-cache-dtype fp8 --batch 32 --ctx 2048 --json "$WORK/decode_tp4_fp8_kv.json"
-  # 7. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
+  # 8. Kernel speed vs jax's bundled paged attention and the XLA reference (DESIGN.md cases).
   step bench_attention 100 $PY scripts/bench_attention.py --json "$WORK/attention.json"
 fi
 echo "done in $SECONDS s" | tee -a "$WORK/summary.txt"

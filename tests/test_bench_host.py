@@ -1,4 +1,5 @@
-"""scripts/bench_host.py's measurement runs on a tiny engine and its figures are consistent."""
+"""scripts/bench_host.py's measurement runs on a tiny engine and its figures are consistent;
+scripts/bench_sampler.py's smoke run."""
 import importlib.util
 from pathlib import Path
 
@@ -28,3 +29,15 @@ def test_measure_reports_engine_and_device_time(tmp_path):
         assert set(phases) == {"schedule", "plan", "run", "wait", "outputs"}
         assert all(ms >= 0 for ms in phases.values()) and phases["wait"] > 0, phases
         assert not engine.has_unfinished() and engine.allocator.num_used == 0
+
+
+def test_bench_sampler_smoke(tmp_path):
+    """scripts/bench_sampler.py (gpu_session.sh part 2) times every case and the sort."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_sampler", SCRIPT.parent / "bench_sampler.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--json", str(tmp_path / "sampler.json")]) == 0
+    [row] = json.loads((tmp_path / "sampler.json").read_text())["rows"]
+    assert row["rows"] == 4 and all(row[case] > 0 for case in (*bench.CASES, "sort"))

@@ -614,3 +614,29 @@ def test_suppression_yields_where_it_would_leave_no_token():
     tokens = run(logits, rows).token_ids
     assert tokens.tolist()[:3] == [2, 2, 9]
     assert tokens[3] != logits[3].argmax() and tokens[3] == np.argsort(logits[3])[-2]
+
+
+def test_whole_vocabulary_thresholds_equal_a_sorts():
+    """Rows with top_k off or above TOP_K_CANDIDATES find their top-k and top-p thresholds by
+    bisection, without sorting the vocabulary: the same tokens kept as from a descending sort,
+    with masked (-inf) tokens, ties at the k-th logit, top_p 1 and k ≥ vocab."""
+    from qwenjax.sampling import TOP_K_CANDIDATES, _threshold_from_sorted, _truncation_threshold
+
+    rng = np.random.default_rng(7)
+    rows, vocab = 32, 3000
+    logits = (rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4.0, size=(rows, 1))).astype(np.float32)
+    logits[3, :2000] = -np.inf
+    logits[5, 100:140] = np.sort(logits[5])[-120]  # ties around the 120th largest
+    top_k = rng.choice([0, 7, TOP_K_CANDIDATES + 1, 120, 1500, vocab, vocab + 5], rows).astype(np.int32)
+    top_k[5] = 120
+    top_p = rng.choice([0.3, 0.9, 0.99, 1.0], rows).astype(np.float32)
+    top_p[5] = 1.0
+    got = jax.jit(_truncation_threshold)(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p),
+                                         jnp.ones((rows,), bool))
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    want = _threshold_from_sorted(-jnp.sort(-jnp.asarray(logits), axis=-1), k, jnp.asarray(top_p))
+    # The same tokens kept (a row keeping everything may say -inf or its smallest logit).
+    np.testing.assert_array_equal(logits >= np.asarray(got)[:, None], logits >= np.asarray(want)[:, None])
+    cut = (top_p < 1.0) | (np.asarray(k) < vocab)
+    np.testing.assert_array_equal(np.asarray(got)[cut], np.asarray(want)[cut])
+    assert float(got[5]) == np.sort(logits[5])[-120]  # every tie kept
