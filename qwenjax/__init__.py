@@ -3,12 +3,12 @@
 __version__ = "0.1.0"
 
 __all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest",
-           "BeamSearchParams", "PoolingParams"]
+           "BeamSearchParams", "PoolingParams", "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):
     # Lazy: `import qwenjax` must not import JAX (tests set XLA flags first; the CLI parses args first).
-    if name in ("LLM", "AsyncLLM"):
+    if name in ("LLM", "AsyncLLM", "TextPrompt", "TokensPrompt"):
         from qwenjax import llm
 
         return getattr(llm, name)

@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import os
 import uuid
-from typing import AsyncIterator, Iterator, Sequence, Union
+from typing import AsyncIterator, Iterator, Mapping, Sequence, TypedDict, Union
 
 import jax
 from jax.sharding import Mesh
@@ -23,7 +23,22 @@ from qwenjax.loading import LoadedModel, load_model
 from qwenjax.lora import LoRARequest
 from qwenjax.sampling import SamplingParams
 
-Prompt = Union[str, Sequence[int]]
+
+
+class TextPrompt(TypedDict):
+    """vLLM's prompt dict for text: ``{"prompt": "..."}``."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict):
+    """vLLM's prompt dict for token ids: ``{"prompt_token_ids": [...]}``."""
+
+    prompt_token_ids: list[int]
+
+
+# A string, token ids, or vLLM's prompt dicts (TextPrompt, TokensPrompt).
+Prompt = Union[str, Sequence[int], TextPrompt, TokensPrompt]
 Message = dict
 Conversation = Sequence[Message]
 
@@ -130,6 +145,8 @@ class _Base:
         return self.engine.default_sampling_params()
 
     def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, Mapping):
+            return self._encode(_prompt_of(prompt))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass token ids")
@@ -177,12 +194,32 @@ def _one_lora(lora, lora_request):
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, Mapping)):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _prompt_of(prompt: Mapping) -> str | list[int]:
+    """The text or token ids of one of vLLM's prompt dicts."""
+    unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids"})
+    if unknown:
+        hint = " (set cache_salt in SamplingParams)" if "cache_salt" in unknown else \
+            " (qwenjax serves text models)" if any("multi_modal" in k or k.startswith("mm_") for k in unknown) else ""
+        raise ValueError(f"a prompt dict takes 'prompt' or 'prompt_token_ids'; it has "
+                         f"{', '.join(map(repr, unknown))}{hint}")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError("a prompt dict needs one of 'prompt' (text) and 'prompt_token_ids'")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise ValueError(f"prompt must be a string, got {type(prompt['prompt']).__name__}")
+        return prompt["prompt"]
+    ids = prompt["prompt_token_ids"]
+    if isinstance(ids, str) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError("prompt_token_ids must be a list of ints")
+    return list(ids)
 
 
 def _as_conversations(messages) -> list[Conversation]:
@@ -317,7 +354,8 @@ class LLM(_Base):
                  lora: str | LoRARequest | None = None,
                  lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
-        or a list of token-id lists. With ``n`` > 1 a prompt gets n outputs in a row
+        or a list of token-id lists (or vLLM's ``{"prompt": …}`` / ``{"prompt_token_ids": …}``
+        dicts); ``params``: one SamplingParams or one per prompt. With ``n`` > 1 a prompt gets n outputs in a row
         (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
         scheduling_policy="priority"): lower values are run first. ``lora``: the name of a
         loaded adapter (None: the base model), or a ``LoRARequest`` (vLLM's, also as

@@ -74,6 +74,27 @@ def test_stop_string_across_tokens(llm):
     assert out.text == "The capital of France is P" and out.finish_reason == "stop"
 
 
+def test_vllm_prompt_dicts(llm):
+    """vLLM's TextPrompt / TokensPrompt dicts, alone or in a list with per-prompt params."""
+    from qwenjax import TextPrompt, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    text = "def fib(n):"
+    ids = llm.tokenizer.encode(text)
+    plain = llm.generate([text], params, use_tqdm=False)[0].token_ids
+    one = llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)
+    both = llm.generate([TextPrompt(prompt=text), {"prompt_token_ids": ids}],
+                        [params, SamplingParams(temperature=0.0, max_tokens=2)], use_tqdm=False)
+    assert one[0].token_ids == both[0].token_ids == plain and both[1].token_ids == plain[:2]
+    assert both[0].prompt_token_ids == ids
+    for bad, message in (({"prompt": text, "multi_modal_data": {}}, "'multi_modal_data' .*text models"),
+                         ({"prompt": text, "cache_salt": "s"}, "cache_salt in SamplingParams"),
+                         ({"prompt": text, "prompt_token_ids": ids}, "needs one of"),
+                         ({"prompt_token_ids": "abc"}, "prompt_token_ids must be a list of ints")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate(bad, params, use_tqdm=False)
+
+
 def test_bad_words_are_never_generated(llm, lm):
     """A one-token word is banned outright; a word of several tokens loses its last token
     wherever the output ends with the ones before it (async scheduling holds the request
