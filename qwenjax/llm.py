@@ -470,6 +470,11 @@ class LLM(_Base):
         finally:
             if bar is not None:
                 bar.close()
+        if self.tokenizer is not None:  # vLLM's RequestOutput.prompt
+            for ids, sequences in zip(prompt_ids, results):
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                for output in sequences:
+                    output.prompt = text
         return [output for sequences in results for output in sequences]
 
 

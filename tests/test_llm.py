@@ -87,6 +87,12 @@ def test_vllm_prompt_dicts(llm):
                         [params, SamplingParams(temperature=0.0, max_tokens=2)], use_tqdm=False)
     assert one[0].token_ids == both[0].token_ids == plain and both[1].token_ids == plain[:2]
     assert both[0].prompt_token_ids == ids
+    # vLLM's quickstart reads output.prompt and output.outputs[0].text.
+    assert one[0].prompt == both[1].prompt == text
+    assert one[0].outputs[0].text == one[0].text and one[0].outputs[0].stop_reason is None
+    assert one[0].cumulative_logprob is None
+    scored = llm.generate(text, SamplingParams(temperature=0.0, max_tokens=3, logprobs=0), use_tqdm=False)[0]
+    assert scored.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in scored.logprobs))
     for bad, message in (({"prompt": text, "multi_modal_data": {}}, "'multi_modal_data' .*text models"),
                          ({"prompt": text, "cache_salt": "s"}, "cache_salt in SamplingParams"),
                          ({"prompt": text, "prompt_token_ids": ids}, "needs one of"),

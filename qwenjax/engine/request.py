@@ -208,6 +208,23 @@ class RequestOutput:
     index: int = 0                        # which of the request's n sequences
     # A pooling request's answer (on its last output): floats, or a list of them per pooled token.
     embedding: list | None = None
+    prompt: str | None = None  # the prompt's text (LLM.generate/chat fill it in; vLLM's)
+
+    # vLLM's shape: ``output.outputs[0].text`` (one RequestOutput per sequence here, where vLLM
+    # groups a prompt's n sequences under one; iterating ``outputs`` of each reads each once).
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        return [self]
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """vLLM's name for ``matched_stop``."""
+        return self.matched_stop
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the sampled tokens' logprobs (with ``logprobs`` asked for; else None)."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
 
     def followed_by(self, later: RequestOutput) -> RequestOutput:
         """One output standing for this one and the ``later`` one of the same sequence: the
