@@ -540,6 +540,13 @@ class OpenAIServer:
         def prompt_entries(i: int, output) -> list:
             return list(output.prompt_logprobs or ()) if runs[i][1].prompt_logprobs is not None else []
 
+        def echoed(i: int, entries: list) -> list:
+            """Echoed prompt logprobs: the first token's (which has none) as its id alone, so that
+            every prompt token is listed (OpenAI's and vLLM's: index p is token p)."""
+            if entries and entries[0] is None:
+                entries = [proto.FirstToken(runs[i][0][0])] + entries[1:]
+            return entries
+
         if not parsed.stream:
             finals: dict[int, Any] = {}
             prompt_lps: dict[int, list] = {}
@@ -554,7 +561,7 @@ class OpenAIServer:
             for index in sorted(finals):
                 i, output = finals[index]
                 echo = runs[i][2]
-                entries = (prompt_lps.get(i, []) if parsed.echo else []) + list(output.logprobs or ())
+                entries = (echoed(i, prompt_lps.get(i, [])) if parsed.echo else []) + list(output.logprobs or ())
                 choice = {"index": index, "text": echo + output.text,
                           "logprobs": logprobs(i, entries, 0), "finish_reason": output.finish_reason,
                           "stop_reason": proto.stop_reason(output, eos)}
@@ -582,7 +589,7 @@ class OpenAIServer:
                     started[index] = 0
                     if parsed.echo:
                         text = runs[i][2] + text
-                        entries = prompt_entries(i, output) + entries
+                        entries = echoed(i, prompt_entries(i, output)) + entries
                 totals["completion"] += len(output.delta_token_ids)
                 if output.finish_reason is not None and output.index == 0:
                     totals["cached"][i] = output.num_cached_tokens

@@ -505,17 +505,28 @@ class TokenText:
         return found
 
 
+@dataclasses.dataclass(frozen=True)
+class FirstToken:
+    """An echoed prompt's first token, which has no logprob (null in the answer)."""
+
+    token_id: int
+
+
 def completion_logprobs(entries: Sequence, token_text: TokenText, offset: int) -> dict[str, list]:
-    """The legacy completions logprobs object for ``entries`` (TokenLogprob or None for the
-    prompt's first token), ``text_offset`` counted from ``offset``."""
+    """The legacy completions logprobs object for ``entries`` (TokenLogprob, or FirstToken for
+    the echoed prompt's first token), ``text_offset`` counted from ``offset``."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for lp in entries:
-        if lp is None:  # the first prompt token has no logprob
+        if lp is None:
             continue
         text, _ = token_text(lp.token_id)
         tokens.append(text)
-        token_logprobs.append(_finite(lp.logprob))
-        top_logprobs.append({token_text(t)[0]: _finite(v) for t, v in lp.top} or None)
+        if isinstance(lp, FirstToken):
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        else:
+            token_logprobs.append(_finite(lp.logprob))
+            top_logprobs.append({token_text(t)[0]: _finite(v) for t, v in lp.top} or None)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,

@@ -74,6 +74,9 @@ class GenerateRequest:
     return_text_in_logprobs: bool = False
     lora: list[str | None] = dataclasses.field(default_factory=list)
     priority: int = 0
+    # max_new_tokens 0: the prompt only (SGLang's frontend caches prefixes and scores choices
+    # so); the request runs with one token, which the answer leaves out.
+    prompt_only: list[bool] = dataclasses.field(default_factory=list)
 
 
 def _prompts(body: Mapping[str, Any]) -> tuple[list[str | list[int]], bool]:
@@ -183,6 +186,12 @@ def parse_generate(body: Any) -> GenerateRequest:
     if len(set(rids)) != len(rids):
         raise ValueError("rid: each prompt of a batch needs its own")
     request = GenerateRequest(prompts, fields, rids, batched)
+    request.prompt_only = [f.get("max_tokens") == 0 for f in fields]
+    for f, only in zip(fields, request.prompt_only):
+        if only:
+            f["max_tokens"] = 1
+            if f.get("min_tokens"):
+                raise ValueError("sampling_params.min_new_tokens must be 0 with max_new_tokens 0")
     request.lora = _per_prompt(body.get("lora_path"), count, "lora_path", str,
                                "the name of a loaded LoRA adapter")
     for name in ("stream", "return_logprob", "return_text_in_logprobs"):
@@ -245,7 +254,8 @@ class SGLangAPI:
         router.add_post("/abort_request", self.abort_request)
         router.add_route("*", "/flush_cache", self.flush_cache)  # SGLang takes GET and POST
         router.add_get("/get_model_info", self.get_model_info)
-        router.add_get("/get_server_info", self.get_server_info)
+        for path in ("/get_server_info", "/server_info"):  # (the frontend asks the newer name)
+            router.add_get(path, self.get_server_info)
         router.add_get("/health_generate", self.health_generate)
 
     def _refuse(self, error: ValueError) -> Refused:
@@ -286,7 +296,11 @@ class SGLangAPI:
 
         def answer(i: int, output) -> dict[str, Any]:
             ids, params = runs[i]
-            meta = {"id": parsed.rids[i], "finish_reason": _finish(output, params.max_tokens),
+            if parsed.prompt_only[i]:  # the token it ran with is not an output
+                output = dataclasses.replace(output, text="", token_ids=[], logprobs=[],
+                                             finish_reason=output.finish_reason and "length")
+            meta = {"id": parsed.rids[i],
+                    "finish_reason": _finish(output, 0 if parsed.prompt_only[i] else params.max_tokens),
                     "prompt_tokens": len(ids), "completion_tokens": len(output.token_ids),
                     "cached_tokens": output.num_cached_tokens,
                     "e2e_latency": time.monotonic() - start}
@@ -322,7 +336,8 @@ class SGLangAPI:
 
         async def events():
             async for i, output in merged(calls):
-                if output.delta_token_ids or output.finish_reason is not None:
+                if output.finish_reason is not None or (output.delta_token_ids
+                                                        and not parsed.prompt_only[i]):
                     yield answer(i, output)
 
         return await self.api._stream(request, events())
@@ -389,10 +404,14 @@ class SGLangAPI:
     async def get_model_info(self, request: web.Request) -> web.Response:
         self.gateway.require_engine(admitting=False)
         lm = self.gateway.engine.lm
+        from qwenjax.score_head import ARCHITECTURES
+
+        head = lm.score_head.kind if lm.score_head is not None else None
+        architecture = next((a for a, kind in ARCHITECTURES.items() if kind == head), "Qwen2ForCausalLM")
         return web.json_response({
-            "model_path": str(lm.source), "tokenizer_path": str(lm.source), "is_generation": True,
-            "served_model_name": self.api._names()[0], "model_type": "qwen2",
-            "architectures": ["Qwen2ForCausalLM"], "weight_version": "default",
+            "model_path": str(lm.source), "tokenizer_path": str(lm.source),
+            "is_generation": head is None, "served_model_name": self.api._names()[0],
+            "model_type": "qwen2", "architectures": [architecture], "weight_version": "default",
             "has_image_understanding": False, "has_audio_understanding": False})
 
     async def get_server_info(self, request: web.Request) -> web.Response:

@@ -154,10 +154,13 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
     choice = echoed.choices[0]
     assert choice.text.startswith("import numpy as") and len(choice.text) > len("import numpy as")
     lp = choice.logprobs
-    # The prompt's first token has no logprob; every other prompt token and each output has one.
-    assert len(lp.tokens) == len(token_prompt) - 1 + 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
-    assert "".join(lp.tokens) == choice.text[len(tokenizer.decode(token_prompt[:1])):]
-    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    # Every prompt token, then each output (index p is token p, as OpenAI's and vLLM's, which
+    # scoring harnesses slice by prompt length): the first has no logprob, null.
+    assert len(lp.tokens) == len(token_prompt) + 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert None not in lp.token_logprobs[1:]
+    assert "".join(lp.tokens) == choice.text
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset)
     assert echoed.choices[0].model_extra["prompt_logprobs"][0] is None
 

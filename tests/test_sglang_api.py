@@ -138,7 +138,8 @@ def test_generate_logprobs_match_the_openai_api(base):
     assert len(inputs) == meta["prompt_tokens"] and inputs[0][0] is None
     assert meta["input_top_logprobs"][0] is None
     ours = [e[0] for e in inputs[1:] + meta["output_token_logprobs"]]
-    assert ours == pytest.approx(openai["token_logprobs"], abs=1e-3)
+    assert openai["token_logprobs"][0] is None
+    assert ours == pytest.approx(openai["token_logprobs"][1:], abs=1e-3)
     assert all(len(top) == 2 for top in meta["output_top_logprobs"])
     assert meta["output_top_logprobs"][0][0][1] == reply["output_ids"][0]  # greedy: the top one
 
@@ -148,6 +149,46 @@ def test_generate_logprobs_match_the_openai_api(base):
     assert later["meta_info"]["input_token_logprobs"] == [[lp, tid, None] for lp, tid, _ in inputs[2:]]
     status, refused = _post(base, "/generate", {**body, "logprob_start_len": 500})
     assert status == 400 and "logprob_start_len" in refused["error"]["message"]
+
+
+def test_frontend_select_with_max_new_tokens_zero(base):
+    """The calls SGLang's frontend (sglang.RuntimeEndpoint) makes for ``sgl.select``: the prefix
+    alone with max_new_tokens 0 (no output), then each choice's prompt logprobs from two tokens
+    before its end; and /server_info, which it reads. (The frontend itself needs torch to import,
+    so its requests are sent here as it sends them.)"""
+    prefix = "The capital of France is"
+    status, cached = _post(base, "/generate", {"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+    assert status == 200, cached
+    assert cached["text"] == "" and cached["output_ids"] == []
+    meta = cached["meta_info"]
+    assert meta["completion_tokens"] == 0 and meta["finish_reason"] == {"type": "length", "length": 0}
+    choices = [" Paris.", " London."]
+    start = max(meta["prompt_tokens"] - 2, 0)
+    status, scored = _post(base, "/generate", {
+        "text": [prefix + c for c in choices], "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+        "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": start})
+    assert status == 200 and len(scored) == 2
+    for choice, reply in zip(choices, scored):
+        inputs = reply["meta_info"]["input_token_logprobs"]
+        assert reply["meta_info"]["output_token_logprobs"] == [] and reply["output_ids"] == []
+        assert "".join(text for _, _, text in inputs).endswith(choice)
+        # The same logprobs as OpenAI's echo of that text.
+        _, echo = _post(base, "/v1/completions", {"prompt": prefix + choice, "max_tokens": 1,
+                                                  "temperature": 0, "logprobs": 0, "echo": True})
+        want = echo["choices"][0]["logprobs"]["token_logprobs"][start:-1]
+        assert [lp for lp, _, _ in inputs] == pytest.approx(want, abs=1e-3)
+    paris, london = (sum(lp for lp, _, _ in r["meta_info"]["input_token_logprobs"]) for r in scored)
+    assert paris > london
+    with urllib.request.urlopen(urllib.request.Request(
+            base + "/generate", data=json.dumps({"text": prefix, "stream": True, "sampling_params": {
+                "max_new_tokens": 0}}).encode(), headers={"Content-Type": "application/json"})) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]" and [e["text"] for e in events[:-1]] == [""]
+    status, info = _post(base, "/server_info", method="GET")
+    assert status == 200 and set(info) == set(_post(base, "/get_server_info", method="GET")[1])
+    status, refused = _post(base, "/generate", {"text": prefix, "sampling_params": {
+        "max_new_tokens": 0, "min_new_tokens": 2}})
+    assert status == 400 and "min_new_tokens must be 0" in refused["error"]["message"]
 
 
 def test_generate_streams_cumulative_text_and_constraints(base):
