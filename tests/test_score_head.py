@@ -41,34 +41,42 @@ def classifier(tmp_path_factory):
     return directory, model
 
 
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory):
-    """A Qwen2ForRewardModel (Qwen2.5-Math-RM's layout: score.0, ReLU, score.2), and a function
-    computing its reward with transformers' backbone."""
+def _two_layer_head(directory, seed: int, architecture: str, labels: int, **config):
+    """A checkpoint of Qwen2.5-Math-RM's / -PRM's layout (score.0, ReLU, score.2) written to
+    ``directory``, and a function giving its head's outputs at every prompt position [T,
+    labels] with transformers' backbone."""
     import torch
     import transformers
     from safetensors.torch import save_file
 
-    directory = tmp_path_factory.mktemp("reward")
-    torch.manual_seed(4)
-    config = transformers.Qwen2Config(**tiny_config().to_hf_dict())
-    backbone = transformers.Qwen2Model(config).float().eval()
+    torch.manual_seed(seed)
+    hf_config = transformers.Qwen2Config(**tiny_config().to_hf_dict())
+    backbone = transformers.Qwen2Model(hf_config).float().eval()
     _randomize(backbone)
-    hidden = config.hidden_size
+    hidden = hf_config.hidden_size
     head = {"score.0.weight": 0.2 * torch.randn(hidden, hidden), "score.0.bias": 0.1 * torch.randn(hidden),
-            "score.2.weight": 0.2 * torch.randn(1, hidden), "score.2.bias": 0.1 * torch.randn(1)}
+            "score.2.weight": 0.3 * torch.randn(labels, hidden),
+            "score.2.bias": 0.1 * torch.randn(labels)}
     tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
     save_file({**tensors, **head}, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(
-        {**tiny_config().to_hf_dict(), "architectures": ["Qwen2ForRewardModel"], "num_labels": 1}))
+        {**tiny_config().to_hf_dict(), "architectures": [architecture], **config}))
 
-    def reward(ids):
+    def outputs(ids):
         with torch.no_grad():
-            h = backbone(torch.tensor([ids])).last_hidden_state[0, -1]
+            h = backbone(torch.tensor([ids])).last_hidden_state[0]
             h = torch.relu(h @ head["score.0.weight"].T + head["score.0.bias"])
             return (h @ head["score.2.weight"].T + head["score.2.bias"]).numpy()
 
-    return directory, reward
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    """A Qwen2ForRewardModel, and a function computing its reward (the head on the last token)."""
+    directory = tmp_path_factory.mktemp("reward")
+    outputs = _two_layer_head(directory, 4, "Qwen2ForRewardModel", 1, num_labels=1)
+    return directory, lambda ids: outputs(ids)[-1]
 
 
 STEP_TAG = 7  # the tiny vocabulary's stand-in for Qwen2.5-Math-PRM's "<extra_0>"
@@ -76,33 +84,10 @@ STEP_TAG = 7  # the tiny vocabulary's stand-in for Qwen2.5-Math-PRM's "<extra_0>
 
 @pytest.fixture(scope="module")
 def process_reward_model(tmp_path_factory):
-    """A Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM's layout: score.0, ReLU, score.2 with 2
-    labels), and a function giving its head's logits at every prompt position with
-    transformers' backbone."""
-    import torch
-    import transformers
-    from safetensors.torch import save_file
-
+    """A Qwen2ForProcessRewardModel (2 labels), and a function giving its head's logits at every
+    prompt position."""
     directory = tmp_path_factory.mktemp("prm")
-    torch.manual_seed(5)
-    config = transformers.Qwen2Config(**tiny_config().to_hf_dict())
-    backbone = transformers.Qwen2Model(config).float().eval()
-    _randomize(backbone)
-    hidden = config.hidden_size
-    head = {"score.0.weight": 0.2 * torch.randn(hidden, hidden), "score.0.bias": 0.1 * torch.randn(hidden),
-            "score.2.weight": 0.3 * torch.randn(2, hidden), "score.2.bias": 0.1 * torch.randn(2)}
-    tensors = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
-    save_file({**tensors, **head}, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(
-        {**tiny_config().to_hf_dict(), "architectures": ["Qwen2ForProcessRewardModel"]}))
-
-    def logits(ids):
-        with torch.no_grad():
-            h = backbone(torch.tensor([ids])).last_hidden_state[0]
-            h = torch.relu(h @ head["score.0.weight"].T + head["score.0.bias"])
-            return (h @ head["score.2.weight"].T + head["score.2.bias"]).numpy()
-
-    return directory, logits
+    return directory, _two_layer_head(directory, 5, "Qwen2ForProcessRewardModel", 2)
 
 
 def _softmax(x):
