@@ -76,6 +76,8 @@ class ServerConfig:
     # Browsers' cross-origin requests to the HTTP API (server/cors.py; vLLM's --allowed-origins,
     # …): every origin by default, as vLLM; None: no CORS headers (browsers refuse other origins).
     cors: CORS | None = CORS()
+    # Serve POST /start_profile and /stop_profile, writing jax.profiler traces here (None: off).
+    profiler_dir: str | None = None
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -166,7 +168,8 @@ class InferenceServer:
                                  allow_runtime_lora_updating=config.allow_runtime_lora_updating,
                                  reasoning_parser=config.reasoning_parser,
                                  allow_weight_updates=config.allow_weight_updates,
-                                 enable_sleep_mode=config.enable_sleep_mode, cors=config.cors)
+                                 enable_sleep_mode=config.enable_sleep_mode, cors=config.cors,
+                                 profiler_dir=config.profiler_dir)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 
     def serving(self) -> bool:

@@ -79,6 +79,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="request headers those pages may send (default: '[\"*\"]')")
     net.add_argument("--allow-credentials", action="store_true",
                      help="let them send cookies and HTTP auth (the origin is echoed, not '*')")
+    net.add_argument("--profiler-dir", default=None, metavar="DIR",
+                     help="serve POST /start_profile and /stop_profile (vLLM's, SGLang's): a "
+                          "jax.profiler trace of the server between the two, written under DIR "
+                          "(default: $QWENJAX_PROFILER_DIR or vLLM's $VLLM_TORCH_PROFILER_DIR; "
+                          "unset: no such routes)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
     net.add_argument("--step-timeout", type=float, default=300.0,
@@ -347,7 +352,9 @@ def server_config(args):
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
         cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers,
-                  args.allow_credentials))
+                  args.allow_credentials),
+        profiler_dir=args.profiler_dir or os.environ.get("QWENJAX_PROFILER_DIR")
+        or os.environ.get("VLLM_TORCH_PROFILER_DIR") or None)
 
 
 def load_serving_model(args, mesh=None):

@@ -82,7 +82,7 @@ class OpenAIServer:
                  api_token: str | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
                  reasoning_parser: str | None = None, allow_weight_updates: bool = False,
-                 enable_sleep_mode: bool = False, cors=None):
+                 enable_sleep_mode: bool = False, cors=None, profiler_dir: str | None = None):
         self.gateway = gateway
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
@@ -128,6 +128,10 @@ class OpenAIServer:
 
         self.sglang = SGLangAPI(self)
         self.sglang.register(app.router)  # /generate, /encode, … (SGLang's native API)
+        if profiler_dir:  # vLLM's and SGLang's /start_profile, /stop_profile (server/profiling.py)
+            from server.profiling import Profiler
+
+            Profiler(profiler_dir, self).register(app.router)
         if cors is not None:  # a server/cors.CORS: browsers' preflights answered before auth
             cors.install(app)
 

@@ -578,6 +578,29 @@ def test_cors_preflight_and_headers(start, name):
         parser.parse_args(["--allowed-origins", ui])  # not a JSON list
 
 
+def test_start_and_stop_profile(start, name, tmp_path):
+    """vLLM's and SGLang's /start_profile, /stop_profile: a jax.profiler trace of the requests
+    between them under --profiler-dir, and where the device time went; off without the flag."""
+    import gzip
+
+    assert http(f"http://127.0.0.1:{start().http_port}", "/start_profile", {})[0] == 404
+    base = f"http://127.0.0.1:{start(profiler_dir=str(tmp_path)).http_port}"
+    status, started = http(base, "/start_profile", b"")
+    assert status == 200 and started["directory"].startswith(str(tmp_path))
+    assert http(base, "/start_profile", {})[0] == 409  # one at a time
+    status, _ = http(base, "/v1/completions", {"model": name, "prompt": "def f(x):", "max_tokens": 3})
+    assert status == 200
+    status, stopped = http(base, "/stop_profile", {})
+    assert status == 200 and stopped["directory"] == started["directory"]
+    with gzip.open(stopped["trace"], "rt") as f:
+        assert json.load(f)["traceEvents"]
+    assert stopped["summary"]["busy_us"] > 0
+    status, refused = http(base, "/stop_profile", {})
+    assert status == 409 and "no profile is running" in refused["error"]["message"]
+    status, refused = http(base, "/start_profile", {"num_steps": 3})
+    assert status == 400 and "num_steps" in refused["error"]["message"]
+
+
 def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_loop):
     """A client that goes away mid-stream frees its request; a draining server answers 503 and
     its health goes 503, while a stream already running finishes."""
