@@ -222,6 +222,13 @@ def _prompt_of(prompt: Mapping) -> str | list[int]:
     return list(ids)
 
 
+def _truncating(params, truncate_prompt_tokens: int | None):
+    """``params`` cut to the prompt's last ``truncate_prompt_tokens`` tokens, when given."""
+    if truncate_prompt_tokens is None:
+        return params
+    return dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+
+
 def _as_conversations(messages) -> list[Conversation]:
     messages = list(messages)
     if messages and isinstance(messages[0], dict):
@@ -259,14 +266,16 @@ class LLM(_Base):
         return self.engine.reset_prefix_cache()
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
-              use_tqdm: bool = True, lora: str | None = None) -> list:
+              use_tqdm: bool = True, lora: str | None = None,
+              truncate_prompt_tokens: int | None = None) -> list:
         """The embedding of each prompt (vLLM's ``LLM.embed``): the final-normed hidden state of
         its last token, L2-normalized unless ``pooling_params`` (a ``PoolingParams``) says
         otherwise; batched with anything else the engine runs. Returns
         ``EmbeddingRequestOutput``s (``.outputs.embedding``)."""
         from qwenjax.pooling import EmbeddingRequestOutput, PoolingParams
 
-        pooling_params = pooling_params if pooling_params is not None else PoolingParams()
+        pooling_params = _truncating(pooling_params if pooling_params is not None else PoolingParams(),
+                                     truncate_prompt_tokens)
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], pooling_params,
                             use_tqdm, lora=lora)
         return [EmbeddingRequestOutput.of(o) for o in outputs]
@@ -314,7 +323,7 @@ class LLM(_Base):
 
     def encode(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
                pooling_task: str | None = None, use_tqdm: bool = True,
-               lora: str | None = None) -> list:
+               lora: str | None = None, truncate_prompt_tokens: int | None = None) -> list:
         """vLLM's ``LLM.encode``: each prompt's pooled output for ``pooling_task`` ("embed",
         "token_embed", "classify", "token_classify", "reward"; default ``pooling_params``'
         task, else the model's own: embed, classify or reward), e.g. "token_embed" for every
@@ -323,7 +332,8 @@ class LLM(_Base):
         list per pooled token)."""
         from qwenjax.pooling import PoolingRequestOutput
 
-        params = self.engine.pooling_params(pooling_params, pooling_task)
+        params = _truncating(self.engine.pooling_params(pooling_params, pooling_task),
+                             truncate_prompt_tokens)
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], params,
                             use_tqdm, lora=lora)
         return [PoolingRequestOutput.of(o) for o in outputs]

@@ -141,13 +141,15 @@ class PoolingParams:
     ``normalize``: L2-normalize embeddings (None: the model's default, on). ``dimensions``: keep
     the first this-many embedding values (Matryoshka). ``use_activation``: softmax the head's
     outputs (None: for classifiers and process reward models). ``step_tag_id``: a token task
-    pools only the tokens equal to it (None: the model's pooler config)."""
+    pools only the tokens equal to it (None: the model's pooler config).
+    ``truncate_prompt_tokens``: pool only the prompt's last k tokens (-1: the max context)."""
 
     normalize: bool | None = None
     dimensions: int | None = None
     task: str = "embed"
     use_activation: bool | None = None
     step_tag_id: int | None = None
+    truncate_prompt_tokens: int | None = None
 
     @property
     def n(self) -> int:
@@ -167,6 +169,10 @@ class PoolingParams:
         if not self.task.endswith("embed") and d is not None:
             raise ValueError(f"dimensions applies to embeddings, not to task {self.task!r}")
         _check_token_id("step_tag_id", self.step_tag_id)
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or (k < 1 and k != -1)):
+            raise ValueError(f"truncate_prompt_tokens must be None, -1 (the max context) or an "
+                             f"int ≥ 1, got {k!r}")
 
     def per_token(self, head_kind: str | None) -> bool:
         """Whether the answer has one entry per pooled token (a token task) or one per prompt."""

@@ -245,3 +245,15 @@ def test_llm_encode(lm):
     np.testing.assert_allclose(mean.outputs.data, want / np.linalg.norm(want), atol=2e-5)
     with pytest.raises(ValueError, match="task must be one of"):
         llm.encode(prompt, pooling_task="mean", use_tqdm=False)
+    # truncate_prompt_tokens (vLLM's): the prompt's last k tokens, -1 the max context.
+    long = [5, 6, 7] * 60  # 180 tokens: over max_model_len 128
+    last, = llm.embed([long], truncate_prompt_tokens=4, use_tqdm=False)
+    assert last.prompt_token_ids == long[-4:]
+    want = _hidden(lm, long[-4:]).mean(axis=0)
+    np.testing.assert_allclose(last.outputs.embedding, want / np.linalg.norm(want), atol=2e-5)
+    assert len(llm.embed([long], PoolingParams(truncate_prompt_tokens=-1), use_tqdm=False)[0]
+               .prompt_token_ids) == 128
+    with pytest.raises(ValueError, match="prompt has 180 tokens; max context is 128"):
+        llm.embed([long], use_tqdm=False)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1"):
+        PoolingParams(truncate_prompt_tokens=0)

@@ -261,11 +261,11 @@ class Engine(LiveState):
         """The prompt length truncate_prompt_tokens keeps (-1: the max context)."""
         return self.max_model_len if k == -1 else k
 
-    def truncated(self, prompt_ids: Sequence[int], params: SamplingParams) -> Sequence[int]:
-        """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens, if set."""
-        if isinstance(params, SamplingParams) and params.truncate_prompt_tokens is not None:
-            return list(prompt_ids)[-self._truncation(params.truncate_prompt_tokens):]
-        return prompt_ids
+    def truncated(self, prompt_ids: Sequence[int], params) -> Sequence[int]:
+        """The prompt as the request runs it: its last ``truncate_prompt_tokens`` tokens, if
+        set (SamplingParams or PoolingParams)."""
+        k = getattr(params, "truncate_prompt_tokens", None)
+        return prompt_ids if k is None else list(prompt_ids)[-self._truncation(k):]
 
     def _pages_from_memory(self, config: EngineConfig) -> int:
         c = self.lm.config
@@ -312,7 +312,9 @@ class Engine(LiveState):
         return params if task is None else dataclasses.replace(params, task=task)
 
     def validate(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0) -> None:
-        """Raise ValueError naming the problem; nothing is admitted."""
+        """Raise ValueError naming the problem; nothing is admitted. (The prompt is checked as it
+        would run: cut to ``truncate_prompt_tokens`` when that is set.)"""
+        prompt_ids = self.truncated(prompt_ids, params)
         kind = self.head_kind
         if _is_pooling(params):
             params.check(self.lm.config.hidden_size, kind, self.pooler)
@@ -416,6 +418,7 @@ class Engine(LiveState):
         if not isinstance(pooling, PoolingParams):
             raise ValueError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
         pooling.check(self.lm.config.hidden_size, self.head_kind, self.pooler)
+        prompt_ids = self.truncated(prompt_ids, pooling)
         return self.add_request(prompt_ids, POOLING_SAMPLING, request_id, priority, lora,
                                 pooling=pooling)
 
