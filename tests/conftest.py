@@ -63,3 +63,26 @@ def served_engine_thread(served_model):
     thread = EngineThread(served_model[1])
     yield thread
     thread.shutdown()
+
+
+# $QWENJAX_TEST_RSS_LOG=FILE: after each test module, a line "<module> <RSS MB> <peak RSS MB>"
+# (to find the modules that grow the suite's memory; CI's machine has 24 GB).
+_RSS_LOG = os.environ.get("QWENJAX_TEST_RSS_LOG")
+
+
+def _rss_mb() -> tuple[int, int]:
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            fields[name] = value
+    return tuple(int(fields.get(k, "0 kB").split()[0]) // 1024 for k in ("VmRSS", "VmHWM"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _log_rss(request):
+    yield
+    if _RSS_LOG:
+        rss, peak = _rss_mb()
+        with open(_RSS_LOG, "a") as f:
+            f.write(f"{request.module.__name__} {rss} {peak}\n")
