@@ -320,7 +320,7 @@ class Engine(LiveState):
             params.check(self.lm.config.hidden_size, kind, self.pooler)
             params = POOLING_SAMPLING
         elif kind is not None:
-            task = "classify" if kind == "classify" else "reward"
+            task = self.pooling_params().task
             raise ValueError(f"this checkpoint is a {kind} model (a score head, no LM head): "
                              f"it does not generate; ask it to {task} (LLM.{task}, HTTP "
                              "/classify or /pooling)")

@@ -129,6 +129,17 @@ class InFlight:
     draft_rows: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
+def _flat_starts(out: SchedulerOutput, decode_rows: int) -> list[int]:
+    """Where each chunk of ``out.chunks`` starts in the step's flattened hidden states: the
+    decode rows first, then the packed prefill tokens."""
+    starts = list(range(len(out.decode)))
+    offset = decode_rows
+    for c in out.prefill:
+        starts.append(offset)
+        offset += c.num_tokens
+    return starts
+
+
 class ModelRunner:
     def __init__(self, lm: LoadedModel, config: SchedulerConfig, num_pages: int,
                  eos_token_ids: Sequence[int] = (), mirror=None, kv_cache_dtype: str = "auto"):
@@ -486,33 +497,25 @@ class ModelRunner:
                         drafted=drafted)
 
         index, target, scored = [], [], []
-        for i, c in enumerate(out.decode):
-            self._score_positions(c, i, index, target, scored)
-        offset = decode_rows
-        for c in out.prefill:
-            self._score_positions(c, offset, index, target, scored)
-            offset += c.num_tokens
+        flat_starts = _flat_starts(out, decode_rows)
+        for flat, c in zip(flat_starts, out.chunks):
+            self._score_positions(c, flat, index, target, scored)
         if scored:
             plan.score_index = np.asarray(index, np.int32)
             plan.score_target = np.asarray(target, np.int32)
             plan.score_top = (MAX_TOP_LOGPROBS if any(r.params.prompt_logprobs for r, _ in scored)
                               else 0)
-        pooled = self._plan_pooling(out, plan)
+        pooled = self._plan_pooling(out, plan, flat_starts)
         return plan, placed, scored, draft_rows, pooled
 
     @staticmethod
-    def _plan_pooling(out: SchedulerOutput, plan: StepPlan) -> tuple[list, list]:
+    def _plan_pooling(out: SchedulerOutput, plan: StepPlan, flat_starts: list[int]) -> tuple[list, list]:
         """The rows pooling requests take from this step (``PoolState.take``): indices into the
         flattened hidden states (decode rows first, then the packed prefill tokens) gathered
         in ``plan.pool_index``, and MEAN requests' rows as segments of ``plan.pool_segments``,
         summed. Returns ((request, rows) gathered, requests summed) in plan order."""
         if not any(c.request.pool is not None for c in out.chunks):
             return [], []
-        flat_starts = list(range(len(out.decode)))
-        offset = plan.decode_rows
-        for c in out.prefill:
-            flat_starts.append(offset)
-            offset += c.num_tokens
         index, gathered, summed, segments = [], [], [], []
         for flat, c in zip(flat_starts, out.chunks):
             state = c.request.pool
