@@ -12,7 +12,7 @@ import os
 import pathlib
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gguf
@@ -20,6 +20,8 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
+
+from qwenjax.gguf_file import GgufTensor, read_gguf
 
 # Bump when the written files change, so caches holding older conversions get rebuilt.
 FORMAT_VERSION = 1
@@ -78,25 +80,31 @@ def convert_gguf_to_hf(
     """
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(gguf_path)
-    architecture = _field(reader, "general.architecture")
-    if architecture != _ARCH:
-        raise ValueError(f"general.architecture is {architecture!r}; only {_ARCH!r} is supported")
-
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    config = _hf_config(reader, tie_word_embeddings="output.weight" not in tensor_names)
-    _write_json(out_dir / "config.json", config)
-    _write_tokenizer_files(reader, out_dir, model_max_length=config["max_position_embeddings"])
-    _write_json(out_dir / "generation_config.json", _generation_config(reader))
-    _write_weights(reader, out_dir / "model.safetensors", progress=progress)
+    gguf_file = read_gguf(gguf_path)
+    if gguf_file.metadata.get("split.count", 1) > 1:
+        raise ValueError(f"{gguf_path} is one part of a split GGUF; serve it directly "
+                         "(`qwenjax serve` reads every part) or merge it with llama.cpp's gguf-split")
+    write_metadata(gguf_file.metadata, out_dir, tensor_names={t.name for t in gguf_file.tensors})
+    _write_weights(gguf_file.tensors, out_dir / "model.safetensors", progress=progress)
     return out_dir
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def write_metadata(meta: Mapping[str, Any], out_dir: pathlib.Path, *, tensor_names: set[str]) -> None:
+    """Write config.json, the tokenizer files and generation_config.json from the GGUF's
+    metadata (``tensor_names``: every GGUF tensor of the model, all parts of a split one)."""
+    architecture = _field(meta, "general.architecture")
+    if architecture != _ARCH:
+        raise ValueError(f"general.architecture is {architecture!r}; only {_ARCH!r} is supported")
+    config = _hf_config(meta, tie_word_embeddings="output.weight" not in tensor_names)
+    _write_json(out_dir / "config.json", config)
+    _write_tokenizer_files(meta, out_dir, model_max_length=config["max_position_embeddings"])
+    _write_json(out_dir / "generation_config.json", _generation_config(meta))
+
+
+def _field(meta: Mapping[str, Any], key: str) -> Any:
+    if key not in meta:
         raise ValueError(f"GGUF metadata key {key!r} is missing")
-    return field.contents()
+    return meta[key]
 
 
 def _float32_value(value: float) -> float:
@@ -105,13 +113,13 @@ def _float32_value(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _hf_config(reader: gguf.GGUFReader, *, tie_word_embeddings: bool) -> dict[str, Any]:
+def _hf_config(meta: Mapping[str, Any], *, tie_word_embeddings: bool) -> dict[str, Any]:
     def arch(key: str) -> Any:
-        return _field(reader, f"{_ARCH}.{key}")
+        return _field(meta, f"{_ARCH}.{key}")
 
     num_layers = arch("block_count")
     context_length = arch("context_length")
-    return {
+    config = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "hidden_size": arch("embedding_length"),
@@ -122,10 +130,10 @@ def _hf_config(reader: gguf.GGUFReader, *, tie_word_embeddings: bool) -> dict[st
         "max_position_embeddings": context_length,
         "rope_theta": _float32_value(arch("rope.freq_base")),
         "rms_norm_eps": _float32_value(arch("attention.layer_norm_rms_epsilon")),
-        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "vocab_size": len(_field(meta, "tokenizer.ggml.tokens")),
         "tie_word_embeddings": tie_word_embeddings,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _field(meta, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(meta, "tokenizer.ggml.eos_token_id"),
         "hidden_act": "silu",
         "torch_dtype": "float32",
         "use_sliding_window": False,
@@ -135,35 +143,46 @@ def _hf_config(reader: gguf.GGUFReader, *, tie_word_embeddings: bool) -> dict[st
         "initializer_range": 0.02,
         "use_cache": True,
     }
+    scaling = meta.get(f"{_ARCH}.rope.scaling.type", "none")
+    if scaling != "none":
+        # llama.cpp writes Qwen's YaRN config.json entry as these three keys.
+        if scaling != "yarn":
+            raise ValueError(f"{_ARCH}.rope.scaling.type is {scaling!r}; only 'yarn' is supported")
+        config["rope_scaling"] = {
+            "type": "yarn",
+            "factor": _float32_value(arch("rope.scaling.factor")),
+            "original_max_position_embeddings": arch("rope.scaling.original_context_length"),
+        }
+    return config
 
 
-def _generation_config(reader: gguf.GGUFReader) -> dict[str, Any]:
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
+def _generation_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    tokens = _field(meta, "tokenizer.ggml.tokens")
+    eos_id = _field(meta, "tokenizer.ggml.eos_token_id")
     eos_ids = [eos_id]
     # Instruct models end a turn with <|im_end|> but may also emit the document separator
     # <|endoftext|>; Qwen's own generation_config stops on both.
     if "<|endoftext|>" in tokens and tokens.index("<|endoftext|>") != eos_id:
         eos_ids.append(tokens.index("<|endoftext|>"))
     return {
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "bos_token_id": _field(meta, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos_ids,
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "pad_token_id": _field(meta, "tokenizer.ggml.padding_token_id"),
     }
 
 
-def build_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
+def build_tokenizer(meta: Mapping[str, Any]) -> HFTokenizer:
     """Byte-level BPE tokenizer equivalent to Qwen2's, from `tokenizer.ggml.*` metadata."""
-    model = _field(reader, "tokenizer.ggml.model")
-    pre = _field(reader, "tokenizer.ggml.pre")
+    model = _field(meta, "tokenizer.ggml.model")
+    pre = _field(meta, "tokenizer.ggml.pre")
     if (model, pre) != ("gpt2", "qwen2"):
         raise ValueError(
             f"tokenizer.ggml.model/pre are {model!r}/{pre!r}; only 'gpt2'/'qwen2' is supported"
         )
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    token_types = _field(reader, "tokenizer.ggml.token_type")
+    tokens = _field(meta, "tokenizer.ggml.tokens")
+    token_types = _field(meta, "tokenizer.ggml.token_type")
     merges = []
-    for merge in _field(reader, "tokenizer.ggml.merges"):
+    for merge in _field(meta, "tokenizer.ggml.merges"):
         pair = merge.split(" ")
         if len(pair) != 2:
             raise ValueError(f"tokenizer.ggml.merges entry {merge!r} is not two tokens")
@@ -206,13 +225,13 @@ def build_tokenizer(reader: gguf.GGUFReader) -> HFTokenizer:
 
 
 def _write_tokenizer_files(
-    reader: gguf.GGUFReader, out_dir: pathlib.Path, *, model_max_length: int
+    meta: Mapping[str, Any], out_dir: pathlib.Path, *, model_max_length: int
 ) -> None:
-    tokenizer = build_tokenizer(reader)
+    tokenizer = build_tokenizer(meta)
     tokenizer.save(str(out_dir / "tokenizer.json"))
 
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    token_types = _field(reader, "tokenizer.ggml.token_type")
+    tokens = _field(meta, "tokenizer.ggml.tokens")
+    token_types = _field(meta, "tokenizer.ggml.token_type")
     added_tokens_decoder = {
         str(index): {
             "content": token,
@@ -225,18 +244,18 @@ def _write_tokenizer_files(
         for index, (token, token_type) in enumerate(zip(tokens, token_types))
         if token_type in (_TOKEN_TYPE_CONTROL, _TOKEN_TYPE_USER_DEFINED)
     }
-    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
     tokenizer_config = {
-        "add_bos_token": bool(add_bos.contents()) if add_bos is not None else False,
+        "add_bos_token": bool(add_bos),
         "add_prefix_space": False,
         "added_tokens_decoder": added_tokens_decoder,
         "bos_token": None,
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "chat_template": _field(meta, "tokenizer.chat_template"),
         "clean_up_tokenization_spaces": False,
-        "eos_token": tokens[_field(reader, "tokenizer.ggml.eos_token_id")],
+        "eos_token": tokens[_field(meta, "tokenizer.ggml.eos_token_id")],
         "errors": "replace",
         "model_max_length": model_max_length,
-        "pad_token": tokens[_field(reader, "tokenizer.ggml.padding_token_id")],
+        "pad_token": tokens[_field(meta, "tokenizer.ggml.padding_token_id")],
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
@@ -244,7 +263,7 @@ def _write_tokenizer_files(
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
 
 
-def _write_weights(reader: gguf.GGUFReader, path: pathlib.Path, *, progress: bool) -> None:
+def _write_weights(tensors: list[GgufTensor], path: pathlib.Path, *, progress: bool) -> None:
     """Stream the dequantized tensors into a safetensors file, a block of rows at a time.
 
     safetensors' own writer needs every tensor alive at once (2.5 GB of float32 here; peak RSS
@@ -255,9 +274,9 @@ def _write_weights(reader: gguf.GGUFReader, path: pathlib.Path, *, progress: boo
     entries = []
     offset = 0
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         name = hf_tensor_name(tensor.name)
-        shape = [int(dim) for dim in reversed(tensor.shape.tolist())]  # GGUF lists dims innermost first
+        shape = list(tensor.shape)
         nbytes = math.prod(shape) * 4
         header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
         entries.append((tensor, name, shape))
@@ -272,7 +291,7 @@ def _write_weights(reader: gguf.GGUFReader, path: pathlib.Path, *, progress: boo
         out.write(header_bytes)
         for tensor, name, shape in tqdm(entries, desc="convert", unit="tensor", disable=not progress):
             rows = 0
-            for values in _dequantize_in_row_blocks(tensor):
+            for values in dequantize_in_row_blocks(tensor):
                 if list(values.shape[1:]) != shape[1:]:
                     raise ValueError(
                         f"GGUF tensor {tensor.name} dequantized to rows of shape "
@@ -284,18 +303,17 @@ def _write_weights(reader: gguf.GGUFReader, path: pathlib.Path, *, progress: boo
                 raise ValueError(f"GGUF tensor {tensor.name} dequantized to {rows} rows, expected {shape[0]}")
 
 
-def _dequantize_in_row_blocks(tensor: Any, block_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+def dequantize_in_row_blocks(tensor: GgufTensor, block_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
     """Yield the tensor's float32 values in blocks of whole rows, in row-major order.
 
     `tensor.data` has one leading index per HF row (quantized rows as raw bytes), so a slice
     of it dequantizes on its own. Blocking keeps dequantize's temporaries small: done whole,
     the 151936 x 896 embedding costs several times its 545 MB of output.
     """
-    row_elements = math.prod(int(dim) for dim in tensor.shape.tolist()[:-1])  # GGUF dims: innermost first
-    rows_per_block = max(1, block_bytes // (4 * row_elements))
-    for start in range(0, tensor.data.shape[0], rows_per_block):
+    rows_per_block = max(1, block_bytes // (4 * math.prod(tensor.shape[1:])))
+    for start in range(0, tensor.shape[0], rows_per_block):
         block = tensor.data[start : start + rows_per_block]
-        yield np.ascontiguousarray(gguf.quants.dequantize(block, tensor.tensor_type), dtype="<f4")
+        yield np.ascontiguousarray(gguf.quants.dequantize(block, tensor.kind), dtype="<f4")
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:

@@ -34,6 +34,9 @@ class LoadedModel:
     max_lora_rank: int = 0   # the largest adapter rank the slots hold
     # A classification or reward checkpoint's head (qwenjax/score_head.py); None: a causal LM.
     score_head: object | None = None
+    # The directory with the checkpoint's config, tokenizer and generation_config: ``source``
+    # itself, or for a GGUF file the one built from its metadata; None for presets.
+    files: str | None = None
 
     @property
     def quantization(self) -> str | None:
@@ -159,6 +162,13 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
     directory = Path(model)
+    source = str(directory)
+    if source.endswith(".gguf"):
+        from qwenjax.gguf_model import prepare
+
+        if not directory.is_file():
+            raise FileNotFoundError(f"model {str(model)!r}: no such GGUF file")
+        directory = prepare(directory)  # config and tokenizer from the GGUF; weights read from it
     score_head = None
     if dummy:
         if not (directory / "config.json").exists():
@@ -197,7 +207,7 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
 
         tokenizer = Tokenizer.from_dir(directory)
     return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
-                       dtype, tokenizer, str(directory), score_head=score_head)
+                       dtype, tokenizer, source, score_head=score_head, files=str(directory))
 
 
 def device_summary() -> str:

@@ -373,8 +373,6 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
     """An HF directory or a GGUF file → an orbax checkpoint laid out for ``tp`` in ``dtype``
     (``quantization``: "fp8", "int4" or "int8" projections; an FP8/AWQ/GPTQ HF checkpoint
     stays as it is unless told otherwise)."""
-    import tempfile
-
     from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
 
     jdtype = resolve_dtype(dtype)
@@ -385,12 +383,9 @@ def convert_to_orbax(model: str | os.PathLike, out_dir: str | os.PathLike, tp: i
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {out_dir}: directory exists and is not empty")
     if model.is_file():
-        from qwenjax.gguf_convert import convert_gguf_to_hf
+        from qwenjax.gguf_model import prepare
 
-        out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=".qwenjax-gguf-") as tmp:
-            convert_gguf_to_hf(model, tmp, progress=progress)
-            return convert_to_orbax(tmp, out, tp, dtype, progress, quantization)
+        model = prepare(model)  # the GGUF's config and tokenizer; weights dequantized as read
     from qwenjax.score_head import head_kind
 
     kind = head_kind(model)

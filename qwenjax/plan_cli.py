@@ -19,7 +19,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                     "fits, and a modeled batch-1 decode time split into HBM, collective and "
                     "pipeline parts (docs/meshes.md).")
     p.add_argument("--model", required=True,
-                   help=f"preset ({', '.join(PRESETS)}) or an HF checkpoint directory / config.json")
+                   help=f"preset ({', '.join(PRESETS)}), an HF checkpoint directory / config.json, or a GGUF file")
     p.add_argument("--mesh", required=True,
                    help="mesh config name under configs/meshes (or $QWENJAX_MESH_DIR), or a YAML path")
     p.add_argument("--max-model-len", type=int, default=None,
@@ -47,10 +47,14 @@ def resolve_model(name_or_path: str) -> ModelConfig:
     if is_preset(name_or_path):
         return preset(name_or_path)
     path = Path(name_or_path)
+    if path.suffix == ".gguf" and path.is_file():
+        from qwenjax.gguf_model import prepare
+
+        return ModelConfig.from_hf(prepare(path))  # the GGUF's metadata as config.json
     if path.is_dir() and (path / "config.json").is_file() or path.is_file():
         return ModelConfig.from_hf(path)
     raise ValueError(f"--model {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
-                     "nor a checkpoint directory with config.json")
+                     "nor a checkpoint directory with config.json nor a GGUF file")
 
 
 def cmd_plan(args) -> int:

@@ -148,6 +148,15 @@ class Checkpoint:
         self._maps.clear()
 
 
+def open_checkpoint(directory: str | os.PathLike) -> Checkpoint:
+    """The directory's safetensors, or the GGUF files a ``qwenjax.gguf_model`` directory names."""
+    if (Path(directory) / "gguf.json").is_file():
+        from qwenjax.gguf_model import GgufCheckpoint
+
+        return GgufCheckpoint(directory)
+    return Checkpoint(directory)
+
+
 # ---- per-parameter slice readers ----------------------------------------------------------
 # Each reader takes the device's index into the *target* array (a tuple of slices) and
 # returns that block as float32 numpy, reading only the rows/columns it needs.
@@ -310,7 +319,7 @@ def load_checkpoint(directory: str | os.PathLike, layout: Layout, mesh: Mesh, dt
     A quantized layout loads each projection in float32 (exact for bf16 and dequantized fp8
     sources), quantizes it on device and drops it before the next: the peak is the stored
     model plus one float32 parameter."""
-    ckpt = Checkpoint(directory)
+    ckpt = open_checkpoint(directory)
     c = layout.config
     if not c.tie_word_embeddings and "lm_head.weight" not in ckpt:
         raise ValueError(f"{directory}: config says untied embeddings but there is no lm_head.weight")

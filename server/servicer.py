@@ -225,7 +225,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 def model_name(source: str) -> str:
     path = pathlib.Path(source)
-    return path.name if path.is_dir() else source
+    return path.name if path.is_dir() or path.suffix == ".gguf" else source
 
 
 def model_info(engine, served_model_names: tuple[str, ...] = ()) -> pb.ModelInfo:

@@ -179,14 +179,12 @@ class Engine(LiveState):
             raise ValueError(f"seed must be an int or None, got {config.seed!r}")
         # Seeds of requests without one: from the OS, or from config.seed.
         self._seeds = random.SystemRandom() if config.seed is None else random.Random(config.seed)
-        source = pathlib.Path(lm.source)  # a preset name for random weights: no file to read
-        self.sampling_defaults = sampling_defaults(source if source.is_dir() else None,
-                                                   config.generation_config,
+        files = None if lm.files is None else pathlib.Path(lm.files)  # None: a preset, random weights
+        self.sampling_defaults = sampling_defaults(files, config.generation_config,
                                                    config.override_generation_config)
         from qwenjax.pooling import PoolerConfig
 
-        self.pooler = PoolerConfig.for_checkpoint(source if source.is_dir() else None,
-                                                  self.head_kind).override(config.pooler_config)
+        self.pooler = PoolerConfig.for_checkpoint(files, self.head_kind).override(config.pooler_config)
         if config.compile_cache:
             enable_compile_cache()
         num_pages = config.num_pages or self._pages_from_memory(config)
