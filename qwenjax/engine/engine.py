@@ -67,7 +67,8 @@ class EngineConfig:
     # "auto": KV pages in the model's dtype; "fp8" (vLLM's --kv-cache-dtype fp8): float8 values
     # with a scale per token and head, ~half the KV memory and decode KV reads (kv_cache.py).
     kv_cache_dtype: str = "auto"
-    # CPU devices report no memory limit; give the KV cache this much instead.
+    # CPU devices report no memory limit and share the host's: the KV cache takes this much of
+    # it in all (over all of this process's devices, as vLLM's VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: float = 1.0
     compile_cache: bool = True            # JAX's persistent compilation cache in the qwenjax cache dir
     compile_workers: int | None = None    # warm-up compile threads (default: runner.compile_workers)
@@ -280,7 +281,7 @@ class Engine(LiveState):
 
             page_bytes += DraftModel.page_bytes(self.draft_lm, config.page_size)
         if devices[0].platform == "cpu":
-            return max(1, int(config.cpu_kv_cache_gib * 2**30 // page_bytes))
+            return max(1, int(config.cpu_kv_cache_gib * 2**30 // (page_bytes * len(devices))))
         return pages_for_memory(memory_fraction=config.kv_cache_fraction, page_bytes=page_bytes,
                                 devices=devices)
 
