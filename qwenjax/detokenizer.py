@@ -9,15 +9,19 @@ Two layers, each holding back only what it must:
    independent of the output length.
 2. Stop layer. Text that could still turn into a stop string is held back; a stop string ends the
    output at its first occurrence, without the stop string itself (with it when
-   `include_stop` is set, vLLM's `include_stop_str_in_output`).
+   `include_stop` is set, vLLM's `include_stop_str_in_output`). Stop regexes (SGLang's
+   `stop_regex`) work the same way: the text from where a match could still begin (the `regex`
+   package's partial matching) is held back, and the first match ends the output.
 
 The deltas returned by `add` and `finish` concatenate to `text`, which equals
-`tokenizer.decode(output_ids)` cut at the first occurrence of any stop string.
+`tokenizer.decode(output_ids)` cut at the first occurrence of any stop string or regex match.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol
+
+import regex
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -33,6 +37,21 @@ PROMPT_CONTEXT_TOKENS = 4
 MAX_UNSETTLED_TOKENS = 8
 # How many split points that search tries, newest first; bounds its cost per token.
 SPLIT_SEARCH_TOKENS = 8
+# Emitted text a stop regex sees in front of the held-back text, for lookbehinds and \b.
+REGEX_CONTEXT_CHARS = 256
+
+
+def compile_stop_regex(pattern: str, field: str = "stop_regex") -> regex.Pattern:
+    """``pattern`` compiled, or a ValueError naming ``field``: it must not match the empty
+    string (it would end every output before its first character)."""
+    try:
+        compiled = regex.compile(pattern)
+    except regex.error as error:
+        raise ValueError(f"{field} {pattern!r} is not a valid regular expression: {error}") from None
+    if compiled.fullmatch(""):
+        raise ValueError(f"{field} {pattern!r} matches the empty string; it would stop every output "
+                         "before it begins")
+    return compiled
 
 
 class TokenDecoder(Protocol):
@@ -55,6 +74,7 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
+        stop_regex: Sequence[str] = (),
         include_stop: bool = False,
     ):
         if isinstance(stop, str):
@@ -67,6 +87,10 @@ class IncrementalDetokenizer:
         self._stops = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop
         self._max_stop_len = max((len(s) for s in self._stops), default=0)
+        if isinstance(stop_regex, str):
+            raise ValueError(f"stop_regex must be a sequence of strings, got the string {stop_regex!r}")
+        self._regexes = [(p, compile_stop_regex(p)) for p in dict.fromkeys(stop_regex)]
+        self._tail = ""  # the last REGEX_CONTEXT_CHARS emitted characters (with stop regexes)
 
         # UTF-8 layer. `_window` holds the tokens from the last-but-one clean split point on; its
         # decode starts at a character boundary, so it is a suffix of the decode of all tokens.
@@ -180,25 +204,50 @@ class IncrementalDetokenizer:
 
     def _release(self, new_text: str, *, final: bool) -> str:
         pending = self._pending + new_text
-        if not self._stops:
+        if not self._stops and not self._regexes:
             return self._emit(pending, "")
-        match_at, match = self._earliest_match(pending)
+        match_at, match_len, match = self._earliest_match(pending)
         # Earliest position whose tail could still grow into a stop string. A complete match is
         # final only when no stop string can still begin before it.
         live_at = len(pending) if final else self._earliest_live(pending, match_at)
+        if self._regexes:
+            regex_at, regex_len, regex_live, pattern = self._earliest_regex(pending, final)
+            if regex_at < match_at:
+                match_at, match_len, match = regex_at, regex_len, pattern
+            live_at = min(live_at, regex_live)
         if match is not None and live_at >= match_at:
             self._matched_stop = match
-            return self._emit(pending[:match_at + (len(match) if self._include_stop else 0)], "")
+            return self._emit(pending[:match_at + (match_len if self._include_stop else 0)], "")
         return self._emit(pending[:live_at], pending[live_at:])
+
+    def _earliest_regex(self, pending: str, final: bool) -> tuple[int, int, int, str | None]:
+        """(start, length, pattern) of the first stop regex match in `pending` ((len, 0, None)
+        without one), and the earliest position where a match could still begin (len: none)."""
+        context = self._tail
+        subject, base = context + pending, len(context)
+        best = (len(pending), 0, None)
+        live = len(pending)
+        for pattern, compiled in self._regexes:
+            found = compiled.search(subject, base)
+            if found is not None and (found.start() - base, found.end() - found.start()) < best[:2]:
+                best = (found.start() - base, found.end() - found.start(), pattern)
+            if not final:
+                # A partial match ends at the text's end: the text might still become a match.
+                partial = compiled.search(subject, base, partial=True)
+                if partial is not None and partial.partial:
+                    live = min(live, partial.start() - base)
+        return (*best[:2], live, best[2])
 
     def _emit(self, delta: str, pending: str) -> str:
         self._pending = pending
         if delta:
             self._emitted.append(delta)
+            if self._regexes:
+                self._tail = (self._tail + delta)[-REGEX_CONTEXT_CHARS:]
         return delta
 
-    def _earliest_match(self, pending: str) -> tuple[int, str | None]:
-        """(start, stop string) of the first stop occurrence in `pending`, or (len, None).
+    def _earliest_match(self, pending: str) -> tuple[int, int, str | None]:
+        """(start, length, stop string) of the first stop occurrence in `pending`, or (len, 0, None).
 
         At equal starts the shorter stop wins: the cut is the same and it completed first.
         """
@@ -209,7 +258,7 @@ class IncrementalDetokenizer:
                 continue
             if best is None or (at, len(stop_string)) < (best_at, len(best)):
                 best_at, best = at, stop_string
-        return best_at, best
+        return best_at, len(best or ""), best
 
     def _earliest_live(self, pending: str, limit: int) -> int:
         """Smallest position before `limit` where the rest of `pending` is a proper prefix of a

@@ -86,6 +86,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI style, on output tokens only
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Regular expressions (the `regex` package's syntax) that end the output at their first match
+    # (SGLang's stop_regex), as stop strings do: the match is cut unless include_stop_str_in_output.
+    stop_regex: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0 = chosen token only
@@ -159,6 +162,22 @@ class SamplingParams:
                     raise ValueError(f"{name} strings must be at most {MAX_STOP_STRING_CHARS} "
                                      f"chars, got {len(s)} chars ({s[:20]!r}…)")
             set_(name, strings)
+
+        patterns = (self.stop_regex,) if isinstance(self.stop_regex, str) else self.stop_regex
+        if not isinstance(patterns, (list, tuple)):
+            raise _fail("stop_regex", "a str or a sequence of str", patterns)
+        if len(patterns) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop_regex must hold at most {MAX_STOP_STRINGS} patterns, got {len(patterns)}")
+        for pattern in patterns:
+            if not isinstance(pattern, str) or not pattern:
+                raise _fail("stop_regex", "non-empty strings", pattern)
+            if len(pattern) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop_regex patterns must be at most {MAX_STOP_STRING_CHARS} chars, "
+                                 f"got {len(pattern)} chars ({pattern[:20]!r}…)")
+            from qwenjax.detokenizer import compile_stop_regex
+
+            compile_stop_regex(pattern)  # a clear error now rather than at admission
+        set_("stop_regex", tuple(patterns))
 
         if isinstance(self.structured_outputs, Mapping):
             set_("structured_outputs", StructuredOutputs(**self.structured_outputs))

@@ -52,6 +52,8 @@ def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
     fields = {name: getattr(wire, name) for name in _SCALAR_SAMPLING_FIELDS if wire.HasField(name)}
     if wire.stop:
         fields["stop"] = tuple(wire.stop)
+    if wire.stop_regex:
+        fields["stop_regex"] = tuple(wire.stop_regex)
     if wire.bad_words:
         fields["bad_words"] = tuple(wire.bad_words)
     if wire.stop_token_ids:

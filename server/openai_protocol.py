@@ -43,11 +43,11 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
            "guided_grammar": "grammar"}
 # Accepted and dropped: they change nothing about the output of this server.
 _IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
-_COMMON = (("model", "stream", "stream_options", "stop", "logit_bias", "priority", "request_id",
+_COMMON = (("model", "stream", "stream_options", "stop", "stop_regex", "logit_bias", "priority", "request_id",
             "structured_outputs", "max_tokens", "use_beam_search", "length_penalty")
            + _SAMPLING + tuple(_GUIDED) + _IGNORED)
 # What beam search cannot honour (its beams follow the model's raw log-probabilities).
-_NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "structured_outputs",
+_NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "stop_regex", "structured_outputs",
                    "logit_bias", "best_of", "response_format", *_GUIDED)
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(_COMMON + (
@@ -118,14 +118,15 @@ def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
     fields = {_RENAMED.get(k, k): body[k] for k in (*_SAMPLING, *_RENAMED) if k in body}
     if "max_tokens" in body and "max_completion_tokens" in body:
         raise ValueError("set max_tokens or max_completion_tokens, not both")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ValueError(f"stop must be a string or a list of strings, got {json.dumps(stop)[:80]}")
-        if stop:
-            fields["stop"] = tuple(stop)
+    for name in ("stop", "stop_regex"):  # stop_regex: SGLang's, regular expressions
+        stop = body.get(name)
+        if stop is not None:
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise ValueError(f"{name} must be a string or a list of strings, got {json.dumps(stop)[:80]}")
+            if stop:
+                fields[name] = tuple(stop)
     if "logit_bias" in body:
         bias = _expect(body, "logit_bias", dict, "an object of token id → bias")
         fields["logit_bias"] = {}

@@ -53,7 +53,7 @@ _SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
 _STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar"}
 # Accepted, changing nothing here: how often a stream is flushed.
 _IGNORED = ("stream_interval",)
-SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "logit_bias",
+SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "stop_regex", "logit_bias",
                              "spaces_between_special_tokens"))
 GENERATE_FIELDS = frozenset(("text", "input_ids", "sampling_params", "rid", "stream",
                              "return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -117,13 +117,14 @@ def sampling_fields(params: Any) -> dict[str, Any]:
     fields = {field: params[name] for name, field in _SAMPLING.items() if name in params}
     if fields.get("top_k") == -1:
         fields["top_k"] = 0
-    stop = params.get("stop")
-    if stop is not None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise ValueError("sampling_params.stop must be a string or a list of strings")
-        if stop:
-            fields["stop"] = tuple(stop)
+    for name in ("stop", "stop_regex"):
+        stop = params.get(name)
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise ValueError(f"sampling_params.{name} must be a string or a list of strings")
+            if stop:
+                fields[name] = tuple(stop)
     if "stop_token_ids" in fields:
         ids = fields["stop_token_ids"]
         if not isinstance(ids, list) or not all(is_int(t) for t in ids):

@@ -374,3 +374,71 @@ def test_cost_per_token_does_not_grow(tokenizer, kind):
     assert text_2000 == tokenizer.decode(ids[:2000])
     assert text_4000 == tokenizer.decode(ids[:4000])
     assert 0 < cost_2000 < 24 and cost_4000 < 1.2 * cost_2000, (cost_2000, cost_4000)
+
+
+# ---- stop regexes (SGLang's stop_regex) ----------------------------------------------------
+
+
+def test_literal_stop_regexes_stop_exactly_as_stop_strings(tokenizer):
+    """A stop regex that is an escaped string holds back and cuts exactly as the string does."""
+    import regex
+
+    rng = random.Random(99)
+    encoded = [tokenizer.encode(text) for text in CORPUS]
+    stopped = 0
+    for case in range(150):
+        ids = [i for _ in range(rng.randint(1, 2)) for i in rng.choice(encoded)]
+        output_ids = ids[rng.randrange(len(ids)):][:50]
+        full = tokenizer.decode(output_ids)
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(max(1, len(full)))
+            stops.append(full[at: at + rng.randint(1, 8)] or "x")
+        chunks = random_chunks(rng, len(output_ids), 4)
+        by_string, string_deltas = stream(tokenizer, output_ids, chunks=chunks, stop=stops)
+        by_regex, regex_deltas = stream(tokenizer, output_ids, chunks=chunks,
+                                        stop_regex=[regex.escape(s) for s in stops])
+        assert (by_regex.text, regex_deltas, by_regex.stopped) == \
+            (by_string.text, string_deltas, by_string.stopped), (case, stops)
+        if by_string.stopped:
+            stopped += 1
+            assert by_regex.matched_stop == regex.escape(by_string.matched_stop)
+    assert stopped > 60
+
+
+def test_stop_regex_holds_back_a_possible_match_and_cuts_at_it(tokenizer):
+    ids = tokenizer.encode("Step 12 done. Step 13. More")
+    detok = IncrementalDetokenizer(tokenizer, [], stop_regex=[r"Step \d+\."])
+    streamed = []
+    for token_id in ids:
+        streamed.append(detok.add([token_id]))
+        so_far = "".join(streamed)
+        # "Step 12" may still become a match: nothing from "Step" on is released until " done".
+        assert not so_far.startswith("Step") or "done" in so_far, so_far
+    assert detok.stopped and detok.matched_stop == r"Step \d+\."
+    assert detok.text == "Step 12 done. " and "".join(streamed) == detok.text
+    kept, _ = stream(tokenizer, ids, stop_regex=[r"Step \d+\."], include_stop=True)
+    assert kept.text == "Step 12 done. Step 13."
+    # Both a string and a regex: the earliest match wins, whichever it is.
+    both, _ = stream(tokenizer, ids, stop=["done"], stop_regex=[r"\d\d"])
+    assert both.text == "Step " and both.matched_stop == r"\d\d"
+
+
+def test_stop_regex_sees_emitted_text_for_lookbehind(tokenizer):
+    ids = tokenizer.encode("x = 1\ny = 2\nreturn x")
+    detok, _ = stream(tokenizer, ids, stop_regex=[r"(?<=\n)return\b"])
+    assert detok.text == "x = 1\ny = 2\n" and detok.stopped
+    unreleased, deltas = stream(tokenizer, tokenizer.encode("Step 7"), stop_regex=[r"Step \d+\."])
+    assert not unreleased.stopped and unreleased.text == "Step 7" and deltas[-1] == "Step 7"
+
+
+def test_invalid_stop_regexes_are_refused_by_name(tokenizer):
+    from qwenjax.sampling import SamplingParams
+
+    with pytest.raises(ValueError, match=r"stop_regex '\(' is not a valid regular expression"):
+        SamplingParams(stop_regex="(")
+    with pytest.raises(ValueError, match="matches the empty string"):
+        SamplingParams(stop_regex=[r"\d*"])
+    with pytest.raises(ValueError, match="sequence of strings"):
+        IncrementalDetokenizer(tokenizer, [], stop_regex=r"\d")
+    assert SamplingParams(stop_regex=r"\d+\.").stop_regex == (r"\d+\.",)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from http.client import HTTPConnection
 
 import grpc
@@ -134,6 +136,11 @@ def test_chat_logprobs_n_seed_and_stop(client, name):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == word
     assert stopped.choices[0].message.content == text[: text.index(word)]
+    # SGLang's stop_regex: the same cut, by a pattern (extra_body, as vLLM's extra fields).
+    by_regex = client.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                              temperature=0, extra_body={"stop_regex": re.escape(word)})
+    assert by_regex.choices[0].message.content == text[: text.index(word)]
+    assert by_regex.choices[0].model_extra["stop_reason"] == re.escape(word)
 
 
 def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server, tokenizer):
@@ -597,8 +604,23 @@ def test_start_and_stop_profile(start, name, tmp_path):
     assert stopped["summary"]["busy_us"] > 0
     status, refused = http(base, "/stop_profile", {})
     assert status == 409 and "no profile is running" in refused["error"]["message"]
-    status, refused = http(base, "/start_profile", {"num_steps": 3})
-    assert status == 400 and "num_steps" in refused["error"]["message"]
+    # SGLang's num_steps: the trace stops by itself after that many engine steps.
+    status, refused = http(base, "/start_profile", {"num_steps": 0})
+    assert status == 400 and "num_steps must be a positive integer" in refused["error"]["message"]
+    status, refused = http(base, "/start_profile", {"activities": ["GPU"]})
+    assert status == 400 and "activities" in refused["error"]["message"]
+    status, started = http(base, "/start_profile", {"num_steps": 2})
+    assert status == 200 and started["num_steps"] == 2
+    status, _ = http(base, "/v1/completions", {"model": name, "prompt": "def g(y):", "max_tokens": 6,
+                                               "ignore_eos": True})
+    assert status == 200
+    time.sleep(0.5)  # 6 tokens took more than 2 steps: the trace stops (in the background)
+    status, stopped = http(base, "/stop_profile", {})  # waits for it, answers with it
+    assert status == 200 and stopped["directory"] == started["directory"] and stopped["trace"]
+    assert stopped["num_steps"] == 2  # stopped by itself, not by this call
+    assert http(base, "/stop_profile", {})[0] == 409
+    assert http(base, "/start_profile", {})[0] == 200
+    assert http(base, "/stop_profile", {})[0] == 200
 
 
 def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_loop):

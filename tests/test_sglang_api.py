@@ -22,10 +22,11 @@ def test_sampling_params_take_sglangs_names():
     fields = sg.sampling_fields({"max_new_tokens": 7, "min_new_tokens": 2, "top_k": -1,
                                  "no_stop_trim": True, "sampling_seed": 5, "stop": "\n",
                                  "stop_token_ids": [3], "logit_bias": {"12": -5},
-                                 "stream_interval": 4, "spaces_between_special_tokens": True})
+                                 "stream_interval": 4, "spaces_between_special_tokens": True,
+                                 "stop_regex": r"\d+\."})
     assert fields == {"max_tokens": 7, "min_tokens": 2, "top_k": 0,
                       "include_stop_str_in_output": True, "seed": 5, "stop": ("\n",),
-                      "stop_token_ids": (3,), "logit_bias": {12: -5}}
+                      "stop_token_ids": (3,), "logit_bias": {12: -5}, "stop_regex": (r"\d+\.",)}
     schema = sg.sampling_fields({"json_schema": '{"type": "object"}'})["structured_outputs"]
     assert schema.json == {"type": "object"}
     grammar = sg.sampling_fields({"ebnf": 'root ::= "yes" | "no"'})["structured_outputs"].grammar
@@ -33,7 +34,7 @@ def test_sampling_params_take_sglangs_names():
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"stop_regex": "x"}, "does not accept the field(s) stop_regex"),
+    ({"stop_regex": [1]}, "stop_regex must be"),
     ({"custom_params": {}}, "custom_params"),
     ({"spaces_between_special_tokens": False}, "only true"),
     ({"regex": "a", "ebnf": "root ::= \"a\""}, "set one of"),
@@ -208,6 +209,16 @@ def test_generate_streams_cumulative_text_and_constraints(base):
     _, stopped = _post(base, "/generate", {"text": PROMPT, "sampling_params": {
         "temperature": 0, "max_new_tokens": 30, "stop": ["\n"]}})
     assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "\n"}
+    # stop_regex: the output ends before the first match (the greedy text returns within 30).
+    _, whole = _post(base, "/generate", {"text": PROMPT, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 30}})
+    pattern = r"return\s+\w+"
+    first = re.search(pattern, whole["text"])
+    assert first is not None, whole["text"]
+    _, regex_stopped = _post(base, "/generate", {"text": PROMPT, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 30, "stop_regex": [pattern]}})
+    assert regex_stopped["text"] == whole["text"][:first.start()]
+    assert regex_stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": pattern}
     _, digits = _post(base, "/generate", {"text": "My lucky number is", "sampling_params": {
         "temperature": 0, "max_new_tokens": 8, "regex": "[0-9]{3}"}})
     assert re.fullmatch("[0-9]{3}", digits["text"]), digits

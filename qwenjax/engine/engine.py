@@ -226,6 +226,7 @@ class Engine(LiveState):
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self._inflight: InFlight | None = None     # the step dispatched and not yet read back
         self._ids = itertools.count()
+        self.num_steps = 0  # steps dispatched to the devices so far
         from qwenjax.lora import LoRASlots
 
         self.loras = LoRASlots(lm.max_loras + 1, lm.max_lora_rank, lm.lora_names)
@@ -477,7 +478,7 @@ class Engine(LiveState):
 
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,
                                                  skip_special_tokens=params.skip_special_tokens,
-                                                 stop=params.stop,
+                                                 stop=params.stop, stop_regex=params.stop_regex,
                                                  include_stop=params.include_stop_str_in_output)
         self._requests[request_id] = request
         self._tracking[request_id] = _Tracking(detokenizer, RequestMetrics(now),
@@ -528,6 +529,7 @@ class Engine(LiveState):
                     outputs += self._collect(previous)
                 return outputs + self._fail_step(out, error)
             self.scheduler.step_dispatched(out)
+            self.num_steps += 1
             for row, chunk in dispatched.placed:
                 chunk.request.num_inflight += 1
                 chunk.request.inflight_row = row
