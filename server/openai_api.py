@@ -217,9 +217,15 @@ class OpenAIServer:
 
     async def _prepare(self, parsed: proto.ParsedRequest, prompt_ids: list[int]):
         fields = parsed.fields
-        if parsed.default_max_tokens is not None and "max_tokens" not in fields:
-            room = self.gateway.engine.max_model_len + 1 - len(prompt_ids)
-            fields = {**fields, "max_tokens": max(1, min(parsed.default_max_tokens, room))}
+        if "max_tokens" not in fields:
+            # Completions: 16, as OpenAI's; chat: the model's generation_config max_new_tokens,
+            # else all the context leaves (vLLM's), not SamplingParams' 256.
+            engine = self.gateway.engine
+            room = engine.max_model_len + 1 - len(prompt_ids)
+            default = parsed.default_max_tokens
+            if default is None:
+                default = engine.sampling_defaults.get("max_tokens", room)
+            fields = {**fields, "max_tokens": max(1, min(default, room))}
         try:
             return self.gateway.prepare(fields, prompt_ids, parsed.priority)
         except ValueError as error:
