@@ -550,6 +550,17 @@ class OpenAIServer:
         def prompt_entries(i: int, output) -> list:
             return list(output.prompt_logprobs or ()) if runs[i][1].prompt_logprobs is not None else []
 
+        def shown(output):
+            """The output as the answer shows it: with max_tokens 0 (echo), the token it ran
+            with left out, and "length" for its end."""
+            if not parsed.prompt_only:
+                return output
+            none = lambda value: None if value is None else []  # noqa: E731
+            return dataclasses.replace(
+                output, text="", token_ids=[], delta_text="", delta_token_ids=[],
+                logprobs=none(output.logprobs), delta_logprobs=none(output.delta_logprobs),
+                finish_reason=output.finish_reason and "length", matched_stop=None)
+
         def echoed(i: int, entries: list) -> list:
             """Echoed prompt logprobs: the first token's (which has none) as its id alone, so that
             every prompt token is listed (OpenAI's and vLLM's: index p is token p)."""
@@ -561,6 +572,7 @@ class OpenAIServer:
             finals: dict[int, Any] = {}
             prompt_lps: dict[int, list] = {}
             async for i, output in merged(calls):
+                output = shown(output)
                 if output.prompt_logprobs is not None:
                     prompt_lps.setdefault(i, prompt_entries(i, output))
                 if output.finish_reason is not None:
@@ -590,16 +602,36 @@ class OpenAIServer:
                 event["usage"] = None
             return event
 
+        async def ready():
+            """(i, output) as they come, except that with the echo's logprobs a choice waits
+            for its prompt's, which (with n > 1) only sequence 0's outputs carry."""
+            prompt_lps: dict[int, list] = {}
+            held: dict[tuple[int, int], Any] = {}  # a choice's outputs before its prompt's logprobs
+            waits = parsed.echo and runs[0][1].prompt_logprobs is not None
+            async for i, output in merged(calls):
+                output = shown(output)
+                if output.prompt_logprobs is not None and i not in prompt_lps:
+                    prompt_lps[i] = prompt_entries(i, output)
+                    for key in [key for key in held if key[0] == i]:
+                        yield i, held.pop(key), prompt_lps[i]
+                if waits and i not in prompt_lps:
+                    key = (i, output.index)
+                    held[key] = held[key].followed_by(output) if key in held else output
+                    continue
+                yield i, output, prompt_lps.get(i, [])
+            for (i, _), output in held.items():  # sequence 0 ended without them (aborted)
+                yield i, output, []
+
         async def events():
             started: dict[int, int] = {}  # choice index → chars sent (for text_offset)
-            async for i, output in merged(calls):
+            async for i, output, prompt in ready():
                 index = i * n + output.index
                 text, entries = output.delta_text, list(output.delta_logprobs or ())
                 if index not in started:
                     started[index] = 0
                     if parsed.echo:
                         text = runs[i][2] + text
-                        entries = echoed(i, prompt_entries(i, output)) + entries
+                        entries = echoed(i, prompt) + entries
                 totals["completion"] += len(output.delta_token_ids)
                 if output.finish_reason is not None and output.index == 0:
                     totals["cached"][i] = output.num_cached_tokens
@@ -661,7 +693,10 @@ class OpenAIServer:
         head = {"id": response_id, "object": "chat.completion", "created": proto.now(), "model": model}
 
         def finish_reason(output, called: bool) -> str:
-            return "tool_calls" if called and output.finish_reason == "stop" else output.finish_reason
+            # A call the model chose to make ("auto", "required") ends with "tool_calls"; a named
+            # tool_choice's forced call with "stop", as OpenAI's and vLLM's.
+            chosen = called and parsed.tool_choice in ("auto", "required")
+            return "tool_calls" if chosen and output.finish_reason == "stop" else output.finish_reason
 
         if not parsed.stream:
             finals, prompt_lps = {}, None

@@ -20,6 +20,8 @@ import time
 import uuid
 from typing import Any, Mapping, Sequence
 
+import regex
+
 from qwenjax.engine.request import RequestOutput
 from qwenjax.reasoning import ReasoningStream, held_back, split_reasoning
 from qwenjax.sampling import is_int
@@ -69,6 +71,7 @@ class ParsedRequest:
     # /v1/completions
     prompts: list[str | list[int]] = dataclasses.field(default_factory=list)
     echo: bool = False
+    prompt_only: bool = False       # echo with max_tokens 0: the prompt alone, nothing generated
     suffix: str | None = None       # fill in the middle: the text after the completion
     # /v1/chat/completions
     default_max_tokens: int | None = None  # an unset max_tokens (None: fill the context's room)
@@ -115,9 +118,9 @@ def check_fields(body: Any, allowed: frozenset[str], endpoint: str,
 
 
 def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
+    # max_completion_tokens (OpenAI's newer name) wins over max_tokens when both are sent, as
+    # in vLLM.
     fields = {_RENAMED.get(k, k): body[k] for k in (*_SAMPLING, *_RENAMED) if k in body}
-    if "max_tokens" in body and "max_completion_tokens" in body:
-        raise ValueError("set max_tokens or max_completion_tokens, not both")
     for name in ("stop", "stop_regex"):  # stop_regex: SGLang's, regular expressions
         stop = body.get(name)
         if stop is not None:
@@ -174,8 +177,9 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
     for key in ("include_usage", "continuous_usage_stats"):
         if not isinstance(options.get(key, False), bool):
             raise ValueError(f"stream_options.{key} must be true or false")
-    request.include_usage = options.get("include_usage", False)
     request.continuous_usage = options.get("continuous_usage_stats", False)
+    # Usage on every chunk implies the closing usage chunk too (the totals a client sums).
+    request.include_usage = options.get("include_usage", False) or request.continuous_usage
     priority = body.get("priority", 0)
     if not is_int(priority):
         raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
@@ -215,6 +219,15 @@ def parse_completion(body: Any) -> ParsedRequest:
     request.prompts = _prompts(body.get("prompt"))
     request.default_max_tokens = COMPLETION_MAX_TOKENS
     request.echo = bool(_expect(body, "echo", bool, "true or false"))
+    if fields.get("max_tokens") == 0 and not isinstance(fields["max_tokens"], bool):
+        # vLLM's prompt-only request (scoring harnesses send it): the prompt echoed with its
+        # logprobs and nothing generated. It runs with one token, which the answer leaves out.
+        if not request.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: true, which "
+                             "returns the prompt alone)")
+        if fields.get("min_tokens"):
+            raise ValueError("min_tokens must be 0 with max_tokens 0")
+        request.prompt_only, fields["max_tokens"] = True, 1
     logprobs = body.get("logprobs")
     if logprobs is not None:
         fields["logprobs"] = logprobs  # an int (top alternatives per token), as OpenAI's legacy API
@@ -382,9 +395,9 @@ def parse_chat(body: Any) -> ParsedRequest:
     request.messages = _messages(body.get("messages"))
     request.chat_logprobs = bool(_expect(body, "logprobs", bool, "true or false"))
     top = body.get("top_logprobs")
-    if top is not None:
-        if not request.chat_logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+    if top is not None and top != 0 and not request.chat_logprobs:  # 0 asks for nothing
+        raise ValueError("top_logprobs needs logprobs: true")
+    if top is not None and request.chat_logprobs:
         fields["logprobs"] = top
     elif request.chat_logprobs:
         fields["logprobs"] = 0
@@ -527,7 +540,10 @@ def completion_logprobs(entries: Sequence, token_text: TokenText, offset: int) -
             top_logprobs.append(None)
         else:
             token_logprobs.append(_finite(lp.logprob))
-            top_logprobs.append({token_text(t)[0]: _finite(v) for t, v in lp.top} or None)
+            # The token itself and its top alternatives (vLLM's: logprobs 0 gives the token alone).
+            top = {text: _finite(lp.logprob)}
+            top.update((token_text(t)[0], _finite(v)) for t, v in lp.top)
+            top_logprobs.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
@@ -624,16 +640,20 @@ def reasoning_delta(text: str) -> dict[str, str]:
 
 
 _TAG = "<tool_call>"
+# How a bare JSON call opens (parse_tool_calls reads those too): an optional ```json fence, an
+# optional list, then an object's first key. A reply held for it is released as soon as it
+# cannot be one (code in a ```python fence, a list of numbers, plain text).
+_BARE_CALL = regex.compile(r'(?:```(?:json)?\s*)?\[?\s*\{\s*"')
 
 
 class ToolCallStream:
     """Streams a reply's content while holding back what may be a tool call.
 
     Content is sent as it comes, except a tail that could begin ``<tool_call>`` (or is
-    whitespace, which a call would strip); from the tag
-    on (or from the start, when the reply opens like a bare JSON call, or when tool_choice
-    forces a call) nothing more is sent until the end, where the calls are parsed from the
-    whole text."""
+    whitespace, which a call would strip); from the tag on (or from the start, when the reply
+    opens like a bare JSON call, ``{"``, ``[{"`` or a ```json fence around them, or when
+    tool_choice forces a call) nothing more is sent until the end, where the calls are parsed
+    from the whole text."""
 
     def __init__(self, request: ParsedRequest):
         self.request = request
@@ -642,6 +662,7 @@ class ToolCallStream:
         self.blocked = self.enabled and request.tool_choice not in ("auto", "none")
         self.text = ""
         self.sent = 0
+        self.bare_checked = False  # the reply's opening was read for a bare JSON call
 
     def feed(self, delta: str) -> str:
         """The content to send now."""
@@ -654,9 +675,14 @@ class ToolCallStream:
         stripped = self.text.lstrip()
         if not stripped:
             return ""
-        if self.sent == 0 and stripped[0] in "{[`":
-            self.blocked = True
-            return ""
+        if not self.bare_checked:
+            opening = _BARE_CALL.match(stripped, partial=True)
+            if opening is not None and opening.partial:
+                return ""  # may still open a call: wait for more
+            self.bare_checked = True
+            if opening is not None:
+                self.blocked = True
+                return ""
         tag = self.text.find(_TAG, max(0, self.sent - len(_TAG)))
         if tag >= 0:
             end, self.blocked = tag, True

@@ -105,6 +105,12 @@ def test_chat_greedy_matches_grpc_and_reports_usage(client, name, server, tokeni
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    # Usage on every chunk: each counts the tokens so far, and the closing chunk has the total.
+    chunks = list(client.chat.completions.create(
+        model=name, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and chunks[-1].choices == [] and counts[-1] == 8
 
 
 def test_chat_logprobs_n_seed_and_stop(client, name):
@@ -149,6 +155,8 @@ def test_chat_logprobs_n_seed_and_stop(client, name):
 
 
 def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server, tokenizer):
+    import openai
+
     prompt = "def fibonacci(n):"
     ids, text = grpc_greedy(server, 6, text=prompt)
     token_prompt = tokenizer.encode("import numpy as")
@@ -172,9 +180,42 @@ def test_completions_batch_echo_logprobs_and_token_prompts(client, name, server,
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
     assert None not in lp.token_logprobs[1:]
     assert "".join(lp.tokens) == choice.text
-    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    # Each token's own logprob and its top 2 (vLLM's: the token first, then its alternatives).
+    for token, token_lp, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert next(iter(top.items())) == (token, token_lp) and len(top) <= 3
     assert lp.text_offset == sorted(lp.text_offset)
     assert echoed.choices[0].model_extra["prompt_logprobs"][0] is None
+    alone = client.completions.create(model=name, prompt=prompt, max_tokens=3, temperature=0, logprobs=0)
+    assert [list(top) for top in alone.choices[0].logprobs.top_logprobs] == \
+        [[t] for t in alone.choices[0].logprobs.tokens]  # logprobs 0: the token alone
+
+    # max_tokens 0 with echo (vLLM's, for scoring): the prompt and its logprobs, nothing generated.
+    for stream in (False, True):
+        kwargs = dict(model=name, prompt=token_prompt, max_tokens=0, echo=True, logprobs=1, stream=stream)
+        if stream:
+            chunks = list(client.completions.create(**kwargs, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            tokens = [t for c in chunks if c.choices and c.choices[0].logprobs
+                      for t in c.choices[0].logprobs.tokens]
+            finish, usage = chunks[-2].choices[0].finish_reason, chunks[-1].usage
+        else:
+            only = client.completions.create(**kwargs)
+            text, tokens = only.choices[0].text, only.choices[0].logprobs.tokens
+            finish, usage = only.choices[0].finish_reason, only.usage
+        assert text == "import numpy as" == "".join(tokens) and len(tokens) == len(token_prompt)
+        assert finish == "length" and usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=name, prompt=prompt, max_tokens=0)
+
+    # Streamed with n > 1: every choice's echo carries the prompt's logprobs (the engine
+    # computes them once, on sequence 0).
+    firsts: dict[int, list] = {}
+    for chunk in client.completions.create(model=name, prompt=token_prompt, max_tokens=3, n=3, seed=5,
+                                           echo=True, logprobs=1, stream=True):
+        for c in chunk.choices:
+            firsts.setdefault(c.index, c.logprobs.tokens)
+    assert sorted(firsts) == [0, 1, 2]
+    assert all(tokens[:len(token_prompt)] == lp.tokens[:len(token_prompt)] for tokens in firsts.values())
 
     # prompt_logprobs (vLLM's, for scoring): per prompt token, its logprob (the first: null).
     scored = client.completions.create(model=name, prompt=token_prompt, max_tokens=1, temperature=0,
@@ -235,7 +276,13 @@ def test_tool_calls_named_and_streamed(client, name):
     reply = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
                                            tool_choice=forced, max_tokens=40, temperature=0)
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    # A named tool_choice's forced call ends with "stop" (OpenAI's and vLLM's); one the model
+    # chose ("auto") with "tool_calls".
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    auto = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "What's the weather like in Paris today?"}],
+        tools=[WEATHER], max_tokens=48, temperature=0).choices[0]
+    assert auto.finish_reason == "tool_calls" and auto.message.tool_calls[0].function.name == "get_weather"
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather"
     assert set(json.loads(call.function.arguments)) == {"city"} and call.id.startswith("call_")
@@ -248,7 +295,7 @@ def test_tool_calls_named_and_streamed(client, name):
     (streamed,) = [t for d in deltas for t in d.tool_calls or ()]
     assert streamed.index == 0 and streamed.function.name == "get_weather"
     assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
     # The call goes back into the conversation with its result; the model answers in text.
     follow = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -729,6 +776,12 @@ def test_parse_maps_openai_and_vllm_fields():
     assert chat.fields == {"max_tokens": 7, "stop": ("\n",), "logit_bias": {42: -100}, "top_k": 5,
                            "logprobs": 0}
     assert chat.stream and chat.include_usage and chat.model == "m"
+    # Both names: max_completion_tokens wins (vLLM's); top_logprobs 0 alone asks for nothing.
+    both = proto.parse_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
+                             "max_completion_tokens": 5, "top_logprobs": 0})
+    assert both.fields == {"max_tokens": 5} and not both.chat_logprobs
+    only = proto.parse_completion({"prompt": "x", "max_tokens": 0, "echo": True})
+    assert only.prompt_only and only.fields["max_tokens"] == 1
 
     completion = proto.parse_completion({"prompt": [[1, 2], [3]], "logprobs": 3, "echo": True,
                                          "best_of": 1, "guided_choice": ["a", "b"], "cache_salt": "t"})
@@ -748,8 +801,6 @@ def test_parse_maps_openai_and_vllm_fields():
         with pytest.raises(ValueError, match=field):
             proto.parse_completion(body)
     for body, field in [({"messages": []}, "messages"),
-                        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1,
-                          "max_completion_tokens": 1}, "max_completion_tokens"),
                         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "get_weather"},
                          "tool_choice"),
                         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]},
@@ -807,6 +858,13 @@ def test_tool_call_stream_holds_back_only_what_may_be_a_call():
         assert "<" not in run("x <tool_c", size)[0]
     sent, rest, calls = run('{"name": "get_weather", "arguments": {"city": "Oslo"}}', 2)
     assert sent == rest == "" and json.loads(calls[0].arguments) == {"city": "Oslo"}
+    fenced = '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
+    assert run(fenced, 2)[:2] == ("", "") and len(run(fenced, 2)[2]) == 1
+    # A reply that opens like one but is not (code, a list of numbers) streams from there on.
+    code = "```python\ndef f():\n    return 1\n```"
+    for text in (code, "[1, 2, 3] are the numbers", "{a} is a set"):
+        sent, rest, calls = run(text, 2)
+        assert sent + rest == text and not calls and len(sent) >= len(text) - 4
     sent, rest, calls = run('[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
                             tool_choice="required")
     assert sent == rest == "" and len(calls) == 1
