@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import re
 import time
 from http.client import HTTPConnection
@@ -659,8 +660,10 @@ def test_start_and_stop_profile(start, name, tmp_path):
     # SGLang's num_steps: the trace stops by itself after that many engine steps.
     status, refused = http(base, "/start_profile", {"num_steps": 0})
     assert status == 400 and "num_steps must be a positive integer" in refused["error"]["message"]
-    status, refused = http(base, "/start_profile", {"activities": ["GPU"]})
+    status, refused = http(base, "/start_profile", {"activities": ["RPD"]})
     assert status == 400 and "activities" in refused["error"]["message"]
+    status, refused = http(base, "/start_profile", {"output_dir": "/elsewhere"})
+    assert status == 400 and "output_dir must lie inside" in refused["error"]["message"]
     status, started = http(base, "/start_profile", {"num_steps": 2})
     assert status == 200 and started["num_steps"] == 2
     status, _ = http(base, "/v1/completions", {"model": name, "prompt": "def g(y):", "max_tokens": 6,
@@ -673,6 +676,26 @@ def test_start_and_stop_profile(start, name, tmp_path):
     assert http(base, "/stop_profile", {})[0] == 409
     assert http(base, "/start_profile", {})[0] == 200
     assert http(base, "/stop_profile", {})[0] == 200
+
+    # The body python -m sglang.profiler sends (numbers as strings): the trace waits for
+    # start_step, lasts num_steps, and goes into output_dir with a memory profile (MEM).
+    body = {"output_dir": str(tmp_path / "sglang" / "1700000000.0"), "num_steps": "2",
+            "start_step": str(10**9), "activities": ["CPU", "GPU", "MEM"], "profile_by_stage": False,
+            "merge_profiles": False, "profile_prefix": None}
+    status, waiting = http(base, "/start_profile", body)
+    assert status == 200 and waiting["status"] == "waiting" and waiting["start_step"] == 10**9
+    status, stopped = http(base, "/stop_profile", {})  # before start_step came: no trace
+    assert status == 200 and stopped["trace"] is None
+    body["start_step"] = "1"  # long past: it starts at once
+    status, started = http(base, "/start_profile", body)
+    assert status == 200 and started["status"] == "profiling"
+    assert started["directory"] == body["output_dir"]
+    status, _ = http(base, "/v1/completions", {"model": name, "prompt": "def h(z):", "max_tokens": 6,
+                                               "ignore_eos": True})
+    time.sleep(0.5)
+    status, stopped = http(base, "/stop_profile", {})
+    assert status == 200 and stopped["num_steps"] == 2 and stopped["trace"].startswith(body["output_dir"])
+    assert pathlib.Path(stopped["memory_profile"]).stat().st_size > 0
 
 
 def test_disconnect_aborts_and_drain_refuses(start, served_model, name, server_loop):
