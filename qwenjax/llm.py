@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import uuid
 from typing import AsyncIterator, Iterator, Mapping, Sequence, TypedDict, Union
@@ -23,6 +24,7 @@ from qwenjax.loading import LoadedModel, load_model
 from qwenjax.lora import LoRARequest
 from qwenjax.sampling import SamplingParams
 
+log = logging.getLogger("qwenjax")
 
 
 class TextPrompt(TypedDict):
@@ -41,6 +43,28 @@ class TokensPrompt(TypedDict):
 Prompt = Union[str, Sequence[int], TextPrompt, TokensPrompt]
 Message = dict
 Conversation = Sequence[Message]
+
+
+# vLLM's LLM(...) arguments that ask for what qwenjax does anyway, or that have no use here:
+# accepted so that vLLM scripts run unchanged (the CLI accepts its flags the same way).
+VLLM_NO_OP_ARGUMENTS = {
+    "trust_remote_code": "Qwen2 is built in: no code from the checkpoint runs",
+    "enforce_eager": "there are no CUDA graphs: XLA compiles each step shape once",
+    "enable_chunked_prefill": "prefill is always chunked (prefill_chunk)",
+    "disable_log_stats": "the engine logs no periodic stats",
+    "disable_custom_all_reduce": "XLA inserts the collectives",
+    "enable_lora": "adapters load with lora_modules, add_lora or a LoRARequest (max_loras slots)",
+    "enable_sleep_mode": "sleep() and wake_up() always work",
+    "swap_space": "preempted requests are recomputed; the host KV tier is cpu_kv_cache_gib",
+    "max_logprobs": "logprobs and prompt_logprobs allow up to 20 alternatives",
+    "tokenizer_mode": "the tokenizer is the checkpoint's tokenizer.json",
+    "revision": "models load from local directories (no hub)",
+    "tokenizer_revision": "as revision",
+    "download_dir": "as revision",
+    "max_seq_len_to_capture": "there are no CUDA graphs",
+    "disable_async_output_proc": "output processing is part of the engine step",
+    "compilation_config": "XLA compiles every step",
+}
 
 
 def _engine_config(max_model_len, max_num_seqs, kv_cache_fraction, kwargs) -> EngineConfig:
@@ -106,6 +130,12 @@ class _Base:
         {"step_tag_id": ID}, default the checkpoint's own, qwenjax.pooling.PoolerConfig).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""
+        for name in sorted(set(engine_options) & set(VLLM_NO_OP_ARGUMENTS)):
+            engine_options.pop(name)
+            log.info("%s: accepted, no effect here (%s)", name, VLLM_NO_OP_ARGUMENTS[name])
+        if "block_size" in engine_options:  # vLLM's name for the KV cache's page size
+            engine_options["page_size"] = _alias("page_size", engine_options.get("page_size"), None,
+                                                 "block_size", engine_options.pop("block_size"))
         tp = _alias("tp", tp, 1, "tensor_parallel_size", tensor_parallel_size)
         pp = _alias("pp", pp, 1, "pipeline_parallel_size", pipeline_parallel_size)
         kv_cache_fraction = _alias("kv_cache_fraction", kv_cache_fraction, 0.9,
@@ -133,6 +163,14 @@ class _Base:
     def tokenizer(self):
         return self.lm.tokenizer
 
+    def get_tokenizer(self):
+        """vLLM's: the model's tokenizer (qwenjax.tokenizer.Tokenizer; None for a preset with
+        random weights)."""
+        return self.lm.tokenizer
+
+    def _token_text(self, token_id: int) -> str:
+        return self.lm.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def list_loras(self) -> tuple[str, ...]:
         """The LoRA adapters loaded now."""
         return self.engine.lora_names
@@ -154,22 +192,31 @@ class _Base:
         return list(prompt)
 
     def _encode_chat(self, messages: Conversation, tools=None, add_generation_prompt: bool = True,
-                     continue_final_message: bool = False) -> list[int]:
+                     continue_final_message: bool = False, chat_template: str | None = None,
+                     template_kwargs: Mapping | None = None) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (and no chat template)")
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
-                                          continue_final_message)
+        tokenizer = self.tokenizer
+        if chat_template is not None:  # compiled once per template
+            templated = self.__dict__.setdefault("_templated", {})
+            if chat_template not in templated:
+                templated[chat_template] = tokenizer.with_chat_template(chat_template)
+            tokenizer = templated[chat_template]
+        return tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
+                                     continue_final_message, template_kwargs)
 
     def _chat_request(self, messages: Conversation, params: SamplingParams | None, tools,
                       tool_choice: str | None, add_generation_prompt: bool | None,
-                      continue_final_message: bool) -> tuple[list[int], SamplingParams]:
+                      continue_final_message: bool, chat_template: str | None = None,
+                      template_kwargs: Mapping | None = None) -> tuple[list[int], SamplingParams]:
         """A conversation's prompt ids and its params (the model's defaults when None; with
         tool_choice "required" or a tool's name, constrained to the call it asks for)."""
         from qwenjax.tool_calls import tool_choice_constraint
 
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
-        ids = self._encode_chat(messages, tools, add_generation_prompt, continue_final_message)
+        ids = self._encode_chat(messages, tools, add_generation_prompt, continue_final_message,
+                                chat_template, template_kwargs)
         params = params if params is not None else self.engine.default_sampling_params(len(ids))
         constraint = tool_choice_constraint(tools, tool_choice)
         if constraint is not None:
@@ -182,6 +229,21 @@ def _check_beam_room(prompt_ids, params: BeamSearchParams, max_model_len: int) -
         if len(ids) + params.max_tokens > max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
                              f"over the max context of {max_model_len}")
+
+
+def _check_tags(tags) -> None:
+    unknown = sorted(set(tags or ()) - {"weights", "kv_cache"})
+    if unknown:
+        raise ValueError(f"wake_up tags are 'weights' and 'kv_cache', got {', '.join(unknown)}")
+
+
+def _params(params, sampling_params):
+    """``params``, or vLLM's keyword for it, ``sampling_params``."""
+    if sampling_params is None:
+        return params
+    if params is not None:
+        raise ValueError("give params or sampling_params (vLLM's name), not both")
+    return sampling_params
 
 
 def _one_lora(lora, lora_request):
@@ -226,6 +288,8 @@ def _truncating(params, truncate_prompt_tokens: int | None):
     """``params`` cut to the prompt's last ``truncate_prompt_tokens`` tokens, when given."""
     if truncate_prompt_tokens is None:
         return params
+    if isinstance(params, (list, tuple)):  # one per prompt
+        return [_truncating(p, truncate_prompt_tokens) for p in params]
     return dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
 
 
@@ -258,7 +322,10 @@ class LLM(_Base):
         before ``wake_up``)."""
         self.engine.sleep(level)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take the device memory back. ``tags`` (vLLM's "weights", "kv_cache"): both are
+        restored together here, so any tags mean all of them."""
+        _check_tags(tags)
         self.engine.wake_up()
 
     def reset_prefix_cache(self) -> bool:
@@ -266,7 +333,8 @@ class LLM(_Base):
         return self.engine.reset_prefix_cache()
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
-              use_tqdm: bool = True, lora: str | None = None,
+              use_tqdm: bool = True, lora: str | LoRARequest | None = None,
+              lora_request: LoRARequest | None = None,
               truncate_prompt_tokens: int | None = None) -> list:
         """The embedding of each prompt (vLLM's ``LLM.embed``): the final-normed hidden state of
         its last token, L2-normalized unless ``pooling_params`` (a ``PoolingParams``) says
@@ -277,11 +345,12 @@ class LLM(_Base):
         pooling_params = _truncating(pooling_params if pooling_params is not None else PoolingParams(),
                                      truncate_prompt_tokens)
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], pooling_params,
-                            use_tqdm, lora=lora)
+                            use_tqdm, lora=self._lora(lora, lora_request))
         return [EmbeddingRequestOutput.of(o) for o in outputs]
 
     def score(self, text_1: Prompt | Sequence[Prompt], text_2: Prompt | Sequence[Prompt], *,
-              use_tqdm: bool = True, lora: str | None = None) -> list:
+              use_tqdm: bool = True, lora: str | LoRARequest | None = None,
+              lora_request: LoRARequest | None = None) -> list:
         """vLLM's ``LLM.score`` on an embedding model: the cosine similarity of the embeddings of
         one ``text_1`` and each ``text_2``, or of two lists pairwise. Returns
         ``ScoringRequestOutput``s (``.outputs.score``), one per pair."""
@@ -291,14 +360,15 @@ class LLM(_Base):
         first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
         pairs = score_pairs(len(first), len(second))
         outputs = self._run([self._encode(p) for p in first + second], PoolingParams(), use_tqdm,
-                            lora=lora)
+                            lora=self._lora(lora, lora_request))
         return [ScoringRequestOutput(f"{outputs[i].request_id}-{outputs[j].request_id}",
                                      outputs[i].prompt_token_ids + outputs[j].prompt_token_ids,
                                      ScoringOutput(cosine(outputs[i].embedding, outputs[j].embedding)))
                 for i, j in pairs]
 
     def classify(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
-                 lora: str | None = None) -> list:
+                 lora: str | LoRARequest | None = None,
+                 lora_request: LoRARequest | None = None) -> list:
         """Class probabilities of each prompt on a classification checkpoint
         (``Qwen2ForSequenceClassification``; vLLM's ``LLM.classify``): the softmax of its score
         head on the last token. Returns ``ClassificationRequestOutput``s (``.outputs.probs``;
@@ -306,11 +376,13 @@ class LLM(_Base):
         from qwenjax.pooling import ClassificationRequestOutput, PoolingParams
 
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
-                            PoolingParams(task="classify"), use_tqdm, lora=lora)
+                            PoolingParams(task="classify"), use_tqdm,
+                            lora=self._lora(lora, lora_request))
         return [ClassificationRequestOutput.of(o) for o in outputs]
 
     def reward(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
-               lora: str | None = None) -> list:
+               lora: str | LoRARequest | None = None,
+               lora_request: LoRARequest | None = None) -> list:
         """The reward of each prompt on a reward checkpoint (``Qwen2ForRewardModel``, e.g.
         Qwen2.5-Math-RM-72B; vLLM's ``LLM.reward``): its score head on the last token. Returns
         ``PoolingRequestOutput``s (``.outputs.data``: the head's outputs, one for a scalar
@@ -318,12 +390,14 @@ class LLM(_Base):
         from qwenjax.pooling import PoolingParams, PoolingRequestOutput
 
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
-                            PoolingParams(task="reward"), use_tqdm, lora=lora)
+                            PoolingParams(task="reward"), use_tqdm,
+                            lora=self._lora(lora, lora_request))
         return [PoolingRequestOutput.of(o) for o in outputs]
 
     def encode(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
                pooling_task: str | None = None, use_tqdm: bool = True,
-               lora: str | None = None, truncate_prompt_tokens: int | None = None) -> list:
+               lora: str | LoRARequest | None = None, lora_request: LoRARequest | None = None,
+               truncate_prompt_tokens: int | None = None) -> list:
         """vLLM's ``LLM.encode``: each prompt's pooled output for ``pooling_task`` ("embed",
         "token_embed", "classify", "token_classify", "reward"; default ``pooling_params``'
         task, else the model's own: embed, classify or reward), e.g. "token_embed" for every
@@ -335,7 +409,7 @@ class LLM(_Base):
         params = _truncating(self.engine.pooling_params(pooling_params, pooling_task),
                              truncate_prompt_tokens)
         outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], params,
-                            use_tqdm, lora=lora)
+                            use_tqdm, lora=self._lora(lora, lora_request))
         return [PoolingRequestOutput.of(o) for o in outputs]
 
     @property
@@ -362,16 +436,23 @@ class LLM(_Base):
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
                  lora: str | LoRARequest | None = None,
-                 lora_request: LoRARequest | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | None = None,
+                 sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
         or a list of token-id lists (or vLLM's ``{"prompt": …}`` / ``{"prompt_token_ids": …}``
         dicts); ``params``: one SamplingParams or one per prompt. With ``n`` > 1 a prompt gets n outputs in a row
         (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
         scheduling_policy="priority"): lower values are run first. ``lora``: the name of a
         loaded adapter (None: the base model), or a ``LoRARequest`` (vLLM's, also as
-        ``lora_request``), loaded into a free slot on first use."""
-        return self._run([self._encode(p) for p in _as_prompt_list(prompts)], params, use_tqdm,
-                         priority, self._lora(lora, lora_request))
+        ``lora_request``), loaded into a free slot on first use. ``sampling_params``: vLLM's
+        name for ``params``.
+
+        As vLLM's offline engine, a ``max_tokens`` larger than the room a prompt leaves in the
+        context is cut to that room (the output ends with "length"); only a prompt that fills
+        the context by itself is refused."""
+        return self._run([self._encode(p) for p in _as_prompt_list(prompts)],
+                         _params(params, sampling_params), use_tqdm, priority,
+                         self._lora(lora, lora_request), fit=True)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
@@ -379,9 +460,14 @@ class LLM(_Base):
              continue_final_message: bool = False,
              priority: int | Sequence[int] | None = None,
              lora: str | LoRARequest | None = None,
-             lora_request: LoRARequest | None = None) -> list[RequestOutput]:
+             lora_request: LoRARequest | None = None,
+             sampling_params: SamplingParams | None = None,
+             chat_template: str | None = None,
+             chat_template_kwargs: Mapping | None = None) -> list[RequestOutput]:
         """``messages``: one conversation (a list of {"role", "content"} dicts) or a list of them.
-        ``priority`` and ``lora`` (``lora_request``) as in ``generate``.
+        ``priority``, ``lora`` (``lora_request``) and ``sampling_params`` as in ``generate``.
+        ``chat_template``: a Jinja template (or a file holding one) for this call instead of the
+        model's; ``chat_template_kwargs``: more variables for the template (vLLM's).
 
         ``continue_final_message``: the last message is an assistant turn to go on writing (to
         start the answer yourself, e.g. with "{"); ``add_generation_prompt`` (default: unless
@@ -392,21 +478,25 @@ class LLM(_Base):
         ``tool_choice``: "auto" (default), "none", "required" or a tool's name; the last two
         constrain the output (structured outputs) to a list of calls or that one call."""
         conversations = _as_conversations(messages)
+        params = _params(params, sampling_params)
         given = list(params) if isinstance(params, (list, tuple)) else [params] * len(conversations)
         if len(given) != len(conversations):
             raise ValueError(f"got {len(given)} SamplingParams for {len(conversations)} conversations")
         requests = [self._chat_request(c, p, tools, tool_choice, add_generation_prompt,
-                                       continue_final_message) for c, p in zip(conversations, given)]
+                                       continue_final_message, chat_template, chat_template_kwargs)
+                    for c, p in zip(conversations, given)]
         return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority,
-                         self._lora(lora, lora_request))
+                         self._lora(lora, lora_request), fit=True)
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
                     lora: str | LoRARequest | None = None,
-                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
+                    lora_request: LoRARequest | None = None,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's ``LLM.beam_search``: per prompt, the ``params.beam_width`` best sequences
         (``.sequences``, best first: ``tokens`` with the prompt, ``token_ids`` and ``text`` of the
         output, ``cum_logprob``); qwenjax/beam_search.py. Each step runs every live beam as a
-        one-token request; the prefix cache keeps their shared prefixes."""
+        one-token request; the prefix cache keeps their shared prefixes. ``use_tqdm``: vLLM's
+        argument, accepted; the search shows no progress bar."""
         from qwenjax.beam_search import beam_search, step_params
 
         name = self._lora(lora, lora_request)
@@ -440,8 +530,19 @@ class LLM(_Base):
                 # Pages are freed now; the abort's final output is dropped by the next step().
                 self.engine.abort(request_id)
 
+    def _fitted(self, ids: list[int], params):
+        """``params`` with max_tokens cut to the room ``ids`` leaves (vLLM's offline engine ends
+        such a request at the context's end); unchanged where it fits or nothing fits."""
+        room = self.engine.max_model_len + 1 - len(ids)
+        if isinstance(params, SamplingParams) and room >= max(1, params.min_tokens) \
+                and params.max_tokens > room:
+            return dataclasses.replace(params, max_tokens=room)
+        return params
+
     def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
-             priority: int | Sequence[int] | None = None, lora: str | None = None) -> list[RequestOutput]:
+             priority: int | Sequence[int] | None = None, lora: str | None = None,
+             fit: bool = False) -> list[RequestOutput]:
+        """``fit``: cut each max_tokens to the room its prompt leaves in the context."""
         self.engine.lora_slot(lora)  # an unknown adapter fails before any request is admitted
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
@@ -452,6 +553,8 @@ class LLM(_Base):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompt_ids)} prompts")
         params_list = [p if p is not None else self.engine.default_sampling_params(len(ids))
                        for ids, p in zip(prompt_ids, params_list)]
+        if fit:
+            params_list = [self._fitted(ids, p) for ids, p in zip(prompt_ids, params_list)]
         for ids, p, rank in zip(prompt_ids, params_list, priorities):  # fail before any is admitted
             self.engine.validate(ids, p, rank)
         order = {}
@@ -480,12 +583,24 @@ class LLM(_Base):
         finally:
             if bar is not None:
                 bar.close()
-        if self.tokenizer is not None:  # vLLM's RequestOutput.prompt
+        if self.tokenizer is not None:  # vLLM's RequestOutput.prompt and Logprob.decoded_token
+            decode = self._token_text
             for ids, sequences in zip(prompt_ids, results):
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
                 for output in sequences:
                     output.prompt = text
+                    for entry in (*(output.logprobs or ()), *(output.prompt_logprobs or ())):
+                        if entry is not None:
+                            entry.decode = decode
         return [output for sequences in results for output in sequences]
+
+
+class _Done:
+    """An awaitable that is already done: what a call that finished at once returns to code
+    that may ``await`` it."""
+
+    def __await__(self):
+        return iter(())
 
 
 class AsyncLLM(_Base):
@@ -501,12 +616,15 @@ class AsyncLLM(_Base):
 
         self._thread = EngineThread(self.engine)
 
-    def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
-                 request_id: str | None = None, priority: int = 0,
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None,
+                 request_id: str | None = None, *, priority: int = 0,
                  lora: str | LoRARequest | None = None,
-                 lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
-        """``lora`` (``lora_request``) as in ``LLM.generate``."""
+                 lora_request: LoRARequest | None = None,
+                 sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """``lora`` (``lora_request``) and ``sampling_params`` as in ``LLM.generate``; the
+        arguments in vLLM's order (prompt, sampling params, request id)."""
         ids = self._encode(prompt)
+        params = _params(params, sampling_params)
         return self._generate(ids, params or self.engine.default_sampling_params(len(ids)),
                               request_id or uuid.uuid4().hex, priority, _one_lora(lora, lora_request))
 
@@ -561,16 +679,23 @@ class AsyncLLM(_Base):
              tool_choice: str | None = None, add_generation_prompt: bool | None = None,
              continue_final_message: bool = False, priority: int = 0,
              lora: str | LoRARequest | None = None,
-             lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
-        """One conversation; ``tools``, ``tool_choice``, ``add_generation_prompt``,
-        ``continue_final_message``, ``priority`` and ``lora`` as in ``LLM.chat``."""
-        ids, params = self._chat_request(messages, params, tools, tool_choice,
-                                         add_generation_prompt, continue_final_message)
+             lora_request: LoRARequest | None = None,
+             sampling_params: SamplingParams | None = None,
+             chat_template: str | None = None,
+             chat_template_kwargs: Mapping | None = None) -> AsyncIterator[RequestOutput]:
+        """One conversation; the other arguments as in ``LLM.chat``."""
+        ids, params = self._chat_request(messages, _params(params, sampling_params), tools,
+                                         tool_choice, add_generation_prompt, continue_final_message,
+                                         chat_template, chat_template_kwargs)
         return self._generate(ids, params, request_id or uuid.uuid4().hex, priority,
                               _one_lora(lora, lora_request))
 
-    def abort(self, request_id: str) -> None:
-        self._thread.abort(request_id)
+    def abort(self, request_id: str | Sequence[str]) -> _Done:
+        """Abort one request or several, at once; awaiting the result (vLLM's ``await
+        engine.abort(...)``) works too."""
+        for one in [request_id] if isinstance(request_id, str) else request_id:
+            self._thread.abort(one)
+        return _Done()
 
     async def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
                           lora: str | LoRARequest | None = None) -> list[BeamSearchOutput]:
@@ -612,7 +737,8 @@ class AsyncLLM(_Base):
         """``LLM.sleep`` between two steps (refused while requests are unfinished)."""
         await self._thread.sleep(level)
 
-    async def wake_up(self) -> None:
+    async def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        _check_tags(tags)
         await self._thread.wake_up()
 
     async def reset_prefix_cache(self) -> bool:

@@ -248,6 +248,13 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
             if len(out.token_ids) >= 3:
                 break  # leaving the loop aborts the request
 
+    async def abort_by_id():  # vLLM's order (prompt, params, request id) and awaited abort
+        async for out in engine_llm.generate("Count to fifty.", SamplingParams(max_tokens=200),
+                                             "by-id"):
+            if len(out.token_ids) >= 2:
+                await engine_llm.abort("by-id")
+        return out.finish_reason
+
     async def named_call():  # tool_choice reaches the async path too
         from test_tool_calls import TOOLS
 
@@ -258,7 +265,7 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
 
     async def main():
         results = await asyncio.gather(*(collect(q) for q in QUESTIONS[:3]), cancel_early(),
-                                       named_call())
+                                       named_call(), abort_by_id())
         for _ in range(100):  # the abort reaches the engine thread within a step or two
             if engine_llm.engine.allocator.num_used == 0:
                 break
@@ -269,6 +276,7 @@ def test_async_llm_concurrent_requests_and_cancel(lm, llm):
         results = asyncio.run(main())
         assert results[:3] == expected
         assert json.loads(results[4])["name"] == "add", results[4]
+        assert results[5] == "abort"
         assert engine_llm.engine.allocator.num_used == 0
     finally:
         engine_llm.shutdown()
@@ -361,6 +369,46 @@ def test_vllm_argument_names(tmp_path):
     assert llm.lm.mesh.shape["tp"] == 2 and llm.engine.config.kv_cache_fraction == 0.5
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(str(tmp_path), tp=2, tensor_parallel_size=4)
+
+
+def test_vllm_offline_api_shapes(llm, lm):
+    """What vLLM scripts do with LLM: sampling_params by keyword, logprobs as {token id:
+    Logprob}, stop_reason None at EOS, max_tokens past the context cut to it, per-call chat
+    templates, vLLM-only constructor arguments accepted."""
+    from qwenjax.engine.request import Logprob
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, prompt_logprobs=1)
+    out = llm.chat(_chat("Say OK."), sampling_params=greedy, use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.stop_reason is None  # EOS: None, as vLLM's
+    assert out.matched_stop in lm.tokenizer.eos_token_ids  # (SGLang's "matched" names it)
+    first = out.logprobs[0]
+    token = out.token_ids[0]
+    assert first[token] == Logprob(first.logprob, 1, lm.tokenizer.decode([token]))  # greedy: rank 1
+    assert list(first)[0] == token and 2 <= len(first) <= 3
+    assert sum(out.logprobs[i][t].logprob for i, t in enumerate(out.token_ids)) == \
+        pytest.approx(out.cumulative_logprob)
+    prompt_lp = out.prompt_logprobs
+    assert prompt_lp[0] is None and prompt_lp[1][out.prompt_token_ids[1]].logprob <= 0
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate("x", GREEDY, sampling_params=GREEDY, use_tqdm=False)
+    assert llm.get_tokenizer() is llm.tokenizer
+
+    # A max_tokens past the context is cut to the room the prompt leaves (vLLM's offline engine).
+    prompt = lm.tokenizer.encode("word " * 1000)[:1000]
+    long = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert long.finish_reason == "length" and len(prompt) + len(long.token_ids) == SMALL["max_model_len"] + 1
+
+    template = "{% for m in messages %}<<{{ m['content'] }}{{ suffix }}>>{% endfor %}"
+    ids = llm.chat(_chat("hi"), GREEDY, chat_template=template, chat_template_kwargs={"suffix": "!"},
+                   use_tqdm=False)[0].prompt_token_ids
+    assert ids == lm.tokenizer.encode("<<hi!>>")
+
+    other = LLM(lm, trust_remote_code=True, enforce_eager=True, swap_space=4, block_size=32,
+                enable_sleep_mode=True, **SMALL)
+    assert other.engine.config.page_size == 32
+    with pytest.raises(TypeError):
+        LLM(lm, not_a_vllm_argument=1, **SMALL)
 
 
 def test_dummy_weights_and_another_tokenizer(tmp_path, real_model_dir):

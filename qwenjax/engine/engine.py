@@ -672,6 +672,8 @@ class Engine(LiveState):
         track.metrics.first_scheduled_time = request.first_scheduled_time
         out = self._output(request, delta, delta_ids, delta_logprobs or [], last, track)
         out.finish_reason, out.matched_stop = reason, matched
+        out.stopped_at_eos = reason == "stop" and isinstance(matched, int) \
+            and matched in self.eos_token_ids and not request.params.ignore_eos
         if request.pooling is not None and request.embedding is not None:
             # An embedding, not a generation: the token sampled with it is dropped.
             out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Sequence
 
 
 class RequestStatus(enum.Enum):
@@ -135,11 +136,46 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
 
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """vLLM's entry of a position's logprobs: the token's log-probability, its rank among the
+    vocabulary (1: the most likely; None where it is not among the top alternatives asked
+    for) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 @dataclasses.dataclass
-class TokenLogprob:
+class TokenLogprob(Mapping):
+    """One position's logprobs: the token there, its logprob and the top alternatives.
+
+    Also a read-only mapping in vLLM's shape, token id → ``Logprob``: the token itself first,
+    then the alternatives, so vLLM code such as ``lp[token_id].logprob`` or
+    ``{t: e.logprob for t, e in lp.items()}`` runs unchanged. ``decode`` (set by ``LLM``)
+    fills ``decoded_token``."""
+
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob) of the most likely alternatives
+    decode: Callable[[int], str] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def _entries(self) -> dict[int, Logprob]:
+        ranks = {token: rank for rank, (token, _) in enumerate(self.top, 1)}
+        order = [self.token_id] + [token for token, _ in self.top if token != self.token_id]
+        values = dict(self.top) | {self.token_id: self.logprob}
+        text = self.decode or (lambda token: None)
+        return {token: Logprob(values[token], ranks.get(token), text(token)) for token in order}
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len({self.token_id, *(token for token, _ in self.top)})
 
 
 @dataclasses.dataclass
@@ -209,6 +245,7 @@ class RequestOutput:
     # A pooling request's answer (on its last output): floats, or a list of them per pooled token.
     embedding: list | None = None
     prompt: str | None = None  # the prompt's text (LLM.generate/chat fill it in; vLLM's)
+    stopped_at_eos: bool = False  # ended by the model's end-of-sequence token
 
     # vLLM's shape: ``output.outputs[0].text`` (one RequestOutput per sequence here, where vLLM
     # groups a prompt's n sequences under one; iterating ``outputs`` of each reads each once).
@@ -218,8 +255,9 @@ class RequestOutput:
 
     @property
     def stop_reason(self) -> str | int | None:
-        """vLLM's name for ``matched_stop``."""
-        return self.matched_stop
+        """vLLM's: the stop string or stop token id that ended the sequence; None for EOS and
+        the length limit (``matched_stop`` names the EOS token too, as SGLang's ``matched``)."""
+        return None if self.stopped_at_eos else self.matched_stop
 
     @property
     def cumulative_logprob(self) -> float | None:
