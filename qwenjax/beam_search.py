@@ -30,9 +30,16 @@ class BeamSearchParams:
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
+    # vLLM's fields, accepted: the beams follow the model's raw log-probabilities (vLLM's too:
+    # its logprobs are taken before temperature), and beam search has no stop strings.
+    temperature: float = 0.0
     length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not self.temperature >= 0:
+            raise ValueError(f"temperature must be a number ≥ 0, got {self.temperature!r}")
         if not isinstance(self.beam_width, int) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
             raise ValueError(f"beam_width must be an int in [1, {MAX_BEAM_WIDTH}], got "
                              f"{self.beam_width!r}")

@@ -203,7 +203,7 @@ class BeamCall:
 
         gateway, params = self.gateway, self.params
         search = BeamSearch([self.prompt_ids], BeamSearchParams(
-            params.n, params.max_tokens, params.ignore_eos, self.length_penalty),
+            params.n, params.max_tokens, params.ignore_eos, length_penalty=self.length_penalty),
             gateway.engine.eos_token_ids)
         step = search.step_params()
 

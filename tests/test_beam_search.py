@@ -51,6 +51,11 @@ def test_beam_search_finds_the_likelier_sequence_greedy_misses():
     assert all(len(b.token_ids) == 3 for b in free.sequences)
     with pytest.raises(ValueError, match=r"beam_width must be an int in \[1, 10\]"):
         BeamSearchParams(beam_width=11, max_tokens=4)
+    # vLLM's positional order and its extra fields.
+    params = BeamSearchParams(2, 8, False, 0.0, 0.5, include_stop_str_in_output=True)
+    assert params.length_penalty == 0.5 and params.temperature == 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        BeamSearchParams(2, 8, temperature=-1)
 
 
 def test_llm_beam_search_equals_the_search_over_exact_logits(tmp_path):
