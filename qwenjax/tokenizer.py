@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,24 @@ _BYTE_OF_CHAR = _byte_level_alphabet()
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 # What apply_chat_template itself passes to a chat template.
 _TEMPLATE_VARIABLES = frozenset(("messages", "add_generation_prompt", "bos_token", "eos_token", "tools"))
+# transformers' tokenization options that this tokenizer does not implement: accepted only at
+# their no-op values (None / False / {}), so a call written for transformers fails loudly
+# instead of having its padding or truncation silently ignored.
+_UNSUPPORTED_OPTIONS = frozenset((
+    "padding", "truncation", "max_length", "return_tensors", "text_pair", "stride",
+    "return_assistant_tokens_mask", "sanitize_control_tokens", "tokenizer_kwargs",
+))
+
+
+class BatchEncoding(dict):
+    """What transformers' ``tokenizer(text)`` returns for unpadded input: a dict with
+    "input_ids" and "attention_mask" whose keys also read as attributes (``.input_ids``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no {name!r}") from None
 
 
 class Tokenizer:
@@ -44,13 +63,20 @@ class Tokenizer:
         eos_token: str | None,
         eos_token_ids: Sequence[int],
         pad_token_id: int | None,
+        unk_token: str | None = None,
+        extra_special_tokens: Sequence[str] = (),
     ):
         self._tokenizer = tokenizer
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._eos_token_ids = tuple(eos_token_ids)
         self._pad_token_id = pad_token_id
+        self._unk_token = unk_token
+        self._extra_special_tokens = tuple(extra_special_tokens)
         self._chat_template = _compile_chat_template(chat_template) if chat_template else None
+        # apply_chat_template(chat_template=...) sources → compiled, so a per-request template
+        # compiles once (shared with copies from with_chat_template: keyed by the source).
+        self._compiled_templates: dict[str, jinja2.Template] = {}
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -88,6 +114,11 @@ class Tokenizer:
                 f"tokenizer_config.json chat_template is a {type(chat_template).__name__}; "
                 "only a single template string is supported"
             )
+        # transformers 5 names them extra_special_tokens (a dict for multimodal models), older
+        # saves additional_special_tokens; both count in all_special_ids.
+        extra = config.get("extra_special_tokens", config.get("additional_special_tokens")) or []
+        if isinstance(extra, Mapping):
+            extra = list(extra.values())
         return cls(
             tokenizer,
             chat_template=chat_template,
@@ -95,6 +126,8 @@ class Tokenizer:
             eos_token=_token_content(config.get("eos_token")),
             eos_token_ids=eos_token_ids,
             pad_token_id=pad_token_id,
+            unk_token=_token_content(config.get("unk_token")),
+            extra_special_tokens=[_token_content(token) for token in extra],
         )
 
     def with_chat_template(self, template: str) -> Tokenizer:
@@ -116,20 +149,124 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids the tokenizer knows, added tokens included."""
+        """Number of token ids the tokenizer knows, added tokens included (transformers'
+        vocab_size leaves added tokens out; for Qwen2.5's tokenizer.json, whose vocabulary
+        already holds them, both are the same)."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        """The full vocabulary size, added tokens included (transformers' ``len(tokenizer)``)."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    # The special tokens as transformers names them. Qwen2's tokenizer_config.json sets no
+    # bos_token and no unk_token, so those are None (generation_config.json's bos_token_id is
+    # for generation, not for the tokenizer).
+    @property
+    def eos_token_id(self) -> int | None:
+        """The first id that ends a reply (transformers: the id of tokenizer_config.json's
+        eos_token; the same for Qwen2.5, whose generation_config.json lists it first)."""
+        return self._eos_token_ids[0] if self._eos_token_ids else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._token_text(self.eos_token_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._bos_token
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._token_id(self._bos_token)
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._token_text(self._pad_token_id)
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._unk_token
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self._token_id(self._unk_token)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        """As transformers lists them: bos, eos, unk, pad (those set), then tokenizer_config.json's
+        extra/additional special tokens, each once. Not every token decode skips: that is every
+        added token marked special in tokenizer.json."""
+        named = (self.bos_token, self._eos_token, self._unk_token, self.pad_token)
+        return list(dict.fromkeys(t for t in (*named, *self._extra_special_tokens) if t is not None))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Token text → id, added tokens included."""
+        return self._tokenizer.get_vocab(with_added_tokens=True)
+
+    def convert_ids_to_tokens(
+        self, ids: int | Sequence[int], skip_special_tokens: bool = False
+    ) -> str | None | list[str | None]:
+        """The vocabulary entry of one id (a str), or of each id in a list (a list); None for an
+        id outside the vocabulary. Entries are byte-level text ("Ġworld" for " world"), as in
+        transformers. ``skip_special_tokens`` leaves out the ids in ``all_special_ids``."""
+        if isinstance(ids, numbers.Integral):
+            return self._tokenizer.id_to_token(int(ids))
+        skipped = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self._tokenizer.id_to_token(int(i)) for i in ids if int(i) not in skipped]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        """The id of one vocabulary entry (an int), or of each in a list (a list); an unknown
+        entry gives ``unk_token_id`` (None for Qwen2), as in transformers."""
+        if isinstance(tokens, str):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(token) for token in tokens]
 
     def to_json(self) -> str:
         """The tokenizer as tokenizer.json text (what other tokenizer libraries load)."""
         return self._tokenizer.to_str()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. No BOS is added (Qwen2 uses none); special-token text such as
-        "<|im_start|>" maps to its special id."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text such as "<|im_start|>" maps to its special id.
+        ``add_special_tokens``: whether tokenizer.json's post-processor may add tokens, as in
+        transformers. Qwen2's (ByteLevel) adds none — no BOS, no EOS — so True and False give
+        the same ids."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def __call__(self, text: str | Sequence[str], add_special_tokens: bool = True,
+                 **options: Any) -> BatchEncoding:
+        """transformers' ``tokenizer(text)``: {"input_ids", "attention_mask"} for one text (lists
+        of ids and of ones) or for a list of texts (a list of such lists), unpadded. Padding,
+        truncation and tensors are not implemented; asking for them raises ValueError."""
+        _refuse_unsupported_options("tokenizer(...)", options)
+        if options:
+            raise TypeError(f"tokenizer(...) got unexpected keyword arguments {sorted(options)}")
+        if isinstance(text, str):
+            ids = self.encode(text, add_special_tokens=add_special_tokens)
+            return BatchEncoding(input_ids=ids, attention_mask=[1] * len(ids))
+        if not isinstance(text, Sequence) or not all(isinstance(t, str) for t in text):
+            raise ValueError(f"text must be a str or a list of str, got {type(text).__name__}")
+        batch = [e.ids for e in self._tokenizer.encode_batch(list(text), add_special_tokens=add_special_tokens)]
+        return BatchEncoding(input_ids=batch, attention_mask=[[1] * len(ids) for ids in batch])
+
+    def decode(self, ids: int | Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids`` (one id or a list). ``skip_special_tokens`` defaults to True here,
+        while transformers' decode defaults to False: callers across qwenjax rely on this
+        default, so pass it explicitly where transformers' behaviour is wanted. Skipped are the
+        added tokens tokenizer.json marks special (<|im_end|>, <|im_start|>, …), not
+        <tool_call> and the other non-special added tokens."""
+        if isinstance(ids, numbers.Integral):
+            ids = [ids]
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        """``decode`` of each sequence, with transformers' default: special tokens kept (unlike
+        ``decode``'s default here)."""
+        return self._tokenizer.decode_batch([list(ids) for ids in sequences],
+                                            skip_special_tokens=skip_special_tokens)
 
     def special_token_id(self, text: str) -> int | None:
         """The id of a token whose text is ``text`` (e.g. "<|fim_prefix|>"), if the vocabulary has it."""
@@ -155,27 +292,61 @@ class Tokenizer:
         if None in ids:
             raise ValueError("suffix needs a tokenizer with the fill-in-the-middle tokens "
                              f"{', '.join(FIM_TOKENS)}; this model's has none")
-        head = list(prefix) if not isinstance(prefix, str) else self.encode(prefix)
-        return [ids[0], *head, ids[1], *self.encode(suffix), ids[2]]
+        head = list(prefix) if not isinstance(prefix, str) else self.encode(prefix, add_special_tokens=False)
+        return [ids[0], *head, ids[1], *self.encode(suffix, add_special_tokens=False), ids[2]]
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+        self, messages: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
-        template_kwargs: Mapping[str, Any] | None = None,
-    ) -> str:
+        template_kwargs: Mapping[str, Any] | None = None, *, tokenize: bool | None = None,
+        return_dict: bool = False, chat_template: str | None = None,
+        conversation: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any,
+    ) -> str | list[int] | BatchEncoding | list[str] | list[list[int]]:
         """Render `messages` ({"role": ..., "content": ...} dicts; an assistant turn may carry
         OpenAI-style "tool_calls") into the model's prompt text, offering `tools` (OpenAI-style
         function definitions) when given. `continue_final_message`: the last message is an
         assistant turn the model goes on writing (no end-of-turn after it, no new turn).
-        `template_kwargs`: more variables for the template (vLLM's `chat_template_kwargs`, e.g.
-        {"enable_thinking": False} for templates that read it; Qwen2.5's reads none)."""
-        template_kwargs = dict(template_kwargs or {})
-        reserved = sorted(set(template_kwargs) & _TEMPLATE_VARIABLES)
+        `template_kwargs`, or more keyword arguments as transformers takes them: more variables
+        for the template (vLLM's `chat_template_kwargs`, e.g. {"enable_thinking": False} for
+        templates that read it; Qwen2.5's reads none). `chat_template`: render with this
+        template (its text or a file holding it) instead of the tokenizer's.
+
+        The keywords of transformers' apply_chat_template work as there (`conversation=` for
+        `messages`; a list of conversations gives a list of results): `tokenize=True` gives the
+        token ids (with `return_dict=True`, {"input_ids", "attention_mask"}), `tokenize=False`
+        the text. Two defaults differ, kept for qwenjax's callers: without `tokenize` the text
+        is returned (transformers: ids, as a dict since transformers 5), and
+        `add_generation_prompt` is True (transformers: False). The second positional argument
+        is `add_generation_prompt` (transformers': `tools`)."""
+        if conversation is not None:
+            if messages is not None:
+                raise TypeError("apply_chat_template: pass messages or conversation, not both")
+            messages = conversation
+        if isinstance(add_generation_prompt, (Sequence, Mapping)):
+            raise TypeError(f"add_generation_prompt must be a bool, got {type(add_generation_prompt).__name__} "
+                            "(the second positional argument here; pass tools=... by name)")
+        _refuse_unsupported_options("apply_chat_template", kwargs)
+        variables = {**(template_kwargs or {}), **kwargs}
+        reserved = sorted(set(variables) & _TEMPLATE_VARIABLES)
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (set by the "
                              "request itself)")
-        if self._chat_template is None:
+        template = self._chat_template if chat_template is None else self._compiled(chat_template)
+        if template is None:
             raise ValueError("this tokenizer has no chat_template")
+        batched = (isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)) and bool(messages)
+                   and all(isinstance(m, Sequence) and not isinstance(m, (str, bytes)) for m in messages))
+        texts = [self._render(template, one, add_generation_prompt, tools, continue_final_message, variables)
+                 for one in (messages if batched else [messages])]
+        if not tokenize:
+            return texts if batched else texts[0]
+        encoded = self(texts if batched else texts[0], add_special_tokens=False)
+        return encoded if return_dict else encoded["input_ids"]
+
+    def _render(
+        self, template: jinja2.Template, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
+        tools: Sequence[Mapping[str, Any]] | None, continue_final_message: bool, variables: Mapping[str, Any],
+    ) -> str:
         _check_messages(messages)
         if continue_final_message:
             last = messages[-1]
@@ -185,26 +356,52 @@ class Tokenizer:
             if add_generation_prompt:
                 raise ValueError("continue_final_message and add_generation_prompt exclude each "
                                  "other: the model continues the last turn instead of starting one")
-        text = self._chat_template.render(
+        text = template.render(
             messages=[_template_message(message) for message in messages],
             add_generation_prompt=add_generation_prompt,
             # transformers leaves unset special tokens undefined, which renders as "".
             bos_token=self._bos_token or "",
             eos_token=self._eos_token or "",
             tools=check_tools(tools) if tools else None,
-            **template_kwargs,
+            **variables,
         )
         if continue_final_message:  # cut what the template put after the final content
             text = text[: text.rindex(messages[-1]["content"]) + len(messages[-1]["content"])]
         return text
+
+    def _compiled(self, chat_template: str) -> jinja2.Template:
+        if chat_template not in self._compiled_templates:
+            self._compiled_templates[chat_template] = _compile_chat_template(resolve_chat_template(chat_template))
+        return self._compiled_templates[chat_template]
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools,
-                                                    continue_final_message, template_kwargs))
+        """Token ids of the rendered chat (``apply_chat_template(..., tokenize=True)``)."""
+        return self.apply_chat_template(messages, add_generation_prompt, tools, continue_final_message,
+                                        template_kwargs, tokenize=True)
+
+    def _token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self._tokenizer.id_to_token(token_id)
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tokenizer.token_to_id(token)
+
+    def _convert_token_to_id(self, token: str) -> int | None:
+        index = self._tokenizer.token_to_id(token)
+        return self.unk_token_id if index is None else index
+
+
+def _refuse_unsupported_options(where: str, options: dict[str, Any]) -> None:
+    """Drop transformers' tokenization options given at their no-op values from ``options``;
+    raise ValueError naming any asked for."""
+    for name in sorted(set(options) & _UNSUPPORTED_OPTIONS):
+        value = options.pop(name)
+        if value not in (None, False) and value != {}:
+            raise ValueError(f"{where}: {name}={value!r} is not supported by qwenjax's tokenizer "
+                             "(unpadded, untruncated Python lists only)")
 
 
 def resolve_chat_template(template: str) -> str:

@@ -225,3 +225,148 @@ def test_chat_template_override_from_a_string_or_a_file(tokenizer, tmp_path):
         tokenizer.with_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match=r"does not compile: .* \(line 1\)"):
         tokenizer.with_chat_template("{% for m in messages %}")
+
+
+# The Hugging Face tokenizer interface (vLLM's llm.get_tokenizer() is used as one).
+
+
+def test_encode_add_special_tokens_matches_transformers(tokenizer, hf_tokenizer):
+    for text in TEXTS:
+        for add in (False, True):
+            assert tokenizer.encode(text, add_special_tokens=add) == hf_tokenizer.encode(
+                text, add_special_tokens=add), (text, add)
+        # Qwen2's post-processor adds no BOS/EOS: the flag changes nothing.
+        assert tokenizer.encode(text, add_special_tokens=True) == tokenizer.encode(text)
+    assert tokenizer.encode("Hello world", True) == [9707, 1879]
+
+
+def test_call_matches_transformers(tokenizer, hf_tokenizer):
+    one = tokenizer("Hello world")
+    assert one.input_ids == [9707, 1879] and one.attention_mask == [1, 1]
+    for add in (False, True):
+        assert dict(tokenizer(TEXTS[0], add_special_tokens=add)) == dict(
+            hf_tokenizer(TEXTS[0], add_special_tokens=add))
+        batch = tokenizer(TEXTS, add_special_tokens=add)
+        assert dict(batch) == dict(hf_tokenizer(TEXTS, add_special_tokens=add))
+    assert [len(m) for m in batch.attention_mask] == [len(i) for i in batch.input_ids]
+    assert batch["input_ids"][1] == tokenizer.encode(TEXTS[1])
+    assert dict(tokenizer("hi", padding=False, truncation=None)) == {"input_ids": [6023], "attention_mask": [1]}
+    with pytest.raises(ValueError, match="padding=True is not supported"):
+        tokenizer(["a", "b c"], padding=True)
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        tokenizer("a", add_bos=True)
+    with pytest.raises(AttributeError, match="no 'token_type_ids'"):
+        tokenizer("a").token_type_ids
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_apply_chat_template_tokenize_matches_transformers(tokenizer, hf_tokenizer, name, add_generation_prompt):
+    messages = CONVERSATIONS[name]
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                           add_generation_prompt=add_generation_prompt)
+    assert isinstance(ids, list) and isinstance(ids[0], int)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False) == text
+    assert tokenizer.apply_chat_template(conversation=messages, add_generation_prompt=add_generation_prompt,
+                                         tokenize=True) == ids
+    assert dict(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              tokenize=True, return_dict=True)) == dict(
+        hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt))
+    # Without tokenize, the text as before (transformers would give ids).
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt) == text
+
+
+def test_apply_chat_template_batch_matches_transformers(tokenizer, hf_tokenizer):
+    chats = [CONVERSATIONS[name] for name in sorted(CONVERSATIONS)]
+    texts = tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+    assert texts == hf_tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
+    assert len(texts) == 3
+    assert tokenizer.apply_chat_template(chats, tokenize=True) == hf_tokenizer.apply_chat_template(
+        chats, tokenize=True, return_dict=False, add_generation_prompt=True)
+
+
+def test_apply_chat_template_takes_transformers_keywords(tokenizer):
+    chat = [{"role": "user", "content": "hi"}]
+    template = "{{ greeting | default('hello') }} {{ messages[0].content }}{{ eos_token }}"
+    # chat_template=: this template for this call; the tokenizer keeps its own.
+    assert tokenizer.apply_chat_template(chat, chat_template=template) == "hello hi<|im_end|>"
+    assert tokenizer.apply_chat_template(chat).startswith("<|im_start|>system")
+    # Template variables as transformers passes them (**kwargs) or as template_kwargs.
+    assert tokenizer.apply_chat_template(chat, chat_template=template, greeting="salut") == "salut hi<|im_end|>"
+    assert tokenizer.apply_chat_template(chat, chat_template=template, tokenize=True,
+                                         template_kwargs={"greeting": "salut"}) == tokenizer.encode("salut hi<|im_end|>")
+    assert tokenizer.apply_chat_template(chat, chat_template=template, tokenize=True)[-1] == 151645
+    with pytest.raises(ValueError, match="may not set eos_token"):
+        tokenizer.apply_chat_template(chat, eos_token="</s>")
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        tokenizer.apply_chat_template(chat, chat_template="no-such-template")
+    with pytest.raises(TypeError, match="add_generation_prompt must be a bool, got list"):
+        tokenizer.apply_chat_template(chat, [{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(TypeError, match="messages or conversation, not both"):
+        tokenizer.apply_chat_template(chat, conversation=chat)
+    with pytest.raises(ValueError, match="return_tensors='np' is not supported"):
+        tokenizer.apply_chat_template(chat, tokenize=True, return_tensors="np")
+
+
+def test_special_tokens_match_transformers(tokenizer, hf_tokenizer):
+    assert (tokenizer.eos_token_id, tokenizer.eos_token) == (hf_tokenizer.eos_token_id, hf_tokenizer.eos_token) \
+        == (151645, "<|im_end|>")
+    assert (tokenizer.pad_token_id, tokenizer.pad_token) == (hf_tokenizer.pad_token_id, hf_tokenizer.pad_token) \
+        == (151643, "<|endoftext|>")
+    # generation_config.json has a bos_token_id, but the tokenizer has no BOS.
+    assert (tokenizer.bos_token_id, tokenizer.bos_token) == (hf_tokenizer.bos_token_id, hf_tokenizer.bos_token) \
+        == (None, None)
+    assert (tokenizer.unk_token_id, tokenizer.unk_token) == (hf_tokenizer.unk_token_id, hf_tokenizer.unk_token)
+    assert tokenizer.all_special_tokens == hf_tokenizer.all_special_tokens == ["<|im_end|>", "<|endoftext|>"]
+    assert tokenizer.all_special_ids == hf_tokenizer.all_special_ids
+    assert len(tokenizer) == len(hf_tokenizer) == 151936
+    vocab = tokenizer.get_vocab()
+    assert vocab == hf_tokenizer.get_vocab()
+    assert vocab["<|im_start|>"] == 151644 and vocab["Ġworld"] == 1879
+
+
+def test_extra_special_tokens_match_transformers(real_model_dir, tmp_path):
+    """Qwen2.5's original tokenizer_config.json lists additional_special_tokens; they count in
+    all_special_ids after the named ones."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    shutil.copy(real_model_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((real_model_dir / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = ["<|im_start|>", "<|im_end|>", "<|fim_prefix|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_dir(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.all_special_tokens == theirs.all_special_tokens
+    assert ours.all_special_ids == theirs.all_special_ids == [151645, 151643, 151644, 151659]
+
+
+def test_convert_ids_and_tokens_match_transformers(tokenizer, hf_tokenizer):
+    ids = tokenizer.encode("<|im_start|>user\nHello world 你好<|im_end|><|endoftext|>")
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens == hf_tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:4] == ["<|im_start|>", "user", "Ċ", "Hello"]
+    for skip in (False, True):
+        assert tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip) == \
+            hf_tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=skip)
+    assert len(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True)) == len(ids) - 2
+    assert tokenizer.convert_ids_to_tokens(1879) == hf_tokenizer.convert_ids_to_tokens(1879) == "Ġworld"
+    assert tokenizer.convert_ids_to_tokens([151935, 10**6]) == hf_tokenizer.convert_ids_to_tokens([151935, 10**6]) \
+        == ["[PAD151935]", None]
+    assert tokenizer.convert_tokens_to_ids(tokens) == hf_tokenizer.convert_tokens_to_ids(tokens) == ids
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert tokenizer.convert_tokens_to_ids(["no such token", "Ġworld"]) == \
+        hf_tokenizer.convert_tokens_to_ids(["no such token", "Ġworld"]) == [None, 1879]
+
+
+def test_batch_decode_matches_transformers(tokenizer, hf_tokenizer):
+    batch = [tokenizer.encode(text) for text in TEXTS]
+    for skip in (False, True):
+        assert tokenizer.batch_decode(batch, skip_special_tokens=skip) == hf_tokenizer.batch_decode(
+            batch, skip_special_tokens=skip)
+    # transformers' default keeps special tokens; decode's default here skips them.
+    assert tokenizer.batch_decode([[151644, 6023]]) == ["<|im_start|>hi"]
+    assert tokenizer.decode([151644, 6023]) == "hi"
+    assert tokenizer.decode(6023) == hf_tokenizer.decode(6023) == "hi"

@@ -453,8 +453,8 @@ class Engine(LiveState):
             raise ValueError("bad_words needs the model's tokenizer, and this model has none")
         found: list[tuple[int, ...]] = []
         for word in words:
-            bare = tuple(self.tokenizer.encode(word.lstrip()))
-            spaced = tuple(self.tokenizer.encode(" " + word.lstrip()))
+            bare = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
             found.append(bare)
             if spaced[0] != bare[0] and len(spaced) == len(bare):
                 found.append(spaced)
