@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "LoRARequest",
-           "BeamSearchParams", "PoolingParams", "TextPrompt", "TokensPrompt"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "StructuredOutputsParams",
+           "GuidedDecodingParams", "RequestOutput", "LoRARequest", "BeamSearchParams", "PoolingParams",
+           "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):
@@ -16,7 +17,8 @@ def __getattr__(name):
         from qwenjax.sampling import SamplingParams
 
         return SamplingParams
-    if name == "StructuredOutputs":
+    # vLLM's names of the same class: StructuredOutputsParams, and GuidedDecodingParams before it.
+    if name in ("StructuredOutputs", "StructuredOutputsParams", "GuidedDecodingParams"):
         from qwenjax.structured import StructuredOutputs
 
         return StructuredOutputs

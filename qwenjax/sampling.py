@@ -15,6 +15,7 @@ whatever else shares its batch and whichever row it lands in.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -65,13 +66,30 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _token_id_key(key) -> int | None:
+    """A logit_bias key as a token id: an int, or an int written as a string (JSON objects
+    have string keys: {"42": -100}); None for anything else."""
+    if is_int(key):
+        return int(key)
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            return None
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling options, vLLM-compatible names and defaults.
 
     Validated on construction; a bad value raises ``ValueError`` naming the
-    field, the value and the allowed range. ``stop`` and ``stop_token_ids``
-    accept a single value or any sequence and are stored as tuples.
+    field, the value and the allowed range. ``stop``, ``stop_regex``, ``stop_token_ids``
+    and ``bad_words`` accept a single value, any sequence or None (empty, as in vLLM) and
+    are stored as tuples. What vLLM normalizes is normalized the same way: ``seed=-1`` is
+    no seed, ``logprobs=True`` / ``prompt_logprobs=True`` are 1 (False: None), logit_bias
+    keys may be token ids as strings (JSON's) and biases are clamped to [-100, 100].
+    ``guided_decoding`` is vLLM's older name of ``structured_outputs``.
     """
 
     n: int = 1  # independent sequences sampled for the prompt (seeded: seed, seed + 1, …)
@@ -95,7 +113,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (scoring)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # a matched stop string ends the text, kept in it
-    logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, in [-100, 100]
+    logit_bias: Mapping[int, float] | None = None  # token id → added to its logit, clamped to ±100
     allowed_token_ids: tuple[int, ...] | None = None  # sample only among these (non-empty)
     bad_words: tuple[str, ...] = ()  # never generated (their tokens, with and without a space)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max context
@@ -104,9 +122,19 @@ class SamplingParams:
     # Prefix caching shares KV pages only among requests with the same salt (vLLM's cache_salt:
     # one tenant cannot tell from timing what another sent). None: the unsalted, shared cache.
     cache_salt: str | None = None
+    # vLLM's older name of structured_outputs (pass it by keyword): moved into
+    # structured_outputs on construction and left None, so that dataclasses.replace (which
+    # passes every field again) never sees both.
+    guided_decoding: StructuredOutputs | None = dataclasses.field(default=None, repr=False,
+                                                                  compare=False)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+
+        # vLLM's None for "no such list" (its defaults): empty, as ours are.
+        for name in ("stop", "stop_regex", "stop_token_ids", "bad_words"):
+            if getattr(self, name) is None:
+                set_(name, ())
 
         for name in ("n", "max_tokens", "min_tokens", "top_k"):
             value = getattr(self, name)
@@ -141,6 +169,8 @@ class SamplingParams:
                 raise _fail(name, requirement, value)
             set_(name, float(value))
 
+        if is_int(self.seed) and self.seed == -1:
+            set_("seed", None)  # vLLM's (and the OpenAI clients') "no seed"
         if self.seed is not None:
             if not is_int(self.seed) or not 0 <= self.seed < MAX_SEED:
                 raise _fail("seed", "None or an int in [0, 2**63)", self.seed)
@@ -179,6 +209,13 @@ class SamplingParams:
             compile_stop_regex(pattern)  # a clear error now rather than at admission
         set_("stop_regex", tuple(patterns))
 
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), "
+                                 f"not both; got structured_outputs={self.structured_outputs!r:.80} "
+                                 f"and guided_decoding={self.guided_decoding!r:.80}")
+            set_("structured_outputs", self.guided_decoding)
+            set_("guided_decoding", None)
         if isinstance(self.structured_outputs, Mapping):
             set_("structured_outputs", StructuredOutputs(**self.structured_outputs))
         if self.structured_outputs is not None and not isinstance(self.structured_outputs,
@@ -212,6 +249,9 @@ class SamplingParams:
 
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)):  # vLLM's pydantic reads True as 1
+                value = 1 if value else None
+                set_(name, value)
             if value is not None:
                 if not is_int(value) or not 0 <= value <= MAX_LOGPROBS:
                     raise _fail(name, f"None or an int in [0, {MAX_LOGPROBS}]", value)
@@ -224,13 +264,15 @@ class SamplingParams:
                 raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} entries, "
                                  f"got {len(self.logit_bias)}")
             bias = {}
-            for token, value in self.logit_bias.items():
-                if not is_int(token) or token < 0:
-                    raise _fail("logit_bias keys", "token ids (ints ≥ 0)", token)
-                if not _is_real(value) or not -LOGIT_BIAS_RANGE <= float(value) <= LOGIT_BIAS_RANGE:
-                    raise _fail(f"logit_bias[{token}]",
-                                f"in [{-LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]", value)
-                bias[int(token)] = float(value)
+            for key, value in self.logit_bias.items():
+                token = _token_id_key(key)
+                if token is None or token < 0:
+                    raise _fail("logit_bias keys", "token ids (ints ≥ 0, or such ints as strings)", key)
+                if not _is_real(value) or math.isnan(value):
+                    raise _fail(f"logit_bias[{token}]", "a number (clamped to "
+                                f"[{-LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}])", value)
+                # Clamped as vLLM's from_optional does: -100 already bans a token, +100 all but forces it.
+                bias[token] = min(LOGIT_BIAS_RANGE, max(-LOGIT_BIAS_RANGE, float(value)))
             set_("logit_bias", bias or None)
 
         if self.allowed_token_ids is not None:
@@ -241,6 +283,18 @@ class SamplingParams:
                 if not is_int(t) or t < 0:
                     raise _fail("allowed_token_ids", "token ids (ints ≥ 0)", t)
             set_("allowed_token_ids", tuple(int(t) for t in allowed))
+
+    @classmethod
+    def from_optional(cls, **fields) -> SamplingParams:
+        """SamplingParams from ``fields`` with the None-valued ones left at their defaults
+        (vLLM's from_optional, which callers use to pass request fields as they come). An
+        unknown name raises TypeError, as the constructor does."""
+        return cls(**{name: value for name, value in fields.items() if value is not None})
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's clone): nothing in it is shared with these params, so a
+        caller mutating a logit_bias dict or a JSON schema of one does not change the other."""
+        return copy.deepcopy(self)
 
     def token_ids_named(self) -> list[tuple[str, int]]:
         """Every token id these params name, with the field naming it (for the vocabulary check)."""

@@ -30,19 +30,50 @@ def _fail(field: str, requirement: str, value: Any) -> ValueError:
 class StructuredOutputs:
     """Exactly one constraint: ``json`` (a JSON schema, as a dict or its text), ``regex``,
     ``choice`` (the output is one of these strings), ``grammar`` (Lark, llguidance's
-    dialect) or ``json_object`` (any JSON object)."""
+    dialect) or ``json_object`` (any JSON object).
+
+    The options of vLLM's ``StructuredOutputsParams`` (``qwenjax.StructuredOutputsParams``
+    and ``GuidedDecodingParams`` are this class) apply to ``json`` and ``json_object`` and
+    are ignored with the other constraints, as in vLLM:
+
+    * ``disable_any_whitespace``: compact JSON, no whitespace between its tokens
+      (llguidance's ``whitespace_flexible: false``).
+    * ``whitespace_pattern``: the regex whitespace between JSON tokens must match (llguidance's
+      option of that name); it takes precedence over ``disable_any_whitespace``.
+    * ``disable_additional_properties``: every object schema with ``properties`` or
+      ``patternProperties`` and no ``additionalProperties`` gets ``additionalProperties: false``
+      (JSON Schema's default allows any other property).
+    * ``disable_fallback``: accepted with no effect: llguidance is the only backend, so there
+      is nothing to fall back to and a grammar it cannot compile is refused either way.
+
+    Options given in the schema's own ``x-guidance`` object win over these two whitespace
+    options (llguidance applies them as defaults, as vLLM's guidance backend does).
+    """
 
     json: Mapping[str, Any] | str | None = None
     regex: str | None = None
     choice: Sequence[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    disable_any_whitespace: bool = False
+    disable_fallback: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        if not isinstance(self.json_object, bool):
-            raise _fail("json_object", "a bool", self.json_object)
+        if self.json_object is None:  # vLLM's field is Optional[bool]
+            set_("json_object", False)
+        for name in ("json_object", "disable_any_whitespace", "disable_fallback",
+                     "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(name, "a bool", getattr(self, name))
+        if self.whitespace_pattern is not None and (
+                not isinstance(self.whitespace_pattern, str)
+                or not 1 <= len(self.whitespace_pattern) <= MAX_SPEC_CHARS):
+            raise _fail("whitespace_pattern", f"None or a regex of 1 to {MAX_SPEC_CHARS} chars",
+                        self.whitespace_pattern)
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
@@ -78,14 +109,55 @@ class StructuredOutputs:
         import llguidance
 
         if self.json is not None or self.json_object:
-            return llguidance.LLMatcher.grammar_from_json_schema(
-                dict(self.json) if self.json is not None else {"type": "object"})
+            schema = dict(self.json) if self.json is not None else {"type": "object"}
+            if self.disable_additional_properties:
+                schema = _without_additional_properties(schema)
+            options = {"whitespace_flexible": not self.disable_any_whitespace}
+            if self.whitespace_pattern is not None:
+                # Checked on its own: in the schema's grammar its error would name the schema.
+                error = llguidance.LLMatcher.validate_grammar(
+                    llguidance.LLMatcher.grammar_from_regex(self.whitespace_pattern))
+                if error:
+                    raise _fail("whitespace_pattern", "a regex", f"{self.whitespace_pattern!r} "
+                                f"({error.strip().splitlines()[-1]})")
+                options["whitespace_pattern"] = self.whitespace_pattern
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         if self.regex is not None:
             return llguidance.LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:  # Lark string literals take JSON's escapes
             return llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice))
         return llguidance.LLMatcher.grammar_from_lark(self.grammar)
+
+
+# JSON Schema keywords whose value maps names to subschemas, and those whose value is a
+# subschema or a list of them. Only these are walked: a property *named* "properties", or an
+# "enum" / "const" / "default" value that looks like a schema, is data and stays as it is.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("additionalProperties", "unevaluatedProperties", "propertyNames", "items",
+               "prefixItems", "additionalItems", "unevaluatedItems", "contains", "not", "if",
+               "then", "else", "allOf", "anyOf", "oneOf")
+
+
+def _without_additional_properties(schema: Any) -> Any:
+    """A copy of ``schema`` in which every object schema listing ``properties`` or
+    ``patternProperties`` and saying nothing of ``additionalProperties`` forbids other
+    properties (vLLM's disable_additional_properties)."""
+    if isinstance(schema, list):
+        return [_without_additional_properties(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema  # true / false schemas
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {name: _without_additional_properties(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMAS:
+        if isinstance(out.get(key), (Mapping, list)):
+            out[key] = _without_additional_properties(out[key])
+    if "additionalProperties" not in out and any(
+            isinstance(out.get(key), Mapping) for key in ("properties", "patternProperties")):
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarCompiler:
@@ -121,8 +193,10 @@ class GrammarCompiler:
 
         try:
             grammar = spec.grammar_text()
-        except ValueError as error:
-            raise ValueError(f"structured_outputs: {error}") from None
+        except ValueError as error:  # llguidance's own errors do not say where they come from
+            message = str(error)
+            raise ValueError(message if message.startswith("structured_outputs.")
+                             else f"structured_outputs: {message}") from None
         with self._lock:
             matcher = self._compiled.get(grammar)
             if matcher is not None:

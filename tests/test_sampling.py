@@ -65,7 +65,7 @@ BAD_PARAMS = [
     ("presence_penalty", dict(presence_penalty=2.5)),
     ("presence_penalty", dict(presence_penalty=float("-inf"))),
     ("frequency_penalty", dict(frequency_penalty=-2.01)),
-    ("seed", dict(seed=-1)),
+    ("seed", dict(seed=-2)),  # -1 is vLLM's "no seed"
     ("seed", dict(seed=2**63)),
     ("seed", dict(seed=1.5)),
     ("seed", dict(seed=True)),
@@ -74,7 +74,8 @@ BAD_PARAMS = [
     ("stop", dict(stop=["x"] * 17)),
     ("stop", dict(stop=["a" * 257])),
     ("stop", dict(stop=[3])),
-    ("stop", dict(stop=None)),
+    ("stop", dict(stop=5)),
+    ("stop_regex", dict(stop_regex=5)),
     ("stop_token_ids", dict(stop_token_ids=[1, -2])),
     ("stop_token_ids", dict(stop_token_ids=[1.0])),
     ("stop_token_ids", dict(stop_token_ids=[True])),
@@ -83,10 +84,15 @@ BAD_PARAMS = [
     ("logprobs", dict(logprobs=-1)),
     ("logprobs", dict(logprobs=21)),
     ("logprobs", dict(logprobs=2.0)),
+    ("logprobs", dict(logprobs="1")),
     ("logit_bias", dict(logit_bias=[(1, 2.0)])),
     ("logit_bias keys", dict(logit_bias={-1: 2.0})),
-    ("logit_bias keys", dict(logit_bias={"5": 2.0})),
-    (r"logit_bias\[5\]", dict(logit_bias={5: 100.5})),
+    ("logit_bias keys", dict(logit_bias={"five": 2.0})),
+    ("logit_bias keys", dict(logit_bias={"-3": 2.0})),
+    ("logit_bias keys", dict(logit_bias={"2.5": 2.0})),
+    ("logit_bias keys", dict(logit_bias={2.0: 2.0})),
+    (r"logit_bias\[5\]", dict(logit_bias={5: "1.5"})),
+    (r"logit_bias\[5\]", dict(logit_bias={"5": True})),
     (r"logit_bias\[5\]", dict(logit_bias={5: float("nan")})),
     ("logit_bias", dict(logit_bias={i: 1.0 for i in range(1025)})),
     ("allowed_token_ids", dict(allowed_token_ids=[])),
@@ -130,6 +136,179 @@ def test_good_params_normalize():
     assert SamplingParams(min_tokens=5, max_tokens=5, presence_penalty=-2, frequency_penalty=2).min_tokens == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 0.5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- vLLM's spellings
+
+
+def test_vllm_none_lists_are_empty():
+    p = SamplingParams(stop=None, stop_token_ids=None, bad_words=None, stop_regex=None,
+                       allowed_token_ids=None, logit_bias=None)
+    assert (p.stop, p.stop_token_ids, p.bad_words, p.stop_regex) == ((), (), (), ())
+    assert p == SamplingParams()
+
+
+def test_vllm_seed_minus_one_and_boolean_logprobs():
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=np.int64(-1)).seed is None
+    assert SamplingParams(seed=0).seed == 0  # 0 is a seed, not "no seed"
+    p = SamplingParams(logprobs=True, prompt_logprobs=True)
+    assert (p.logprobs, p.prompt_logprobs) == (1, 1) and type(p.logprobs) is int
+    p = SamplingParams(logprobs=False, prompt_logprobs=np.bool_(False))
+    assert (p.logprobs, p.prompt_logprobs) == (None, None)
+    assert SamplingParams(logprobs=0).logprobs == 0  # 0 (the chosen token alone) stays 0
+
+
+def test_logit_bias_takes_string_token_ids_and_clamps():
+    p = SamplingParams(logit_bias={"42": -150, 7: 300.0, "9": 1, np.int32(3): float("-inf"),
+                                   "11": np.float32(0.5)})
+    assert p.logit_bias == {42: -100.0, 7: 100.0, 9: 1.0, 3: -100.0, 11: 0.5}
+    assert all(type(k) is int and type(v) is float for k, v in p.logit_bias.items())
+    assert [t for _, t in p.token_ids_named()] == [42, 7, 9, 3, 11]  # checked against the vocab
+    # The clamped bias is what the sampler adds: -1e9 is -100, which a logit 150 above the
+    # others survives (unclamped it would be banned); +1e9 is +100, enough to lift one 50 below.
+    logits = np.zeros((2, 16), np.float32)
+    logits[0, 5], logits[1, 5] = 150.0, -50.0
+    rows = [SamplingRow(SamplingParams(temperature=0, logit_bias={"5": -1e9}), seed=0, step=0),
+            SamplingRow(SamplingParams(temperature=0, logit_bias={"5": 1e9}), seed=0, step=0)]
+    assert run(logits, rows).token_ids.tolist() == [5, 5]
+
+
+def test_clone_is_a_deep_copy():
+    from qwenjax.structured import StructuredOutputs
+
+    p = SamplingParams(logit_bias={4: 2.0}, stop=["x"], seed=3,
+                       structured_outputs=StructuredOutputs(json={"type": "object", "properties": {}}))
+    q = p.clone()
+    assert q == p and q is not p and type(q) is SamplingParams
+    q.logit_bias[4] = -1.0  # a caller mutating its copy's dict (the dataclass is frozen, dicts are not)
+    q.structured_outputs.json["properties"]["a"] = {"type": "string"}
+    assert p.logit_bias == {4: 2.0} and p.structured_outputs.json["properties"] == {}
+
+
+def test_from_optional_leaves_none_at_the_defaults():
+    p = SamplingParams.from_optional(temperature=None, top_p=None, seed=None, stop=None,
+                                     max_tokens=None, n=None, logit_bias={"5": 200}, top_k=5)
+    assert p == SamplingParams(top_k=5, logit_bias={5: 100.0})
+    assert (p.temperature, p.top_p, p.max_tokens, p.n, p.seed) == (1.0, 1.0, 256, 1, None)
+    assert SamplingParams.from_optional() == SamplingParams()
+    with pytest.raises(TypeError, match="no_such_field"):
+        SamplingParams.from_optional(no_such_field=1)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams.from_optional(temperature=-1.0)
+
+
+def test_guided_decoding_is_structured_outputs_older_name():
+    from qwenjax.structured import StructuredOutputs
+
+    spec = StructuredOutputs(regex="[ab]+")
+    p = SamplingParams(guided_decoding=spec, temperature=0)
+    assert p.structured_outputs is spec and p.guided_decoding is None
+    assert p == SamplingParams(structured_outputs=spec, temperature=0)
+    assert "guided_decoding" not in repr(p)
+    assert SamplingParams(guided_decoding={"choice": ["x", "y"]}).structured_outputs == \
+        StructuredOutputs(choice=("x", "y"))
+    # dataclasses.replace passes every field again: guided_decoding is None there, no conflict.
+    q = dataclasses.replace(p, temperature=0.5)
+    assert q.structured_outputs is spec and q.temperature == 0.5
+    assert dataclasses.replace(p, structured_outputs=None).structured_outputs is None
+    with pytest.raises(ValueError, match="structured_outputs or guided_decoding"):
+        SamplingParams(structured_outputs=spec, guided_decoding=StructuredOutputs(regex="c"))
+    with pytest.raises(ValueError, match="structured_outputs"):
+        SamplingParams(guided_decoding="[ab]+")
+
+
+def test_structured_outputs_takes_vllms_options():
+    import qwenjax
+    from qwenjax.structured import StructuredOutputs
+
+    assert qwenjax.StructuredOutputsParams is StructuredOutputs
+    assert qwenjax.GuidedDecodingParams is StructuredOutputs
+    assert {"StructuredOutputsParams", "GuidedDecodingParams"} <= set(qwenjax.__all__)
+    spec = qwenjax.StructuredOutputsParams(json={"type": "object"}, json_object=None, disable_fallback=True,
+                                           disable_any_whitespace=True, disable_additional_properties=True,
+                                           whitespace_pattern=r"[ ]?")
+    assert spec.json_object is False and spec.disable_any_whitespace and spec.whitespace_pattern == "[ ]?"
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputs(json_object=None)
+    for field, bad in [("disable_any_whitespace", 1), ("disable_fallback", "yes"),
+                       ("disable_additional_properties", None), ("whitespace_pattern", ""),
+                       ("whitespace_pattern", 3)]:
+        with pytest.raises(ValueError, match=f"structured_outputs.{field}"):
+            StructuredOutputs(regex="a", **{field: bad})
+    # One backend: disable_fallback changes nothing; the JSON options leave other constraints alone.
+    assert (StructuredOutputs(json={"type": "object"}, disable_fallback=True).grammar_text()
+            == StructuredOutputs(json={"type": "object"}).grammar_text())
+    assert (StructuredOutputs(regex="a b", disable_any_whitespace=True, whitespace_pattern=" ",
+                              disable_additional_properties=True).grammar_text()
+            == StructuredOutputs(regex="a b").grammar_text())
+
+
+def test_disable_additional_properties_closes_each_object_schema():
+    from qwenjax.structured import _without_additional_properties
+
+    item = {"type": "object", "properties": {"id": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "string"},  # a property named "properties" is not a schema map
+            "tags": {"type": "array", "items": item},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+            "either": {"anyOf": [item, {"type": "null"}]},
+            "ref": {"$ref": "#/$defs/Point"},
+        },
+        "$defs": {"Point": {"type": "object", "patternProperties": {"^x": {"type": "number"}}}},
+        "enum_like": {"const": {"properties": {"a": 1}}},  # data, not a schema
+    }
+    closed = {**item, "additionalProperties": False}
+    assert _without_additional_properties(schema) == {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "string"},
+            "tags": {"type": "array", "items": closed},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+            "either": {"anyOf": [closed, {"type": "null"}]},
+            "ref": {"$ref": "#/$defs/Point"},
+        },
+        "$defs": {"Point": {"type": "object", "patternProperties": {"^x": {"type": "number"}},
+                            "additionalProperties": False}},
+        "enum_like": {"const": {"properties": {"a": 1}}},
+        "additionalProperties": False,
+    }
+    assert "additionalProperties" not in item and "additionalProperties" not in schema  # not mutated
+
+
+def test_json_options_shape_what_the_grammar_takes(tokenizer):
+    """disable_any_whitespace, whitespace_pattern and disable_additional_properties, through the
+    real tokenizer's llguidance matcher: text is taken when every token is and the JSON is whole."""
+    from qwenjax.structured import GrammarCompiler, StructuredOutputs
+
+    compiler = GrammarCompiler(tokenizer.to_json(), 151936, tokenizer.eos_token_ids)
+
+    def takes(spec, text):
+        matcher = compiler.matcher(spec)
+        return all(matcher.advance(t) for t in tokenizer.encode(text)) and matcher.done
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spaced = ['{"a": 1}', '{ "a" : 1 }', '{\n  "a": 1\n}']
+    assert takes(StructuredOutputs(json=schema), '{"a":1}')
+    assert all(takes(StructuredOutputs(json=schema), text) for text in spaced)
+    compact = StructuredOutputs(json=schema, disable_any_whitespace=True)
+    assert takes(compact, '{"a":1}')
+    assert not any(takes(compact, text) for text in spaced)
+    one_space = StructuredOutputs(json=schema, whitespace_pattern=" ")
+    assert takes(one_space, '{"a": 1}') and takes(one_space, '{ "a" : 1 }')
+    assert not takes(one_space, '{"a":  1}') and not takes(one_space, '{"a":\n1}')
+    any_object = StructuredOutputs(json_object=True, disable_any_whitespace=True)
+    assert takes(any_object, '{"x":[1,2]}') and not takes(any_object, '{"x": [1, 2]}')
+
+    extra = '{"a":1,"b":2}'
+    assert takes(StructuredOutputs(json=schema), extra)
+    assert not takes(StructuredOutputs(json=schema, disable_additional_properties=True), extra)
+    assert takes(StructuredOutputs(json=schema, disable_additional_properties=True), '{"a":1}')
+
+    with pytest.raises(ValueError, match=r"^structured_outputs\.whitespace_pattern must be a regex"):
+        compiler.matcher(StructuredOutputs(json=schema, whitespace_pattern="("))
 
 
 def test_greedy_and_uses_penalties():

@@ -464,7 +464,7 @@ def fuzz_cases(vocab: int, max_len: int):
         ("presence_penalty", text(presence_penalty=3.0)),
         ("frequency_penalty", text(frequency_penalty=-2.5)),
         ("frequency_penalty", text(frequency_penalty=1e308 * 10)),
-        ("seed", text(seed=-1)), ("seed", text(seed=-(2**63))),
+        ("seed", text(seed=-2)), ("seed", text(seed=-(2**63))),  # (-1: no seed, as vLLM's)
         ("logprobs", text(logprobs=-1)), ("logprobs", text(logprobs=21)),
         ("prompt_logprobs", text(prompt_logprobs=21)),
         ("truncate_prompt_tokens", text(truncate_prompt_tokens=0)), ("cache_salt", text(cache_salt="")),
@@ -491,7 +491,7 @@ def fuzz_cases(vocab: int, max_len: int):
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
         ("n must be", text(n=0)), ("n must be", text(n=129)),
-        ("logit_bias[5]", text(logit_bias={5: 200.0})), ("logit_bias keys", text(logit_bias={-3: 1.0})),
+        ("logit_bias[5]", text(logit_bias={5: nan})), ("logit_bias keys", text(logit_bias={-3: 1.0})),
         ("logit_bias has", text(logit_bias={vocab: 1.0})),
         ("allowed_token_ids", text(allowed_token_ids=[-1])),
         ("allowed_token_ids has", text(allowed_token_ids=[4, vocab])),
