@@ -66,12 +66,12 @@ def sampling_defaults(model_dir: str | pathlib.Path | None, choice: str = "auto"
     """
     if choice == "auto":
         defaults = read_sampling_defaults(model_dir) if model_dir is not None else {}
-    elif choice == "builtin":
+    elif choice in ("builtin", "vllm"):  # "vllm": vLLM's name for the same choice
         defaults = {}
     else:
         directory = pathlib.Path(choice)
         if not (directory / FILE_NAME).is_file():
-            raise ValueError(f"generation_config {choice!r} is neither 'auto', 'builtin' nor a "
+            raise ValueError(f"generation_config {choice!r} is neither 'auto', 'builtin' ('vllm') nor a "
                              f"directory holding {FILE_NAME}")
         defaults = read_sampling_defaults(directory)
     if overrides:

@@ -43,6 +43,11 @@ NO_OP_FLAGS = {
     "--disable-log-stats": "no periodic stats log; Prometheus metrics are served instead",
     "--disable-log-requests": "requests are logged only with --enable-log-requests",
     "--disable-custom-all-reduce": "XLA inserts the collectives",
+    "--enable-metrics": "Prometheus /metrics is always served (on --http-port and --metrics-port)",
+    "--enable-lora": "adapters load with --lora-modules or at run time (--max-loras slots)",
+    "--async-scheduling": "scheduling is asynchronous by default (--no-async-scheduling: off)",
+    "--disable-uvicorn-access-log": "there is no access log",
+    "--disable-fastapi-docs": "there are no /docs pages",
 }
 
 
@@ -65,7 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="larger requests get INVALID_ARGUMENT")
     net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
                      help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
-                          f"${TOKEN_ENV}; prefer the variable, arguments show up in ps)")
+                          f"${TOKEN_ENV}, else vLLM's $VLLM_API_KEY; prefer a variable, arguments "
+                          f"show up in ps)")
     net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
                      help="PEM certificate chain (with --tls-key)")
     net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
@@ -343,7 +349,8 @@ def server_config(args):
         http_port=args.http_port or None, served_model_names=tuple(args.served_model_name or ()),
         max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
         max_request_bytes=args.max_request_bytes,
-        api_token=args.api_token or os.environ.get(TOKEN_ENV) or None,
+        api_token=args.api_token or os.environ.get(TOKEN_ENV) or os.environ.get("VLLM_API_KEY")
+        or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
         step_timeout=args.step_timeout,
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),

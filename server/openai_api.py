@@ -54,7 +54,7 @@ _HTTP_STATUS = {
 _ERROR_TYPE = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError"}
-_OPEN_PATHS = ("/health", "/version", "/metrics")
+_OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
 ANTHROPIC_PATH = "/v1/messages"  # no token: probes and scrapers send none
 
 
@@ -112,6 +112,8 @@ class OpenAIServer:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.health)  # vLLM's (SageMaker's probe), GET and POST
+        app.router.add_post("/ping", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         if allow_runtime_lora_updating:  # vLLM's routes, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING

@@ -46,7 +46,7 @@ def test_errors_name_the_problem(capsys):
     assert "random-weight presets have no tokenizer" in capsys.readouterr().err
 
 
-def test_serve_takes_vllm_style_arguments(capsys):
+def test_serve_takes_vllm_style_arguments(capsys, monkeypatch):
     """`qwenjax serve MODEL -tp 2 --api-key K --gpu-memory-utilization F`, as `vllm serve` takes them."""
     import argparse
 
@@ -66,6 +66,10 @@ def test_serve_takes_vllm_style_arguments(capsys):
     config = server_config(args)
     assert config.api_token == "k" and config.http_port == 8000
     assert config.served_model_names == ("qwen", "Qwen/Qwen2.5-7B-Instruct")
+    # vLLM's variable for the key (a deployment passing it so must not run without auth).
+    monkeypatch.delenv("QWENJAX_API_TOKEN", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    assert server_config(parser.parse_args(["m"])).api_token == "from-env"
     assert serve_main(["a", "--model", "b"]) == 2
     assert "given twice" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # vLLM's other tool-call parsers are for other models
@@ -106,12 +110,15 @@ def test_common_vllm_flags_run_unchanged(caplog):
     add_serve_arguments(parser)
     args = parser.parse_args(["Qwen2.5-7B-Instruct", "--trust-remote-code", "--dtype", "half",
                               "--block-size", "32", "--seed", "7", "--enforce-eager",
-                              "--enable-chunked-prefill", "--disable-log-requests"])
+                              "--enable-chunked-prefill", "--disable-log-requests", "--enable-metrics",
+                              "--enable-lora", "--async-scheduling"])
     with caplog.at_level(logging.INFO, logger="qwenjax.server"):
         resolve_model_tag(args)
     assert (args.dtype, args.page_size, args.seed) == ("float16", 32, 7)
     assert args.no_op_flags == ["--trust-remote-code", "--enforce-eager", "--enable-chunked-prefill",
-                                "--disable-log-requests"]
+                                "--disable-log-requests", "--enable-metrics", "--enable-lora",
+                                "--async-scheduling"]
+    assert args.async_scheduling  # the default, which --async-scheduling asks for
     assert "--trust-remote-code: accepted, no effect here" in caplog.text
     assert parser.parse_args(["--dtype", "auto"]).dtype is None
     with pytest.raises(SystemExit):

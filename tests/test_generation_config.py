@@ -34,7 +34,7 @@ def test_choices_and_overrides(tmp_path):
     _write(model, QWEN_INSTRUCT), _write(other, {"temperature": 0.3})
     assert sampling_defaults(model, "auto") == QWEN_DEFAULTS
     assert sampling_defaults(None, "auto") == {}  # a random-weight preset has no file
-    assert sampling_defaults(model, "builtin") == {}
+    assert sampling_defaults(model, "builtin") == {} == sampling_defaults(model, "vllm")  # vLLM's name
     assert sampling_defaults(model, str(other)) == {"temperature": 0.3}
     assert sampling_defaults(model, "auto", {"temperature": 0.0, "max_new_tokens": 64}) == {
         **QWEN_DEFAULTS, "temperature": 0.0, "max_tokens": 64}
@@ -53,7 +53,7 @@ def test_bad_values_name_the_file_and_the_field(tmp_path):
         sampling_defaults(None, "auto", {"temprature": 0.5})
     with pytest.raises(ValueError, match="override_generation_config: temperature must be"):
         sampling_defaults(None, "auto", {"temperature": -1})
-    with pytest.raises(ValueError, match="neither 'auto', 'builtin' nor a directory"):
+    with pytest.raises(ValueError, match="neither 'auto', 'builtin' \\('vllm'\\) nor a directory"):
         sampling_defaults(None, str(tmp_path / "nowhere"))
 
 

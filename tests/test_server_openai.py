@@ -80,6 +80,7 @@ def test_models_health_version_and_the_model_name(base, client, name, server):
     assert [m.id for m in models] == [name] == ["qwen2.5-coder-0.5b-instruct"]
     assert models[0].max_model_len == SERVER_ENGINE["max_model_len"]
     assert http(base, "/health")[0] == 200
+    assert http(base, "/ping")[0] == 200 and http(base, "/ping", {})[0] == 200  # vLLM's probe
     assert http(base, "/version")[1]["version"]
     status, body = http(base, "/v1/chat/completions", {
         "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
