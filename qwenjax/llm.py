@@ -196,14 +196,9 @@ class _Base:
                      template_kwargs: Mapping | None = None) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (and no chat template)")
-        tokenizer = self.tokenizer
-        if chat_template is not None:  # compiled once per template
-            templated = self.__dict__.setdefault("_templated", {})
-            if chat_template not in templated:
-                templated[chat_template] = tokenizer.with_chat_template(chat_template)
-            tokenizer = templated[chat_template]
-        return tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
-                                     continue_final_message, template_kwargs)
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt, tools,
+                                          continue_final_message, template_kwargs,
+                                          chat_template=chat_template)
 
     def _chat_request(self, messages: Conversation, params: SamplingParams | None, tools,
                       tool_choice: str | None, add_generation_prompt: bool | None,
@@ -533,7 +528,7 @@ class LLM(_Base):
     def _fitted(self, ids: list[int], params):
         """``params`` with max_tokens cut to the room ``ids`` leaves (vLLM's offline engine ends
         such a request at the context's end); unchanged where it fits or nothing fits."""
-        room = self.engine.max_model_len + 1 - len(ids)
+        room = self.engine.context_room(len(ids))
         if isinstance(params, SamplingParams) and room >= max(1, params.min_tokens) \
                 and params.max_tokens > room:
             return dataclasses.replace(params, max_tokens=room)

@@ -377,11 +377,11 @@ class Tokenizer:
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None, continue_final_message: bool = False,
-        template_kwargs: Mapping[str, Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None, chat_template: str | None = None,
     ) -> list[int]:
         """Token ids of the rendered chat (``apply_chat_template(..., tokenize=True)``)."""
         return self.apply_chat_template(messages, add_generation_prompt, tools, continue_final_message,
-                                        template_kwargs, tokenize=True)
+                                        template_kwargs, tokenize=True, chat_template=chat_template)
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self._tokenizer.id_to_token(token_id)

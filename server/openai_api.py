@@ -223,7 +223,7 @@ class OpenAIServer:
             # Completions: 16, as OpenAI's; chat: the model's generation_config max_new_tokens,
             # else all the context leaves (vLLM's), not SamplingParams' 256.
             engine = self.gateway.engine
-            room = engine.max_model_len + 1 - len(prompt_ids)
+            room = engine.context_room(len(prompt_ids))
             default = parsed.default_max_tokens
             if default is None:
                 default = engine.sampling_defaults.get("max_tokens", room)
@@ -540,7 +540,6 @@ class OpenAIServer:
         n = runs[0][1].n
         response_id = self._request_id(request, parsed, "cmpl")
         token_text = proto.TokenText(gateway.engine.tokenizer)
-        eos = gateway.engine.eos_token_ids
         head = {"id": response_id, "object": "text_completion", "created": proto.now(), "model": model}
         prompt_tokens = sum(len(ids) for ids, _, _ in runs)
         totals = {"completion": 0, "cached": {}}
@@ -553,15 +552,8 @@ class OpenAIServer:
             return list(output.prompt_logprobs or ()) if runs[i][1].prompt_logprobs is not None else []
 
         def shown(output):
-            """The output as the answer shows it: with max_tokens 0 (echo), the token it ran
-            with left out, and "length" for its end."""
-            if not parsed.prompt_only:
-                return output
-            none = lambda value: None if value is None else []  # noqa: E731
-            return dataclasses.replace(
-                output, text="", token_ids=[], delta_text="", delta_token_ids=[],
-                logprobs=none(output.logprobs), delta_logprobs=none(output.delta_logprobs),
-                finish_reason=output.finish_reason and "length", matched_stop=None)
+            """The output as the answer shows it (with max_tokens 0 and echo: the prompt alone)."""
+            return proto.prompt_only_output(output) if parsed.prompt_only else output
 
         def echoed(i: int, entries: list) -> list:
             """Echoed prompt logprobs: the first token's (which has none) as its id alone, so that
@@ -588,7 +580,7 @@ class OpenAIServer:
                 entries = (echoed(i, prompt_lps.get(i, [])) if parsed.echo else []) + list(output.logprobs or ())
                 choice = {"index": index, "text": echo + output.text,
                           "logprobs": logprobs(i, entries, 0), "finish_reason": output.finish_reason,
-                          "stop_reason": proto.stop_reason(output, eos)}
+                          "stop_reason": output.stop_reason}
                 if "prompt_logprobs" in parsed.fields:  # asked for (echo + logprobs asks too)
                     choice["prompt_logprobs"] = proto.prompt_logprobs_json(prompt_lps.get(i), token_text)
                 choices.append(choice)
@@ -645,7 +637,7 @@ class OpenAIServer:
                 choice = {"index": index, "text": text,
                           "logprobs": logprobs(i, entries, started[index]),
                           "finish_reason": output.finish_reason,
-                          "stop_reason": proto.stop_reason(output, eos)
+                          "stop_reason": output.stop_reason
                           if output.finish_reason is not None else None}
                 started[index] += len(text)
                 yield with_usage({**head, "choices": [choice]})
@@ -691,7 +683,6 @@ class OpenAIServer:
         prompt_ids, params, call = await self._chat_call(parsed)
         response_id = self._request_id(request, parsed, "chatcmpl")
         token_text = proto.TokenText(gateway.engine.tokenizer)
-        eos = gateway.engine.eos_token_ids
         head = {"id": response_id, "object": "chat.completion", "created": proto.now(), "model": model}
 
         def finish_reason(output, called: bool) -> str:
@@ -715,7 +706,7 @@ class OpenAIServer:
                                 "logprobs": proto.chat_logprobs(output.logprobs or (), token_text)
                                 if parsed.chat_logprobs else None,
                                 "finish_reason": finish_reason(output, called),
-                                "stop_reason": proto.stop_reason(output, eos)})
+                                "stop_reason": output.stop_reason})
             completion = sum(len(o.token_ids) for o in finals.values())
             cached = finals[0].num_cached_tokens if 0 in finals else 0
             reply = {**head, "choices": choices,
@@ -769,7 +760,7 @@ class OpenAIServer:
                     yield chunk(index, {"tool_calls": [proto.tool_call_json(c, k)
                                                        for k, c in enumerate(calls)]})
                 yield chunk(index, {}, finish=finish_reason(output, bool(calls)),
-                            stop=proto.stop_reason(output, eos))
+                            stop=output.stop_reason)
             if parsed.include_usage:
                 yield {**head, "choices": [], "usage": proto.usage(len(prompt_ids), completion, cached)}
 

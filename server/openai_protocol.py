@@ -496,11 +496,14 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
-def stop_reason(output: RequestOutput, eos_token_ids: Sequence[int]):
-    """vLLM's stop_reason: the stop string or stop token id that ended the sequence; null for
-    EOS or the length limit."""
-    matched = output.matched_stop
-    return None if matched is None or (isinstance(matched, int) and matched in eos_token_ids) else matched
+def prompt_only_output(output: RequestOutput) -> RequestOutput:
+    """The output of a prompt-only request (max_tokens 0: vLLM's echo, SGLang's
+    max_new_tokens): it ran with one token, which is not an output; it ends with "length"."""
+    none = lambda value: None if value is None else []  # noqa: E731
+    return dataclasses.replace(
+        output, text="", token_ids=[], delta_text="", delta_token_ids=[],
+        logprobs=none(output.logprobs), delta_logprobs=none(output.delta_logprobs),
+        finish_reason=output.finish_reason and "length", matched_stop=None)
 
 
 class TokenText:

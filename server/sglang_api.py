@@ -279,8 +279,7 @@ class SGLangAPI:
             ids = await self._ids(prompt)
             fields = parsed.fields[i]
             if "max_tokens" not in fields:
-                fields = {**fields, "max_tokens": max(1, min(MAX_NEW_TOKENS,
-                                                             engine.max_model_len + 1 - len(ids)))}
+                fields = {**fields, "max_tokens": max(1, min(MAX_NEW_TOKENS, engine.context_room(len(ids))))}
             if parsed.logprob_start_len >= len(ids):
                 raise self._refuse(ValueError(f"logprob_start_len ({parsed.logprob_start_len}) must "
                                               f"be less than the prompt's {len(ids)} tokens"))
@@ -298,8 +297,7 @@ class SGLangAPI:
         def answer(i: int, output) -> dict[str, Any]:
             ids, params = runs[i]
             if parsed.prompt_only[i]:  # the token it ran with is not an output
-                output = dataclasses.replace(output, text="", token_ids=[], logprobs=[],
-                                             finish_reason=output.finish_reason and "length")
+                output = proto.prompt_only_output(output)
             meta = {"id": parsed.rids[i],
                     "finish_reason": _finish(output, 0 if parsed.prompt_only[i] else params.max_tokens),
                     "prompt_tokens": len(ids), "completion_tokens": len(output.token_ids),

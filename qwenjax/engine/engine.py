@@ -241,6 +241,11 @@ class Engine(LiveState):
             self.drafter.warm_up()
             self.warm_up_seconds += time.perf_counter() - start
 
+    def context_room(self, num_prompt_tokens: int) -> int:
+        """The most tokens a prompt of this length leaves room to generate (the last sampled
+        token needs no K/V, hence the + 1)."""
+        return self.max_model_len + 1 - num_prompt_tokens
+
     def default_sampling_params(self, num_prompt_tokens: int | None = None) -> SamplingParams:
         """What a request without SamplingParams gets: the model's defaults (EngineConfig's
         generation_config), max_tokens capped to the room a prompt of this length leaves."""
@@ -254,7 +259,7 @@ class Engine(LiveState):
         if num_prompt_tokens is not None and isinstance(k, int) and not isinstance(k, bool):
             # (A k of the wrong type is refused by SamplingParams, naming the field.)
             num_prompt_tokens = min(num_prompt_tokens, self._truncation(k))
-        room = None if num_prompt_tokens is None else self.max_model_len + 1 - num_prompt_tokens
+        room = None if num_prompt_tokens is None else self.context_room(num_prompt_tokens)
         return apply_defaults(self.sampling_defaults, fields, room=room)
 
     def _truncation(self, k) -> int:
@@ -673,7 +678,7 @@ class Engine(LiveState):
         out = self._output(request, delta, delta_ids, delta_logprobs or [], last, track)
         out.finish_reason, out.matched_stop = reason, matched
         out.stopped_at_eos = reason == "stop" and isinstance(matched, int) \
-            and matched in self.eos_token_ids and not request.params.ignore_eos
+            and matched in self.eos_token_ids
         if request.pooling is not None and request.embedding is not None:
             # An embedding, not a generation: the token sampled with it is dropped.
             out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size,

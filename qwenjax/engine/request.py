@@ -161,21 +161,26 @@ class TokenLogprob(Mapping):
     top: list[tuple[int, float]]  # (token id, logprob) of the most likely alternatives
     decode: Callable[[int], str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    def _entries(self) -> dict[int, Logprob]:
-        ranks = {token: rank for rank, (token, _) in enumerate(self.top, 1)}
-        order = [self.token_id] + [token for token, _ in self.top if token != self.token_id]
-        values = dict(self.top) | {self.token_id: self.logprob}
-        text = self.decode or (lambda token: None)
-        return {token: Logprob(values[token], ranks.get(token), text(token)) for token in order}
+    def _tokens(self) -> list[int]:
+        """The token, then the alternatives other than it."""
+        return [self.token_id] + [token for token, _ in self.top if token != self.token_id]
 
     def __getitem__(self, token_id: int) -> Logprob:
-        return self._entries()[token_id]
+        """One entry, built (and its text decoded) only when read."""
+        rank = next((r for r, (token, _) in enumerate(self.top, 1) if token == token_id), None)
+        if token_id == self.token_id:
+            value = self.logprob
+        elif rank is not None:
+            value = self.top[rank - 1][1]
+        else:
+            raise KeyError(token_id)
+        return Logprob(value, rank, self.decode(token_id) if self.decode is not None else None)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._entries())
+        return iter(self._tokens())
 
     def __len__(self) -> int:
-        return len({self.token_id, *(token for token, _ in self.top)})
+        return len(self._tokens())
 
 
 @dataclasses.dataclass
