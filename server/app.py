@@ -78,6 +78,9 @@ class ServerConfig:
     cors: CORS | None = CORS()
     # Serve POST /start_profile and /stop_profile, writing jax.profiler traces here (None: off).
     profiler_dir: str | None = None
+    # /metrics also under these servers' names, with their model_name label (server.metrics
+    # METRIC_ALIASES), so that vLLM's and SGLang's dashboards and autoscalers read it unchanged.
+    metrics_aliases: tuple[str, ...] = ("vllm", "sglang")
 
     def __post_init__(self):
         from qwenjax.reasoning import check_reasoning_parser
@@ -101,7 +104,8 @@ class ServerConfig:
 class InferenceServer:
     def __init__(self, config: ServerConfig = ServerConfig()):
         self.config = config
-        self.metrics = ServerMetrics(lambda: self.gateway.engines, lambda: self.gateway.in_flight)
+        self.metrics = ServerMetrics(lambda: self.gateway.engines, lambda: self.gateway.in_flight,
+                                     self.model_name, config.metrics_aliases)
         self.gateway = Gateway(Admission(config.max_queue, config.max_queued_tokens), self.metrics,
                                config.max_log_len if config.enable_log_requests else None)
         self.servicer = InferenceServicer(self.gateway, config.max_request_bytes,
@@ -116,6 +120,16 @@ class InferenceServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
+
+    def model_name(self) -> str | None:
+        """The name the APIs report (the first served name, else the model directory's); None
+        while the model is loading and no name was given."""
+        from server.servicer import model_name
+
+        if self.config.served_model_names:
+            return self.config.served_model_names[0]
+        engine = self.gateway.engine
+        return None if engine is None else model_name(engine.lm.source)
 
     @property
     def address(self) -> str:

@@ -61,6 +61,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                           "/v1/models, …) on --host (0: off)")
     net.add_argument("--metrics-port", type=int, default=9400,
                      help="Prometheus /metrics HTTP port on --host (0: off)")
+    net.add_argument("--metrics-aliases", type=parse_metrics_aliases, default=("vllm", "sglang"),
+                     metavar="vllm,sglang|none",
+                     help="/metrics also serves the core series under vLLM's (vllm:*) and SGLang's "
+                          "(sglang:*) names with their model_name label, for their dashboards and "
+                          "autoscalers (docs/operations.md); none: qwenjax:* alone")
     net.add_argument("--max-queue", type=int, default=256,
                      help="requests admitted but without a first token before RESOURCE_EXHAUSTED "
                           "(0: no limit)")
@@ -265,6 +270,19 @@ def parse_json_object(text: str) -> dict:
     return value
 
 
+def parse_metrics_aliases(text: str) -> tuple[str, ...]:
+    from server.metrics import METRIC_ALIASES
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if names == ("none",):
+        return ()
+    unknown = [name for name in names if name not in METRIC_ALIASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                         f"{', '.join(sorted(METRIC_ALIASES))}, or none; got {text!r}")
+    return names
+
+
 def parse_json_list(text: str) -> tuple[str, ...]:
     """A JSON list of strings (vLLM's form for --allowed-origins, …)."""
     from server.cors import parse_list
@@ -361,7 +379,8 @@ def server_config(args):
         cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers,
                   args.allow_credentials),
         profiler_dir=args.profiler_dir or os.environ.get("QWENJAX_PROFILER_DIR")
-        or os.environ.get("VLLM_TORCH_PROFILER_DIR") or None)
+        or os.environ.get("VLLM_TORCH_PROFILER_DIR") or None,
+        metrics_aliases=args.metrics_aliases)
 
 
 def load_serving_model(args, mesh=None):

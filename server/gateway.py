@@ -81,8 +81,11 @@ class Call:
     ``elapsed_s`` time it from admission (what the Complete message and metrics report)."""
 
     def __init__(self, gateway: Gateway, prompt_ids: list[int], params: SamplingParams,
-                 priority: int, client_id: str, lora: str | None = None):
+                 priority: int, client_id: str, lora: str | None = None, counted: bool = True):
+        """``counted``: False for the server's own probes (/health_generate), kept out of the
+        served metrics as SGLang keeps its health checks out."""
         self.gateway = gateway
+        self.metrics = gateway.metrics if counted else gateway.uncounted
         self.prompt_ids = prompt_ids
         self.params = params
         self.priority = priority
@@ -111,8 +114,7 @@ class Call:
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The request's outputs; raises Refused if admission refuses it or the engine fails it.
         Closing this early aborts the request and frees its pages."""
-        gateway, engine_thread = self.gateway, self.gateway.engine_thread
-        metrics = gateway.metrics
+        gateway, engine_thread, metrics = self.gateway, self.gateway.engine_thread, self.metrics
         if self.client_id and self.client_id in gateway._active:
             raise gateway.refuse(grpc.StatusCode.ALREADY_EXISTS,
                                  f"request_id {self.client_id!r} names a request still running")
@@ -228,6 +230,7 @@ class Gateway:
     def __init__(self, admission: Admission, metrics: ServerMetrics, log_requests: int | None = None):
         self.admission = admission
         self.metrics = metrics
+        self.uncounted = ServerMetrics(lambda: [])  # a registry nobody scrapes, for probes
         # vLLM's --enable-log-requests: each admitted request logged (its first this-many prompt
         # token ids, --max-log-len) and its end; None: off.
         self.log_requests = log_requests
@@ -329,14 +332,14 @@ class Gateway:
         return prompt_ids, params
 
     def call(self, prompt_ids: Sequence[int], params: SamplingParams, priority: int = 0,
-             client_id: str = "", lora: str | None = None) -> Call:
+             client_id: str = "", lora: str | None = None, *, counted: bool = True) -> Call:
         """``lora``: a LoRA adapter the model was loaded with (checked here: refused before
-        admission)."""
+        admission). ``counted``: False for a probe of the server's own (out of the metrics)."""
         try:
             self.engine.lora_slot(lora)
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.NOT_FOUND, str(error)) from None
-        return Call(self, list(prompt_ids), params, priority, client_id, lora)
+        return Call(self, list(prompt_ids), params, priority, client_id, lora, counted)
 
     async def add_lora(self, name: Any, path: Any, served_names: Sequence[str]) -> None:
         """Load a PEFT adapter while serving (``--allow-runtime-lora-updating``); refusals

@@ -5,10 +5,10 @@ engine loop stays free of metrics code, and a scrape sees the state of that mome
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, Metric
 
 # Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -63,6 +63,93 @@ SCHEDULER_COUNTERS = (
      "(their K/V recomputed when they resume)", "num_preemptions"),)
 
 
+# The core series again under the names vLLM's and SGLang's servers give them, so that their
+# dashboards, alerts and autoscalers (KEDA, HPA adapters) read a qwenjax server unchanged: family
+# name here → theirs. Every aliased series carries their ``model_name`` label. What has no entry
+# has no counterpart there (or one measured otherwise: vLLM's inter-token latency is per token,
+# ours per request, so it maps to vLLM's request_time_per_output_token_seconds).
+METRIC_ALIASES: dict[str, dict[str, str]] = {
+    "vllm": {
+        "qwenjax:requests_running": "vllm:num_requests_running",
+        "qwenjax:requests_waiting": "vllm:num_requests_waiting",
+        "qwenjax:kv_cache_usage_perc": "vllm:kv_cache_usage_perc",
+        "qwenjax:prompt_tokens": "vllm:prompt_tokens",
+        "qwenjax:generation_tokens": "vllm:generation_tokens",
+        "qwenjax:requests": "vllm:request_success",
+        "qwenjax:time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+        "qwenjax:e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+        "qwenjax:request_queue_time_seconds": "vllm:request_queue_time_seconds",
+        "qwenjax:request_prefill_time_seconds": "vllm:request_prefill_time_seconds",
+        "qwenjax:request_decode_time_seconds": "vllm:request_decode_time_seconds",
+        "qwenjax:time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+        "qwenjax:request_prompt_tokens": "vllm:request_prompt_tokens",
+        "qwenjax:request_generation_tokens": "vllm:request_generation_tokens",
+        "qwenjax:num_preemptions": "vllm:num_preemptions",
+        "qwenjax:prefix_cache_queries": "vllm:prefix_cache_queries",
+        "qwenjax:prefix_cache_hits": "vllm:prefix_cache_hits",
+        "qwenjax:spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
+        "qwenjax:spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
+        "qwenjax:spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+    },
+    "sglang": {
+        "qwenjax:requests_running": "sglang:num_running_reqs",
+        "qwenjax:requests_waiting": "sglang:num_queue_reqs",
+        "qwenjax:kv_cache_usage_perc": "sglang:token_usage",
+        "qwenjax:prompt_tokens": "sglang:prompt_tokens",
+        "qwenjax:generation_tokens": "sglang:generation_tokens",
+        "qwenjax:requests": "sglang:num_requests",
+        "qwenjax:time_to_first_token_seconds": "sglang:time_to_first_token_seconds",
+        "qwenjax:e2e_request_latency_seconds": "sglang:e2e_request_latency_seconds",
+        "qwenjax:request_queue_time_seconds": "sglang:queue_time_seconds",
+        "qwenjax:time_per_output_token_seconds": "sglang:time_per_output_token_seconds",
+        "qwenjax:num_preemptions": "sglang:num_retracted_requests",
+    },
+}
+# Label names they spell otherwise.
+ALIAS_LABELS: dict[str, dict[str, str]] = {"vllm": {"finish_reason": "finished_reason"}}
+
+
+class _Aliased:
+    """The series of ``source`` named in ``names``, renamed, with ``model_name`` added to their
+    labels (nothing while ``model_name()`` is None: the model is still loading)."""
+
+    def __init__(self, source: CollectorRegistry, names: Mapping[str, str],
+                 labels: Mapping[str, str], model_name: Callable[[], str | None]):
+        self._source, self._names, self._labels, self._model_name = source, names, labels, model_name
+
+    def describe(self):
+        return []  # names are checked in the core registry; these only mirror them
+
+    def collect(self):
+        model = self._model_name()
+        if model is None:
+            return
+        for family in self._source.collect():
+            name = self._names.get(family.name)
+            if name is None:
+                continue
+            alias = Metric(name, family.documentation, family.type)
+            for sample in family.samples:
+                labels = {"model_name": model}
+                labels.update((self._labels.get(k, k), v) for k, v in sample.labels.items())
+                alias.add_sample(name + sample.name[len(family.name):], labels, sample.value,
+                                 sample.timestamp, sample.exemplar)
+            yield alias
+
+
+class _Everything:
+    """A registry's series, served from another registry."""
+
+    def __init__(self, source: CollectorRegistry):
+        self._source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self._source.collect()
+
+
 def _usage(engines: Sequence) -> float:
     total = sum(e.allocator.num_pages for e in engines)
     return sum(e.allocator.num_used for e in engines) / total if total else 0.0
@@ -70,11 +157,27 @@ def _usage(engines: Sequence) -> float:
 
 class ServerMetrics:
     def __init__(self, engines: Callable[[], Sequence],
-                 in_flight: Callable[[], int] | None = None):
+                 in_flight: Callable[[], int] | None = None,
+                 model_name: Callable[[], str | None] = lambda: None,
+                 aliases: Sequence[str] = ()):
         """``engines``: returns the served engines (several with data-parallel replicas; none
         while the model is loading); gauges and counters sum over them.
-        ``in_flight``: Generate calls this server is running."""
-        self.registry = registry = CollectorRegistry()
+        ``in_flight``: Generate calls this server is running.
+        ``aliases``: also serve the series under these servers' names (METRIC_ALIASES: "vllm",
+        "sglang"), labelled with ``model_name()`` (the name the API reports; None while loading).
+        """
+        unknown = sorted(set(aliases) - set(METRIC_ALIASES))
+        if unknown:
+            raise ValueError(f"metrics aliases {unknown} unknown; choose from "
+                             f"{sorted(METRIC_ALIASES)}")
+        # The qwenjax:* series live in a registry of their own; ``registry`` (what /metrics
+        # serves) holds them and their aliases.
+        self.core = registry = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self.registry.register(_Everything(self.core))
+        for server in aliases:
+            self.registry.register(_Aliased(self.core, METRIC_ALIASES[server],
+                                            ALIAS_LABELS.get(server, {}), model_name))
         self.requests = Counter(
             "qwenjax:requests_total", "Generate requests the engine ran, by how they ended "
             "(stop, length, abort = cancelled/deadline/Abort, error = failed step)",

@@ -445,7 +445,7 @@ class SGLangAPI:
             gateway.require_engine(generate=True)
             params = gateway.engine.sampling_params({"max_tokens": 1, "temperature": 0.0,
                                                      "ignore_eos": True}, 1)
-            call = gateway.call([0], params)
+            call = gateway.call([0], params, counted=False)
 
             async def one():
                 async for _, _output in merged([call]):

@@ -125,6 +125,21 @@ def test_common_vllm_flags_run_unchanged(caplog):
         parser.parse_args(["--dtype", "int3"])
 
 
+def test_metrics_aliases_flag(capsys):
+    import argparse
+
+    from server.cli import add_serve_arguments, server_config
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert server_config(parser.parse_args(["m"])).metrics_aliases == ("vllm", "sglang")
+    assert server_config(parser.parse_args(["m", "--metrics-aliases", "vllm"])).metrics_aliases == ("vllm",)
+    assert parser.parse_args(["m", "--metrics-aliases", "none"]).metrics_aliases == ()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--metrics-aliases", "tgi"])
+    assert "--metrics-aliases" in capsys.readouterr().err
+
+
 def test_serve_lora_slot_arguments():
     import argparse
 

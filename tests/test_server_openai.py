@@ -563,6 +563,54 @@ def test_tokenize_detokenize_and_metrics(base, tokenizer):
     assert status == 200 and "qwenjax:requests_total" in text
 
 
+def test_metrics_under_vllm_and_sglang_names(base, name):
+    """vLLM's and SGLang's dashboards read their own names, labelled with the served model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert http(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+    def scrape() -> dict:
+        samples = {}
+        for family in text_string_to_metric_families(http(base, "/metrics")[1]):
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                samples[sample.name, labels.pop("model_name", None),
+                        tuple(sorted(labels.items()))] = sample.value
+        return samples
+
+    got = scrape()
+
+    def value(metric: str, model=name, **labels) -> float:
+        return got[metric, model, tuple(sorted(labels.items()))]
+
+    for ours, theirs in (("qwenjax:prompt_tokens_total", "vllm:prompt_tokens_total"),
+                         ("qwenjax:prompt_tokens_total", "sglang:prompt_tokens_total"),
+                         ("qwenjax:generation_tokens_total", "vllm:generation_tokens_total"),
+                         ("qwenjax:time_to_first_token_seconds_count",
+                          "vllm:time_to_first_token_seconds_count"),
+                         ("qwenjax:e2e_request_latency_seconds_count",
+                          "sglang:e2e_request_latency_seconds_count"),
+                         ("qwenjax:requests_running", "vllm:num_requests_running"),
+                         ("qwenjax:requests_waiting", "sglang:num_queue_reqs"),
+                         ("qwenjax:kv_cache_usage_perc", "sglang:token_usage")):
+        assert value(theirs) == value(ours, None) and (ours, name, ()) not in got
+    assert value("vllm:prompt_tokens_total") > 0
+    assert value("vllm:request_success_total", finished_reason="length") == \
+        value("qwenjax:requests_total", None, finish_reason="length") >= 1
+    assert value("sglang:num_requests_total", finish_reason="length") >= 1
+    assert value("vllm:time_to_first_token_seconds_bucket", le="+Inf") >= 1
+    # The unlabelled families are declared once, each with its type.
+    text = http(base, "/metrics")[1]
+    assert text.count("# TYPE vllm:num_requests_waiting gauge") == 1
+    assert "# TYPE sglang:time_to_first_token_seconds histogram" in text
+
+
+def test_metrics_aliases_can_be_turned_off(start, name):
+    quiet = start(metrics_aliases=())
+    text = http(f"http://127.0.0.1:{quiet.http_port}", "/metrics")[1]
+    assert "qwenjax:requests_running" in text and "vllm:" not in text and "sglang:" not in text
+
+
 def test_bearer_token(start, name):
     import openai
 

@@ -273,7 +273,14 @@ def test_info_cache_health_and_encode(base):
     assert server["max_running_requests"] == 8 and server["max_total_num_tokens"] == 8 * 32 * 16
     assert _post(base, "/flush_cache")[0] == 200
     assert _post(base, "/flush_cache", method="GET")[0] == 200
+    requests = re.compile(r"^qwenjax:requests_total\S* (\S+)$", re.M)
+
+    def served() -> float:  # requests the metrics counted
+        return sum(map(float, requests.findall(_post(base, "/metrics", method="GET")[1])))
+
+    before = served()
     assert _post(base, "/health_generate", method="GET")[0] == 200
+    assert served() == before  # a probe is not traffic (SGLang keeps its health checks out)
 
     status, vectors = _post(base, "/encode", {"text": ["hello world", "def f():"]})
     assert status == 200 and len(vectors) == 2
