@@ -63,6 +63,34 @@ def parse_devices(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--devices takes comma-separated indices like 0,1; got {text!r}")
 
 
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_token_count(text: str) -> int:
+    """A token count as vLLM's flags take it: ``32768``, ``32k`` (decimal: 32000, fractions
+    allowed: ``25.6k``), ``32K`` (binary: 32768)."""
+    number, unit = (text[:-1], _UNITS[text[-1]]) if text[-1:] in _UNITS else (text, 1)
+    try:
+        value = float(number) * unit if unit in (10**3, 10**6, 10**9) else int(number) * unit
+    except ValueError:
+        value = None
+    if value is None or value != int(value):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of tokens like 32768, 32k (= 32000) or 32K (= 32768), got {text!r}")
+    return int(value)
+
+
+def parse_max_model_len(text: str) -> int:
+    """--max-model-len: a token count, or ``auto``/-1 (vLLM's): the model's max context, lowered
+    to what the KV cache holds."""
+    if text.strip().lower() in ("auto", "-1"):
+        return -1
+    value = parse_token_count(text.strip())
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive token count or auto, got {text!r}")
+    return value
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -156,8 +184,11 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # allow_abbrev=False: an unknown flag of another server's command line (SGLang's --device)
+    # must be refused, not taken for a prefix of one of ours (--devices).
+    parser = argparse.ArgumentParser(prog="qwenjax", description=__doc__, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=lambda **kw: argparse.ArgumentParser(allow_abbrev=False, **kw))
 
     p = sub.add_parser("fetch-model", help="build the default Qwen2.5-Coder-0.5B-Instruct into the "
                                            "cache and print its directory")
@@ -186,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate for one prompt, streaming only the text to stdout")
     add_model_arguments(p)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=4096,
+    p.add_argument("--max-model-len", type=parse_max_model_len, default=4096,
                    help="longest prompt + output the engine sizes its KV cache for")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

@@ -342,19 +342,39 @@ def qkv_slot_projection(q_per_kv: int) -> np.ndarray:
 
 
 def parse_lora_modules(values: list[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """``name=path`` strings (vLLM's --lora-modules) or a mapping → {name: path}."""
+    """``name=path`` strings or JSON objects (vLLM's --lora-modules forms: ``{"name": …,
+    "path": …, "base_model_name": …}``; SGLang's --lora-paths ``{"lora_name": …,
+    "lora_path": …, "pinned": …}``), or a mapping → {name: path}."""
     if not values:
         return {}
     if isinstance(values, Mapping):
         items = list(values.items())
     else:
-        items = []
-        for value in values:
-            name, sep, path = value.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--lora-modules takes name=path, got {value!r}")
-            items.append((name, path))
+        items = [_lora_module(value) for value in values]
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
         raise ValueError(f"--lora-modules names an adapter twice: {names}")
     return dict(items)
+
+
+def _lora_module(value: str) -> tuple[str, str]:
+    if value.lstrip().startswith("{"):
+        try:
+            module = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--lora-modules: {value!r} is not valid JSON ({error})") from None
+        # base_model_name (vLLM) and pinned (SGLang) change nothing here: adapters apply to the
+        # served model, and every loaded adapter stays resident.
+        known = {"name", "path", "base_model_name", "lora_name", "lora_path", "pinned"}
+        unknown = sorted(set(module) - known) if isinstance(module, dict) else []
+        name = module.get("name", module.get("lora_name")) if isinstance(module, dict) else None
+        path = module.get("path", module.get("lora_path")) if isinstance(module, dict) else None
+        if unknown or not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ValueError(f"--lora-modules takes name=path or a JSON object with \"name\" and "
+                             f"\"path\" strings (and optionally \"base_model_name\"), got {value!r}")
+        return name, path
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora-modules takes name=path or JSON '{{\"name\": …, \"path\": …}}', "
+                         f"got {value!r}")
+    return name, path

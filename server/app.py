@@ -53,7 +53,7 @@ class ServerConfig:
     # Larger requests get INVALID_ARGUMENT naming this limit. The transport refuses messages
     # over 4× it with RESOURCE_EXHAUSTED before they are parsed, so memory stays bounded.
     max_request_bytes: int = 4 << 20
-    api_token: str | None = None      # bearer token required on Inference calls
+    api_token: str | tuple[str, ...] | None = None  # bearer token(s) required on Inference calls
     tls_cert: str | None = None       # PEM files; both or neither
     tls_key: str | None = None
     drain_timeout: float = 30.0       # seconds in-flight requests get after SIGTERM
@@ -99,6 +99,14 @@ class ServerConfig:
             raise ValueError(f"drain_timeout must be ≥ 0, got {self.drain_timeout}")
         if self.step_timeout < 0:
             raise ValueError(f"step_timeout must be ≥ 0 (0 = off), got {self.step_timeout}")
+
+
+def _cannot_listen(flag: str, host: str, port: int, error: Exception | None) -> OSError:
+    """A bind failure named by its flag: two servers on one host clash on the default ports."""
+    why = getattr(error, "strerror", None) or error or "the address is in use or not this host's"
+    other = "0 for any free port" if flag == "--port" else "0 to turn it off"
+    return OSError(f"{flag} {port}: cannot listen on {host}:{port} ({why}); another server on "
+                   f"this host? Give {flag} another port, or {other}")
 
 
 class InferenceServer:
@@ -155,18 +163,27 @@ class InferenceServer:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert is not None:
-            key, cert = pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes()
-            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if config.tls_cert is not None:
+                key, cert = pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes()
+                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's "Failed to bind" (its log line above says why)
+            raise _cannot_listen("--port", config.host, config.port, None) from None
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            raise _cannot_listen("--port", config.host, config.port, None)
         await server.start()
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            except OSError as error:
+                raise _cannot_listen("--metrics-port", config.host, config.metrics_port, error) from None
         if config.http_port is not None:
-            await self._start_http()
+            try:
+                await self._start_http()
+            except OSError as error:
+                raise _cannot_listen("--http-port", config.host, config.http_port, error) from None
 
     async def _start_http(self) -> None:
         from server.openai_api import OpenAIServer

@@ -6,6 +6,7 @@ send metadata, and reflection reveals only the public schema.
 from __future__ import annotations
 
 import hmac
+from typing import Sequence
 
 import grpc
 
@@ -25,9 +26,18 @@ def bearer_token(value: str | bytes | None) -> bytes | None:
     return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def token_matches(presented: bytes, expected: bytes) -> bool:
-    # Constant-time comparison: the time a wrong token takes must not leak its prefix.
-    return hmac.compare_digest(presented, expected)
+def expected_tokens(tokens: str | Sequence[str]) -> tuple[bytes, ...]:
+    """The accepted token(s) (vLLM's --api-key takes several), checked non-empty."""
+    tokens = (tokens,) if isinstance(tokens, str) else tuple(tokens)
+    if not tokens or not all(tokens):
+        raise ValueError("api tokens must be non-empty")
+    return tuple(token.encode() for token in tokens)
+
+
+def token_matches(presented: bytes, expected: Sequence[bytes]) -> bool:
+    # Constant-time comparison against every token: the time a wrong token takes must leak
+    # neither its prefix nor which token it came close to.
+    return sum(hmac.compare_digest(presented, token) for token in expected) > 0
 
 
 def _presented_token(metadata) -> bytes | None:
@@ -55,10 +65,8 @@ def _denying(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str):
-        if not token:
-            raise ValueError("api token must be non-empty")
-        self._token = token.encode()
+    def __init__(self, tokens: str | Sequence[str]):
+        self._tokens = expected_tokens(tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -67,6 +75,6 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         presented = _presented_token(handler_call_details.invocation_metadata)
         if presented is None:
             return _denying(handler, "missing 'authorization: Bearer <token>' metadata")
-        if not token_matches(presented, self._token):
+        if not token_matches(presented, self._tokens):
             return _denying(handler, "wrong bearer token")
         return handler

@@ -24,7 +24,7 @@ import threading
 from typing import Sequence
 import time
 
-from qwenjax.cli import add_model_arguments
+from qwenjax.cli import add_model_arguments, parse_max_model_len, parse_token_count
 from qwenjax.reasoning import REASONING_PARSERS  # no jax: parsing the command line stays quick
 
 log = logging.getLogger("qwenjax.server")
@@ -51,6 +51,32 @@ NO_OP_FLAGS = {
 }
 
 
+# The same for flags that take a value: accepted with any value, logged with it.
+NO_OP_VALUE_FLAGS = {
+    "--device": "the platform is JAX's: the GPUs (CUDA or ROCm) when its plugin is installed, "
+                "else the CPU (JAX_PLATFORMS=cpu forces it)",
+    "--task": "the checkpoint decides: a causal LM generates and embeds, a sequence-"
+              "classification or reward checkpoint classifies and scores",
+    "--runner": "as --task",
+    "--root-path": "routes are served at /; a proxy in front strips its prefix",
+    "--swap-space": "preempted requests recompute their K/V (--kv-offloading-size keeps evicted "
+                    "prefix pages in host memory)",
+    "--uvicorn-log-level": "there is no access log; --log-level sets the server's level",
+}
+
+
+class _NoOpValue(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        flags = list(getattr(namespace, "no_op_flags", None) or [])
+        flags.append(f"{self.option_strings[0]} {values}")
+        namespace.no_op_flags = flags
+
+
+def _no_op_reason(entry: str) -> str:
+    flag = entry.split(" ", 1)[0]
+    return NO_OP_FLAGS.get(flag) or NO_OP_VALUE_FLAGS[flag]
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_arguments(p, multihost=True)
     net = p.add_argument_group("server")
@@ -73,10 +99,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
     net.add_argument("--max-request-bytes", type=int, default=4 << 20,
                      help="larger requests get INVALID_ARGUMENT")
-    net.add_argument("--api-token", "--api-key", dest="api_token", default=None,
-                     help=f"require 'authorization: Bearer TOKEN' on Inference calls (default: "
-                          f"${TOKEN_ENV}, else vLLM's $VLLM_API_KEY; prefer a variable, arguments "
-                          f"show up in ps)")
+    net.add_argument("--api-token", "--api-key", dest="api_token", action="append", default=None,
+                     metavar="TOKEN",
+                     help=f"require 'authorization: Bearer TOKEN' on Inference calls; repeat it to "
+                          f"accept several (default: ${TOKEN_ENV}, else vLLM's $VLLM_API_KEY; "
+                          f"prefer a variable, arguments show up in ps)")
     net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
                      help="PEM certificate chain (with --tls-key)")
     net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
@@ -97,7 +124,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                           "unset: no such routes)")
     net.add_argument("--drain-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM")
-    net.add_argument("--step-timeout", type=float, default=300.0,
+    net.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error", "critical"],
+                     type=str.lower, help="the server's logging level (default info)")
+    net.add_argument("--step-timeout", "--watchdog-timeout", dest="step_timeout", type=float, default=300.0,
                      help="an engine step running longer (a hung device or collective) turns health "
                           "NOT_SERVING and logs the engine thread's stack; 0 = off (default 300)")
 
@@ -136,27 +166,34 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                                 "$QWENJAX_PLAN_PORT, else the coordinator port + 1)")
 
     engine = p.add_argument_group("engine")
-    engine.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
-                        default=None,
-                        help="prompt + output tokens of one request at most (default: the model's "
-                             "max context)")
+    engine.add_argument("--max-model-len", "--context-length", dest="max_model_len",
+                        type=parse_max_model_len, default=None,
+                        help="prompt + output tokens of one request at most: 32768, 32k (= 32000) "
+                             "or 32K (= 32768); auto (or -1): the model's max context, lowered to "
+                             "what the KV cache holds (default: the model's max context)")
     engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                         help="auto: KV cache in the model dtype; fp8: float8 (e4m3) with a scale "
                              "per token and head, about half the KV memory (docs/quantization.md)")
     engine.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int,
                         default=64, help="requests decoding at once")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    engine.add_argument("--max-num-batched-tokens", type=parse_token_count, default=2048,
+                        help="tokens per step (2048, 2k, 2K)")
     engine.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=None,
                         help="tokens per KV cache page (vLLM's --block-size, SGLang's --page-size; "
                              "default: the --mesh config's, else 16)")
     engine.add_argument("--seed", "--random-seed", dest="seed", type=int, default=None,
                         help="seed the seeds of requests that give none, so that a rerun of the same "
                              "requests samples the same tokens (default: drawn from the OS)")
-    engine.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens of one "
-                                                                      "request per step")
+    engine.add_argument("--prefill-chunk", "--chunked-prefill-size", dest="prefill_chunk",
+                        type=parse_token_count, default=512,
+                        help="prompt tokens of one request per step (SGLang's "
+                             "--chunked-prefill-size; prefill is always chunked)")
     engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
     engine.add_argument("--num-pages", type=int, default=None,
                         help="KV cache pages (default: from free device memory)")
+    engine.add_argument("--max-total-tokens", type=parse_token_count, default=None,
+                        help="KV cache tokens, SGLang's form of --num-pages (rounded up to whole "
+                             "pages)")
     engine.add_argument("--compile-workers", type=int, default=None,
                         help="threads that compile or load step programs at start-up (default: one "
                              "per core; on a GPU, one while any program is missing from the cache)")
@@ -173,10 +210,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                         dest="kv_cache_fraction", type=float, default=None, metavar="F",
                         help="share of each device's memory for weights, workspace and KV cache, in "
                              "(0, 1] (default: the --mesh config's, else 0.9); unused with --num-pages")
-    engine.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+    engine.add_argument("--no-async-scheduling", "--disable-overlap-schedule",
+                        dest="async_scheduling", action="store_false",
                         help="wait for each step's tokens before scheduling the next (default: the "
                              "next step is scheduled and dispatched while the device runs this one)")
-    engine.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+    engine.add_argument("--scheduling-policy", "--schedule-policy", dest="scheduling_policy",
+                        default="fcfs", choices=["fcfs", "priority"],
                         help="fcfs: arrival order; priority: GenerateRequest.priority, lower first, "
                              "and preemption takes the newest request of the lowest priority")
     engine.add_argument("--speculative-config", type=parse_json_object, default=None, metavar="JSON",
@@ -193,9 +232,11 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                              "checkpoint's: LAST; a sentence-transformers Pooling module's mode; "
                              "STEP at <extra_0> for a process reward model)")
 
-    engine.add_argument("--lora-modules", "--lora-paths", dest="lora_modules", nargs="+", default=None, metavar="NAME=DIR",
-                        help="LoRA adapters (PEFT directories) served beside the base model; a "
-                             "request picks one by name (HTTP: as its model; gRPC: lora)")
+    engine.add_argument("--lora-modules", "--lora-paths", dest="lora_modules", nargs="+", default=None,
+                        metavar="NAME=DIR|JSON",
+                        help="LoRA adapters (PEFT directories) served beside the base model, as "
+                             "name=path or vLLM's JSON '{\"name\": …, \"path\": …}'; a request "
+                             "picks one by name (HTTP: as its model; gRPC: lora)")
     engine.add_argument("--max-loras", "--max-loras-per-batch", dest="max_loras", type=int, default=None,
                         help="LoRA slots (adapters resident at once; each step computes all of "
                              "them). Default: one per --lora-modules adapter, or 1 with "
@@ -257,6 +298,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
     same = p.add_argument_group("accepted from vLLM and SGLang command lines, with no effect here")
     for flag, why in NO_OP_FLAGS.items():
         same.add_argument(flag, action="append_const", const=flag, dest="no_op_flags", help=why)
+    for flag, why in NO_OP_VALUE_FLAGS.items():
+        same.add_argument(flag, action=_NoOpValue, dest="no_op_flags", metavar="VALUE", help=why)
 
 
 def parse_json_object(text: str) -> dict:
@@ -367,8 +410,8 @@ def server_config(args):
         http_port=args.http_port or None, served_model_names=tuple(args.served_model_name or ()),
         max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
         max_request_bytes=args.max_request_bytes,
-        api_token=args.api_token or os.environ.get(TOKEN_ENV) or os.environ.get("VLLM_API_KEY")
-        or None,
+        api_token=tuple(args.api_token or ()) or os.environ.get(TOKEN_ENV)
+        or os.environ.get("VLLM_API_KEY") or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
         step_timeout=args.step_timeout,
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
@@ -515,7 +558,7 @@ def build_engine(args, mesh=None):
     log.info("compiling step shapes")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
-                          max_model_len=max_model_len, num_pages=args.num_pages,
+                          max_model_len=max_model_len, num_pages=kv_pages(args, options),
                           enable_prefix_caching=args.enable_prefix_caching,
                           async_scheduling=args.async_scheduling, compile_workers=args.compile_workers,
                           generation_config=args.generation_config,
@@ -537,6 +580,20 @@ def build_engine(args, mesh=None):
              "cold" if written else "warm", len(engine.runner.shapes()), engine.warm_up_seconds,
              written, cache)
     return engine
+
+
+def kv_pages(args, options: dict) -> int | None:
+    """--num-pages, or SGLang's --max-total-tokens in whole pages (None: from device memory)."""
+    from qwenjax.engine.engine import EngineConfig
+
+    if args.max_total_tokens is None:
+        return args.num_pages
+    if args.num_pages is not None:
+        raise ValueError("--max-total-tokens and --num-pages both size the KV cache; give one")
+    if args.max_total_tokens < 1:
+        raise ValueError(f"--max-total-tokens must be ≥ 1, got {args.max_total_tokens}")
+    page_size = options.get("page_size", EngineConfig.page_size)
+    return -(-args.max_total_tokens // page_size)
 
 
 def _cache_entries(directory: pathlib.Path) -> int:
@@ -582,7 +639,12 @@ async def serve(args) -> int:
     from server.app import InferenceServer
 
     server = InferenceServer(server_config(args))
-    await server.start()
+    try:
+        await server.start()
+    except OSError as error:  # a port taken: named by its flag
+        log.error("cannot serve: %s", error)
+        await server.stop()
+        return 2
     log.info("listening on %s (health NOT_SERVING until the model is loaded and compiled)",
              server.address)
     if server.http_port:
@@ -635,7 +697,7 @@ def resolve_model_tag(args) -> None:
     """``serve MODEL`` is ``serve --model MODEL``; both at once must agree. (And the flags
     accepted with no effect are logged.)"""
     for flag in getattr(args, "no_op_flags", None) or ():
-        log.info("%s: accepted, no effect here (%s)", flag, NO_OP_FLAGS[flag])
+        log.info("%s: accepted, no effect here (%s)", flag, _no_op_reason(flag))
     if args.model_tag is not None:
         if args.model is not None and args.model != args.model_tag:
             raise ValueError(f"the model is given twice, as {args.model_tag!r} and --model "
@@ -646,9 +708,11 @@ def resolve_model_tag(args) -> None:
 
 
 def cmd_serve(args) -> int:
+    level = getattr(logging, args.log_level.upper())
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+        logging.basicConfig(level=level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
     resolve_model_tag(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key must be given together")
@@ -669,7 +733,7 @@ def cmd_serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m server", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)

@@ -39,7 +39,7 @@ from qwenjax.pooling import cosine
 from qwenjax.sampling import is_int
 from server import anthropic_protocol as aproto, convert, openai_protocol as proto
 from server import responses_protocol as rproto
-from server.auth import bearer_token, token_matches
+from server.auth import bearer_token, expected_tokens, token_matches
 from server.gateway import Gateway, Refused, merged
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class OpenAIServer:
     """The HTTP API over a Gateway. ``serving()``: whether health says SERVING."""
 
     def __init__(self, gateway: Gateway, registry, serving: Callable[[], bool], *,
-                 api_token: str | None = None, max_request_bytes: int = 4 << 20,
+                 api_token: str | Sequence[str] | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
                  reasoning_parser: str | None = None, allow_weight_updates: bool = False,
                  enable_sleep_mode: bool = False, cors=None, profiler_dir: str | None = None):
@@ -87,7 +87,7 @@ class OpenAIServer:
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
         self.serving = serving
-        self._token = api_token.encode() if api_token else None
+        self._tokens = expected_tokens(api_token) if api_token else None
         self.max_request_bytes = max_request_bytes
         self.served_model_names = tuple(served_model_names)
         self.created = proto.now()
@@ -161,7 +161,7 @@ class OpenAIServer:
     # ---- plumbing -------------------------------------------------------------------------
     @web.middleware
     async def _errors_and_auth(self, request: web.Request, handler):
-        if self._token is not None and not request.path.startswith(_OPEN_PATHS):
+        if self._tokens is not None and not request.path.startswith(_OPEN_PATHS):
             # (Anthropic's clients send the key as x-api-key.)
             api_key = request.headers.get("x-api-key")
             presented = bearer_token(request.headers.get("Authorization")) or \
@@ -169,7 +169,7 @@ class OpenAIServer:
             if presented is None:
                 return _error(401, "missing 'Authorization: Bearer <token>' header",
                               request.path)
-            if not token_matches(presented, self._token):
+            if not token_matches(presented, self._tokens):
                 return _error(401, "wrong bearer token", request.path)
         try:
             return await handler(request)
@@ -286,10 +286,17 @@ class OpenAIServer:
         data += [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
                   "root": name, "parent": self._names()[0], "max_model_len": engine.max_model_len}
                  for name in engine.lora_names]
-        # Anthropic's clients list models from the same path: their fields ride along.
+        # Anthropic's clients list models from the same path: their fields ride along. And
+        # vLLM's model cards carry OpenAI's (legacy) permission list: the same open one here.
         created_at = datetime.datetime.fromtimestamp(self.created, datetime.timezone.utc).isoformat()
         for entry in data:
-            entry.update(type="model", display_name=entry["id"], created_at=created_at)
+            entry.update(type="model", display_name=entry["id"], created_at=created_at,
+                         permission=[{"id": f"modelperm-{entry['id']}", "object": "model_permission",
+                                      "created": self.created, "allow_create_engine": False,
+                                      "allow_sampling": True, "allow_logprobs": True,
+                                      "allow_search_indices": False, "allow_view": True,
+                                      "allow_fine_tuning": False, "organization": "*",
+                                      "group": None, "is_blocking": False}])
         return web.json_response({"object": "list", "data": data, "has_more": False,
                                   "first_id": data[0]["id"], "last_id": data[-1]["id"]})
 

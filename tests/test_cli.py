@@ -64,7 +64,7 @@ def test_serve_takes_vllm_style_arguments(capsys, monkeypatch):
         "/models/Qwen2.5-7B-Instruct", 2, 0.8, False, "fp8")
     assert args.kv_cache_dtype == "fp8" and args.chat_template == "t.jinja"
     config = server_config(args)
-    assert config.api_token == "k" and config.http_port == 8000
+    assert config.api_token == ("k",) and config.http_port == 8000
     assert config.served_model_names == ("qwen", "Qwen/Qwen2.5-7B-Instruct")
     # vLLM's variable for the key (a deployment passing it so must not run without auth).
     monkeypatch.delenv("QWENJAX_API_TOKEN", raising=False)
@@ -123,6 +123,72 @@ def test_common_vllm_flags_run_unchanged(caplog):
     assert parser.parse_args(["--dtype", "auto"]).dtype is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--dtype", "int3"])
+
+
+def test_token_counts_take_vllms_human_readable_forms(capsys):
+    import argparse
+
+    from qwenjax.cli import parse_max_model_len, parse_token_count
+
+    assert [parse_token_count(t) for t in ("4096", "32k", "32K", "25.6k", "1M", "2m")] == [
+        4096, 32000, 32768, 25600, 1 << 20, 2_000_000]
+    assert parse_max_model_len("auto") == parse_max_model_len("-1") == -1
+    for bad in ("1.5K", "k", "12x", "0.5", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="whole number of tokens"):
+            parse_token_count(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="positive token count or auto"):
+        parse_max_model_len("0")
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-model-len", "lots"])
+    assert "--max-model-len" in capsys.readouterr().err
+
+
+def test_sglang_flag_spellings_and_value_flags_with_no_effect(caplog, capsys):
+    """SGLang's names for qwenjax's settings, and flags whose value changes nothing here
+    (accepted and logged with the value); an unknown flag is refused, never read as a prefix of
+    one of ours (SGLang's --device vs --devices)."""
+    import argparse
+    import logging
+
+    from server.cli import add_serve_arguments, kv_pages, resolve_model_tag, server_config
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model-path", "/m", "--disable-overlap-schedule", "--watchdog-timeout",
+                              "60", "--chunked-prefill-size", "1k", "--max-total-tokens", "1000",
+                              "--schedule-policy", "priority", "--log-level", "WARNING",
+                              "--device", "cuda", "--task", "generate", "--root-path", "/api",
+                              "--context-length", "8K"])
+    assert (args.async_scheduling, args.step_timeout, args.prefill_chunk, args.scheduling_policy,
+            args.log_level, args.max_model_len) == (False, 60.0, 1000, "priority", "warning", 8192)
+    assert kv_pages(args, {}) == 63 and kv_pages(args, {"page_size": 8}) == 125  # whole pages
+    with caplog.at_level(logging.INFO, logger="qwenjax.server"):
+        resolve_model_tag(args)
+    assert args.no_op_flags == ["--device cuda", "--task generate", "--root-path /api"]
+    assert "--device cuda: accepted, no effect here (the platform is JAX's" in caplog.text
+    with pytest.raises(ValueError, match="--max-total-tokens and --num-pages"):
+        kv_pages(parser.parse_args(["--max-total-tokens", "64", "--num-pages", "4"]), {})
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--schedule-policy", "lpm"])
+    # Several keys (vLLM's --api-key repeated): any of them is accepted.
+    config = server_config(parser.parse_args(["m", "--api-key", "a", "--api-key", "b"]))
+    assert config.api_token == ("a", "b")
+    from qwenjax.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--dev", "0"])  # no prefix matching
+    assert "unrecognized arguments: --dev" in capsys.readouterr().err
+
+
+def test_lora_modules_take_vllms_and_sglangs_json_form():
+    from qwenjax.lora import parse_lora_modules
+
+    assert parse_lora_modules(['{"name": "sql", "path": "/a", "base_model_name": "qwen"}',
+                               "chat=/b", '{"lora_name": "x", "lora_path": "/c", "pinned": true}']) == {
+        "sql": "/a", "chat": "/b", "x": "/c"}
+    for bad in ('{"name": "sql"}', '{"name": "a", "path": "/p", "rank": 8}', "{not json", "sql"):
+        with pytest.raises(ValueError, match="--lora-modules"):
+            parse_lora_modules([bad])
 
 
 def test_metrics_aliases_flag(capsys):

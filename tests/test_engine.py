@@ -665,3 +665,19 @@ def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_dir):
     assert tokens(None) != tokens(None)
     with pytest.raises(ValueError, match="seed must be an int"):
         Engine(lm, EngineConfig(**SMALL, num_pages=128, seed="7"), warm_up=False)
+
+
+def test_max_model_len_auto_fits_the_kv_cache(tiny_dir):
+    """max_model_len -1 (vLLM's auto): the model's max context, lowered to what the pages hold;
+    a fixed max_model_len that does not fit is still refused, naming the way out."""
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    assert lm.config.max_context > 16 * 8
+    engine = Engine(lm, EngineConfig(max_model_len=-1, num_pages=16, page_size=8), warm_up=False,
+                    progress=False)
+    assert engine.max_model_len == 128 and engine.context_room(100) == 29
+    roomy = Engine(lm, EngineConfig(max_model_len=-1, num_pages=lm.config.max_context), warm_up=False,
+                   progress=False)
+    assert roomy.max_model_len == lm.config.max_context
+    with pytest.raises(ValueError, match="lower max_model_len or add pages"):
+        Engine(lm, EngineConfig(max_model_len=256, num_pages=16, page_size=8), warm_up=False,
+               progress=False)

@@ -765,7 +765,7 @@ def test_engine_thread_reports_how_long_its_step_runs():
 
 
 def test_bearer_token_is_required_on_inference_calls(start_server):
-    secured = start_server(api_token=TOKEN)
+    secured = start_server(api_token=(TOKEN, "another-token"))  # any of several keys (vLLM's)
     request = pb.GenerateRequest(text="def h(", sampling=greedy(2, ignore_eos=True))
     with grpc.insecure_channel(secured.address) as ch:
         stub = pb_grpc.InferenceStub(ch)
@@ -778,6 +778,9 @@ def test_bearer_token_is_required_on_inference_calls(start_server):
         ids, _, complete = collect(stub.Generate(request, metadata=(("authorization", f"Bearer {TOKEN}"),),
                                                  timeout=60))
         assert len(ids) == 2 and complete.finish_reason == "length"
+        ids, _, _ = collect(stub.Generate(request, metadata=(("authorization", "Bearer another-token"),),
+                                          timeout=60))
+        assert len(ids) == 2
         # Health stays open for probes that cannot send metadata.
         assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
             health_pb2.HealthCheckResponse.SERVING
@@ -1019,3 +1022,32 @@ def test_priority_needs_the_priority_policy(stub):
     code, details = code_of(stub.Generate(pb.GenerateRequest(text="x", priority=2, sampling=greedy(1)),
                                           timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "priority" in details
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port", "--http-port"])
+def test_a_taken_port_is_named_by_its_flag(flag):
+    """Two servers on one host clash on the default ports: the error says which flag to change,
+    and the ports already opened are closed again."""
+    import socket
+
+    from server.app import InferenceServer, ServerConfig
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    field = {"--port": "port", "--metrics-port": "metrics_port", "--http-port": "http_port"}[flag]
+    config = ServerConfig(**{"port": 0, "metrics_port": 0, "http_port": 0, field: port})
+    server = InferenceServer(config)
+
+    async def start():
+        try:
+            with pytest.raises(OSError, match=f"^{flag} {port}: cannot listen on 127.0.0.1:{port}"):
+                await server.start()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(start())
+    finally:
+        taken.close()

@@ -79,6 +79,7 @@ def test_models_health_version_and_the_model_name(base, client, name, server):
     models = client.models.list().data
     assert [m.id for m in models] == [name] == ["qwen2.5-coder-0.5b-instruct"]
     assert models[0].max_model_len == SERVER_ENGINE["max_model_len"]
+    assert models[0].permission[0]["object"] == "model_permission"  # vLLM's model card
     assert http(base, "/health")[0] == 200
     assert http(base, "/ping")[0] == 200 and http(base, "/ping", {})[0] == 200  # vLLM's probe
     assert http(base, "/version")[1]["version"]
@@ -614,13 +615,14 @@ def test_metrics_aliases_can_be_turned_off(start, name):
 def test_bearer_token(start, name):
     import openai
 
-    guarded = start(api_token=TOKEN)
+    guarded = start(api_token=(TOKEN, "second-key"))  # vLLM's --api-key, given twice
     base = f"http://127.0.0.1:{guarded.http_port}"
     assert http(base, "/health")[0] == 200  # probes send no token
     assert http(base, "/v1/models")[0] == 401
     assert http(base, "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
-    with openai.OpenAI(base_url=base + "/v1", api_key=TOKEN, max_retries=0) as c:
-        assert c.models.list().data[0].id == name
+    for key in (TOKEN, "second-key"):
+        with openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0) as c:
+            assert c.models.list().data[0].id == name
 
 
 def _raw(port: int, method: str, path: str, headers: dict, body: bytes | None = None):

@@ -61,7 +61,9 @@ class EngineConfig:
     prefill_chunk: int = 512
     max_prefill_seqs: int = 4
     page_size: int = 16
-    max_model_len: int | None = None      # default: the model's max context
+    # Default: the model's max context. -1 (vLLM's "auto"): that, lowered to what the KV cache
+    # holds when one sequence of it would not fit.
+    max_model_len: int | None = None
     num_pages: int | None = None          # default: from kv_cache_fraction of device memory
     kv_cache_fraction: float = 0.9
     # "auto": KV pages in the model's dtype; "fp8" (vLLM's --kv-cache-dtype fp8): float8 values
@@ -153,7 +155,9 @@ class Engine(LiveState):
         # weights tree, never that of another engine over the same model.
         self.lm = lm = dataclasses.replace(lm)
         self.tokenizer = lm.tokenizer
-        max_model_len = config.max_model_len or lm.config.max_context
+        fit_to_cache = config.max_model_len == -1
+        max_model_len = lm.config.max_context if fit_to_cache else \
+            config.max_model_len or lm.config.max_context
         if max_model_len > lm.config.max_context:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max context "
                              f"of {lm.config.max_context}")
@@ -190,6 +194,13 @@ class Engine(LiveState):
             enable_compile_cache()
         num_pages = config.num_pages or self._pages_from_memory(config)
         needed = self.scheduler_config.pages_for(max_model_len)
+        if fit_to_cache and num_pages < needed:
+            max_model_len = num_pages * self.scheduler_config.page_size
+            log.info("max_model_len auto: %d tokens, what %d KV pages hold (the model's max "
+                     "context is %d)", max_model_len, num_pages, lm.config.max_context)
+            self.scheduler_config = dataclasses.replace(self.scheduler_config,
+                                                        max_model_len=max_model_len)
+            needed = num_pages
         if num_pages < needed:
             raise ValueError(f"the KV cache has {num_pages} pages but one sequence of max_model_len "
                              f"{max_model_len} needs {needed}; lower max_model_len or add pages")
