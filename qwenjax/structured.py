@@ -30,7 +30,14 @@ def _fail(field: str, requirement: str, value: Any) -> ValueError:
 class StructuredOutputs:
     """Exactly one constraint: ``json`` (a JSON schema, as a dict or its text), ``regex``,
     ``choice`` (the output is one of these strings), ``grammar`` (Lark, llguidance's
-    dialect) or ``json_object`` (any JSON object).
+    dialect), ``json_object`` (any JSON object) or ``structural_tag``.
+
+    ``structural_tag`` (vLLM's and SGLang's, as a dict or its JSON text): free text in which
+    each of the ``triggers`` starts a tagged segment, ``{"structures": [{"begin": …,
+    "schema": {…}, "end": …}, …], "triggers": […]}``: the segment is one structure's
+    ``begin`` (which starts with a trigger), then JSON following its ``schema``, then its
+    ``end``. Tool calls inside a free reply, e.g. Qwen2.5's ``<tool_call>\n{"name": "f",
+    "arguments": `` … ``}\n</tool_call>``.
 
     The options of vLLM's ``StructuredOutputsParams`` (``qwenjax.StructuredOutputsParams``
     and ``GuidedDecodingParams`` are this class) apply to ``json`` and ``json_object`` and
@@ -59,10 +66,12 @@ class StructuredOutputs:
     disable_fallback: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    structural_tag: Mapping[str, Any] | str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None]
         if self.json_object is None:  # vLLM's field is Optional[bool]
             set_("json_object", False)
         for name in ("json_object", "disable_any_whitespace", "disable_fallback",
@@ -77,7 +86,9 @@ class StructuredOutputs:
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ValueError("structured_outputs must set exactly one of json, regex, choice, "
-                             f"grammar, json_object; got {given or 'none'}")
+                             f"grammar, json_object, structural_tag; got {given or 'none'}")
+        if self.structural_tag is not None:
+            set_("structural_tag", _check_structural_tag(self.structural_tag))
         if isinstance(self.json, str):
             try:
                 set_("json", json.loads(self.json))
@@ -104,10 +115,15 @@ class StructuredOutputs:
                     raise _fail("choice", "non-empty strings", c)
             set_("choice", tuple(self.choice))
 
-    def grammar_text(self) -> str:
-        """The constraint as an llguidance grammar."""
+    def grammar_text(self, special_tokens: Sequence[str] = ()) -> str:
+        """The constraint as an llguidance grammar. ``special_tokens``: the texts of the
+        tokenizer's added tokens (``<tool_call>``, …), which a structural tag's strings name
+        as tokens rather than spell."""
         import llguidance
 
+        if self.structural_tag is not None:
+            return llguidance.LLMatcher.grammar_from_lark(
+                _structural_tag_lark(self.structural_tag, special_tokens))
         if self.json is not None or self.json_object:
             schema = dict(self.json) if self.json is not None else {"type": "object"}
             if self.disable_additional_properties:
@@ -128,6 +144,95 @@ class StructuredOutputs:
             return llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice))
         return llguidance.LLMatcher.grammar_from_lark(self.grammar)
+
+
+MAX_STRUCTURES = 64
+
+
+def _check_structural_tag(tag: Mapping[str, Any] | str) -> dict:
+    """vLLM's structural tag as {"structures": ((begin, schema, end), …), "triggers": (…)}."""
+    if isinstance(tag, str):
+        if len(tag) > MAX_SPEC_CHARS:
+            raise ValueError(f"structured_outputs.structural_tag must be at most {MAX_SPEC_CHARS} "
+                             f"chars, got {len(tag)}")
+        try:
+            tag = json.loads(tag)
+        except json.JSONDecodeError as error:
+            raise _fail("structural_tag", "a JSON object", f"text that is not JSON ({error})") from None
+    if not isinstance(tag, Mapping):
+        raise _fail("structural_tag", 'an object {"structures": [...], "triggers": [...]}', tag)
+    if "format" in tag:
+        raise ValueError("structured_outputs.structural_tag: the \"format\" form (xgrammar's "
+                         "structural tag v2) is not supported; give \"structures\" and \"triggers\"")
+    unknown = sorted(set(tag) - {"type", "structures", "triggers"})
+    if unknown:
+        raise ValueError(f"structured_outputs.structural_tag has unknown key(s) {', '.join(unknown)}; "
+                         "its keys are structures, triggers")
+    triggers, structures = tag.get("triggers"), tag.get("structures")
+    if not isinstance(triggers, Sequence) or isinstance(triggers, str) or not triggers \
+            or not all(isinstance(t, str) and t for t in triggers):
+        raise _fail("structural_tag.triggers", "a non-empty list of non-empty strings", triggers)
+    if not isinstance(structures, Sequence) or isinstance(structures, str) \
+            or not 1 <= len(structures) <= MAX_STRUCTURES:
+        raise _fail("structural_tag.structures", f"a list of 1 to {MAX_STRUCTURES} objects",
+                    structures)
+    checked = []
+    for i, structure in enumerate(structures):
+        where = f"structural_tag.structures[{i}]"
+        if not isinstance(structure, Mapping) or set(structure) - {"begin", "schema", "end"}:
+            raise _fail(where, 'an object {"begin": str, "schema": {...}, "end": str}', structure)
+        begin, schema, end = structure.get("begin"), structure.get("schema", {}), structure.get("end")
+        if not isinstance(begin, str) or not isinstance(end, str):
+            raise _fail(where, "an object whose begin and end are strings", structure)
+        if not isinstance(schema, Mapping):
+            raise _fail(f"{where}.schema", "a JSON schema (an object)", schema)
+        if not any(begin.startswith(t) for t in triggers):
+            raise _fail(f"{where}.begin", f"a string starting with one of the triggers {list(triggers)}",
+                        begin)
+        checked.append((begin, dict(schema), end))
+    return {"structures": tuple(checked), "triggers": tuple(triggers)}
+
+
+def _lark_string(text: str, special_tokens: Sequence[str]) -> str:
+    """``text`` as Lark items: the added tokens it holds named as tokens (``<tool_call>``: in
+    llguidance a special token never matches spelled-out text), the rest as string literals."""
+    specials = sorted((t for t in special_tokens if t and t in text), key=len, reverse=True)
+    items, start, i = [], 0, 0
+    while i < len(text):
+        token = next((t for t in specials if text.startswith(t, i)), None)
+        if token is None:
+            i += 1
+            continue
+        if start < i:
+            items.append(json.dumps(text[start:i], ensure_ascii=False))
+        items.append(token)
+        i = start = i + len(token)
+    if start < len(text):
+        items.append(json.dumps(text[start:], ensure_ascii=False))
+    return " ".join(items)
+
+
+def _structural_tag_lark(tag: Mapping[str, Any], special_tokens: Sequence[str]) -> str:
+    """Free text, and per trigger a tagged segment: the trigger ends the text (a lazy match:
+    its first occurrence), then the rest of one of that trigger's structures."""
+    segments, rules = [], ["TEXT: /(.|\\n)*/"]
+    for i, trigger in enumerate(tag["triggers"]):
+        bodies = [" ".join(item for item in (_lark_string(begin[len(trigger):], special_tokens),
+                                             "%json " + json.dumps(schema),
+                                             _lark_string(end, special_tokens)) if item)
+                  for begin, schema, end in tag["structures"] if begin.startswith(trigger)]
+        if not bodies:
+            continue
+        segments.append(f"seg_{i}")
+        trigger_items = _lark_string(trigger, special_tokens)
+        if any(t in trigger for t in special_tokens if t):
+            # A special token cannot occur in TEXT, so it ends TEXT by itself (and may not sit
+            # in a lazy terminal).
+            rules.append(f"seg_{i}: TEXT {trigger_items} (" + " | ".join(f"({b})" for b in bodies) + ")")
+        else:
+            rules.append(f"trig_{i}[lazy]: TEXT {trigger_items}")
+            rules.append(f"seg_{i}: trig_{i} (" + " | ".join(f"({b})" for b in bodies) + ")")
+    return "\n".join(["start: (" + " | ".join(segments) + ")* TEXT", *rules])
 
 
 # JSON Schema keywords whose value maps names to subschemas, and those whose value is a
@@ -174,6 +279,9 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the server validates on its own thread, beside the engine's
+        # The added tokens' texts (<tool_call>, <|im_end|>, …): a structural tag names them.
+        self.special_tokens = tuple(t["content"] for t in json.loads(tokenizer_json).get("added_tokens", ())
+                                    if t.get("content"))
 
     def _llg_tokenizer(self):
         try:
@@ -192,7 +300,7 @@ class GrammarCompiler:
         import llguidance
 
         try:
-            grammar = spec.grammar_text()
+            grammar = spec.grammar_text(self.special_tokens)
         except ValueError as error:  # llguidance's own errors do not say where they come from
             message = str(error)
             raise ValueError(message if message.startswith("structured_outputs.")
@@ -204,8 +312,8 @@ class GrammarCompiler:
         if matcher is None:
             matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
             if matcher.is_error():
-                field = next(n for n in ("json", "regex", "choice", "grammar", "json_object")
-                             if getattr(spec, n) not in (None, False))
+                field = next(n for n in ("json", "regex", "choice", "grammar", "json_object",
+                                         "structural_tag") if getattr(spec, n) not in (None, False))
                 raise ValueError(f"structured_outputs.{field} does not compile: "
                                  f"{matcher.get_error().strip()[:500]}")
             with self._lock:

@@ -70,7 +70,8 @@ def sampling_fields(wire: pb.SamplingParams) -> dict[str, Any]:
 def structured_outputs(wire: pb.StructuredOutputs) -> StructuredOutputs:
     kind = wire.WhichOneof("kind")
     if kind is None:
-        raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object")
+        raise ValueError("structured_outputs must set one of json, regex, choice, grammar, json_object, "
+                         "structural_tag")
     value = getattr(wire, kind)
     return StructuredOutputs(**{kind: list(value.choices) if kind == "choice" else value})
 

@@ -449,8 +449,14 @@ def _response_format(fmt: Mapping[str, Any]) -> StructuredOutputs | None:
         # A schema-less json_schema asks for any JSON object (OpenAI allows omitting schema).
         schema = spec.get("schema")
         return StructuredOutputs(json=schema) if schema else StructuredOutputs(json_object=True)
-    raise ValueError(f"response_format.type must be \"text\", \"json_object\" or \"json_schema\", "
-                     f"got {json.dumps(kind)}")
+    if kind == "structural_tag":  # vLLM's and SGLang's: {"structures": [...], "triggers": [...]}
+        try:
+            return StructuredOutputs(structural_tag=fmt)
+        except ValueError as error:
+            raise ValueError(str(error).replace("structured_outputs.structural_tag",
+                                                "response_format")) from None
+    raise ValueError(f"response_format.type must be \"text\", \"json_object\", \"json_schema\" or "
+                     f"\"structural_tag\", got {json.dumps(kind)}")
 
 
 def _messages(messages: Any) -> list[dict]:

@@ -50,7 +50,8 @@ _SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
              "repetition_penalty": "repetition_penalty", "n": "n", "ignore_eos": "ignore_eos",
              "skip_special_tokens": "skip_special_tokens", "stop_token_ids": "stop_token_ids",
              "no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
-_STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar"}
+_STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar",
+               "structural_tag": "structural_tag"}
 # Accepted, changing nothing here: how often a stream is flushed.
 _IGNORED = ("stream_interval",)
 SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "stop_regex", "logit_bias",

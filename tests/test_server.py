@@ -417,6 +417,14 @@ def test_truncate_prompt_tokens_and_bad_words_over_the_wire(stub):
         text="The best language is", sampling=greedy(8, structured_outputs=pb.StructuredOutputs(
             choice=pb.Choices(choices=[" Python", " Rust"])))), timeout=60))
     assert text in (" Python", " Rust") and complete.finish_reason == "stop"
+    # A structural tag: free text, and after each " <" the number 42 and ">" (unconstrained,
+    # the model writes " <1>1</1>NUMBER</n>: <2>…").
+    tag = {"structures": [{"begin": " <", "schema": {"enum": [42]}, "end": ">"}], "triggers": [" <"]}
+    _, text, _ = collect(stub.Generate(pb.GenerateRequest(
+        text="Pick a number and write it as <n>NUMBER</n>:", sampling=greedy(
+            24, structured_outputs=pb.StructuredOutputs(structural_tag=json.dumps(tag)))), timeout=60))
+    tagged = re.findall(r" <([^>]*)>?", text)
+    assert len(tagged) > 1 and set(tagged[:-1]) == {"42"}, text
 
 
 def test_tool_calls_over_the_wire(stub):
@@ -488,6 +496,8 @@ def fuzz_cases(vocab: int, max_len: int):
          text(structured_outputs=pb.StructuredOutputs(regex="(unclosed"))),
         ("structured_outputs.json", text(structured_outputs=pb.StructuredOutputs(json="[1, 2"))),
         ("structured_outputs.choice", text(structured_outputs=pb.StructuredOutputs(choice=pb.Choices()))),
+        ("structured_outputs.structural_tag.triggers",
+         text(structured_outputs=pb.StructuredOutputs(structural_tag='{"structures": []}'))),
         ("stop", text(stop=[""])), ("stop", text(stop=["x"] * 17)), ("stop", text(stop=["y" * 300])),
         ("stop_token_ids", text(stop_token_ids=[-1])), ("stop_token_ids", text(stop_token_ids=[vocab])),
         ("n must be", text(n=0)), ("n must be", text(n=129)),

@@ -273,6 +273,27 @@ def test_structured_outputs_through_response_format_and_vllm_fields(client, name
     assert guided.choices[0].text.isdigit() and len(guided.choices[0].text) == 3
 
 
+def test_a_structural_tag_constrains_the_tool_call_inside_a_free_reply(client, name):
+    """response_format structural_tag (vLLM's, SGLang's): the model chooses to call, and the
+    call's arguments follow the tag's schema (an enum the model would not pick by itself). The
+    0.5B model writes its calls as bare JSON, so the trigger is that JSON's start (the
+    <tool_call> token form is in test_tool_calls)."""
+    only_lyon = {"type": "object", "properties": {"city": {"enum": ["Lyon"]}}, "required": ["city"],
+                 "additionalProperties": False}
+    tag = {"type": "structural_tag", "triggers": ['{"name": "get_weather"'],
+           "structures": [{"begin": '{"name": "get_weather", "arguments": ',
+                           "schema": only_lyon, "end": "}"}]}
+    messages = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+    free = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
+                                          max_tokens=48, temperature=0).choices[0]
+    assert json.loads(free.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    tagged = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER],
+                                            max_tokens=48, temperature=0,
+                                            response_format=tag).choices[0]
+    assert tagged.finish_reason == "tool_calls"
+    assert json.loads(tagged.message.tool_calls[0].function.arguments) == {"city": "Lyon"}
+
+
 def test_tool_calls_named_and_streamed(client, name):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     forced = {"type": "function", "function": {"name": "get_weather"}}
@@ -880,7 +901,11 @@ def test_parse_maps_openai_and_vllm_fields():
                         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]},
                          "tools"),
                         ({"messages": [{"role": "user", "content": "x"}],
-                          "response_format": {"type": "xml"}}, "response_format")]:
+                          "response_format": {"type": "xml"}}, "response_format"),
+                        ({"messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "structural_tag", "triggers": ["<a>"],
+                                              "structures": [{"begin": "<b>", "end": ""}]}},
+                         r"response_format\.structures\[0\]\.begin")]:
         with pytest.raises(ValueError, match=field):
             proto.parse_chat(body)
 

@@ -31,6 +31,10 @@ def test_sampling_params_take_sglangs_names():
     assert schema.json == {"type": "object"}
     grammar = sg.sampling_fields({"ebnf": 'root ::= "yes" | "no"'})["structured_outputs"].grammar
     assert "start" in grammar and '"yes"' in grammar  # GBNF rewritten in llguidance's Lark
+    tag = sg.sampling_fields({"structural_tag": json.dumps({
+        "structures": [{"begin": "<a>", "schema": {"type": "integer"}, "end": "</a>"}],
+        "triggers": ["<a"]})})["structured_outputs"].structural_tag
+    assert tag["structures"] == (("<a>", {"type": "integer"}, "</a>"),)
 
 
 @pytest.mark.parametrize("params, message", [
@@ -39,6 +43,7 @@ def test_sampling_params_take_sglangs_names():
     ({"spaces_between_special_tokens": False}, "only true"),
     ({"regex": "a", "ebnf": "root ::= \"a\""}, "set one of"),
     ({"json_schema": "{not json"}, "sampling_params.json_schema"),
+    ({"structural_tag": '{"structures": []}'}, "sampling_params.structural_tag"),
     ({"stop": [1]}, "stop must be"),
 ])
 def test_bad_sampling_params_are_named(params, message):

@@ -125,3 +125,38 @@ def test_a_drafts_masks_equal_those_of_a_matcher_that_took_the_tokens(tokenizer)
         assert walker.advance(t)
         np.testing.assert_array_equal(masks[i + 1], walker.bitmask())
     assert len({m.tobytes() for m in masks}) > 1
+
+
+def test_a_structural_tag_constrains_only_what_follows_its_trigger(tokenizer):
+    """vLLM's/SGLang's structural tag: free text, and after a trigger one of its structures
+    (begin, JSON by the schema, end). Qwen2.5's <tool_call> is an added token: named as one."""
+    from qwenjax.structured import GrammarCompiler, StructuredOutputs
+
+    compiler = GrammarCompiler(tokenizer.to_json(), 151936, tokenizer.eos_token_ids)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    call = {"begin": '<tool_call>\n{"name": "get_weather", "arguments": ', "schema": schema,
+            "end": "}\n</tool_call>"}
+    as_text = json.dumps({"type": "structural_tag", "structures": [call], "triggers": ["<tool_call>"]})
+    spelled = {"structures": [{"begin": "<function=f>", "schema": {"type": "integer"},
+                               "end": "</function>"}], "triggers": ["<function="]}
+
+    def takes(tag, text: str) -> bool:
+        matcher = compiler.matcher(StructuredOutputs(structural_tag=tag))
+        return all(matcher.advance(t) for t in tokenizer.encode(text))
+
+    assert takes(as_text, 'Let me look.<tool_call>\n{"name": "get_weather", "arguments": '
+                          '{"city": "Paris"}}\n</tool_call> Done.')
+    assert takes(as_text, "No call at all.")
+    assert not takes(as_text, '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}')
+    assert not takes(as_text, '<tool_call>\n{"name": "other"')
+    assert takes(spelled, "x <function=f>12</function> y") and not takes(spelled, "<function=g>")
+    assert not takes(spelled, "<function=f>twelve")
+    for bad, match in [({"structures": [call], "triggers": ["<fn>"]}, r"begin must be a string starting"),
+                       ({"structures": [], "triggers": ["<tool_call>"]}, "structures must be"),
+                       ({"structures": [call]}, "triggers must be"),
+                       ({"format": {"type": "triggered_tags"}}, '"format" form'),
+                       ({**json.loads(as_text), "extra": 1}, "unknown key"),
+                       ("{not json", "a JSON object")]:
+        with pytest.raises(ValueError, match=match):
+            StructuredOutputs(structural_tag=bad)
