@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API, the one vLLM and SGLang serve, beside the gRPC server.
 
-    GET  /v1/models
+    GET  /v1/models, /v1/models/{model}
     POST /v1/completions        prompt: text, token ids, or a list of either; stream: SSE
     POST /v1/chat/completions   messages, tools/tool_choice, response_format; stream: SSE
     POST /v1/responses          OpenAI's Responses API (server/responses_protocol.py)
@@ -11,6 +11,9 @@
     POST /tokenize, /detokenize vLLM's
     GET  /health                200 while serving; 503 while loading, draining or stalled
     GET  /version, /metrics     the version; the server's Prometheus registry
+    GET  /load                  vLLM's: {"server_load": requests being handled}
+    POST /invocations           SageMaker's route (vLLM's): chat, completion, embedding,
+                                rerank or score, told apart by the body's fields
     POST /generate, …           SGLang's native API (server/sglang_api.py)
 
 It runs on the gRPC server's asyncio loop and sends every request through the same
@@ -95,6 +98,9 @@ class OpenAIServer:
         self.app = app = web.Application(client_max_size=max_request_bytes,
                                          middlewares=[self._errors_and_auth])
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)  # OpenAI's models.retrieve
+        app.router.add_post("/invocations", self.invocations)  # SageMaker's one route (vLLM's)
+        app.router.add_get("/load", self.load)  # vLLM's server load
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/responses", self.responses)
@@ -278,6 +284,35 @@ class OpenAIServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
+        data = self._model_cards()
+        return web.json_response({"object": "list", "data": data, "has_more": False,
+                                  "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        for card in self._model_cards():
+            if card["id"] == name:
+                return web.json_response(card)
+        return _error(404, f"The model `{name}` does not exist.", request.path)
+
+    async def invocations(self, request: web.Request) -> web.Response:
+        """SageMaker's one route, as vLLM serves it: the body's fields say which API it is for."""
+        body = await self._body(request)  # (aiohttp keeps the bytes for the handler to read)
+        routes = ((("messages",), self.chat_completions), (("prompt",), self.completions),
+                  (("input",), self.embeddings), (("query", "documents"), self.rerank),
+                  (("text_1", "text_2"), self.score))
+        for fields, handler in routes:
+            if isinstance(body, dict) and all(field in body for field in fields):
+                return await handler(request)
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                      "an /invocations body must be a chat (messages), completion (prompt), "
+                      "embedding (input), rerank (query, documents) or score (text_1, text_2) request")
+
+    async def load(self, request: web.Request) -> web.Response:
+        """vLLM's /load: the requests this server is handling (a router's load signal)."""
+        return web.json_response({"server_load": self.gateway.in_flight})
+
+    def _model_cards(self) -> list[dict]:
         self.gateway.require_engine(admitting=False)
         engine = self.gateway.engine
         data = [{"id": name, "object": "model", "created": self.created, "owned_by": "qwenjax",
@@ -297,8 +332,7 @@ class OpenAIServer:
                                       "allow_search_indices": False, "allow_view": True,
                                       "allow_fine_tuning": False, "organization": "*",
                                       "group": None, "is_blocking": False}])
-        return web.json_response({"object": "list", "data": data, "has_more": False,
-                                  "first_id": data[0]["id"], "last_id": data[-1]["id"]})
+        return data
 
     async def load_lora_adapter(self, request: web.Request) -> web.Response:
         """``{"lora_name": …, "lora_path": …}``: a PEFT directory on the server's disk into a

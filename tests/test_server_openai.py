@@ -80,6 +80,10 @@ def test_models_health_version_and_the_model_name(base, client, name, server):
     assert [m.id for m in models] == [name] == ["qwen2.5-coder-0.5b-instruct"]
     assert models[0].max_model_len == SERVER_ENGINE["max_model_len"]
     assert models[0].permission[0]["object"] == "model_permission"  # vLLM's model card
+    assert client.models.retrieve(name).max_model_len == SERVER_ENGINE["max_model_len"]
+    status, missing = http(base, "/v1/models/nope")
+    assert status == 404 and "`nope` does not exist" in missing["error"]["message"]
+    assert http(base, "/load") == (200, {"server_load": 0})
     assert http(base, "/health")[0] == 200
     assert http(base, "/ping")[0] == 200 and http(base, "/ping", {})[0] == 200  # vLLM's probe
     assert http(base, "/version")[1]["version"]
@@ -631,6 +635,22 @@ def test_metrics_aliases_can_be_turned_off(start, name):
     quiet = start(metrics_aliases=())
     text = http(f"http://127.0.0.1:{quiet.http_port}", "/metrics")[1]
     assert "qwenjax:requests_running" in text and "vllm:" not in text and "sglang:" not in text
+
+
+def test_invocations_route_by_the_bodys_fields(base, name):
+    """SageMaker's /invocations (vLLM's): the same answers as the routes the bodies are for."""
+    chat = {"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0}
+    completion = {"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}
+    for body, path in ((chat, "/v1/chat/completions"), (completion, "/v1/completions")):
+        status, answer = http(base, "/invocations", body)
+        direct = http(base, path, body)[1]
+        assert status == 200 and answer["object"] == direct["object"]
+        assert answer["choices"][0] == direct["choices"][0]
+    status, embedded = http(base, "/invocations", {"input": "hello"})
+    assert status == 200 and embedded["data"][0]["embedding"] == \
+        http(base, "/v1/embeddings", {"input": "hello"})[1]["data"][0]["embedding"]
+    status, refused = http(base, "/invocations", {"text": "x"})
+    assert status == 400 and "messages" in refused["error"]["message"]
 
 
 def test_bearer_token(start, name):
