@@ -580,7 +580,7 @@ class OpenAIServer:
         calls = [self._call(parsed, ids, params) for ids, params, _ in runs]
         n = runs[0][1].n
         response_id = self._request_id(request, parsed, "cmpl")
-        token_text = proto.TokenText(gateway.engine.tokenizer)
+        token_text = proto.TokenText(gateway.engine.tokenizer, parsed.tokens_as_ids)
         head = {"id": response_id, "object": "text_completion", "created": proto.now(), "model": model}
         prompt_tokens = sum(len(ids) for ids, _, _ in runs)
         totals = {"completion": 0, "cached": {}}
@@ -624,6 +624,8 @@ class OpenAIServer:
                           "stop_reason": output.stop_reason}
                 if "prompt_logprobs" in parsed.fields:  # asked for (echo + logprobs asks too)
                     choice["prompt_logprobs"] = proto.prompt_logprobs_json(prompt_lps.get(i), token_text)
+                if parsed.return_token_ids:
+                    choice.update(prompt_token_ids=runs[i][0], token_ids=output.token_ids)
                 choices.append(choice)
             completion = sum(len(output.token_ids) for _, output in finals.values())
             return web.json_response({**head, "choices": choices, "usage": proto.usage(
@@ -659,10 +661,13 @@ class OpenAIServer:
 
         async def events():
             started: dict[int, int] = {}  # choice index → chars sent (for text_offset)
+            unsent: dict[int, list[int]] = {}  # return_token_ids: ids of outputs not yet shown
             async for i, output, prompt in ready():
                 index = i * n + output.index
                 text, entries = output.delta_text, list(output.delta_logprobs or ())
-                if index not in started:
+                unsent.setdefault(index, []).extend(output.delta_token_ids)
+                first = index not in started
+                if first:
                     started[index] = 0
                     if parsed.echo:
                         text = runs[i][2] + text
@@ -673,13 +678,17 @@ class OpenAIServer:
                 # Nothing new to show (a partial UTF-8 character held back, a model without a
                 # tokenizer): no event, unless the client follows the usage token by token.
                 if not (text or entries or output.finish_reason is not None
-                        or (parsed.continuous_usage and output.delta_token_ids)):
+                        or (parsed.continuous_usage and output.delta_token_ids)
+                        or (parsed.return_token_ids and first)):
                     continue
                 choice = {"index": index, "text": text,
                           "logprobs": logprobs(i, entries, started[index]),
                           "finish_reason": output.finish_reason,
                           "stop_reason": output.stop_reason
                           if output.finish_reason is not None else None}
+                if parsed.return_token_ids:  # (vLLM's: the prompt's with a choice's first chunk)
+                    choice.update({"prompt_token_ids": runs[i][0]} if first else {},
+                                  token_ids=unsent.pop(index))
                 started[index] += len(text)
                 yield with_usage({**head, "choices": [choice]})
             if parsed.include_usage:
@@ -723,7 +732,7 @@ class OpenAIServer:
         model = self._check_model(parsed.model)
         prompt_ids, params, call = await self._chat_call(parsed)
         response_id = self._request_id(request, parsed, "chatcmpl")
-        token_text = proto.TokenText(gateway.engine.tokenizer)
+        token_text = proto.TokenText(gateway.engine.tokenizer, parsed.tokens_as_ids)
         head = {"id": response_id, "object": "chat.completion", "created": proto.now(), "model": model}
 
         def finish_reason(output, called: bool) -> str:
@@ -748,12 +757,16 @@ class OpenAIServer:
                                 if parsed.chat_logprobs else None,
                                 "finish_reason": finish_reason(output, called),
                                 "stop_reason": output.stop_reason})
+                if parsed.return_token_ids:
+                    choices[-1]["token_ids"] = output.token_ids
             completion = sum(len(o.token_ids) for o in finals.values())
             cached = finals[0].num_cached_tokens if 0 in finals else 0
             reply = {**head, "choices": choices,
                      "usage": proto.usage(len(prompt_ids), completion, cached)}
             if params.prompt_logprobs is not None:  # vLLM's place for them
                 reply["prompt_logprobs"] = proto.prompt_logprobs_json(prompt_lps, token_text)
+            if parsed.return_token_ids:
+                reply["prompt_token_ids"] = prompt_ids
             return web.json_response(reply)
 
         head["object"] = "chat.completion.chunk"
@@ -761,10 +774,13 @@ class OpenAIServer:
         async def events():
             streams = [proto.ChatStream(parsed) for _ in range(params.n)]
             completion, cached = 0, 0
+            unsent: list[list[int]] = [[] for _ in range(params.n)]  # return_token_ids
 
             def chunk(index: int, delta: dict, *, logprobs=None, finish=None, stop=None):
                 event = {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                               "finish_reason": finish, "stop_reason": stop}]}
+                if parsed.return_token_ids:  # the ids the chunks so far did not carry
+                    event["choices"][0]["token_ids"], unsent[index] = unsent[index], []
                 if parsed.continuous_usage:
                     event["usage"] = proto.usage(len(prompt_ids), completion, cached)
                 elif parsed.include_usage:
@@ -776,8 +792,12 @@ class OpenAIServer:
                 if first:  # every choice opens with the role
                     first = False
                     for index in range(params.n):
-                        yield chunk(index, {"role": "assistant", "content": ""})
+                        event = chunk(index, {"role": "assistant", "content": ""})
+                        if parsed.return_token_ids and index == 0:  # vLLM's: with the first chunk
+                            event["prompt_token_ids"] = prompt_ids
+                        yield event
                 index, stream = output.index, streams[output.index]
+                unsent[index].extend(output.delta_token_ids)
                 completion += len(output.delta_token_ids)
                 reasoning, content = stream.feed(output.delta_text)
                 logprobs = proto.chat_logprobs(output.delta_logprobs, token_text) \

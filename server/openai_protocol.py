@@ -44,9 +44,12 @@ _SAMPLING = ("n", "max_tokens", "temperature", "top_p", "presence_penalty", "fre
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
 # Accepted and dropped: they change nothing about the output of this server.
-_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+# (prompt_cache_key: OpenAI's cache-routing hint; the prefix cache here needs none.)
+_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
+            "prompt_cache_key")
 _COMMON = (("model", "stream", "stream_options", "stop", "stop_regex", "logit_bias", "priority", "request_id",
-            "structured_outputs", "max_tokens", "use_beam_search", "length_penalty")
+            "structured_outputs", "max_tokens", "use_beam_search", "length_penalty",
+            "return_token_ids", "return_tokens_as_token_ids")
            + _SAMPLING + tuple(_GUIDED) + _IGNORED)
 # What beam search cannot honour (its beams follow the model's raw log-probabilities).
 _NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "stop_regex", "structured_outputs",
@@ -54,7 +57,11 @@ _NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "stop_
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(_COMMON + (
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
-    "tool_choice", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"))
+    "tool_choice", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+    "reasoning_effort"))
+# OpenAI's reasoning_effort values: handed to the chat template as vLLM does (a template that
+# reads it, e.g. a reasoning model's, can act on it; Qwen2.5's reads none).
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
 
 
 @dataclasses.dataclass
@@ -68,6 +75,11 @@ class ParsedRequest:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
     priority: int = 0
     request_id: str = ""
+    # vLLM's: the prompt's and each choice's token ids in the answer (RL trainers read them).
+    return_token_ids: bool = False
+    # vLLM's: logprobs name each token "token_id:ID" (exact where the text of a lone byte-level
+    # token is not).
+    tokens_as_ids: bool = False
     # /v1/completions
     prompts: list[str | list[int]] = dataclasses.field(default_factory=list)
     echo: bool = False
@@ -185,6 +197,8 @@ def _common(body: Mapping[str, Any], request: ParsedRequest) -> None:
         raise ValueError(f"priority must be an integer, got {json.dumps(priority)[:80]}")
     request.priority = int(priority)
     request.request_id = _expect(body, "request_id", str, "a string") or ""
+    request.return_token_ids = bool(_expect(body, "return_token_ids", bool, "true or false"))
+    request.tokens_as_ids = bool(_expect(body, "return_tokens_as_token_ids", bool, "true or false"))
     request.beam_search = bool(_expect(body, "use_beam_search", bool, "true or false"))
     if "length_penalty" in body:
         if not request.beam_search:
@@ -432,6 +446,12 @@ def parse_chat(body: Any) -> ParsedRequest:
     request.continue_final_message = continuing
     request.add_generation_prompt = (not continuing) if add is None else add
     request.template_kwargs = _expect(body, "chat_template_kwargs", dict, "an object")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
+                             f"got {json.dumps(effort)[:80]}")
+        request.template_kwargs = {"reasoning_effort": effort, **(request.template_kwargs or {})}
     return request
 
 
@@ -514,18 +534,31 @@ def prompt_only_output(output: RequestOutput) -> RequestOutput:
 
 class TokenText:
     """Token ids → the strings and bytes logprobs report. A byte-level BPE token may be part of
-    a UTF-8 character: its ``bytes`` are exact and its text has U+FFFD for the partial bytes."""
+    a UTF-8 character: its ``bytes`` are exact and its text has U+FFFD for the partial bytes.
+    ``as_ids`` (vLLM's return_tokens_as_token_ids): the string is "token_id:ID" instead (its
+    bytes those of that string, as vLLM's); ``length`` still measures the token's own text."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
-    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+    def _text(self, token_id: int) -> tuple[str, list[int]]:
         found = self._cache.get(token_id)
         if found is None:
             raw = self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else b""
             found = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
         return found
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if self.as_ids:
+            shown = f"token_id:{token_id}"
+            return shown, list(shown.encode())
+        return self._text(token_id)
+
+    def length(self, token_id: int) -> int:
+        """Characters of the token's text (where the next token's text_offset starts)."""
+        return len(self._text(token_id)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,7 +587,7 @@ def completion_logprobs(entries: Sequence, token_text: TokenText, offset: int) -
             top.update((token_text(t)[0], _finite(v)) for t, v in lp.top)
             top_logprobs.append(top)
         offsets.append(offset)
-        offset += len(text)
+        offset += token_text.length(lp.token_id)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": offsets}
 

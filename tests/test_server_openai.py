@@ -298,6 +298,45 @@ def test_a_structural_tag_constrains_the_tool_call_inside_a_free_reply(client, n
     assert json.loads(tagged.message.tool_calls[0].function.arguments) == {"city": "Lyon"}
 
 
+def test_token_ids_and_token_id_logprobs_as_vllm_returns_them(client, name, tokenizer, base):
+    """return_token_ids (the prompt's and each choice's ids, what RL trainers read) and
+    return_tokens_as_token_ids ("token_id:ID" in logprobs), streamed and not."""
+    extra = {"return_token_ids": True, "return_tokens_as_token_ids": True}
+    prompt = "def fib(n):"
+    done = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0,
+                                     logprobs=1, extra_body=extra).choices[0]
+    assert done.prompt_token_ids == tokenizer.encode(prompt) and len(done.token_ids) == 6
+    assert tokenizer.decode(done.token_ids) == done.text
+    assert done.logprobs.tokens == [f"token_id:{t}" for t in done.token_ids]
+    offsets = [0]
+    for t in done.token_ids[:-1]:  # offsets still count the text's characters
+        offsets.append(offsets[-1] + len(tokenizer.token_bytes(t).decode(errors="replace")))
+    assert done.logprobs.text_offset == offsets
+    chunks = [c.choices[0] for c in client.completions.create(
+        model=name, prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body=extra)]
+    assert chunks[0].prompt_token_ids == done.prompt_token_ids
+    assert [t for c in chunks for t in c.token_ids] == done.token_ids
+
+    messages = [{"role": "user", "content": "Name a prime number."}]
+    chat = client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0,
+                                          logprobs=True, extra_body=extra)
+    ids = chat.choices[0].token_ids
+    assert chat.prompt_token_ids == tokenizer.encode_chat(messages) and len(ids) == chat.usage.completion_tokens
+    assert [e.token for e in chat.choices[0].logprobs.content] == [f"token_id:{t}" for t in ids]
+    stream = list(client.chat.completions.create(model=name, messages=messages, max_tokens=8,
+                                                 temperature=0, stream=True, extra_body=extra))
+    assert stream[0].prompt_token_ids == chat.prompt_token_ids
+    assert [t for c in stream for t in c.choices[0].token_ids] == ids
+    # OpenAI's newer fields: accepted; reasoning_effort reaches the chat template (as vLLM's).
+    reply = client.chat.completions.create(model=name, messages=messages, max_tokens=2,
+                                           reasoning_effort="low", extra_body={"prompt_cache_key": "k"})
+    assert reply.choices[0].message.content
+    assert proto.parse_chat({"messages": messages, "reasoning_effort": "low"}).template_kwargs == {
+        "reasoning_effort": "low"}
+    status, refused = http(base, "/v1/chat/completions", {"messages": messages, "reasoning_effort": "extreme"})
+    assert status == 400 and "reasoning_effort must be one of" in refused["error"]["message"]
+
+
 def test_tool_calls_named_and_streamed(client, name):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     forced = {"type": "function", "function": {"name": "get_weather"}}
