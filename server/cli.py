@@ -48,6 +48,9 @@ NO_OP_FLAGS = {
     "--async-scheduling": "scheduling is asynchronous by default (--no-async-scheduling: off)",
     "--disable-uvicorn-access-log": "there is no access log",
     "--disable-fastapi-docs": "there are no /docs pages",
+    "--enable-server-load-tracking": "GET /load always answers",
+    "--enable-prompt-tokens-details": "usage always has prompt_tokens_details.cached_tokens",
+    "--disable-frontend-multiprocessing": "the HTTP API runs in the server's process",
 }
 
 

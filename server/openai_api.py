@@ -396,7 +396,11 @@ class OpenAIServer:
             self._check_model(body.get("model"))
             unknown = sorted(set(body) - {"model", "prompt", "messages", "tools",
                                           "add_generation_prompt", "continue_final_message",
-                                          "chat_template_kwargs"})
+                                          "chat_template_kwargs", "add_special_tokens",
+                                          "return_token_strs"})
+            for name in ("add_special_tokens", "return_token_strs"):
+                if not isinstance(body.get(name, False), bool):
+                    raise ValueError(f"{name} must be true or false")
             if unknown:
                 raise ValueError(f"/tokenize does not accept the field(s) {', '.join(unknown)}")
             if ("prompt" in body) == ("messages" in body):
@@ -406,15 +410,19 @@ class OpenAIServer:
                     raise ValueError("prompt must be a string")
                 ids = await gateway.encode(text=body["prompt"])
             else:
-                chat = proto.parse_chat({k: body[k] for k in body if k != "prompt"})
+                chat = proto.parse_chat({k: body[k] for k in body if k not in (
+                    "prompt", "add_special_tokens", "return_token_strs")})
                 ids = await gateway.encode(messages=chat.messages, tools=chat.tools,
                                            add_generation_prompt=chat.add_generation_prompt,
                                            continue_final_message=chat.continue_final_message,
                                            template_kwargs=chat.template_kwargs)
         except ValueError as error:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        # (add_special_tokens, vLLM's: Qwen2.5's tokenizer adds none to a prompt either way.)
+        strs = gateway.engine.tokenizer.convert_ids_to_tokens(ids) if body.get("return_token_strs") \
+            else None
         return web.json_response({"count": len(ids), "max_model_len": gateway.engine.max_model_len,
-                                  "tokens": ids})
+                                  "tokens": ids, "token_strs": strs})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         gateway = self.gateway

@@ -620,6 +620,10 @@ def test_bad_requests_name_the_field(base, client, name):
 def test_tokenize_detokenize_and_metrics(base, tokenizer):
     status, body = http(base, "/tokenize", {"prompt": "hello world"})
     assert status == 200 and body["tokens"] == tokenizer.encode("hello world") and body["count"] == 2
+    assert body["token_strs"] is None
+    status, strs = http(base, "/tokenize", {"prompt": "hello world", "return_token_strs": True,
+                                            "add_special_tokens": True})
+    assert strs["token_strs"] == ["hello", "Ġworld"]  # vLLM's: the vocabulary entries
     status, chat = http(base, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
     assert chat["tokens"] == tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     assert http(base, "/detokenize", {"tokens": body["tokens"]})[1] == {"prompt": "hello world"}
