@@ -175,6 +175,16 @@ class _Base:
         """The LoRA adapters loaded now."""
         return self.engine.lora_names
 
+    def _lora_request(self, lora: str | LoRARequest | None) -> LoRARequest | None:
+        """What ``RequestOutput.lora_request`` reports (vLLM's): the LoRARequest the call was
+        given; for an adapter given by name, a LoRARequest of that name and its load number
+        (``lora_int_id``; the path is not kept). An adapter not loaded is refused, naming those
+        that are."""
+        if lora is None or isinstance(lora, LoRARequest):
+            return lora
+        self.engine.lora_slot(lora)
+        return LoRARequest(lora, self.engine.loras.load_id(lora))
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``params=None`` means: the model's generation_config.json sampling values
         (e.g. Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20), else SamplingParams().
@@ -299,6 +309,7 @@ class LLM(_Base):
     """Synchronous batch generation and streaming over the continuous-batching engine."""
 
     _ids = itertools.count()
+    _profile = None  # the folder start_profile traces into, until stop_profile
 
     def add_lora(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot (the model needs
@@ -327,6 +338,64 @@ class LLM(_Base):
         """Forget the cached prefixes (False while requests are unfinished)."""
         return self.engine.reset_prefix_cache()
 
+    def get_metrics(self) -> list:
+        """vLLM's ``LLM.get_metrics()``: the engine's counters and gauges since it started, as
+        ``qwenjax.metrics.Counter``/``Gauge`` objects (``name``, ``labels``, ``value``) under
+        vLLM's names: ``vllm:prompt_tokens``, ``vllm:generation_tokens``,
+        ``vllm:request_success`` (one per ``finished_reason``: stop, length, abort, error),
+        ``vllm:num_preemptions``, ``vllm:prefix_cache_queries``/``_hits`` (tokens),
+        ``vllm:kv_cache_usage_perc`` (0-1), ``vllm:num_requests_running``/``_waiting``, and
+        ``vllm:spec_decode_*`` with speculative decoding. Tokens and requests count per
+        sequence (n > 1: n of them)."""
+        from qwenjax.metrics import engine_metrics
+
+        engine = self.engine
+        scheduler = engine.scheduler
+        return engine_metrics(
+            engine.stats, num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_stats=engine.prefix_cache.stats if engine.prefix_cache is not None else None,
+            pages_used=engine.allocator.num_used, pages_total=engine.allocator.num_pages,
+            spec_stats=engine.spec_stats if engine.scheduler_config.num_speculative_tokens else None)
+
+    def start_profile(self, profile_prefix: str | None = None, *,
+                      profile_dir: str | os.PathLike | None = None) -> None:
+        """vLLM's ``LLM.start_profile``: trace everything this process does until
+        ``stop_profile()`` with ``jax.profiler`` (where vLLM's is torch's) into a new
+        timestamped folder (after ``profile_prefix``) under ``profile_dir``, else
+        $QWENJAX_PROFILER_DIR, else vLLM's $VLLM_TORCH_PROFILER_DIR (qwenjax/profiling.py)."""
+        from qwenjax.profiling import PROFILER_DIR_VARIABLES, profiler_dir, start_trace, trace_folder
+
+        directory = profiler_dir(profile_dir)
+        if directory is None:
+            raise ValueError("start_profile needs a directory for the trace: pass profile_dir, "
+                             f"or set ${' or $'.join(PROFILER_DIR_VARIABLES)}")
+        if self._profile is not None:
+            raise ValueError(f"a profile is already being written to {self._profile}; "
+                             "call stop_profile() first")
+        folder = trace_folder(directory, profile_prefix)
+        start_trace(folder)
+        self._profile = folder
+
+    def stop_profile(self) -> dict:
+        """Stop the trace ``start_profile`` began (writing it takes seconds) and describe it:
+        ``directory``, ``trace`` (the Perfetto file: ui.perfetto.dev), ``summary`` (where the
+        device's time went: busy time, time per kind of work, the top kernels)."""
+        from qwenjax.profiling import stop_trace
+
+        if self._profile is None:
+            raise ValueError("no profile is running; call start_profile() first")
+        folder, self._profile = self._profile, None
+        return stop_trace(folder)
+
+    def _pool(self, prompts, params, use_tqdm: bool, lora, lora_request,
+              truncate_prompt_tokens: int | None) -> list[RequestOutput]:
+        """Each prompt's last output under PoolingParams ``params`` (cut to
+        ``truncate_prompt_tokens`` when given)."""
+        return self._run([self._encode(p) for p in _as_prompt_list(prompts)],
+                         _truncating(params, truncate_prompt_tokens), use_tqdm,
+                         lora=self._lora(lora, lora_request))
+
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
               use_tqdm: bool = True, lora: str | LoRARequest | None = None,
               lora_request: LoRARequest | None = None,
@@ -334,60 +403,67 @@ class LLM(_Base):
         """The embedding of each prompt (vLLM's ``LLM.embed``): the final-normed hidden state of
         its last token, L2-normalized unless ``pooling_params`` (a ``PoolingParams``) says
         otherwise; batched with anything else the engine runs. Returns
-        ``EmbeddingRequestOutput``s (``.outputs.embedding``)."""
+        ``EmbeddingRequestOutput``s (``.outputs.embedding``; ``.finished``,
+        ``.num_cached_tokens`` as vLLM's). ``truncate_prompt_tokens``: embed each prompt's last
+        this-many tokens (-1: as many as the context holds); the other pooling calls take it
+        too."""
         from qwenjax.pooling import EmbeddingRequestOutput, PoolingParams
 
-        pooling_params = _truncating(pooling_params if pooling_params is not None else PoolingParams(),
-                                     truncate_prompt_tokens)
-        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], pooling_params,
-                            use_tqdm, lora=self._lora(lora, lora_request))
-        return [EmbeddingRequestOutput.of(o) for o in outputs]
+        params = pooling_params if pooling_params is not None else PoolingParams()
+        return [EmbeddingRequestOutput.of(o) for o in self._pool(
+            prompts, params, use_tqdm, lora, lora_request, truncate_prompt_tokens)]
 
     def score(self, text_1: Prompt | Sequence[Prompt], text_2: Prompt | Sequence[Prompt], *,
               use_tqdm: bool = True, lora: str | LoRARequest | None = None,
-              lora_request: LoRARequest | None = None) -> list:
+              lora_request: LoRARequest | None = None,
+              truncate_prompt_tokens: int | None = None) -> list:
         """vLLM's ``LLM.score`` on an embedding model: the cosine similarity of the embeddings of
-        one ``text_1`` and each ``text_2``, or of two lists pairwise. Returns
-        ``ScoringRequestOutput``s (``.outputs.score``), one per pair."""
+        one ``text_1`` and each ``text_2``, or of two lists pairwise (each text cut to its last
+        ``truncate_prompt_tokens`` tokens when given). Returns ``ScoringRequestOutput``s
+        (``.outputs.score``; ``prompt_token_ids``: both texts' as embedded), one per pair."""
         from qwenjax.pooling import (PoolingParams, ScoringOutput, ScoringRequestOutput, cosine,
                                      score_pairs)
 
         first, second = _as_prompt_list(text_1), _as_prompt_list(text_2)
         pairs = score_pairs(len(first), len(second))
-        outputs = self._run([self._encode(p) for p in first + second], PoolingParams(), use_tqdm,
-                            lora=self._lora(lora, lora_request))
+        outputs = self._pool(first + second, PoolingParams(), use_tqdm, lora, lora_request,
+                             truncate_prompt_tokens)
         return [ScoringRequestOutput(f"{outputs[i].request_id}-{outputs[j].request_id}",
                                      outputs[i].prompt_token_ids + outputs[j].prompt_token_ids,
-                                     ScoringOutput(cosine(outputs[i].embedding, outputs[j].embedding)))
+                                     ScoringOutput(cosine(outputs[i].embedding, outputs[j].embedding)),
+                                     outputs[i].num_cached_tokens + outputs[j].num_cached_tokens,
+                                     outputs[i].finished and outputs[j].finished)
                 for i, j in pairs]
 
-    def classify(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
-                 lora: str | LoRARequest | None = None,
-                 lora_request: LoRARequest | None = None) -> list:
+    def classify(self, prompts: Prompt | Sequence[Prompt], *, pooling_params=None,
+                 use_tqdm: bool = True, lora: str | LoRARequest | None = None,
+                 lora_request: LoRARequest | None = None,
+                 truncate_prompt_tokens: int | None = None) -> list:
         """Class probabilities of each prompt on a classification checkpoint
         (``Qwen2ForSequenceClassification``; vLLM's ``LLM.classify``): the softmax of its score
-        head on the last token. Returns ``ClassificationRequestOutput``s (``.outputs.probs``;
-        the labels are ``llm.labels``)."""
-        from qwenjax.pooling import ClassificationRequestOutput, PoolingParams
+        head on the last token. ``pooling_params``: a ``PoolingParams`` (its task is set to
+        classify), e.g. ``use_activation=False`` for the raw logits. Returns
+        ``ClassificationRequestOutput``s (``.outputs.probs``; the labels are ``llm.labels``)."""
+        from qwenjax.pooling import ClassificationRequestOutput
 
-        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
-                            PoolingParams(task="classify"), use_tqdm,
-                            lora=self._lora(lora, lora_request))
-        return [ClassificationRequestOutput.of(o) for o in outputs]
+        params = self.engine.pooling_params(pooling_params, "classify")
+        return [ClassificationRequestOutput.of(o) for o in self._pool(
+            prompts, params, use_tqdm, lora, lora_request, truncate_prompt_tokens)]
 
-    def reward(self, prompts: Prompt | Sequence[Prompt], *, use_tqdm: bool = True,
-               lora: str | LoRARequest | None = None,
-               lora_request: LoRARequest | None = None) -> list:
+    def reward(self, prompts: Prompt | Sequence[Prompt], *, pooling_params=None,
+               use_tqdm: bool = True, lora: str | LoRARequest | None = None,
+               lora_request: LoRARequest | None = None,
+               truncate_prompt_tokens: int | None = None) -> list:
         """The reward of each prompt on a reward checkpoint (``Qwen2ForRewardModel``, e.g.
-        Qwen2.5-Math-RM-72B; vLLM's ``LLM.reward``): its score head on the last token. Returns
+        Qwen2.5-Math-RM-72B; vLLM's ``LLM.reward``): its score head on the last token.
+        ``pooling_params`` as in ``classify`` (its task is set to reward). Returns
         ``PoolingRequestOutput``s (``.outputs.data``: the head's outputs, one for a scalar
         reward)."""
-        from qwenjax.pooling import PoolingParams, PoolingRequestOutput
+        from qwenjax.pooling import PoolingRequestOutput
 
-        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)],
-                            PoolingParams(task="reward"), use_tqdm,
-                            lora=self._lora(lora, lora_request))
-        return [PoolingRequestOutput.of(o) for o in outputs]
+        params = self.engine.pooling_params(pooling_params, "reward")
+        return [PoolingRequestOutput.of(o) for o in self._pool(
+            prompts, params, use_tqdm, lora, lora_request, truncate_prompt_tokens)]
 
     def encode(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
                pooling_task: str | None = None, use_tqdm: bool = True,
@@ -401,11 +477,9 @@ class LLM(_Base):
         list per pooled token)."""
         from qwenjax.pooling import PoolingRequestOutput
 
-        params = _truncating(self.engine.pooling_params(pooling_params, pooling_task),
-                             truncate_prompt_tokens)
-        outputs = self._run([self._encode(p) for p in _as_prompt_list(prompts)], params,
-                            use_tqdm, lora=self._lora(lora, lora_request))
-        return [PoolingRequestOutput.of(o) for o in outputs]
+        params = self.engine.pooling_params(pooling_params, pooling_task)
+        return [PoolingRequestOutput.of(o) for o in self._pool(
+            prompts, params, use_tqdm, lora, lora_request, truncate_prompt_tokens)]
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -419,14 +493,13 @@ class LLM(_Base):
         The new weights load beside the old ones (twice the weight memory at the peak)."""
         self.engine.update_weights(path)
 
-    def _lora(self, lora, lora_request) -> str | None:
-        """The adapter name a call runs on; a ``LoRARequest`` not loaded yet is loaded now."""
+    def _lora(self, lora, lora_request) -> LoRARequest | None:
+        """The adapter a call runs on (``_lora_request``); a ``LoRARequest`` not loaded yet is
+        loaded now."""
         lora = _one_lora(lora, lora_request)
-        if isinstance(lora, LoRARequest):
-            if lora.lora_name not in self.engine.lora_names:
-                self.add_lora(lora.lora_name, lora.lora_path)
-            return lora.lora_name
-        return lora
+        if isinstance(lora, LoRARequest) and lora.lora_name not in self.engine.lora_names:
+            self.add_lora(lora.lora_name, lora.lora_path)
+        return self._lora_request(lora)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
@@ -444,7 +517,8 @@ class LLM(_Base):
 
         As vLLM's offline engine, a ``max_tokens`` larger than the room a prompt leaves in the
         context is cut to that room (the output ends with "length"); only a prompt that fills
-        the context by itself is refused."""
+        the context by itself is refused. ``max_tokens=None`` (vLLM's) asks for all that room.
+        Each output's ``lora_request`` is the adapter it ran on (vLLM's)."""
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)],
                          _params(params, sampling_params), use_tqdm, priority,
                          self._lora(lora, lora_request), fit=True)
@@ -494,13 +568,13 @@ class LLM(_Base):
         argument, accepted; the search shows no progress bar."""
         from qwenjax.beam_search import beam_search, step_params
 
-        name = self._lora(lora, lora_request)
+        lora = self._lora(lora, lora_request)
         prompt_ids = [self._encode(p) for p in _as_prompt_list(prompts)]
         _check_beam_room(prompt_ids, params, self.engine.max_model_len)
 
         def top_logprobs(sequences, k):
             return [out.logprobs[0].top
-                    for out in self._run(sequences, step_params(k), False, None, name)]
+                    for out in self._run(sequences, step_params(k), False, None, lora)]
 
         return beam_search(prompt_ids, params, top_logprobs, self.engine.eos_token_ids,
                            self.tokenizer)
@@ -511,14 +585,16 @@ class LLM(_Base):
         """Yield one output per new token: ``.delta_text`` is the new text, ``.text`` all of it
         (with ``n`` > 1, of sequence ``.index``). Leaving the loop early aborts the request."""
         ids = self._encode_chat(prompt) if chat else self._encode(prompt)
+        lora = self._lora(lora, lora_request)
         request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}",
-                                             lora=self._lora(lora, lora_request))
+                                             lora=lora.lora_name if lora is not None else None)
         finished = False
         try:
             while not finished:
                 for output in self.engine.step():
                     if output.request_id == request_id:
                         finished = output.finished
+                        output.lora_request = lora
                         yield output
         finally:
             if not finished:
@@ -530,15 +606,17 @@ class LLM(_Base):
         such a request at the context's end); unchanged where it fits or nothing fits."""
         room = self.engine.context_room(len(ids))
         if isinstance(params, SamplingParams) and room >= max(1, params.min_tokens) \
-                and params.max_tokens > room:
+                and params.max_tokens is not None and params.max_tokens > room:
             return dataclasses.replace(params, max_tokens=room)
-        return params
+        return params  # (max_tokens None: the engine fills the room, Engine.filled)
 
     def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
-             priority: int | Sequence[int] | None = None, lora: str | None = None,
+             priority: int | Sequence[int] | None = None, lora: LoRARequest | None = None,
              fit: bool = False) -> list[RequestOutput]:
-        """``fit``: cut each max_tokens to the room its prompt leaves in the context."""
-        self.engine.lora_slot(lora)  # an unknown adapter fails before any request is admitted
+        """``lora``: the adapter (``_lora``; None: the base model). ``fit``: cut each max_tokens
+        to the room its prompt leaves in the context."""
+        lora_name = lora.lora_name if lora is not None else None
+        self.engine.lora_slot(lora_name)  # an unknown adapter fails before any request is admitted
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
@@ -555,7 +633,7 @@ class LLM(_Base):
         order = {}
         for i, (ids, p, rank) in enumerate(zip(prompt_ids, params_list, priorities)):
             order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}", priority=rank,
-                                          lora=lora)] = i
+                                          lora=lora_name)] = i
         # results[prompt][index]: each sequence's last output.
         results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
         bar = None
@@ -578,6 +656,9 @@ class LLM(_Base):
         finally:
             if bar is not None:
                 bar.close()
+        for sequences in results:
+            for output in sequences:
+                output.lora_request = lora
         if self.tokenizer is not None:  # vLLM's RequestOutput.prompt and Logprob.decoded_token
             decode = self._token_text
             for ids, sequences in zip(prompt_ids, results):
@@ -663,10 +744,12 @@ class AsyncLLM(_Base):
                 return output
 
     async def _generate(self, ids, params, request_id, priority, lora):
-        lora = await self._resolve_lora(lora)
+        name = await self._resolve_lora(lora)
+        lora_request = self._lora_request(lora)
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
-                                                             lora)) as outputs:
+                                                             name)) as outputs:
             async for output in outputs:
+                output.lora_request = lora_request
                 yield output
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,

@@ -326,21 +326,26 @@ class ScoringRequestOutput:
     request_id: str
     prompt_token_ids: list[int]  # the two texts' ids, one after the other
     outputs: ScoringOutput
+    num_cached_tokens: int = 0  # of both texts' prompts, found in the prefix cache
+    finished: bool = True  # (vLLM's PoolingRequestOutput field: a result comes once both are)
 
 
 @dataclasses.dataclass
 class _PooledRequestOutput:
-    """One prompt's result, vLLM's shape (``.outputs``), from a pooling request's last
-    RequestOutput (``of``)."""
+    """One prompt's result, vLLM's shape (``.outputs``, ``.num_cached_tokens``,
+    ``.finished``), from a pooling request's last RequestOutput (``of``)."""
 
     request_id: str
     prompt_token_ids: list[int]
     outputs: Any
+    num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied
+    finished: bool = True  # a pooling result is whole when it is returned
     wrap: ClassVar[type]
 
     @classmethod
     def of(cls, output):
-        return cls(output.request_id, output.prompt_token_ids, cls.wrap(output.embedding))
+        return cls(output.request_id, output.prompt_token_ids, cls.wrap(output.embedding),
+                   output.num_cached_tokens, output.finished)
 
 
 class EmbeddingRequestOutput(_PooledRequestOutput):

@@ -93,7 +93,9 @@ class SamplingParams:
     """
 
     n: int = 1  # independent sequences sampled for the prompt (seeded: seed, seed + 1, …)
-    max_tokens: int = 256
+    # None (vLLM's): as many as the context leaves the prompt (Engine.context_room), set when
+    # the request is added and its prompt length is known.
+    max_tokens: int | None = 256
     min_tokens: int = 0  # EOS / stop ids are suppressed until this many tokens exist
     temperature: float = 1.0  # 0 (or < GREEDY_TEMPERATURE_EPS) = greedy
     top_k: int = -1  # -1 or 0 = off
@@ -136,18 +138,20 @@ class SamplingParams:
             if getattr(self, name) is None:
                 set_(name, ())
 
-        for name in ("n", "max_tokens", "min_tokens", "top_k"):
+        for name in ("n", "min_tokens", "top_k"):
             value = getattr(self, name)
             if not is_int(value):
                 raise _fail(name, "an int", value)
             set_(name, int(value))
         if not 1 <= self.n <= MAX_N:
             raise _fail("n", f"in [1, {MAX_N}]", self.n)
-        if self.max_tokens < 1:
-            raise _fail("max_tokens", "≥ 1", self.max_tokens)
+        if self.max_tokens is not None:
+            if not is_int(self.max_tokens) or self.max_tokens < 1:
+                raise _fail("max_tokens", "None (fill the context) or an int ≥ 1", self.max_tokens)
+            set_("max_tokens", int(self.max_tokens))
         if self.min_tokens < 0:
             raise _fail("min_tokens", "≥ 0", self.min_tokens)
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", f"≤ max_tokens ({self.max_tokens})", self.min_tokens)
         if self.top_k < -1:
             raise _fail("top_k", "-1 (off), 0 (off) or ≥ 1", self.top_k)
@@ -287,9 +291,11 @@ class SamplingParams:
     @classmethod
     def from_optional(cls, **fields) -> SamplingParams:
         """SamplingParams from ``fields`` with the None-valued ones left at their defaults
-        (vLLM's from_optional, which callers use to pass request fields as they come). An
-        unknown name raises TypeError, as the constructor does."""
-        return cls(**{name: value for name, value in fields.items() if value is not None})
+        (vLLM's from_optional, which callers use to pass request fields as they come), except
+        max_tokens, whose None is kept as vLLM keeps it: as many tokens as the context leaves.
+        An unknown name raises TypeError, as the constructor does."""
+        return cls(**{name: value for name, value in fields.items()
+                      if value is not None or name == "max_tokens"})
 
     def clone(self) -> SamplingParams:
         """A deep copy (vLLM's clone): nothing in it is shared with these params, so a

@@ -424,9 +424,15 @@ def server_config(args):
         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
         cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers,
                   args.allow_credentials),
-        profiler_dir=args.profiler_dir or os.environ.get("QWENJAX_PROFILER_DIR")
-        or os.environ.get("VLLM_TORCH_PROFILER_DIR") or None,
+        profiler_dir=_profiler_dir(args.profiler_dir),
         metrics_aliases=args.metrics_aliases)
+
+
+def _profiler_dir(given: str | None) -> str | None:
+    from qwenjax.profiling import profiler_dir
+
+    found = profiler_dir(given or None)
+    return None if found is None else str(found)
 
 
 def load_serving_model(args, mesh=None):

@@ -1,9 +1,10 @@
 """Profiling a running server (vLLM's and SGLang's ``/start_profile``, ``/stop_profile``): a
 ``jax.profiler`` trace of everything the process does between the two calls, written under the
 server's ``--profiler-dir`` (vLLM: ``VLLM_TORCH_PROFILER_DIR``), one timestamped folder per
-trace. ``/stop_profile`` answers with the folder, the Perfetto trace (open it in
-ui.perfetto.dev; TensorBoard reads the folder) and where the device's time went
-(``qwenjax.benchmarking.summarize_trace``). The routes exist only when a directory is set.
+trace (qwenjax/profiling.py, shared with ``LLM.start_profile``). ``/stop_profile`` answers
+with the folder, the Perfetto trace (open it in ui.perfetto.dev; TensorBoard reads the folder)
+and where the device's time went (``qwenjax.benchmarking.summarize_trace``). The routes exist
+only when a directory is set.
 
 SGLang's ``{"num_steps": N}`` stops the trace by itself once the engines have dispatched N
 more steps (a ``/stop_profile`` before then stops it early); the next ``/stop_profile`` then
@@ -16,17 +17,13 @@ profile at the end).
 from __future__ import annotations
 
 import asyncio
-import datetime
-import json
 import pathlib
-import re
 
 import grpc
 from aiohttp import web
 
+from qwenjax.profiling import check_prefix, start_trace, stop_trace, trace_folder
 from server.gateway import Refused
-
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # SGLang's activities: the jax trace holds the host's (CPU) and the device's (GPU) work together;
@@ -80,14 +77,14 @@ class Profiler:
     def _folder(self, body: dict) -> pathlib.Path:
         """Where the trace goes: SGLang's output_dir (inside the server's directory: a client
         picks a folder, not any path on the server), else a new timestamped folder."""
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         prefix = body.get("profile_prefix") or body.get("profile_id") or ""
-        if not isinstance(prefix, str) or not _NAME.fullmatch(prefix or "x"):
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "profile_prefix and profile_id must be "
-                          f"letters, digits, '.', '_' or '-', got {prefix!r}")
+        try:
+            check_prefix(prefix, "profile_prefix and profile_id")
+        except ValueError as error:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         output_dir = body.get("output_dir")
         if output_dir is None:
-            return self.directory / (f"{prefix}-{stamp}" if prefix else stamp)
+            return trace_folder(self.directory, prefix)
         root = self.directory.resolve()
         folder = (root / str(output_dir)).resolve()  # a relative one is under the directory
         if not isinstance(output_dir, str) or not folder.is_relative_to(root):
@@ -133,9 +130,7 @@ class Profiler:
         return web.json_response(answer)
 
     def _start_trace(self) -> None:
-        import jax
-
-        jax.profiler.start_trace(str(self.running), create_perfetto_trace=True)
+        start_trace(self.running)
         self.tracing, self._start_steps = True, self._steps()
 
     async def _wait_steps(self, steps: int) -> None:
@@ -178,24 +173,10 @@ class Profiler:
         return web.json_response(answer)
 
     async def _finish(self) -> dict:
-        """Stop the running trace (the lock held) and describe it."""
-        import jax
-
-        from qwenjax.benchmarking import summarize_trace
-
+        """Stop the running trace (the lock held) and describe it (SGLang's MEM: with a
+        device memory profile)."""
         folder, self._auto = self.running, None
-        await asyncio.to_thread(jax.profiler.stop_trace)  # writes the files: seconds
-        self.running, self.tracing = None, False
-        traces = sorted(folder.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-        answer = {"status": "stopped", "directory": str(folder),
-                  "trace": str(traces[-1]) if traces else None, "summary": None}
-        if self.memory:  # SGLang's MEM: what the device holds now, by allocation (pprof)
-            memory = folder / "device_memory.prof"
-            await asyncio.to_thread(jax.profiler.save_device_memory_profile, str(memory))
-            answer["memory_profile"] = str(memory)
-        if traces:
-            try:
-                answer["summary"] = summarize_trace(traces[-1], top=10)
-            except (ValueError, KeyError, json.JSONDecodeError):
-                pass  # nothing ran on the device meanwhile
-        return answer
+        try:  # writing the files takes seconds: off the event loop
+            return await asyncio.to_thread(stop_trace, folder, self.memory)
+        finally:
+            self.running, self.tracing = None, False

@@ -1,6 +1,7 @@
 """The engine and the Python API on the real Qwen2.5-Coder-0.5B-Instruct (float32, CPU)."""
 import asyncio
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -441,3 +442,117 @@ def test_dummy_weights_and_another_tokenizer(tmp_path, real_model_dir):
     add_serve_arguments(parser)
     args = parser.parse_args([str(config_only), "--load-format", "dummy", "--tokenizer", "t"])
     assert (args.load_format, args.tokenizer) == ("dummy", "t")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny import tiny_config, write_hf_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny")
+    write_hf_checkpoint(tiny_config(), directory)
+    return directory
+
+
+TINY = dict(dtype="float32", warm_up=False, progress=False)
+
+
+def test_max_tokens_none_fills_the_room_the_prompt_leaves(tiny_dir):
+    """vLLM's SamplingParams(max_tokens=None): as many tokens as the context leaves, through
+    generate, stream (the engine's own path) and the engine's sampling_params."""
+    llm = LLM(str(tiny_dir), max_model_len=64, num_pages=32, page_size=8, **TINY)
+    prompt = list(range(3, 53))  # 50 tokens: room for 64 + 1 - 50 = 15
+    fill = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    out, = llm.generate([prompt], fill, use_tqdm=False)
+    assert len(out.token_ids) == 15 and out.finish_reason == "length"
+    streamed = [o for o in llm.stream(prompt, fill)]
+    assert streamed[-1].token_ids == out.token_ids and streamed[-1].finish_reason == "length"
+    assert llm.engine.sampling_params({"max_tokens": None}, len(prompt)).max_tokens == 15
+    # min_tokens must fit the room; the error names it and the limit.
+    with pytest.raises(ValueError, match="prompt has 50 tokens and min_tokens is 20: 70 exceeds "
+                                         "the max context of 64 "):
+        llm.generate([prompt], SamplingParams(max_tokens=None, min_tokens=20), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt has 65 tokens; max context is 64"):
+        llm.engine.add_request(list(range(3, 68)), fill)
+
+
+def test_get_metrics_counts_under_vllms_names(tiny_dir):
+    """LLM.get_metrics(): vLLM's Counter/Gauge objects and names (the ones the server's /metrics
+    gives the same series), with exact counts through a preemption, a prefix cache hit and an
+    abort."""
+    from qwenjax.metrics import Counter, Gauge
+    from server.metrics import METRIC_ALIASES
+
+    llm = LLM(str(tiny_dir), max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk=8,
+              max_prefill_seqs=2, page_size=8, max_model_len=96, num_pages=12,
+              async_scheduling=False, **TINY)
+
+    def read():
+        metrics = llm.get_metrics()
+        assert all(isinstance(m, (Counter, Gauge)) for m in metrics)
+        return {(m.name, tuple(m.labels.items())): m.value for m in metrics}
+
+    names = {name for name, _ in read()}
+    assert names <= set(METRIC_ALIASES["vllm"].values())
+    assert {"vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success",
+            "vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
+            "vllm:kv_cache_usage_perc", "vllm:num_requests_running"} <= names
+    assert all(value == 0 for value in read().values())
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(3, 250, 30).tolist(), rng.integers(3, 250, 60).tolist()
+    params = [SamplingParams(temperature=0.0, max_tokens=65, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)]
+    outputs = llm.generate([first, second], params, use_tqdm=False)  # 95 + 80 tokens > 12 pages
+    assert [len(o.token_ids) for o in outputs] == [65, 20]
+    after = read()
+    assert after[("vllm:prompt_tokens", ())] == 90  # once each, though preempted ones recompute
+    assert after[("vllm:generation_tokens", ())] == 85
+    assert after[("vllm:request_success", (("finished_reason", "length"),))] == 2
+    assert after[("vllm:request_success", (("finished_reason", "stop"),))] == 0
+    assert after[("vllm:num_preemptions", ())] == llm.engine.scheduler.num_preemptions >= 1
+    queries = after[("vllm:prefix_cache_queries", ())]
+    assert queries >= 90 and after[("vllm:kv_cache_usage_perc", ())] == 0.0
+    # A prompt twice: the second time its 2 full pages (16 of 20 tokens) are found cached.
+    third = rng.integers(3, 250, 20).tolist()
+    for _ in range(2):
+        llm.generate([third], SamplingParams(max_tokens=1), use_tqdm=False)
+    again = read()
+    assert again[("vllm:prefix_cache_queries", ())] == queries + 40
+    assert again[("vllm:prefix_cache_hits", ())] - after[("vllm:prefix_cache_hits", ())] == 16
+    # While a stream runs it holds pages; leaving it early aborts it.
+    stream = llm.stream(second, SamplingParams(max_tokens=30, ignore_eos=True))
+    next(stream)
+    running = read()
+    assert running[("vllm:num_requests_running", ())] == 1
+    assert running[("vllm:kv_cache_usage_perc", ())] == llm.engine.allocator.num_used / 12 > 0
+    stream.close()
+    assert read()[("vllm:request_success", (("finished_reason", "abort"),))] == 1
+
+
+def test_start_and_stop_profile(tiny_dir, tmp_path, monkeypatch):
+    """vLLM's LLM.start_profile/stop_profile: a jax.profiler trace of the calls between them, in
+    a timestamped folder under profile_dir or vLLM's $VLLM_TORCH_PROFILER_DIR."""
+    import gzip
+
+    llm = LLM(str(tiny_dir), max_model_len=64, num_pages=16, page_size=8, **TINY)
+    for name in ("QWENJAX_PROFILER_DIR", "VLLM_TORCH_PROFILER_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"pass profile_dir, or set \$QWENJAX_PROFILER_DIR or "
+                                         r"\$VLLM_TORCH_PROFILER_DIR"):
+        llm.start_profile()
+    with pytest.raises(ValueError, match="no profile is running"):
+        llm.stop_profile()
+    with pytest.raises(ValueError, match="profile_prefix must be letters"):
+        llm.start_profile("../up", profile_dir=tmp_path)
+    llm.start_profile("run", profile_dir=tmp_path / "given")
+    with pytest.raises(ValueError, match="a profile is already being written to .*given"):
+        llm.start_profile(profile_dir=tmp_path)
+    llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    trace = llm.stop_profile()
+    folder = pathlib.Path(trace["directory"])
+    assert folder.parent == tmp_path / "given" and folder.name.startswith("run-")
+    assert trace["trace"].startswith(str(folder)) and trace["summary"]["busy_us"] > 0
+    with gzip.open(trace["trace"], "rt") as f:
+        assert json.load(f)["traceEvents"]
+    monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path / "vllm"))
+    llm.start_profile()
+    assert pathlib.Path(llm.stop_profile()["directory"]).parent == tmp_path / "vllm"

@@ -192,19 +192,26 @@ def test_adapters_load_and_unload_while_serving(checkpoints):
     from qwenjax import AsyncLLM, LoRARequest
 
     request = LoRARequest("sql", 1, str(checkpoints / "a"))
-    assert llm.generate([prompt], greedy, lora_request=request,
-                        use_tqdm=False)[0].token_ids == oracles["merged_a"]
+    out = llm.generate([prompt], greedy, lora_request=request, use_tqdm=False)[0]
+    assert out.token_ids == oracles["merged_a"]
+    assert out.lora_request is request  # vLLM's RequestOutput.lora_request
     assert llm.list_loras() == ("x", "sql")  # slot order: "x" took slot 1 again
+    named = llm.generate([prompt], greedy, lora="sql", use_tqdm=False)[0].lora_request
+    assert (named.lora_name, named.lora_int_id) == ("sql", llm.engine.loras.load_id("sql"))
+    assert llm.generate([prompt], greedy, use_tqdm=False)[0].lora_request is None
+    assert {o.lora_request.lora_name for o in llm.stream(prompt, greedy, lora="x")} == {"x"}
     with pytest.raises(ValueError, match="lora or lora_request, not both"):
         llm.generate([prompt], greedy, lora="x", lora_request=request)
     served = AsyncLLM(llm.lm, **options)
 
+    on_b = LoRARequest("b", 2, str(checkpoints / "b"))
+
     async def stream():
-        return [o async for o in served.generate(prompt, greedy, lora=LoRARequest(
-            "b", 2, str(checkpoints / "b")))][-1].token_ids
+        return [o async for o in served.generate(prompt, greedy, lora=on_b)][-1]
 
     try:
-        assert asyncio.run(stream()) == oracles["merged_b"]
+        last = asyncio.run(stream())
+        assert last.token_ids == oracles["merged_b"] and last.lora_request is on_b
     finally:
         served.shutdown()
 

@@ -87,11 +87,17 @@ def test_llm_and_async_llm_embed(lm):
         np.testing.assert_allclose(o.outputs.embedding, want / np.linalg.norm(want), atol=1e-5)
     # LLM.score: cosine similarities, one against each, or pairwise.
     third = [4, 4, 8, 1]
-    vectors = [np.asarray(o.outputs.embedding) for o in sync.embed(prompts + [third], use_tqdm=False)]
+    again = sync.embed(prompts + [third], use_tqdm=False)
+    # vLLM's PoolingRequestOutput fields: finished, and the prompt tokens the prefix cache gave
+    # (the 20-token prompt's first page of 16, the second time).
+    assert [o.num_cached_tokens for o in outputs] == [0, 0] and all(o.finished for o in outputs)
+    assert [o.num_cached_tokens for o in again] == [0, 16, 0] and all(o.finished for o in again)
+    vectors = [np.asarray(o.outputs.embedding) for o in again]
     one_to_n = sync.score(prompts[0], [prompts[1], third], use_tqdm=False)
     np.testing.assert_allclose([s.outputs.score for s in one_to_n],
                                [vectors[0] @ vectors[1], vectors[0] @ vectors[2]], atol=1e-5)
     assert one_to_n[1].prompt_token_ids == prompts[0] + third
+    assert all(s.finished for s in one_to_n) and one_to_n[0].num_cached_tokens == 16
     pairwise = sync.score(prompts, [third, prompts[0]], use_tqdm=False)
     np.testing.assert_allclose([s.outputs.score for s in pairwise],
                                [vectors[0] @ vectors[2], vectors[1] @ vectors[0]], atol=1e-5)
@@ -257,3 +263,11 @@ def test_llm_encode(lm):
         llm.embed([long], use_tqdm=False)
     with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1"):
         PoolingParams(truncate_prompt_tokens=0)
+    # LLM.score takes it too (vLLM's): each text's last k tokens are embedded.
+    other = [7, 8] * 70  # 140 tokens
+    with pytest.raises(ValueError, match="prompt has 180 tokens; max context is 128"):
+        llm.score(long, other, use_tqdm=False)
+    pair, = llm.score(long, other, truncate_prompt_tokens=4, use_tqdm=False)
+    assert pair.prompt_token_ids == long[-4:] + other[-4:]
+    a, b = (np.asarray(llm.embed([p[-4:]], use_tqdm=False)[0].outputs.embedding) for p in (long, other))
+    assert pair.outputs.score == pytest.approx(float(a @ b), abs=1e-5) and pair.finished

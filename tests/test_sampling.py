@@ -186,12 +186,26 @@ def test_clone_is_a_deep_copy():
     assert p.logit_bias == {4: 2.0} and p.structured_outputs.json["properties"] == {}
 
 
+def test_max_tokens_none_means_the_room_the_context_leaves():
+    """vLLM's max_tokens=None: accepted (the engine sets the number once it knows the prompt:
+    Engine.filled), min_tokens then unbounded here; a number must still be ≥ 1."""
+    p = SamplingParams(max_tokens=None, min_tokens=500)
+    assert p.max_tokens is None and p.min_tokens == 500
+    assert dataclasses.replace(p, max_tokens=600).max_tokens == 600
+    with pytest.raises(ValueError, match=r"min_tokens must be ≤ max_tokens \(400\), got 500"):
+        dataclasses.replace(p, max_tokens=400)
+    with pytest.raises(ValueError, match="max_tokens must be None .fill the context. or an int ≥ 1, got 0"):
+        SamplingParams(max_tokens=0)
+
+
 def test_from_optional_leaves_none_at_the_defaults():
     p = SamplingParams.from_optional(temperature=None, top_p=None, seed=None, stop=None,
-                                     max_tokens=None, n=None, logit_bias={"5": 200}, top_k=5)
+                                     n=None, logit_bias={"5": 200}, top_k=5)
     assert p == SamplingParams(top_k=5, logit_bias={5: 100.0})
     assert (p.temperature, p.top_p, p.max_tokens, p.n, p.seed) == (1.0, 1.0, 256, 1, None)
     assert SamplingParams.from_optional() == SamplingParams()
+    # max_tokens None is a value (fill the context), kept as vLLM's from_optional keeps it.
+    assert SamplingParams.from_optional(max_tokens=None, temperature=None).max_tokens is None
     with pytest.raises(TypeError, match="no_such_field"):
         SamplingParams.from_optional(no_such_field=1)
     with pytest.raises(ValueError, match="temperature"):

@@ -184,6 +184,19 @@ def test_classify_matches_transformers(classifier, tp):
             want = model(torch.tensor([ids])).logits.softmax(-1)[0].numpy()
         assert result.outputs.num_classes == 3 and result.prompt_token_ids == ids
         np.testing.assert_allclose(result.outputs.probs, want, atol=2e-5)
+    # vLLM's pooling_params (use_activation=False: the head's raw logits) and
+    # truncate_prompt_tokens (each prompt's last k tokens).
+    raw, = llm.classify([prompts[2]], pooling_params=PoolingParams(use_activation=False),
+                        use_tqdm=False)
+    cut, = llm.classify([prompts[2]], truncate_prompt_tokens=8, use_tqdm=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[2]])).logits[0].numpy()
+        want = model(torch.tensor([prompts[2][-8:]])).logits.softmax(-1)[0].numpy()
+    np.testing.assert_allclose(raw.outputs.probs, logits, atol=2e-5)
+    assert cut.prompt_token_ids == prompts[2][-8:] and cut.finished
+    np.testing.assert_allclose(cut.outputs.probs, want, atol=2e-5)
+    with pytest.raises(ValueError, match="dimensions applies to embeddings, not to task 'classify'"):
+        llm.classify([prompts[0]], pooling_params=PoolingParams(dimensions=4), use_tqdm=False)
     # The backbone's hidden state is there too (embedding requests), and generation is refused.
     assert len(llm.embed([prompts[0]], use_tqdm=False)[0].outputs.embedding) == 64
     with pytest.raises(ValueError, match="classify model .* does not generate"):

@@ -39,6 +39,7 @@ from qwenjax.generation_config import apply_defaults, sampling_defaults
 from qwenjax.kv_cache import (PageAllocator, check_kv_cache_dtype, page_bytes_per_device,
                               pages_for_memory)
 from qwenjax.loading import LoadedModel
+from qwenjax.metrics import EngineStats
 from qwenjax.sampling import MAX_SEED, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ class Engine(LiveState):
             max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
             max_model_len=max_model_len, policy=config.scheduling_policy, **spec_fields)
         self.spec_stats = SpecDecodeStats()
+        self.stats = EngineStats()  # tokens and finished sequences (LLM.get_metrics)
         self.config = config
         if config.seed is not None and (not isinstance(config.seed, int) or isinstance(config.seed, bool)):
             raise ValueError(f"seed must be an int or None, got {config.seed!r}")
@@ -271,7 +273,16 @@ class Engine(LiveState):
             # (A k of the wrong type is refused by SamplingParams, naming the field.)
             num_prompt_tokens = min(num_prompt_tokens, self._truncation(k))
         room = None if num_prompt_tokens is None else self.context_room(num_prompt_tokens)
-        return apply_defaults(self.sampling_defaults, fields, room=room)
+        params = apply_defaults(self.sampling_defaults, fields, room=room)
+        return params if num_prompt_tokens is None else self.filled(params, num_prompt_tokens)
+
+    def filled(self, params, num_prompt_tokens: int):
+        """``params`` with max_tokens None (vLLM's "as many as the context allows") set to the
+        room a prompt of this length leaves (at least 1: a prompt with no room is refused by
+        ``validate`` naming its length); anything else unchanged."""
+        if isinstance(params, SamplingParams) and params.max_tokens is None:
+            return dataclasses.replace(params, max_tokens=max(1, self.context_room(num_prompt_tokens)))
+        return params
 
     def _truncation(self, k) -> int:
         """The prompt length truncate_prompt_tokens keeps (-1: the max context)."""
@@ -364,9 +375,12 @@ class Engine(LiveState):
         n, limit = len(prompt_ids), self.max_model_len
         if n > limit:
             raise ValueError(f"prompt has {n} tokens; max context is {limit}")
-        if n + params.max_tokens - 1 > limit:
-            raise ValueError(f"prompt has {n} tokens and max_tokens is {params.max_tokens}: "
-                             f"{n + params.max_tokens} exceeds the max context of {limit} + 1 "
+        # max_tokens None fills the room the prompt leaves (``filled``); min_tokens must fit it.
+        field = "max_tokens" if params.max_tokens is not None else "min_tokens"
+        wanted = getattr(params, field)
+        if n + wanted - 1 > limit:
+            raise ValueError(f"prompt has {n} tokens and {field} is {wanted}: "
+                             f"{n + wanted} exceeds the max context of {limit} + 1 "
                              f"(the last sampled token needs no KV slot)")
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -382,6 +396,7 @@ class Engine(LiveState):
         params = params if params is not None else self.default_sampling_params(len(prompt_ids))
         prompt_ids = self.truncated(prompt_ids, params)
         self.validate(prompt_ids, pooling if pooling is not None else params, priority)
+        params = self.filled(params, len(prompt_ids))
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
@@ -629,8 +644,9 @@ class Engine(LiveState):
         chunk = tokens[0].chunk
         request = chunk.request
         params, track = request.params, self._tracking[request.request_id]
-        if track.metrics.first_token_time is None:
+        if track.metrics.first_token_time is None:  # the prompt is computed
             track.metrics.first_token_time = now
+            self.stats.prompt_tokens += len(request.prompt_ids)
         reason, matched, delta, delta_ids, new_logprobs = None, None, "", [], []
         for token in tokens:
             request.output_ids.append(token.token_id)
@@ -658,6 +674,8 @@ class Engine(LiveState):
                 break
         if track.logprobs is not None:
             track.logprobs.extend(new_logprobs)
+        if request.pooling is None:  # (a pooling request's token is dropped)
+            self.stats.generation_tokens += len(delta_ids)
         if reason is None:
             # Accepted drafts: their K/V, computed in this step, now hold the sequence's tokens.
             request.num_computed += len(delta_ids) - 1
@@ -696,6 +714,7 @@ class Engine(LiveState):
                                                   self.head_kind, self.pooler)
             out.text, out.delta_text, out.token_ids, out.delta_token_ids = "", "", [], []
             out.finish_reason, out.matched_stop = "stop", None
+        self.stats.finished[out.finish_reason] += 1
         return out
 
     def _output(self, request: Request, delta: str, delta_ids: list[int], delta_logprobs,

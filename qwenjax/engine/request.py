@@ -4,7 +4,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from qwenjax.lora import LoRARequest
 
 
 class RequestStatus(enum.Enum):
@@ -250,6 +253,8 @@ class RequestOutput:
     # A pooling request's answer (on its last output): floats, or a list of them per pooled token.
     embedding: list | None = None
     prompt: str | None = None  # the prompt's text (LLM.generate/chat fill it in; vLLM's)
+    # vLLM's: the LoRARequest the call ran on (None: the base model); LLM and AsyncLLM fill it in.
+    lora_request: LoRARequest | None = None
     stopped_at_eos: bool = False  # ended by the model's end-of-sequence token
 
     # vLLM's shape: ``output.outputs[0].text`` (one RequestOutput per sequence here, where vLLM
