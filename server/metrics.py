@@ -5,10 +5,11 @@ engine loop stays free of metrics code, and a scrape sees the state of that mome
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -137,6 +138,52 @@ class _Aliased:
             yield alias
 
 
+class _VLLMInfo:
+    """vLLM's info series that routers read besides the counters: ``vllm:cache_config_info``
+    (the KV cache's shape: the Gateway API inference extension and llm-d score prefix reuse
+    with its block_size and num_gpu_blocks) and, on a model with LoRA slots,
+    ``vllm:lora_requests_info`` (the adapters of the running and waiting requests, for
+    LoRA-aware routing; its value the time of the scrape, as vLLM's is the time of its update)."""
+
+    def __init__(self, engines: Callable[[], Sequence]):
+        self._engines = engines
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        engines = self._engines()
+        if not engines:
+            return
+        engine = engines[0]
+        cache = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache "
+                                  "(vLLM's labels)", labels=["block_size", "num_gpu_blocks",
+                                                              "cache_dtype", "enable_prefix_caching",
+                                                              "gpu_memory_utilization"])
+        config = engine.config
+        cache.add_metric([str(engine.scheduler_config.page_size),
+                          str(sum(e.allocator.num_pages for e in engines)),
+                          config.kv_cache_dtype, str(config.enable_prefix_caching),
+                          str(config.kv_cache_fraction)], 1.0)
+        yield cache
+        if engine.loras.capacity == 0:
+            return
+        lora = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting LoRA adapters "
+                                 "(vLLM's labels)", labels=["max_lora", "running_lora_adapters",
+                                                            "waiting_lora_adapters"])
+
+        def adapters(queue: str) -> str:
+            # (A tuple first: the engine thread changes the queue meanwhile; copying it is
+            # one step under the interpreter lock, iterating it is not.)
+            names = {r.lora_name for e in engines for r in tuple(getattr(e.scheduler, queue))
+                     if r.lora_name is not None}
+            return ",".join(sorted(names))
+
+        lora.add_metric([str(engine.loras.capacity), adapters("running"), adapters("waiting")],
+                        time.time())
+        yield lora
+
+
 class _Everything:
     """A registry's series, served from another registry."""
 
@@ -178,6 +225,8 @@ class ServerMetrics:
         for server in aliases:
             self.registry.register(_Aliased(self.core, METRIC_ALIASES[server],
                                             ALIAS_LABELS.get(server, {}), model_name))
+        if "vllm" in aliases:
+            self.registry.register(_VLLMInfo(engines))
         self.requests = Counter(
             "qwenjax:requests_total", "Generate requests the engine ran, by how they ended "
             "(stop, length, abort = cancelled/deadline/Abort, error = failed step)",

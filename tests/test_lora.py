@@ -293,6 +293,11 @@ def test_servers_pick_the_adapter_by_model_name_and_lora_field(checkpoints, serv
             with urllib.request.urlopen(request, timeout=120) as response:
                 return json.loads(response.read())
 
+        with urllib.request.urlopen(base + "/metrics", timeout=30) as response:
+            metrics = response.read().decode()
+        # vLLM's LoRA info series (the Gateway API inference extension routes by it).
+        assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",' \
+               'waiting_lora_adapters=""}' in metrics
         reply, plain = complete("a"), complete("base")
         assert reply["model"] == "a" and reply["usage"]["completion_tokens"] == 6
         # The adapter ran (this tiny model has no tokenizer, so compare the logprobs).

@@ -1028,6 +1028,35 @@ def test_engine_tallies_are_exported_when_scraped():
     assert both["qwenjax:prefix_cache_hits_total"] == 32 and both["qwenjax:kv_pages_total"] == 16
 
 
+def test_vllm_info_series_for_routers():
+    """vllm:cache_config_info (block size and pages) and vllm:lora_requests_info (the adapters
+    of running and waiting requests), which LoRA- and prefix-aware routers read."""
+    import types
+
+    from prometheus_client import generate_latest
+
+    from server.metrics import ServerMetrics
+
+    request = lambda lora: types.SimpleNamespace(lora_name=lora)  # noqa: E731
+    engine = types.SimpleNamespace(
+        scheduler=types.SimpleNamespace(running=[request("sql"), request(None), request("chat")],
+                                        waiting=[request("sql")], num_preemptions=0, host_cache=None),
+        scheduler_config=types.SimpleNamespace(page_size=16),
+        config=types.SimpleNamespace(kv_cache_dtype="auto", enable_prefix_caching=True,
+                                     kv_cache_fraction=0.9),
+        allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
+        loras=types.SimpleNamespace(capacity=4), prefix_cache=None, spec_stats=None)
+    text = generate_latest(ServerMetrics(lambda: [engine, engine], model_name=lambda: "m",
+                                         aliases=("vllm",)).registry).decode()
+    assert 'vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",' \
+           'gpu_memory_utilization="0.9",num_gpu_blocks="16"} 1.0' in text
+    assert 'vllm:lora_requests_info{max_lora="4",running_lora_adapters="chat,sql",' \
+           'waiting_lora_adapters="sql"}' in text
+    engine.loras.capacity = 0  # no LoRA slots: no LoRA series, as vLLM without --enable-lora
+    assert "vllm:lora_requests_info{" not in generate_latest(
+        ServerMetrics(lambda: [engine], model_name=lambda: "m", aliases=("vllm",)).registry).decode()
+
+
 def test_priority_needs_the_priority_policy(stub):
     code, details = code_of(stub.Generate(pb.GenerateRequest(text="x", priority=2, sampling=greedy(1)),
                                           timeout=10))
