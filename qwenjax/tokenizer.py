@@ -1,10 +1,12 @@
 """Text <-> token ids and chat prompts for an HF-layout model directory, without transformers."""
 from __future__ import annotations
 
+import collections
 import json
 import numbers
 import os
 import pathlib
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +17,7 @@ from tokenizers import Tokenizer as HFTokenizer
 # The roles the Qwen2 chat template renders; it silently drops any other role, so catch
 # typos here instead.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_COMPILED_TEMPLATES = 32  # per-call chat templates kept compiled (the most recently used)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -75,8 +78,10 @@ class Tokenizer:
         self._extra_special_tokens = tuple(extra_special_tokens)
         self._chat_template = _compile_chat_template(chat_template) if chat_template else None
         # apply_chat_template(chat_template=...) sources → compiled, so a per-request template
-        # compiles once (shared with copies from with_chat_template: keyed by the source).
-        self._compiled_templates: dict[str, jinja2.Template] = {}
+        # compiles once (shared with copies from with_chat_template: keyed by the source); the
+        # most recently used few, since a server's requests may each bring their own.
+        self._compiled_templates: collections.OrderedDict[str, jinja2.Template] = collections.OrderedDict()
+        self._templates_lock = threading.Lock()  # the server renders on more than one thread
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
@@ -370,9 +375,17 @@ class Tokenizer:
         return text
 
     def _compiled(self, chat_template: str) -> jinja2.Template:
-        if chat_template not in self._compiled_templates:
-            self._compiled_templates[chat_template] = _compile_chat_template(resolve_chat_template(chat_template))
-        return self._compiled_templates[chat_template]
+        with self._templates_lock:
+            compiled = self._compiled_templates.get(chat_template)
+            if compiled is not None:
+                self._compiled_templates.move_to_end(chat_template)
+                return compiled
+        compiled = _compile_chat_template(resolve_chat_template(chat_template))
+        with self._templates_lock:
+            self._compiled_templates[chat_template] = compiled
+            while len(self._compiled_templates) > MAX_COMPILED_TEMPLATES:
+                self._compiled_templates.popitem(last=False)
+        return compiled
 
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

@@ -69,6 +69,8 @@ class ServerConfig:
     allow_weight_updates: bool = False
     # Serve HTTP POST /sleep, /wake_up, GET /is_sleeping (vLLM's sleep mode).
     enable_sleep_mode: bool = False
+    # Requests may bring their own chat_template (vLLM's --trust-request-chat-template).
+    trust_request_chat_template: bool = False
     # Log each request as it is admitted (its first max_log_len prompt token ids, its sampling
     # parameters) and as it ends (reason, TTFT, latency): vLLM's --enable-log-requests.
     enable_log_requests: bool = False
@@ -200,6 +202,7 @@ class InferenceServer:
                                  reasoning_parser=config.reasoning_parser,
                                  allow_weight_updates=config.allow_weight_updates,
                                  enable_sleep_mode=config.enable_sleep_mode, cors=config.cors,
+                                 trust_request_chat_template=config.trust_request_chat_template,
                                  profiler_dir=config.profiler_dir)
         self.http_port = await self.http.start(config.host, config.http_port, context)
 

@@ -265,6 +265,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
     engine.add_argument("--chat-template", default=None, metavar="FILE|TEMPLATE",
                         help="a Jinja chat template (or a file holding one) instead of the "
                              "checkpoint's")
+    engine.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let a chat request bring its own chat_template (its text; it runs "
+                             "in Jinja's sandbox), as vLLM's flag; refused otherwise")
     sampling = p.add_argument_group("sampling defaults (for the fields a request leaves unset)")
     sampling.add_argument("--generation-config", default="auto", metavar="auto|builtin|DIR",
                           help="auto: the model's generation_config.json (temperature, top_k, top_p, "
@@ -421,6 +424,7 @@ def server_config(args):
         reasoning_parser=getattr(args, "reasoning_parser", None),
         allow_weight_updates=getattr(args, "allow_weight_updates", False),
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+        trust_request_chat_template=getattr(args, "trust_request_chat_template", False),
         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
         cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers,
                   args.allow_credentials),

@@ -297,9 +297,11 @@ class Gateway:
     async def encode(self, *, text: str | None = None, messages: Sequence[Mapping[str, Any]] | None = None,
                      tools: Sequence[Mapping[str, Any]] | None = None,
                      add_generation_prompt: bool = True, continue_final_message: bool = False,
-                     template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
-        """Token ids of ``text``, or of ``messages`` rendered by the chat template with ``tools``
-        offered. Raises ValueError naming the problem."""
+                     template_kwargs: Mapping[str, Any] | None = None,
+                     chat_template: str | None = None) -> list[int]:
+        """Token ids of ``text``, or of ``messages`` rendered by the chat template (or
+        ``chat_template``, a request's own) with ``tools`` offered. Raises ValueError naming the
+        problem."""
         tokenizer = self.engine.tokenizer
         which = "text" if text is not None else "messages"
         if tokenizer is None:
@@ -311,7 +313,7 @@ class Gateway:
             encode = functools.partial(tokenizer.encode_chat, tools=tools,
                                        add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message,
-                                       template_kwargs=template_kwargs)
+                                       template_kwargs=template_kwargs, chat_template=chat_template)
             arg = messages
             size = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping))
         try:

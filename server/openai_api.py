@@ -85,8 +85,12 @@ class OpenAIServer:
                  api_token: str | Sequence[str] | None = None, max_request_bytes: int = 4 << 20,
                  served_model_names: Sequence[str] = (), allow_runtime_lora_updating: bool = False,
                  reasoning_parser: str | None = None, allow_weight_updates: bool = False,
-                 enable_sleep_mode: bool = False, cors=None, profiler_dir: str | None = None):
+                 enable_sleep_mode: bool = False, cors=None, profiler_dir: str | None = None,
+                 trust_request_chat_template: bool = False):
         self.gateway = gateway
+        # vLLM's --trust-request-chat-template: a request may bring its own chat_template (it
+        # runs in Jinja's sandbox either way; off by default, as vLLM's).
+        self.trust_request_chat_template = trust_request_chat_template
         self.reasoning_parser = reasoning_parser  # qwenjax.reasoning: chat replies split
         self.registry = registry
         self.serving = serving
@@ -397,7 +401,7 @@ class OpenAIServer:
             unknown = sorted(set(body) - {"model", "prompt", "messages", "tools",
                                           "add_generation_prompt", "continue_final_message",
                                           "chat_template_kwargs", "add_special_tokens",
-                                          "return_token_strs"})
+                                          "return_token_strs", "chat_template"})
             for name in ("add_special_tokens", "return_token_strs"):
                 if not isinstance(body.get(name, False), bool):
                     raise ValueError(f"{name} must be true or false")
@@ -415,7 +419,8 @@ class OpenAIServer:
                 ids = await gateway.encode(messages=chat.messages, tools=chat.tools,
                                            add_generation_prompt=chat.add_generation_prompt,
                                            continue_final_message=chat.continue_final_message,
-                                           template_kwargs=chat.template_kwargs)
+                                           template_kwargs=chat.template_kwargs,
+                                           chat_template=self._request_template(chat))
         except ValueError as error:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         # (add_special_tokens, vLLM's: Qwen2.5's tokenizer adds none to a prompt either way.)
@@ -716,9 +721,16 @@ class OpenAIServer:
             return await self.gateway.encode(messages=parsed.messages, tools=parsed.tools,
                                              add_generation_prompt=parsed.add_generation_prompt,
                                              continue_final_message=parsed.continue_final_message,
-                                             template_kwargs=parsed.template_kwargs)
+                                             template_kwargs=parsed.template_kwargs,
+                                             chat_template=self._request_template(parsed))
         except ValueError as error:
             raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _request_template(self, parsed: proto.ParsedRequest) -> str | None:
+        if parsed.chat_template is not None and not self.trust_request_chat_template:
+            raise ValueError("chat_template in a request needs the server started with "
+                             "--trust-request-chat-template")
+        return parsed.chat_template
 
     async def _chat_call(self, parsed: proto.ParsedRequest):
         """(prompt ids, SamplingParams, the admitted Call) of a checked chat request."""

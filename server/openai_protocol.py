@@ -58,7 +58,8 @@ COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of"
 CHAT_FIELDS = frozenset(_COMMON + (
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
     "tool_choice", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-    "reasoning_effort"))
+    "reasoning_effort", "chat_template"))
+MAX_TEMPLATE_CHARS = 65536  # a request's own chat_template
 # OpenAI's reasoning_effort values: handed to the chat template as vLLM does (a template that
 # reads it, e.g. a reasoning model's, can act on it; Qwen2.5's reads none).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -94,6 +95,7 @@ class ParsedRequest:
     continue_final_message: bool = False
     chat_logprobs: bool = False
     template_kwargs: dict[str, Any] | None = None  # vLLM's chat_template_kwargs
+    chat_template: str | None = None  # vLLM's: the request's own template (the server must trust it)
     # vLLM's use_beam_search: n beams, ranked by cum logprob / length ** length_penalty
     beam_search: bool = False
     length_penalty: float = 1.0
@@ -446,6 +448,13 @@ def parse_chat(body: Any) -> ParsedRequest:
     request.continue_final_message = continuing
     request.add_generation_prompt = (not continuing) if add is None else add
     request.template_kwargs = _expect(body, "chat_template_kwargs", dict, "an object")
+    template = _expect(body, "chat_template", str, "a string (a Jinja template)")
+    if template is not None and ("{{" not in template and "{%" not in template
+                                 or len(template) > MAX_TEMPLATE_CHARS):
+        # (A path is never read from a request: only a template's own text is taken.)
+        raise ValueError(f"chat_template must be a Jinja template's text ({{{{ … }}}} / {{% … %}}) "
+                         f"of at most {MAX_TEMPLATE_CHARS} chars")
+    request.chat_template = template
     effort = body.get("reasoning_effort")
     if effort is not None:
         if effort not in REASONING_EFFORTS:

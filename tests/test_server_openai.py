@@ -696,6 +696,22 @@ def test_invocations_route_by_the_bodys_fields(base, name):
     assert status == 400 and "messages" in refused["error"]["message"]
 
 
+def test_a_requests_own_chat_template_needs_the_servers_trust(start, base, tokenizer):
+    """vLLM's chat_template field: refused unless --trust-request-chat-template; only a
+    template's text is taken (a path is not read from a request)."""
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": template}
+    status, refused = http(base, "/tokenize", body)
+    assert status == 400 and "--trust-request-chat-template" in refused["error"]["message"]
+    trusting = f"http://127.0.0.1:{start(trust_request_chat_template=True).http_port}"
+    status, tokens = http(trusting, "/tokenize", body)
+    assert status == 200 and tokens["tokens"] == tokenizer.encode("[user] hi\n")
+    status, reply = http(trusting, "/v1/chat/completions", {**body, "max_tokens": 2})
+    assert status == 200 and reply["usage"]["prompt_tokens"] == len(tokens["tokens"])
+    status, refused = http(trusting, "/v1/chat/completions", {**body, "chat_template": "/etc/passwd"})
+    assert status == 400 and "Jinja template's text" in refused["error"]["message"]
+
+
 def test_bearer_token(start, name):
     import openai
 
