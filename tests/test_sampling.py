@@ -833,3 +833,21 @@ def test_whole_vocabulary_thresholds_equal_a_sorts():
     cut = (top_p < 1.0) | (np.asarray(k) < vocab)
     np.testing.assert_array_equal(np.asarray(got)[cut], np.asarray(want)[cut])
     assert float(got[5]) == np.sort(logits[5])[-120]  # every tie kept
+
+
+def test_vllms_import_paths_with_qwenjax_in_place_of_vllm():
+    """A vLLM script's imports, with ``vllm`` replaced by ``qwenjax``, give qwenjax's classes."""
+    import qwenjax
+    from qwenjax.inputs import TextPrompt, TokensPrompt
+    from qwenjax.outputs import CompletionOutput, RequestOutput
+    from qwenjax.pooling_params import PoolingParams
+    from qwenjax.sampling_params import BeamSearchParams, GuidedDecodingParams, StructuredOutputsParams
+
+    assert (qwenjax.SamplingParams, qwenjax.StructuredOutputs, qwenjax.BeamSearchParams,
+            qwenjax.PoolingParams, qwenjax.TokensPrompt, qwenjax.TextPrompt) == (
+        SamplingParams, StructuredOutputsParams, BeamSearchParams, PoolingParams, TokensPrompt,
+        TextPrompt)
+    assert GuidedDecodingParams is StructuredOutputsParams
+    assert CompletionOutput is RequestOutput is qwenjax.RequestOutput
+    params = SamplingParams(max_tokens=3, structured_outputs=StructuredOutputsParams(choice=["a", "b"]))
+    assert params.structured_outputs.choice == ("a", "b")
