@@ -5,6 +5,7 @@ Only results go to stdout (generated text, a directory); progress and logs go to
 from __future__ import annotations
 
 import argparse
+import decimal
 import pathlib
 import sys
 import time
@@ -70,11 +71,11 @@ def parse_token_count(text: str) -> int:
     """A token count as vLLM's flags take it: ``32768``, ``32k`` (decimal: 32000, fractions
     allowed: ``25.6k``), ``32K`` (binary: 32768)."""
     number, unit = (text[:-1], _UNITS[text[-1]]) if text[-1:] in _UNITS else (text, 1)
-    try:
-        value = float(number) * unit if unit in (10**3, 10**6, 10**9) else int(number) * unit
-    except ValueError:
+    try:  # Decimal: "4.02k" is exactly 4020 (a float product is not)
+        value = decimal.Decimal(number) * unit if unit in (10**3, 10**6, 10**9) else int(number) * unit
+    except (ValueError, decimal.InvalidOperation):
         value = None
-    if value is None or value != int(value):
+    if value is None or not decimal.Decimal(value).is_finite() or value != int(value):
         raise argparse.ArgumentTypeError(
             f"expected a whole number of tokens like 32768, 32k (= 32000) or 32K (= 32768), got {text!r}")
     return int(value)

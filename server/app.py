@@ -165,8 +165,9 @@ class InferenceServer:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{config.host}:{config.port}"
+        tls = self._tls()  # checked before any port is taken: a bad file is not a busy port
         try:
-            if config.tls_cert is not None:
+            if tls is not None:
                 key, cert = pathlib.Path(config.tls_key).read_bytes(), pathlib.Path(config.tls_cert).read_bytes()
                 self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
             else:
@@ -183,18 +184,28 @@ class InferenceServer:
                 raise _cannot_listen("--metrics-port", config.host, config.metrics_port, error) from None
         if config.http_port is not None:
             try:
-                await self._start_http()
+                await self._start_http(tls)
             except OSError as error:
                 raise _cannot_listen("--http-port", config.host, config.http_port, error) from None
 
-    async def _start_http(self) -> None:
+    def _tls(self) -> ssl.SSLContext | None:
+        """The HTTP API's TLS context (None: plain); raises ValueError naming the files when
+        they are missing or not a certificate chain and its key."""
+        config = self.config
+        if config.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as error:  # (SSLError is an OSError: said first for clarity)
+            raise ValueError(f"--tls-cert {config.tls_cert} / --tls-key {config.tls_key}: not a "
+                             f"usable certificate chain and key ({error})") from None
+        return context
+
+    async def _start_http(self, context: ssl.SSLContext | None) -> None:
         from server.openai_api import OpenAIServer
 
         config = self.config
-        context = None
-        if config.tls_cert is not None:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(config.tls_cert, config.tls_key)
         self.http = OpenAIServer(self.gateway, self.metrics.registry, self.serving,
                                  api_token=config.api_token, max_request_bytes=config.max_request_bytes,
                                  served_model_names=config.served_model_names,

@@ -102,11 +102,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="prompt tokens of those requests before RESOURCE_EXHAUSTED (0: no limit)")
     net.add_argument("--max-request-bytes", type=int, default=4 << 20,
                      help="larger requests get INVALID_ARGUMENT")
-    net.add_argument("--api-token", "--api-key", dest="api_token", action="append", default=None,
-                     metavar="TOKEN",
-                     help=f"require 'authorization: Bearer TOKEN' on Inference calls; repeat it to "
-                          f"accept several (default: ${TOKEN_ENV}, else vLLM's $VLLM_API_KEY; "
-                          f"prefer a variable, arguments show up in ps)")
+    net.add_argument("--api-token", "--api-key", dest="api_token", nargs="+", action="extend",
+                     default=None, metavar="TOKEN",
+                     help=f"require 'authorization: Bearer TOKEN' on Inference calls; several "
+                          f"tokens (after one flag, as vLLM's, or repeated) are each accepted "
+                          f"(default: ${TOKEN_ENV}, else vLLM's $VLLM_API_KEY; prefer a variable, "
+                          f"arguments show up in ps)")
     net.add_argument("--tls-cert", "--ssl-certfile", dest="tls_cert", default=None,
                      help="PEM certificate chain (with --tls-key)")
     net.add_argument("--tls-key", "--ssl-keyfile", dest="tls_key", default=None,
@@ -320,16 +321,18 @@ def parse_json_object(text: str) -> dict:
 
 
 def parse_metrics_aliases(text: str) -> tuple[str, ...]:
-    from server.metrics import METRIC_ALIASES
+    from server.metrics import check_aliases
 
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     if names == ("none",):
         return ()
-    unknown = [name for name in names if name not in METRIC_ALIASES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
-                                         f"{', '.join(sorted(METRIC_ALIASES))}, or none; got {text!r}")
-    return names
+    try:
+        if not names:
+            raise ValueError("no server named")
+        return check_aliases(names)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error}; expected a comma-separated list of them, or "
+                                         f"none; got {text!r}") from None
 
 
 def parse_json_list(text: str) -> tuple[str, ...]:
@@ -416,7 +419,7 @@ def server_config(args):
         http_port=args.http_port or None, served_model_names=tuple(args.served_model_name or ()),
         max_queue=args.max_queue, max_queued_tokens=args.max_queued_tokens,
         max_request_bytes=args.max_request_bytes,
-        api_token=tuple(args.api_token or ()) or os.environ.get(TOKEN_ENV)
+        api_token=tuple(t for t in args.api_token or () if t) or os.environ.get(TOKEN_ENV)
         or os.environ.get("VLLM_API_KEY") or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, drain_timeout=args.drain_timeout,
         step_timeout=args.step_timeout,
@@ -654,7 +657,7 @@ async def serve(args) -> int:
     server = InferenceServer(server_config(args))
     try:
         await server.start()
-    except OSError as error:  # a port taken: named by its flag
+    except (OSError, ValueError) as error:  # a port taken, a bad TLS file: named by its flag
         log.error("cannot serve: %s", error)
         await server.stop()
         return 2

@@ -317,11 +317,17 @@ class Gateway:
             arg = messages
             size = sum(len(m.get("content") or "") for m in messages if isinstance(m, Mapping))
         try:
-            if size > _OFFLOAD_CHARS:
+            # A request's own template may loop for long: never on the loop serving everyone.
+            if size > _OFFLOAD_CHARS or chat_template is not None:
                 return await asyncio.to_thread(encode, arg)
             return encode(arg)
         except jinja2.TemplateError as error:  # the chat template's own raise_exception
             raise ValueError(f"messages: the chat template refused them: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a request's template: its error, a 400
+            if chat_template is None or isinstance(error, ValueError):
+                raise
+            raise ValueError(f"chat_template failed to render: {type(error).__name__}: "
+                             f"{error}") from None
 
     def prepare(self, fields: Mapping[str, Any], prompt_ids: Sequence[int],
                 priority: int = 0) -> tuple[list[int], SamplingParams]:

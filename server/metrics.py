@@ -110,6 +110,14 @@ METRIC_ALIASES: dict[str, dict[str, str]] = {
 ALIAS_LABELS: dict[str, dict[str, str]] = {"vllm": {"finish_reason": "finished_reason"}}
 
 
+def check_aliases(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` of METRIC_ALIASES, each once (a series declared twice fails the whole scrape)."""
+    unknown = sorted(set(names) - set(METRIC_ALIASES))
+    if unknown:
+        raise ValueError(f"metrics aliases {unknown} unknown; choose from {sorted(METRIC_ALIASES)}")
+    return tuple(dict.fromkeys(names))
+
+
 class _Aliased:
     """The series of ``source`` named in ``names``, renamed, with ``model_name`` added to their
     labels (nothing while ``model_name()`` is None: the model is still loading)."""
@@ -213,10 +221,7 @@ class ServerMetrics:
         ``aliases``: also serve the series under these servers' names (METRIC_ALIASES: "vllm",
         "sglang"), labelled with ``model_name()`` (the name the API reports; None while loading).
         """
-        unknown = sorted(set(aliases) - set(METRIC_ALIASES))
-        if unknown:
-            raise ValueError(f"metrics aliases {unknown} unknown; choose from "
-                             f"{sorted(METRIC_ALIASES)}")
+        aliases = check_aliases(aliases)
         # The qwenjax:* series live in a registry of their own; ``registry`` (what /metrics
         # serves) holds them and their aliases.
         self.core = registry = CollectorRegistry()

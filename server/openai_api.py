@@ -102,7 +102,8 @@ class OpenAIServer:
         self.app = app = web.Application(client_max_size=max_request_bytes,
                                          middlewares=[self._errors_and_auth])
         app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model}", self.model)  # OpenAI's models.retrieve
+        # OpenAI's models.retrieve; a served name may hold "/" (Qwen/Qwen2.5-7B-Instruct).
+        app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/invocations", self.invocations)  # SageMaker's one route (vLLM's)
         app.router.add_get("/load", self.load)  # vLLM's server load
         app.router.add_post("/v1/completions", self.completions)
@@ -398,10 +399,10 @@ class OpenAIServer:
             if not isinstance(body, dict):
                 raise ValueError("the request body must be a JSON object")
             self._check_model(body.get("model"))
-            unknown = sorted(set(body) - {"model", "prompt", "messages", "tools",
-                                          "add_generation_prompt", "continue_final_message",
-                                          "chat_template_kwargs", "add_special_tokens",
-                                          "return_token_strs", "chat_template"})
+            own = {"model", "prompt", "add_special_tokens", "return_token_strs"}  # not chat's
+            unknown = sorted(set(body) - own - {"messages", "tools", "add_generation_prompt",
+                                                "continue_final_message", "chat_template_kwargs",
+                                                "chat_template"})
             for name in ("add_special_tokens", "return_token_strs"):
                 if not isinstance(body.get(name, False), bool):
                     raise ValueError(f"{name} must be true or false")
@@ -414,8 +415,7 @@ class OpenAIServer:
                     raise ValueError("prompt must be a string")
                 ids = await gateway.encode(text=body["prompt"])
             else:
-                chat = proto.parse_chat({k: body[k] for k in body if k not in (
-                    "prompt", "add_special_tokens", "return_token_strs")})
+                chat = proto.parse_chat({k: body[k] for k in body if k not in own - {"model"}})
                 ids = await gateway.encode(messages=chat.messages, tools=chat.tools,
                                            add_generation_prompt=chat.add_generation_prompt,
                                            continue_final_message=chat.continue_final_message,
@@ -678,7 +678,8 @@ class OpenAIServer:
             async for i, output, prompt in ready():
                 index = i * n + output.index
                 text, entries = output.delta_text, list(output.delta_logprobs or ())
-                unsent.setdefault(index, []).extend(output.delta_token_ids)
+                if parsed.return_token_ids:
+                    unsent.setdefault(index, []).extend(output.delta_token_ids)
                 first = index not in started
                 if first:
                     started[index] = 0
@@ -817,7 +818,8 @@ class OpenAIServer:
                             event["prompt_token_ids"] = prompt_ids
                         yield event
                 index, stream = output.index, streams[output.index]
-                unsent[index].extend(output.delta_token_ids)
+                if parsed.return_token_ids:
+                    unsent[index].extend(output.delta_token_ids)
                 completion += len(output.delta_token_ids)
                 reasoning, content = stream.feed(output.delta_text)
                 logprobs = proto.chat_logprobs(output.delta_logprobs, token_text) \

@@ -130,10 +130,11 @@ def test_token_counts_take_vllms_human_readable_forms(capsys):
 
     from qwenjax.cli import parse_max_model_len, parse_token_count
 
-    assert [parse_token_count(t) for t in ("4096", "32k", "32K", "25.6k", "1M", "2m")] == [
-        4096, 32000, 32768, 25600, 1 << 20, 2_000_000]
+    assert [parse_token_count(t) for t in ("4096", "32k", "32K", "25.6k", "1M", "2m", "4.02k",
+                                           "1.001m")] == [
+        4096, 32000, 32768, 25600, 1 << 20, 2_000_000, 4020, 1_001_000]  # exact, not float
     assert parse_max_model_len("auto") == parse_max_model_len("-1") == -1
-    for bad in ("1.5K", "k", "12x", "0.5", ""):
+    for bad in ("1.5K", "k", "12x", "0.5", "", "infk", "nan"):
         with pytest.raises(argparse.ArgumentTypeError, match="whole number of tokens"):
             parse_token_count(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="positive token count or auto"):
@@ -173,6 +174,7 @@ def test_sglang_flag_spellings_and_value_flags_with_no_effect(caplog, capsys):
     # Several keys (vLLM's --api-key repeated): any of them is accepted.
     config = server_config(parser.parse_args(["m", "--api-key", "a", "--api-key", "b"]))
     assert config.api_token == ("a", "b")
+    assert server_config(parser.parse_args(["m", "--api-key", "a", "b"])).api_token == ("a", "b")
     from qwenjax.cli import build_parser
 
     with pytest.raises(SystemExit):
@@ -201,6 +203,8 @@ def test_metrics_aliases_flag(capsys):
     assert server_config(parser.parse_args(["m"])).metrics_aliases == ("vllm", "sglang")
     assert server_config(parser.parse_args(["m", "--metrics-aliases", "vllm"])).metrics_aliases == ("vllm",)
     assert parser.parse_args(["m", "--metrics-aliases", "none"]).metrics_aliases == ()
+    # Each once: a series declared twice would fail every scrape.
+    assert parser.parse_args(["m", "--metrics-aliases", "vllm,vllm"]).metrics_aliases == ("vllm",)
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--metrics-aliases", "tgi"])
     assert "--metrics-aliases" in capsys.readouterr().err

@@ -1084,9 +1084,31 @@ def test_a_taken_port_is_named_by_its_flag(flag):
             with pytest.raises(OSError, match=f"^{flag} {port}: cannot listen on 127.0.0.1:{port}"):
                 await server.start()
         finally:
-            await server.stop()
+            await server.stop()  # (what serve() does before it exits 2)
 
     try:
         asyncio.run(start())
     finally:
         taken.close()
+    if flag != "--port":  # the gRPC port it had opened is free again
+        again = socket.socket()
+        again.bind(("127.0.0.1", server.port))
+        again.close()
+
+
+def test_tls_files_that_are_not_a_key_pair_are_named_before_any_port_is_taken(tmp_path):
+    from server.app import InferenceServer, ServerConfig
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate")
+    key.write_text("not a key")
+    server = InferenceServer(ServerConfig(port=0, metrics_port=None, http_port=0,
+                                          tls_cert=str(cert), tls_key=str(key)))
+
+    async def start():
+        with pytest.raises(ValueError, match="--tls-cert .* not a usable certificate chain and key"):
+            await server.start()
+        await server.stop()
+
+    asyncio.run(start())
+    assert server.port is None and server.http is None

@@ -75,12 +75,14 @@ def grpc_greedy(server, max_tokens: int, **input_) -> tuple[list[int], str]:
 # --------------------------------------------------------------------------- the real model
 
 
-def test_models_health_version_and_the_model_name(base, client, name, server):
+def test_models_health_version_and_the_model_name(base, client, name, server, start):
     models = client.models.list().data
     assert [m.id for m in models] == [name] == ["qwen2.5-coder-0.5b-instruct"]
     assert models[0].max_model_len == SERVER_ENGINE["max_model_len"]
     assert models[0].permission[0]["object"] == "model_permission"  # vLLM's model card
     assert client.models.retrieve(name).max_model_len == SERVER_ENGINE["max_model_len"]
+    org = f"http://127.0.0.1:{start(served_model_names=('Qwen/Coder-0.5B',)).http_port}"
+    assert http(org, "/v1/models/Qwen/Coder-0.5B")[1]["id"] == "Qwen/Coder-0.5B"  # a "/" in it
     status, missing = http(base, "/v1/models/nope")
     assert status == 404 and "`nope` does not exist" in missing["error"]["message"]
     assert http(base, "/load") == (200, {"server_load": 0})
@@ -710,6 +712,9 @@ def test_a_requests_own_chat_template_needs_the_servers_trust(start, base, token
     assert status == 200 and reply["usage"]["prompt_tokens"] == len(tokens["tokens"])
     status, refused = http(trusting, "/v1/chat/completions", {**body, "chat_template": "/etc/passwd"})
     assert status == 400 and "Jinja template's text" in refused["error"]["message"]
+    status, refused = http(trusting, "/v1/chat/completions", {**body, "chat_template": "{{ 1 / 0 }}"})
+    assert status == 400 and "chat_template failed to render: ZeroDivisionError" in \
+        refused["error"]["message"]
 
 
 def test_bearer_token(start, name):
