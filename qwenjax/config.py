@@ -11,7 +11,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 _BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -132,6 +132,22 @@ class ModelConfig:
             name=name,
         )
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "ModelConfig":
+        """This config with config.json keys replaced (vLLM's ``hf_overrides``, SGLang's
+        ``--json-model-override-args``): e.g. ``{"rope_scaling": {"type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 32768}}``, Qwen2.5's way to 131k tokens. Only the
+        keys that leave the weights' shapes as they are (OVERRIDABLE_KEYS)."""
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"hf_overrides must be an object of config.json keys, got {overrides!r}")
+        refused = sorted(set(overrides) - OVERRIDABLE_KEYS)
+        if refused:
+            raise ValueError(f"hf_overrides {refused}: only {sorted(OVERRIDABLE_KEYS)} may be "
+                             "overridden (the others fix the weights' shapes)")
+        raw = self.to_hf_dict()
+        if "rope_parameters" in overrides:  # (transformers 5's layout wins over rope_scaling)
+            raw.pop("rope_scaling", None)
+        return ModelConfig.from_hf_dict({**raw, **overrides}, name=self.name)
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers ``Qwen2Config`` keys for this config (used by tests and tools)."""
         out: dict[str, Any] = {
@@ -166,12 +182,24 @@ class ModelConfig:
         return out
 
 
+# config.json keys an override may set: positions and RoPE, norm epsilon, special token ids.
+OVERRIDABLE_KEYS = frozenset(("rope_scaling", "rope_parameters", "rope_theta",
+                              "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+                              "eos_token_id"))
+
+
 def _read_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """Both layouts: transformers-5 ``rope_parameters`` and older ``rope_theta`` + ``rope_scaling``."""
     params = raw.get("rope_parameters")
     if params is None:
         params = dict(raw.get("rope_scaling") or {})
         params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    elif raw.get("rope_scaling"):
+        # A rope_scaling added to a transformers-5 config.json (as Qwen2.5's docs say to add
+        # YaRN) is what the user asked for: it wins over rope_parameters' type and factors.
+        params = {**params, **raw["rope_scaling"]}
+        if "type" in raw["rope_scaling"]:
+            params.pop("rope_type", None)
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in (None, "default"):

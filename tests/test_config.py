@@ -59,3 +59,30 @@ def test_preset_parameter_counts_match_published(name, billions):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ValueError, match="qwen2.5-0.5b"):
         preset("qwen3-8b")
+
+
+def test_hf_overrides_replace_positions_and_rope_only():
+    """vLLM's hf_overrides (SGLang's --json-model-override-args): Qwen2.5's YaRN to 131k without
+    editing config.json; keys that fix the weights' shapes are refused by name."""
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    base = preset("qwen2.5-7b")
+    assert base.max_context == 32768
+    long = base.with_overrides({"rope_scaling": yarn})
+    assert long.rope_scaling == RopeScaling(factor=4.0, original_max_position_embeddings=32768)
+    assert long.max_context == 131072 and long.hidden_size == base.hidden_size
+    assert long.with_overrides({"rope_scaling": None}) == base
+    assert base.with_overrides({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
+                               ).rope_theta == 5e5
+    assert base.with_overrides({"eos_token_id": [1, 2]}).eos_token_ids == (1, 2)
+    with pytest.raises(ValueError, match=r"hf_overrides \['hidden_size'\]: only"):
+        base.with_overrides({"hidden_size": 1024})
+    with pytest.raises(ValueError, match="'linear' is not supported"):
+        base.with_overrides({"rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_rope_scaling_added_to_a_transformers5_config_is_not_ignored():
+    raw = {k: v for k, v in OLD_LAYOUT.items() if k not in ("rope_theta", "rope_scaling")}
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    raw["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    c = ModelConfig.from_hf_dict(raw)
+    assert c.rope_theta == 1e6 and c.max_context == 131072

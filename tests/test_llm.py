@@ -556,3 +556,34 @@ def test_start_and_stop_profile(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_TORCH_PROFILER_DIR", str(tmp_path / "vllm"))
     llm.start_profile()
     assert pathlib.Path(llm.stop_profile()["directory"]).parent == tmp_path / "vllm"
+
+
+def test_hf_overrides_run_as_the_edited_config_json(tiny_dir, tmp_path):
+    """LLM(hf_overrides=…) (vLLM's): YaRN given at load runs exactly as a checkpoint whose
+    config.json says it, and not as the checkpoint without it."""
+    import json
+    import shutil
+
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    theta = config.pop("rope_parameters")["rope_theta"]  # Qwen2.5's own (older) layout, as its docs edit it
+    (edited / "config.json").write_text(json.dumps({**config, "rope_theta": theta, "rope_scaling": yarn}))
+    prompt = list(range(3, 123))  # past the original 64 positions
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, ignore_eos=True)
+
+    def run(model, **options):
+        llm = LLM(str(model), max_model_len=256, num_pages=64, page_size=8, **TINY, **options)
+        out, = llm.generate([prompt], greedy, use_tqdm=False)
+        return llm, [lp.logprob for lp in out.logprobs]
+
+    overridden, got = run(tiny_dir, hf_overrides={"rope_scaling": yarn})
+    assert overridden.lm.config.max_context == 256 and overridden.lm.layout.config is overridden.lm.config
+    edited_llm, want = run(edited)
+    assert edited_llm.lm.config.rope_scaling == overridden.lm.config.rope_scaling
+    assert got == pytest.approx(want, abs=1e-6)
+    # (This random model's next-token logprobs barely depend on the input: YaRN moves them ~1e-4.)
+    assert got != pytest.approx(run(tiny_dir)[1], abs=1e-6)
+    with pytest.raises(ValueError, match="hf_overrides"):
+        LLM(str(tiny_dir), hf_overrides={"num_hidden_layers": 1}, **TINY)
