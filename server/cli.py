@@ -65,6 +65,15 @@ NO_OP_VALUE_FLAGS = {
     "--swap-space": "preempted requests recompute their K/V (--kv-offloading-size keeps evicted "
                     "prefix pages in host memory)",
     "--uvicorn-log-level": "there is no access log; --log-level sets the server's level",
+    "--guided-decoding-backend": "llguidance is the structured-outputs backend",
+    "--grammar-backend": "as --guided-decoding-backend",
+    "--attention-backend": "decode attention is qwenjax's Pallas kernel on GPUs, XLA elsewhere",
+    "--cuda-graph-max-bs": "there are no CUDA graphs: XLA compiles each step shape once",
+    "--max-seq-len-to-capture": "as --cuda-graph-max-bs",
+    "--distributed-executor-backend": "processes join through jax.distributed (--coordinator)",
+    "--tokenizer-mode": "the tokenizer is tokenizer.json's (the fast one)",
+    "--download-dir": "nothing is downloaded: the model is a local directory",
+    "--revision": "as --download-dir",
 }
 
 
@@ -168,12 +177,12 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
 
     if multihost:
         multi = p.add_argument_group("multi-host (docs/multihost.md)")
-        multi.add_argument("--coordinator", default=None,
+        multi.add_argument("--coordinator", "--dist-init-addr", dest="coordinator", default=None,
                            help="HOST:PORT of process 0's jax.distributed coordinator (default: "
                                 "$QWENJAX_COORDINATOR)")
-        multi.add_argument("--num-processes", type=int, default=None,
+        multi.add_argument("--num-processes", "--nnodes", dest="num_processes", type=int, default=None,
                            help="processes in the mesh, one per host (default: $QWENJAX_NUM_PROCESSES)")
-        multi.add_argument("--process-id", type=int, default=None,
+        multi.add_argument("--process-id", "--node-rank", dest="process_id", type=int, default=None,
                            help="this process's rank; 0 serves gRPC (default: $QWENJAX_PROCESS_ID)")
         multi.add_argument("--plan-port", type=int, default=None,
                            help="port on process 0's host for the step-plan channel (default: "

@@ -166,6 +166,11 @@ def test_sglang_flag_spellings_and_value_flags_with_no_effect(caplog, capsys):
     with caplog.at_level(logging.INFO, logger="qwenjax.server"):
         resolve_model_tag(args)
     assert args.no_op_flags == ["--device cuda", "--task generate", "--root-path /api"]
+    multinode = parser.parse_args(["m", "--dist-init-addr", "10.0.0.1:5000", "--nnodes", "2",
+                                   "--node-rank", "1", "--attention-backend", "fa3",
+                                   "--grammar-backend", "xgrammar"])  # SGLang's two-node line
+    assert (multinode.coordinator, multinode.num_processes, multinode.process_id) == ("10.0.0.1:5000", 2, 1)
+    assert multinode.no_op_flags == ["--attention-backend fa3", "--grammar-backend xgrammar"]
     assert "--device cuda: accepted, no effect here (the platform is JAX's" in caplog.text
     with pytest.raises(ValueError, match="--max-total-tokens and --num-pages"):
         kv_pages(parser.parse_args(["--max-total-tokens", "64", "--num-pages", "4"]), {})
