@@ -136,6 +136,7 @@ class Call:
                      f" ({self.client_id})" if self.client_id else "", num_prompt, shown,
                      "…" if len(shown) < num_prompt else "", self.lora, self.priority, self.params)
         queued, reason, generated = True, None, 0
+        last: dict[int, float] = {}  # sequence index → when its latest tokens came
         try:
             stream = engine_thread.generate(self.prompt_ids, self.params, self.engine_id, self.priority,
                                             self.lora)
@@ -147,9 +148,13 @@ class Call:
                         queued = False
                         gateway.admission.release(queued_tokens)
                     if output.delta_token_ids:
+                        now = time.monotonic()
                         if self.first is None:
-                            self.first = time.monotonic()
+                            self.first = now
                             metrics.ttft.observe(self.first - self.start)
+                        if output.index in last:  # the gap per token since its previous ones
+                            metrics.itl.observe((now - last[output.index]) / len(output.delta_token_ids))
+                        last[output.index] = now
                         metrics.generation_tokens.inc(len(output.delta_token_ids))
                         generated += len(output.delta_token_ids)
                     if output.finish_reason is not None and output.metrics is not None:

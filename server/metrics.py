@@ -66,10 +66,11 @@ SCHEDULER_COUNTERS = (
 
 # The core series again under the names vLLM's and SGLang's servers give them, so that their
 # dashboards, alerts and autoscalers (KEDA, HPA adapters) read a qwenjax server unchanged: family
-# name here → theirs. Every aliased series carries their ``model_name`` label. What has no entry
-# has no counterpart there (or one measured otherwise: vLLM's inter-token latency is per token,
-# ours per request, so it maps to vLLM's request_time_per_output_token_seconds).
-METRIC_ALIASES: dict[str, dict[str, str]] = {
+# name here → theirs (or several names). Every aliased series carries their ``model_name``
+# label. What has no entry has no counterpart there. (qwenjax's time_per_output_token is a
+# request's average, vLLM's request_time_per_output_token; the per-token gaps are
+# inter_token_latency.)
+METRIC_ALIASES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "vllm": {
         "qwenjax:requests_running": "vllm:num_requests_running",
         "qwenjax:requests_waiting": "vllm:num_requests_waiting",
@@ -83,6 +84,9 @@ METRIC_ALIASES: dict[str, dict[str, str]] = {
         "qwenjax:request_prefill_time_seconds": "vllm:request_prefill_time_seconds",
         "qwenjax:request_decode_time_seconds": "vllm:request_decode_time_seconds",
         "qwenjax:time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+        # (vLLM's older name for its inter-token latency, still read by its dashboards, too.)
+        "qwenjax:inter_token_latency_seconds": ("vllm:inter_token_latency_seconds",
+                                                "vllm:time_per_output_token_seconds"),
         "qwenjax:request_prompt_tokens": "vllm:request_prompt_tokens",
         "qwenjax:request_generation_tokens": "vllm:request_generation_tokens",
         "qwenjax:num_preemptions": "vllm:num_preemptions",
@@ -103,6 +107,7 @@ METRIC_ALIASES: dict[str, dict[str, str]] = {
         "qwenjax:e2e_request_latency_seconds": "sglang:e2e_request_latency_seconds",
         "qwenjax:request_queue_time_seconds": "sglang:queue_time_seconds",
         "qwenjax:time_per_output_token_seconds": "sglang:time_per_output_token_seconds",
+        "qwenjax:inter_token_latency_seconds": "sglang:inter_token_latency_seconds",
         "qwenjax:num_preemptions": "sglang:num_retracted_requests",
     },
 }
@@ -122,7 +127,7 @@ class _Aliased:
     """The series of ``source`` named in ``names``, renamed, with ``model_name`` added to their
     labels (nothing while ``model_name()`` is None: the model is still loading)."""
 
-    def __init__(self, source: CollectorRegistry, names: Mapping[str, str],
+    def __init__(self, source: CollectorRegistry, names: Mapping[str, str | tuple[str, ...]],
                  labels: Mapping[str, str], model_name: Callable[[], str | None]):
         self._source, self._names, self._labels, self._model_name = source, names, labels, model_name
 
@@ -134,16 +139,15 @@ class _Aliased:
         if model is None:
             return
         for family in self._source.collect():
-            name = self._names.get(family.name)
-            if name is None:
-                continue
-            alias = Metric(name, family.documentation, family.type)
-            for sample in family.samples:
-                labels = {"model_name": model}
-                labels.update((self._labels.get(k, k), v) for k, v in sample.labels.items())
-                alias.add_sample(name + sample.name[len(family.name):], labels, sample.value,
-                                 sample.timestamp, sample.exemplar)
-            yield alias
+            names = self._names.get(family.name, ())
+            for name in (names,) if isinstance(names, str) else names:
+                alias = Metric(name, family.documentation, family.type)
+                for sample in family.samples:
+                    labels = {"model_name": model}
+                    labels.update((self._labels.get(k, k), v) for k, v in sample.labels.items())
+                    alias.add_sample(name + sample.name[len(family.name):], labels, sample.value,
+                                     sample.timestamp, sample.exemplar)
+                yield alias
 
 
 class _VLLMInfo:
@@ -259,6 +263,9 @@ class ServerMetrics:
                                      "to the end", E2E_BUCKETS)
         self.tpot = histogram("qwenjax:time_per_output_token_seconds", "Engine: a sequence's "
                               "decode time over its tokens after the first", TPOT_BUCKETS)
+        self.itl = histogram("qwenjax:inter_token_latency_seconds", "Streamed: the time between "
+                             "a sequence's tokens as they reach the server's clients (a gap "
+                             "bringing several tokens counts once, per token)", TPOT_BUCKETS)
         self.request_prompt_tokens = histogram("qwenjax:request_prompt_tokens", "Prompt tokens "
                                                "per finished request", TOKEN_BUCKETS)
         self.request_generation_tokens = histogram("qwenjax:request_generation_tokens", "Generated "

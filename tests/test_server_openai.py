@@ -638,7 +638,7 @@ def test_metrics_under_vllm_and_sglang_names(base, name):
     """vLLM's and SGLang's dashboards read their own names, labelled with the served model."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    assert http(base, "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+    assert http(base, "/v1/completions", {"prompt": "hi", "max_tokens": 6, "ignore_eos": True})[0] == 200
 
     def scrape() -> dict:
         samples = {}
@@ -670,6 +670,10 @@ def test_metrics_under_vllm_and_sglang_names(base, name):
         value("qwenjax:requests_total", None, finish_reason="length") >= 1
     assert value("sglang:num_requests_total", finish_reason="length") >= 1
     assert value("vllm:time_to_first_token_seconds_bucket", le="+Inf") >= 1
+    # The gaps between a sequence's outputs after its first (6 tokens here: some come apart).
+    itl = value("qwenjax:inter_token_latency_seconds_count", None)
+    assert itl >= 1 and value("vllm:inter_token_latency_seconds_count") == itl == \
+        value("vllm:time_per_output_token_seconds_count") == value("sglang:inter_token_latency_seconds_count")
     # The unlabelled families are declared once, each with its type.
     text = http(base, "/metrics")[1]
     assert text.count("# TYPE vllm:num_requests_waiting gauge") == 1
