@@ -513,10 +513,11 @@ class LLM(_Base):
                  lora: str | LoRARequest | None = None,
                  lora_request: LoRARequest | None = None,
                  sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Outputs in prompt order. ``prompts``: a string, a list of strings, a list of token ids,
-        or a list of token-id lists (or vLLM's ``{"prompt": …}`` / ``{"prompt_token_ids": …}``
-        dicts); ``params``: one SamplingParams or one per prompt. With ``n`` > 1 a prompt gets n outputs in a row
-        (``.index`` 0 … n-1). ``priority`` (one, or one per prompt; needs
+        """One output per prompt, in prompt order. ``prompts``: a string, a list of strings, a list
+        of token ids, or a list of token-id lists (or vLLM's ``{"prompt": …}`` /
+        ``{"prompt_token_ids": …}`` dicts); ``params``: one SamplingParams or one per prompt. With
+        ``n`` > 1 the prompt's output holds its n sequences as ``outputs`` (``.index`` 0 … n-1;
+        its own fields are sequence 0's), as vLLM's. ``priority`` (one, or one per prompt; needs
         scheduling_policy="priority"): lower values are run first. ``lora``: the name of a
         loaded adapter (None: the base model), or a ``LoRARequest`` (vLLM's, also as
         ``lora_request``), loaded into a free slot on first use. ``sampling_params``: vLLM's
@@ -675,7 +676,10 @@ class LLM(_Base):
                     for entry in (*(output.logprobs or ()), *(output.prompt_logprobs or ())):
                         if entry is not None:
                             entry.decode = decode
-        return [output for sequences in results for output in sequences]
+        # vLLM's shape: one result per prompt, its ``outputs`` the prompt's n sequences (n > 1: a
+        # copy of sequence 0 holding all n, so that results line up with the prompts).
+        return [sequences[0] if len(sequences) == 1 else
+                dataclasses.replace(sequences[0], sequences=sequences) for sequences in results]
 
 
 class _Done:

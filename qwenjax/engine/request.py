@@ -256,12 +256,15 @@ class RequestOutput:
     # vLLM's: the LoRARequest the call ran on (None: the base model); LLM and AsyncLLM fill it in.
     lora_request: LoRARequest | None = None
     stopped_at_eos: bool = False  # ended by the model's end-of-sequence token
+    # LLM.generate/chat with n > 1 (vLLM's shape): the prompt's n sequences, on a result that is
+    # otherwise sequence 0's.
+    sequences: list[RequestOutput] | None = dataclasses.field(default=None, repr=False, compare=False)
 
-    # vLLM's shape: ``output.outputs[0].text`` (one RequestOutput per sequence here, where vLLM
-    # groups a prompt's n sequences under one; iterating ``outputs`` of each reads each once).
+    # vLLM's shape: ``output.outputs[i].text``: the sequences of the prompt (this one alone, or
+    # ``sequences``).
     @property
     def outputs(self) -> list[RequestOutput]:
-        return [self]
+        return self.sequences if self.sequences is not None else [self]
 
     @property
     def stop_reason(self) -> str | int | None:
