@@ -22,7 +22,7 @@ from qwenjax.engine.request import RequestOutput
 from qwenjax.beam_search import BeamSearchOutput, BeamSearchParams
 from qwenjax.loading import LoadedModel, load_model
 from qwenjax.lora import LoRARequest
-from qwenjax.sampling import SamplingParams
+from qwenjax.sampling import RequestOutputKind, SamplingParams
 
 log = logging.getLogger("qwenjax")
 
@@ -757,11 +757,16 @@ class AsyncLLM(_Base):
     async def _generate(self, ids, params, request_id, priority, lora):
         name = await self._resolve_lora(lora)
         lora_request = self._lora_request(lora)
+        # vLLM's output_kind: every output with the whole so far, only the new part, or only
+        # each sequence's last (a pooling request has none: its last output is what counts).
+        kind = getattr(params, "output_kind", RequestOutputKind.CUMULATIVE)
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
                                                              name)) as outputs:
             async for output in outputs:
                 output.lora_request = lora_request
-                yield output
+                if kind is RequestOutputKind.FINAL_ONLY and output.finish_reason is None:
+                    continue
+                yield output.as_delta() if kind is RequestOutputKind.DELTA else output
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None, tools: Sequence[dict] | None = None,

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import math
 import numbers
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,16 @@ def _token_id_key(key) -> int | None:
     return None
 
 
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what a stream of outputs carries (``AsyncLLM.generate``). CUMULATIVE: each output's
+    ``text``/``token_ids``/``logprobs`` are everything so far; DELTA: only what is new; FINAL_ONLY:
+    only each sequence's last output (``LLM.generate`` returns those in every case)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling options, vLLM-compatible names and defaults.
@@ -124,6 +135,13 @@ class SamplingParams:
     # Prefix caching shares KV pages only among requests with the same salt (vLLM's cache_salt:
     # one tenant cannot tell from timing what another sent). None: the unsalted, shared cache.
     cache_salt: str | None = None
+    # vLLM's: False leaves the outputs' text empty (token ids only; no stop strings then).
+    detokenize: bool = True
+    # vLLM's: only True (Qwen2.5's byte-level tokenizer keeps every space itself).
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM's: anything a caller wants carried with the request (read by nothing here).
+    extra_args: Mapping[str, Any] | None = None
     # vLLM's older name of structured_outputs (pass it by keyword): moved into
     # structured_outputs on construction and left None, so that dataclasses.replace (which
     # passes every field again) never sees both.
@@ -246,10 +264,23 @@ class SamplingParams:
                 raise _fail("stop_token_ids", "ints ≥ 0", i)
         set_("stop_token_ids", tuple(int(i) for i in ids))
 
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "detokenize", "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise _fail(name, "a bool", getattr(self, name))
             set_(name, bool(getattr(self, name)))
+        if not self.spaces_between_special_tokens:
+            raise _fail("spaces_between_special_tokens", "True (Qwen2.5's byte-level tokenizer "
+                        "has no spaces to add)", False)
+        if not self.detokenize and (self.stop or self.stop_regex):
+            raise ValueError("stop and stop_regex need detokenize=True (they are matched in the text)")
+        try:
+            set_("output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise _fail("output_kind", "a RequestOutputKind (CUMULATIVE, DELTA, FINAL_ONLY)",
+                        self.output_kind) from None
+        if self.extra_args is not None and not isinstance(self.extra_args, Mapping):
+            raise _fail("extra_args", "None or a mapping", self.extra_args)
 
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

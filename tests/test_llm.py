@@ -589,3 +589,50 @@ def test_hf_overrides_run_as_the_edited_config_json(tiny_dir, tmp_path):
     assert got != pytest.approx(run(tiny_dir)[1], abs=1e-6)
     with pytest.raises(ValueError, match="hf_overrides"):
         LLM(str(tiny_dir), hf_overrides={"num_hidden_layers": 1}, **TINY)
+
+
+def test_output_kind_detokenize_and_vllms_other_sampling_fields(tiny_dir):
+    """vLLM's output_kind (AsyncLLM streams: everything so far, only what is new, only the
+    end), detokenize=False (token ids alone), extra_args carried; what cannot apply is named."""
+    import asyncio
+
+    from qwenjax import AsyncLLM
+    from qwenjax.sampling_params import RequestOutputKind
+
+    llm = AsyncLLM(str(tiny_dir), max_model_len=64, num_pages=32, page_size=8, **TINY)
+    prompt = list(range(3, 13))
+    try:
+        def stream(kind):
+            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=kind,
+                                    logprobs=0, extra_args={"trace": 1})
+
+            async def run():
+                return [o async for o in llm.generate(prompt, params)]
+            return asyncio.run(run())
+
+        cumulative, delta, final = (stream(k) for k in RequestOutputKind)
+        assert len(final) == 1 and final[0].token_ids == cumulative[-1].token_ids and len(final[0].token_ids) == 6
+        assert [t for o in delta for t in o.token_ids] == final[0].token_ids
+        assert [len(o.logprobs) for o in delta] == [len(o.token_ids) for o in delta]
+        # (How many outputs a stream has depends on timing: steps that come together merge.)
+        assert all(o.token_ids[len(o.token_ids) - len(o.delta_token_ids):] == o.delta_token_ids
+                   and o.text.endswith(o.delta_text) for o in cumulative)
+        assert cumulative[-1].text == final[0].text == "".join(o.text for o in delta)
+    finally:
+        llm.shutdown()
+    assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
+    with pytest.raises(ValueError, match="output_kind must be"):
+        SamplingParams(output_kind=7)
+    with pytest.raises(ValueError, match="spaces_between_special_tokens must be True"):
+        SamplingParams(spaces_between_special_tokens=False)
+    with pytest.raises(ValueError, match="need detokenize=True"):
+        SamplingParams(detokenize=False, stop=["x"])
+
+
+def test_detokenize_false_gives_token_ids_alone(lm):
+    llm = LLM(lm, **SMALL)
+    ids = llm.get_tokenizer().encode("def fib(n):")
+    plain, bare = llm.generate([ids, ids], [SamplingParams(temperature=0.0, max_tokens=5),
+                                            SamplingParams(temperature=0.0, max_tokens=5,
+                                                           detokenize=False)], use_tqdm=False)
+    assert plain.text and bare.text == "" and bare.token_ids == plain.token_ids

@@ -504,7 +504,7 @@ class Engine(LiveState):
             request.pool = PoolState(*request.pooling.rows(self.pooler, self.head_kind),
                                      request.prompt_ids)
         detokenizer = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and getattr(params, "detokenize", True):
             from qwenjax.detokenizer import IncrementalDetokenizer
 
             detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_ids,

@@ -266,6 +266,12 @@ class RequestOutput:
     def outputs(self) -> list[RequestOutput]:
         return self.sequences if self.sequences is not None else [self]
 
+    def as_delta(self) -> RequestOutput:
+        """This output with ``text``, ``token_ids`` and ``logprobs`` holding only what is new
+        (vLLM's RequestOutputKind.DELTA)."""
+        return dataclasses.replace(self, text=self.delta_text, token_ids=self.delta_token_ids,
+                                   logprobs=self.delta_logprobs)
+
     @property
     def stop_reason(self) -> str | int | None:
         """vLLM's: the stop string or stop token id that ended the sequence; None for EOS and
