@@ -142,8 +142,9 @@ def test_parallel_sampling_gives_the_seeded_single_sequences(tiny_dir):
     prompt = list(range(3, 40))
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
     greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    outs = llm.generate([prompt, [5, 6, 7]], [params, greedy], use_tqdm=False)
-    assert [o.index for o in outs] == [0, 1, 2, 0]
+    grouped, other = llm.generate([prompt, [5, 6, 7]], [params, greedy], use_tqdm=False)
+    assert [o.index for o in grouped.outputs] == [0, 1, 2] and other.outputs == [other]
+    outs = [*grouped.outputs, other]  # (one result per prompt, its sequences as outputs)
     assert len({o.request_id for o in outs[:3]}) == 1 and outs[3].request_id != outs[0].request_id
     singles = llm.generate([prompt] * 3, [dataclasses.replace(params, n=1, seed=7 + i) for i in range(3)],
                            use_tqdm=False)
