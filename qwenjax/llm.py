@@ -678,8 +678,7 @@ class LLM(_Base):
                             entry.decode = decode
         # vLLM's shape: one result per prompt, its ``outputs`` the prompt's n sequences (n > 1: a
         # copy of sequence 0 holding all n, so that results line up with the prompts).
-        return [sequences[0] if len(sequences) == 1 else
-                dataclasses.replace(sequences[0], sequences=sequences) for sequences in results]
+        return [_with_sequences(sequences) for sequences in results]
 
 
 class _Done:
@@ -688,6 +687,13 @@ class _Done:
 
     def __await__(self):
         return iter(())
+
+
+def _with_sequences(sequences: list[RequestOutput]) -> RequestOutput:
+    """One prompt's finished result: its only sequence, or (n > 1) sequence 0's with the n as
+    ``outputs`` (and ``finished``: sequence 0 may have ended before the others)."""
+    return sequences[0] if len(sequences) == 1 else dataclasses.replace(
+        sequences[0], sequences=sequences, finished=True)
 
 
 class AsyncLLM(_Base):
@@ -759,12 +765,19 @@ class AsyncLLM(_Base):
         lora_request = self._lora_request(lora)
         # vLLM's output_kind: every output with the whole so far, only the new part, or only
         # each sequence's last (a pooling request has none: its last output is what counts).
+        # With n > 1, streamed outputs are each one sequence's (``index``), as vLLM's; FINAL_ONLY
+        # gives one output at the end holding the n sequences (``outputs``), as vLLM's does.
         kind = getattr(params, "output_kind", RequestOutputKind.CUMULATIVE)
+        finals: dict[int, RequestOutput] = {}
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
                                                              name)) as outputs:
             async for output in outputs:
                 output.lora_request = lora_request
-                if kind is RequestOutputKind.FINAL_ONLY and output.finish_reason is None:
+                if kind is RequestOutputKind.FINAL_ONLY:
+                    if output.finish_reason is not None or output.finished:
+                        finals[output.index] = output
+                    if output.finished:
+                        yield _with_sequences([finals[i] for i in sorted(finals)])
                     continue
                 yield output.as_delta() if kind is RequestOutputKind.DELTA else output
 

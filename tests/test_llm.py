@@ -602,9 +602,10 @@ def test_output_kind_detokenize_and_vllms_other_sampling_fields(tiny_dir):
     llm = AsyncLLM(str(tiny_dir), max_model_len=64, num_pages=32, page_size=8, **TINY)
     prompt = list(range(3, 13))
     try:
-        def stream(kind):
-            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=kind,
-                                    logprobs=0, extra_args={"trace": 1})
+        def stream(kind, **more):
+            params = SamplingParams(**{"temperature": 0.0, "max_tokens": 6, "ignore_eos": True,
+                                       "output_kind": kind, "logprobs": 0,
+                                       "extra_args": {"trace": 1}, **more})
 
             async def run():
                 return [o async for o in llm.generate(prompt, params)]
@@ -618,6 +619,16 @@ def test_output_kind_detokenize_and_vllms_other_sampling_fields(tiny_dir):
         assert all(o.token_ids[len(o.token_ids) - len(o.delta_token_ids):] == o.delta_token_ids
                    and o.text.endswith(o.delta_text) for o in cumulative)
         assert cumulative[-1].text == final[0].text == "".join(o.text for o in delta)
+        # n > 1 (vLLM's shape): streamed outputs are each one sequence's; FINAL_ONLY is one output
+        # holding the n.
+        sampled = dict(temperature=1.0, seed=5, n=3)
+        streamed = stream(RequestOutputKind.CUMULATIVE, **sampled)
+        [three] = stream(RequestOutputKind.FINAL_ONLY, **sampled)
+        assert {o.index for o in streamed} == {0, 1, 2} and all(len(o.outputs) == 1 for o in streamed)
+        assert [s.index for s in three.outputs] == [0, 1, 2] and three.finished
+        assert all(s.finish_reason == "length" and len(s.token_ids) == 6 for s in three.outputs)
+        last = {o.index: o.token_ids for o in streamed if o.finish_reason}
+        assert [s.token_ids for s in three.outputs] == [last[i] for i in range(3)]
     finally:
         llm.shutdown()
     assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
