@@ -5,6 +5,7 @@ engine loop stays free of metrics code, and a scrape sees the state of that mome
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -109,6 +110,9 @@ METRIC_ALIASES: dict[str, dict[str, str | tuple[str, ...]]] = {
         "qwenjax:time_per_output_token_seconds": "sglang:time_per_output_token_seconds",
         "qwenjax:inter_token_latency_seconds": "sglang:inter_token_latency_seconds",
         "qwenjax:num_preemptions": "sglang:num_retracted_requests",
+        "qwenjax:kv_tokens_used": "sglang:num_used_tokens",
+        "qwenjax:prefix_cache_hit_rate": "sglang:cache_hit_rate",
+        "qwenjax:generation_throughput": "sglang:gen_throughput",
     },
 }
 # Label names they spell otherwise.
@@ -214,6 +218,37 @@ def _usage(engines: Sequence) -> float:
     return sum(e.allocator.num_used for e in engines) / total if total else 0.0
 
 
+def _hit_rate(engines: Sequence) -> float:
+    stats = [e.prefix_cache.stats for e in engines if e.prefix_cache is not None]
+    queries = sum(s.queries for s in stats)
+    return sum(s.hits for s in stats) / queries if queries else 0.0
+
+
+class _Throughput:
+    """Tokens generated per second over the last ``window`` seconds or so, from the engines'
+    running count read at each scrape (SGLang's gen_throughput: the rate over its last logging
+    interval): against the last read at least ``window`` old, else the oldest (the first read
+    gives 0)."""
+
+    def __init__(self, count: Callable[[], int], window: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._count, self._window, self._clock = count, window, clock
+        self._reads: list[tuple[float, int]] = []
+        self._lock = threading.Lock()  # (two scrapers at once)
+
+    def __call__(self) -> float:
+        with self._lock:
+            now, count = self._clock(), self._count()
+            if self._reads and count < self._reads[-1][1]:
+                self._reads.clear()  # the engines changed (a reload): start again
+            self._reads.append((now, count))
+            # Keep the reads of the window, and one before it (the baseline).
+            while len(self._reads) > 2 and self._reads[1][0] <= now - self._window:
+                self._reads.pop(0)
+            then, before = self._reads[0]
+            return (count - before) / (now - then) if now > then else 0.0
+
+
 class ServerMetrics:
     def __init__(self, engines: Callable[[], Sequence],
                  in_flight: Callable[[], int] | None = None,
@@ -284,6 +319,14 @@ class ServerMetrics:
         gauge("qwenjax:kv_pages_total", "KV cache pages in the pool", lambda e: e.allocator.num_pages)
         Gauge("qwenjax:kv_cache_usage_perc", "Share of the KV cache pages in use, 0-1 (vLLM's "
               "name)", registry=registry).set_function(lambda: _usage(engines()))
+        gauge("qwenjax:kv_tokens_used", "KV cache token slots in use (pages in use times the "
+              "page size)", lambda e: e.allocator.num_used * e.scheduler_config.page_size)
+        Gauge("qwenjax:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache over those "
+              "looked up, since the start, 0-1", registry=registry).set_function(
+                  lambda: _hit_rate(engines()))
+        Gauge("qwenjax:generation_throughput", "Tokens generated per second over the last minute "
+              "or so (between scrapes)", registry=registry).set_function(_Throughput(
+                  lambda: sum(e.stats.generation_tokens for e in engines())))
         gauge("qwenjax:kv_pages_cached_free", "Free KV pages still holding a cached prefix "
               "(reused on a hit, evicted LRU when the pool needs them)", lambda e: e.allocator.num_evictable)
         registry.register(_EngineCounters(

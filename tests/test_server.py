@@ -1014,9 +1014,12 @@ def test_engine_tallies_are_exported_when_scraped():
                                         host_cache=types.SimpleNamespace(
                                             stats=HostCacheStats(stored=5, restored=2, dropped=1))),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
+        scheduler_config=types.SimpleNamespace(page_size=16),
+        stats=types.SimpleNamespace(generation_tokens=0),
         prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
         spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
     got = samples(ServerMetrics(lambda: [engine]))
+    assert got["qwenjax:kv_tokens_used"] == 3 * 16 and got["qwenjax:prefix_cache_hit_rate"] == 16 / 40
     assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
@@ -1026,6 +1029,28 @@ def test_engine_tallies_are_exported_when_scraped():
     # Data-parallel replicas: each figure is the sum over the engines.
     both = samples(ServerMetrics(lambda: [engine, engine]))
     assert both["qwenjax:prefix_cache_hits_total"] == 32 and both["qwenjax:kv_pages_total"] == 16
+
+
+def test_generation_throughput_over_the_last_window():
+    """SGLang's gen_throughput: tokens per second between scrapes, over the last window."""
+    from server.metrics import _Throughput
+
+    clock, count = [100.0], [0]
+    rate = _Throughput(lambda: count[0], window=60.0, clock=lambda: clock[0])
+    assert rate() == 0.0  # nothing to compare with yet
+    for _ in range(8):  # 15 s scrapes at 10 tokens/s
+        clock[0] += 15.0
+        count[0] += 150
+        assert rate() == pytest.approx(10.0)
+    clock[0] += 15.0
+    count[0] += 1500  # a burst at 100 tokens/s: seen over the last minute (4 scrapes)
+    assert rate() == pytest.approx((3 * 150 + 1500) / 60.0)
+    for _ in range(4):  # idle for a minute: the rate falls to 0
+        clock[0] += 15.0
+        rate()
+    assert rate() == 0.0
+    count[0] = 7  # a new engine counts from 0 again: no negative rate
+    assert rate() == 0.0
 
 
 def test_vllm_info_series_for_routers():
@@ -1045,7 +1070,8 @@ def test_vllm_info_series_for_routers():
         config=types.SimpleNamespace(kv_cache_dtype="auto", enable_prefix_caching=True,
                                      kv_cache_fraction=0.9),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
-        loras=types.SimpleNamespace(capacity=4), prefix_cache=None, spec_stats=None)
+        loras=types.SimpleNamespace(capacity=4), prefix_cache=None, spec_stats=None,
+        stats=types.SimpleNamespace(generation_tokens=0))
     text = generate_latest(ServerMetrics(lambda: [engine, engine], model_name=lambda: "m",
                                          aliases=("vllm",)).registry).decode()
     assert 'vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",' \

@@ -663,12 +663,15 @@ def test_metrics_under_vllm_and_sglang_names(base, name):
                           "sglang:e2e_request_latency_seconds_count"),
                          ("qwenjax:requests_running", "vllm:num_requests_running"),
                          ("qwenjax:requests_waiting", "sglang:num_queue_reqs"),
-                         ("qwenjax:kv_cache_usage_perc", "sglang:token_usage")):
+                         ("qwenjax:kv_cache_usage_perc", "sglang:token_usage"),
+                         ("qwenjax:kv_tokens_used", "sglang:num_used_tokens"),
+                         ("qwenjax:prefix_cache_hit_rate", "sglang:cache_hit_rate")):
         assert value(theirs) == value(ours, None) and (ours, name, ()) not in got
     assert value("vllm:prompt_tokens_total") > 0
     assert value("vllm:request_success_total", finished_reason="length") == \
         value("qwenjax:requests_total", None, finish_reason="length") >= 1
     assert value("sglang:num_requests_total", finish_reason="length") >= 1
+    assert value("sglang:gen_throughput") >= 0.0  # (its first read: 0 or the rate since start)
     assert value("vllm:time_to_first_token_seconds_bucket", le="+Inf") >= 1
     # The gaps between a sequence's outputs after its first (6 tokens here: some come apart).
     itl = value("qwenjax:inter_token_latency_seconds_count", None)
