@@ -1,6 +1,6 @@
 """The engine's counters, and vLLM's ``LLM.get_metrics()`` over them: a list of small metric
-objects (vLLM's ``vllm.v1.metrics.reader`` shapes: ``Counter``, ``Gauge``, each with ``name``
-and ``labels``) under vLLM's names (``vllm:prompt_tokens``, ``vllm:kv_cache_usage_perc``, …),
+objects (vLLM's ``vllm.v1.metrics.reader`` shapes: ``Counter``, ``Gauge``, ``Histogram``, each
+with ``name`` and ``labels``) under vLLM's names (``vllm:prompt_tokens``, ``vllm:kv_cache_usage_perc``, …),
 the names the server's ``/metrics`` gives the same series (server/metrics.py, METRIC_ALIASES).
 
 The counters count from the engine's start: vLLM's offline counters do too.
@@ -25,6 +25,21 @@ class EngineStats:
     generation_tokens: int = 0  # tokens generated (a pooling request's dropped token is not)
     finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     #                                 sequences ended, by finish reason
+    step_tokens: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    #                                    steps dispatched, by the tokens each computed (vLLM's
+    #                                    iteration_tokens_total)
+
+
+# vLLM's buckets for the tokens of a step (its iteration_tokens_total).
+STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def cumulative_buckets(counts: collections.Counter, bounds) -> list[tuple[str, int]]:
+    """Prometheus histogram buckets of the values tallied in ``counts`` (value → how often):
+    (upper bound as Prometheus writes it, how many are ≤ it), "+Inf" last."""
+    buckets = [(str(bound), sum(n for value, n in counts.items() if value <= bound))
+               for bound in bounds]
+    return buckets + [("+Inf", sum(counts.values()))]
 
 
 @dataclasses.dataclass
@@ -47,6 +62,16 @@ class Gauge(Metric):
     value: float
 
 
+@dataclasses.dataclass
+class Histogram(Metric):
+    """Observations since the engine started: ``count``, ``sum``, and ``buckets`` (upper
+    bound → how many observations are ≤ it, cumulative as Prometheus's, +Inf last)."""
+
+    count: int
+    sum: float
+    buckets: dict[str, int]
+
+
 def engine_metrics(stats: EngineStats, *, num_running: int, num_waiting: int,
                    num_preemptions: int, prefix_cache_stats, pages_used: int, pages_total: int,
                    spec_stats=None) -> list[Metric]:
@@ -67,6 +92,9 @@ def engine_metrics(stats: EngineStats, *, num_running: int, num_waiting: int,
         Counter("vllm:prefix_cache_hits", {},
                 prefix_cache_stats.hits if prefix_cache_stats is not None else 0),
     ]
+    metrics.append(Histogram("vllm:iteration_tokens_total", {}, sum(stats.step_tokens.values()),
+                             float(sum(k * n for k, n in stats.step_tokens.items())),
+                             dict(cumulative_buckets(stats.step_tokens, STEP_TOKEN_BUCKETS))))
     if spec_stats is not None:
         metrics += [Counter(f"vllm:spec_decode_{field}", {}, getattr(spec_stats, field))
                     for field in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")]

@@ -5,12 +5,15 @@ engine loop stays free of metrics code, and a scrape sees the state of that mome
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from qwenjax.metrics import STEP_TOKEN_BUCKETS, cumulative_buckets
 
 # Seconds. TTFT on a loaded GPU server is tens of ms; on CPU or behind a long queue, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -60,6 +63,29 @@ SPEC_DECODE_COUNTERS = (
      "over plain decoding)", "num_accepted_tokens"))
 
 
+class _StepTokens:
+    """The tokens each engine step computed, a histogram read from the engines' tallies when
+    scraped (vLLM's iteration_tokens_total, with its buckets)."""
+
+    NAME = "qwenjax:iteration_tokens"
+    DOC = "Tokens computed per engine step (prompt chunks and decoded tokens)"
+
+    def __init__(self, engines: Callable[[], Sequence]):
+        self._engines = engines
+
+    def describe(self):
+        return [HistogramMetricFamily(self.NAME, self.DOC)]
+
+    def collect(self):
+        counts = collections.Counter()
+        for engine in self._engines():
+            counts.update(engine.stats.step_tokens)
+        family = HistogramMetricFamily(self.NAME, self.DOC)
+        family.add_metric([], cumulative_buckets(counts, STEP_TOKEN_BUCKETS),
+                          sum_value=float(sum(k * n for k, n in counts.items())))
+        yield family
+
+
 SCHEDULER_COUNTERS = (
     ("qwenjax:num_preemptions", "Running requests sent back to the queue for lack of KV pages "
      "(their K/V recomputed when they resume)", "num_preemptions"),)
@@ -96,6 +122,7 @@ METRIC_ALIASES: dict[str, dict[str, str | tuple[str, ...]]] = {
         "qwenjax:spec_decode_num_drafts": "vllm:spec_decode_num_drafts",
         "qwenjax:spec_decode_num_draft_tokens": "vllm:spec_decode_num_draft_tokens",
         "qwenjax:spec_decode_num_accepted_tokens": "vllm:spec_decode_num_accepted_tokens",
+        "qwenjax:iteration_tokens": "vllm:iteration_tokens_total",
     },
     "sglang": {
         "qwenjax:requests_running": "sglang:num_running_reqs",
@@ -334,6 +361,7 @@ class ServerMetrics:
             PREFIX_CACHE_COUNTERS))
         registry.register(_EngineCounters(engines, lambda e: e.spec_stats, SPEC_DECODE_COUNTERS))
         registry.register(_EngineCounters(engines, lambda e: e.scheduler, SCHEDULER_COUNTERS))
+        registry.register(_StepTokens(engines))
         registry.register(_EngineCounters(
             engines, lambda e: e.scheduler.host_cache.stats if e.scheduler.host_cache is not None
             else None, HOST_CACHE_COUNTERS))

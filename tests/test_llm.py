@@ -481,7 +481,7 @@ def test_get_metrics_counts_under_vllms_names(tiny_dir):
     """LLM.get_metrics(): vLLM's Counter/Gauge objects and names (the ones the server's /metrics
     gives the same series), with exact counts through a preemption, a prefix cache hit and an
     abort."""
-    from qwenjax.metrics import Counter, Gauge
+    from qwenjax.metrics import Counter, Gauge, Histogram
     from server.metrics import METRIC_ALIASES
 
     llm = LLM(str(tiny_dir), max_num_seqs=4, max_num_batched_tokens=16, prefill_chunk=8,
@@ -490,15 +490,18 @@ def test_get_metrics_counts_under_vllms_names(tiny_dir):
 
     def read():
         metrics = llm.get_metrics()
-        assert all(isinstance(m, (Counter, Gauge)) for m in metrics)
-        return {(m.name, tuple(m.labels.items())): m.value for m in metrics}
+        assert all(isinstance(m, (Counter, Gauge, Histogram)) for m in metrics)
+        return {(m.name, tuple(m.labels.items())): m if isinstance(m, Histogram) else m.value
+                for m in metrics}
 
     names = {name for name, _ in read()}
     assert names <= set(METRIC_ALIASES["vllm"].values())
     assert {"vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success",
             "vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
-            "vllm:kv_cache_usage_perc", "vllm:num_requests_running"} <= names
-    assert all(value == 0 for value in read().values())
+            "vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+            "vllm:iteration_tokens_total"} <= names
+    assert all((value.count if isinstance(value, Histogram) else value) == 0
+               for value in read().values())
     rng = np.random.default_rng(0)
     first, second = rng.integers(3, 250, 30).tolist(), rng.integers(3, 250, 60).tolist()
     params = [SamplingParams(temperature=0.0, max_tokens=65, ignore_eos=True),
@@ -511,6 +514,11 @@ def test_get_metrics_counts_under_vllms_names(tiny_dir):
     assert after[("vllm:request_success", (("finished_reason", "length"),))] == 2
     assert after[("vllm:request_success", (("finished_reason", "stop"),))] == 0
     assert after[("vllm:num_preemptions", ())] == llm.engine.scheduler.num_preemptions >= 1
+    # Every step computed ≤ 16 tokens (max_num_batched_tokens), the prompts' (again after a
+    # preemption) and the generated ones but the last of each sequence.
+    steps = after[("vllm:iteration_tokens_total", ())]
+    assert steps.count == llm.engine.num_steps == steps.buckets["16"] == steps.buckets["+Inf"]
+    assert steps.buckets["8"] < steps.count and steps.sum >= 90 + 85 - 2
     queries = after[("vllm:prefix_cache_queries", ())]
     assert queries >= 90 and after[("vllm:kv_cache_usage_perc", ())] == 0.0
     # A prompt twice: the second time its 2 full pages (16 of 20 tokens) are found cached.

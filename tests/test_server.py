@@ -9,6 +9,7 @@ reuses the persistent compile cache the in-process warm-up filled.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import os
@@ -1015,11 +1016,12 @@ def test_engine_tallies_are_exported_when_scraped():
                                             stats=HostCacheStats(stored=5, restored=2, dropped=1))),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
         scheduler_config=types.SimpleNamespace(page_size=16),
-        stats=types.SimpleNamespace(generation_tokens=0),
+        stats=types.SimpleNamespace(generation_tokens=0, step_tokens=collections.Counter({1: 3, 20: 1})),
         prefix_cache=types.SimpleNamespace(stats=PrefixCacheStats(queries=40, hits=16, evictions=2)),
         spec_stats=SpecDecodeStats(num_drafts=3, num_draft_tokens=10, num_accepted_tokens=7))
     got = samples(ServerMetrics(lambda: [engine]))
     assert got["qwenjax:kv_tokens_used"] == 3 * 16 and got["qwenjax:prefix_cache_hit_rate"] == 16 / 40
+    assert got["qwenjax:iteration_tokens_count"] == 4 and got["qwenjax:iteration_tokens_sum"] == 23
     assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
@@ -1071,7 +1073,7 @@ def test_vllm_info_series_for_routers():
                                      kv_cache_fraction=0.9),
         allocator=types.SimpleNamespace(num_used=3, num_pages=8, num_evictable=1),
         loras=types.SimpleNamespace(capacity=4), prefix_cache=None, spec_stats=None,
-        stats=types.SimpleNamespace(generation_tokens=0))
+        stats=types.SimpleNamespace(generation_tokens=0, step_tokens=collections.Counter()))
     text = generate_latest(ServerMetrics(lambda: [engine, engine], model_name=lambda: "m",
                                          aliases=("vllm",)).registry).decode()
     assert 'vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",' \

@@ -665,7 +665,8 @@ def test_metrics_under_vllm_and_sglang_names(base, name):
                          ("qwenjax:requests_waiting", "sglang:num_queue_reqs"),
                          ("qwenjax:kv_cache_usage_perc", "sglang:token_usage"),
                          ("qwenjax:kv_tokens_used", "sglang:num_used_tokens"),
-                         ("qwenjax:prefix_cache_hit_rate", "sglang:cache_hit_rate")):
+                         ("qwenjax:prefix_cache_hit_rate", "sglang:cache_hit_rate"),
+                         ("qwenjax:iteration_tokens_count", "vllm:iteration_tokens_total_count")):
         assert value(theirs) == value(ours, None) and (ours, name, ()) not in got
     assert value("vllm:prompt_tokens_total") > 0
     assert value("vllm:request_success_total", finished_reason="length") == \

@@ -561,6 +561,7 @@ class Engine(LiveState):
                 return outputs + self._fail_step(out, error)
             self.scheduler.step_dispatched(out)
             self.num_steps += 1
+            self.stats.step_tokens[out.num_tokens] += 1
             for row, chunk in dispatched.placed:
                 chunk.request.num_inflight += 1
                 chunk.request.inflight_row = row
