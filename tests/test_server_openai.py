@@ -151,10 +151,12 @@ def test_chat_logprobs_n_seed_and_stop(client, name):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == word
     assert stopped.choices[0].message.content == text[: text.index(word)]
-    # No max_tokens: the reply may fill the context (vLLM's default), not stop at 256.
-    long = client.chat.completions.create(model=name, messages=messages, temperature=0,
-                                          extra_body={"ignore_eos": True})
-    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens > 256
+    # No max_tokens: the reply may fill the context (vLLM's default), not stop at 256. (A long
+    # prompt, so that filling the 512-token context takes ~260 decode steps, not ~490.)
+    long = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Count: one, two, three, four. " * 21}],
+        temperature=0, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and 256 < long.usage.completion_tokens < 300
     assert long.usage.prompt_tokens + long.usage.completion_tokens == SERVER_ENGINE["max_model_len"] + 1
     # SGLang's stop_regex: the same cut, by a pattern (extra_body, as vLLM's extra fields).
     by_regex = client.chat.completions.create(model=name, messages=messages, max_tokens=12,
