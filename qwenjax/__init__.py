@@ -2,14 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "StructuredOutputs", "StructuredOutputsParams",
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs",
+           "SamplingParams", "StructuredOutputs", "StructuredOutputsParams",
            "GuidedDecodingParams", "RequestOutput", "LoRARequest", "BeamSearchParams", "PoolingParams",
            "TextPrompt", "TokensPrompt"]
 
 
 def __getattr__(name):
     # Lazy: `import qwenjax` must not import JAX (tests set XLA flags first; the CLI parses args first).
-    if name in ("LLM", "AsyncLLM", "TextPrompt", "TokensPrompt"):
+    if name in ("LLM", "AsyncLLM", "LLMEngine", "AsyncLLMEngine", "EngineArgs", "AsyncEngineArgs",
+                "TextPrompt", "TokensPrompt"):
         from qwenjax import llm
 
         return getattr(llm, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -166,6 +167,12 @@ class _Base:
                              warm_up=warm_up, progress=progress)
         self.lm = self.engine.lm  # the engine's own (its LoRA slots change as adapters load)
 
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, **unused):
+        """vLLM's: ``cls(**vars(engine_args))`` (``usage_context`` and the other keywords
+        vLLM's takes are unused)."""
+        return cls(**vars(engine_args))
+
     @property
     def tokenizer(self):
         return self.lm.tokenizer
@@ -198,6 +205,15 @@ class _Base:
         Build variants with ``dataclasses.replace(llm.get_default_sampling_params(), ...)``.
         (With ``params=None`` max_tokens is also capped to the room each prompt leaves.)"""
         return self.engine.default_sampling_params()
+
+    def _fitted(self, ids: list[int], params):
+        """``params`` with max_tokens cut to the room ``ids`` leaves (vLLM's offline engine ends
+        such a request at the context's end); unchanged where it fits or nothing fits."""
+        room = self.engine.context_room(len(ids))
+        if isinstance(params, SamplingParams) and room >= max(1, params.min_tokens) \
+                and params.max_tokens is not None and params.max_tokens > room:
+            return dataclasses.replace(params, max_tokens=room)
+        return params  # (max_tokens None: the engine fills the room, Engine.filled)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, Mapping):
@@ -234,6 +250,19 @@ class _Base:
         if constraint is not None:
             params = dataclasses.replace(params, structured_outputs=constraint)
         return ids, params
+
+
+def _engine_metrics(engine: Engine) -> list:
+    """vLLM's ``get_metrics()`` list for ``engine`` (qwenjax/metrics.py)."""
+    from qwenjax.metrics import engine_metrics
+
+    scheduler = engine.scheduler
+    return engine_metrics(
+        engine.stats, num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
+        num_preemptions=scheduler.num_preemptions,
+        prefix_cache_stats=engine.prefix_cache.stats if engine.prefix_cache is not None else None,
+        pages_used=engine.allocator.num_used, pages_total=engine.allocator.num_pages,
+        spec_stats=engine.spec_stats if engine.scheduler_config.num_speculative_tokens else None)
 
 
 def _check_beam_room(prompt_ids, params: BeamSearchParams, max_model_len: int) -> None:
@@ -318,6 +347,13 @@ class LLM(_Base):
     _ids = itertools.count()
     _profile = None  # the folder start_profile traces into, until stop_profile
 
+    @functools.cached_property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's ``llm.llm_engine``: an ``LLMEngine`` over this LLM's model and engine (its
+        ``get_tokenizer()``, ``add_request``/``step()``, …). Requests added there are stepped
+        there: ``generate`` drops their outputs, so use one way at a time."""
+        return LLMEngine._over(self)
+
     def add_lora(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT adapter at ``path`` as ``name`` into a free LoRA slot (the model needs
         ``max_loras`` slots to spare); ``generate(..., lora=name)`` then uses it."""
@@ -354,16 +390,7 @@ class LLM(_Base):
         ``vllm:kv_cache_usage_perc`` (0-1), ``vllm:num_requests_running``/``_waiting``, and
         ``vllm:spec_decode_*`` with speculative decoding. Tokens and requests count per
         sequence (n > 1: n of them)."""
-        from qwenjax.metrics import engine_metrics
-
-        engine = self.engine
-        scheduler = engine.scheduler
-        return engine_metrics(
-            engine.stats, num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            num_preemptions=scheduler.num_preemptions,
-            prefix_cache_stats=engine.prefix_cache.stats if engine.prefix_cache is not None else None,
-            pages_used=engine.allocator.num_used, pages_total=engine.allocator.num_pages,
-            spec_stats=engine.spec_stats if engine.scheduler_config.num_speculative_tokens else None)
+        return _engine_metrics(self.engine)
 
     def start_profile(self, profile_prefix: str | None = None, *,
                       profile_dir: str | os.PathLike | None = None) -> None:
@@ -609,15 +636,6 @@ class LLM(_Base):
                 # Pages are freed now; the abort's final output is dropped by the next step().
                 self.engine.abort(request_id)
 
-    def _fitted(self, ids: list[int], params):
-        """``params`` with max_tokens cut to the room ``ids`` leaves (vLLM's offline engine ends
-        such a request at the context's end); unchanged where it fits or nothing fits."""
-        room = self.engine.context_room(len(ids))
-        if isinstance(params, SamplingParams) and room >= max(1, params.min_tokens) \
-                and params.max_tokens is not None and params.max_tokens > room:
-            return dataclasses.replace(params, max_tokens=room)
-        return params  # (max_tokens None: the engine fills the room, Engine.filled)
-
     def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
              priority: int | Sequence[int] | None = None, lora: LoRARequest | None = None,
              fit: bool = False) -> list[RequestOutput]:
@@ -696,6 +714,28 @@ def _with_sequences(sequences: list[RequestOutput]) -> RequestOutput:
         sequences[0], sequences=sequences, finished=True)
 
 
+class _Shaped:
+    """One request's outputs as vLLM's ``output_kind`` asks: each with the whole so far
+    (CUMULATIVE), with only its new part (DELTA), or none until the request ends, then one
+    holding its sequences (FINAL_ONLY; a pooling request's last output is its answer). With
+    n > 1 the streamed kinds give each sequence's outputs apart (``.index``), as vLLM's do."""
+
+    def __init__(self, params, lora_request: LoRARequest | None):
+        self.kind = getattr(params, "output_kind", RequestOutputKind.CUMULATIVE)
+        self.lora_request = lora_request
+        self._finals: dict[int, RequestOutput] = {}
+
+    def __call__(self, output: RequestOutput) -> RequestOutput | None:
+        output.lora_request = self.lora_request
+        if self.kind is RequestOutputKind.FINAL_ONLY:
+            if output.finish_reason is not None or output.finished:
+                self._finals[output.index] = output
+            if not output.finished:
+                return None
+            return _with_sequences([self._finals[i] for i in sorted(self._finals)])
+        return output.as_delta() if self.kind is RequestOutputKind.DELTA else output
+
+
 class AsyncLLM(_Base):
     """``async for output in llm.generate(prompt, params): ...`` with the engine on its own thread.
 
@@ -763,23 +803,13 @@ class AsyncLLM(_Base):
     async def _generate(self, ids, params, request_id, priority, lora):
         name = await self._resolve_lora(lora)
         lora_request = self._lora_request(lora)
-        # vLLM's output_kind: every output with the whole so far, only the new part, or only
-        # each sequence's last (a pooling request has none: its last output is what counts).
-        # With n > 1, streamed outputs are each one sequence's (``index``), as vLLM's; FINAL_ONLY
-        # gives one output at the end holding the n sequences (``outputs``), as vLLM's does.
-        kind = getattr(params, "output_kind", RequestOutputKind.CUMULATIVE)
-        finals: dict[int, RequestOutput] = {}
+        shaped = _Shaped(params, lora_request)
         async with contextlib.aclosing(self._thread.generate(ids, params, request_id, priority,
                                                              name)) as outputs:
             async for output in outputs:
-                output.lora_request = lora_request
-                if kind is RequestOutputKind.FINAL_ONLY:
-                    if output.finish_reason is not None or output.finished:
-                        finals[output.index] = output
-                    if output.finished:
-                        yield _with_sequences([finals[i] for i in sorted(finals)])
-                    continue
-                yield output.as_delta() if kind is RequestOutputKind.DELTA else output
+                output = shaped(output)
+                if output is not None:
+                    yield output
 
     def chat(self, messages: Conversation, params: SamplingParams | None = None, *,
              request_id: str | None = None, tools: Sequence[dict] | None = None,
@@ -859,3 +889,122 @@ class AsyncLLM(_Base):
 
     def shutdown(self) -> None:
         self._thread.shutdown()
+
+
+class EngineArgs:
+    """vLLM's ``EngineArgs``/``AsyncEngineArgs``: the model and the arguments ``LLM(...)`` takes,
+    for ``LLMEngine.from_engine_args`` (and ``LLM``'s, ``AsyncLLM``'s): ``EngineArgs(model=DIR,
+    tensor_parallel_size=4, max_num_seqs=32)``. The arguments are attributes too."""
+
+    def __init__(self, model: str | os.PathLike | None = None, **kwargs):
+        self.model = model
+        self.__dict__.update(kwargs)
+
+    def __repr__(self) -> str:
+        return f"EngineArgs({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+AsyncEngineArgs = EngineArgs
+AsyncLLMEngine = AsyncLLM  # vLLM's older name (its v1 AsyncLLMEngine is AsyncLLM)
+
+
+class LLMEngine(_Base):
+    """vLLM's step-by-step engine: ``add_request`` as requests come, ``step()`` while
+    ``has_unfinished_requests()``; each step returns the outputs it produced (as
+    ``SamplingParams.output_kind`` asks: by default each unfinished sequence's whole output so
+    far; with n > 1 each sequence's apart, ``.index`` naming it). The constructor takes what
+    ``LLM(...)`` takes; ``LLMEngine.from_engine_args(EngineArgs(model=..., ...))`` as vLLM's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._outputs: dict[str, tuple[_Shaped, str | None]] = {}  # request id → its shaping, prompt
+
+    @classmethod
+    def _over(cls, llm: _Base) -> LLMEngine:
+        """An LLMEngine over ``llm``'s model and engine (``LLM.llm_engine``)."""
+        view = cls.__new__(cls)
+        view.lm, view.engine, view._outputs = llm.lm, llm.engine, {}
+        return view
+
+    def add_request(self, request_id: str, prompt: Prompt, params=None,
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None,
+                    priority: int = 0, **unused) -> str:
+        """Queue ``prompt`` (text, token ids, or vLLM's prompt dicts) under ``request_id`` with
+        ``params`` (SamplingParams, PoolingParams; None: the model's defaults). As in
+        ``LLM.generate``, a max_tokens larger than the room the prompt leaves is cut to it.
+        vLLM's tokenization_kwargs and trace_headers are accepted and unused; arrival_time is
+        the time of this call."""
+        unknown = sorted(set(unused) - {"tokenization_kwargs", "trace_headers", "prompt_text"})
+        if unknown:
+            raise TypeError(f"add_request() got unexpected keyword arguments {', '.join(unknown)}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        ids = self._encode(prompt)
+        lora = self._loaded(lora_request)
+        if params is None:
+            params = self.engine.default_sampling_params(len(ids))
+        elif isinstance(params, SamplingParams):
+            params = self._fitted(ids, params)
+        self.engine.add_request(ids, params, request_id=request_id, priority=priority,
+                                lora=lora.lora_name if lora is not None else None)
+        text = prompt if isinstance(prompt, str) else (
+            self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else None)
+        self._outputs[request_id] = (_Shaped(params, lora), text)
+        return request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; the outputs of the requests added here that it produced."""
+        results = []
+        for output in self.engine.step():
+            entry = self._outputs.get(output.request_id)
+            if entry is None:
+                continue  # (a request of the LLM this engine belongs to)
+            shaped, prompt = entry
+            if output.finished:
+                del self._outputs[output.request_id]
+            output.prompt = prompt
+            if self.tokenizer is not None:  # vLLM's Logprob.decoded_token
+                for logprob in (*(output.delta_logprobs or ()), *(output.prompt_logprobs or ())):
+                    if logprob is not None:
+                        logprob.decode = self._token_text
+            output = shaped(output)
+            if output is not None:
+                results.append(output)
+        return results
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests now (their pages are freed); their last outputs (finish_reason
+        "abort") come from the next ``step()``."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.engine.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._outputs)
+
+    def get_metrics(self) -> list:
+        """As ``LLM.get_metrics()``."""
+        return _engine_metrics(self.engine)
+
+    def _loaded(self, lora_request: LoRARequest | None) -> LoRARequest | None:
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if lora_request is not None and lora_request.lora_name not in self.engine.lora_names:
+            from qwenjax.lora import read_adapter
+
+            self.engine.add_lora(read_adapter(lora_request.lora_name, lora_request.lora_path))
+        return lora_request
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load the adapter now (vLLM's; ``add_request`` with a LoRARequest loads it too)."""
+        self._loaded(lora_request)
+        return True
+
+    def remove_lora(self, lora: str | LoRARequest) -> bool:
+        self.engine.remove_lora(lora.lora_name if isinstance(lora, LoRARequest) else lora)
+        return True
+
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()

@@ -1,5 +1,6 @@
 """The engine and the Python API on the real Qwen2.5-Coder-0.5B-Instruct (float32, CPU)."""
 import asyncio
+import dataclasses
 import json
 import pathlib
 
@@ -395,6 +396,19 @@ def test_vllm_offline_api_shapes(llm, lm):
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate("x", GREEDY, sampling_params=GREEDY, use_tqdm=False)
     assert llm.get_tokenizer() is llm.tokenizer
+    # vLLM's LLMEngine loop over the same engine: the same reply, its prompt text and decoded
+    # logprob tokens.
+    stepped = llm.llm_engine
+    stepped.add_request("chat", {"prompt_token_ids": out.prompt_token_ids}, greedy)
+    stepped.add_request("text", "def f(", SamplingParams(temperature=0.0, max_tokens=2, logprobs=0))
+    last = {}
+    while stepped.has_unfinished_requests():
+        last.update((o.request_id, o) for o in stepped.step())
+    assert last["chat"].token_ids == out.token_ids and last["chat"].prompt == out.prompt
+    entry = last["chat"].logprobs[0][token]
+    assert entry.decoded_token == first[token].decoded_token and entry.rank == 1
+    assert entry.logprob == pytest.approx(first[token].logprob, abs=1e-5)
+    assert last["text"].prompt == "def f(" and last["text"].finished
 
     # A max_tokens past the context is cut to the room the prompt leaves (vLLM's offline engine).
     prompt = lm.tokenizer.encode("word " * 1000)[:1000]
@@ -655,3 +669,69 @@ def test_detokenize_false_gives_token_ids_alone(lm):
                                             SamplingParams(temperature=0.0, max_tokens=5,
                                                            detokenize=False)], use_tqdm=False)
     assert plain.text and bare.text == "" and bare.token_ids == plain.token_ids
+
+
+def test_llm_engine_steps_as_vllms(tiny_dir):
+    """vLLM's LLMEngine loop (add_request, step while has_unfinished_requests): the same
+    tokens as LLM.generate, each output_kind's shape, n > 1 sequences apart, aborts, and
+    llm.llm_engine over an LLM's own engine."""
+    from qwenjax import EngineArgs, LLMEngine
+    from qwenjax.sampling_params import RequestOutputKind
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(tiny_dir), max_model_len=64,
+                                                   num_pages=32, page_size=8, **TINY))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 250, n).tolist() for n in (5, 9, 12, 7)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("greedy", {"prompt_token_ids": prompts[0]}, greedy)
+    engine.add_request("pair", prompts[1], SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=5,
+                                                          ignore_eos=True))
+    engine.add_request("final", prompts[2], dataclasses.replace(
+        greedy, output_kind=RequestOutputKind.FINAL_ONLY))
+    engine.add_request("delta", prompts[0], dataclasses.replace(
+        greedy, output_kind=RequestOutputKind.DELTA))
+    engine.add_request("cut", prompts[3], SamplingParams(temperature=0.0, max_tokens=40))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("greedy", prompts[0], greedy)
+    # (max_tokens larger than the room the prompt leaves: cut to it, as LLM.generate.)
+    engine.add_request("long", prompts[3], SamplingParams(temperature=0.0, max_tokens=500,
+                                                          ignore_eos=True))
+    assert engine.get_num_unfinished_requests() == 6
+    seen: dict[str, list] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        steps += 1
+        if steps == 2:
+            engine.abort_request(["cut"])
+        for output in outputs:
+            seen.setdefault(output.request_id, []).append(output)
+    assert engine.get_num_unfinished_requests() == 0 and engine.step() == []
+    reference = LLM(engine.lm, max_model_len=64, num_pages=32, page_size=8, **TINY).generate(
+        [prompts[0], prompts[2], prompts[3]], greedy, use_tqdm=False)
+    assert seen["greedy"][-1].token_ids == reference[0].token_ids and seen["greedy"][-1].finished
+    assert all(o.token_ids == seen["greedy"][-1].token_ids[:len(o.token_ids)] for o in seen["greedy"])
+    [final] = seen["final"]
+    assert final.finished and final.token_ids == reference[1].token_ids
+    assert [t for o in seen["delta"] for t in o.token_ids] == reference[0].token_ids
+    pair = seen["pair"]
+    assert {o.index for o in pair} == {0, 1} and all(len(o.outputs) == 1 for o in pair)
+    assert sorted(len(o.token_ids) for o in pair if o.finish_reason) == [5, 5] and pair[-1].finished
+    assert seen["cut"][-1].finish_reason == "abort"
+    long = seen["long"][-1]
+    # (The context holds the K/V of 64 tokens: the last token generated needs none.)
+    assert long.finish_reason == "length" and len(prompts[3]) + len(long.token_ids) == 64 + 1
+    assert long.token_ids[:6] == reference[2].token_ids
+
+    # llm.llm_engine: the same loop over an LLM's engine; its tokenizer is the LLM's.
+    llm = LLM(engine.lm, max_model_len=64, num_pages=32, page_size=8, **TINY)
+    stepped = llm.llm_engine
+    assert stepped is llm.llm_engine and stepped.get_tokenizer() is llm.get_tokenizer()
+    stepped.add_request("again", prompts[2], greedy)
+    last = None
+    while stepped.has_unfinished_requests():
+        last = next(iter(stepped.step()), last)
+    assert last.token_ids == reference[1].token_ids
+    assert any(m.name == "vllm:generation_tokens" and m.value == 6 for m in stepped.get_metrics())
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        stepped.add_request("x", prompts[0], greedy, priorty=1)
