@@ -272,11 +272,13 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                              "the weights of an HF checkpoint of the same architecture on the "
                              "server's disk (e.g. a trainer's latest step) served from the next "
                              "step, without a restart or a recompile")
-    engine.add_argument("--enable-sleep-mode", action="store_true",
+    engine.add_argument("--enable-sleep-mode", "--enable-memory-saver", dest="enable_sleep_mode",
+                        action="store_true",
                         help="serve POST /sleep?level=1|2, POST /wake_up and GET /is_sleeping "
                              "(vLLM's): the device memory of the weights (level 1: kept in host "
                              "memory; 2: dropped, new ones by /update_weights_from_disk) and of "
-                             "the KV cache handed back while idle")
+                             "the KV cache handed back while idle; also SGLang's "
+                             "/release_memory_occupation and /resume_memory_occupation (level 1)")
     engine.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (and "
                              "gRPC LoadLoRAAdapter/UnloadLoRAAdapter): adapters from the server's "

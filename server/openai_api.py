@@ -140,7 +140,8 @@ class OpenAIServer:
         from server.sglang_api import SGLangAPI
 
         self.sglang = SGLangAPI(self)
-        self.sglang.register(app.router)  # /generate, /encode, … (SGLang's native API)
+        # /generate, /encode, … (SGLang's native API)
+        self.sglang.register(app.router, enable_sleep_mode)
         if profiler_dir:  # vLLM's and SGLang's /start_profile, /stop_profile (server/profiling.py)
             from server.profiling import Profiler
 

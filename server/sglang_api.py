@@ -250,7 +250,12 @@ class SGLangAPI:
         self.api = api  # server.openai_api.OpenAIServer
         self.gateway = api.gateway
 
-    def register(self, router: web.UrlDispatcher) -> None:
+    def register(self, router: web.UrlDispatcher, enable_sleep_mode: bool = False) -> None:
+        """``enable_sleep_mode``: also SGLang's /release_memory_occupation and
+        /resume_memory_occupation (its --enable-memory-saver), over the same sleep mode."""
+        if enable_sleep_mode:
+            router.add_route("*", "/release_memory_occupation", self.release_memory_occupation)
+            router.add_route("*", "/resume_memory_occupation", self.resume_memory_occupation)
         router.add_post("/generate", self.generate)
         router.add_post("/encode", self.encode)
         router.add_post("/abort_request", self.abort_request)
@@ -259,6 +264,28 @@ class SGLangAPI:
         for path in ("/get_server_info", "/server_info"):  # (the frontend asks the newer name)
             router.add_get(path, self.get_server_info)
         router.add_get("/health_generate", self.health_generate)
+
+    async def release_memory_occupation(self, request: web.Request) -> web.Response:
+        """SGLang's, for RL loops (free the device between rollouts): the weights' and the KV
+        cache's device memory handed back while idle, as ``POST /sleep?level=1`` (the weights
+        wait in host memory, so a resume without a weight update serves them again). Whatever
+        ``tags`` name ("weights", "kv_cache"), both go and come back together."""
+        await self._tags(request)
+        await self.gateway.sleep(1)
+        return web.json_response(None)
+
+    async def resume_memory_occupation(self, request: web.Request) -> web.Response:
+        await self._tags(request)
+        await self.gateway.wake_up()
+        return web.json_response(None)
+
+    async def _tags(self, request: web.Request) -> None:
+        body = await self.api._body(request) if request.can_read_body else {}
+        tags = self.api._object(body if body is not None else {}, {"tags"}).get("tags")
+        if tags is not None and (not isinstance(tags, list) or not set(tags) <= {"weights", "kv_cache",
+                                                                                "cuda_graph"}):
+            raise self._refuse(ValueError(f"tags must be a list of 'weights', 'kv_cache' and "
+                                          f"'cuda_graph', got {tags!r}"))
 
     def _refuse(self, error: ValueError) -> Refused:
         return self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error))

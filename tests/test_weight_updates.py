@@ -156,6 +156,13 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplo
         assert status == 503 and "asleep" in message
         assert post(port, "/sleep?level=3", {})[0] == 400
         assert post(port, "/wake_up", {})[0] == 200 and get(port, "/is_sleeping") == {"is_sleeping": False}
+        # SGLang's names for the same (--enable-memory-saver), with or without tags.
+        assert post(port, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
+        assert get(port, "/is_sleeping") == {"is_sleeping": True}
+        assert post(port, "/release_memory_occupation", {})[0] == 409  # asleep already
+        assert post(port, "/resume_memory_occupation", {"tags": ["kv"]})[0] == 400
+        assert post(port, "/resume_memory_occupation", {}) == (200, None)
+        assert get(port, "/is_sleeping") == {"is_sleeping": False}
         assert post(port, "/reset_prefix_cache", {}) == (200, {"reset": True})
         assert post(port, "/update_weights_from_disk", {"model_path": str(b)}) == (
             200, {"success": True, "message": "Succeeded to update model weights."})
@@ -170,6 +177,7 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplo
         locked = servers.start(enable_log_requests=True, max_log_len=4)
         assert post(locked.http_port, "/update_weights_from_disk", {"model_path": str(b)})[0] == 404
         assert post(locked.http_port, "/sleep", {})[0] == 404
+        assert post(locked.http_port, "/release_memory_occupation", {})[0] == 404
         # --enable-log-requests: each request logged as admitted (4 prompt ids) and as it ends.
         with caplog.at_level("INFO", logger="qwenjax.requests"):
             with grpc.insecure_channel(locked.address) as channel:
