@@ -79,7 +79,8 @@ class _StepTokens:
     def collect(self):
         counts = collections.Counter()
         for engine in self._engines():
-            counts.update(engine.stats.step_tokens)
+            # A copy first (one C call under the GIL): the engine thread adds keys meanwhile.
+            counts.update(dict(engine.stats.step_tokens))
         family = HistogramMetricFamily(self.NAME, self.DOC)
         family.add_metric([], cumulative_buckets(counts, STEP_TOKEN_BUCKETS),
                           sum_value=float(sum(k * n for k, n in counts.items())))
