@@ -428,7 +428,7 @@ class LLM(_Base):
         ``truncate_prompt_tokens`` when given)."""
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)],
                          _truncating(params, truncate_prompt_tokens), use_tqdm,
-                         lora=self._lora(lora, lora_request))
+                         lora=self._loras(lora, lora_request))
 
     def embed(self, prompts: Prompt | Sequence[Prompt], pooling_params=None, *,
               use_tqdm: bool = True, lora: str | LoRARequest | None = None,
@@ -535,6 +535,15 @@ class LLM(_Base):
             self.add_lora(lora.lora_name, lora.lora_path)
         return self._lora_request(lora)
 
+    def _loras(self, lora, lora_request):
+        """``_lora``, or (given a list: vLLM's one LoRARequest per prompt, None for the base
+        model) one per prompt."""
+        if not isinstance(lora, (list, tuple)) and not isinstance(lora_request, (list, tuple)):
+            return self._lora(lora, lora_request)
+        if lora is not None and lora_request is not None:
+            raise ValueError("give lora or lora_request, not both")
+        return [self._lora(one, None) for one in (lora if lora is not None else lora_request)]
+
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                  *, use_tqdm: bool = True, priority: int | Sequence[int] | None = None,
                  lora: str | LoRARequest | None = None,
@@ -547,8 +556,9 @@ class LLM(_Base):
         its own fields are sequence 0's), as vLLM's. ``priority`` (one, or one per prompt; needs
         scheduling_policy="priority"): lower values are run first. ``lora``: the name of a
         loaded adapter (None: the base model), or a ``LoRARequest`` (vLLM's, also as
-        ``lora_request``), loaded into a free slot on first use. ``sampling_params``: vLLM's
-        name for ``params``.
+        ``lora_request``), loaded into a free slot on first use; or a list of them, one per
+        prompt (vLLM's; several adapters in one batch). ``sampling_params``: vLLM's name for
+        ``params``.
 
         As vLLM's offline engine, a ``max_tokens`` larger than the room a prompt leaves in the
         context is cut to that room (the output ends with "length"); only a prompt that fills
@@ -556,7 +566,7 @@ class LLM(_Base):
         Each output's ``lora_request`` is the adapter it ran on (vLLM's)."""
         return self._run([self._encode(p) for p in _as_prompt_list(prompts)],
                          _params(params, sampling_params), use_tqdm, priority,
-                         self._lora(lora, lora_request), fit=True)
+                         self._loras(lora, lora_request), fit=True)
 
     def chat(self, messages: Conversation | Sequence[Conversation], params: SamplingParams | None = None,
              *, use_tqdm: bool = True, tools: Sequence[dict] | None = None,
@@ -590,7 +600,7 @@ class LLM(_Base):
                                        continue_final_message, chat_template, chat_template_kwargs)
                     for c, p in zip(conversations, given)]
         return self._run([ids for ids, _ in requests], [p for _, p in requests], use_tqdm, priority,
-                         self._lora(lora, lora_request), fit=True)
+                         self._loras(lora, lora_request), fit=True)
 
     def beam_search(self, prompts: Prompt | Sequence[Prompt], params: BeamSearchParams, *,
                     lora: str | LoRARequest | None = None,
@@ -637,12 +647,17 @@ class LLM(_Base):
                 self.engine.abort(request_id)
 
     def _run(self, prompt_ids: list[list[int]], params, use_tqdm: bool,
-             priority: int | Sequence[int] | None = None, lora: LoRARequest | None = None,
+             priority: int | Sequence[int] | None = None,
+             lora: LoRARequest | None | list[LoRARequest | None] = None,
              fit: bool = False) -> list[RequestOutput]:
-        """``lora``: the adapter (``_lora``; None: the base model). ``fit``: cut each max_tokens
-        to the room its prompt leaves in the context."""
-        lora_name = lora.lora_name if lora is not None else None
-        self.engine.lora_slot(lora_name)  # an unknown adapter fails before any request is admitted
+        """``lora``: the adapter (``_lora``; None: the base model), or one per prompt. ``fit``:
+        cut each max_tokens to the room its prompt leaves in the context."""
+        loras = list(lora) if isinstance(lora, list) else [lora] * len(prompt_ids)
+        if len(loras) != len(prompt_ids):
+            raise ValueError(f"got {len(loras)} LoRA requests for {len(prompt_ids)} prompts")
+        names = [one.lora_name if one is not None else None for one in loras]
+        for name in set(names):  # an unknown adapter fails before any request is admitted
+            self.engine.lora_slot(name)
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompt_ids)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
@@ -659,7 +674,7 @@ class LLM(_Base):
         order = {}
         for i, (ids, p, rank) in enumerate(zip(prompt_ids, params_list, priorities)):
             order[self.engine.add_request(ids, p, request_id=f"gen-{next(self._ids)}", priority=rank,
-                                          lora=lora_name)] = i
+                                          lora=names[i])] = i
         # results[prompt][index]: each sequence's last output.
         results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
         bar = None
@@ -682,9 +697,9 @@ class LLM(_Base):
         finally:
             if bar is not None:
                 bar.close()
-        for sequences in results:
+        for sequences, one in zip(results, loras):
             for output in sequences:
-                output.lora_request = lora
+                output.lora_request = one
         if self.tokenizer is not None:  # vLLM's RequestOutput.prompt and Logprob.decoded_token
             decode = self._token_text
             for ids, sequences in zip(prompt_ids, results):

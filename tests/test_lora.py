@@ -132,6 +132,15 @@ def test_engine_generates_with_the_adapter_each_request_names(checkpoints):
     # The same prompt again on adapter a: served from its own cached pages, same tokens.
     again = llm.generate([prompt], greedy, lora="a", use_tqdm=False)[0]
     assert again.token_ids == outs["a"] and again.num_cached_tokens == 16
+    # vLLM's one adapter per prompt, in one batch.
+    mixed = llm.generate([prompt] * 3, greedy, lora=["b", None, "a"], use_tqdm=False)
+    assert [o.token_ids for o in mixed] == [outs["b"], outs[None], outs["a"]]
+    assert [o.lora_request and o.lora_request.lora_name for o in mixed] == ["b", None, "a"]
+    with pytest.raises(ValueError, match="2 LoRA requests for 3 prompts"):
+        llm.generate([prompt] * 3, greedy, lora=["a", "b"], use_tqdm=False)
+    with pytest.raises(ValueError, match="lora 'c' is not loaded"):
+        llm.generate([prompt] * 2, greedy, lora=["a", "c"], use_tqdm=False)
+    assert llm.engine.num_unfinished == 0  # refused before any was admitted
     with pytest.raises(ValueError, match="lora 'c' is not loaded; adapters: 'a', 'b'"):
         llm.generate([prompt], greedy, lora="c")
 
