@@ -13,7 +13,7 @@ import itertools
 import logging
 import os
 import uuid
-from typing import AsyncIterator, Iterator, Mapping, Sequence, TypedDict, Union
+from typing import AsyncIterator, Callable, Iterator, Mapping, Sequence, TypedDict, Union
 
 import jax
 from jax.sharding import Mesh
@@ -166,6 +166,24 @@ class _Base:
                                                      engine_options),
                              warm_up=warm_up, progress=progress)
         self.lm = self.engine.lm  # the engine's own (its LoRA slots change as adapters load)
+        # An LLM and its llm_engine step one engine: the ids of the requests a caller is
+        # waiting for (generate, stream, LLMEngine), and outputs of others' requests kept until
+        # their owner steps (both shared).
+        self._owners: set[str] = set()
+        self._held: list[RequestOutput] = []
+
+    def _step(self, owns: Callable[[str], bool]) -> list[RequestOutput]:
+        """One engine step's outputs (and those held for us) of the requests ``owns`` names;
+        those of requests someone else waits for are held for them, the rest (an abandoned
+        stream's last output) dropped."""
+        mine, others = [], []
+        for output in (*self._held, *self.engine.step()):
+            if owns(output.request_id):
+                mine.append(output)
+            elif output.request_id in self._owners:
+                others.append(output)
+        self._held[:] = others
+        return mine
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, **unused):
@@ -351,7 +369,7 @@ class LLM(_Base):
     def llm_engine(self) -> LLMEngine:
         """vLLM's ``llm.llm_engine``: an ``LLMEngine`` over this LLM's model and engine (its
         ``get_tokenizer()``, ``add_request``/``step()``, …). Requests added there are stepped
-        there: ``generate`` drops their outputs, so use one way at a time."""
+        there, ``generate``'s and ``stream``'s there (each keeps the other's outputs for it)."""
         return LLMEngine._over(self)
 
     def add_lora(self, name: str, path: str | os.PathLike) -> None:
@@ -633,15 +651,16 @@ class LLM(_Base):
         lora = self._lora(lora, lora_request)
         request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}",
                                              lora=lora.lora_name if lora is not None else None)
+        self._owners.add(request_id)
         finished = False
         try:
             while not finished:
-                for output in self.engine.step():
-                    if output.request_id == request_id:
-                        finished = output.finished
-                        output.lora_request = lora
-                        yield output
+                for output in self._step(request_id.__eq__):
+                    finished = output.finished
+                    output.lora_request = lora
+                    yield output
         finally:
+            self._owners.discard(request_id)
             if not finished:
                 # Pages are freed now; the abort's final output is dropped by the next step().
                 self.engine.abort(request_id)
@@ -677,6 +696,7 @@ class LLM(_Base):
                                           lora=names[i])] = i
         # results[prompt][index]: each sequence's last output.
         results: list[list[RequestOutput | None]] = [[None] * p.n for p in params_list]
+        self._owners.update(order)
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
@@ -685,9 +705,7 @@ class LLM(_Base):
         try:
             remaining = len(order)
             while remaining:
-                for output in self.engine.step():
-                    if output.request_id not in order:
-                        continue
+                for output in self._step(order.__contains__):
                     if output.finish_reason is not None:
                         results[order[output.request_id]][output.index] = output
                     if output.finished:
@@ -695,6 +713,7 @@ class LLM(_Base):
                         if bar is not None:
                             bar.update(1)
         finally:
+            self._owners.difference_update(order)
             if bar is not None:
                 bar.close()
         for sequences, one in zip(results, loras):
@@ -939,6 +958,7 @@ class LLMEngine(_Base):
         """An LLMEngine over ``llm``'s model and engine (``LLM.llm_engine``)."""
         view = cls.__new__(cls)
         view.lm, view.engine, view._outputs = llm.lm, llm.engine, {}
+        view._owners, view._held = llm._owners, llm._held
         return view
 
     def add_request(self, request_id: str, prompt: Prompt, params=None,
@@ -947,8 +967,8 @@ class LLMEngine(_Base):
         """Queue ``prompt`` (text, token ids, or vLLM's prompt dicts) under ``request_id`` with
         ``params`` (SamplingParams, PoolingParams; None: the model's defaults). As in
         ``LLM.generate``, a max_tokens larger than the room the prompt leaves is cut to it.
-        vLLM's tokenization_kwargs and trace_headers are accepted and unused; arrival_time is
-        the time of this call."""
+        vLLM's tokenization_kwargs and trace_headers are accepted and unused; prompt_text is
+        the outputs' ``prompt``; arrival_time is the time of this call."""
         unknown = sorted(set(unused) - {"tokenization_kwargs", "trace_headers", "prompt_text"})
         if unknown:
             raise TypeError(f"add_request() got unexpected keyword arguments {', '.join(unknown)}")
@@ -962,21 +982,20 @@ class LLMEngine(_Base):
             params = self._fitted(ids, params)
         self.engine.add_request(ids, params, request_id=request_id, priority=priority,
                                 lora=lora.lora_name if lora is not None else None)
-        text = prompt if isinstance(prompt, str) else (
-            self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else None)
+        text = unused.get("prompt_text") or (prompt if isinstance(prompt, str) else (
+            self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else None))
         self._outputs[request_id] = (_Shaped(params, lora), text)
+        self._owners.add(request_id)
         return request_id
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step; the outputs of the requests added here that it produced."""
         results = []
-        for output in self.engine.step():
-            entry = self._outputs.get(output.request_id)
-            if entry is None:
-                continue  # (a request of the LLM this engine belongs to)
-            shaped, prompt = entry
+        for output in self._step(self._outputs.__contains__):
+            shaped, prompt = self._outputs[output.request_id]
             if output.finished:
                 del self._outputs[output.request_id]
+                self._owners.discard(output.request_id)
             output.prompt = prompt
             if self.tokenizer is not None:  # vLLM's Logprob.decoded_token
                 for logprob in (*(output.delta_logprobs or ()), *(output.prompt_logprobs or ())):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from prometheus_client.utils import floatToGoString
+
 # How a sequence can end (RequestOutput.finish_reason); vLLM's request_success has a series
 # for each, under its label finished_reason.
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -36,8 +38,8 @@ STEP_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1
 
 def cumulative_buckets(counts: collections.Counter, bounds) -> list[tuple[str, int]]:
     """Prometheus histogram buckets of the values tallied in ``counts`` (value → how often):
-    (upper bound as Prometheus writes it, how many are ≤ it), "+Inf" last."""
-    buckets = [(str(bound), sum(n for value, n in counts.items() if value <= bound))
+    (upper bound as Prometheus writes it: "16.0", how many are ≤ it), "+Inf" last."""
+    buckets = [(floatToGoString(bound), sum(n for value, n in counts.items() if value <= bound))
                for bound in bounds]
     return buckets + [("+Inf", sum(counts.values()))]
 

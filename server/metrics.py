@@ -258,15 +258,23 @@ class _Throughput:
     interval): against the last read at least ``window`` old, else the oldest (the first read
     gives 0)."""
 
+    # Reads closer together than this give the last value again (one scrape reads the gauge
+    # once for qwenjax:* and once for each alias, a moment apart).
+    MIN_INTERVAL = 1.0
+
     def __init__(self, count: Callable[[], int], window: float = 60.0,
                  clock: Callable[[], float] = time.monotonic):
         self._count, self._window, self._clock = count, window, clock
         self._reads: list[tuple[float, int]] = []
+        self._rate = 0.0
         self._lock = threading.Lock()  # (two scrapers at once)
 
     def __call__(self) -> float:
         with self._lock:
-            now, count = self._clock(), self._count()
+            now = self._clock()
+            if self._reads and now - self._reads[-1][0] < self.MIN_INTERVAL:
+                return self._rate
+            count = self._count()
             if self._reads and count < self._reads[-1][1]:
                 self._reads.clear()  # the engines changed (a reload): start again
             self._reads.append((now, count))
@@ -274,7 +282,8 @@ class _Throughput:
             while len(self._reads) > 2 and self._reads[1][0] <= now - self._window:
                 self._reads.pop(0)
             then, before = self._reads[0]
-            return (count - before) / (now - then) if now > then else 0.0
+            self._rate = (count - before) / (now - then) if now > then else 0.0
+            return self._rate
 
 
 class ServerMetrics:

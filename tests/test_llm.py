@@ -531,8 +531,8 @@ def test_get_metrics_counts_under_vllms_names(tiny_dir):
     # Every step computed ≤ 16 tokens (max_num_batched_tokens), the prompts' (again after a
     # preemption) and the generated ones but the last of each sequence.
     steps = after[("vllm:iteration_tokens_total", ())]
-    assert steps.count == llm.engine.num_steps == steps.buckets["16"] == steps.buckets["+Inf"]
-    assert steps.buckets["8"] < steps.count and steps.sum >= 90 + 85 - 2
+    assert steps.count == llm.engine.num_steps == steps.buckets["16.0"] == steps.buckets["+Inf"]
+    assert steps.buckets["8.0"] < steps.count and steps.sum >= 90 + 85 - 2
     queries = after[("vllm:prefix_cache_queries", ())]
     assert queries >= 90 and after[("vllm:kv_cache_usage_perc", ())] == 0.0
     # A prompt twice: the second time its 2 full pages (16 of 20 tokens) are found cached.
@@ -727,11 +727,33 @@ def test_llm_engine_steps_as_vllms(tiny_dir):
     llm = LLM(engine.lm, max_model_len=64, num_pages=32, page_size=8, **TINY)
     stepped = llm.llm_engine
     assert stepped is llm.llm_engine and stepped.get_tokenizer() is llm.get_tokenizer()
-    stepped.add_request("again", prompts[2], greedy)
-    last = None
+    stepped.add_request("again", prompts[2], greedy, prompt_text="the third")
+    # generate runs meanwhile (stepping the same engine): it keeps the view's outputs for it.
+    assert llm.generate([prompts[0]], greedy, use_tqdm=False)[0].token_ids == reference[0].token_ids
+    assert not llm.engine.has_unfinished() and llm._held
+    outputs = []
     while stepped.has_unfinished_requests():
-        last = next(iter(stepped.step()), last)
-    assert last.token_ids == reference[1].token_ids
-    assert any(m.name == "vllm:generation_tokens" and m.value == 6 for m in stepped.get_metrics())
+        outputs += stepped.step()
+    assert len(outputs) == 6 and outputs[-1].finished
+    assert outputs[-1].token_ids == reference[1].token_ids and outputs[-1].prompt == "the third"
+    # And the other way: a stream's outputs wait while the view steps; an abandoned stream's
+    # last output is dropped, not held.
+    stream = llm.stream(prompts[0], greedy)
+    first = next(stream)
+    stepped.add_request("beside", prompts[2], greedy)
+    while stepped.has_unfinished_requests():
+        stepped.step()
+    rest = list(stream)
+    assert first.token_ids + [t for o in rest for t in o.delta_token_ids] == reference[0].token_ids
+    abandoned = llm.stream(prompts[0], greedy)
+    next(abandoned)
+    abandoned.close()
+    stepped.add_request("after", prompts[2], greedy)
+    while stepped.has_unfinished_requests():
+        stepped.step()
+    assert llm._held == [] and llm._owners == set()
+    # 6 tokens of each of the five requests run to the end, and the abandoned stream's first.
+    generated = next(m.value for m in stepped.get_metrics() if m.name == "vllm:generation_tokens")
+    assert 5 * 6 + 1 <= generated <= 5 * 6 + 6
     with pytest.raises(TypeError, match="unexpected keyword"):
         stepped.add_request("x", prompts[0], greedy, priorty=1)

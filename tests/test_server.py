@@ -1022,6 +1022,11 @@ def test_engine_tallies_are_exported_when_scraped():
     got = samples(ServerMetrics(lambda: [engine]))
     assert got["qwenjax:kv_tokens_used"] == 3 * 16 and got["qwenjax:prefix_cache_hit_rate"] == 16 / 40
     assert got["qwenjax:iteration_tokens_count"] == 4 and got["qwenjax:iteration_tokens_sum"] == 23
+    # (Bucket bounds written as prometheus-client writes them, as vLLM's: le="16.0".)
+    body = generate_latest(ServerMetrics(lambda: [engine]).registry).decode()
+    assert 'qwenjax:iteration_tokens_bucket{le="1.0"} 3.0' in body
+    assert 'qwenjax:iteration_tokens_bucket{le="16.0"} 3.0' in body
+    assert 'qwenjax:iteration_tokens_bucket{le="32.0"} 4.0' in body
     assert got["qwenjax:spec_decode_num_draft_tokens_total"] == 10
     assert got["qwenjax:spec_decode_num_accepted_tokens_total"] == 7
     assert got["qwenjax:prefix_cache_hits_total"] == 16 and got["qwenjax:kv_pages_used"] == 3
@@ -1052,6 +1057,10 @@ def test_generation_throughput_over_the_last_window():
         rate()
     assert rate() == 0.0
     count[0] = 7  # a new engine counts from 0 again: no negative rate
+    clock[0] += 15.0
+    assert rate() == 0.0
+    count[0] += 100  # read again within a second (an alias of the same scrape): the same value
+    clock[0] += 0.001
     assert rate() == 0.0
 
 
