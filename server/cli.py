@@ -72,8 +72,6 @@ NO_OP_VALUE_FLAGS = {
     "--max-seq-len-to-capture": "as --cuda-graph-max-bs",
     "--distributed-executor-backend": "processes join through jax.distributed (--coordinator)",
     "--tokenizer-mode": "the tokenizer is tokenizer.json's (the fast one)",
-    "--download-dir": "nothing is downloaded: the model is a local directory",
-    "--revision": "as --download-dir",
 }
 
 
@@ -494,7 +492,8 @@ def load_serving_model(args, mesh=None):
                     lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
                     max_loras=lora_slots(args), max_lora_rank=getattr(args, "max_lora_rank", None),
                     load_format=args.load_format, tokenizer=args.tokenizer,
-                    hf_overrides=hf_overrides(args))
+                    hf_overrides=hf_overrides(args), revision=args.revision,
+                    download_dir=args.download_dir)
     shape = ",".join(f"{k}={v}" for k, v in lm.mesh.shape.items())
     log.info("loaded %s (%s, mesh %s) in %.1fs", lm.source, lm.describe(), shape,
              time.perf_counter() - start)
@@ -590,7 +589,9 @@ def build_engine(args, mesh=None):
     from qwenjax.engine.engine import Engine, EngineConfig, enable_compile_cache
 
     lm, mesh_config = load_serving_model(args, mesh)
-    check_lora_names(args.served_model_name or [pathlib.Path(lm.source).name], lm.lora_names)
+    from server.servicer import model_name
+
+    check_lora_names(args.served_model_name or [model_name(lm.source)], lm.lora_names)
     if args.chat_template is not None:
         if lm.tokenizer is None:
             raise ValueError("--chat-template: this model has no tokenizer")
