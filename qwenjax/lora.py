@@ -85,12 +85,13 @@ class Adapter:
 
 
 def read_adapter(name: str, path: str | os.PathLike) -> Adapter:
-    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors); what this
-    runtime cannot apply (DoRA, biases, fan_in_fan_out, modules_to_save, non-projection
-    targets) is refused by name."""
+    """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors), or the Hub id of
+    one in the local Hugging Face cache (qwenjax/hub_cache.py); what this runtime cannot apply
+    (DoRA, biases, fan_in_fan_out, modules_to_save, non-projection targets) is refused by name."""
+    from qwenjax.hub_cache import local_model_dir
     from qwenjax.weights import Checkpoint
 
-    path = Path(path)
+    path = local_model_dir(str(path))
     config_path = path / "adapter_config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"LoRA {name!r}: {path} has no adapter_config.json")

@@ -82,6 +82,24 @@ def test_load_model_and_llm_read_a_hub_id_from_the_cache(hub):
         LLM(tagged, **options).generate([prompt], greedy, use_tqdm=False)[0].token_ids
 
 
+def test_a_lora_adapter_by_hub_id(tmp_path, monkeypatch):
+    """vLLM's LoRARequest("sql", 1, "Org/sql-lora"): the adapter's snapshot in the cache."""
+    from test_lora import CONFIG, write_adapter
+    from tiny import write_hf_checkpoint
+
+    from qwenjax.lora import read_adapter
+
+    write_hf_checkpoint(CONFIG, tmp_path / "base")
+    snapshot = tmp_path / "hub" / "models--Org--sql-lora" / "snapshots" / MAIN
+    write_adapter(snapshot, tmp_path / "base", rank=4, alpha=8, seed=1)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(MAIN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert read_adapter("sql", "Org/sql-lora").rank == 4
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download Org/other-lora"):
+        read_adapter("other", "Org/other-lora")
+
+
 def test_serve_takes_revision_and_download_dir():
     from server.cli import add_serve_arguments
 
