@@ -8,7 +8,6 @@ engine.py; every method runs on the engine's thread between two ``step()`` calls
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 from qwenjax.loading import LoadedModel
@@ -111,6 +110,7 @@ class LiveState:
         import jax
 
         from qwenjax.config import ModelConfig
+        from qwenjax.hub_cache import local_model_dir
         from qwenjax.weights import checkpoint_layout, load_checkpoint, resolve_dtype
 
         if jax.process_count() > 1:
@@ -118,7 +118,7 @@ class LiveState:
         if self.lm.score_head is not None:
             raise ValueError("new weights for a classification or reward model (its score head) "
                              "are not supported; restart the server on the new checkpoint")
-        directory = pathlib.Path(model)
+        directory = local_model_dir(model)  # (a Hub id: its snapshot in the local Hub cache)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"model_path {str(model)!r} is not a checkpoint directory "
                                     "(no config.json)")
