@@ -36,26 +36,12 @@ import qwenjax
 from qwenjax.engine.speculative import SpeculativeConfig
 from qwenjax.pooling import PoolingParams
 from qwenjax.sampling import is_int
-from qwenjax.structured import StructuredOutputs
+from qwenjax.sglang import MAX_NEW_TOKENS, finish_reason, sampling_fields  # noqa: F401 (tests)
 from server import openai_protocol as proto
 from server.gateway import Refused, merged
 
-MAX_NEW_TOKENS = 128  # SGLang's default max_new_tokens
 HEALTH_TIMEOUT_S = 20.0  # /health_generate: SGLang's default wait for the probe's token
 
-# SGLang sampling_params name → SamplingParams field, for those that map one to one.
-_SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
-             "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
-             "repetition_penalty": "repetition_penalty", "n": "n", "ignore_eos": "ignore_eos",
-             "skip_special_tokens": "skip_special_tokens", "stop_token_ids": "stop_token_ids",
-             "no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
-_STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar",
-               "structural_tag": "structural_tag"}
-# Accepted, changing nothing here: how often a stream is flushed.
-_IGNORED = ("stream_interval",)
-SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "stop_regex", "logit_bias",
-                             "spaces_between_special_tokens"))
 GENERATE_FIELDS = frozenset(("text", "input_ids", "sampling_params", "rid", "stream",
                              "return_logprob", "logprob_start_len", "top_logprobs_num",
                              "return_text_in_logprobs", "lora_path", "priority"))
@@ -112,64 +98,6 @@ def _per_prompt(value: Any, count: int, name: str, kind: type, what: str) -> lis
     return values
 
 
-def sampling_fields(params: Any) -> dict[str, Any]:
-    """SamplingParams fields of SGLang's ``sampling_params``; ValueError naming a bad one."""
-    params = proto.check_fields(params, SAMPLING_FIELDS, "sampling_params", "sampling_params")
-    fields = {field: params[name] for name, field in _SAMPLING.items() if name in params}
-    if fields.get("top_k") == -1:
-        fields["top_k"] = 0
-    for name in ("stop", "stop_regex"):
-        stop = params.get(name)
-        if stop is not None:
-            stop = [stop] if isinstance(stop, str) else stop
-            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-                raise ValueError(f"sampling_params.{name} must be a string or a list of strings")
-            if stop:
-                fields[name] = tuple(stop)
-    if "stop_token_ids" in fields:
-        ids = fields["stop_token_ids"]
-        if not isinstance(ids, list) or not all(is_int(t) for t in ids):
-            raise ValueError("sampling_params.stop_token_ids must be a list of token ids")
-        fields["stop_token_ids"] = tuple(ids)
-    if "logit_bias" in params:
-        bias = params["logit_bias"]
-        if not isinstance(bias, Mapping):
-            raise ValueError("sampling_params.logit_bias must be an object of token id → bias")
-        try:
-            fields["logit_bias"] = {int(k): v for k, v in bias.items()}
-        except ValueError:
-            raise ValueError("sampling_params.logit_bias keys must be token ids") from None
-    if params.get("spaces_between_special_tokens", True) is not True:
-        raise ValueError("sampling_params.spaces_between_special_tokens: only true (Qwen2.5's "
-                         "byte-level tokenizer has no spaces to add)")
-    given = [name for name in _STRUCTURED if name in params]
-    if len(given) > 1:
-        raise ValueError(f"sampling_params: set one of {', '.join(given)}")
-    if given:
-        name = given[0]
-        spec = params[name]
-        if not isinstance(spec, str):
-            raise ValueError(f"sampling_params.{name} must be a string")
-        if name == "ebnf":
-            spec = _ebnf_to_lark(spec)
-        try:
-            fields["structured_outputs"] = StructuredOutputs(**{_STRUCTURED[name]: spec})
-        except ValueError as error:
-            raise ValueError(f"sampling_params.{name}: {error}") from None
-    return fields
-
-
-def _ebnf_to_lark(grammar: str) -> str:
-    """SGLang's EBNF (GBNF: ``root ::= …``) in llguidance's Lark dialect, which qwenjax's
-    grammars use."""
-    from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
-
-    try:
-        return gbnf_to_lark(grammar)
-    except (GbnfToLarkError, ValueError, IndexError, KeyError) as error:
-        raise ValueError(f"sampling_params.ebnf is not a grammar this server reads: {error}") from None
-
-
 def parse_generate(body: Any) -> GenerateRequest:
     body = proto.check_fields(body, GENERATE_FIELDS, "/generate")
     prompts, batched = _prompts(body)
@@ -215,17 +143,6 @@ def parse_generate(body: Any) -> GenerateRequest:
             if request.logprob_start_len >= 0:
                 f["prompt_logprobs"] = request.top_logprobs_num
     return request
-
-
-def _finish(output, max_tokens: int) -> dict[str, Any] | None:
-    reason = output.finish_reason
-    if reason is None:
-        return None
-    if reason == "length":
-        return {"type": "length", "length": max_tokens}
-    if reason == "stop":
-        return {"type": "stop", "matched": output.matched_stop}
-    return {"type": "abort", "message": output.error or "the request was aborted"}
 
 
 def _entry(logprob: float | None, token_id: int, token_text, with_text: bool) -> list:
@@ -327,7 +244,7 @@ class SGLangAPI:
             if parsed.prompt_only[i]:  # the token it ran with is not an output
                 output = proto.prompt_only_output(output)
             meta = {"id": parsed.rids[i],
-                    "finish_reason": _finish(output, 0 if parsed.prompt_only[i] else params.max_tokens),
+                    "finish_reason": finish_reason(output, 0 if parsed.prompt_only[i] else params.max_tokens),
                     "prompt_tokens": len(ids), "completion_tokens": len(output.token_ids),
                     "cached_tokens": output.num_cached_tokens,
                     "e2e_latency": time.monotonic() - start}

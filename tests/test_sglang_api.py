@@ -82,6 +82,68 @@ def test_parse_generate_batches_and_logprobs():
 # --------------------------------------------------------------------------- real model
 
 
+def test_the_offline_engine_answers_as_sglangs(tmp_path):
+    """qwenjax.sglang.Engine, SGLang's sgl.Engine: its argument names, sampling_params, and
+    answers (dicts, lists for batches and n > 1, streams, logprobs), on the tiny model."""
+    import numpy as np
+    from tiny import tiny_config, write_hf_checkpoint
+
+    import qwenjax.sglang as sgl
+    from qwenjax import LLM, SamplingParams
+
+    write_hf_checkpoint(tiny_config(), tmp_path)
+    engine = sgl.Engine(model_path=str(tmp_path), context_length=64, max_running_requests=4,
+                        mem_fraction_static=0.5, random_seed=3, disable_radix_cache=True,
+                        log_level="error", dtype="float32", num_pages=32, page_size=8,
+                        warm_up=False, progress=False)
+    assert engine.llm.engine.max_model_len == 64 and engine.llm.engine.prefix_cache is None
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 250, n).tolist() for n in (6, 11)]
+    want = LLM(engine.llm.lm, max_model_len=64, num_pages=32, page_size=8, warm_up=False,
+               progress=False).generate(prompts, SamplingParams(temperature=0.0, max_tokens=5,
+                                                                ignore_eos=True), use_tqdm=False)
+    greedy = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+    one = engine.generate(input_ids=prompts[0], sampling_params=greedy, rid="r1",
+                          return_logprob=True, top_logprobs_num=2, logprob_start_len=2)
+    assert one["output_ids"] == want[0].token_ids and one["text"] == ""  # (no tokenizer)
+    meta = one["meta_info"]
+    assert meta["id"] == "r1" and meta["finish_reason"] == {"type": "length", "length": 5}
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (6, 5) and meta["e2e_latency"] > 0
+    assert [e[1] for e in meta["output_token_logprobs"]] == want[0].token_ids
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    assert [e[1] for e in meta["input_token_logprobs"]] == prompts[0][2:]
+    batch = engine.generate(input_ids=prompts, sampling_params=greedy)
+    assert [a["output_ids"] for a in batch] == [w.token_ids for w in want]
+    pair = engine.generate(input_ids=prompts[1], sampling_params={"n": 2, "max_new_tokens": 3,
+                                                                  "temperature": 1.0})
+    assert len(pair) == 2 and all(len(a["output_ids"]) <= 3 for a in pair)
+    # The default max_new_tokens is SGLang's 128, cut to the room the prompt leaves.
+    assert engine.generate(input_ids=prompts[0], sampling_params={"ignore_eos": True})[
+        "meta_info"]["completion_tokens"] == 64 - 6 + 1
+    # max_new_tokens 0: the prompt alone, with its logprobs.
+    scored = engine.generate(input_ids=prompts[0], sampling_params={"max_new_tokens": 0},
+                             return_logprob=True, logprob_start_len=0)
+    assert scored["output_ids"] == [] and scored["meta_info"]["completion_tokens"] == 0
+    assert len(scored["meta_info"]["input_token_logprobs"]) == 6
+    chunks = list(engine.generate(input_ids=prompts[0], sampling_params=greedy, stream=True))
+    assert chunks[-1]["output_ids"] == want[0].token_ids and chunks[-1]["meta_info"]["finish_reason"]
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+    for bad, message in (({"max_tokens": 3}, "does not accept the field(s) max_tokens"),
+                         ({"temperature": -1}, "temperature")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.generate(input_ids=prompts[0], sampling_params=bad)
+    with pytest.raises(ValueError, match="one of prompt"):
+        engine.generate()
+    assert len(engine.encode(input_ids=prompts[0])["embedding"]) == 64
+    assert engine.flush_cache() is True
+    engine.release_memory_occupation(tags=["kv_cache"])
+    assert engine.llm.engine.sleeping
+    engine.resume_memory_occupation()
+    assert engine.generate(input_ids=prompts[0], sampling_params=greedy)["output_ids"] == want[0].token_ids
+    with pytest.raises(TypeError):
+        sgl.Engine(model_path=str(tmp_path), not_an_argument=1)
+
+
 @pytest.fixture(scope="module")
 def base(server_loop, served_engine_thread):
     servers = Servers(server_loop, served_engine_thread, port=0, metrics_port=None, http_port=0)

@@ -1,0 +1,295 @@
+"""SGLang's offline engine, for code written against ``sglang.Engine``:
+
+    import qwenjax.sglang as sgl
+    llm = sgl.Engine(model_path="/models/Qwen2.5-7B-Instruct", tp_size=4)
+    out = llm.generate("The capital of France is", {"temperature": 0, "max_new_tokens": 16})
+    out["text"], out["meta_info"]["finish_reason"]
+
+``sampling_params`` takes SGLang's names (``max_new_tokens``, default 128; ``min_new_tokens``,
+``no_stop_trim``, ``sampling_seed``, ``json_schema``/``regex``/``ebnf``, …), as the server's
+native ``/generate`` does (server/sglang_api.py uses the translation here); a field qwenjax
+does not have is refused by name. Answers are SGLang's dicts: ``{"text", "output_ids",
+"meta_info"}``, a list for a batch of prompts or n > 1.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Iterator, Mapping, Sequence
+
+from qwenjax.sampling import is_int
+from qwenjax.structured import StructuredOutputs
+
+MAX_NEW_TOKENS = 128  # SGLang's default max_new_tokens
+# SGLang sampling_params name → SamplingParams field, for those that map one to one.
+_SAMPLING = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
+             "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+             "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty",
+             "repetition_penalty": "repetition_penalty", "n": "n", "ignore_eos": "ignore_eos",
+             "skip_special_tokens": "skip_special_tokens", "stop_token_ids": "stop_token_ids",
+             "no_stop_trim": "include_stop_str_in_output", "sampling_seed": "seed"}
+_STRUCTURED = {"json_schema": "json", "regex": "regex", "ebnf": "grammar",
+               "structural_tag": "structural_tag"}
+# Accepted, changing nothing here: how often a stream is flushed.
+_IGNORED = ("stream_interval",)
+SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "stop_regex", "logit_bias",
+                             "spaces_between_special_tokens"))
+
+
+def sampling_fields(params: Any) -> dict[str, Any]:
+    """SamplingParams fields of SGLang's ``sampling_params``; ValueError naming a bad one."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
+    unknown = sorted(set(params) - SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"sampling_params does not accept the field(s) {', '.join(unknown)}; its "
+                         f"fields are: {', '.join(sorted(SAMPLING_FIELDS))}")
+    params = {k: v for k, v in params.items() if v is not None}
+    fields = {field: params[name] for name, field in _SAMPLING.items() if name in params}
+    if fields.get("top_k") == -1:
+        fields["top_k"] = 0
+    for name in ("stop", "stop_regex"):
+        stop = params.get(name)
+        if stop is not None:
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+                raise ValueError(f"sampling_params.{name} must be a string or a list of strings")
+            if stop:
+                fields[name] = tuple(stop)
+    if "stop_token_ids" in fields:
+        ids = fields["stop_token_ids"]
+        if not isinstance(ids, list) or not all(is_int(t) for t in ids):
+            raise ValueError("sampling_params.stop_token_ids must be a list of token ids")
+        fields["stop_token_ids"] = tuple(ids)
+    if "logit_bias" in params:
+        bias = params["logit_bias"]
+        if not isinstance(bias, Mapping):
+            raise ValueError("sampling_params.logit_bias must be an object of token id → bias")
+        try:
+            fields["logit_bias"] = {int(k): v for k, v in bias.items()}
+        except ValueError:
+            raise ValueError("sampling_params.logit_bias keys must be token ids") from None
+    if params.get("spaces_between_special_tokens", True) is not True:
+        raise ValueError("sampling_params.spaces_between_special_tokens: only true (Qwen2.5's "
+                         "byte-level tokenizer has no spaces to add)")
+    given = [name for name in _STRUCTURED if name in params]
+    if len(given) > 1:
+        raise ValueError(f"sampling_params: set one of {', '.join(given)}")
+    if given:
+        name = given[0]
+        spec = params[name]
+        if not isinstance(spec, str):
+            raise ValueError(f"sampling_params.{name} must be a string")
+        if name == "ebnf":
+            spec = _ebnf_to_lark(spec)
+        try:
+            fields["structured_outputs"] = StructuredOutputs(**{_STRUCTURED[name]: spec})
+        except ValueError as error:
+            raise ValueError(f"sampling_params.{name}: {error}") from None
+    return fields
+
+
+def _ebnf_to_lark(grammar: str) -> str:
+    """SGLang's EBNF (GBNF: ``root ::= …``) in llguidance's Lark dialect, which qwenjax's
+    grammars use."""
+    from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
+
+    try:
+        return gbnf_to_lark(grammar)
+    except (GbnfToLarkError, ValueError, IndexError, KeyError) as error:
+        raise ValueError(f"sampling_params.ebnf is not a grammar qwenjax reads: {error}") from None
+
+
+def finish_reason(output, max_tokens: int) -> dict[str, Any] | None:
+    """SGLang's meta_info.finish_reason of a sequence's output (None while it runs)."""
+    reason = output.finish_reason
+    if reason is None:
+        return None
+    if reason == "length":
+        return {"type": "length", "length": max_tokens}
+    if reason == "stop":
+        return {"type": "stop", "matched": output.matched_stop}
+    return {"type": "abort", "message": output.error or "the request was aborted"}
+
+
+
+# SGLang's Engine (server) arguments under qwenjax's LLM names.
+ENGINE_ARGUMENTS = {"model_path": "model", "tp_size": "tp", "pp_size": "pp",
+                    "context_length": "max_model_len", "mem_fraction_static": "kv_cache_fraction",
+                    "max_running_requests": "max_num_seqs", "random_seed": "seed",
+                    "chunked_prefill_size": "prefill_chunk", "tokenizer_path": "tokenizer",
+                    "max_loras_per_batch": "max_loras", "json_model_override_args": "hf_overrides"}
+# Accepted, asking for nothing qwenjax does otherwise.
+NO_OP_ARGUMENTS = frozenset(("log_level", "trust_remote_code", "disable_cuda_graph",
+                             "enable_memory_saver", "attention_backend", "grammar_backend",
+                             "enable_metrics", "cuda_graph_max_bs", "disable_overlap_schedule"))
+
+
+def _prompts(prompt, input_ids) -> tuple[list, bool]:
+    """(prompts, whether a batch was given): text or token ids, one or a list."""
+    if (prompt is None) == (input_ids is None):
+        raise ValueError("give one of prompt (text) and input_ids")
+    if prompt is not None:
+        if isinstance(prompt, str):
+            return [prompt], False
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return list(prompt), True
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if isinstance(input_ids, list) and input_ids and all(is_int(t) for t in input_ids):
+        return [list(input_ids)], False
+    if isinstance(input_ids, list) and input_ids and all(
+            isinstance(p, list) and p and all(is_int(t) for t in p) for p in input_ids):
+        return [list(p) for p in input_ids], True
+    raise ValueError("input_ids must be a non-empty list of token ids, or a list of them")
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    values = value if isinstance(value, list) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
+    return values
+
+
+class Engine:
+    """SGLang's ``sglang.Engine`` over qwenjax's ``LLM``: ``Engine(model_path=..., tp_size=...)``
+    takes SGLang's argument names (``context_length``, ``mem_fraction_static``,
+    ``max_running_requests``, ``random_seed``, ``chunked_prefill_size``, ``page_size``,
+    ``disable_radix_cache``, ``lora_paths``, ``dtype``, ``quantization``, ``kv_cache_dtype``,
+    …) or LLM's own. ``async_generate`` is not here: use ``qwenjax.AsyncLLM``."""
+
+    def __init__(self, **kwargs):
+        from qwenjax.llm import LLM
+        from qwenjax.lora import parse_lora_modules
+
+        options: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if name in NO_OP_ARGUMENTS:
+                continue
+            if name == "disable_radix_cache":
+                options["enable_prefix_caching"] = not value
+            elif name == "lora_paths":
+                options["lora_modules"] = parse_lora_modules(
+                    [value] if isinstance(value, str) else value)
+            else:
+                options[ENGINE_ARGUMENTS.get(name, name)] = value
+        self.llm = LLM(**options)
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def generate(self, prompt: str | list[str] | None = None,
+                 sampling_params: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
+                 lora_path: str | list[str | None] | None = None, stream: bool = False,
+                 rid: str | list[str] | None = None, return_text_in_logprobs: bool = False):
+        """SGLang's answers: for one prompt a dict ``{"text", "output_ids", "meta_info"}``
+        (``meta_info``: ``id``, ``finish_reason`` as ``{"type": "stop", "matched": …}`` or
+        ``{"type": "length", "length": …}``, ``prompt_tokens``, ``completion_tokens``,
+        ``cached_tokens``, ``e2e_latency``; with ``return_logprob``, ``output_token_logprobs``
+        as ``[logprob, token_id, text or None]``, ``output_top_logprobs`` and, from
+        ``logprob_start_len``, ``input_token_logprobs``); a list of them for a list of prompts
+        or n > 1 (prompt by prompt). ``stream``: one prompt's answers as it goes (``text``
+        cumulative, as SGLang's). ``max_new_tokens`` 0 gives the prompt alone (nothing
+        generated; with ``return_logprob``, its logprobs)."""
+        start = time.monotonic()
+        prompts, batched = _prompts(prompt, input_ids)
+        count = len(prompts)
+        ids = [self.llm._encode(p) for p in prompts]
+        given = _per_prompt(sampling_params or {}, count, "sampling_params")
+        fields = [sampling_fields(p) for p in given]
+        prompt_only = [f.get("max_tokens") == 0 for f in fields]
+        engine = self.llm.engine
+        for f, p, only in zip(fields, ids, prompt_only):
+            if only:
+                if f.get("min_tokens"):
+                    raise ValueError("sampling_params.min_new_tokens must be 0 with max_new_tokens 0")
+                f["max_tokens"] = 1  # (the one token it runs with is left out of the answer)
+            elif "max_tokens" not in f:
+                f["max_tokens"] = max(1, min(MAX_NEW_TOKENS, engine.context_room(len(p))))
+            if return_logprob:
+                f["logprobs"] = top_logprobs_num or 0
+                if logprob_start_len is not None and logprob_start_len >= 0:
+                    if logprob_start_len >= len(p):
+                        raise ValueError(f"logprob_start_len ({logprob_start_len}) must be less "
+                                         f"than the prompt's {len(p)} tokens")
+                    f["prompt_logprobs"] = top_logprobs_num or 0
+        params = [engine.sampling_params(f, len(p)) for f, p in zip(fields, ids)]
+        rids = [r or uuid.uuid4().hex for r in _per_prompt(rid, count, "rid")]
+        loras = _per_prompt(lora_path, count, "lora_path")
+        shape = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                     top=bool(top_logprobs_num), with_text=return_text_in_logprobs, start=start)
+        if stream:
+            if count != 1:
+                raise ValueError("stream takes one prompt")
+            return self._stream(ids[0], params[0], rids[0], loras[0], prompt_only[0], shape)
+        results = self.llm.generate(ids, params, use_tqdm=False, lora=loras)
+        answers = [self._answer(sequence, rids[i], params[i], prompt_only[i], shape)
+                   for i, result in enumerate(results) for sequence in result.outputs]
+        return answers if batched or params[0].n > 1 else answers[0]
+
+    def _stream(self, ids, params, rid, lora, prompt_only, shape) -> Iterator[dict]:
+        for output in self.llm.stream(ids, params, lora=lora):
+            yield self._answer(output, rid, params, prompt_only, shape)
+
+    def _answer(self, output, rid: str, params, prompt_only: bool, shape) -> dict[str, Any]:
+        tokenizer = self.llm.get_tokenizer()
+
+        def entry(logprob, token_id):
+            text = tokenizer.decode([token_id], skip_special_tokens=False) \
+                if shape["with_text"] and tokenizer is not None else None
+            return [logprob, token_id, text]
+
+        done = output.finish_reason is not None
+        meta = {"id": rid,
+                "finish_reason": finish_reason(output, 0 if prompt_only else params.max_tokens),
+                "prompt_tokens": len(output.prompt_token_ids),
+                "completion_tokens": 0 if prompt_only else len(output.token_ids),
+                "cached_tokens": output.num_cached_tokens,
+                "e2e_latency": time.monotonic() - shape["start"] if done else None}
+        if shape["return_logprob"]:
+            generated = [] if prompt_only else (output.logprobs or [])
+            meta["output_token_logprobs"] = [entry(lp.logprob, lp.token_id) for lp in generated]
+            if shape["top"]:
+                meta["output_top_logprobs"] = [[entry(v, t) for t, v in lp.top] for lp in generated]
+            begin = shape["logprob_start_len"]
+            if begin is not None and begin >= 0 and output.prompt_logprobs is not None:
+                ids = output.prompt_token_ids
+                meta["input_token_logprobs"] = [
+                    entry(None if lp is None else lp.logprob, ids[position])
+                    for position, lp in enumerate(output.prompt_logprobs) if position >= begin]
+        return {"text": "" if prompt_only else output.text,
+                "output_ids": [] if prompt_only else list(output.token_ids), "meta_info": meta}
+
+    def encode(self, prompt: str | list[str] | None = None,
+               input_ids: list[int] | list[list[int]] | None = None):
+        """SGLang's: ``{"embedding", "meta_info"}`` (a list for a list of prompts): the last
+        token's normalized hidden state, as ``LLM.embed``."""
+        prompts, batched = _prompts(prompt, input_ids)
+        answers = [{"embedding": list(out.outputs.embedding),
+                    "meta_info": {"id": uuid.uuid4().hex,
+                                  "prompt_tokens": len(out.prompt_token_ids)}}
+                   for out in self.llm.embed(prompts, use_tqdm=False)]
+        return answers if batched else answers[0]
+
+    def flush_cache(self) -> bool:
+        """Forget the cached prefixes (False while requests are unfinished)."""
+        return self.llm.reset_prefix_cache()
+
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """The weights' and KV cache's device memory handed back while idle (the weights wait in
+        host memory: ``LLM.sleep(1)``); whatever ``tags`` say, both go and return together."""
+        self.llm.sleep(1)
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        self.llm.wake_up()
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None
+                                 ) -> tuple[bool, str]:
+        """Serve the weights of the checkpoint at ``model_path`` (same architecture) from now
+        on; SGLang's answer ``(success, message)``."""
+        self.llm.update_weights(model_path)
+        return True, "Succeeded to update model weights."
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engine lives in this process (SGLang's runs in others)."""
