@@ -63,6 +63,19 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def check_fields(body: Any, allowed: frozenset[str], endpoint: str,
+                 what: str = "the request body") -> dict[str, Any]:
+    """``body`` (``what``: the request body, or an object in it) without its null fields;
+    ValueError naming any field ``endpoint`` does not take."""
+    if not isinstance(body, Mapping):
+        raise ValueError(f"{what} must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValueError(f"{endpoint} does not accept the field(s) {', '.join(unknown)}; its "
+                         f"fields are: {', '.join(sorted(allowed))}")
+    return {k: v for k, v in body.items() if v is not None}
+
+
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 

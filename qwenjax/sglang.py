@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Iterator, Mapping, Sequence
 
-from qwenjax.sampling import is_int
+from qwenjax.sampling import check_fields, is_int
 from qwenjax.structured import StructuredOutputs
 
 MAX_NEW_TOKENS = 128  # SGLang's default max_new_tokens
@@ -38,13 +38,7 @@ SAMPLING_FIELDS = frozenset((*_SAMPLING, *_STRUCTURED, *_IGNORED, "stop", "stop_
 
 def sampling_fields(params: Any) -> dict[str, Any]:
     """SamplingParams fields of SGLang's ``sampling_params``; ValueError naming a bad one."""
-    if not isinstance(params, Mapping):
-        raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
-    unknown = sorted(set(params) - SAMPLING_FIELDS)
-    if unknown:
-        raise ValueError(f"sampling_params does not accept the field(s) {', '.join(unknown)}; its "
-                         f"fields are: {', '.join(sorted(SAMPLING_FIELDS))}")
-    params = {k: v for k, v in params.items() if v is not None}
+    params = check_fields(params, SAMPLING_FIELDS, "sampling_params", "sampling_params")
     fields = {field: params[name] for name, field in _SAMPLING.items() if name in params}
     if fields.get("top_k") == -1:
         fields["top_k"] = 0

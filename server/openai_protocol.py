@@ -24,7 +24,7 @@ import regex
 
 from qwenjax.engine.request import RequestOutput
 from qwenjax.reasoning import ReasoningStream, held_back, split_reasoning
-from qwenjax.sampling import is_int
+from qwenjax.sampling import check_fields, is_int  # noqa: F401 (check_fields: proto.check_fields)
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
 from qwenjax.tool_calls import ToolCall, parse_tool_calls, tool_choice_constraint
@@ -116,19 +116,6 @@ def _expect(body: Mapping[str, Any], name: str, kind: type | tuple, what: str):
     if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
         raise ValueError(f"{name} must be {what}, got {json.dumps(value)[:80]}")
     return value
-
-
-def check_fields(body: Any, allowed: frozenset[str], endpoint: str,
-                 what: str = "the request body") -> dict[str, Any]:
-    """``body`` (``what``: the request body, or an object in it) without its null fields;
-    ValueError naming any field ``endpoint`` does not take."""
-    if not isinstance(body, Mapping):
-        raise ValueError(f"{what} must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise ValueError(f"{endpoint} does not accept the field(s) {', '.join(unknown)}; its "
-                         f"fields are: {', '.join(sorted(allowed))}")
-    return {k: v for k, v in body.items() if v is not None}
 
 
 def _sampling_fields(body: Mapping[str, Any]) -> dict[str, Any]:
