@@ -22,14 +22,14 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 def hub_cache_dir(download_dir: str | os.PathLike | None = None) -> Path:
     if download_dir is not None:
-        return Path(download_dir)
+        return Path(download_dir).expanduser()
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(variable):
-            return Path(os.environ[variable])
+            return Path(os.environ[variable]).expanduser()
     if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "huggingface" / "hub"
+    return Path(base).expanduser() / "huggingface" / "hub"
 
 
 def is_repo_id(name: str) -> bool:

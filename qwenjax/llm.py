@@ -178,13 +178,15 @@ class _Base:
         """One engine step's outputs (and those held for us) of the requests ``owns`` names;
         those of requests someone else waits for are held for them, the rest (an abandoned
         stream's last output) dropped."""
-        mine, others = [], []
+        mine, others = [], {}
         for output in (*self._held, *self.engine.step()):
             if owns(output.request_id):
                 mine.append(output)
             elif output.request_id in self._owners:
-                others.append(output)
-        self._held[:] = others
+                # One held output per sequence: its latest state, with the deltas since.
+                key = output.request_id, output.index
+                others[key] = others[key].followed_by(output) if key in others else output
+        self._held[:] = others.values()
         return mine
 
     @classmethod

@@ -13,6 +13,7 @@ does not have is refused by name. Answers are SGLang's dicts: ``{"text", "output
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Iterator, Mapping, Sequence
@@ -144,6 +145,26 @@ def _per_prompt(value, count: int, name: str) -> list:
     return values
 
 
+def _lora_paths(value) -> dict[str, str]:
+    """SGLang's lora_paths: a list (or one) of "name=path", a path (its own name), or
+    ``{"lora_name", "lora_path"}``; or a mapping name → path."""
+    if isinstance(value, Mapping) and "lora_path" not in value:
+        return dict(value)
+    modules = {}
+    for item in [value] if isinstance(value, (str, Mapping)) else value:
+        if isinstance(item, Mapping):
+            name, path = item.get("lora_name"), item.get("lora_path")
+        elif isinstance(item, str):
+            name, _, path = item.partition("=") if "=" in item else (item, "", item)
+        else:
+            name = path = None
+        if not name or not path:
+            raise ValueError(f"lora_paths: {item!r} is neither NAME=PATH, a path, nor "
+                             '{"lora_name": …, "lora_path": …}')
+        modules[name] = path
+    return modules
+
+
 class Engine:
     """SGLang's ``sglang.Engine`` over qwenjax's ``LLM``: ``Engine(model_path=..., tp_size=...)``
     takes SGLang's argument names (``context_length``, ``mem_fraction_static``,
@@ -153,7 +174,6 @@ class Engine:
 
     def __init__(self, **kwargs):
         from qwenjax.llm import LLM
-        from qwenjax.lora import parse_lora_modules
 
         options: dict[str, Any] = {}
         for name, value in kwargs.items():
@@ -162,8 +182,12 @@ class Engine:
             if name == "disable_radix_cache":
                 options["enable_prefix_caching"] = not value
             elif name == "lora_paths":
-                options["lora_modules"] = parse_lora_modules(
-                    [value] if isinstance(value, str) else value)
+                options["lora_modules"] = _lora_paths(value)
+            elif name == "json_model_override_args" and isinstance(value, str):
+                try:
+                    options["hf_overrides"] = json.loads(value)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"json_model_override_args is not JSON: {error}") from None
             else:
                 options[ENGINE_ARGUMENTS.get(name, name)] = value
         self.llm = LLM(**options)
@@ -241,6 +265,8 @@ class Engine:
                 "completion_tokens": 0 if prompt_only else len(output.token_ids),
                 "cached_tokens": output.num_cached_tokens,
                 "e2e_latency": time.monotonic() - shape["start"] if done else None}
+        if params.n > 1:
+            meta["index"] = output.index  # which of the n samples (streams interleave them)
         if shape["return_logprob"]:
             generated = [] if prompt_only else (output.logprobs or [])
             meta["output_token_logprobs"] = [entry(lp.logprob, lp.token_id) for lp in generated]
@@ -249,9 +275,12 @@ class Engine:
             begin = shape["logprob_start_len"]
             if begin is not None and begin >= 0 and output.prompt_logprobs is not None:
                 ids = output.prompt_token_ids
-                meta["input_token_logprobs"] = [
-                    entry(None if lp is None else lp.logprob, ids[position])
-                    for position, lp in enumerate(output.prompt_logprobs) if position >= begin]
+                scored = list(enumerate(output.prompt_logprobs))[begin:]
+                meta["input_token_logprobs"] = [entry(None if lp is None else lp.logprob, ids[position])
+                                                for position, lp in scored]
+                if shape["top"]:
+                    meta["input_top_logprobs"] = [None if lp is None else [entry(v, t) for t, v in lp.top]
+                                                  for _, lp in scored]
         return {"text": "" if prompt_only else output.text,
                 "output_ids": [] if prompt_only else list(output.token_ids), "meta_info": meta}
 
@@ -281,8 +310,11 @@ class Engine:
     def update_weights_from_disk(self, model_path: str, load_format: str | None = None
                                  ) -> tuple[bool, str]:
         """Serve the weights of the checkpoint at ``model_path`` (same architecture) from now
-        on; SGLang's answer ``(success, message)``."""
-        self.llm.update_weights(model_path)
+        on; SGLang's answer ``(success, message)`` (the old weights stay on failure)."""
+        try:
+            self.llm.update_weights(model_path)
+        except (ValueError, FileNotFoundError) as error:
+            return False, str(error)
         return True, "Succeeded to update model weights."
 
     def shutdown(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def hub(tmp_path_factory):
     return cache
 
 
-def test_a_hub_id_is_found_at_its_revision(hub, monkeypatch):
+def test_a_hub_id_is_found_at_its_revision(hub, monkeypatch, tmp_path):
     repo = hub / "models--Org--tiny" / "snapshots"
     assert snapshot_dir("Org/tiny", download_dir=hub) == repo / MAIN
     assert snapshot_dir("Org/tiny", "v1", download_dir=hub) == repo / TAGGED
@@ -51,11 +52,19 @@ def test_a_hub_id_is_found_at_its_revision(hub, monkeypatch):
     assert hub_cache_dir() == hub.parent / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     assert hub_cache_dir() == hub and local_model_dir("Org/tiny") == repo / MAIN
-    # A path is itself (a revision means nothing for it), even one that looks like an id.
+    # A path is itself (a revision means nothing for it), even a relative one that looks like
+    # an id; "~" in the cache's variables is the home directory, as huggingface_hub reads them.
     assert local_model_dir(str(repo / MAIN), "v1") == repo / MAIN
+    monkeypatch.setenv("HOME", str(hub.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", "~/" + hub.name)
+    assert hub_cache_dir() == hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     with pytest.raises(FileNotFoundError, match=r"holds no snapshot of it at revision 'v2'.*"
                                                 r"huggingface-cli download Org/tiny --revision v2"):
         local_model_dir("Org/tiny", "v2")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Org" / "tiny").mkdir(parents=True)
+    assert local_model_dir("Org/tiny") == Path("Org/tiny")
 
 
 def test_load_model_and_llm_read_a_hub_id_from_the_cache(hub):

@@ -95,6 +95,7 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     engine = sgl.Engine(model_path=str(tmp_path), context_length=64, max_running_requests=4,
                         mem_fraction_static=0.5, random_seed=3, disable_radix_cache=True,
                         log_level="error", dtype="float32", num_pages=32, page_size=8,
+                        json_model_override_args='{"rope_theta": 10000.0}',
                         warm_up=False, progress=False)
     assert engine.llm.engine.max_model_len == 64 and engine.llm.engine.prefix_cache is None
     rng = np.random.default_rng(5)
@@ -112,11 +113,13 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     assert [e[1] for e in meta["output_token_logprobs"]] == want[0].token_ids
     assert all(len(top) == 2 for top in meta["output_top_logprobs"])
     assert [e[1] for e in meta["input_token_logprobs"]] == prompts[0][2:]
+    assert len(meta["input_top_logprobs"]) == 4 and all(len(t) == 2 for t in meta["input_top_logprobs"])
     batch = engine.generate(input_ids=prompts, sampling_params=greedy)
     assert [a["output_ids"] for a in batch] == [w.token_ids for w in want]
     pair = engine.generate(input_ids=prompts[1], sampling_params={"n": 2, "max_new_tokens": 3,
                                                                   "temperature": 1.0})
     assert len(pair) == 2 and all(len(a["output_ids"]) <= 3 for a in pair)
+    assert [a["meta_info"]["index"] for a in pair] == [0, 1]
     # The default max_new_tokens is SGLang's 128, cut to the room the prompt leaves.
     assert engine.generate(input_ids=prompts[0], sampling_params={"ignore_eos": True})[
         "meta_info"]["completion_tokens"] == 64 - 6 + 1
@@ -140,8 +143,16 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     assert engine.llm.engine.sleeping
     engine.resume_memory_occupation()
     assert engine.generate(input_ids=prompts[0], sampling_params=greedy)["output_ids"] == want[0].token_ids
+    ok, message = engine.update_weights_from_disk(str(tmp_path / "nowhere"))
+    assert not ok and "nowhere" in message
     with pytest.raises(TypeError):
         sgl.Engine(model_path=str(tmp_path), not_an_argument=1)
+    # SGLang's lora_paths forms.
+    assert sgl._lora_paths(["a=/x", "/y", {"lora_name": "c", "lora_path": "/z"}]) == \
+        {"a": "/x", "/y": "/y", "c": "/z"}
+    assert sgl._lora_paths({"a": "/x"}) == {"a": "/x"} and sgl._lora_paths("b=/w") == {"b": "/w"}
+    with pytest.raises(ValueError, match="lora_paths"):
+        sgl._lora_paths([{"lora_name": "c"}])
 
 
 @pytest.fixture(scope="module")
