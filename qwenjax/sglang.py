@@ -232,7 +232,9 @@ class Engine:
                         raise ValueError(f"logprob_start_len ({logprob_start_len}) must be less "
                                          f"than the prompt's {len(p)} tokens")
                     f["prompt_logprobs"] = top_logprobs_num or 0
-        params = [engine.sampling_params(f, len(p)) for f, p in zip(fields, ids)]
+        # (A max_new_tokens past the room the prompt leaves is cut to it, as LLM.generate does;
+        # finish_reason's length then says the cut one.)
+        params = [self.llm._fitted(p, engine.sampling_params(f, len(p))) for f, p in zip(fields, ids)]
         rids = [r or uuid.uuid4().hex for r in _per_prompt(rid, count, "rid")]
         loras = _per_prompt(lora_path, count, "lora_path")
         shape = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,

@@ -123,6 +123,9 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     # The default max_new_tokens is SGLang's 128, cut to the room the prompt leaves.
     assert engine.generate(input_ids=prompts[0], sampling_params={"ignore_eos": True})[
         "meta_info"]["completion_tokens"] == 64 - 6 + 1
+    cut = engine.generate(input_ids=prompts[0], sampling_params={"ignore_eos": True,
+                                                                 "max_new_tokens": 500})
+    assert cut["meta_info"]["finish_reason"] == {"type": "length", "length": 64 - 6 + 1}
     # max_new_tokens 0: the prompt alone, with its logprobs.
     scored = engine.generate(input_ids=prompts[0], sampling_params={"max_new_tokens": 0},
                              return_logprob=True, logprob_start_len=0)
