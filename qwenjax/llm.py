@@ -221,6 +221,16 @@ class _Base:
         self.engine.lora_slot(lora)
         return LoRARequest(lora, self.engine.loras.load_id(lora))
 
+    def _lora(self, lora, lora_request) -> LoRARequest | None:
+        """The adapter a call runs on (``_lora_request``); a ``LoRARequest`` not loaded yet is
+        loaded now."""
+        from qwenjax.lora import read_adapter
+
+        lora = _one_lora(lora, lora_request)
+        if isinstance(lora, LoRARequest) and lora.lora_name not in self.engine.lora_names:
+            self.engine.add_lora(read_adapter(lora.lora_name, lora.lora_path))
+        return self._lora_request(lora)
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``params=None`` means: the model's generation_config.json sampling values
         (e.g. Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20), else SamplingParams().
@@ -548,14 +558,6 @@ class LLM(_Base):
         trainer's latest step) from now on, without recompiling; the prefix cache is cleared.
         The new weights load beside the old ones (twice the weight memory at the peak)."""
         self.engine.update_weights(path)
-
-    def _lora(self, lora, lora_request) -> LoRARequest | None:
-        """The adapter a call runs on (``_lora_request``); a ``LoRARequest`` not loaded yet is
-        loaded now."""
-        lora = _one_lora(lora, lora_request)
-        if isinstance(lora, LoRARequest) and lora.lora_name not in self.engine.lora_names:
-            self.add_lora(lora.lora_name, lora.lora_path)
-        return self._lora_request(lora)
 
     def _loras(self, lora, lora_request):
         """``_lora``, or (given a list: vLLM's one LoRARequest per prompt, None for the base
@@ -979,7 +981,7 @@ class LLMEngine(_Base):
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         ids = self._encode(prompt)
-        lora = self._loaded(lora_request)
+        lora = self._lora(None, lora_request)
         if params is None:
             params = self.engine.default_sampling_params(len(ids))
         elif isinstance(params, SamplingParams):
@@ -1026,18 +1028,9 @@ class LLMEngine(_Base):
         """As ``LLM.get_metrics()``."""
         return _engine_metrics(self.engine)
 
-    def _loaded(self, lora_request: LoRARequest | None) -> LoRARequest | None:
-        if lora_request is not None and not isinstance(lora_request, LoRARequest):
-            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
-        if lora_request is not None and lora_request.lora_name not in self.engine.lora_names:
-            from qwenjax.lora import read_adapter
-
-            self.engine.add_lora(read_adapter(lora_request.lora_name, lora_request.lora_path))
-        return lora_request
-
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load the adapter now (vLLM's; ``add_request`` with a LoRARequest loads it too)."""
-        self._loaded(lora_request)
+        self._lora(None, lora_request)
         return True
 
     def remove_lora(self, lora: str | LoRARequest) -> bool:
