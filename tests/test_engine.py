@@ -350,6 +350,22 @@ def test_abort_frees_pages_at_once(tiny_lm):
     assert not engine.abort(rid)
 
 
+def test_each_output_keeps_the_tokens_and_logprobs_it_was_made_with(tiny_dir):
+    """Outputs hold O(1) views of the sequence's growing lists, copied when read: an output read
+    after later steps still holds what it held when it was made (its deltas so far)."""
+    engine = Engine(load_model(tiny_dir, dtype="float32"), EngineConfig(**SMALL, num_pages=200),
+                    warm_up=False)
+    engine.add_request(list(range(20)), SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1))
+    outputs = []
+    while not (outputs and outputs[-1].finished):
+        outputs.extend(engine.step())
+    ids, logprobs = [], []
+    for out in outputs:  # read only now, after the last step
+        ids, logprobs = ids + out.delta_token_ids, logprobs + out.delta_logprobs
+        assert out.token_ids == ids and out.logprobs == logprobs
+    assert len(ids) == 12 and isinstance(outputs[0].token_ids, list)
+
+
 def test_a_failing_step_fails_only_its_requests(tiny_lm, monkeypatch):
     engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 from qwenjax.engine.live_state import LiveState
 from qwenjax.engine.prefix_cache import PrefixCache
-from qwenjax.engine.request import (Request, RequestMetrics, RequestOutput, RequestStatus,
-                                    TokenLogprob)
+from qwenjax.engine.request import (GrowingPrefix, Request, RequestMetrics, RequestOutput,
+                                    RequestStatus, TokenLogprob)
 from qwenjax.engine.runner import InFlight, ModelRunner, SampledToken
 from qwenjax.engine.scheduler import Scheduler, SchedulerConfig
 from qwenjax.engine.speculative import SpeculativeConfig
@@ -724,8 +724,10 @@ class Engine(LiveState):
         return RequestOutput(
             request_id=request.parent_id or request.request_id, index=request.index,
             prompt_token_ids=request.prompt_ids, text=track.text,
-            token_ids=list(request.output_ids), delta_text=delta, delta_token_ids=delta_ids,
-            finished=finished, logprobs=track.logprobs,
+            token_ids=GrowingPrefix(request.output_ids, len(request.output_ids)),
+            delta_text=delta, delta_token_ids=delta_ids, finished=finished,
+            logprobs=None if track.logprobs is None
+            else GrowingPrefix(track.logprobs, len(track.logprobs)),
             delta_logprobs=delta_logprobs if track.logprobs is not None else None,
             prompt_logprobs=request.prompt_logprobs if request.prompt_logprobs_done else None,
             num_cached_tokens=request.num_cached_tokens or 0, metrics=track.metrics)

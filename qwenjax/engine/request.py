@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from qwenjax.lora import LoRARequest
@@ -223,6 +223,39 @@ class RequestMetrics:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
+class GrowingPrefix(NamedTuple):
+    """The first ``length`` items of ``items``, a list that is only ever appended to (a
+    sequence's token ids, its logprobs): an O(1) stand-in for the copy ``items[:length]``."""
+
+    items: list
+    length: int
+
+
+class _Snapshot:
+    """A RequestOutput list field that may be set to a ``GrowingPrefix``: copied on the first
+    read, so an output nobody reads in full (a stream consumer takes the deltas) costs nothing
+    per step, and one read later still holds what it held when it was made."""
+
+    def __init__(self, default: Any = dataclasses.MISSING):
+        self.default = default
+
+    def __set_name__(self, owner, name: str):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # the dataclass asks for the field's default
+            if self.default is dataclasses.MISSING:
+                raise AttributeError(self.slot[1:])
+            return self.default
+        value = obj.__dict__[self.slot]
+        if type(value) is GrowingPrefix:
+            value = obj.__dict__[self.slot] = value.items[: value.length]
+        return value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.slot] = value
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """A sequence's state after a step: the new part (``delta_*``) and the whole so far.
@@ -235,13 +268,13 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     text: str
-    token_ids: list[int]
+    token_ids: list[int] = _Snapshot()
     delta_text: str
     delta_token_ids: list[int]
     finished: bool
     finish_reason: str | None = None      # "stop" | "length" | "abort" | "error"
     matched_stop: str | int | None = None  # the stop string or stop token id that ended it
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[TokenLogprob] | None = _Snapshot(default=None)
     delta_logprobs: list[TokenLogprob] | None = None
     # With params.prompt_logprobs: one entry per prompt token, the first None (see Request);
     # set from the first output on (with n > 1, on sequence 0's outputs).
