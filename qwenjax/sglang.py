@@ -13,10 +13,12 @@ does not have is refused by name. Answers are SGLang's dicts: ``{"text", "output
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from qwenjax.sampling import check_fields, is_int
 from qwenjax.structured import StructuredOutputs
@@ -165,12 +167,113 @@ def _lora_paths(value) -> dict[str, str]:
     return modules
 
 
+@dataclasses.dataclass
+class _Job:
+    """One generate call: its prompts' token ids, SamplingParams, request ids and adapters, and
+    how its answers are shaped."""
+
+    ids: list[list[int]]
+    params: list
+    rids: list[str]
+    loras: list
+    prompt_only: list[bool]
+    shape: dict[str, Any]
+    batched: bool
+
+    def requests(self) -> Iterator[tuple]:
+        return zip(self.rids, self.ids, self.params, self.loras)
+
+    def answer(self, engine: Engine, output, i: int) -> dict[str, Any]:
+        return engine._answer(output, self.rids[i], self.params[i], self.prompt_only[i], self.shape)
+
+    def answers(self, engine: Engine, sequences: list[list]):
+        """The call's answer from each prompt's finished sequences: a dict, or a list of them
+        (a batch of prompts, or n > 1)."""
+        answers = [self.answer(engine, sequence, i)
+                   for i, outputs in enumerate(sequences) for sequence in outputs]
+        return answers if self.batched or self.params[0].n > 1 else answers[0]
+
+
+class _Driver:
+    """Steps an LLM's engine on a worker thread while coroutines wait for their requests
+    (``Engine.async_generate``). Requests are added and aborted between steps, on that thread."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.adds: list[tuple] = []
+        self.aborts: list[str] = []
+        self.task: asyncio.Task | None = None
+
+    def _submit(self, rid: str, ids, params, lora) -> asyncio.Queue:
+        if rid in self.queues or rid in self.llm._owners:
+            raise ValueError(f"rid {rid!r} is already running")
+        queue = self.queues[rid] = asyncio.Queue()
+        self.adds.append((rid, ids, params, lora))
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._drive())
+        return queue
+
+    async def stream(self, rid: str, ids, params, lora) -> AsyncIterator:
+        """The request's outputs as they come (with n > 1, every sequence's)."""
+        queue, finished = self._submit(rid, ids, params, lora), False
+        try:
+            while not finished:
+                output = await queue.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.finished
+                yield output
+        finally:
+            if not finished and rid in self.queues:
+                self.aborts.append(rid)
+
+    async def final(self, rid: str, ids, params, lora) -> list:
+        """The request's finished sequences, by index."""
+        ends = {}
+        async for output in self.stream(rid, ids, params, lora):
+            if output.finish_reason is not None:
+                ends[output.index] = output
+        return [ends[i] for i in sorted(ends)]
+
+    async def _drive(self):
+        while self.queues:
+            adds, self.adds, aborts, self.aborts = self.adds, [], self.aborts, []
+            try:
+                results = await asyncio.to_thread(self._step, adds, aborts, set(self.queues))
+            except Exception as error:  # the engine failed: every waiting caller hears of it
+                results = [(rid, error) for rid in self.queues]
+            for rid, result in results:
+                queue = self.queues.get(rid)
+                if queue is None:
+                    continue
+                queue.put_nowait(result)
+                if isinstance(result, BaseException) or result.finished:
+                    del self.queues[rid]
+                    self.llm._owners.discard(rid)
+
+    def _step(self, adds, aborts, waiting: set[str]) -> list[tuple]:
+        results = []
+        for rid, ids, params, lora in adds:
+            try:
+                adapter = self.llm._lora(lora, None)
+                self.llm.engine.add_request(ids, params, request_id=rid,
+                                            lora=adapter.lora_name if adapter is not None else None)
+                self.llm._owners.add(rid)
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                results.append((rid, error))
+        for rid in aborts:
+            self.llm.engine.abort(rid)
+        return results + [(output.request_id, output)
+                          for output in self.llm._step(waiting.__contains__)]
+
+
 class Engine:
     """SGLang's ``sglang.Engine`` over qwenjax's ``LLM``: ``Engine(model_path=..., tp_size=...)``
     takes SGLang's argument names (``context_length``, ``mem_fraction_static``,
     ``max_running_requests``, ``random_seed``, ``chunked_prefill_size``, ``page_size``,
     ``disable_radix_cache``, ``lora_paths``, ``dtype``, ``quantization``, ``kv_cache_dtype``,
-    …) or LLM's own. ``async_generate`` is not here: use ``qwenjax.AsyncLLM``."""
+    …) or LLM's own."""
 
     def __init__(self, **kwargs):
         from qwenjax.llm import LLM
@@ -191,6 +294,7 @@ class Engine:
             else:
                 options[ENGINE_ARGUMENTS.get(name, name)] = value
         self.llm = LLM(**options)
+        self._driver: _Driver | None = None  # async_generate's, made on its first call
 
     def get_tokenizer(self):
         return self.llm.get_tokenizer()
@@ -210,6 +314,40 @@ class Engine:
         or n > 1 (prompt by prompt). ``stream``: one prompt's answers as it goes (``text``
         cumulative, as SGLang's). ``max_new_tokens`` 0 gives the prompt alone (nothing
         generated; with ``return_logprob``, its logprobs)."""
+        job = self._job(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                        top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs)
+        if stream:
+            return self._stream(job)
+        results = self.llm.generate(job.ids, job.params, use_tqdm=False, lora=job.loras)
+        return job.answers(self, [result.outputs for result in results])
+
+    async def async_generate(self, prompt: str | list[str] | None = None,
+                             sampling_params: Mapping[str, Any] | list[Mapping[str, Any]] | None = None,
+                             input_ids: list[int] | list[list[int]] | None = None,
+                             return_logprob: bool = False, logprob_start_len: int | None = None,
+                             top_logprobs_num: int | None = None,
+                             lora_path: str | list[str | None] | None = None, stream: bool = False,
+                             rid: str | list[str] | None = None,
+                             return_text_in_logprobs: bool = False):
+        """``generate`` from a coroutine: ``await engine.async_generate(...)`` gives its answers;
+        with ``stream``, an async iterator of them (``async for chunk in await
+        engine.async_generate(..., stream=True)``), as SGLang's. Calls made at once share the
+        engine's batches; the engine steps on a worker thread, so the event loop keeps running.
+        Cancelling a caller, or leaving a stream early, aborts its request. (Not to be mixed
+        with ``generate`` at the same time: both step the one engine.)"""
+        job = self._job(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+                        top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs)
+        if self._driver is None:
+            self._driver = _Driver(self.llm)
+        if stream:
+            return self._async_stream(job)
+        waits = [self._driver.final(*request) for request in job.requests()]
+        return job.answers(self, await asyncio.gather(*waits))
+
+    def _job(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
+             top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs) -> _Job:
+        """A generate call's prompts, SamplingParams and answer shape; ValueError naming a bad
+        argument."""
         start = time.monotonic()
         prompts, batched = _prompts(prompt, input_ids)
         count = len(prompts)
@@ -239,18 +377,17 @@ class Engine:
         loras = _per_prompt(lora_path, count, "lora_path")
         shape = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                      top=bool(top_logprobs_num), with_text=return_text_in_logprobs, start=start)
-        if stream:
-            if count != 1:
-                raise ValueError("stream takes one prompt")
-            return self._stream(ids[0], params[0], rids[0], loras[0], prompt_only[0], shape)
-        results = self.llm.generate(ids, params, use_tqdm=False, lora=loras)
-        answers = [self._answer(sequence, rids[i], params[i], prompt_only[i], shape)
-                   for i, result in enumerate(results) for sequence in result.outputs]
-        return answers if batched or params[0].n > 1 else answers[0]
+        if stream and count != 1:
+            raise ValueError("stream takes one prompt")
+        return _Job(ids, params, rids, loras, prompt_only, shape, batched)
 
-    def _stream(self, ids, params, rid, lora, prompt_only, shape) -> Iterator[dict]:
-        for output in self.llm.stream(ids, params, lora=lora):
-            yield self._answer(output, rid, params, prompt_only, shape)
+    def _stream(self, job: _Job) -> Iterator[dict]:
+        for output in self.llm.stream(job.ids[0], job.params[0], lora=job.loras[0]):
+            yield job.answer(self, output, 0)
+
+    async def _async_stream(self, job: _Job) -> AsyncIterator[dict]:
+        async for output in self._driver.stream(*next(job.requests())):
+            yield job.answer(self, output, 0)
 
     def _answer(self, output, rid: str, params, prompt_only: bool, shape) -> dict[str, Any]:
         tokenizer = self.llm.get_tokenizer()

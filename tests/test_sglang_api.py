@@ -3,6 +3,7 @@ the routes on the real Qwen2.5-Coder-0.5B, checked against the OpenAI API of the
 (one engine: the same greedy tokens and logprobs)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import urllib.request
@@ -148,6 +149,38 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     assert engine.generate(input_ids=prompts[0], sampling_params=greedy)["output_ids"] == want[0].token_ids
     ok, message = engine.update_weights_from_disk(str(tmp_path / "nowhere"))
     assert not ok and "nowhere" in message
+    # async_generate: calls made at once share the engine; a stream left early and a cancelled
+    # caller abort their requests.
+    long = {"max_new_tokens": 40, "ignore_eos": True}
+
+    async def calls():
+        single, batch = await asyncio.gather(
+            engine.async_generate(input_ids=prompts[0], sampling_params=greedy, rid="a0"),
+            engine.async_generate(input_ids=prompts, sampling_params=greedy))
+        chunks = [c async for c in await engine.async_generate(
+            input_ids=prompts[1], sampling_params=greedy, stream=True)]
+        left = await engine.async_generate(input_ids=prompts[0], sampling_params=long, stream=True)
+        async for _ in left:
+            break
+        await left.aclose()
+        waiting = asyncio.create_task(engine.async_generate(input_ids=prompts[1],
+                                                            sampling_params=long, rid="x"))
+        await asyncio.sleep(0)  # (it starts: its rid is taken)
+        with pytest.raises(ValueError, match="'x' is already running"):
+            await engine.async_generate(input_ids=prompts[0], rid="x")
+        waiting.cancel()
+        with pytest.raises(ValueError, match="temperature"):
+            await engine.async_generate(input_ids=prompts[0], sampling_params={"temperature": -1})
+        await asyncio.wait_for(engine._driver.task, 60)
+        return single, batch, chunks
+
+    aborted = engine.llm.engine.stats.finished["abort"]
+    single, batch, chunks = asyncio.run(calls())
+    assert engine.llm.engine.stats.finished["abort"] == aborted + 2
+    assert single["output_ids"] == want[0].token_ids and single["meta_info"]["id"] == "a0"
+    assert [a["output_ids"] for a in batch] == [w.token_ids for w in want]
+    assert chunks[-1]["output_ids"] == want[1].token_ids and len(chunks) == 5
+    assert not engine.llm.engine.has_unfinished() and engine.llm.engine.allocator.num_used == 0
     with pytest.raises(TypeError):
         sgl.Engine(model_path=str(tmp_path), not_an_argument=1)
     # SGLang's lora_paths forms.
