@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
@@ -204,6 +205,8 @@ class _Driver:
         self.adds: list[tuple] = []
         self.aborts: list[str] = []
         self.task: asyncio.Task | None = None
+        # One step at a time, even when an event loop closed under a step still running.
+        self.lock = threading.Lock()
 
     def _submit(self, rid: str, ids, params, lora) -> asyncio.Queue:
         if rid in self.queues or rid in self.llm._owners:
@@ -253,6 +256,10 @@ class _Driver:
                     self.llm._owners.discard(rid)
 
     def _step(self, adds, aborts, waiting: set[str]) -> list[tuple]:
+        with self.lock:
+            return self._locked_step(adds, aborts, waiting)
+
+    def _locked_step(self, adds, aborts, waiting: set[str]) -> list[tuple]:
         results = []
         for rid, ids, params, lora in adds:
             try:
