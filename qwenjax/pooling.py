@@ -278,6 +278,26 @@ class PoolState:
         return np.concatenate(self.rows) if self.rows else np.zeros((0, 0), np.float32)
 
 
+class HiddenStates(PoolState):
+    """A generation request's rows with ``return_hidden_states``: every position the model is
+    fed (the prompt, then each generated token as the next step feeds it), each taken once."""
+
+    def __init__(self, prompt_ids):
+        super().__init__("ALL", None, prompt_ids)
+
+    def take(self, start: int, end: int) -> list[int]:
+        first, self.planned = max(start, self.planned), max(end, self.planned)
+        return list(range(first, end))
+
+    @property
+    def cacheable(self) -> int:
+        return self.planned
+
+    def first(self, length: int) -> np.ndarray:
+        """[length, hidden] float32: the rows of positions 0 … length − 1."""
+        return self.result()[:length]
+
+
 def score_pairs(num_first: int, num_second: int) -> list[tuple[int, int]]:
     """The (i, j) pairs vLLM's scoring takes, indexing first + second: one first text against
     each second one, or two lists of one length pairwise."""

@@ -153,6 +153,9 @@ class SamplingParams:
     # vLLM's: only True (Qwen2.5's byte-level tokenizer keeps every space itself).
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # SGLang's: the last output carries ``hidden_states``, the final-normed hidden state of every
+    # position fed to the model (the prompt's, then each generated token's but the last).
+    return_hidden_states: bool = False
     # vLLM's: anything a caller wants carried with the request (read by nothing here).
     extra_args: Mapping[str, Any] | None = None
     # vLLM's older name of structured_outputs (pass it by keyword): moved into
@@ -278,7 +281,7 @@ class SamplingParams:
         set_("stop_token_ids", tuple(int(i) for i in ids))
 
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-                     "detokenize", "spaces_between_special_tokens"):
+                     "detokenize", "spaces_between_special_tokens", "return_hidden_states"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise _fail(name, "a bool", getattr(self, name))
             set_(name, bool(getattr(self, name)))

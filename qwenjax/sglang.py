@@ -87,6 +87,13 @@ def sampling_fields(params: Any) -> dict[str, Any]:
     return fields
 
 
+def hidden_state_lists(output) -> list:
+    """An output's ``hidden_states`` as SGLang's meta_info has them: the prompt's rows as one
+    list of lists, then one list per generated token but the last."""
+    rows, prompt_length = output.hidden_states.tolist(), len(output.prompt_token_ids)
+    return [rows[:prompt_length], *rows[prompt_length:]]
+
+
 def _ebnf_to_lark(grammar: str) -> str:
     """SGLang's EBNF (GBNF: ``root ::= …``) in llguidance's Lark dialect, which qwenjax's
     grammars use."""
@@ -120,7 +127,8 @@ ENGINE_ARGUMENTS = {"model_path": "model", "tp_size": "tp", "pp_size": "pp",
 # Accepted, asking for nothing qwenjax does otherwise.
 NO_OP_ARGUMENTS = frozenset(("log_level", "trust_remote_code", "disable_cuda_graph",
                              "enable_memory_saver", "attention_backend", "grammar_backend",
-                             "enable_metrics", "cuda_graph_max_bs", "disable_overlap_schedule"))
+                             "enable_metrics", "cuda_graph_max_bs", "disable_overlap_schedule",
+                             "enable_return_hidden_states"))
 
 
 def _prompts(prompt, input_ids) -> tuple[list, bool]:
@@ -311,7 +319,8 @@ class Engine:
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
                  logprob_start_len: int | None = None, top_logprobs_num: int | None = None,
                  lora_path: str | list[str | None] | None = None, stream: bool = False,
-                 rid: str | list[str] | None = None, return_text_in_logprobs: bool = False):
+                 rid: str | list[str] | None = None, return_text_in_logprobs: bool = False,
+                 return_hidden_states: bool = False):
         """SGLang's answers: for one prompt a dict ``{"text", "output_ids", "meta_info"}``
         (``meta_info``: ``id``, ``finish_reason`` as ``{"type": "stop", "matched": …}`` or
         ``{"type": "length", "length": …}``, ``prompt_tokens``, ``completion_tokens``,
@@ -320,9 +329,15 @@ class Engine:
         ``logprob_start_len``, ``input_token_logprobs``); a list of them for a list of prompts
         or n > 1 (prompt by prompt). ``stream``: one prompt's answers as it goes (``text``
         cumulative, as SGLang's). ``max_new_tokens`` 0 gives the prompt alone (nothing
-        generated; with ``return_logprob``, its logprobs)."""
-        job = self._job(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                        top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs)
+        generated; with ``return_logprob``, its logprobs). ``return_hidden_states``: the last
+        answer's ``meta_info["hidden_states"]`` holds the final-normed hidden states, SGLang's
+        way: the prompt's rows as one list of lists, then one list per generated token but the
+        last."""
+        job = self._job(prompt, sampling_params, input_ids, stream, rid, lora_path,
+                        dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                             top_logprobs_num=top_logprobs_num,
+                             return_text_in_logprobs=return_text_in_logprobs,
+                             return_hidden_states=return_hidden_states))
         if stream:
             return self._stream(job)
         results = self.llm.generate(job.ids, job.params, use_tqdm=False, lora=job.loras)
@@ -335,15 +350,19 @@ class Engine:
                              top_logprobs_num: int | None = None,
                              lora_path: str | list[str | None] | None = None, stream: bool = False,
                              rid: str | list[str] | None = None,
-                             return_text_in_logprobs: bool = False):
+                             return_text_in_logprobs: bool = False,
+                             return_hidden_states: bool = False):
         """``generate`` from a coroutine: ``await engine.async_generate(...)`` gives its answers;
         with ``stream``, an async iterator of them (``async for chunk in await
         engine.async_generate(..., stream=True)``), as SGLang's. Calls made at once share the
         engine's batches; the engine steps on a worker thread, so the event loop keeps running.
         Cancelling a caller, or leaving a stream early, aborts its request. (Not to be mixed
         with ``generate`` at the same time: both step the one engine.)"""
-        job = self._job(prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-                        top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs)
+        job = self._job(prompt, sampling_params, input_ids, stream, rid, lora_path,
+                        dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                             top_logprobs_num=top_logprobs_num,
+                             return_text_in_logprobs=return_text_in_logprobs,
+                             return_hidden_states=return_hidden_states))
         if self._driver is None:
             self._driver = _Driver(self.llm)
         if stream:
@@ -351,11 +370,13 @@ class Engine:
         waits = [self._driver.final(*request) for request in job.requests()]
         return job.answers(self, await asyncio.gather(*waits))
 
-    def _job(self, prompt, sampling_params, input_ids, return_logprob, logprob_start_len,
-             top_logprobs_num, lora_path, stream, rid, return_text_in_logprobs) -> _Job:
-        """A generate call's prompts, SamplingParams and answer shape; ValueError naming a bad
-        argument."""
+    def _job(self, prompt, sampling_params, input_ids, stream: bool, rid, lora_path,
+             answer: dict[str, Any]) -> _Job:
+        """A generate call's prompts, SamplingParams and answer shape (``answer``: generate's
+        return_* arguments); ValueError naming a bad argument."""
         start = time.monotonic()
+        return_logprob, logprob_start_len = answer["return_logprob"], answer["logprob_start_len"]
+        top_logprobs_num = answer["top_logprobs_num"]
         prompts, batched = _prompts(prompt, input_ids)
         count = len(prompts)
         ids = [self.llm._encode(p) for p in prompts]
@@ -370,6 +391,8 @@ class Engine:
                 f["max_tokens"] = 1  # (the one token it runs with is left out of the answer)
             elif "max_tokens" not in f:
                 f["max_tokens"] = max(1, min(MAX_NEW_TOKENS, engine.context_room(len(p))))
+            if answer["return_hidden_states"]:
+                f["return_hidden_states"] = True
             if return_logprob:
                 f["logprobs"] = top_logprobs_num or 0
                 if logprob_start_len is not None and logprob_start_len >= 0:
@@ -383,7 +406,8 @@ class Engine:
         rids = [r or uuid.uuid4().hex for r in _per_prompt(rid, count, "rid")]
         loras = _per_prompt(lora_path, count, "lora_path")
         shape = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                     top=bool(top_logprobs_num), with_text=return_text_in_logprobs, start=start)
+                     top=bool(top_logprobs_num), with_text=answer["return_text_in_logprobs"],
+                     start=start)
         if stream and count != 1:
             raise ValueError("stream takes one prompt")
         return _Job(ids, params, rids, loras, prompt_only, shape, batched)
@@ -427,6 +451,8 @@ class Engine:
                 if shape["top"]:
                     meta["input_top_logprobs"] = [None if lp is None else [entry(v, t) for t, v in lp.top]
                                                   for _, lp in scored]
+        if output.hidden_states is not None:
+            meta["hidden_states"] = hidden_state_lists(output)
         return {"text": "" if prompt_only else output.text,
                 "output_ids": [] if prompt_only else list(output.token_ids), "meta_info": meta}
 

@@ -36,7 +36,8 @@ import qwenjax
 from qwenjax.engine.speculative import SpeculativeConfig
 from qwenjax.pooling import PoolingParams
 from qwenjax.sampling import is_int
-from qwenjax.sglang import MAX_NEW_TOKENS, finish_reason, sampling_fields  # noqa: F401 (tests)
+from qwenjax.sglang import (MAX_NEW_TOKENS, finish_reason, hidden_state_lists,  # noqa: F401 (tests)
+                            sampling_fields)
 from server import openai_protocol as proto
 from server.gateway import Refused, merged
 
@@ -44,7 +45,8 @@ HEALTH_TIMEOUT_S = 20.0  # /health_generate: SGLang's default wait for the probe
 
 GENERATE_FIELDS = frozenset(("text", "input_ids", "sampling_params", "rid", "stream",
                              "return_logprob", "logprob_start_len", "top_logprobs_num",
-                             "return_text_in_logprobs", "lora_path", "priority"))
+                             "return_text_in_logprobs", "return_hidden_states", "lora_path",
+                             "priority"))
 ENCODE_FIELDS = frozenset(("text", "input_ids", "rid", "priority"))
 
 
@@ -59,6 +61,7 @@ class GenerateRequest:
     logprob_start_len: int = -1       # prompt logprobs from this position (-1: none)
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    return_hidden_states: bool = False
     lora: list[str | None] = dataclasses.field(default_factory=list)
     priority: int = 0
     # max_new_tokens 0: the prompt only (SGLang's frontend caches prefixes and scores choices
@@ -124,7 +127,7 @@ def parse_generate(body: Any) -> GenerateRequest:
                 raise ValueError("sampling_params.min_new_tokens must be 0 with max_new_tokens 0")
     request.lora = _per_prompt(body.get("lora_path"), count, "lora_path", str,
                                "the name of a loaded LoRA adapter")
-    for name in ("stream", "return_logprob", "return_text_in_logprobs"):
+    for name in ("stream", "return_logprob", "return_text_in_logprobs", "return_hidden_states"):
         value = body.get(name, False)
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false")
@@ -137,6 +140,9 @@ def parse_generate(body: Any) -> GenerateRequest:
         setattr(request, name, int(value))
     if request.top_logprobs_num < 0 or request.logprob_start_len < -1:
         raise ValueError("top_logprobs_num must be ≥ 0 and logprob_start_len ≥ -1")
+    if request.return_hidden_states:
+        for f in fields:
+            f["return_hidden_states"] = True
     if request.return_logprob:
         for f in fields:
             f["logprobs"] = request.top_logprobs_num
@@ -263,6 +269,8 @@ class SGLangAPI:
                         tops.insert(0, None)
                     meta["input_token_logprobs"] = tokens
                     meta["input_top_logprobs"] = tops
+            if output.hidden_states is not None:
+                meta["hidden_states"] = hidden_state_lists(output)
             reply = {"text": output.text, "output_ids": list(output.token_ids), "meta_info": meta}
             if many:
                 reply["index"] = i * n + output.index

@@ -228,6 +228,35 @@ def test_prompt_logprobs_match_hf_through_chunks_cache_and_batching(tiny_lm, tin
     engine.check()
 
 
+def test_hidden_states_equal_hfs_through_chunks_preemption_and_the_prefix_cache(tiny_dir):
+    """return_hidden_states: a sequence's last output holds the final-normed hidden state of
+    every position fed (its prompt, then each generated token but the last), equal to HF's
+    (float32), though prompts run in chunks, requests are preempted and recomputed, and a
+    prompt's head sits in the prefix cache."""
+    import torch
+    import transformers
+
+    lm = load_model(tiny_dir, dtype="float32")
+    engine = Engine(lm, EngineConfig(**{**SMALL, "max_model_len": 256}, num_pages=32),
+                    warm_up=False)  # 256 tokens
+    rng = np.random.default_rng(3)
+    shared = rng.integers(0, VOCAB, 80).tolist()
+    prompts = [shared + rng.integers(0, VOCAB, 70).tolist(), shared + [5],
+               rng.integers(0, VOCAB, 150).tolist(), [7]]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                             return_hidden_states=i != 3) for i, n in enumerate((20, 12, 20, 5))]
+    outputs, preemptions = _run(engine, prompts, params, arrivals=[0, 3, 0, 1])
+    assert preemptions > 0
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tiny_dir).float().eval()
+    for i in range(3):
+        fed = prompts[i] + outputs[i].token_ids[:-1]
+        with torch.no_grad():
+            hidden = hf.model(torch.tensor([fed])).last_hidden_state[0].numpy()
+        assert outputs[i].hidden_states.shape == hidden.shape, i
+        np.testing.assert_allclose(outputs[i].hidden_states, hidden, atol=1e-4, err_msg=str(i))
+    assert outputs[3].hidden_states is None
+
+
 def test_bad_word_ids_ban_the_token_that_would_complete_a_word():
     from qwenjax.engine.request import Request
 

@@ -117,6 +117,13 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     assert len(meta["input_top_logprobs"]) == 4 and all(len(t) == 2 for t in meta["input_top_logprobs"])
     batch = engine.generate(input_ids=prompts, sampling_params=greedy)
     assert [a["output_ids"] for a in batch] == [w.token_ids for w in want]
+    assert "hidden_states" not in batch[0]["meta_info"]
+    # return_hidden_states, SGLang's shape: the prompt's rows, then one per generated token but
+    # the last (their values against HF's: test_engine.py).
+    rows = engine.generate(input_ids=prompts[1], sampling_params=greedy,
+                           return_hidden_states=True)["meta_info"]["hidden_states"]
+    assert len(rows) == 5 and np.shape(rows[0]) == (11, 64)
+    assert all(np.shape(r) == (64,) for r in rows[1:])
     pair = engine.generate(input_ids=prompts[1], sampling_params={"n": 2, "max_new_tokens": 3,
                                                                   "temperature": 1.0})
     assert len(pair) == 2 and all(len(a["output_ids"]) <= 3 for a in pair)
@@ -235,6 +242,14 @@ def test_generate_equals_the_openai_completion(base):
     assert status == 200 and len(replies) == 4
     assert [r["text"] for r in replies[:2]] == [reply["text"]] * 2
     assert replies[2]["output_ids"] == replies[3]["output_ids"] != reply["output_ids"]
+
+    # return_hidden_states: the prompt's rows, then one per generated token but the last.
+    status, hidden = _post(base, "/generate", {"input_ids": ids["tokens"], "return_hidden_states": True,
+                                               "sampling_params": {"temperature": 0, "max_new_tokens": 3}})
+    rows = hidden["meta_info"]["hidden_states"]
+    assert status == 200 and hidden["output_ids"] == reply["output_ids"][:3]
+    assert len(rows) == 3 and [len(r) for r in rows[0]] == [896] * len(ids["tokens"])
+    assert [len(r) for r in rows[1:]] == [896, 896] and "hidden_states" not in meta
 
 
 def test_generate_logprobs_match_the_openai_api(base):

@@ -503,6 +503,11 @@ class Engine(LiveState):
 
             request.pool = PoolState(*request.pooling.rows(self.pooler, self.head_kind),
                                      request.prompt_ids)
+        elif getattr(params, "return_hidden_states", False):
+            from qwenjax.pooling import HiddenStates
+
+            request.pool = HiddenStates(request.prompt_ids)
+            request.speculate = False  # (a rejected draft's rows would be taken as the sequence's)
         detokenizer = None
         if self.tokenizer is not None and getattr(params, "detokenize", True):
             from qwenjax.detokenizer import IncrementalDetokenizer
@@ -709,6 +714,8 @@ class Engine(LiveState):
         out.finish_reason, out.matched_stop = reason, matched
         out.stopped_at_eos = reason == "stop" and isinstance(matched, int) \
             and matched in self.eos_token_ids
+        if request.pool is not None and request.pooling is None:  # return_hidden_states
+            out.hidden_states = request.pool.first(request.num_known - 1)
         if request.pooling is not None and request.embedding is not None:
             # An embedding, not a generation: the token sampled with it is dropped.
             out.embedding = request.pooling.apply(request.embedding, self.lm.config.hidden_size,

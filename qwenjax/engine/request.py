@@ -285,6 +285,10 @@ class RequestOutput:
     index: int = 0                        # which of the request's n sequences
     # A pooling request's answer (on its last output): floats, or a list of them per pooled token.
     embedding: list | None = None
+    # SamplingParams.return_hidden_states (on the sequence's last output): [positions, hidden]
+    # float32, the final-normed hidden states of the prompt and of every generated token but the
+    # last (SGLang's).
+    hidden_states: Any = dataclasses.field(default=None, repr=False, compare=False)
     prompt: str | None = None  # the prompt's text (LLM.generate/chat fill it in; vLLM's)
     # vLLM's: the LoRARequest the call ran on (None: the base model); LLM and AsyncLLM fill it in.
     lora_request: LoRARequest | None = None

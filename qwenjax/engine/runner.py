@@ -628,7 +628,7 @@ class ModelRunner:
             for request, total in zip(step.pool_sums, np.asarray(step.pooled_sums)):
                 request.pool.add_sum(total)
         for _, c in step.placed:
-            if c.request.pool is not None:
+            if c.request.pooling is not None:
                 c.request.embedding = c.request.pool.result()
 
     @staticmethod
