@@ -176,6 +176,12 @@ def _lora_paths(value) -> dict[str, str]:
     return modules
 
 
+def _embedding(values, prompt_tokens: int) -> dict[str, Any]:
+    """SGLang's answer to encode: ``{"embedding", "meta_info"}``."""
+    return {"embedding": [float(v) for v in values],
+            "meta_info": {"id": uuid.uuid4().hex, "prompt_tokens": prompt_tokens}}
+
+
 @dataclasses.dataclass
 class _Job:
     """One generate call: its prompts' token ids, SamplingParams, request ids and adapters, and
@@ -461,10 +467,22 @@ class Engine:
         """SGLang's: ``{"embedding", "meta_info"}`` (a list for a list of prompts): the last
         token's normalized hidden state, as ``LLM.embed``."""
         prompts, batched = _prompts(prompt, input_ids)
-        answers = [{"embedding": list(out.outputs.embedding),
-                    "meta_info": {"id": uuid.uuid4().hex,
-                                  "prompt_tokens": len(out.prompt_token_ids)}}
+        answers = [_embedding(out.outputs.embedding, len(out.prompt_token_ids))
                    for out in self.llm.embed(prompts, use_tqdm=False)]
+        return answers if batched else answers[0]
+
+    async def async_encode(self, prompt: str | list[str] | None = None,
+                           input_ids: list[int] | list[list[int]] | None = None):
+        """``encode`` from a coroutine, batched with the ``async_generate`` calls running."""
+        from qwenjax.pooling import PoolingParams
+
+        prompts, batched = _prompts(prompt, input_ids)
+        ids = [self.llm._encode(p) for p in prompts]
+        if self._driver is None:
+            self._driver = _Driver(self.llm)
+        ends = await asyncio.gather(*(self._driver.final(uuid.uuid4().hex, p, PoolingParams(), None)
+                                      for p in ids))
+        answers = [_embedding(out.embedding, len(p)) for (out,), p in zip(ends, ids)]
         return answers if batched else answers[0]
 
     def flush_cache(self) -> bool:

@@ -25,6 +25,7 @@ aborts its requests: the handler is cancelled, which closes the engine stream.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -112,7 +113,10 @@ class OpenAIServer:
         app.router.add_post(ANTHROPIC_PATH, self.messages)
         app.router.add_post(ANTHROPIC_PATH + "/count_tokens", self.count_message_tokens)
         app.router.add_get("/v1/responses/{response_id}", self.get_response)
+        app.router.add_post("/v1/responses/{response_id}/cancel", self.cancel_response)
         self.responses_store = rproto.ResponseStore()
+        # Background responses still running: id → (its task, its ResponseBuilder).
+        self._background: dict[str, tuple[asyncio.Task, rproto.ResponseBuilder]] = {}
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/classify", self.classify)
         app.router.add_post("/pooling", self.pooling)
@@ -864,6 +868,10 @@ class OpenAIServer:
                 raise Refused(grpc.StatusCode.NOT_FOUND, f"previous_response_id {previous!r}: no "
                               f"stored response has this id (the server keeps the last "
                               f"{self.responses_store.capacity}, in memory)")
+            if entry[1] is None:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"previous_response_id "
+                              f"{previous!r} is {entry[0]['status']}: only a finished response "
+                              f"can be continued")
             history = entry[1]
         parsed = self._parse_chat(body, lambda b: rproto.to_chat_body(b, history))
         model = self._check_model(parsed.model)
@@ -877,6 +885,8 @@ class OpenAIServer:
                 self.responses_store.put(reply.result, history + rproto.input_messages(body)
                                          + rproto.output_messages(reply.result))
 
+        if body.get("background"):
+            return web.json_response(self._run_in_background(reply, outputs, store))
         if not parsed.stream:
             result = await reply.collect(outputs)
             store()
@@ -918,6 +928,47 @@ class OpenAIServer:
         parsed = self._parse_chat(body, aproto.to_chat_body)
         self._check_model(parsed.model)
         return web.json_response({"input_tokens": len(await self._chat_prompt(parsed))})
+
+    def _run_in_background(self, reply, outputs, store) -> dict:
+        """Answer at once with the queued response; it runs on, stored as it goes (in_progress,
+        then completed, incomplete or failed), until done or cancelled."""
+        queued = reply.pending("queued")
+        self.responses_store.put(queued, None)
+
+        async def run():
+            try:
+                self.responses_store.put(reply.pending("in_progress"), None)
+                await reply.collect(outputs)
+                store()
+            except Exception as error:  # refused or failed: the stored response says so
+                log.warning("background response %s failed: %s", reply.id, error)
+                failed = reply.pending("failed")
+                failed["error"] = {"code": "server_error", "message": str(error)}
+                self.responses_store.put(failed, None)
+            finally:
+                self._background.pop(reply.id, None)
+
+        self._background[reply.id] = asyncio.get_running_loop().create_task(run()), reply
+        return queued
+
+    async def cancel_response(self, request: web.Request) -> web.Response:
+        """Stop a background response still running (its request is aborted); the response,
+        now "cancelled". A finished one cannot be cancelled."""
+        response_id = request.match_info["response_id"]
+        running = self._background.pop(response_id, None)
+        if running is not None:
+            task, reply = running
+            task.cancel()  # (closing its outputs aborts its engine request)
+            await asyncio.gather(task, return_exceptions=True)
+            self.responses_store.put(reply.pending("cancelled"), None)
+        entry = self.responses_store.get(response_id)
+        if entry is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no stored response has the id {response_id!r}")
+        if running is None and entry[0]["status"] != "cancelled":
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"response {response_id!r} is "
+                          f"{entry[0]['status']}: only a background response still running can "
+                          f"be cancelled")
+        return web.json_response(entry[0])
 
     async def get_response(self, request: web.Request) -> web.Response:
         entry = self.responses_store.get(request.match_info["response_id"])

@@ -46,8 +46,14 @@ def to_chat_body(body: Any, history: list[dict] | None = None) -> dict[str, Any]
         kind = str if name == "previous_response_id" else bool
         if body.get(name) is not None and not isinstance(body[name], kind):
             raise ValueError(f"{name} must be a {kind.__name__}")
+    if body.get("background") is not None and not isinstance(body["background"], bool):
+        raise ValueError("background must be a bool")
     if body.get("background"):
-        raise ValueError("background responses are not supported")
+        if body.get("store") is False:
+            raise ValueError("background responses must be stored: leave store true")
+        if body.get("stream"):
+            raise ValueError("background responses do not stream here: poll GET "
+                             "/v1/responses/{id} instead")
     reasoning = body.get("reasoning")
     if reasoning not in (None, {}) and not (isinstance(reasoning, Mapping)
                                             and reasoning.get("effort") in (None, "none")):
@@ -252,6 +258,10 @@ class ResponseBuilder:
                 self.prompt_tokens, len(finished.token_ids), finished.num_cached_tokens),
             finish_reason=None if finished is None else finished.finish_reason)
 
+    def pending(self, status: str) -> dict[str, Any]:
+        """The response before it finishes: "queued", "in_progress", "cancelled" (no output)."""
+        return self._object(status, [])
+
     def final(self, output, text: str | None = None, logprobs: list | None = None) -> dict[str, Any]:
         """The finished response. ``text``/``logprobs``: what a stream sent as the message (the
         same text the non-streamed reply would hold)."""
@@ -282,7 +292,7 @@ class ResponseBuilder:
         def event(kind: str, **fields) -> dict:
             return {"type": kind, "sequence_number": next(sequence), **fields}
 
-        start = self._object("in_progress", [])
+        start = self.pending("in_progress")
         yield event("response.created", response=start)
         yield event("response.in_progress", response=start)
         stream = proto.ChatStream(self.parsed)
@@ -391,13 +401,15 @@ class ResponseStore:
         self.capacity = capacity
         self._entries: collections.OrderedDict[str, tuple[dict, list[dict]]] = collections.OrderedDict()
 
-    def put(self, response: dict[str, Any], conversation: list[dict]) -> None:
+    def put(self, response: dict[str, Any], conversation: list[dict] | None) -> None:
+        """Keep ``response``; ``conversation`` (None while it runs, or when it was cancelled or
+        failed) is what a response continuing it starts from."""
         self._entries[response["id"]] = (response, conversation)
         self._entries.move_to_end(response["id"])
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict]] | None:
+    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict] | None] | None:
         entry = self._entries.get(response_id)
         if entry is not None:
             self._entries.move_to_end(response_id)

@@ -555,6 +555,49 @@ def test_responses_are_stored_and_continued(client, name, tokenizer):
         client.responses.create(model=name, input="x", previous_response_id="resp_nope")
 
 
+def test_background_responses_are_polled_and_cancelled(client, name, served_model):
+    """background: answered at once (queued), run on and stored as it goes; cancel stops one
+    still running (its pages come back); a finished one cannot be cancelled."""
+    import time
+
+    import openai
+
+    def until_done(response_id: str):
+        for _ in range(600):
+            response = client.responses.retrieve(response_id)
+            if response.status not in ("queued", "in_progress"):
+                return response
+            time.sleep(0.05)
+        raise AssertionError(f"{response_id} still {response.status}")
+
+    plain = client.responses.create(model=name, input="Say hi.", max_output_tokens=4, temperature=0)
+    queued = client.responses.create(model=name, input="Say hi.", max_output_tokens=4,
+                                     temperature=0, background=True)
+    assert queued.status in ("queued", "in_progress") and queued.output == []
+    done = until_done(queued.id)
+    assert done.status == "incomplete" and done.output_text == plain.output_text
+    with pytest.raises(openai.BadRequestError, match="only a background response still running"):
+        client.responses.cancel(done.id)
+    # A long one, cancelled while it runs.
+    long = client.responses.create(model=name, input="Count to a thousand.", temperature=0,
+                                   max_output_tokens=2000, background=True)
+    while client.responses.retrieve(long.id).status == "queued":
+        time.sleep(0.02)
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(long.id).status == "cancelled"
+    engine = served_model[1]
+    for _ in range(100):  # the abort reaches the engine thread within a step or two
+        if not engine.has_unfinished() and engine.allocator.num_used == 0:
+            break
+        time.sleep(0.05)
+    assert not engine.has_unfinished() and engine.allocator.num_used == 0
+    with pytest.raises(openai.BadRequestError, match="cancelled: only a finished response"):
+        client.responses.create(model=name, input="x", previous_response_id=long.id)
+    for bad, message in (({"store": False}, "must be stored"), ({"stream": True}, "do not stream")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.responses.create(model=name, input="x", background=True, **bad)
+
+
 def test_responses_api_function_calls_and_refusals(client, name):
     import openai
 

@@ -149,6 +149,9 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     with pytest.raises(ValueError, match="one of prompt"):
         engine.generate()
     assert len(engine.encode(input_ids=prompts[0])["embedding"]) == 64
+    encoded = asyncio.run(engine.async_encode(input_ids=prompts))
+    np.testing.assert_allclose([e["embedding"] for e in encoded],
+                               [e["embedding"] for e in engine.encode(input_ids=prompts)], atol=1e-5)
     assert engine.flush_cache() is True
     engine.release_memory_occupation(tags=["kv_cache"])
     assert engine.llm.engine.sleeping
