@@ -4,16 +4,11 @@ XLA_FLAGS must be set before JAX is imported anywhere, so this runs first.
 """
 import os
 
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 # CPU unless the caller chose (scripts/gpu_session.sh sets it empty to run tests/test_gpu.py on a GPU).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in _flags:
-    # The suite compiles hundreds of small step programs and runs each a few times: LLVM's
-    # optimizations cost more than they save here (a tiny-model engine test: 74 s → 49 s; the
-    # real model's batch-invariance test: 61 s → 53 s; 2-core CPU, jax 0.10.2). Same numerics
-    # class (no fast math); servers and benchmarks keep XLA's default.
-    _flags += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 
