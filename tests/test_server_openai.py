@@ -580,7 +580,7 @@ def test_background_responses_are_polled_and_cancelled(client, name, served_mode
         client.responses.cancel(done.id)
     # A long one, cancelled while it runs.
     long = client.responses.create(model=name, input="Count to a thousand.", temperature=0,
-                                   max_output_tokens=2000, background=True)
+                                   max_output_tokens=400, background=True)
     while client.responses.retrieve(long.id).status == "queued":
         time.sleep(0.02)
     cancelled = client.responses.cancel(long.id)
