@@ -60,7 +60,8 @@ def test_bad_sampling_params_are_named(params, message):
     ({"text": ["a", "b"], "rid": "x"}, "one rid per prompt"),
     ({"text": ["a", "b"], "rid": ["x", "x"]}, "its own"),
     ({"text": ["a", "b"], "sampling_params": [{}]}, "1 entries for 2 prompts"),
-    ({"text": "a", "return_hidden_states": True}, "return_hidden_states"),
+    ({"text": "a", "return_hidden_states": 1}, "return_hidden_states must be true or false"),
+    ({"text": "a", "input_embeds": [[0.5]]}, "input_embeds"),
     ({"text": "a", "top_logprobs_num": -1}, "top_logprobs_num must be"),
 ])
 def test_bad_generate_requests_are_named(body, message):
