@@ -379,6 +379,24 @@ def test_abort_frees_pages_at_once(tiny_lm):
     assert not engine.abort(rid)
 
 
+def test_page_table_follows_the_pages_list():
+    """Request.page_table: the int32 copy of ``pages`` a step packs, kept up to date as the
+    scheduler appends pages, frees them all, or admits with a new list."""
+    from qwenjax.engine.request import Request
+
+    request = Request("r", [1], SamplingParams(), 0, 0.0)
+    assert request.page_table().tolist() == []
+    request.pages += [3, 4]
+    assert request.page_table().tolist() == [3, 4]
+    request.pages += list(range(40))  # past the copy's room: it grows
+    assert request.page_table().tolist() == [3, 4, *range(40)]
+    request.pages = [9]  # re-admitted: a new list
+    assert request.page_table().tolist() == [9] and request.page_table().dtype == np.int32
+    request.pages = []
+    request.pages += [7]
+    assert request.page_table().tolist() == [7]
+
+
 def test_each_output_keeps_the_tokens_and_logprobs_it_was_made_with(tiny_dir):
     """Outputs hold O(1) views of the sequence's growing lists, copied when read: an output read
     after later steps still holds what it held when it was made (its deltas so far)."""

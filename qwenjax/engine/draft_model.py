@@ -268,7 +268,7 @@ class DraftModel:
             tokens[i, :n] = request.tokens(start, start + n)
             positions[i, :n] = np.arange(start, start + n)
             seq_lens[i] = start + n
-            tables[i, : len(request.pages)] = request.pages
+            tables[i, : len(request.pages)] = request.page_table()
             limits[i] = start + n + k - 2  # the last draft is proposed, never fed
             if kind == "propose":
                 sampling.set_row(i, request)

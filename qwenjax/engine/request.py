@@ -6,6 +6,8 @@ import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
+import numpy as np
+
 if TYPE_CHECKING:
     from qwenjax.lora import LoRARequest
 
@@ -74,6 +76,26 @@ class Request:
     embedding: Any = dataclasses.field(default=None, repr=False)
     # time.monotonic() when the scheduler first admitted it (its queue time ends there).
     first_scheduled_time: float | None = None
+    # page_table's copy of ``pages``: (the list it copies, int32 array, entries filled).
+    _page_table: tuple | None = dataclasses.field(default=None, repr=False)
+
+    def page_table(self) -> np.ndarray:
+        """``pages`` as int32, kept up to date as pages are appended (the scheduler appends to
+        the list, or replaces it): packing a step copies this instead of converting a Python
+        list of every page of every row, every step (O(context) per row)."""
+        pages, cached = self.pages, self._page_table
+        if cached is not None and cached[0] is pages and cached[2] <= len(pages):
+            _, table, filled = cached
+        else:
+            table, filled = np.empty((max(16, len(pages)),), np.int32), 0
+        if len(pages) > filled:
+            if len(pages) > len(table):
+                grown = np.empty((2 * len(pages),), np.int32)
+                grown[:filled] = table[:filled]
+                table = grown
+            table[filled: len(pages)] = pages[filled:]
+            self._page_table = pages, table, len(pages)
+        return table[: len(pages)]
 
     @property
     def cache_salt(self) -> str | None:

@@ -120,7 +120,7 @@ def pack_decode(chunks: Sequence[ScheduledChunk], rows: int, pages_per_seq: int)
             src[i] = request.inflight_row
         positions[i, 0] = c.start
         seq_lens[i] = c.start + 1
-        tables[i, : len(request.pages)] = request.pages
+        tables[i, : len(request.pages)] = request.page_table()
     return (tokens, positions, seq_lens, tables, lora), src
 
 
@@ -158,7 +158,7 @@ def pack_prefill(chunks: Sequence[ScheduledChunk], total: int, rows: int, chunk_
         row_tokens[r, :n] = np.arange(offset, offset + n)
         row_positions[r, :n] = positions[span]
         seq_lens[r] = c.start + n
-        tables[r, : len(c.request.pages)] = c.request.pages
+        tables[r, : len(c.request.pages)] = c.request.page_table()
         last_token[r] = offset + n - 1
         offset += n
     return (tokens, positions, token_rows, token_cols, row_tokens, row_positions, seq_lens, tables,
