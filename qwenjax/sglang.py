@@ -14,8 +14,10 @@ does not have is refused by name. Answers are SGLang's dicts: ``{"text", "output
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import threading
 import time
 import uuid
@@ -23,6 +25,8 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from qwenjax.sampling import check_fields, is_int
 from qwenjax.structured import StructuredOutputs
+
+log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 128  # SGLang's default max_new_tokens
 # SGLang sampling_params name → SamplingParams field, for those that map one to one.
@@ -209,6 +213,17 @@ class _Job:
         return answers if self.batched or self.params[0].n > 1 else answers[0]
 
 
+async def _all_or_none(calls) -> list:
+    """Each call's result; when one fails, the others are cancelled (their requests aborted)."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
 class _Driver:
     """Steps an LLM's engine on a worker thread while coroutines wait for their requests
     (``Engine.async_generate``). Requests are added and aborted between steps, on that thread."""
@@ -259,7 +274,10 @@ class _Driver:
             try:
                 results = await asyncio.to_thread(self._step, adds, aborts, set(self.queues))
             except Exception as error:  # the engine failed: every waiting caller hears of it
+                log.exception("engine step failed")
                 results = [(rid, error) for rid in self.queues]
+                self.adds = []  # (submitted during the step: failed with the rest)
+                await asyncio.to_thread(self._abort, list(self.queues))
             for rid, result in results:
                 queue = self.queues.get(rid)
                 if queue is None:
@@ -268,6 +286,13 @@ class _Driver:
                 if isinstance(result, BaseException) or result.finished:
                     del self.queues[rid]
                     self.llm._owners.discard(rid)
+                    if rid in self.aborts:  # a caller that left as it finished: nothing to stop
+                        self.aborts.remove(rid)
+
+    def _abort(self, rids: list[str]) -> None:
+        with self.lock:
+            for rid in rids:
+                self.llm.engine.abort(rid)
 
     def _step(self, adds, aborts, waiting: set[str]) -> list[tuple]:
         with self.lock:
@@ -281,7 +306,7 @@ class _Driver:
                 self.llm.engine.add_request(ids, params, request_id=rid,
                                             lora=adapter.lora_name if adapter is not None else None)
                 self.llm._owners.add(rid)
-            except (ValueError, TypeError, FileNotFoundError) as error:
+            except Exception as error:  # refused: its caller hears why
                 results.append((rid, error))
         for rid in aborts:
             self.llm.engine.abort(rid)
@@ -373,8 +398,8 @@ class Engine:
             self._driver = _Driver(self.llm)
         if stream:
             return self._async_stream(job)
-        waits = [self._driver.final(*request) for request in job.requests()]
-        return job.answers(self, await asyncio.gather(*waits))
+        return job.answers(self, await _all_or_none(self._driver.final(*request)
+                                                    for request in job.requests()))
 
     def _job(self, prompt, sampling_params, input_ids, stream: bool, rid, lora_path,
              answer: dict[str, Any]) -> _Job:
@@ -410,6 +435,8 @@ class Engine:
         # finish_reason's length then says the cut one.)
         params = [self.llm._fitted(p, engine.sampling_params(f, len(p))) for f, p in zip(fields, ids)]
         rids = [r or uuid.uuid4().hex for r in _per_prompt(rid, count, "rid")]
+        if len(set(rids)) != len(rids):
+            raise ValueError("rid: each prompt of a batch needs its own")
         loras = _per_prompt(lora_path, count, "lora_path")
         shape = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                      top=bool(top_logprobs_num), with_text=answer["return_text_in_logprobs"],
@@ -423,8 +450,9 @@ class Engine:
             yield job.answer(self, output, 0)
 
     async def _async_stream(self, job: _Job) -> AsyncIterator[dict]:
-        async for output in self._driver.stream(*next(job.requests())):
-            yield job.answer(self, output, 0)
+        async with contextlib.aclosing(self._driver.stream(*next(job.requests()))) as outputs:
+            async for output in outputs:
+                yield job.answer(self, output, 0)
 
     def _answer(self, output, rid: str, params, prompt_only: bool, shape) -> dict[str, Any]:
         tokenizer = self.llm.get_tokenizer()
@@ -480,8 +508,8 @@ class Engine:
         ids = [self.llm._encode(p) for p in prompts]
         if self._driver is None:
             self._driver = _Driver(self.llm)
-        ends = await asyncio.gather(*(self._driver.final(uuid.uuid4().hex, p, PoolingParams(), None)
-                                      for p in ids))
+        ends = await _all_or_none(self._driver.final(uuid.uuid4().hex, p, PoolingParams(), None)
+                                  for p in ids)
         answers = [_embedding(out.embedding, len(p)) for (out,), p in zip(ends, ids)]
         return answers if batched else answers[0]
 

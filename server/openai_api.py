@@ -881,7 +881,7 @@ class OpenAIServer:
         outputs = (output async for _, output in merged([call]))
 
         def store() -> None:
-            if body.get("store", True) and reply.result is not None:
+            if body.get("store") is not False and reply.result is not None:
                 self.responses_store.put(reply.result, history + rproto.input_messages(body)
                                          + rproto.output_messages(reply.result))
 
@@ -959,8 +959,10 @@ class OpenAIServer:
         if running is not None:
             task, reply = running
             task.cancel()  # (closing its outputs aborts its engine request)
-            await asyncio.gather(task, return_exceptions=True)
-            self.responses_store.put(reply.pending("cancelled"), None)
+            try:
+                await asyncio.gather(task, return_exceptions=True)
+            finally:  # (stored even when this request is itself cancelled meanwhile)
+                self.responses_store.put(reply.pending("cancelled"), None)
         entry = self.responses_store.get(response_id)
         if entry is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no stored response has the id {response_id!r}")

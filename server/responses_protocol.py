@@ -217,7 +217,8 @@ def response_object(response_id: str, created: int, model: str, body: Mapping[st
         "parallel_tool_calls": body.get("parallel_tool_calls", True), "text": text,
         "metadata": body.get("metadata") or {},
         "previous_response_id": body.get("previous_response_id"), "reasoning": None,
-        "store": body.get("store", True), "truncation": "disabled", "user": body.get("user"),
+        "store": body.get("store") is not False, "background": bool(body.get("background")),
+        "truncation": "disabled", "user": body.get("user"),
         "usage": usage_json,
     }
 

@@ -573,7 +573,7 @@ def test_background_responses_are_polled_and_cancelled(client, name, served_mode
     plain = client.responses.create(model=name, input="Say hi.", max_output_tokens=4, temperature=0)
     queued = client.responses.create(model=name, input="Say hi.", max_output_tokens=4,
                                      temperature=0, background=True)
-    assert queued.status in ("queued", "in_progress") and queued.output == []
+    assert queued.status in ("queued", "in_progress") and queued.output == [] and queued.background
     done = until_done(queued.id)
     assert done.status == "incomplete" and done.output_text == plain.output_text
     with pytest.raises(openai.BadRequestError, match="only a background response still running"):

@@ -182,12 +182,18 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
         waiting.cancel()
         with pytest.raises(ValueError, match="temperature"):
             await engine.async_generate(input_ids=prompts[0], sampling_params={"temperature": -1})
+        with pytest.raises(ValueError, match="its own"):
+            await engine.async_generate(input_ids=prompts, rid="same")
+        # One prompt of a batch refused (no such adapter): the other's request is aborted.
+        with pytest.raises(ValueError, match="nope"):
+            await engine.async_generate(input_ids=prompts, sampling_params=long,
+                                        lora_path=[None, "nope"])
         await asyncio.wait_for(engine._driver.task, 60)
         return single, batch, chunks
 
     aborted = engine.llm.engine.stats.finished["abort"]
     single, batch, chunks = asyncio.run(calls())
-    assert engine.llm.engine.stats.finished["abort"] == aborted + 2
+    assert engine.llm.engine.stats.finished["abort"] == aborted + 3
     assert single["output_ids"] == want[0].token_ids and single["meta_info"]["id"] == "a0"
     assert [a["output_ids"] for a in batch] == [w.token_ids for w in want]
     assert chunks[-1]["output_ids"] == want[1].token_ids and len(chunks) == 5
