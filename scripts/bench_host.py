@@ -19,6 +19,11 @@ the other phases overlap the device, so ``wait`` is what is left of the device t
 
     python scripts/bench_host.py --model qwen2.5-7b --batch 64        # a GPU, random weights
     python scripts/bench_host.py --smoke                              # CPU, seconds (tests)
+    python scripts/bench_host.py --pack 1000,32000 --batch 64,256     # host only: packing a step
+
+``--pack CONTEXTS`` times ``pack_decode`` alone (no model, no device): a decode step's arrays
+for ``--batch`` rows at each context length (16-token pages; every 16th row gains a page
+between calls, as sequences grow), the per-step host cost that grows with the context.
 """
 from __future__ import annotations
 
@@ -104,6 +109,34 @@ def host_phases(engine, steps: int) -> dict[str, float]:
     return {name: seconds / steps * 1e3 for name, seconds in totals.items()}
 
 
+def pack_ms(batch: int, context: int, calls: int = 50, page_size: int = 16) -> float:
+    """Milliseconds per ``pack_decode`` of ``batch`` decode rows at ``context`` tokens."""
+    from qwenjax.engine.request import Request
+    from qwenjax.engine.scheduler import ScheduledChunk
+    from qwenjax.engine.step_plan import pack_decode
+    from qwenjax.sampling import SamplingParams
+
+    pages = -(-context // page_size)
+    width = pages + calls + 1  # room for the pages added while timing
+    requests = []
+    for i in range(batch):
+        request = Request(str(i), list(range(16)), SamplingParams(), 0, 0.0)
+        request.output_ids = list(range(context - 16))
+        request.pages = list(range(i * width, i * width + pages))
+        requests.append(request)
+    chunks = [ScheduledChunk(r, context - 1, 1) for r in requests]
+    pack_decode(chunks, batch, width)
+    start = time.perf_counter()
+    for _ in range(calls):
+        for request in requests[::16]:
+            request.pages += [0]
+        arrays, _ = pack_decode(chunks, batch, width)
+    elapsed = time.perf_counter() - start
+    tables = arrays[3]
+    assert all(tables[i, : len(r.pages)].tolist() == r.pages for i, r in enumerate(requests))
+    return elapsed / calls * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-7b", help="preset (random weights) or HF directory")
@@ -114,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="async,sync", help="comma-separated: async, sync")
     p.add_argument("--json", default=None)
     p.add_argument("--smoke", action="store_true", help="0.5B random weights, batch 4, CPU")
+    p.add_argument("--pack", default=None, help="comma-separated context lengths: time packing only")
     args = p.parse_args(argv)
+    if args.pack:
+        print("| batch | context | pack_decode ms |\n|---|---|---|")
+        for batch in (int(b) for b in args.batch.split(",")):
+            for context in (int(c) for c in args.pack.split(",")):
+                print(f"| {batch} | {context} | {pack_ms(batch, context):.3f} |", flush=True)
+        return 0
     if args.smoke:
         args.model, args.batch, args.prompt_len, args.steps = "qwen2.5-0.5b", "4", 16, 4
 

@@ -31,6 +31,15 @@ def test_measure_reports_engine_and_device_time(tmp_path):
         assert not engine.has_unfinished() and engine.allocator.num_used == 0
 
 
+def test_pack_timing_packs_every_rows_pages():
+    """bench_host.py --pack: pack_decode alone (it checks the packed tables hold the pages)."""
+    spec = importlib.util.spec_from_file_location("bench_host", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.pack_ms(batch=20, context=3000, calls=20) > 0
+    assert bench.main(["--pack", "100", "--batch", "4"]) == 0
+
+
 def test_bench_sampler_smoke(tmp_path):
     """scripts/bench_sampler.py (gpu_session.sh part 2) times every case and the sort."""
     import json
