@@ -231,6 +231,14 @@ class _Base:
             self.engine.add_lora(read_adapter(lora.lora_name, lora.lora_path))
         return self._lora_request(lora)
 
+    def _add_owned(self, ids: list[int], params, request_id: str | None,
+                   lora: LoRARequest | None, priority: int = 0) -> str:
+        """Queue a request on the engine as one its caller steps for (``_step``'s owners)."""
+        request_id = self.engine.add_request(ids, params, request_id=request_id, priority=priority,
+                                             lora=lora.lora_name if lora is not None else None)
+        self._owners.add(request_id)
+        return request_id
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What ``params=None`` means: the model's generation_config.json sampling values
         (e.g. Qwen2.5-Instruct's temperature 0.7, top_p 0.8, top_k 20), else SamplingParams().
@@ -655,9 +663,7 @@ class LLM(_Base):
         (with ``n`` > 1, of sequence ``.index``). Leaving the loop early aborts the request."""
         ids = self._encode_chat(prompt) if chat else self._encode(prompt)
         lora = self._lora(lora, lora_request)
-        request_id = self.engine.add_request(ids, params, request_id=f"stream-{next(self._ids)}",
-                                             lora=lora.lora_name if lora is not None else None)
-        self._owners.add(request_id)
+        request_id = self._add_owned(ids, params, f"stream-{next(self._ids)}", lora)
         finished = False
         try:
             while not finished:
@@ -986,12 +992,10 @@ class LLMEngine(_Base):
             params = self.engine.default_sampling_params(len(ids))
         elif isinstance(params, SamplingParams):
             params = self._fitted(ids, params)
-        self.engine.add_request(ids, params, request_id=request_id, priority=priority,
-                                lora=lora.lora_name if lora is not None else None)
         text = unused.get("prompt_text") or (prompt if isinstance(prompt, str) else (
             self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else None))
+        self._add_owned(ids, params, request_id, lora, priority)
         self._outputs[request_id] = (_Shaped(params, lora), text)
-        self._owners.add(request_id)
         return request_id
 
     def step(self) -> list[RequestOutput]:

@@ -302,10 +302,7 @@ class _Driver:
         results = []
         for rid, ids, params, lora in adds:
             try:
-                adapter = self.llm._lora(lora, None)
-                self.llm.engine.add_request(ids, params, request_id=rid,
-                                            lora=adapter.lora_name if adapter is not None else None)
-                self.llm._owners.add(rid)
+                self.llm._add_owned(ids, params, rid, self.llm._lora(lora, None))
             except Exception as error:  # refused: its caller hears why
                 results.append((rid, error))
         for rid in aborts:
