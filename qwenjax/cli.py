@@ -88,6 +88,22 @@ def parse_token_count(text: str) -> int:
     return int(value)
 
 
+def parse_sizes(text: str) -> list[int]:
+    """Sizes as a list flag takes them, each word one or several: ``8``, ``1,8,32``."""
+    try:
+        return [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 8 or 1,8,32, got {text!r}") from None
+
+
+class ExtendSizes(argparse.Action):
+    """``nargs="+"`` with ``type=parse_sizes``: every word's sizes in one flat list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sizes = list(getattr(namespace, self.dest, None) or [])
+        setattr(namespace, self.dest, sizes + [size for word in values for size in word])
+
+
 def parse_max_model_len(text: str) -> int:
     """--max-model-len: a token count, or ``auto``/-1 (vLLM's): the model's max context, lowered
     to what the KV cache holds."""

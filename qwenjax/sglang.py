@@ -127,7 +127,8 @@ ENGINE_ARGUMENTS = {"model_path": "model", "tp_size": "tp", "pp_size": "pp",
                     "context_length": "max_model_len", "mem_fraction_static": "kv_cache_fraction",
                     "max_running_requests": "max_num_seqs", "random_seed": "seed",
                     "chunked_prefill_size": "prefill_chunk", "tokenizer_path": "tokenizer",
-                    "max_loras_per_batch": "max_loras", "json_model_override_args": "hf_overrides"}
+                    "max_loras_per_batch": "max_loras", "json_model_override_args": "hf_overrides",
+                    "cuda_graph_bs": "decode_buckets"}
 # Accepted, asking for nothing qwenjax does otherwise.
 NO_OP_ARGUMENTS = frozenset(("log_level", "trust_remote_code", "disable_cuda_graph",
                              "enable_memory_saver", "attention_backend", "grammar_backend",

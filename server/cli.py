@@ -24,7 +24,8 @@ import threading
 from typing import Sequence
 import time
 
-from qwenjax.cli import add_model_arguments, parse_max_model_len, parse_token_count
+from qwenjax.cli import (ExtendSizes, add_model_arguments, parse_max_model_len, parse_sizes,
+                         parse_token_count)
 from qwenjax.reasoning import REASONING_PARSERS  # no jax: parsing the command line stays quick
 
 log = logging.getLogger("qwenjax.server")
@@ -210,6 +211,16 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                         help="prompt tokens of one request per step (SGLang's "
                              "--chunked-prefill-size; prefill is always chunked)")
     engine.add_argument("--max-prefill-seqs", type=int, default=4, help="prefill rows per step")
+    engine.add_argument("--decode-buckets", "--cuda-graph-bs", dest="decode_buckets", nargs="+",
+                        type=parse_sizes, action=ExtendSizes, default=None, metavar="N",
+                        help="decode batch sizes compiled, each a step program a step's decode rows "
+                             "are padded up to (SGLang's --cuda-graph-bs; e.g. 1 8 32 or 1,8,32; "
+                             "--max-num-seqs is always one; default: powers of two). Fewer sizes "
+                             "compile faster and pad more")
+    engine.add_argument("--prefill-buckets", nargs="+", type=parse_sizes, action=ExtendSizes,
+                        default=None, metavar="N",
+                        help="packed prefill token counts compiled, likewise (the most a step "
+                             "holds is always one; default: powers of two from 16)")
     engine.add_argument("--num-pages", type=int, default=None,
                         help="KV cache pages (default: from free device memory)")
     engine.add_argument("--max-total-tokens", type=parse_token_count, default=None,
@@ -608,6 +619,7 @@ def build_engine(args, mesh=None):
     log.info("compiling step shapes")
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           prefill_chunk=args.prefill_chunk, max_prefill_seqs=args.max_prefill_seqs,
+                          decode_buckets=args.decode_buckets, prefill_buckets=args.prefill_buckets,
                           max_model_len=max_model_len, num_pages=kv_pages(args, options),
                           enable_prefix_caching=args.enable_prefix_caching,
                           async_scheduling=args.async_scheduling, compile_workers=args.compile_workers,

@@ -91,11 +91,16 @@ def test_serve_takes_sglang_style_arguments():
                               "--context-length", "4096", "--mem-fraction-static", "0.8",
                               "--max-running-requests", "32", "--disable-radix-cache",
                               "--lora-paths", "a=/l", "--max-loras-per-batch", "2", "--log-requests",
-                              "--reasoning-parser", "deepseek-r1", "--tool-call-parser", "qwen25"])
+                              "--reasoning-parser", "deepseek-r1", "--tool-call-parser", "qwen25",
+                              "--cuda-graph-bs", "1", "8,16", "--prefill-buckets", "256"])
     assert (args.model, args.tp, args.data_parallel_size, args.max_model_len, args.kv_cache_fraction,
             args.max_num_seqs, args.enable_prefix_caching, args.lora_modules, args.max_loras,
-            args.enable_log_requests, args.reasoning_parser) == (
-        "/m", 2, 2, 4096, 0.8, 32, False, ["a=/l"], 2, True, "deepseek_r1")
+            args.enable_log_requests, args.reasoning_parser, args.decode_buckets,
+            args.prefill_buckets) == (
+        "/m", 2, 2, 4096, 0.8, 32, False, ["a=/l"], 2, True, "deepseek_r1", [1, 8, 16], [256])
+    assert parser.parse_args(["m"]).decode_buckets is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "--decode-buckets", "eight"])
 
 
 def test_common_vllm_flags_run_unchanged(caplog):

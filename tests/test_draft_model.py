@@ -7,7 +7,7 @@ from qwenjax.engine.engine import Engine, EngineConfig
 from qwenjax.engine.speculative import SpeculativeConfig
 from qwenjax.loading import load_model
 from qwenjax.sampling import SamplingParams
-from test_engine import SMALL, VOCAB
+from test_engine import ONE_SHAPE, SMALL, VOCAB
 from tiny import tiny_config, write_hf_checkpoint
 
 
@@ -82,7 +82,7 @@ def test_the_model_as_its_own_draft_has_every_greedy_draft_accepted(lively_dir):
     results = {}
     catch_ups_in_proposals = []
     for spec in (None, {"model": str(lively_dir), "num_speculative_tokens": 4}):
-        engine = Engine(lm, EngineConfig(**SMALL, num_pages=256, speculative_config=spec), warm_up=False)
+        engine = Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=256, speculative_config=spec), warm_up=False)
         if engine.drafter is not None:  # count the catch-up calls a proposal had to make
             propose = engine.scheduler.drafter
 
@@ -123,7 +123,7 @@ def test_sampled_drafts_share_the_samplers_noise(lively_dir, monkeypatch):
     for name in ("plain", "coupled", "greedy drafts"):
         if name == "greedy drafts":  # what drafting was before: the draft's argmax
             monkeypatch.setattr(draft_model, "truncation_settings", lambda p: (0.0, 0, 1.0, 0.0))
-        engine = Engine(lm, EngineConfig(**SMALL, num_pages=256,
+        engine = Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=256,
                                          speculative_config=None if name == "plain" else spec),
                         warm_up=False)
         outputs, _ = _generate(engine, prompts, params, [0, 0, 1, 2])
@@ -159,7 +159,7 @@ def test_outputs_do_not_depend_on_the_draft(lively_dir, other_draft_dir, tp, dra
     arrivals = [0] * len(prompts)
     results = {}
     for spec in (None, {"model": str(draft_dir), "num_speculative_tokens": 3}):
-        engine = Engine(lm, EngineConfig(**{**SMALL, "max_model_len": 128}, num_pages=16,
+        engine = Engine(lm, EngineConfig(**{**SMALL, **ONE_SHAPE, "max_model_len": 128}, num_pages=16,
                                          speculative_config=spec), warm_up=False)
         if engine.drafter is not None:
             engine.drafter.warm_up()  # every draft shape compiles (padding rows write nothing)
@@ -179,6 +179,6 @@ def test_outputs_do_not_depend_on_the_draft(lively_dir, other_draft_dir, tp, dra
 def test_a_draft_model_is_refused_with_pipeline_stages(target_dir):
     lm = load_model(target_dir, tp=1, pp=2, dtype="float32")
     with pytest.raises(ValueError, match="needs pp = 1"):
-        Engine(lm, EngineConfig(**SMALL, num_pages=64,
+        Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=64,
                                 speculative_config={"model": str(target_dir), "num_speculative_tokens": 2}),
                warm_up=False)

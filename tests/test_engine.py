@@ -15,6 +15,9 @@ from tiny import tiny_config, write_hf_checkpoint
 VOCAB = 250
 SMALL = dict(max_num_seqs=8, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
              page_size=8, max_model_len=768)
+# For a test that is not about step shapes: one compiled size per part, the largest (3 step
+# programs instead of SMALL's 24; compiling them is most of a tiny engine test's time).
+ONE_SHAPE = dict(decode_buckets=(8,), prefill_buckets=(128,))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def count_compilations():
 def test_no_compilation_after_warm_up(tiny_dir, caplog):
     lm = load_model(tiny_dir, tp=2, dtype="float32")
     with caplog.at_level("INFO", logger="qwenjax.engine.runner"):
-        engine = Engine(lm, EngineConfig(**SMALL, num_pages=400), warm_up=True, progress=False)
+        engine = Engine(lm, EngineConfig(**SMALL, decode_buckets=(2,), prefill_buckets=(32,), num_pages=400), warm_up=True, progress=False)
     assert engine.warm_up_seconds > 0
     shapes = len(engine.runner.shapes())
     # Compile progress reaches the log without a terminal (the last line at least).
@@ -112,6 +115,29 @@ def test_warm_up_compiles_in_parallel_only_what_the_cache_holds_on_accelerators(
     other_runner = Engine(other, EngineConfig(**SMALL, num_pages=100), warm_up=False).runner
     assert compile_workers([other_runner._lower(*runner.shapes()[0])], platform="gpu",
                            cache_dir=cache) == 1
+
+
+def test_chosen_buckets_are_the_compiled_shapes_and_change_no_output(tiny_dir):
+    """decode_buckets / prefill_buckets (vLLM's capture sizes, SGLang's --cuda-graph-bs): the
+    step shapes are those sizes and the largest a step holds; outputs are the greedy ones."""
+    lm = load_model(tiny_dir, tp=1, dtype="float32")
+    engine = Engine(lm, EngineConfig(**SMALL, num_pages=200, decode_buckets=[2],
+                                     prefill_buckets=(32, 16)), warm_up=False)
+    assert engine.runner.shapes() == [(d, t) for d in (0, 2, 8) for t in (0, 16, 32, 128) if d or t]
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 20, 90, 150, 7)]
+    outputs, _ = _run(engine, prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                      arrivals=[0, 0, 1, 4, 9])
+    assert set(engine.runner._programs) <= set(engine.runner.shapes())
+    reference = GreedyGenerator(lm)
+    for i, prompt in enumerate(prompts):
+        assert outputs[i].token_ids == reference.generate([prompt], 6)[0], i
+    for bad, message in ((dict(decode_buckets=[9]), "decode_buckets: each size must be an int from 1 "
+                                                    "to max_num_seqs = 8, got 9"),
+                         (dict(prefill_buckets=[0]), "prefill_buckets: each size .* = 128, got 0"),
+                         (dict(decode_buckets="8"), "decode_buckets must be a list of sizes")):
+        with pytest.raises(ValueError, match=message):
+            Engine(lm, EngineConfig(**SMALL, num_pages=200, **bad), warm_up=False)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):
@@ -186,7 +212,7 @@ def test_prompt_logprobs_match_hf_through_chunks_cache_and_batching(tiny_lm, tin
 
     from tiny import hf_logits
 
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=300), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=300), warm_up=False)
     rng = np.random.default_rng(7)
     # 64 + 63 tokens fill the step's 128-token budget but one: the third prompt's first chunk is
     # 1 token (a decode row); its other 149 positions come in chunks of 64 over later steps.
@@ -237,7 +263,7 @@ def test_hidden_states_equal_hfs_through_chunks_preemption_and_the_prefix_cache(
     import transformers
 
     lm = load_model(tiny_dir, dtype="float32")
-    engine = Engine(lm, EngineConfig(**{**SMALL, "max_model_len": 256}, num_pages=32),
+    engine = Engine(lm, EngineConfig(**{**SMALL, **ONE_SHAPE, "max_model_len": 256}, num_pages=32),
                     warm_up=False)  # 256 tokens
     rng = np.random.default_rng(3)
     shared = rng.integers(0, VOCAB, 80).tolist()
@@ -273,7 +299,7 @@ def test_bad_word_ids_ban_the_token_that_would_complete_a_word():
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_tail(tiny_lm):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=300), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=300), warm_up=False)
     rng = np.random.default_rng(3)
     prompt = rng.integers(0, VOCAB, 100).tolist()
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -316,7 +342,7 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
     arrivals = sorted(rng.integers(0, 12, len(prompts)).tolist())
     results = {}
     for mode in (False, True):
-        config = EngineConfig(**{**SMALL, "max_model_len": 320}, num_pages=60, async_scheduling=mode)
+        config = EngineConfig(**{**SMALL, **ONE_SHAPE, "max_model_len": 320}, num_pages=60, async_scheduling=mode)
         engine = Engine(tiny_lm, config, warm_up=False)
         overlapped = []  # per read-back: whether a later step was already dispatched
         collect = engine.runner.collect
@@ -341,7 +367,7 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_dir):
 
 
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=200), warm_up=False)
     # The good request goes through the bias-table sampler: allowed ids only, one of them forced.
     good = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
                                                         allowed_token_ids=[5, 9, 11], logit_bias={9: 100}))
@@ -368,7 +394,7 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(tiny_lm):
 
 
 def test_abort_frees_pages_at_once(tiny_lm):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=200), warm_up=False)
     rid = engine.add_request(list(range(100)), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     assert engine.allocator.num_used > 0
@@ -400,7 +426,7 @@ def test_page_table_follows_the_pages_list():
 def test_each_output_keeps_the_tokens_and_logprobs_it_was_made_with(tiny_dir):
     """Outputs hold O(1) views of the sequence's growing lists, copied when read: an output read
     after later steps still holds what it held when it was made (its deltas so far)."""
-    engine = Engine(load_model(tiny_dir, dtype="float32"), EngineConfig(**SMALL, num_pages=200),
+    engine = Engine(load_model(tiny_dir, dtype="float32"), EngineConfig(**SMALL, **ONE_SHAPE, num_pages=200),
                     warm_up=False)
     engine.add_request(list(range(20)), SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1))
     outputs = []
@@ -414,7 +440,7 @@ def test_each_output_keeps_the_tokens_and_logprobs_it_was_made_with(tiny_dir):
 
 
 def test_a_failing_step_fails_only_its_requests(tiny_lm, monkeypatch):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=200), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=200), warm_up=False)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     first = engine.add_request([5, 6, 7], params)
     engine.step()
@@ -442,7 +468,7 @@ def test_engine_thread_refuses_a_live_request_id(tiny_dir):
     from qwenjax.engine.async_engine import EngineThread
 
     lm = load_model(tiny_dir, tp=1, dtype="float32")
-    thread = EngineThread(Engine(lm, EngineConfig(**SMALL, num_pages=200), warm_up=False))
+    thread = EngineThread(Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=200), warm_up=False))
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 
     async def consume(prompt):
@@ -522,7 +548,7 @@ def test_speculative_decoding_gives_the_plain_outputs(tiny_dir):
     arrivals = sorted(rng.integers(0, 8, len(prompts)).tolist())
     results = {}
     for spec in (None, {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}):
-        config = EngineConfig(**{**SMALL, "max_model_len": 256}, num_pages=32, speculative_config=spec)
+        config = EngineConfig(**{**SMALL, **ONE_SHAPE, "max_model_len": 256}, num_pages=32, speculative_config=spec)
         engine = Engine(tiny_lm, config, warm_up=False)
         outputs, preemptions = _run(engine, prompts, params, arrivals)
         assert engine.allocator.num_free == 32 and not engine.has_unfinished()
@@ -550,7 +576,7 @@ def test_speculation_pauses_while_more_requests_run_than_disable_by_batch_size(t
     lm = load_model(tiny_dir, tp=1, dtype="float32")
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
             "disable_by_batch_size": 2}
-    engine = Engine(lm, EngineConfig(**SMALL, speculative_config=spec), warm_up=False)
+    engine = Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, speculative_config=spec), warm_up=False)
     schedule, seen = engine.scheduler.schedule, []
 
     def watched():  # per step: requests running, and how many of them draft
@@ -627,7 +653,7 @@ def test_speculative_decoding_under_a_grammar_gives_the_plain_outputs(tiny_dir, 
               SamplingParams(temperature=0.0, max_tokens=40, logprobs=1)]
     results = {}
     for spec in (None, {"num_speculative_tokens": 4, "prompt_lookup_min": 1}):
-        engine = Engine(lm, EngineConfig(**SMALL, speculative_config=spec), warm_up=False)
+        engine = Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, speculative_config=spec), warm_up=False)
         monkeypatch.setattr(engine, "_matcher", lambda params: _EvenTokens())
         results[spec is not None] = _run(engine, prompts, params)[0], engine.spec_stats
     (plain, _), (spec, stats) = results.values()
@@ -640,8 +666,8 @@ def test_speculative_decoding_under_a_grammar_gives_the_plain_outputs(tiny_dir, 
 
 def test_priority_scheduling_admits_and_keeps_the_lowest_values_first(tiny_dir):
     lm = load_model(tiny_dir, tp=1, dtype="float32")
-    config = EngineConfig(**{**SMALL, "max_num_seqs": 2, "max_model_len": 256}, num_pages=40,
-                          scheduling_policy="priority")
+    config = EngineConfig(**{**SMALL, **ONE_SHAPE, "max_num_seqs": 2, "decode_buckets": (2,),
+                             "max_model_len": 256}, num_pages=40, scheduling_policy="priority")
     engine = Engine(lm, config, warm_up=False)
     preempted, preempt = [], engine.scheduler._preempt
 
@@ -721,7 +747,7 @@ def test_engine_seed_makes_unseeded_sampling_repeatable(tiny_dir):
     params = [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)] * 3
 
     def tokens(seed):
-        engine = Engine(lm, EngineConfig(**SMALL, num_pages=128, seed=seed), warm_up=False)
+        engine = Engine(lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=128, seed=seed), warm_up=False)
         outputs, _ = _run(engine, prompts, params)
         return [outputs[i].token_ids for i in range(len(prompts))]
 

@@ -113,6 +113,7 @@ def test_a_salt_shares_pages_only_with_its_own_requests():
 VOCAB = 250
 SMALL = dict(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32, max_prefill_seqs=2,
              page_size=PS, max_model_len=160)
+ONE_SHAPE = dict(decode_buckets=(4,), prefill_buckets=(64,))  # 3 step programs, not 14
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,8 @@ def test_random_stress_matches_the_uncached_run(tiny_lm):
         prompt = prefix + rng.integers(0, VOCAB, rng.integers(1, 40)).tolist()
         abort_at = int(rng.integers(1, 60)) if i % 7 == 3 else None
         plan.append((int(rng.integers(0, 60)), prompt, int(rng.integers(1, 12)), abort_at))
-    cached = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=48), warm_up=False)
-    plain = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=48, enable_prefix_caching=False),
+    cached = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=48), warm_up=False)
+    plain = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=48, enable_prefix_caching=False),
                    warm_up=False)
     (with_cache, preempted), (without, _) = _drive(cached, plan), _drive(plain, plan)
     done = [i for i in with_cache if i in without]
@@ -172,7 +173,7 @@ def test_random_stress_matches_the_uncached_run(tiny_lm):
 
 
 def test_a_failed_step_forgets_the_cache_and_errors_never_leave_pages_behind(tiny_lm, monkeypatch):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=64), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=64), warm_up=False)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = list(range(1, 30))
     engine.add_request(prompt, params)
@@ -198,7 +199,7 @@ def test_a_failed_step_forgets_the_cache_and_errors_never_leave_pages_behind(tin
 
 
 def test_prefix_caching_off_shares_nothing(tiny_lm):
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=64, enable_prefix_caching=False),
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=64, enable_prefix_caching=False),
                     warm_up=False)
     assert engine.prefix_cache is None
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
@@ -213,7 +214,7 @@ def test_prefix_caching_off_shares_nothing(tiny_lm):
 def test_cache_salt_isolates_requests_in_the_engine(tiny_lm):
     """The same prompt under another salt computes every token; under the same salt it hits;
     outputs are the same either way."""
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=64), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **ONE_SHAPE, num_pages=64), warm_up=False)
     prompt = list(range(1, 30))
 
     def run(salt):

@@ -97,9 +97,10 @@ def test_the_offline_engine_answers_as_sglangs(tmp_path):
     engine = sgl.Engine(model_path=str(tmp_path), context_length=64, max_running_requests=4,
                         mem_fraction_static=0.5, random_seed=3, disable_radix_cache=True,
                         log_level="error", dtype="float32", num_pages=32, page_size=8,
-                        json_model_override_args='{"rope_theta": 10000.0}',
+                        json_model_override_args='{"rope_theta": 10000.0}', cuda_graph_bs=[2],
                         warm_up=False, progress=False)
     assert engine.llm.engine.max_model_len == 64 and engine.llm.engine.prefix_cache is None
+    assert engine.llm.engine.runner.decode_buckets == [0, 2, 4]
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 250, n).tolist() for n in (6, 11)]
     want = LLM(engine.llm.lm, max_model_len=64, num_pages=32, page_size=8, warm_up=False,

@@ -102,6 +102,12 @@ class EngineConfig:
     # e.g. {"pooling_type": "MEAN"}; None: the checkpoint's own (LAST; a sentence-transformers
     # Pooling module's mode; STEP at <extra_0> for a process reward model).
     pooler_config: Mapping[str, Any] | str | None = None
+    # The step shapes compiled (as vLLM's cudagraph_capture_sizes, SGLang's --cuda-graph-bs):
+    # decode batch sizes and packed prefill token counts a step is padded up to, one program per
+    # pair. None: powers of two (prefill from 16 tokens). Fewer sizes compile faster and pad
+    # more; max_num_seqs and the most prefill tokens a step holds are always among them.
+    decode_buckets: Sequence[int] | None = None
+    prefill_buckets: Sequence[int] | None = None
 
 
 @dataclasses.dataclass
@@ -178,7 +184,9 @@ class Engine(LiveState):
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             prefill_chunk=min(config.prefill_chunk, config.max_num_batched_tokens),
             max_prefill_seqs=config.max_prefill_seqs, page_size=config.page_size,
-            max_model_len=max_model_len, policy=config.scheduling_policy, **spec_fields)
+            max_model_len=max_model_len, policy=config.scheduling_policy,
+            decode_buckets=config.decode_buckets or (), prefill_buckets=config.prefill_buckets or (),
+            **spec_fields)
         self.spec_stats = SpecDecodeStats()
         self.stats = EngineStats()  # tokens and finished sequences (LLM.get_metrics)
         self.config = config

@@ -91,6 +91,11 @@ def row_buckets(limit: int) -> list[int]:
     return sizes
 
 
+def chosen_buckets(sizes: Sequence[int], limit: int) -> list[int]:
+    """0, the ``sizes`` a config chose, and ``limit`` (what a step can hold); [] if none chosen."""
+    return [0, *sorted({*sizes, limit})] if sizes else []
+
+
 def bucket_for(n: int, sizes: Sequence[int]) -> int:
     for size in sizes:
         if size >= n:
@@ -152,18 +157,18 @@ class ModelRunner:
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         self.pages_per_seq = config.pages_for(config.max_model_len)
-        self.decode_buckets = row_buckets(config.max_num_seqs)
+        self.decode_buckets = chosen_buckets(config.decode_buckets, config.max_num_seqs) or \
+            row_buckets(config.max_num_seqs)
         # Rows of the largest sampler batch: decode rows, one per prefill row, then the drafted
         # positions (speculative decoding).
         self.spec_tokens = config.num_speculative_tokens
         # Sampler rows of the drafted positions (k per prefill row) in steps with a prefill part.
         self.drafted_rows = config.max_prefill_seqs * self.spec_tokens
         self.max_sampled_rows = config.max_num_seqs + config.max_prefill_seqs + self.drafted_rows
-        max_prefill_tokens = min(config.max_num_batched_tokens,
-                                 config.max_prefill_seqs * config.prefill_chunk)
-        # Powers of two from 16 (smaller chunks are cheaper to pad than to compile for).
-        self.token_buckets = [0] + sorted({min(max_prefill_tokens, max(16, t))
-                                           for t in row_buckets(max_prefill_tokens)[1:]})
+        max_prefill_tokens = config.max_prefill_tokens
+        # Default: powers of two from 16 (smaller chunks are cheaper to pad than to compile for).
+        self.token_buckets = chosen_buckets(config.prefill_buckets, max_prefill_tokens) or \
+            [0] + sorted({min(max_prefill_tokens, max(16, t)) for t in row_buckets(max_prefill_tokens)[1:]})
         self.num_pages = num_pages
         if mirror is not None:
             mirror.send("setup", {"scheduler": dataclasses.asdict(config), "num_pages": num_pages,

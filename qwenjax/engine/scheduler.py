@@ -64,6 +64,11 @@ class SchedulerConfig:
     spec_disable_by_batch_size: int = 0  # no drafts while more requests run (0: always draft)
     # "fcfs": arrival order; "priority": lower Request.priority first, then arrival (vLLM's).
     policy: str = "fcfs"
+    # The sizes a step's parts are padded to, one compiled program per pair (as vLLM's CUDA
+    # graph capture sizes): decode rows, and packed prefill tokens. Empty: powers of two (from
+    # 16 tokens). The largest a step can hold is always one of them (ModelRunner adds it).
+    decode_buckets: tuple[int, ...] = ()
+    prefill_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -80,6 +85,23 @@ class SchedulerConfig:
         if self.prefill_chunk > self.max_num_batched_tokens:
             raise ValueError(f"prefill_chunk ({self.prefill_chunk}) cannot exceed max_num_batched_tokens "
                              f"({self.max_num_batched_tokens})")
+        for name, limit, what in (("decode_buckets", self.max_num_seqs, "max_num_seqs"),
+                                  ("prefill_buckets", self.max_prefill_tokens,
+                                   "the prefill tokens a step holds (min(max_num_batched_tokens, "
+                                   "max_prefill_seqs × prefill_chunk))")):
+            sizes = getattr(self, name)
+            if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+                raise ValueError(f"{name} must be a list of sizes, got {sizes!r}")
+            for size in sizes:
+                if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= limit:
+                    raise ValueError(f"{name}: each size must be an int from 1 to {what} = {limit}, "
+                                     f"got {size!r}")
+            object.__setattr__(self, name, tuple(sorted(set(sizes))))  # (a JSON list, from a leader)
+
+    @property
+    def max_prefill_tokens(self) -> int:
+        """Packed prefill tokens one step holds at most."""
+        return min(self.max_num_batched_tokens, self.max_prefill_seqs * self.prefill_chunk)
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
