@@ -132,7 +132,8 @@ def test_use_beam_search_over_http_equals_llm_beam_search(tmp_path, real_model_d
     write_hf_checkpoint(tiny_config(num_layers=2, vocab_size=256), tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(real_model_dir / name, tmp_path / name)
-    options = dict(max_model_len=64, max_num_seqs=8, max_prefill_seqs=4, prefill_chunk=32)
+    options = dict(max_model_len=64, max_num_seqs=8, max_prefill_seqs=4, prefill_chunk=32,
+                   decode_buckets=(8,), prefill_buckets=(128,))
     llm = LLM(str(tmp_path), dtype="float32", warm_up=False, progress=False, **options)
     prompt = list(map(int, np.random.default_rng(4).integers(3, 250, 8)))
     [want] = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=4))

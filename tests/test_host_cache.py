@@ -11,7 +11,7 @@ from test_weight_updates import _lively
 
 VOCAB = 250
 CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk=32, max_prefill_seqs=2,
-              page_size=8, max_model_len=96, num_pages=24)
+              page_size=8, max_model_len=96, num_pages=24, decode_buckets=(4,), prefill_buckets=(64,))
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 
 

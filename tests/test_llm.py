@@ -20,8 +20,13 @@ QUESTIONS = [
     "Name three primary colors.",
     "Translate 'good morning' into Spanish.",
 ]
+# Few step shapes (8 real-model programs, not 23: compiling is most of these tests' time).
 SMALL = dict(max_model_len=1024, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=128,
-             warm_up=False, progress=False)
+             decode_buckets=(1,), prefill_buckets=(64,), warm_up=False, progress=False)
+# The engine of the real-model batching tests: 11 shapes, from 1 decode row to 4 with 128 tokens.
+BATCHING = dict(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
+                decode_buckets=(1,), prefill_buckets=(16, 64), page_size=16, max_model_len=512,
+                num_pages=40)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 
 
@@ -300,8 +305,7 @@ def test_batch_invariance_real_model(real_model_dir, tp):
     prompts = [words[len(words) - n:] for n in lengths]
     # Prefix caching off: the prompts are suffixes of one periodic text, so many share full pages,
     # and sharing would spare the preemptions this test is about (and feed the single runs).
-    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
-                          page_size=16, max_model_len=512, num_pages=40, enable_prefix_caching=False)
+    config = EngineConfig(**BATCHING, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     engine = Engine(lm, config, warm_up=False)
     arrivals = sorted(rng.integers(0, 12, len(prompts)))
@@ -315,7 +319,7 @@ def test_batch_invariance_real_model(real_model_dir, tp):
         engine.check()
         step += 1
     assert sum(r.num_preemptions for r in requests) > 0
-    assert engine.allocator.num_free == 40
+    assert engine.allocator.num_free == BATCHING["num_pages"]
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params, request_id=f"alone-{i}")
         alone = None
@@ -341,9 +345,7 @@ def test_prefix_caching_real_model_shared_system_prompt(real_model_dir, tp):
 
     def run(enable: bool):
         # The shapes of test_batch_invariance_real_model: compiled once for both tests.
-        config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64,
-                              max_prefill_seqs=2, page_size=page, max_model_len=512, num_pages=40,
-                              enable_prefix_caching=enable)
+        config = EngineConfig(**BATCHING, enable_prefix_caching=enable)
         engine = Engine(lm, config, warm_up=False)
         outputs = {}
         for batch in ([0], [1, 2]):  # the first request alone, then the others together

@@ -118,7 +118,7 @@ def test_engine_generates_with_the_adapter_each_request_names(checkpoints):
     from qwenjax import LLM, SamplingParams
 
     options = dict(max_model_len=128, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=16,
-                   warm_up=False, progress=False)
+                   decode_buckets=(4,), prefill_buckets=(32,), warm_up=False, progress=False)
     llm = LLM(str(checkpoints / "base"), dtype="float32",
               lora_modules={"a": str(checkpoints / "a"), "b": str(checkpoints / "b")}, **options)
     prompt = list(np.random.default_rng(3).integers(0, 250, 20))
@@ -153,7 +153,7 @@ def test_adapters_load_and_unload_while_serving(checkpoints):
     from qwenjax import LLM, SamplingParams
 
     options = dict(max_model_len=128, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=16,
-                   warm_up=False, progress=False)
+                   decode_buckets=(4,), prefill_buckets=(32,), warm_up=False, progress=False)
     llm = LLM(str(checkpoints / "base"), dtype="float32", max_loras=2, max_lora_rank=4, **options)
     assert llm.list_loras() == () and llm.lm.weights.lora[0].qkv_a.shape[0] == 3
     before = [(x.shape, x.sharding) for x in jax.tree.leaves(llm.lm.weights.lora)]

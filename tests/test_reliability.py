@@ -46,7 +46,7 @@ CONFIG = tiny_config(vocab_size=203, tie_word_embeddings=True, intermediate_size
 MAX_LEN = 128
 # Few shapes (decode rows 0/1/2/4 × packed prefill 0/16/32): the tests compile each once.
 ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk=32, max_prefill_seqs=1,
-              page_size=8, max_model_len=MAX_LEN, num_pages=72)
+              page_size=8, max_model_len=MAX_LEN, num_pages=72, decode_buckets=(4,), prefill_buckets=(32,))
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 

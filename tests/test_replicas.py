@@ -16,7 +16,7 @@ from test_lora import write_adapter
 from tiny import tiny_config, write_hf_checkpoint
 
 CONFIG = EngineConfig(max_model_len=128, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=32,
-                      num_pages=48)
+                      num_pages=48, decode_buckets=(4,), prefill_buckets=(64,))
 
 
 @pytest.fixture(scope="module")

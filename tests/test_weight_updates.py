@@ -15,7 +15,7 @@ from tiny import tiny_config, write_hf_checkpoint
 
 VOCAB = 250
 CONFIG = dict(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
-              page_size=8, max_model_len=256, num_pages=64)
+              page_size=8, max_model_len=256, num_pages=64, decode_buckets=(4,), prefill_buckets=(128,))
 
 
 def _lively(directory, seed: int, **overrides):
