@@ -755,20 +755,52 @@ def _sample_rows(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
     return jnp.argmax(masked + noise, axis=-1).astype(jnp.int32)
 
 
+def has_tables(batch: SamplingBatch) -> bool:
+    """Whether any row of ``batch`` needs ``adjusted_logits`` (a grammar, allowed_token_ids or
+    logit_bias, penalties, banned ids): a table of non-zero width."""
+    return any(table.shape[1] for table in (batch.token_mask, batch.bias_ids, batch.penalty_ids,
+                                            batch.suppress_ids))
+
+
+def without_tables(batch: SamplingBatch) -> SamplingBatch:
+    """``batch`` with zero-width tables: what ``choose`` reads (its compiled programs then
+    depend on the row count alone)."""
+    rows = batch.temperature.shape[0]
+    return dataclasses.replace(
+        batch, penalty_ids=np.zeros((rows, 0), np.int32), penalty_counts=np.zeros((rows, 0), np.int32),
+        penalty_in_prompt=np.zeros((rows, 0), bool), suppress_ids=np.zeros((rows, 0), np.int32),
+        bias_ids=np.zeros((rows, 0), np.int32), bias_values=np.zeros((rows, 0), np.float32),
+        token_mask=np.zeros((rows, 0), np.int32))
+
+
+def adjusted_logits(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """The logits [R, V] float32 a row chooses from (vLLM's order): the grammar's token mask,
+    allowed_token_ids and logit_bias → penalties → suppress_ids. Only the tables read here
+    vary in width, so the engine compiles this step apart from ``choose`` (a new table width
+    then compiles this small program, not the whole sampler)."""
+    logits = logits.astype(jnp.float32)
+    with jax.named_scope("penalties"):
+        adjusted = apply_logit_bias(apply_token_mask(logits, batch.token_mask), batch)
+        return suppress_tokens(apply_penalties(adjusted, batch), batch.suppress_ids)
+
+
 def sample(logits: jax.Array, batch: SamplingBatch, num_top: int = 0) -> SampleOutput:
     """Choose one token per row of ``logits`` [R, V] float32; ``num_top`` must be static.
 
     Order (vLLM): the grammar's token mask, allowed_token_ids and logit_bias → penalties →
-    suppress_ids → greedy
-    argmax, or temperature → top-k → top-p → min-p → Gumbel-max with key
-    ``fold_in(key(seed), step)``.
+    suppress_ids (``adjusted_logits``) → greedy argmax, or temperature → top-k → top-p →
+    min-p → Gumbel-max with key ``fold_in(key(seed), step)`` (``choose``).
     Logprobs describe the raw model distribution (log_softmax of ``logits``),
     not the penalised/truncated one, as vLLM's default does.
     """
-    logits = logits.astype(jnp.float32)
-    with jax.named_scope("penalties"):
-        adjusted = apply_logit_bias(apply_token_mask(logits, batch.token_mask), batch)
-        adjusted = suppress_tokens(apply_penalties(adjusted, batch), batch.suppress_ids)
+    return choose(logits, adjusted_logits(logits, batch), batch, num_top)
+
+
+def choose(logits: jax.Array, adjusted: jax.Array, batch: SamplingBatch,
+           num_top: int = 0) -> SampleOutput:
+    """``sample`` given the ``adjusted_logits`` of ``logits``: reads only the per-row values of
+    ``batch`` (temperature, top-k/p, min-p, seeds, steps), never its tables."""
+    logits, adjusted = logits.astype(jnp.float32), adjusted.astype(jnp.float32)
     greedy = batch.temperature < GREEDY_TEMPERATURE_EPS
     greedy_ids = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)
     with jax.named_scope("sample"):

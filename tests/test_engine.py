@@ -140,6 +140,40 @@ def test_chosen_buckets_are_the_compiled_shapes_and_change_no_output(tiny_dir):
             Engine(lm, EngineConfig(**SMALL, num_pages=200, **bad), warm_up=False)
 
 
+def test_the_sampler_tables_run_apart_and_give_the_samplers_tokens(tiny_dir):
+    """The engine samples in two programs when a row has a table (penalties, logit bias,
+    banned ids): the tables' compiled per width, the choice per row count alone. Together:
+    the tokens and logprobs of ``sampling.sample`` in one program, with logits vocab-sharded."""
+    import dataclasses
+
+    from qwenjax.engine.step_plan import NOT_FED
+    from qwenjax.sampling import SamplingRow, build_sampling_batch, sample, without_tables
+
+    engine = Engine(load_model(tiny_dir, tp=2, dtype="float32"),
+                    EngineConfig(**SMALL, **ONE_SHAPE, num_pages=100), warm_up=False)
+    penalised = SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.5,
+                               logit_bias={3: 5.0}, min_tokens=3, ignore_eos=True)
+    _run(engine, [[5, 6, 7], [8, 9]], [SamplingParams(temperature=0.0, max_tokens=5), penalised])
+    runner = engine.runner
+    assert runner._adjusters and all(len(key) == 2 for key in runner._samplers)  # (rows, top)
+    rng = np.random.default_rng(6)
+    rows = [SamplingRow(dataclasses.replace(penalised, temperature=t, top_p=0.9, seed=i), seed=i,
+                        step=i, prompt_ids=rng.integers(0, VOCAB, 20).tolist(),
+                        output_ids=rng.integers(0, VOCAB, 5).tolist(), suppress_ids=[2, 7])
+            for i, t in enumerate((0.0, 1.0, 0.7))]
+    batch = build_sampling_batch(rows + [SamplingRow(SamplingParams(), seed=9, step=0)], 8)
+    logits = jax.device_put(rng.normal(size=(8, VOCAB)).astype(np.float32) * 3, runner._logits_sharding)
+    unfed = np.full((8,), NOT_FED, np.int32)
+    adjusted = runner._adjuster(batch)(logits, batch, runner._prev_ids, unfed)
+    got, _ = runner._sampler(batch, 20)(logits, adjusted, without_tables(batch))
+    want = jax.jit(sample, static_argnames="num_top")(logits, batch, num_top=20)
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, atol=1e-6)
+    # The tables changed the tokens: the sampler without them chooses otherwise.
+    plain = runner._sampler(batch, 20)(logits, logits, without_tables(batch))[0]
+    assert not np.array_equal(plain.token_ids, got.token_ids)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(tiny_lm):
     engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=400), warm_up=False)
     rng = np.random.default_rng(2)

@@ -4,7 +4,8 @@ Stages across the host/device boundary:
   SchedulerOutput (host, Python objects)
     → numpy arrays padded to a shape bucket (``_pack``)
     → the jitted step over the device mesh, KV pools donated (``_programs``)
-    → the jitted sampler over the last-token logits (``sampling.sample``)
+    → the jitted sampler over the last-token logits (``sampling.sample``, as two programs:
+      the rows' tables ``adjusted_logits`` only when a row has one, then ``choose``)
     → token ids, logprobs (the only arrays copied back).
 Prompt logprobs (scoring) take the step's final hidden states of the prompt positions
 asked for and run the LM head over those alone (``_score``), outside the step program.
@@ -63,8 +64,8 @@ from qwenjax.engine.step_plan import (NOT_FED, StepPlan, attention_slots, pack_d
 from qwenjax.kv_cache import KVCache
 from qwenjax.loading import LoadedModel
 from qwenjax.model import PackedChunks, StepBatch
-from qwenjax.sampling import (SamplingParams, SamplingRow, build_sampling_batch,
-                              count_output_token, raw_logprobs, sample)
+from qwenjax.sampling import (SamplingParams, SamplingRow, adjusted_logits, build_sampling_batch,
+                              choose, count_output_token, has_tables, raw_logprobs, without_tables)
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,19 @@ class ModelRunner:
         self._step = jax.jit(step, donate_argnums=(1,))
         width = self.max_sampled_rows
 
-        def sample_step(logits, batch, prev_ids, src, num_top):
+        # The sampler is two programs: the rows' tables (grammar masks, logit bias, penalties,
+        # banned ids) applied to the logits, only in a step where some row has one, then the
+        # choice of each row's token. A table's width is part of a program's shape; apart,
+        # a new width compiles the small first program, not the whole sampler (~0.2 s instead
+        # of ~1 s on CPU, a stall for every request in the batch when it happens while serving).
+        def adjust_step(logits, batch, prev_ids, src):
             # Penalty tables lack the input tokens still on the device: count them here.
-            pending = _in_flight_tokens(prev_ids, src)
-            sampled = sample(logits, count_output_token(batch, pending), num_top=num_top)
+            return adjusted_logits(logits, count_output_token(batch, _in_flight_tokens(prev_ids, src)))
+
+        self._adjust_step = adjust_step
+
+        def sample_step(logits, adjusted, batch, num_top):
+            sampled = choose(logits, adjusted, batch, num_top=num_top)
             ids = jnp.zeros((width,), jnp.int32).at[: sampled.token_ids.shape[0]].set(sampled.token_ids)
             return sampled, ids
 
@@ -235,6 +245,7 @@ class ModelRunner:
         self._prev_ids = self._put(np.zeros((width,), np.int32))
         self._programs: dict[tuple[int, int], object] = {}
         self._samplers: dict[tuple, object] = {}
+        self._adjusters: dict[tuple, object] = {}
         self._logits_sharding = None
         self.compile_seconds = 0.0
 
@@ -325,28 +336,46 @@ class ModelRunner:
         return self._programs[key]
 
     def _sampler_key(self, batch, num_top: int) -> tuple:
-        rows = batch.temperature.shape[0]
-        return (rows, num_top, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1],
-                batch.bias_ids.shape[1], batch.token_mask.shape[1])
+        return batch.temperature.shape[0], num_top
+
+    def _logits_spec(self, rows: int):
+        return jax.ShapeDtypeStruct((rows, self.lm.config.vocab_size), jnp.float32,
+                                    sharding=self._logits_sharding)
+
+    def _batch_spec(self, batch):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
+                            batch)
 
     def _lower_sampler(self, batch, num_top: int):
-        logits = jax.ShapeDtypeStruct((batch.temperature.shape[0], self.lm.config.vocab_size),
-                                      jnp.float32, sharding=self._logits_sharding)
-        specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated),
-                             batch)
-        rows = batch.temperature.shape[0]
-        return self._sample.lower(logits, specs, self._spec(self.max_sampled_rows), self._spec(rows),
+        logits = self._logits_spec(batch.temperature.shape[0])
+        return self._sample.lower(logits, logits, self._batch_spec(without_tables(batch)),
                                   num_top=num_top)
 
     def _sampler(self, batch, num_top: int):
-        """The compiled sampler for these row/penalty/suppression/bias widths (penalties, logit
-        bias and logprobs compile their variant on first use)."""
+        """The compiled choice of tokens for this row count (logprobs compile their variant on
+        first use)."""
         key = self._sampler_key(batch, num_top)
         if key not in self._samplers:
             start = time.perf_counter()
             self._samplers[key] = self._lower_sampler(batch, num_top).compile()
             self.compile_seconds += time.perf_counter() - start
         return self._samplers[key]
+
+    def _adjuster(self, batch):
+        """The compiled ``adjusted_logits`` for these rows and table widths (each new width
+        compiles on first use: a small program)."""
+        rows = batch.temperature.shape[0]
+        key = (rows, batch.penalty_ids.shape[1], batch.suppress_ids.shape[1],
+               batch.bias_ids.shape[1], batch.token_mask.shape[1])
+        if key not in self._adjusters:
+            start = time.perf_counter()
+            # Its logits go to the sampler, compiled for the step's logits sharding.
+            program = jax.jit(self._adjust_step, out_shardings=self._logits_sharding)
+            self._adjusters[key] = program.lower(
+                self._logits_spec(rows), self._batch_spec(batch), self._spec(self.max_sampled_rows),
+                self._spec(rows)).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self._adjusters[key]
 
     def warm_up(self, progress: bool = True, workers: int | None = None) -> float:
         """Compile every shape bucket now (with the persistent cache, a warm start reloads them).
@@ -573,8 +602,11 @@ class ModelRunner:
         src = np.full((plan.sampling.temperature.shape[0],), NOT_FED, np.int32)
         if plan.src is not None:
             src[: len(plan.src)] = plan.src
-        sampled, self._prev_ids = self._sampler(plan.sampling, plan.num_top)(
-            logits, self._put(plan.sampling), prev_ids, self._put(src))
+        batch, adjusted = plan.sampling, logits
+        if has_tables(batch):
+            adjusted = self._adjuster(batch)(logits, self._put(batch), prev_ids, self._put(src))
+            batch = without_tables(batch)
+        sampled, self._prev_ids = self._sampler(batch, plan.num_top)(logits, adjusted, self._put(batch))
         return sampled, scores
 
     def _run_scoring(self, plan: StepPlan, hidden: jax.Array) -> list:
