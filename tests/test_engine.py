@@ -52,11 +52,12 @@ def _run(engine, prompts, params, arrivals=None, check=True):
     return outputs, sum(r.num_preemptions for r in requests)
 
 
-def test_batch_invariance_with_chunked_prefill_and_preemption(tiny_lm):
+def test_batch_invariance_with_chunked_prefill_and_preemption(tiny_lm, buckets=None):
+    """``buckets``: other step shapes than SMALL's (for test_pipeline.py)."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, VOCAB, rng.integers(1, 601)).tolist() for _ in range(16)]
     # 100 pages of 8 tokens: far less than 16 requests × ~300 tokens, so requests get preempted.
-    engine = Engine(tiny_lm, EngineConfig(**SMALL, num_pages=100), warm_up=False)
+    engine = Engine(tiny_lm, EngineConfig(**SMALL, **(buckets or {}), num_pages=100), warm_up=False)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outputs, preemptions = _run(engine, prompts, params, sorted(rng.integers(0, 40, 16)))
     assert preemptions > 0
