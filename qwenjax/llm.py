@@ -133,7 +133,9 @@ class _Base:
         start after </think>; split a reply with qwenjax.reasoning.split_reasoning; seed: the
         seeds of requests that give none are drawn from it, so reruns sample alike;
         pooler_config: how embed/classify/reward/encode pool, e.g. {"pooling_type": "MEAN"} or
-        {"step_tag_id": ID}, default the checkpoint's own, qwenjax.pooling.PoolerConfig).
+        {"step_tag_id": ID}, default the checkpoint's own, qwenjax.pooling.PoolerConfig;
+        decode_buckets / prefill_buckets: the decode batch sizes and packed prefill token counts
+        compiled, e.g. [1, 8] (default: powers of two; the largest a step holds is added).
         vLLM's names work too: ``tensor_parallel_size`` (tp), ``pipeline_parallel_size`` (pp),
         ``gpu_memory_utilization`` (kv_cache_fraction)."""
         for name in sorted(set(engine_options) & set(VLLM_NO_OP_ARGUMENTS)):
