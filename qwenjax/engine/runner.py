@@ -598,12 +598,13 @@ class ModelRunner:
             scores.append(self._pool(hidden, self._put(plan.pool_index), self.lm.score_head))
         if plan.sampling is None:
             return None, scores
-        # Sampler rows: the decode rows (same src), then prefill rows (never fed).
-        src = np.full((plan.sampling.temperature.shape[0],), NOT_FED, np.int32)
-        if plan.src is not None:
-            src[: len(plan.src)] = plan.src
         batch, adjusted = plan.sampling, logits
         if has_tables(batch):
+            # The tables count the tokens still in flight (penalties): sampler rows are the
+            # decode rows (same src), then prefill rows (never fed).
+            src = np.full((batch.temperature.shape[0],), NOT_FED, np.int32)
+            if plan.src is not None:
+                src[: len(plan.src)] = plan.src
             adjusted = self._adjuster(batch)(logits, self._put(batch), prev_ids, self._put(src))
             batch = without_tables(batch)
         sampled, self._prev_ids = self._sampler(batch, plan.num_top)(logits, adjusted, self._put(batch))
