@@ -129,10 +129,13 @@ def _token_logprob(lp) -> pb.TokenLogprob:
 
 def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
                       tools: Sequence[dict] | None = None,
-                      reasoning_parser: str | None = None) -> pb.GenerateResponse:
+                      reasoning_parser: str | None = None,
+                      tool_choice: str = "auto") -> pb.GenerateResponse:
     """``tools``: the tools the request offered, whose calls are parsed from the reply (None:
     none offered, or tool_choice "none"). ``reasoning_parser``: split the reply's reasoning
-    off first (qwenjax.reasoning); calls are parsed from the content after it."""
+    off first (qwenjax.reasoning); calls are parsed from the content after it. A call the
+    model chose to make (``tool_choice`` "auto" or "required") ends with finish_reason
+    "tool_calls"; a named tool_choice's forced call keeps "stop", as OpenAI's and vLLM's."""
     complete = pb.Complete(
         index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
@@ -153,7 +156,8 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
     if tools and output.finish_reason == "stop":
         content, calls = parse_tool_calls(text, tools)
         if calls:
-            complete.finish_reason = "tool_calls"
+            if tool_choice in ("", "auto", "required"):
+                complete.finish_reason = "tool_calls"
             complete.content = content
             complete.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
                                        for c in calls)

@@ -105,7 +105,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         yield convert.complete_response(
                             output, call.ttft_s, call.elapsed_s,
                             tools if request.tool_choice != "none" else None,
-                            self.reasoning_parser if request.WhichOneof("input") == "messages" else None)
+                            self.reasoning_parser if request.WhichOneof("input") == "messages" else None,
+                            request.tool_choice)
         except Refused as refused:
             await context.abort(refused.code, refused.message)
 

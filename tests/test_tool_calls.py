@@ -55,6 +55,23 @@ def test_tool_choice_constraints():
         tool_choice_constraint([], "required")
 
 
+def test_the_grpc_complete_ends_tool_calls_only_for_a_call_the_model_chose():
+    """OpenAI's (and the HTTP API's) finish reasons: "tool_calls" for "auto"/"required", "stop"
+    for a named tool_choice's forced call; the calls are parsed either way."""
+    from qwenjax.engine.request import RequestOutput
+    from server.convert import complete_response
+
+    reply = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    output = RequestOutput(request_id="r", prompt_token_ids=[1, 2], text=reply, token_ids=[3, 4],
+                           delta_text="", delta_token_ids=[], finished=True, finish_reason="stop")
+    for choice, reason in (("", "tool_calls"), ("auto", "tool_calls"), ("required", "tool_calls"),
+                           ("add", "stop")):
+        complete = complete_response(output, 0.1, 0.2, TOOLS, tool_choice=choice).complete
+        assert complete.finish_reason == reason, choice
+        assert [c.name for c in complete.tool_calls] == ["add"] and complete.content == ""
+    assert complete_response(output, 0.1, 0.2, None).complete.finish_reason == "stop"
+
+
 def test_the_chat_template_renders_tools_and_past_calls(tokenizer):
     messages = [{"role": "user", "content": "Weather in Paris?"},
                 {"role": "assistant", "content": None, "tool_calls": [
