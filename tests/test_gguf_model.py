@@ -227,9 +227,10 @@ def test_real_gguf_tensors_equal_the_converted_checkpoint(real_model_dir, cache)
     for name, kind in kinds.items():
         picked.setdefault(kind, name)
     assert {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"} <= set(picked)
-    for kind, name in picked.items():
-        np.testing.assert_array_equal(ckpt.tensor(hf_tensor_name(name)),
-                                      converted.tensor(hf_tensor_name(name)), err_msg=kind)
+    for kind, name in picked.items():  # (bit compare: assert_array_equal took 15 s on these)
+        got, want = ckpt.tensor(hf_tensor_name(name)), converted.tensor(hf_tensor_name(name))
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape, kind
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), kind
 
 
 def test_plan_and_served_name_take_a_gguf(tiny_gguf, cache, capsys):

@@ -380,8 +380,8 @@ def test_vllm_argument_names(tmp_path):
 
 def test_vllm_offline_api_shapes(llm, lm):
     """What vLLM scripts do with LLM: sampling_params by keyword, logprobs as {token id:
-    Logprob}, stop_reason None at EOS, max_tokens past the context cut to it, per-call chat
-    templates, vLLM-only constructor arguments accepted."""
+    Logprob}, stop_reason None at EOS, per-call chat templates, vLLM-only constructor
+    arguments accepted. (max_tokens past the context: the tiny model's test below.)"""
     from qwenjax.engine.request import Logprob
 
     greedy = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, prompt_logprobs=1)
@@ -413,11 +413,6 @@ def test_vllm_offline_api_shapes(llm, lm):
     assert entry.logprob == pytest.approx(first[token].logprob, abs=1e-5)
     assert last["text"].prompt == "def f(" and last["text"].finished
 
-    # A max_tokens past the context is cut to the room the prompt leaves (vLLM's offline engine).
-    prompt = lm.tokenizer.encode("word " * 1000)[:1000]
-    long = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True),
-                        use_tqdm=False)[0]
-    assert long.finish_reason == "length" and len(prompt) + len(long.token_ids) == SMALL["max_model_len"] + 1
 
     template = "{% for m in messages %}<<{{ m['content'] }}{{ suffix }}>>{% endfor %}"
     ids = llm.chat(_chat("hi"), GREEDY, chat_template=template, chat_template_kwargs={"suffix": "!"},
@@ -477,7 +472,8 @@ TINY = dict(dtype="float32", warm_up=False, progress=False)
 
 def test_max_tokens_none_fills_the_room_the_prompt_leaves(tiny_dir):
     """vLLM's SamplingParams(max_tokens=None): as many tokens as the context leaves, through
-    generate, stream (the engine's own path) and the engine's sampling_params."""
+    generate, stream (the engine's own path) and the engine's sampling_params; a max_tokens
+    past the context is cut to that room (vLLM's offline engine)."""
     llm = LLM(str(tiny_dir), max_model_len=64, num_pages=32, page_size=8, **TINY)
     prompt = list(range(3, 53))  # 50 tokens: room for 64 + 1 - 50 = 15
     fill = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
@@ -486,6 +482,9 @@ def test_max_tokens_none_fills_the_room_the_prompt_leaves(tiny_dir):
     streamed = [o for o in llm.stream(prompt, fill)]
     assert streamed[-1].token_ids == out.token_ids and streamed[-1].finish_reason == "length"
     assert llm.engine.sampling_params({"max_tokens": None}, len(prompt)).max_tokens == 15
+    past, = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True),
+                         use_tqdm=False)
+    assert past.token_ids == out.token_ids and past.finish_reason == "length"
     # min_tokens must fit the room; the error names it and the limit.
     with pytest.raises(ValueError, match="prompt has 50 tokens and min_tokens is 20: 70 exceeds "
                                          "the max context of 64 "):

@@ -122,7 +122,7 @@ def test_chat_greedy_matches_grpc_and_reports_usage(client, name, server, tokeni
     assert counts == sorted(counts) and chunks[-1].choices == [] and counts[-1] == 8
 
 
-def test_chat_logprobs_n_seed_and_stop(client, name):
+def test_chat_logprobs_n_seed_and_stop(client, name, server):
     messages = [{"role": "user", "content": "Count: one, two,"}]
     reply = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
                                            logprobs=True, top_logprobs=3)
@@ -151,12 +151,17 @@ def test_chat_logprobs_n_seed_and_stop(client, name):
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].model_extra["stop_reason"] == word
     assert stopped.choices[0].message.content == text[: text.index(word)]
-    # No max_tokens: the reply may fill the context (vLLM's default), not stop at 256. (A long
-    # prompt, so that filling the 512-token context takes ~260 decode steps, not ~490.)
+    # No max_tokens: the reply may fill the context (vLLM's default), not stop at 256. What a
+    # 240-token prompt's request becomes (273 tokens of room), then end to end with a prompt
+    # that leaves less room (each decode step of the float32 model costs ~0.1 s on a CPU).
+    room = SERVER_ENGINE["max_model_len"] + 1 - 240
+    _, params = asyncio.run(server.http._prepare(proto.parse_chat({"model": name, "messages": messages}),
+                                                 list(range(1000, 1240))))
+    assert params.max_tokens == room > 256
     long = client.chat.completions.create(
-        model=name, messages=[{"role": "user", "content": "Count: one, two, three, four. " * 21}],
+        model=name, messages=[{"role": "user", "content": "Count: one, two, three, four. " * 45}],
         temperature=0, extra_body={"ignore_eos": True})
-    assert long.choices[0].finish_reason == "length" and 256 < long.usage.completion_tokens < 300
+    assert long.choices[0].finish_reason == "length" and long.usage.prompt_tokens > 400
     assert long.usage.prompt_tokens + long.usage.completion_tokens == SERVER_ENGINE["max_model_len"] + 1
     # SGLang's stop_regex: the same cut, by a pattern (extra_body, as vLLM's extra fields).
     by_regex = client.chat.completions.create(model=name, messages=messages, max_tokens=12,
