@@ -329,10 +329,12 @@ def test_batch_invariance_real_model(real_model_dir, tp):
         assert outputs[i] == alone, f"request {i} ({len(prompt)} tokens)"
 
 
-@pytest.mark.parametrize("tp", [1, 4])
+@pytest.mark.parametrize("tp", [1])
 def test_prefix_caching_real_model_shared_system_prompt(real_model_dir, tp):
     """Chats under one long system prompt: greedy outputs with prefix caching equal those without,
-    and every request after the first reports the shared full pages as cached."""
+    and every request after the first reports the shared full pages as cached. (tp 2 runs the
+    same on the tiny model, test_prefix_cache.py; the 0.5B's padded heads at tp 4 run in the
+    engine in test_cli.py and against transformers in test_real_model.py: 20 s saved here.)"""
     lm = load_model(real_model_dir, tp=tp, dtype="float32")
     system = ("You are the support assistant of a company that sells solar panels, batteries and "
               "inverters. Answer briefly, cite the product line when relevant, never invent prices, "
