@@ -92,6 +92,13 @@ def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+def model_chose_to_call(tool_choice: str | None) -> bool:
+    """Whether calls parsed from a reply were the model's choice ("auto", "required"; unset is
+    "auto"), which ends it with finish_reason "tool_calls"; a named tool's forced call ends with
+    "stop", as in OpenAI's API and vLLM's."""
+    return (tool_choice or "auto") in ("auto", "required")
+
+
 def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None,
                            tool_choice: str | None) -> StructuredOutputs | None:
     """The structured-output constraint ``tool_choice`` needs (None for "auto"/"none"),

@@ -13,7 +13,7 @@ from google.protobuf import unknown_fields
 from qwenjax.engine.request import RequestOutput
 from qwenjax.reasoning import split_reasoning
 from qwenjax.structured import StructuredOutputs
-from qwenjax.tool_calls import parse_tool_calls
+from qwenjax.tool_calls import model_chose_to_call, parse_tool_calls
 from qwenjax_proto.v1 import inference_pb2 as pb
 
 # Proto field name → SamplingParams field; the names are the same on purpose.
@@ -133,9 +133,8 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
                       tool_choice: str = "auto") -> pb.GenerateResponse:
     """``tools``: the tools the request offered, whose calls are parsed from the reply (None:
     none offered, or tool_choice "none"). ``reasoning_parser``: split the reply's reasoning
-    off first (qwenjax.reasoning); calls are parsed from the content after it. A call the
-    model chose to make (``tool_choice`` "auto" or "required") ends with finish_reason
-    "tool_calls"; a named tool_choice's forced call keeps "stop", as OpenAI's and vLLM's."""
+    off first (qwenjax.reasoning); calls are parsed from the content after it; ``tool_choice``
+    decides their finish reason (qwenjax.tool_calls.model_chose_to_call)."""
     complete = pb.Complete(
         index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
@@ -156,7 +155,7 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
     if tools and output.finish_reason == "stop":
         content, calls = parse_tool_calls(text, tools)
         if calls:
-            if tool_choice in ("", "auto", "required"):
+            if model_chose_to_call(tool_choice):
                 complete.finish_reason = "tool_calls"
             complete.content = content
             complete.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)

@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 import qwenjax
 from qwenjax.pooling import cosine
 from qwenjax.sampling import is_int
+from qwenjax.tool_calls import model_chose_to_call
 from server import anthropic_protocol as aproto, convert, openai_protocol as proto
 from server import responses_protocol as rproto
 from server.auth import bearer_token, expected_tokens, token_matches
@@ -762,9 +763,7 @@ class OpenAIServer:
         head = {"id": response_id, "object": "chat.completion", "created": proto.now(), "model": model}
 
         def finish_reason(output, called: bool) -> str:
-            # A call the model chose to make ("auto", "required") ends with "tool_calls"; a named
-            # tool_choice's forced call with "stop", as OpenAI's and vLLM's.
-            chosen = called and parsed.tool_choice in ("auto", "required")
+            chosen = called and model_chose_to_call(parsed.tool_choice)
             return "tool_calls" if chosen and output.finish_reason == "stop" else output.finish_reason
 
         if not parsed.stream:

@@ -415,7 +415,6 @@ def test_vllm_offline_api_shapes(llm, lm):
     assert entry.logprob == pytest.approx(first[token].logprob, abs=1e-5)
     assert last["text"].prompt == "def f(" and last["text"].finished
 
-
     template = "{% for m in messages %}<<{{ m['content'] }}{{ suffix }}>>{% endfor %}"
     ids = llm.chat(_chat("hi"), GREEDY, chat_template=template, chat_template_kwargs={"suffix": "!"},
                    use_tqdm=False)[0].prompt_token_ids

@@ -1,8 +1,8 @@
 """Pipeline parallelism (TP inside a stage × PP across stages) on 8 fake CPU devices.
 
-Greedy outputs of every TP×PP mesh equal tp=1's (tiny model and the real 0.5B), a stage's
-weights and KV pools live only on its devices (bytes per device halve with PP2), the engine
-stays batch-invariant with PP2, and the planner ranks two-node TP8×PP2 above TP16.
+Greedy outputs of every TP×PP mesh equal tp=1's (the tiny model; the real 0.5B at TP4×PP2),
+a stage's weights and KV pools live only on its devices (bytes per device halve with PP2), the
+engine stays batch-invariant with PP2, and the planner ranks two-node TP8×PP2 above TP16.
 """
 
 import jax
