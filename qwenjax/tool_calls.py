@@ -5,6 +5,8 @@ answers with ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks
 ``tool_choice`` as in the OpenAI API: "auto" (the model decides), "none" (tools are shown but
 no call is parsed), "required" (at least one call) or a tool's name (that call). The last two
 are enforced with structured outputs: the output must be a JSON list of calls, or that one call.
+``parallel`` false (OpenAI's ``parallel_tool_calls``) allows one call a reply: "required"'s list
+holds one call, and a reply with several keeps its first (vLLM's rule).
 """
 from __future__ import annotations
 
@@ -51,13 +53,18 @@ def _as_call(value: Any, names: Sequence[str]) -> ToolCall | None:
     return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None
+def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None, parallel: bool = True
                      ) -> tuple[str, list[ToolCall]]:
     """(content, calls) of a reply to a request that offered ``tools``: the text before the
-    first call, and each call to an offered tool. ``<tool_call>`` blocks are read first; a reply
-    that is wholly a JSON call or list of calls (small models often drop the tags or
-    fence it as ```json; tool_choice "required" asks for a list) counts too. Anything
-    unparsable stays content."""
+    first call, and each call to an offered tool (only the first with ``parallel`` false).
+    ``<tool_call>`` blocks are read first; a reply that is wholly a JSON call or list of calls
+    (small models often drop the tags or fence it as ```json; tool_choice "required" asks for
+    a list) counts too. Anything unparsable stays content."""
+    content, calls = _parse(text, tools)
+    return content, calls if parallel else calls[:1]
+
+
+def _parse(text: str, tools: Sequence[Mapping[str, Any]] | None) -> tuple[str, list[ToolCall]]:
     names = tool_names(tools)
     if not names:
         return text, []
@@ -99,18 +106,20 @@ def model_chose_to_call(tool_choice: str | None) -> bool:
     return (tool_choice or "auto") in ("auto", "required")
 
 
-def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None,
-                           tool_choice: str | None) -> StructuredOutputs | None:
-    """The structured-output constraint ``tool_choice`` needs (None for "auto"/"none"),
-    raising ValueError naming a choice that does not fit ``tools``."""
+def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | None,
+                           parallel: bool = True) -> StructuredOutputs | None:
+    """The structured-output constraint ``tool_choice`` needs (None for "auto"/"none"; a list
+    of one call for "required" without ``parallel``), raising ValueError naming a choice that
+    does not fit ``tools``."""
     choice = tool_choice or "auto"
     if choice in ("auto", "none"):
         return None
     if not tools:
         raise ValueError(f"tool_choice is {choice!r} but the request offers no tools")
     if choice == "required":
-        return StructuredOutputs(json={"type": "array", "minItems": 1,
-                                       "items": {"anyOf": [_call_schema(t) for t in tools]}})
+        calls = {"type": "array", "minItems": 1,
+                 "items": {"anyOf": [_call_schema(t) for t in tools]}}
+        return StructuredOutputs(json=calls if parallel else {**calls, "maxItems": 1})
     for tool in tools:
         if _function(tool)["name"] == choice:
             return StructuredOutputs(json=_call_schema(tool))

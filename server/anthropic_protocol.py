@@ -5,7 +5,8 @@ A Messages request becomes the chat-completions body it means: ``system`` → a 
 message, content blocks → messages (``text`` joined, an assistant's ``tool_use`` blocks →
 ``tool_calls``, a user's ``tool_result`` blocks → ``tool`` messages), ``tools``
 (``input_schema``) → function tools, ``tool_choice`` auto/any/tool/none → auto/required/the
-named function/none, ``stop_sequences`` → stop. The reply is built back as a message of
+named function/none (``disable_parallel_tool_use`` → ``parallel_tool_calls`` false),
+``stop_sequences`` → stop. The reply is built back as a message of
 content blocks (``thinking`` with a reasoning parser, ``text``, ``tool_use``), ``stop_reason``
 end_turn / max_tokens / stop_sequence / tool_use, ``usage`` in input/output tokens, and the
 stream's events ``message_start`` … ``message_stop``. Images and documents are refused (the
@@ -66,6 +67,8 @@ def to_chat_body(body: Any) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        if body["tool_choice"].get("disable_parallel_tool_use") is True:
+            chat["parallel_tool_calls"] = False
     return chat
 
 

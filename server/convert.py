@@ -130,11 +130,12 @@ def _token_logprob(lp) -> pb.TokenLogprob:
 def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
                       tools: Sequence[dict] | None = None,
                       reasoning_parser: str | None = None,
-                      tool_choice: str = "auto") -> pb.GenerateResponse:
+                      tool_choice: str = "auto", parallel: bool = True) -> pb.GenerateResponse:
     """``tools``: the tools the request offered, whose calls are parsed from the reply (None:
     none offered, or tool_choice "none"). ``reasoning_parser``: split the reply's reasoning
     off first (qwenjax.reasoning); calls are parsed from the content after it; ``tool_choice``
-    decides their finish reason (qwenjax.tool_calls.model_chose_to_call)."""
+    decides their finish reason (qwenjax.tool_calls.model_chose_to_call); ``parallel`` false
+    keeps the first call."""
     complete = pb.Complete(
         index=output.index, finish_reason=output.finish_reason or "",
         usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids),
@@ -153,7 +154,7 @@ def complete_response(output: RequestOutput, ttft_s: float | None, e2e_s: float,
         complete.reasoning, complete.content = reasoning or "", text or ""
         text = text or ""
     if tools and output.finish_reason == "stop":
-        content, calls = parse_tool_calls(text, tools)
+        content, calls = parse_tool_calls(text, tools, parallel)
         if calls:
             if model_chose_to_call(tool_choice):
                 complete.finish_reason = "tool_calls"

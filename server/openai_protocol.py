@@ -45,8 +45,7 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
            "guided_grammar": "grammar"}
 # Accepted and dropped: they change nothing about the output of this server.
 # (prompt_cache_key: OpenAI's cache-routing hint; the prefix cache here needs none.)
-_IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls", "safety_identifier",
-            "prompt_cache_key")
+_IGNORED = ("user", "store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key")
 _COMMON = (("model", "stream", "stream_options", "stop", "stop_regex", "logit_bias", "priority", "request_id",
             "structured_outputs", "max_tokens", "use_beam_search", "length_penalty",
             "return_token_ids", "return_tokens_as_token_ids")
@@ -57,7 +56,7 @@ _NOT_WITH_BEAMS = ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "stop_
 COMPLETION_FIELDS = frozenset(_COMMON + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(_COMMON + (
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools",
-    "tool_choice", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+    "tool_choice", "parallel_tool_calls", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
     "reasoning_effort", "chat_template"))
 MAX_TEMPLATE_CHARS = 65536  # a request's own chat_template
 # OpenAI's reasoning_effort values: handed to the chat template as vLLM does (a template that
@@ -91,6 +90,7 @@ class ParsedRequest:
     messages: list[dict] | None = None
     tools: list[dict] | None = None
     tool_choice: str = "auto"
+    parallel_tool_calls: bool = True  # false: one call a reply at most
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_logprobs: bool = False
@@ -106,6 +106,10 @@ class ParsedRequest:
     def parses_tools(self) -> bool:
         """The reply is read for tool calls (tools offered, tool_choice not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(content, calls) of a finished reply (qwenjax.tool_calls.parse_tool_calls)."""
+        return parse_tool_calls(text, self.tools, self.parallel_tool_calls)
 
 
 # --------------------------------------------------------------------------- request checks
@@ -424,7 +428,9 @@ def parse_chat(body: Any) -> ParsedRequest:
     elif choice is not None and not isinstance(choice, str):
         raise ValueError(f"tool_choice must be a string or an object, got {json.dumps(choice)[:80]}")
     request.tool_choice = choice or "auto"
-    constraint = tool_choice_constraint(request.tools, request.tool_choice)
+    parallel = _expect(body, "parallel_tool_calls", bool, "true or false")
+    request.parallel_tool_calls = parallel is not False
+    constraint = tool_choice_constraint(request.tools, request.tool_choice, request.parallel_tool_calls)
     if constraint is not None:
         if "structured_outputs" in fields:
             raise ValueError(f"tool_choice {request.tool_choice!r} constrains the output itself; "
@@ -637,7 +643,7 @@ def chat_message(text: str, request: ParsedRequest) -> tuple[dict[str, Any], boo
     reasoning = None
     if request.reasoning_parser is not None:
         reasoning, text = split_reasoning(text)
-    content, calls = parse_tool_calls(text or "", request.tools) if request.parses_tools else (text, [])
+    content, calls = request.tool_calls(text or "") if request.parses_tools else (text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if request.reasoning_parser is not None:
         message.update(reasoning=reasoning, reasoning_content=reasoning)
@@ -737,7 +743,7 @@ class ToolCallStream:
         """(content not yet sent, tool calls) once the reply is complete."""
         if not self.enabled:
             return "", []
-        content, calls = parse_tool_calls(self.text, self.request.tools)
+        content, calls = self.request.tool_calls(self.text)
         if not calls:
             rest, self.sent = self.text[self.sent:], len(self.text)
             return rest, []

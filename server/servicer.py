@@ -83,7 +83,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self._check_request(request, "GenerateRequest")
                 fields = convert.sampling_fields(request.sampling)
                 tools = convert.tools_to_dicts(request.tools) or None
-                constraint = tool_choice_constraint(tools, request.tool_choice or None)
+                parallel = (not request.HasField("parallel_tool_calls")
+                            or request.parallel_tool_calls)
+                constraint = tool_choice_constraint(tools, request.tool_choice or None, parallel)
                 if constraint is not None:
                     if "structured_outputs" in fields:
                         raise ValueError(f"tool_choice {request.tool_choice!r} constrains the "
@@ -106,7 +108,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             output, call.ttft_s, call.elapsed_s,
                             tools if request.tool_choice != "none" else None,
                             self.reasoning_parser if request.WhichOneof("input") == "messages" else None,
-                            request.tool_choice)
+                            request.tool_choice, parallel)
         except Refused as refused:
             await context.abort(refused.code, refused.message)
 

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from server import anthropic_protocol as ap
+from server import openai_protocol as proto
 from server_harness import Servers, http
 
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
@@ -50,6 +51,10 @@ def test_messages_become_the_chat_request_they_mean():
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert ap.to_chat_body({"max_tokens": 1, "messages": HELLO,
                             "tool_choice": {"type": "any"}})["tool_choice"] == "required"
+    single = ap.to_chat_body({"max_tokens": 1, "messages": HELLO, "tools": [WEATHER],
+                              "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}})
+    assert single["tool_choice"] == "auto" and single["parallel_tool_calls"] is False
+    assert proto.parse_chat(single).parallel_tool_calls is False
 
 
 @pytest.mark.parametrize("body, message", [

@@ -449,6 +449,16 @@ def test_tool_calls_over_the_wire(stub):
         messages=pb.Messages(messages=history), tools=tools, tool_choice="none",
         sampling=greedy(4)), timeout=60))
     assert ids and complete.finish_reason in ("stop", "length") and not complete.tool_calls
+    # parallel_tool_calls false: "required" asks for a list of one call, though the question
+    # names two cities.
+    weather = pb.Tool(name="get_weather", parameters=json.dumps(
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}))
+    _, text, complete = collect(stub.Generate(pb.GenerateRequest(
+        messages=pb.Messages(messages=[pb.Message(role="user", content="Weather in Paris and Rome?")]),
+        tools=[weather], tool_choice="required", parallel_tool_calls=False, sampling=greedy(60)),
+        timeout=60))
+    (call,) = complete.tool_calls
+    assert len(json.loads(text)) == 1 and complete.finish_reason == "tool_calls", text
 
 
 # --------------------------------------------------------------------------- validation

@@ -381,6 +381,22 @@ def test_tool_calls_named_and_streamed(client, name):
     assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
 
 
+def test_parallel_tool_calls_false_asks_for_one_call(client, base, name, tokenizer):
+    """tool_choice "required" with parallel_tool_calls false: the grammar closes the list after
+    one call (the reply's tokens are a list of one), though the question asks for two cities."""
+    chunks = list(client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Weather in Paris and Rome?"}],
+        tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+        temperature=0, stream=True, extra_body={"return_token_ids": True}))
+    (call,) = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
+    assert call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    reply = json.loads(tokenizer.decode([t for c in chunks for t in c.choices[0].token_ids or ()]))
+    assert len(reply) == 1 and json.loads(call.function.arguments) == reply[0]["arguments"]
+    status, refused = http(base, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "no"})
+    assert status == 400 and "parallel_tool_calls must be true or false" in refused["error"]["message"]
+
+
 def test_score_and_rerank_compare_embeddings(base):
     """vLLM's /score and the rerank API on the served model: cosine similarities of the
     /v1/embeddings vectors, 1-to-N and pairwise, documents ranked best first."""
@@ -1063,7 +1079,7 @@ def test_responses_request_becomes_the_chat_request_it_means():
                   {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": "{}"},
                   {"type": "function_call_output", "call_id": "call_1", "output": "1"}],
         "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True}],
-        "tool_choice": {"type": "function", "name": "f"}, "top_k": 3})
+        "tool_choice": {"type": "function", "name": "f"}, "top_k": 3, "parallel_tool_calls": False})
     assert chat["max_tokens"] == 5 and chat["top_p"] == 0.5 and chat["top_k"] == 3
     assert chat["response_format"] == {"type": "json_schema",
                                        "json_schema": {"name": "answer", "schema": {"type": "object"}}}
@@ -1074,6 +1090,7 @@ def test_responses_request_becomes_the_chat_request_it_means():
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "f"}}
     parsed = proto.parse_chat(dict(chat, tool_choice="auto"))  # and it is a valid chat request
     assert parsed.fields["max_tokens"] == 5 and parsed.messages[1]["role"] == "system"
+    assert parsed.parallel_tool_calls is False
     for body, message in (({"input": []}, "input must be"), ({"input": "x", "truncation": "auto"},
                                                             "truncation"),
                           ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning")):
@@ -1109,6 +1126,10 @@ def test_tool_call_stream_holds_back_only_what_may_be_a_call():
     sent, rest, calls = run('[{"name": "get_weather", "arguments": {"city": "Rome"}}]',
                             tool_choice="required")
     assert sent == rest == "" and len(calls) == 1
+    two = call + "\n" + call.replace("Paris", "Rome")
+    assert [json.loads(c.arguments)["city"] for c in run(two)[2]] == ["Paris", "Rome"]
+    sent, rest, calls = run("Sure. " + two, 4, parallel_tool_calls=False)
+    assert sent + rest == "Sure." and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
     assert run("plain <tool_call> text", tool_choice="none") == ("plain <tool_call> text", "", [])
 
 

@@ -55,6 +55,31 @@ def test_tool_choice_constraints():
         tool_choice_constraint([], "required")
 
 
+def test_without_parallel_calls_a_reply_keeps_its_first_call(tokenizer):
+    """parallel_tool_calls false (OpenAI's): of a reply with several calls the first is kept
+    (vLLM's rule), and tool_choice "required"'s grammar takes a list of one call only."""
+    from qwenjax.structured import GrammarCompiler
+
+    two = ('Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>')
+    bare = '[{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {"city": "Rome"}}]'
+    for text, content, first in ((two, "Checking.", {"city": "Oslo"}), (bare, "", {"a": 1})):
+        assert len(parse_tool_calls(text, TOOLS)[1]) == 2
+        kept, (call,) = parse_tool_calls(text, TOOLS, parallel=False)
+        assert kept == content and json.loads(call.arguments) == first
+    one = tool_choice_constraint(TOOLS, "required", parallel=False)
+    assert one.json["maxItems"] == 1 and "maxItems" not in tool_choice_constraint(TOOLS, "required").json
+    compiler = GrammarCompiler(tokenizer.to_json(), 151936, tokenizer.eos_token_ids)
+
+    def takes(spec, text):
+        matcher = compiler.matcher(spec)
+        return all(matcher.advance(t) for t in tokenizer.encode(text)) and matcher.done
+
+    single = '[{"name": "add", "arguments": {"a": 1}}]'
+    assert takes(one, single) and not takes(one, bare)
+    assert takes(tool_choice_constraint(TOOLS, "required"), bare)
+
+
 def test_the_grpc_complete_ends_tool_calls_only_for_a_call_the_model_chose():
     """OpenAI's (and the HTTP API's) finish reasons: "tool_calls" for "auto"/"required", "stop"
     for a named tool_choice's forced call; the calls are parsed either way."""
@@ -70,6 +95,11 @@ def test_the_grpc_complete_ends_tool_calls_only_for_a_call_the_model_chose():
         assert complete.finish_reason == reason, choice
         assert [c.name for c in complete.tool_calls] == ["add"] and complete.content == ""
     assert complete_response(output, 0.1, 0.2, None).complete.finish_reason == "stop"
+    two = RequestOutput(request_id="r", prompt_token_ids=[1, 2], text=f"[{reply}, {reply}]",
+                        token_ids=[3, 4], delta_text="", delta_token_ids=[], finished=True,
+                        finish_reason="stop")
+    assert len(complete_response(two, 0.1, 0.2, TOOLS).complete.tool_calls) == 2
+    assert len(complete_response(two, 0.1, 0.2, TOOLS, parallel=False).complete.tool_calls) == 1
 
 
 def test_the_chat_template_renders_tools_and_past_calls(tokenizer):
