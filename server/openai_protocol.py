@@ -481,6 +481,9 @@ def _response_format(fmt: Mapping[str, Any]) -> StructuredOutputs | None:
                      f"\"structural_tag\", got {json.dumps(kind)}")
 
 
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 def _messages(messages: Any) -> list[dict]:
     """OpenAI chat messages as the chat template takes them: content parts joined into one
     string, "developer" read as "system" (OpenAI's newer name for it)."""
@@ -491,6 +494,9 @@ def _messages(messages: Any) -> list[dict]:
         if not isinstance(message, Mapping):
             raise ValueError(f"messages[{i}] must be an object")
         message = {k: v for k, v in message.items() if v is not None}
+        if message.get("role") not in _ROLES:
+            raise ValueError(f"messages[{i}].role is {json.dumps(message.get('role'))[:40]}; "
+                             f"expected one of {', '.join(_ROLES)}")
         if message.get("role") == "developer":
             message["role"] = "system"
         content = message.get("content")

@@ -1054,6 +1054,8 @@ def test_parse_maps_openai_and_vllm_fields():
         with pytest.raises(ValueError, match=field):
             proto.parse_completion(body)
     for body, field in [({"messages": []}, "messages"),
+                        ({"messages": [{"role": "robot", "content": "x"}]},
+                         r"messages\[0\]\.role is \"robot\"; expected one of system, developer"),
                         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "get_weather"},
                          "tool_choice"),
                         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web"}]},
