@@ -9,6 +9,7 @@ for clients written against ``python -m sglang.launch_server``:
     POST /flush_cache       forget the cached prefixes (400 while requests run)
     GET  /get_model_info    model path, is_generation, architectures
     GET  /get_server_info   the serving limits, under SGLang's names
+    GET  /get_load          per data-parallel replica: requests held and tokens (a router's probe)
     GET  /health_generate   200 once a one-token generation went through (503 if it fails)
 
 ``sampling_params`` takes SGLang's names (``max_new_tokens``, default 128; ``min_new_tokens``,
@@ -187,6 +188,7 @@ class SGLangAPI:
         for path in ("/get_server_info", "/server_info"):  # (the frontend asks the newer name)
             router.add_get(path, self.get_server_info)
         router.add_get("/health_generate", self.health_generate)
+        router.add_get("/get_load", self.get_load)
 
     async def release_memory_occupation(self, request: web.Request) -> web.Response:
         """SGLang's, for RL loops (free the device between rollouts): the weights' and the KV
@@ -389,6 +391,23 @@ class SGLangAPI:
             "internal_states": [{"num_running_requests": len(e.scheduler.running),
                                  "num_waiting_requests": len(e.scheduler.waiting)} for e in engines],
         })
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """SGLang's load probe (what its router balances on), one entry per data-parallel
+        replica: ``num_reqs`` running and waiting, ``num_waiting_reqs``, ``num_tokens`` the KV
+        token slots in use plus the tokens the waiting requests still have to prefill
+        (``num_pending_tokens``), ``ts_tic`` a monotonic time in seconds."""
+        self.gateway.require_engine(admitting=False)
+        loads, now = [], time.perf_counter()
+        for rank, engine in enumerate(self.gateway.engines):
+            # A snapshot (one C-level copy) of the engine thread's queues.
+            running, waiting = len(engine.scheduler.running), tuple(engine.scheduler.waiting)
+            pending = sum(r.num_pending for r in waiting)
+            used = engine.allocator.num_used * engine.config.page_size
+            loads.append({"dp_rank": rank, "num_reqs": running + len(waiting),
+                          "num_waiting_reqs": len(waiting), "num_tokens": used + pending,
+                          "num_pending_tokens": pending, "ts_tic": now})
+        return web.json_response(loads)
 
     async def health_generate(self, request: web.Request) -> web.Response:
         """200 once a one-token request has been generated; 503 if the engine is down, the

@@ -396,6 +396,9 @@ def test_abort_request_ends_a_running_generate(base):
         for response in responses:  # both running
             while not response.readline().startswith(b"data: "):
                 pass
+        status, (load,) = _post(base, "/get_load", method="GET")  # SGLang's router probe
+        assert status == 200 and load["dp_rank"] == 0 and load["num_reqs"] == 2, load
+        assert load["num_tokens"] >= 2 * len(PROMPT.split()) and load["num_waiting_reqs"] == 0
         assert _post(base, "/abort_request", {"abort_all": True}) == (200, {"found": True})
         for response in responses:
             rest = _events(response)
@@ -413,6 +416,9 @@ def test_info_cache_health_and_encode(base):
     assert server["max_running_requests"] == 8 and server["max_total_num_tokens"] == 8 * 32 * 16
     assert _post(base, "/flush_cache")[0] == 200
     assert _post(base, "/flush_cache", method="GET")[0] == 200
+    status, (load,) = _post(base, "/get_load", method="GET")  # idle, nothing cached
+    assert status == 200 and {k: v for k, v in load.items() if k != "ts_tic"} == {
+        "dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0, "num_pending_tokens": 0}
     requests = re.compile(r"^qwenjax:requests_total\S* (\S+)$", re.M)
 
     def served() -> float:  # requests the metrics counted
