@@ -17,10 +17,19 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import regex
+
 from qwenjax.structured import StructuredOutputs
 
+TAG = "<tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
+# A call object up to its arguments' value: {"name": "…", "arguments": (the order Qwen writes,
+# and the order the tool_choice grammars keep).
+_CALL_HEAD = regex.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# A bare reply's first call (after a ```json fence, a list's bracket), and the next listed one.
+_BARE_FIRST = regex.compile(r"\s*(?:```(?:json)?\s*)?(?:\[\s*)?\{")
+_NEXT_LISTED = regex.compile(r"\s*\}\s*,\s*\{")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +98,114 @@ def _parse(text: str, tools: Sequence[Mapping[str, Any]] | None) -> tuple[str, l
     if values and all(c is not None for c in calls):
         return "", calls
     return text, []
+
+
+class CallScanner:
+    """A reply's tool calls as it streams, for streamed tool-call deltas (OpenAI's): a call
+    opens once its ``{"name": …, "arguments": `` head and the first character of its
+    arguments have come, then its arguments' JSON text follows piece by piece as it arrives.
+
+    ``begin(tagged, at)`` says where the calls are: ``<tool_call>`` blocks from ``at`` on, or a
+    bare reply (a call, or a list of calls, fenced or not). A call it cannot follow (a tool not
+    offered, its keys in another order, arguments given as a JSON string) stops it there: that
+    call and those after it are left to the parse of the whole reply (``parse_tool_calls``,
+    which stays the answer); so are calls past the first with ``parallel`` false."""
+
+    def __init__(self, tools: Sequence[Mapping[str, Any]] | None, parallel: bool = True):
+        self.names = tool_names(tools)
+        self.limit = None if parallel else 1
+        self.calls: list[ToolCall] = []  # opened, in order (their arguments as streamed)
+        self.tagged: bool | None = None  # None until begin()
+        self.stopped = False
+        self._pos = 0  # where the next call is looked for
+        # The open call's arguments: where the scan is, its bracket depth, inside a string,
+        # after a backslash; and how much of them has been handed out.
+        self._scan: list | None = None
+        self._sent = 0
+
+    def begin(self, tagged: bool, at: int = 0) -> None:
+        if self.tagged is None:
+            self.tagged, self._pos = tagged, at
+
+    def advance(self, text: str) -> list[tuple[int, ToolCall | None, str]]:
+        """What ``text`` (the reply so far, grown since the last call) adds: ``(index, call,
+        "")`` for a call that opens, ``(index, None, piece)`` for more of its arguments."""
+        out: list[tuple[int, ToolCall | None, str]] = []
+        while True:
+            if self._scan is not None:
+                end = self._arguments_end(text)
+                upto = len(text) if end is None else end
+                if upto > self._sent:
+                    piece = text[self._sent:upto]
+                    self._sent = upto
+                    call = self.calls[-1]
+                    self.calls[-1] = dataclasses.replace(call, arguments=call.arguments + piece)
+                    out.append((len(self.calls) - 1, None, piece))
+                if end is None:
+                    return out
+                self._scan, self._pos = None, end
+            if self.tagged is None or self.stopped or len(self.calls) == self.limit:
+                return out
+            start = self._next_call(text)
+            if start is None:
+                return out
+            head = _CALL_HEAD.match(text, start, partial=True) if start >= 0 else None
+            if head is not None and (head.partial or head.end() == len(text)):
+                return out  # the head, or the arguments' first character, is still coming
+            try:
+                name = json.loads(f'"{head.group(1)}"') if head is not None else None
+            except json.JSONDecodeError:
+                name = None
+            if name not in self.names or text[head.end()] != "{":
+                self.stopped = True
+                return out
+            self.calls.append(ToolCall(name, ""))
+            out.append((len(self.calls) - 1, self.calls[-1], ""))
+            self._scan, self._sent = [head.end(), 0, False, False], head.end()
+
+    def _next_call(self, text: str) -> int | None:
+        """Where the next call's ``{`` is; None: not known yet; -1: there is none."""
+        if self.tagged:
+            tag = text.find(TAG, self._pos)
+            if tag < 0:
+                return None
+            start = tag + len(TAG)
+            while start < len(text) and text[start].isspace():
+                start += 1
+        else:
+            opening = (_NEXT_LISTED if self.calls else _BARE_FIRST).match(text, self._pos, partial=True)
+            if opening is None:
+                return -1
+            if opening.partial:
+                return None
+            start = opening.end() - 1
+        if start == len(text):
+            return None
+        return start if text[start] == "{" else -1
+
+    def _arguments_end(self, text: str) -> int | None:
+        """Scans the open call's arguments on from where it stopped: their end (past the
+        closing brace) once they close, else None."""
+        i, depth, quoted, escaped = self._scan
+        for i in range(i, len(text)):
+            c = text[i]
+            if quoted:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    quoted = False
+            elif c == '"':
+                quoted = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+        self._scan = [len(text), depth, quoted, escaped]
+        return None
 
 
 def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:

@@ -215,11 +215,12 @@ class MessageBuilder:
 
     async def events(self, outputs: AsyncIterator) -> AsyncIterator[dict[str, Any]]:
         """message_start; each block's content_block_start, deltas and stop (thinking, text,
-        then each tool_use whole, as chat streaming holds tool calls back); message_delta with
-        the stop reason and usage; message_stop."""
+        then each tool_use: its input's JSON as the model writes it, in ``input_json_delta``
+        pieces, as chat streaming sends calls); message_delta with the stop reason and usage;
+        message_stop."""
         yield {"type": "message_start", "message": self._message([])}
-        stream = proto.ChatStream(self.parsed)
-        index, open_kind = -1, None  # the block being streamed: "thinking", "text" or None
+        stream = proto.ChatStream(self.parsed, stream_calls=True)
+        index, open_kind = -1, None  # the block being streamed: "thinking", "text", "tool_use" or None
 
         def switch(kind: str):
             nonlocal index, open_kind
@@ -248,12 +249,24 @@ class MessageBuilder:
                 if piece:
                     for event in delta(kind, piece):
                         yield event
+            for _, call, piece in stream.call_pieces():
+                if call is not None:  # a call opens: its own tool_use block
+                    if open_kind is not None:
+                        yield {"type": "content_block_stop", "index": index}
+                    index, open_kind = index + 1, "tool_use"
+                    yield {"type": "content_block_start", "index": index, "content_block": {
+                        "type": "tool_use", "id": call.id, "name": call.name, "input": {}}}
+                else:
+                    yield {"type": "content_block_delta", "index": index,
+                           "delta": {"type": "input_json_delta", "partial_json": piece}}
             if output.finish_reason is None:
                 continue
             if open_kind is not None:
                 yield {"type": "content_block_stop", "index": index}
             done = self.final(output)
-            for block in (b for b in done["content"] if b["type"] == "tool_use"):
+            # The calls the stream could not follow come whole, after those it streamed.
+            streamed = stream.tools.opened
+            for block in [b for b in done["content"] if b["type"] == "tool_use"][streamed:]:
                 index += 1
                 yield {"type": "content_block_start", "index": index,
                        "content_block": {**block, "input": {}}}

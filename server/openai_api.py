@@ -797,7 +797,7 @@ class OpenAIServer:
         head["object"] = "chat.completion.chunk"
 
         async def events():
-            streams = [proto.ChatStream(parsed) for _ in range(params.n)]
+            streams = [proto.ChatStream(parsed, stream_calls=True) for _ in range(params.n)]
             completion, cached = 0, 0
             unsent: list[list[int]] = [[] for _ in range(params.n)]  # return_token_ids
 
@@ -834,6 +834,8 @@ class OpenAIServer:
                 if content or logprobs or (parsed.continuous_usage and output.delta_token_ids
                                            and not reasoning):
                     yield chunk(index, {"content": content}, logprobs=logprobs)
+                for piece in stream.call_pieces():
+                    yield chunk(index, {"tool_calls": [proto.call_piece_json(*piece)]})
                 if output.finish_reason is None:
                     continue
                 if index == 0:
@@ -843,10 +845,13 @@ class OpenAIServer:
                     yield chunk(index, proto.reasoning_delta(reasoning))
                 if rest:
                     yield chunk(index, {"content": rest})
-                if calls:
-                    yield chunk(index, {"tool_calls": [proto.tool_call_json(c, k)
-                                                       for k, c in enumerate(calls)]})
-                yield chunk(index, {}, finish=finish_reason(output, bool(calls)),
+                for piece in stream.call_pieces():
+                    yield chunk(index, {"tool_calls": [proto.call_piece_json(*piece)]})
+                opened = stream.tools.opened  # calls past those go whole (the scanner lost them)
+                if calls[opened:]:
+                    yield chunk(index, {"tool_calls": [proto.tool_call_json(c, k) for k, c in
+                                                       enumerate(calls[opened:], opened)]})
+                yield chunk(index, {}, finish=finish_reason(output, bool(calls) or opened > 0),
                             stop=output.stop_reason)
             if parsed.include_usage:
                 yield {**head, "choices": [], "usage": proto.usage(len(prompt_ids), completion, cached)}

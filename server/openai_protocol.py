@@ -27,7 +27,8 @@ from qwenjax.reasoning import ReasoningStream, held_back, split_reasoning
 from qwenjax.sampling import check_fields, is_int  # noqa: F401 (check_fields: proto.check_fields)
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
-from qwenjax.tool_calls import ToolCall, parse_tool_calls, tool_choice_constraint
+from qwenjax.tool_calls import TAG as _TAG
+from qwenjax.tool_calls import CallScanner, ToolCall, parse_tool_calls, tool_choice_constraint
 
 MAX_PROMPTS = 256      # prompts of one /v1/completions request (each runs as its own request)
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
@@ -641,6 +642,13 @@ def tool_call_json(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     return entry if index is None else {"index": index, **entry}
 
 
+def call_piece_json(index: int, call: ToolCall | None, arguments: str) -> dict[str, Any]:
+    """A streamed tool-call delta: a call's opening (its id and name) or more of its arguments."""
+    if call is not None:
+        return tool_call_json(call, index)  # no arguments yet
+    return {"index": index, "function": {"arguments": arguments}}
+
+
 def chat_message(text: str, request: ParsedRequest) -> tuple[dict[str, Any], bool]:
     """(the assistant message of a finished reply, whether it called tools). With a reasoning
     parser, the reasoning goes to ``reasoning`` and ``reasoning_content`` (vLLM's old name, which
@@ -663,11 +671,15 @@ def chat_message(text: str, request: ParsedRequest) -> tuple[dict[str, Any], boo
 class ChatStream:
     """A streamed reply's deltas: reasoning (with a reasoning parser), then content with tool
     calls held back (``ToolCallStream``). ``feed`` returns (reasoning, content) to send now;
-    ``finish`` (reasoning, content, calls) still to send once the reply is complete."""
+    ``finish`` (reasoning, content, calls) still to send once the reply is complete. With
+    ``stream_calls``, ``call_pieces`` gives the calls piece by piece as they come."""
 
-    def __init__(self, request: ParsedRequest):
+    def __init__(self, request: ParsedRequest, stream_calls: bool = False):
         self.reasoning = None if request.reasoning_parser is None else ReasoningStream()
-        self.tools = ToolCallStream(request)
+        self.tools = ToolCallStream(request, stream_calls)
+
+    def call_pieces(self) -> list[tuple[int, ToolCall | None, str]]:
+        return self.tools.call_pieces()
 
     def feed(self, delta: str) -> tuple[str, str]:
         reasoning = ""
@@ -689,7 +701,6 @@ def reasoning_delta(text: str) -> dict[str, str]:
     return {"reasoning": text, "reasoning_content": text}
 
 
-_TAG = "<tool_call>"
 # How a bare JSON call opens (parse_tool_calls reads those too): an optional ```json fence, an
 # optional list, then an object's first key. A reply held for it is released as soon as it
 # cannot be one (code in a ```python fence, a list of numbers, plain text).
@@ -703,9 +714,13 @@ class ToolCallStream:
     whitespace, which a call would strip); from the tag on (or from the start, when the reply
     opens like a bare JSON call, ``{"``, ``[{"`` or a ```json fence around them, or when
     tool_choice forces a call) nothing more is sent until the end, where the calls are parsed
-    from the whole text."""
+    from the whole text.
 
-    def __init__(self, request: ParsedRequest):
+    With ``stream_calls``, the held-back calls come out as they are written too
+    (``call_pieces``: qwenjax.tool_calls.CallScanner); ``finish`` still parses the whole text,
+    and the calls past ``opened`` (those the scanner could not follow) are sent whole."""
+
+    def __init__(self, request: ParsedRequest, stream_calls: bool = False):
         self.request = request
         self.enabled = request.parses_tools
         # "required" or a tool's name: the output is the call(s) as JSON, never content.
@@ -713,6 +728,19 @@ class ToolCallStream:
         self.text = ""
         self.sent = 0
         self.bare_checked = False  # the reply's opening was read for a bare JSON call
+        self.scanner = (CallScanner(request.tools, request.parallel_tool_calls)
+                        if stream_calls and self.enabled else None)
+        if self.blocked and self.scanner is not None:
+            self.scanner.begin(tagged=False)
+
+    @property
+    def opened(self) -> int:
+        """Calls already streamed piece by piece."""
+        return len(self.scanner.calls) if self.scanner is not None else 0
+
+    def call_pieces(self) -> list[tuple[int, ToolCall | None, str]]:
+        """The calls' pieces the text fed since the last call adds (CallScanner.advance)."""
+        return self.scanner.advance(self.text) if self.scanner is not None else []
 
     def feed(self, delta: str) -> str:
         """The content to send now."""
@@ -732,10 +760,14 @@ class ToolCallStream:
             self.bare_checked = True
             if opening is not None:
                 self.blocked = True
+                if self.scanner is not None:
+                    self.scanner.begin(tagged=False)
                 return ""
         tag = self.text.find(_TAG, max(0, self.sent - len(_TAG)))
         if tag >= 0:
             end, self.blocked = tag, True
+            if self.scanner is not None:
+                self.scanner.begin(tagged=True, at=tag)
         else:
             end = len(self.text) - held_back(self.text, _TAG)
         # Whitespace waits for what follows: before a call it is not content (the non-streamed

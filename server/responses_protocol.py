@@ -16,8 +16,9 @@ Not here: built-in tools (web/file search, computer use), reasoning items, image
 """
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from server import openai_protocol as proto
 
@@ -263,11 +264,15 @@ class ResponseBuilder:
         """The response before it finishes: "queued", "in_progress", "cancelled" (no output)."""
         return self._object(status, [])
 
-    def final(self, output, text: str | None = None, logprobs: list | None = None) -> dict[str, Any]:
+    def final(self, output, text: str | None = None, logprobs: list | None = None,
+              streamed: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         """The finished response. ``text``/``logprobs``: what a stream sent as the message (the
-        same text the non-streamed reply would hold)."""
+        same text the non-streamed reply would hold); ``streamed``: the function calls it sent
+        as they were written (the first calls, with their ids and arguments as sent)."""
         message, _ = proto.chat_message(output.text, self.parsed)
         items = tool_calls_from(message)
+        kept = min(len(streamed), len(items))  # a call the model broke off is not one
+        items[:kept] = [{k: v for k, v in item.items() if k != "output_index"} for item in streamed[:kept]]
         if text is None:
             text, logprobs = message["content"], self._logprobs(output.logprobs or ())
         if text or not items:
@@ -286,8 +291,9 @@ class ResponseBuilder:
         return self.result
 
     async def events(self, outputs: AsyncIterator) -> AsyncIterator[dict[str, Any]]:
-        """response.created, in_progress, the message's item/part/text deltas (content only,
-        tool calls held back as chat streaming does), the function calls whole, completed."""
+        """response.created, in_progress, the message's item/part/text deltas (content before
+        any tool call), each function call as the model writes it (its item, then its
+        arguments in pieces), completed."""
         sequence = iter(range(1 << 62))
 
         def event(kind: str, **fields) -> dict:
@@ -296,17 +302,19 @@ class ResponseBuilder:
         start = self.pending("in_progress")
         yield event("response.created", response=start)
         yield event("response.in_progress", response=start)
-        stream = proto.ChatStream(self.parsed)
+        stream = proto.ChatStream(self.parsed, stream_calls=True)
         # The reasoning item (with a reasoning parser, when the reply has any) comes first.
         thought = dict(item_id=self.reasoning_id, output_index=0, content_index=0)
         reasoning, thinking = "", None  # None: no reasoning item; True: open; False: done
         where = dict(item_id=self.message_id, output_index=0, content_index=0)
-        text, sent_logprobs, opened = "", [], False
+        text, sent_logprobs, opened, closed = "", [], False, False  # the message item
+        streamed: list[dict] = []  # function_call items sent as they were written
+        items = 0  # output items added so far
 
         def think(delta: str):
-            nonlocal reasoning, thinking
+            nonlocal reasoning, thinking, items
             if thinking is None:
-                thinking = True
+                thinking, items = True, items + 1
                 yield event("response.output_item.added", output_index=0,
                             item=reasoning_item(self.reasoning_id, "", status="in_progress"))
             reasoning += delta
@@ -321,17 +329,51 @@ class ResponseBuilder:
                             item=reasoning_item(self.reasoning_id, reasoning))
 
         def deltas(content: str, logprobs: list):
-            nonlocal opened, text
+            nonlocal opened, text, items
             if not opened:
                 opened = True
                 yield from end_thinking()
-                where["output_index"] = 0 if thinking is None else 1
+                where["output_index"], items = items, items + 1
                 yield event("response.output_item.added", output_index=where["output_index"],
                             item=message_item(self.message_id, "", None, status="in_progress"))
                 yield event("response.content_part.added", **where, part=text_part("", None))
             text += content
             sent_logprobs.extend(logprobs)
             yield event("response.output_text.delta", **where, delta=content, logprobs=logprobs)
+
+        def close_message():
+            nonlocal closed
+            if opened and not closed:
+                closed = True
+                message = message_item(self.message_id, text, sent_logprobs)
+                yield event("response.output_text.done", **where, text=text, logprobs=sent_logprobs)
+                yield event("response.content_part.done", **where, part=message["content"][0])
+                yield event("response.output_item.done", output_index=where["output_index"], item=message)
+
+        def close_call():
+            if streamed and streamed[-1]["status"] == "in_progress":
+                item = streamed[-1]
+                item["status"], index = "completed", item.pop("output_index")
+                yield event("response.function_call_arguments.done", item_id=item["id"],
+                            output_index=index, arguments=item["arguments"])
+                yield event("response.output_item.done", output_index=index, item=dict(item))
+
+        def calls():
+            nonlocal items
+            for _, call, piece in stream.call_pieces():
+                if call is not None:
+                    yield from close_call()
+                    yield from end_thinking()
+                    yield from close_message()
+                    item = function_call_item(proto.tool_call_json(call))
+                    streamed.append({**item, "status": "in_progress", "output_index": items})
+                    yield event("response.output_item.added", output_index=items,
+                                item={**item, "status": "in_progress"})
+                    items += 1
+                else:
+                    streamed[-1]["arguments"] += piece
+                    yield event("response.function_call_arguments.delta", item_id=streamed[-1]["id"],
+                                output_index=items - 1, delta=piece)
 
         async for output in outputs:
             thinking_delta, content = stream.feed(output.delta_text)
@@ -341,26 +383,23 @@ class ResponseBuilder:
             if content:
                 for e in deltas(content, self._logprobs(output.delta_logprobs)):
                     yield e
+            for e in calls():
+                yield e
             if output.finish_reason is None:
                 continue
-            thinking_delta, rest, calls = stream.finish()
+            thinking_delta, rest, parsed_calls = stream.finish()
             if thinking_delta:
                 for e in think(thinking_delta):
                     yield e
-            if rest or (not opened and not calls):  # an empty reply is an empty message
+            if rest or (not opened and not parsed_calls and not streamed):  # an empty reply is an empty message
                 for e in deltas(rest, []):
                     yield e
-            for e in end_thinking():
+            for e in itertools.chain(calls(), close_call(), end_thinking(), close_message()):
                 yield e
-            done = self.result = self.final(output, text, sent_logprobs)
-            if opened:
-                index = where["output_index"]
-                yield event("response.output_text.done", **where, text=text, logprobs=sent_logprobs)
-                yield event("response.content_part.done", **where, part=text_part(text, sent_logprobs))
-                yield event("response.output_item.done", output_index=index, item=done["output"][index])
+            done = self.result = self.final(output, text, sent_logprobs, streamed)
             for index, item in enumerate(done["output"]):
-                if item["type"] != "function_call":
-                    continue
+                if item["type"] != "function_call" or index < items:
+                    continue  # sent already
                 yield event("response.output_item.added", output_index=index,
                             item={**item, "arguments": "", "status": "in_progress"})
                 yield event("response.function_call_arguments.delta", item_id=item["id"],

@@ -152,7 +152,7 @@ def test_tool_use_blocks(base):
     assert len(starts) == 1 and starts[0]["content_block"]["input"] == {}
     partial = [e["delta"]["partial_json"] for n, e in events
                if n == "content_block_delta" and e["delta"]["type"] == "input_json_delta"]
-    assert json.loads("".join(partial)) == call["input"]
+    assert len(partial) > 1 and json.loads("".join(partial)) == call["input"]  # as it was written
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 

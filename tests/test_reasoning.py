@@ -124,3 +124,50 @@ def test_responses_reasoning_item_streamed_and_whole():
     assert rproto.input_messages({"input": [{"role": "user", "content": "q"}, whole["output"][0],
                                             {"role": "user", "content": "again"}]}) == [
         {"role": "user", "content": "q"}, {"role": "user", "content": "again"}]
+
+
+def test_responses_and_messages_stream_calls_as_they_are_written():
+    """The Responses and Messages streams, after reasoning and content: each tool call's item
+    (block) opens once its name is written, its arguments follow in pieces, and the finished
+    response holds those calls (their ids, their arguments as sent); a call the stream cannot
+    follow (keys the other way) comes whole after them."""
+    from server import anthropic_protocol as ap
+    from server import responses_protocol as rproto
+
+    parsed = proto.ParsedRequest(fields={}, tools=[WEATHER], reasoning_parser="deepseek_r1")
+    odd = '<tool_call>\n{"arguments": {"city": "Rome"}, "name": "get_weather"}\n</tool_call>'
+    text = "<think>Weather.</think>Checking. " + CALL + "\n" + CALL.replace("Paris", "Oslo") + "\n" + odd
+
+    async def events(builder, size: int):
+        async def outputs():
+            for output in _outputs(text, size):
+                yield output
+        return [e async for e in builder.events(outputs())]
+
+    for size in (1, 6, 1000):
+        builder = rproto.ResponseBuilder("resp_1", "m", {"input": "q"}, parsed, 2, proto.TokenText(None))
+        sent = asyncio.run(events(builder, size))
+        added = [(e["output_index"], e["item"]["type"]) for e in sent if e["type"] == "response.output_item.added"]
+        done = [(e["output_index"], e["item"]) for e in sent if e["type"] == "response.output_item.done"]
+        assert added == [(0, "reasoning"), (1, "message"), (2, "function_call"), (3, "function_call"),
+                         (4, "function_call")] == [(i, item["type"]) for i, item in done]
+        output = builder.result["output"]
+        assert [item for _, item in done] == output and output[1]["content"][0]["text"] == "Checking."
+        for index, city in ((2, "Paris"), (3, "Oslo"), (4, "Rome")):
+            pieces = [e["delta"] for e in sent if e["type"] == "response.function_call_arguments.delta"
+                      and e["output_index"] == index]
+            assert json.loads("".join(pieces)) == json.loads(output[index]["arguments"]) == {"city": city}
+            assert len(pieces) == (1 if index == 4 or size == 1000 else len(pieces)) and pieces
+        if size == 1:
+            assert len([e for e in sent if e["type"] == "response.function_call_arguments.delta"
+                        and e["output_index"] == 2]) > 3
+
+        messages = ap.MessageBuilder("msg_1", "m", {}, parsed, 2)
+        sent = asyncio.run(events(messages, size))
+        starts = [e["content_block"] for e in sent if e["type"] == "content_block_start"]
+        assert [b["type"] for b in starts] == ["thinking", "text", "tool_use", "tool_use", "tool_use"]
+        for index, city in ((2, "Paris"), (3, "Oslo"), (4, "Rome")):
+            partial = "".join(e["delta"]["partial_json"] for e in sent if e["type"] == "content_block_delta"
+                              and e["index"] == index)
+            assert json.loads(partial) == {"city": city} and starts[index]["id"].startswith("call_")
+        assert sent[-2]["delta"]["stop_reason"] == "tool_use"

@@ -368,9 +368,12 @@ def test_tool_calls_named_and_streamed(client, name):
                                                  stream=True))
     deltas = [c.choices[0].delta for c in chunks]
     assert not "".join(d.content or "" for d in deltas)  # a forced call streams no content
-    (streamed,) = [t for d in deltas for t in d.tool_calls or ()]
-    assert streamed.index == 0 and streamed.function.name == "get_weather"
-    assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)
+    # The call streams as it is written: its id and name first, then its arguments in pieces.
+    (opening, *pieces) = [t for d in deltas for t in d.tool_calls or ()]
+    assert opening.index == 0 and opening.function.name == "get_weather" and opening.id.startswith("call_")
+    assert len(pieces) > 1 and all(p.index == 0 and p.id is None and p.function.name is None for p in pieces)
+    arguments = "".join(p.function.arguments for p in pieces)
+    assert json.loads(arguments) == json.loads(call.function.arguments)
     assert chunks[-1].choices[0].finish_reason == "stop"
 
     # The call goes back into the conversation with its result; the model answers in text.
@@ -388,10 +391,12 @@ def test_parallel_tool_calls_false_asks_for_one_call(client, base, name, tokeniz
         model=name, messages=[{"role": "user", "content": "Weather in Paris and Rome?"}],
         tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=60,
         temperature=0, stream=True, extra_body={"return_token_ids": True}))
-    (call,) = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
-    assert call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    opening, *pieces = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
+    assert {t.index for t in [opening, *pieces]} == {0} and opening.function.name == "get_weather"
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     reply = json.loads(tokenizer.decode([t for c in chunks for t in c.choices[0].token_ids or ()]))
-    assert len(reply) == 1 and json.loads(call.function.arguments) == reply[0]["arguments"]
+    arguments = "".join(t.function.arguments for t in pieces)
+    assert len(reply) == 1 and json.loads(arguments) == reply[0]["arguments"]
     status, refused = http(base, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": "no"})
     assert status == 400 and "parallel_tool_calls must be true or false" in refused["error"]["message"]
@@ -635,8 +640,13 @@ def test_responses_api_function_calls_and_refusals(client, name):
                                           tool_choice={"type": "function", "name": "get_weather"},
                                           max_output_tokens=40, stream=True))
     done = [e.item for e in events if e.type == "response.output_item.done"]
-    assert [d.type for d in done] == ["function_call"] and done[0].arguments == call.arguments
+    assert [d.type for d in done] == ["function_call"]
+    assert json.loads(done[0].arguments) == json.loads(call.arguments)
     assert not [e for e in events if e.type == "response.output_text.delta"]
+    # The arguments stream as the model writes them; the completed response holds that call.
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 1 and "".join(pieces) == done[0].arguments
+    assert events[-1].response.output[0].model_dump() == done[0].model_dump()
 
     # The call and its output go back as input items; the model answers in text.
     answer = client.responses.create(model=name, tools=[tool], tool_choice="none", temperature=0,
@@ -1133,6 +1143,31 @@ def test_tool_call_stream_holds_back_only_what_may_be_a_call():
     sent, rest, calls = run("Sure. " + two, 4, parallel_tool_calls=False)
     assert sent + rest == "Sure." and [json.loads(c.arguments)["city"] for c in calls] == ["Paris"]
     assert run("plain <tool_call> text", tool_choice="none") == ("plain <tool_call> text", "", [])
+
+
+def test_the_chat_stream_sends_calls_as_they_are_written():
+    """stream_calls (the chat completions stream): a call's id and name go out once its head is
+    written, its arguments piece by piece after; a call the scanner cannot follow comes whole
+    at the end, after those it streamed (finish's calls past ``opened``)."""
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    odd = '<tool_call>\n{"arguments": {"city": "Rome"}, "name": "get_weather"}\n</tool_call>'
+    stream = proto.ChatStream(proto.ParsedRequest(fields={}, tools=[WEATHER]), stream_calls=True)
+    content, deltas, when = "", [], []
+    text = "On it. " + call + "\n" + odd
+    for i in range(0, len(text), 3):
+        content += stream.feed(text[i:i + 3])[1]
+        pieces = [proto.call_piece_json(*piece) for piece in stream.call_pieces()]
+        deltas, when = deltas + pieces, when + [i + 3] * len(pieces)
+    # The name went out with the arguments' brace, the arguments as they came.
+    assert when[0] == text.index('{"city"') + 3 - text.index('{"city"') % 3
+    assert len(deltas) > 3 and when[-1] <= text.index("}\n</tool_call>") + 3
+    _, rest, calls = stream.finish()
+    assert content + rest == "On it." and [c.name for c in calls] == ["get_weather"] * 2
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"] == {"name": "get_weather",
+                                                                              "arguments": ""}
+    assert all(d["index"] == 0 and set(d) == {"index", "function"} for d in deltas[1:])
+    assert json.loads("".join(d["function"]["arguments"] for d in deltas)) == {"city": "Paris"}
+    assert stream.tools.opened == 1 and json.loads(calls[1].arguments) == {"city": "Rome"}
 
 
 def test_bench_serving_over_the_http_api(base, tmp_path):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from qwenjax.tool_calls import parse_tool_calls, tool_choice_constraint
+from qwenjax.tool_calls import CallScanner, parse_tool_calls, tool_choice_constraint
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -78,6 +78,48 @@ def test_without_parallel_calls_a_reply_keeps_its_first_call(tokenizer):
     single = '[{"name": "add", "arguments": {"a": 1}}]'
     assert takes(one, single) and not takes(one, bare)
     assert takes(tool_choice_constraint(TOOLS, "required"), bare)
+
+
+def _scan(text: str, size: int, tagged: bool, at: int = 0, parallel: bool = True):
+    """CallScanner fed ``text`` ``size`` characters at a time: {index: (name, id, arguments)}."""
+    scanner, calls = CallScanner(TOOLS, parallel), {}
+    scanner.begin(tagged, at)
+    for end in range(size, len(text) + size, size):
+        for index, call, piece in scanner.advance(text[:end]):
+            if call is not None:
+                assert index not in calls and piece == ""
+                calls[index] = [call.name, call.id, ""]
+            else:
+                calls[index][2] += piece
+    assert [(c.name, c.id, c.arguments) for c in scanner.calls] == [tuple(v) for v in calls.values()]
+    return calls
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000])
+def test_calls_stream_piece_by_piece_as_they_are_written(size):
+    """CallScanner: each call opens with its name once its head is written, then its arguments'
+    text follows as it comes; joined, the pieces are the arguments the whole reply's parse gives
+    (braces, brackets, quotes and escapes inside strings do not end them early)."""
+    weather = '{"name": "get_weather", "arguments": {"city": "Par}is \\"x\\" {["}}'
+    add = '{"name":"add","arguments":{"a": 1, "b": [2, {"c": 3}]}}'
+    tagged = f"Checking.\n<tool_call>\n{weather}\n</tool_call>\n<tool_call>\n{add}\n</tool_call>"
+    for text, is_tagged, at in ((tagged, True, len("Checking.\n")), (f"[{weather}, {add}]", False, 0),
+                                (f"```json\n[\n  {add},\n{weather}\n]\n```", False, 0),
+                                (add, False, 0)):
+        calls = _scan(text, size, is_tagged, at)
+        parsed = parse_tool_calls(text, TOOLS)[1]
+        assert [name for name, _, _ in calls.values()] == [c.name for c in parsed]
+        assert [json.loads(a) for _, _, a in calls.values()] == [json.loads(c.arguments) for c in parsed]
+    assert list(_scan(tagged, size, True, parallel=False)) == [0]  # one call at most
+    # What it cannot follow stops it, there: the whole reply's parse has those calls.
+    for text in ('<tool_call>{"arguments": {}, "name": "add"}</tool_call>',  # keys the other way
+                 '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1}"}</tool_call>',  # JSON text
+                 '<tool_call>{"name": "nope", "arguments": {}}</tool_call>', "<tool_call>[1]"):
+        assert _scan(text, size, True) == {}
+    assert list(_scan(f"<tool_call>{add}</tool_call><tool_call>{{\"x\": 1}}", size, True)) == [0]
+    # An unfinished call streams as far as it went.
+    (cut,) = _scan(tagged[:tagged.index("Par") + 3], size, True).values()
+    assert cut[0] == "get_weather" and cut[2] == '{"city": "Par'
 
 
 def test_the_grpc_complete_ends_tool_calls_only_for_a_call_the_model_chose():
