@@ -24,9 +24,11 @@ QUESTIONS = [
 SMALL = dict(max_model_len=1024, max_num_seqs=4, max_prefill_seqs=2, prefill_chunk=128,
              decode_buckets=(1,), prefill_buckets=(64,), warm_up=False, progress=False)
 # The engine of the real-model batching tests: 11 shapes, from 1 decode row to 4 with 128 tokens.
+# The real model's scheduling tests (batch invariance, prefix caching) share these shapes, so the
+# step programs compile once for both. 20 pages of 16: 320 tokens, small enough to preempt.
 BATCHING = dict(max_num_seqs=4, max_num_batched_tokens=128, prefill_chunk=64, max_prefill_seqs=2,
-                decode_buckets=(1,), prefill_buckets=(16, 64), page_size=16, max_model_len=512,
-                num_pages=40)
+                decode_buckets=(1,), prefill_buckets=(16, 64), page_size=16, max_model_len=320,
+                num_pages=20)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 
 
@@ -305,10 +307,8 @@ def test_batch_invariance_real_model(lm):
     prompts = [words[len(words) - n:] for n in lengths]
     # Prefix caching off: the prompts are suffixes of one periodic text, so many share full pages,
     # and sharing would spare the preemptions this test is about (and feed the single runs).
-    # (A pool of 20 pages: 320 tokens, so that these ~560 prompt tokens preempt. The 0.5B's
-    # prefill is what this test spends, ~0.6 s a 64-token chunk on a 2-core CPU.)
-    config = EngineConfig(**{**BATCHING, "num_pages": 20, "max_model_len": 320},
-                          enable_prefix_caching=False)
+    # (The 0.5B's prefill is what this test spends, ~0.6 s a 64-token chunk on a 2-core CPU.)
+    config = EngineConfig(**BATCHING, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     engine = Engine(lm, config, warm_up=False)
     arrivals = sorted(rng.integers(0, 12, len(prompts)))
@@ -322,7 +322,7 @@ def test_batch_invariance_real_model(lm):
         engine.check()
         step += 1
     assert sum(r.num_preemptions for r in requests) > 0
-    assert engine.allocator.num_free == 20
+    assert engine.allocator.num_free == BATCHING["num_pages"]
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params, request_id=f"alone-{i}")
         alone = None
@@ -331,13 +331,11 @@ def test_batch_invariance_real_model(lm):
         assert outputs[i] == alone, f"request {i} ({len(prompt)} tokens)"
 
 
-@pytest.mark.parametrize("tp", [1])
-def test_prefix_caching_real_model_shared_system_prompt(real_model_dir, tp):
+def test_prefix_caching_real_model_shared_system_prompt(lm):
     """Chats under one long system prompt: greedy outputs with prefix caching equal those without,
     and every request after the first reports the shared full pages as cached. (tp 2 runs the
     same on the tiny model, test_prefix_cache.py; the 0.5B's padded heads at tp 4 run in the
     engine in test_cli.py and against transformers in test_real_model.py: 20 s saved here.)"""
-    lm = load_model(real_model_dir, tp=tp, dtype="float32")
     system = ("You are the support assistant of a company that sells solar panels, batteries and "
               "inverters. Answer briefly, cite the product line when relevant, never invent prices, "
               "and ask for the order number when a customer reports a delivery problem.")
