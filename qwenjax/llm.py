@@ -290,6 +290,9 @@ class _Base:
         params = params if params is not None else self.engine.default_sampling_params(len(ids))
         constraint = tool_choice_constraint(tools, tool_choice)
         if constraint is not None:
+            if params.structured_outputs is not None:
+                raise ValueError(f"tool_choice {tool_choice or 'auto'!r} with these tools constrains "
+                                 "the output itself; leave SamplingParams.structured_outputs unset")
             params = dataclasses.replace(params, structured_outputs=constraint)
         return ids, params
 
@@ -624,7 +627,8 @@ class LLM(_Base):
         ``tools``: OpenAI-style function definitions, offered through the chat template; read
         the calls in a reply with ``qwenjax.tool_calls.parse_tool_calls(output.text, tools)``.
         ``tool_choice``: "auto" (default), "none", "required" or a tool's name; the last two
-        constrain the output (structured outputs) to a list of calls or that one call."""
+        constrain the output (structured outputs) to a list of calls or that one call, and with
+        "auto" a tool marked ``"strict": true`` holds the ``<tool_call>`` blocks to its schema."""
         conversations = _as_conversations(messages)
         params = _params(params, sampling_params)
         given = list(params) if isinstance(params, (list, tuple)) else [params] * len(conversations)

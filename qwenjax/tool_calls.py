@@ -6,7 +6,10 @@ answers with ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks
 no call is parsed), "required" (at least one call) or a tool's name (that call). The last two
 are enforced with structured outputs: the output must be a JSON list of calls, or that one call.
 ``parallel`` false (OpenAI's ``parallel_tool_calls``) allows one call a reply: "required"'s list
-holds one call, and a reply with several keeps its first (vLLM's rule).
+holds one call, and a reply with several keeps its first (vLLM's rule). With "auto", a tool
+marked ``"strict": true`` (OpenAI's) puts the calls under a structural tag: the reply is free,
+but from ``<tool_call>`` on the call names an offered tool and a strict one's arguments follow
+its schema.
 """
 from __future__ import annotations
 
@@ -216,6 +219,21 @@ def _call_schema(tool: Mapping[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+def _strict_calls(tools: Sequence[Mapping[str, Any]]) -> StructuredOutputs:
+    """Qwen2.5's call blocks as a structural tag (triggered by ``<tool_call>``, free text
+    around): one structure a tool, a strict tool's arguments held to its parameters' schema,
+    another's to any object."""
+    structures = []
+    for tool in tools:
+        function = _function(tool)
+        strict = function.get("strict") is True
+        structures.append({"begin": f'{TAG}\n{{"name": {json.dumps(function["name"])}, "arguments": ',
+                           "schema": dict(function.get("parameters") or {"type": "object"})
+                           if strict else {"type": "object"},
+                           "end": "}\n</tool_call>"})
+    return StructuredOutputs(structural_tag={"structures": structures, "triggers": [TAG]})
+
+
 def model_chose_to_call(tool_choice: str | None) -> bool:
     """Whether calls parsed from a reply were the model's choice ("auto", "required"; unset is
     "auto"), which ends it with finish_reason "tool_calls"; a named tool's forced call ends with
@@ -225,10 +243,12 @@ def model_chose_to_call(tool_choice: str | None) -> bool:
 
 def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | None,
                            parallel: bool = True) -> StructuredOutputs | None:
-    """The structured-output constraint ``tool_choice`` needs (None for "auto"/"none"; a list
-    of one call for "required" without ``parallel``), raising ValueError naming a choice that
-    does not fit ``tools``."""
+    """The structured-output constraint ``tool_choice`` needs (None for "none", and for "auto"
+    unless a tool is strict; a list of one call for "required" without ``parallel``), raising
+    ValueError naming a choice that does not fit ``tools``."""
     choice = tool_choice or "auto"
+    if choice == "auto" and any(_function(t).get("strict") is True for t in tools or ()):
+        return _strict_calls(tools)
     if choice in ("auto", "none"):
         return None
     if not tools:

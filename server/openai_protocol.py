@@ -434,8 +434,10 @@ def parse_chat(body: Any) -> ParsedRequest:
     constraint = tool_choice_constraint(request.tools, request.tool_choice, request.parallel_tool_calls)
     if constraint is not None:
         if "structured_outputs" in fields:
-            raise ValueError(f"tool_choice {request.tool_choice!r} constrains the output itself; "
-                             "leave response_format and structured outputs unset")
+            what = (f"tool_choice {request.tool_choice!r}" if request.tool_choice != "auto"
+                    else 'a tool marked "strict": true')
+            raise ValueError(f"{what} constrains the output itself; leave response_format and "
+                             "structured outputs unset")
         fields["structured_outputs"] = constraint
     continuing = bool(_expect(body, "continue_final_message", bool, "true or false"))
     add = _expect(body, "add_generation_prompt", bool, "true or false")

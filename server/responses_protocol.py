@@ -167,7 +167,7 @@ def _tools(tools: Any) -> list[dict]:
         if not isinstance(tool, Mapping) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, Mapping) else None
             raise ValueError(f"tools[{i}] is a {kind!r} tool; only function tools are supported")
-        function = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+        function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         out.append({"type": "function", "function": function})
     return out
 

@@ -226,6 +226,11 @@ def test_tool_calls_auto_and_required(llm):
     content, calls = parse_tool_calls(required.text, TOOLS)
     assert content == "" and calls and calls[0].name == "get_weather", required.text
     assert required.finish_reason == "stop"
+    from qwenjax.structured import StructuredOutputs
+
+    constrained = SamplingParams(structured_outputs=StructuredOutputs(regex="a+"))
+    with pytest.raises(ValueError, match="'required' with these tools constrains the output itself"):
+        llm.chat(question, constrained, tools=TOOLS, tool_choice="required")
 
 
 def test_logprobs_and_min_tokens(llm, lm):

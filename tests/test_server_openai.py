@@ -1063,7 +1063,16 @@ def test_parse_maps_openai_and_vllm_fields():
                         ({"prompt": "x", "structured_outputs": {"jsonn": {}}}, "jsonn")]:
         with pytest.raises(ValueError, match=field):
             proto.parse_completion(body)
+    # A strict tool (OpenAI's "strict": true) holds "auto" calls to its schema: a structural tag.
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    tagged = proto.parse_chat({"messages": [{"role": "user", "content": "x"}], "tools": [strict]})
+    (begin, schema, end), = tagged.fields["structured_outputs"].structural_tag["structures"]
+    assert begin == '<tool_call>\n{"name": "get_weather", "arguments": ' and schema["required"] == ["city"]
+    assert "structured_outputs" not in proto.parse_chat(
+        {"messages": [{"role": "user", "content": "x"}], "tools": [strict], "tool_choice": "none"}).fields
     for body, field in [({"messages": []}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}], "tools": [strict],
+                          "response_format": {"type": "json_object"}}, 'a tool marked "strict": true'),
                         ({"messages": [{"role": "robot", "content": "x"}]},
                          r"messages\[0\]\.role is \"robot\"; expected one of system, developer"),
                         ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "get_weather"},
@@ -1098,9 +1107,10 @@ def test_responses_request_becomes_the_chat_request_it_means():
     roles = [m["role"] for m in chat["messages"]]
     assert roles == ["system", "developer", "user", "assistant", "tool"]
     assert [c["id"] for c in chat["messages"][3]["tool_calls"]] == ["call_1", "call_2"]  # one turn
-    assert chat["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert chat["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"},
+                                                                "strict": True}}]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "f"}}
-    parsed = proto.parse_chat(dict(chat, tool_choice="auto"))  # and it is a valid chat request
+    parsed = proto.parse_chat(dict(chat, tool_choice="none"))  # and it is a valid chat request
     assert parsed.fields["max_tokens"] == 5 and parsed.messages[1]["role"] == "system"
     assert parsed.parallel_tool_calls is False
     for body, message in (({"input": []}, "input must be"), ({"input": "x", "truncation": "auto"},

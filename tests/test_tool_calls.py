@@ -80,6 +80,32 @@ def test_without_parallel_calls_a_reply_keeps_its_first_call(tokenizer):
     assert takes(tool_choice_constraint(TOOLS, "required"), bare)
 
 
+def test_strict_tools_hold_auto_calls_to_their_schemas(tokenizer):
+    """tool_choice "auto" with a tool marked strict (OpenAI's "strict": true): the reply is free
+    text, but from <tool_call> on the call must name an offered tool and a strict tool's
+    arguments follow its parameters (a lax tool's: any object). Through llguidance and the real
+    tokenizer (<tool_call> is one special token)."""
+    from qwenjax.structured import GrammarCompiler
+
+    strict = [{"type": "function", "function": {**TOOLS[1]["function"], "strict": True}}, TOOLS[0]]
+    assert tool_choice_constraint(TOOLS, "auto") is None and tool_choice_constraint(strict, "none") is None
+    spec = tool_choice_constraint(strict, "auto")
+    compiler = GrammarCompiler(tokenizer.to_json(), 151936, tokenizer.eos_token_ids)
+
+    def takes(text):
+        matcher = compiler.matcher(spec)
+        return all(matcher.advance(t) for t in tokenizer.encode(text))
+
+    def call(name, arguments):
+        return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+    assert tokenizer.encode("<tool_call>") == [151657]
+    assert takes("No tool needed: 2 + 2 is 4.")
+    assert takes("Let me add. " + call("add", '{"a": 1, "b": 2}') + "\n" + call("get_weather", '{"x": [1]}'))
+    assert not takes(call("add", '{"a": "one"}'))  # the strict tool's schema
+    assert not takes(call("multiply", "{}"))  # not an offered tool
+
+
 def _scan(text: str, size: int, tagged: bool, at: int = 0, parallel: bool = True):
     """CallScanner fed ``text`` ``size`` characters at a time: {index: (name, id, arguments)}."""
     scanner, calls = CallScanner(TOOLS, parallel), {}
