@@ -100,6 +100,8 @@ def tools_to_dicts(wire: Sequence[pb.Tool]) -> list[dict]:
                 function["parameters"] = json.loads(tool.parameters)
             except json.JSONDecodeError as error:
                 raise ValueError(f"tools[{i}].parameters is not JSON: {error}") from None
+        if tool.strict:
+            function["strict"] = True
         tools.append({"type": "function", "function": function})
     return tools
 

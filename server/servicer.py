@@ -88,8 +88,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 constraint = tool_choice_constraint(tools, request.tool_choice or None, parallel)
                 if constraint is not None:
                     if "structured_outputs" in fields:
-                        raise ValueError(f"tool_choice {request.tool_choice!r} constrains the "
-                                         "output itself; leave structured_outputs unset")
+                        what = (f"tool_choice {request.tool_choice!r}"
+                                if request.tool_choice not in ("", "auto") else "a strict tool")
+                        raise ValueError(f"{what} constrains the output itself; leave "
+                                         "structured_outputs unset")
                     fields["structured_outputs"] = constraint
                 prompt_ids, params = gateway.prepare(fields, await self._encode(request, tools),
                                                      request.priority)

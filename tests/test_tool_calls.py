@@ -104,6 +104,13 @@ def test_strict_tools_hold_auto_calls_to_their_schemas(tokenizer):
     assert takes("Let me add. " + call("add", '{"a": 1, "b": 2}') + "\n" + call("get_weather", '{"x": [1]}'))
     assert not takes(call("add", '{"a": "one"}'))  # the strict tool's schema
     assert not takes(call("multiply", "{}"))  # not an offered tool
+    # gRPC's Tool.strict is the same flag.
+    from qwenjax_proto.v1 import inference_pb2 as pb
+    from server.convert import tools_to_dicts
+
+    wire = tools_to_dicts([pb.Tool(name="add", parameters=json.dumps(TOOLS[1]["function"]["parameters"]),
+                                   strict=True), pb.Tool(name="get_weather")])
+    assert tool_choice_constraint(wire, "") == spec
 
 
 def _scan(text: str, size: int, tagged: bool, at: int = 0, parallel: bool = True):
