@@ -272,7 +272,7 @@ class ResponseBuilder:
         message, _ = proto.chat_message(output.text, self.parsed)
         items = tool_calls_from(message)
         kept = min(len(streamed), len(items))  # a call the model broke off is not one
-        items[:kept] = [{k: v for k, v in item.items() if k != "output_index"} for item in streamed[:kept]]
+        items[:kept] = [dict(item) for item in streamed[:kept]]
         if text is None:
             text, logprobs = message["content"], self._logprobs(output.logprobs or ())
         if text or not items:
@@ -310,6 +310,7 @@ class ResponseBuilder:
         text, sent_logprobs, opened, closed = "", [], False, False  # the message item
         streamed: list[dict] = []  # function_call items sent as they were written
         items = 0  # output items added so far
+        call_index = None  # the output index of the call being streamed
 
         def think(delta: str):
             nonlocal reasoning, thinking, items
@@ -351,29 +352,31 @@ class ResponseBuilder:
                 yield event("response.output_item.done", output_index=where["output_index"], item=message)
 
         def close_call():
-            if streamed and streamed[-1]["status"] == "in_progress":
+            nonlocal call_index
+            if call_index is not None:
                 item = streamed[-1]
-                item["status"], index = "completed", item.pop("output_index")
+                item["status"] = "completed"
                 yield event("response.function_call_arguments.done", item_id=item["id"],
-                            output_index=index, arguments=item["arguments"])
-                yield event("response.output_item.done", output_index=index, item=dict(item))
+                            output_index=call_index, arguments=item["arguments"])
+                yield event("response.output_item.done", output_index=call_index, item=dict(item))
+                call_index = None
 
         def calls():
-            nonlocal items
+            nonlocal items, call_index
             for _, call, piece in stream.call_pieces():
                 if call is not None:
                     yield from close_call()
                     yield from end_thinking()
                     yield from close_message()
                     item = function_call_item(proto.tool_call_json(call))
-                    streamed.append({**item, "status": "in_progress", "output_index": items})
+                    streamed.append({**item, "status": "in_progress"})
                     yield event("response.output_item.added", output_index=items,
                                 item={**item, "status": "in_progress"})
-                    items += 1
+                    call_index, items = items, items + 1
                 else:
                     streamed[-1]["arguments"] += piece
                     yield event("response.function_call_arguments.delta", item_id=streamed[-1]["id"],
-                                output_index=items - 1, delta=piece)
+                                output_index=call_index, delta=piece)
 
         async for output in outputs:
             thinking_delta, content = stream.feed(output.delta_text)
