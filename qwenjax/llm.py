@@ -281,7 +281,7 @@ class _Base:
                       template_kwargs: Mapping | None = None) -> tuple[list[int], SamplingParams]:
         """A conversation's prompt ids and its params (the model's defaults when None; with
         tool_choice "required" or a tool's name, constrained to the call it asks for)."""
-        from qwenjax.tool_calls import tool_choice_constraint
+        from qwenjax.tool_calls import constraint_source, tool_choice_constraint
 
         if add_generation_prompt is None:
             add_generation_prompt = not continue_final_message
@@ -291,8 +291,8 @@ class _Base:
         constraint = tool_choice_constraint(tools, tool_choice)
         if constraint is not None:
             if params.structured_outputs is not None:
-                raise ValueError(f"tool_choice {tool_choice or 'auto'!r} with these tools constrains "
-                                 "the output itself; leave SamplingParams.structured_outputs unset")
+                raise ValueError(f"{constraint_source(tool_choice)} constrains the output itself; "
+                                 "leave SamplingParams.structured_outputs unset")
             params = dataclasses.replace(params, structured_outputs=constraint)
         return ids, params
 

@@ -241,6 +241,13 @@ def model_chose_to_call(tool_choice: str | None) -> bool:
     return (tool_choice or "auto") in ("auto", "required")
 
 
+def constraint_source(tool_choice: str | None) -> str:
+    """What ``tool_choice_constraint``'s constraint comes from (a forced ``tool_choice``, or with
+    "auto" a strict tool), for the error that refuses another constraint beside it."""
+    choice = tool_choice or "auto"
+    return 'a tool marked "strict": true' if choice == "auto" else f"tool_choice {choice!r}"
+
+
 def tool_choice_constraint(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | None,
                            parallel: bool = True) -> StructuredOutputs | None:
     """The structured-output constraint ``tool_choice`` needs (None for "none", and for "auto"

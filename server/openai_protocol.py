@@ -28,7 +28,8 @@ from qwenjax.sampling import check_fields, is_int  # noqa: F401 (check_fields: p
 from qwenjax.structured import StructuredOutputs
 from qwenjax.tokenizer import check_tools
 from qwenjax.tool_calls import TAG as _TAG
-from qwenjax.tool_calls import CallScanner, ToolCall, parse_tool_calls, tool_choice_constraint
+from qwenjax.tool_calls import (CallScanner, ToolCall, constraint_source, parse_tool_calls,
+                                tool_choice_constraint)
 
 MAX_PROMPTS = 256      # prompts of one /v1/completions request (each runs as its own request)
 COMPLETION_MAX_TOKENS = 16  # /v1/completions' default max_tokens (OpenAI's and vLLM's)
@@ -434,10 +435,8 @@ def parse_chat(body: Any) -> ParsedRequest:
     constraint = tool_choice_constraint(request.tools, request.tool_choice, request.parallel_tool_calls)
     if constraint is not None:
         if "structured_outputs" in fields:
-            what = (f"tool_choice {request.tool_choice!r}" if request.tool_choice != "auto"
-                    else 'a tool marked "strict": true')
-            raise ValueError(f"{what} constrains the output itself; leave response_format and "
-                             "structured outputs unset")
+            raise ValueError(f"{constraint_source(request.tool_choice)} constrains the output "
+                             "itself; leave response_format and structured outputs unset")
         fields["structured_outputs"] = constraint
     continuing = bool(_expect(body, "continue_final_message", bool, "true or false"))
     add = _expect(body, "add_generation_prompt", bool, "true or false")

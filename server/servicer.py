@@ -18,7 +18,7 @@ import pathlib
 
 import grpc
 
-from qwenjax.tool_calls import tool_choice_constraint
+from qwenjax.tool_calls import constraint_source, tool_choice_constraint
 from qwenjax_proto.v1 import inference_pb2 as pb
 from qwenjax_proto.v1 import inference_pb2_grpc as pb_grpc
 from server import convert
@@ -88,10 +88,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 constraint = tool_choice_constraint(tools, request.tool_choice or None, parallel)
                 if constraint is not None:
                     if "structured_outputs" in fields:
-                        what = (f"tool_choice {request.tool_choice!r}"
-                                if request.tool_choice not in ("", "auto") else "a strict tool")
-                        raise ValueError(f"{what} constrains the output itself; leave "
-                                         "structured_outputs unset")
+                        raise ValueError(f"{constraint_source(request.tool_choice)} constrains "
+                                         "the output itself; leave structured_outputs unset")
                     fields["structured_outputs"] = constraint
                 prompt_ids, params = gateway.prepare(fields, await self._encode(request, tools),
                                                      request.priority)

@@ -229,7 +229,7 @@ def test_tool_calls_auto_and_required(llm):
     from qwenjax.structured import StructuredOutputs
 
     constrained = SamplingParams(structured_outputs=StructuredOutputs(regex="a+"))
-    with pytest.raises(ValueError, match="'required' with these tools constrains the output itself"):
+    with pytest.raises(ValueError, match="tool_choice 'required' constrains the output itself"):
         llm.chat(question, constrained, tools=TOOLS, tool_choice="required")
 
 

@@ -498,7 +498,7 @@ def fuzz_cases(vocab: int, max_len: int):
         ("tools[0].parameters is not JSON", pb.GenerateRequest(
             messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
             tools=[pb.Tool(name="f", parameters="{")])),
-        ("a strict tool constrains the output itself", pb.GenerateRequest(
+        ('a tool marked "strict": true constrains the output itself', pb.GenerateRequest(
             messages=pb.Messages(messages=[pb.Message(role="user", content="hi")]),
             tools=[pb.Tool(name="f", strict=True)],
             sampling=SP(structured_outputs=pb.StructuredOutputs(regex="a+")))),
