@@ -933,6 +933,22 @@ class AsyncLLM(_Base):
     async def reset_prefix_cache(self) -> bool:
         return await self._thread.reset_prefix_cache()
 
+    async def pause_generation(self, *, mode: str = "abort", clear_cache: bool = True,
+                               wait_for_inflight_requests: bool | None = None) -> None:
+        """vLLM's: no more steps until ``resume_generation()`` (e.g. while a trainer syncs
+        weights); requests sent meanwhile wait. ``mode`` "abort" ends the unfinished requests
+        now (their streams end with finish_reason "abort"), "wait" returns once they have
+        finished, "keep" holds them to go on after the resume. ``clear_cache``: forget the prefix
+        cache and the kept requests' K/V (they recompute on resume). ``Engine.pause``.
+        ``wait_for_inflight_requests=True`` (vLLM's older switch) is mode "wait"."""
+        await self._thread.pause("wait" if wait_for_inflight_requests else mode, clear_cache)
+
+    async def resume_generation(self) -> None:
+        await self._thread.resume()
+
+    async def is_paused(self) -> bool:
+        return self._thread.paused
+
     async def update_weights(self, path: str | os.PathLike) -> None:
         """Serve the weights of the HF checkpoint at ``path`` from the next step on: loaded
         while requests keep running, swapped in between two steps; running requests are then

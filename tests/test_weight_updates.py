@@ -229,3 +229,115 @@ def test_sleep_frees_the_device_memory_and_wake_up_serves_as_before(checkpoints)
     with pytest.raises(ValueError, match="still running"):
         engine.sleep(1)
     assert not engine.reset_prefix_cache()
+
+
+def _tokens(outputs, request_id=None) -> list[int]:
+    return [t for o in outputs if request_id in (None, o.request_id) for t in o.delta_token_ids]
+
+
+def test_pause_keep_holds_requests_and_new_weights_recompute_them(checkpoints):
+    """vLLM's pause_generation(mode="keep"), an RL trainer's sync: nothing is scheduled while
+    paused (a request sent meanwhile waits too); without clear_cache a kept request goes on
+    from its K/V after the resume; with new weights set while paused, it recomputes under them."""
+    a, b = checkpoints
+    lm = load_model(a, tp=1, dtype="float32")
+    engine = Engine(lm, EngineConfig(**CONFIG), warm_up=False)  # async scheduling
+    prompt, other = np.random.default_rng(4).integers(0, VOCAB, (2, 24)).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    want = GreedyGenerator(lm).generate([prompt, other], 10)
+    engine.add_request(prompt, greedy, request_id="kept")
+    outputs = []
+    while len(_tokens(outputs)) < 4:
+        outputs += engine.step()
+    engine.pause("keep", clear_cache=False)
+    assert engine.paused and not engine.pausing
+    engine.add_request(other, greedy, request_id="late")
+    for _ in range(3):  # the step in flight is read back; then nothing runs
+        outputs += engine.step()
+    sent = len(_tokens(outputs))
+    assert 4 <= sent < 10 and not engine.wants_step() and engine.has_unfinished()
+    assert engine.step() == [] and engine.num_unfinished == 2
+    with pytest.raises(ValueError, match="still running"):
+        engine.sleep(1)
+    engine.resume()
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert _tokens(outputs, "kept") == want[0] and _tokens(outputs, "late") == want[1]
+    assert engine.scheduler.num_preemptions == 0  # went on from its K/V
+
+    # Paused with clear_cache (the default), new weights set meanwhile: recomputed under them.
+    engine.add_request(prompt, greedy, request_id="synced")
+    outputs = []
+    while len(_tokens(outputs)) < 3:
+        outputs += engine.step()
+    engine.pause("keep")
+    while engine.wants_step():
+        outputs += engine.step()
+    before = _tokens(outputs)
+    assert engine.scheduler.num_preemptions == 1 and not engine.scheduler.running
+    engine.update_weights(b)
+    engine.resume()
+    while engine.has_unfinished():
+        outputs += engine.step()
+    after = GreedyGenerator(load_model(b, tp=1, dtype="float32"))
+    assert _tokens(outputs)[len(before):] == after.generate([prompt + before], 10 - len(before))[0]
+    engine.check()
+
+
+def test_pause_abort_and_wait(checkpoints):
+    """mode "abort" ends every unfinished request at once with what it has; mode "wait" lets the
+    running ones finish and holds those sent meanwhile, which run after the resume."""
+    a, _ = checkpoints
+    lm = load_model(a, tp=1, dtype="float32")
+    engine = Engine(lm, EngineConfig(**CONFIG), warm_up=False)
+    prompts = np.random.default_rng(5).integers(0, VOCAB, (3, 20)).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = GreedyGenerator(lm).generate(prompts, 8)
+    engine.add_request(prompts[0], greedy, request_id="running")
+    outputs = []
+    while not _tokens(outputs):
+        outputs += engine.step()
+    engine.add_request(prompts[1], SamplingParams(temperature=0.0, max_tokens=8, n=2),
+                       request_id="queued")
+    engine.pause("abort")
+    outputs += engine.step()
+    ended = {(o.request_id, o.index): o for o in outputs if o.finish_reason}
+    assert {k: o.finish_reason for k, o in ended.items()} == {
+        ("running", 0): "abort", ("queued", 0): "abort", ("queued", 1): "abort"}
+    assert 1 <= len(ended["running", 0].token_ids) < 8
+    assert want[0][:len(ended["running", 0].token_ids)] == ended["running", 0].token_ids
+    assert engine.paused and not engine.has_unfinished()
+    engine.add_request(prompts[1], greedy, request_id="after")
+    assert not engine.wants_step()
+    engine.resume()
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert _tokens(outputs, "after") == want[1]
+
+    engine.add_request(prompts[0], greedy, request_id="first")
+    outputs = engine.step()
+    engine.pause("wait")
+    assert engine.pausing and not engine.paused
+    engine.add_request(prompts[2], greedy, request_id="held")
+    while not engine.paused:
+        outputs += engine.step()
+    assert _tokens(outputs, "first") == want[0] and not _tokens(outputs, "held")
+    assert not engine.wants_step() and [r.request_id for r in engine.scheduler.waiting] == ["held"]
+    engine.resume()
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert _tokens(outputs, "held") == want[2]
+    # Resumed before a waiting pause took effect: it never does. A bad mode is refused.
+    engine.add_request(prompts[0], greedy, request_id="again")
+    engine.step()
+    engine.pause("wait")
+    engine.add_request(prompts[2], greedy, request_id="not-held")
+    engine.abort("not-held")
+    engine.resume()
+    assert not engine.pausing and not engine.paused
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(ValueError, match="abort, wait, keep"):
+        engine.pause("retract")
+    engine.check()

@@ -68,6 +68,7 @@ class EngineThread:
         self._subscribers: dict[str, _Subscriber] = {}
         self._stop = threading.Event()
         self._step_started: float | None = None  # monotonic time the running step began
+        self._pause_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread = threading.Thread(target=self._run, name="qwenjax-engine", daemon=True)
         self._thread.start()
 
@@ -147,6 +148,23 @@ class EngineThread:
     async def reset_prefix_cache(self) -> bool:
         return await self.call(Engine.reset_prefix_cache)
 
+    @property
+    def paused(self) -> bool:
+        return self.engine.paused
+
+    async def pause(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """``Engine.pause`` between two steps; with mode "wait", returns once the requests it
+        waits for have finished and the engine is paused (ValueError if ``resume`` came first)."""
+        await self.call(Engine.pause, mode, clear_cache)
+        if mode == "wait":
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            self._commands.put(("paused?", loop, future))
+            await future
+
+    async def resume(self) -> None:
+        await self.call(Engine.resume)
+
     async def update_weights(self, path) -> None:
         """Load a checkpoint's weights on a worker thread while steps go on, then swap them in
         between two steps (``Engine.load_weights``, ``Engine.set_weights``)."""
@@ -196,6 +214,8 @@ class EngineThread:
                 self._publish(request_id, error)
         elif kind == "abort":
             self.engine.abort(command[1])
+        elif kind == "paused?":
+            self._pause_waiters.append(command[1:])
         elif kind == "call":
             _, fn, args, loop, future = command
             try:
@@ -207,9 +227,22 @@ class EngineThread:
             except RuntimeError:  # the caller's loop has closed
                 pass
 
+    def _answer_pause_waiters(self) -> None:
+        """Settle the ``pause("wait")`` calls whose pause took effect, or was resumed away."""
+        if not self._pause_waiters or self.engine.pausing:
+            return
+        error = None if self.engine.paused else ValueError(
+            "resumed before the requests the pause waited for had finished")
+        waiters, self._pause_waiters = self._pause_waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            except RuntimeError:  # the caller's loop has closed
+                pass
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            block = not self.engine.has_unfinished()
+            block = not self.engine.wants_step()
             try:
                 command = self._commands.get(block=block, timeout=0.5 if block else None)
                 while True:
@@ -217,7 +250,8 @@ class EngineThread:
                     command = self._commands.get_nowait()
             except queue.Empty:
                 pass
-            if not self.engine.has_unfinished():
+            self._answer_pause_waiters()
+            if not self.engine.wants_step():
                 continue
             self._step_started = time.monotonic()
             try:
@@ -229,3 +263,4 @@ class EngineThread:
             finally:
                 self._step_started = None
             self._publish_all([(output.request_id, output) for output in outputs])
+            self._answer_pause_waiters()

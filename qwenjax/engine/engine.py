@@ -254,6 +254,7 @@ class Engine(LiveState):
         self._grammars = None  # qwenjax.structured.GrammarCompiler, built on first use
         self.weights_version = 0  # set_weights calls so far
         self.sleeping = 0  # sleep mode: 0 awake, else the level it sleeps at
+        self._clear_on_pause = False  # pause(clear_cache=True) not yet in effect (mode "wait")
         self._host_weights = self._host_lora = self._shardings = None
         self.warm_up_seconds = (self.runner.warm_up(progress=progress, workers=config.compile_workers)
                                 if warm_up else 0.0)
@@ -546,9 +547,15 @@ class Engine(LiveState):
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def wants_step(self) -> bool:
+        """Whether ``step()`` has work: outputs to hand out, a step to read back, or requests
+        to schedule (none while paused)."""
+        return bool(self._pending) or self._inflight is not None or self.scheduler.schedulable
+
     @property
     def num_unfinished(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        scheduler = self.scheduler
+        return len(scheduler.waiting) + len(scheduler.running) + len(scheduler.held)
 
     # ---- one iteration ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -587,6 +594,8 @@ class Engine(LiveState):
         elif self._inflight is not None and all(c.request.finished for c in self._inflight.out.chunks):
             self._settle(self._inflight)  # only rows of requests that stopped meanwhile
             self._inflight = None
+        if self.scheduler.holding:
+            self._pause_once_drained()
         return outputs
 
     def _read_back_first(self, step: InFlight) -> bool:

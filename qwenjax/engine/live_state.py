@@ -1,6 +1,7 @@
 """What changes in a serving engine between two steps, outside any request: its optional
-parts (a draft model, the prefix cache's host tier), LoRA adapters loaded and unloaded, new
-weights (a trainer's latest step), and sleep mode (device memory handed back while idle).
+parts (a draft model, the prefix cache's host tier), LoRA adapters loaded and unloaded, a
+pause (no steps while a trainer syncs), new weights (a trainer's latest step), and sleep mode
+(device memory handed back while idle).
 
 ``LiveState`` is a part of ``Engine`` (its base class), kept apart from the request loop in
 engine.py; every method runs on the engine's thread between two ``step()`` calls.
@@ -11,6 +12,10 @@ import dataclasses
 from typing import Any
 
 from qwenjax.loading import LoadedModel
+
+# Engine.pause's modes, as vLLM names them (SGLang's "retract" is "keep" clearing the cache;
+# its "in_place" is "keep" without).
+PAUSE_MODES = ("abort", "wait", "keep")
 
 
 class LiveState:
@@ -151,6 +156,63 @@ class LiveState:
         self.scheduler.preempt_all()
         self.scheduler.reset_prefix_cache()
         self.weights_version += 1
+
+    # ---- pause: no steps while a trainer syncs its weights ------------------------------
+    @property
+    def paused(self) -> bool:
+        return self.scheduler.paused
+
+    @property
+    def pausing(self) -> bool:
+        """A ``pause("wait")`` is waiting for the requests before it to finish."""
+        return self.scheduler.holding
+
+    def pause(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """Stop generating until ``resume()`` (vLLM's and SGLang's pause_generation, e.g. while
+        a trainer writes new weights): nothing more is scheduled; the step in flight finishes;
+        requests added meanwhile wait. ``mode``: "abort" ends every unfinished request now (its
+        final output holds what it generated, finish_reason "abort"); "keep" holds them where
+        they are, to go on after ``resume()``; "wait" lets them finish first (requests added
+        meanwhile wait), and ``paused`` turns True once they have. ``clear_cache``: forget the
+        prefix cache, and the K/V of the requests kept, which recompute on resume (under new
+        weights if ``set_weights`` came meanwhile, which recomputes them anyway)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}; got {mode!r}")
+        if not isinstance(clear_cache, bool):
+            raise ValueError(f"clear_cache must be true or false, got {clear_cache!r}")
+        scheduler = self.scheduler
+        if mode == "abort":
+            for request in [*scheduler.running, *scheduler.waiting, *scheduler.held]:
+                scheduler.finish(request, "abort")
+                self._pending.append(self._finish_output(request, "abort", None, "", []))
+        self._clear_on_pause = clear_cache or (self.pausing and self._clear_on_pause)
+        if mode == "wait" and not scheduler.paused:
+            scheduler.holding = True
+            self._pause_once_drained()
+        else:
+            self._pause_now()
+
+    def _pause_once_drained(self) -> None:
+        """A waiting pause takes effect once nothing it waits for is left, nor in flight."""
+        scheduler = self.scheduler
+        if not (scheduler.running or scheduler.waiting or self._inflight is not None):
+            self._pause_now()
+
+    def _pause_now(self) -> None:
+        scheduler = self.scheduler
+        scheduler.paused = True
+        scheduler.release_held()  # (they wait in the queue, which is paused)
+        if self._clear_on_pause:
+            scheduler.preempt_all()
+            scheduler.reset_prefix_cache()
+        self._clear_on_pause = False
+
+    def resume(self) -> None:
+        """Generate again: requests kept by a pause go on, queued ones are admitted. Ends a
+        ``pause("wait")`` still waiting, too (it never takes effect)."""
+        self.scheduler.paused = False
+        self.scheduler.release_held()
+        self._clear_on_pause = False
 
     # ---- sleep mode: the device memory handed back while idle --------------------------------
 

@@ -120,6 +120,18 @@ class EngineReplicas:
     async def reset_prefix_cache(self) -> bool:
         return all([await thread.reset_prefix_cache() for thread in self.threads])
 
+    @property
+    def paused(self) -> bool:
+        return all(thread.paused for thread in self.threads)
+
+    async def pause(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """Every replica at once (a waiting pause waits for all of them)."""
+        await asyncio.gather(*(thread.pause(mode, clear_cache) for thread in self.threads))
+
+    async def resume(self) -> None:
+        for thread in self.threads:
+            await thread.resume()
+
     async def update_weights(self, path) -> None:
         """Every replica's weights loaded first (side by side), then swapped in: a checkpoint
         that does not load leaves all of them on the old weights."""

@@ -164,6 +164,11 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.num_preemptions = 0  # requests sent back to the queue, losing their K/V
+        # Engine.pause: while ``paused`` nothing is scheduled; while ``holding`` (a pause that
+        # waits for the requests before it) requests added go to ``held``, out of the queue.
+        self.paused = False
+        self.holding = False
+        self.held: list[Request] = []
 
     def use_host_cache(self, store) -> None:
         """Keep the pages the prefix cache evicts in ``store`` (a host_cache.HostKVStore) and
@@ -175,7 +180,16 @@ class Scheduler:
 
     # ---- admission and removal ------------------------------------------------------------
     def add(self, request: Request) -> None:
-        self._put(self.waiting, request)
+        if self.holding:
+            self.held.append(request)
+        else:
+            self._put(self.waiting, request)
+
+    def release_held(self) -> None:
+        """Stop holding: the requests held go into the queue, in the order they came."""
+        held, self.held, self.holding = self.held, [], False
+        for request in held:
+            self._put(self.waiting, request)
 
     def _put(self, queue, request: Request, front: bool = False) -> None:
         """Into ``queue`` (waiting or running): at its end, or its front (a preempted request,
@@ -194,14 +208,19 @@ class Scheduler:
         queue.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.held)
+
+    @property
+    def schedulable(self) -> bool:
+        """Whether ``schedule()`` may find work: requests queued or running, and not paused."""
+        return not self.paused and bool(self.waiting or self.running)
 
     def finish(self, request: Request, reason: str) -> None:
         """Free the request's pages and drop it, whether running or still waiting."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
-            self.waiting.remove(request)
+            (self.held if request in self.held else self.waiting).remove(request)
         if reason == "error" and self.prefix_cache is not None:
             self.prefix_cache.forget_pages(request.pages)  # what it wrote may be bad
         else:
@@ -247,6 +266,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
         out = SchedulerOutput(decode=[], prefill=[], preempted=[])
+        if self.paused:
+            return out
         budget = cfg.max_num_batched_tokens
         reserved: list[tuple[ScheduledChunk, int]] = []  # (chunk, k) awaiting the draft model
 
@@ -471,7 +492,7 @@ class Scheduler:
     def check(self) -> None:
         """Allocator invariants with the pages each request holds (tests, debugging)."""
         owners = {id(r): r.pages for r in self.running}
-        for r in self.waiting:
+        for r in (*self.waiting, *self.held):
             assert not r.pages, f"waiting request {r.request_id} holds pages"
             assert not r.cache_entries, f"waiting request {r.request_id} holds cache entries"
         self.allocator.check(owners)
