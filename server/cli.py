@@ -280,7 +280,9 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, multihost: bool) -> None
                         help="serve POST /update_weights_from_disk {\"model_path\": DIR} (SGLang's): "
                              "the weights of an HF checkpoint of the same architecture on the "
                              "server's disk (e.g. a trainer's latest step) served from the next "
-                             "step, without a restart or a recompile")
+                             "step, without a restart or a recompile; and POST /pause?mode=…, "
+                             "/resume, GET /is_paused (vLLM's; SGLang's /pause_generation, "
+                             "/continue_generation) to hold generation while a trainer syncs")
     engine.add_argument("--enable-sleep-mode", "--enable-memory-saver", dest="enable_sleep_mode",
                         action="store_true",
                         help="serve POST /sleep?level=1|2, POST /wake_up and GET /is_sleeping "

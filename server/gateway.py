@@ -396,6 +396,31 @@ class Gateway:
         except ValueError as error:
             raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
 
+    @property
+    def paused(self) -> bool:
+        return bool(self.engines) and all(e.paused for e in self.engines)
+
+    async def pause(self, mode: Any = "abort", clear_cache: Any = True) -> None:
+        """Generation paused until ``resume`` (``Engine.pause``; requests sent meanwhile are
+        admitted and wait): INVALID_ARGUMENT for a bad mode, FAILED_PRECONDITION for a waiting
+        pause that a resume overtook."""
+        from qwenjax.engine.live_state import PAUSE_MODES
+
+        thread = self.require_engine(admitting=False)
+        if mode not in PAUSE_MODES:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of "
+                              f"{', '.join(PAUSE_MODES)}, got {mode!r}", generate=False)
+        if not isinstance(clear_cache, bool):
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"clear_cache must be true or "
+                              f"false, got {clear_cache!r}", generate=False)
+        try:
+            await thread.pause(mode, clear_cache)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.FAILED_PRECONDITION, str(error), generate=False) from None
+
+    async def resume(self) -> None:
+        await self.require_engine(admitting=False).resume()
+
     async def update_weights(self, path: Any) -> None:
         """Serve a checkpoint's weights from now on (``--allow-weight-updates``): NOT_FOUND for
         a path that is no checkpoint, INVALID_ARGUMENT for one of another architecture."""

@@ -135,8 +135,11 @@ class OpenAIServer:
         if allow_runtime_lora_updating:  # vLLM's routes, behind its VLLM_ALLOW_RUNTIME_LORA_UPDATING
             app.router.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
             app.router.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
-        if allow_weight_updates:  # SGLang's route
+        if allow_weight_updates:  # SGLang's route; vLLM's pause routes (its dev mode's)
             app.router.add_post("/update_weights_from_disk", self.update_weights_from_disk)
+            app.router.add_post("/pause", self.pause)
+            app.router.add_post("/resume", self.resume)
+            app.router.add_get("/is_paused", self.is_paused)
         if enable_sleep_mode:  # vLLM's routes
             app.router.add_post("/sleep", self.sleep)
             app.router.add_post("/wake_up", self.wake_up)
@@ -146,7 +149,7 @@ class OpenAIServer:
 
         self.sglang = SGLangAPI(self)
         # /generate, /encode, … (SGLang's native API)
-        self.sglang.register(app.router, enable_sleep_mode)
+        self.sglang.register(app.router, enable_sleep_mode, allow_weight_updates)
         if profiler_dir:  # vLLM's and SGLang's /start_profile, /stop_profile (server/profiling.py)
             from server.profiling import Profiler
 
@@ -366,6 +369,40 @@ class OpenAIServer:
         body = self._object(await self._body(request), {"model_path", "load_format"})
         await self.gateway.update_weights(body.get("model_path"))
         return web.json_response({"success": True, "message": "Succeeded to update model weights."})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        """``POST /pause?mode=abort|wait|keep&clear_cache=true|false`` (vLLM's): no more steps
+        until ``POST /resume``; requests sent meanwhile wait (``Engine.pause``). vLLM's older
+        ``wait_for_inflight_requests=true`` is mode "wait"."""
+        query = request.query
+        unknown = sorted(set(query) - {"mode", "clear_cache", "wait_for_inflight_requests"})
+        if unknown:
+            raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"unknown query "
+                                      f"parameter {unknown[0]!r}; /pause takes mode, clear_cache "
+                                      "and wait_for_inflight_requests", generate=False)
+        mode = query.get("mode", "abort")
+        if self._flag(query, "wait_for_inflight_requests", False):
+            mode = "wait"
+        await self.gateway.pause(mode, self._flag(query, "clear_cache", True))
+        return web.json_response({"status": "paused"})
+
+    def _flag(self, query, name: str, default: bool) -> bool:
+        value = query.get(name)
+        if value is None:
+            return default
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise self.gateway.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be true or "
+                                  f"false, got {value!r}", generate=False)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        await self.gateway.resume()
+        return web.json_response({"status": "resumed"})
+
+    async def is_paused(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_paused": self.gateway.paused})
 
     async def sleep(self, request: web.Request) -> web.Response:
         """``POST /sleep?level=1|2`` (vLLM's): the weights' and KV cache's device memory handed

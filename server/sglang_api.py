@@ -167,6 +167,10 @@ def _logprobs(entries: Sequence, token_text, with_text: bool, top: bool) -> tupl
     return tokens, tops
 
 
+# SGLang's pause modes as Engine.pause's (mode, clear_cache).
+_SGLANG_PAUSE = {"abort": ("abort", False), "retract": ("keep", True), "in_place": ("keep", False)}
+
+
 class SGLangAPI:
     """The native routes, sharing the OpenAI API's gateway, body parsing and streaming."""
 
@@ -174,9 +178,15 @@ class SGLangAPI:
         self.api = api  # server.openai_api.OpenAIServer
         self.gateway = api.gateway
 
-    def register(self, router: web.UrlDispatcher, enable_sleep_mode: bool = False) -> None:
+    def register(self, router: web.UrlDispatcher, enable_sleep_mode: bool = False,
+                 allow_weight_updates: bool = False) -> None:
         """``enable_sleep_mode``: also SGLang's /release_memory_occupation and
-        /resume_memory_occupation (its --enable-memory-saver), over the same sleep mode."""
+        /resume_memory_occupation (its --enable-memory-saver), over the same sleep mode;
+        ``allow_weight_updates``: /pause_generation and /continue_generation beside the
+        weight update, for the trainer that syncs."""
+        if allow_weight_updates:
+            router.add_post("/pause_generation", self.pause_generation)
+            router.add_post("/continue_generation", self.continue_generation)
         if enable_sleep_mode:
             router.add_route("*", "/release_memory_occupation", self.release_memory_occupation)
             router.add_route("*", "/resume_memory_occupation", self.resume_memory_occupation)
@@ -203,6 +213,23 @@ class SGLangAPI:
         await self._tags(request)
         await self.gateway.wake_up()
         return web.json_response(None)
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        """``{"mode": "abort" | "retract" | "in_place"}`` (SGLang's; default abort): "retract"
+        frees the running requests' K/V (recomputed once generation continues), "in_place"
+        keeps it (``Engine.pause``)."""
+        body = await self.api._body(request) if request.can_read_body else {}
+        mode = self.api._object(body if body is not None else {}, {"mode"}).get("mode", "abort")
+        if not isinstance(mode, str) or mode not in _SGLANG_PAUSE:
+            raise self._refuse(ValueError(f"mode must be one of {', '.join(_SGLANG_PAUSE)}, "
+                                          f"got {mode!r}"))
+        mode, clear_cache = _SGLANG_PAUSE[mode]
+        await self.gateway.pause(mode, clear_cache)
+        return web.Response(text="Generation paused successfully.")
+
+    async def continue_generation(self, request: web.Request) -> web.Response:
+        await self.gateway.resume()
+        return web.Response(text="Generation continued successfully.")
 
     async def _tags(self, request: web.Request) -> None:
         body = await self.api._body(request) if request.can_read_body else {}

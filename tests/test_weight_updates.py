@@ -1,7 +1,8 @@
 """New weights while serving (Engine.update_weights, LLM/AsyncLLM.update_weights, HTTP
-/update_weights_from_disk in test_server_openai.py): requests continue under the new weights
-exactly as a model loaded from them would, the prefix cache forgets the old K/V, and a
-checkpoint of another architecture is refused before anything changes."""
+/update_weights_from_disk): requests continue under the new weights exactly as a model loaded
+from them would, the prefix cache forgets the old K/V, and a checkpoint of another
+architecture is refused before anything changes. Also what a trainer's sync uses around it:
+pausing generation (Engine.pause, HTTP /pause, /resume) and sleep mode."""
 import asyncio
 
 import numpy as np
@@ -115,10 +116,6 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplo
     """SGLang's POST /update_weights_from_disk, on a server started with
     --allow-weight-updates: the next completion is the new model's; refusals name the field or
     the path; without the flag there is no such route."""
-    import json
-    import urllib.error
-    import urllib.request
-
     import grpc
 
     from qwenjax.engine.async_engine import EngineThread
@@ -133,51 +130,39 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplo
     prompt = np.random.default_rng(2).integers(0, VOCAB, 16).tolist()
     want = GreedyGenerator(load_model(b, tp=1, dtype="float32")).generate([prompt], 6)[0]
 
-    def post(port, path, body):
-        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else None
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def get(port, path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
-            return json.loads(response.read())
-
     try:
         server = servers.start(allow_weight_updates=True, enable_sleep_mode=True)
         port = server.http_port
         # Sleep mode (vLLM's routes): generation waits out the sleep with 503.
-        assert post(port, "/sleep?level=1", {})[0] == 200 and get(port, "/is_sleeping") == {"is_sleeping": True}
-        status, message = post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+        assert _post(port, "/sleep?level=1", {})[0] == 200 and _get(port, "/is_sleeping") == {"is_sleeping": True}
+        status, message = _post(port, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
         assert status == 503 and "asleep" in message
-        assert post(port, "/sleep?level=3", {})[0] == 400
-        assert post(port, "/wake_up", {})[0] == 200 and get(port, "/is_sleeping") == {"is_sleeping": False}
+        assert _post(port, "/sleep?level=3", {})[0] == 400
+        assert _post(port, "/wake_up", {})[0] == 200 and _get(port, "/is_sleeping") == {"is_sleeping": False}
         # SGLang's names for the same (--enable-memory-saver), with or without tags.
-        assert post(port, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
-        assert get(port, "/is_sleeping") == {"is_sleeping": True}
-        assert post(port, "/release_memory_occupation", {})[0] == 409  # asleep already
-        assert post(port, "/resume_memory_occupation", {"tags": ["kv"]})[0] == 400
-        assert post(port, "/resume_memory_occupation", {}) == (200, None)
-        assert get(port, "/is_sleeping") == {"is_sleeping": False}
-        assert post(port, "/reset_prefix_cache", {}) == (200, {"reset": True})
-        assert post(port, "/update_weights_from_disk", {"model_path": str(b)}) == (
+        assert _post(port, "/release_memory_occupation", {"tags": ["weights", "kv_cache"]}) == (200, None)
+        assert _get(port, "/is_sleeping") == {"is_sleeping": True}
+        assert _post(port, "/release_memory_occupation", {})[0] == 409  # asleep already
+        assert _post(port, "/resume_memory_occupation", {"tags": ["kv"]})[0] == 400
+        assert _post(port, "/resume_memory_occupation", {}) == (200, None)
+        assert _get(port, "/is_sleeping") == {"is_sleeping": False}
+        assert _post(port, "/reset_prefix_cache", {}) == (200, {"reset": True})
+        assert _post(port, "/update_weights_from_disk", {"model_path": str(b)}) == (
             200, {"success": True, "message": "Succeeded to update model weights."})
         with grpc.insecure_channel(server.address) as channel:
             ids, _, _ = collect(pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
                 token_ids=pb.TokenIds(ids=prompt), sampling=greedy(6, ignore_eos=True)), timeout=120))
         assert ids == want and thread.engine.weights_version == 1
-        status, message = post(port, "/update_weights_from_disk", {"model_path": str(tmp_path)})
+        status, message = _post(port, "/update_weights_from_disk", {"model_path": str(tmp_path)})
         assert status == 404 and "no config.json" in message
-        assert post(port, "/update_weights_from_disk", {"path": str(b)})[0] == 400
-        assert post(port, "/update_weights_from_disk", {"model_path": 3})[0] == 400
+        assert _post(port, "/update_weights_from_disk", {"path": str(b)})[0] == 400
+        assert _post(port, "/update_weights_from_disk", {"model_path": 3})[0] == 400
         locked = servers.start(enable_log_requests=True, max_log_len=4)
-        assert post(locked.http_port, "/update_weights_from_disk", {"model_path": str(b)})[0] == 404
-        assert post(locked.http_port, "/sleep", {})[0] == 404
-        assert post(locked.http_port, "/release_memory_occupation", {})[0] == 404
+        assert _post(locked.http_port, "/update_weights_from_disk", {"model_path": str(b)})[0] == 404
+        assert _post(locked.http_port, "/sleep", {})[0] == 404
+        assert _post(locked.http_port, "/release_memory_occupation", {})[0] == 404
+        assert _post(locked.http_port, "/pause", {})[0] == 404
+        assert _post(locked.http_port, "/pause_generation", {})[0] == 404
         # --enable-log-requests: each request logged as admitted (4 prompt ids) and as it ends.
         with caplog.at_level("INFO", logger="qwenjax.requests"):
             with grpc.insecure_channel(locked.address) as channel:
@@ -189,6 +174,33 @@ def test_http_update_weights_from_disk(checkpoints, server_loop, tmp_path, caplo
     finally:
         servers.stop_all()
         thread.shutdown()
+
+
+def _post(port, path, body):
+    """(status, JSON answer or None) of a POST; (status, text) when refused."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            raw = response.read()
+            try:
+                return response.status, json.loads(raw) if raw else None
+            except ValueError:
+                return response.status, raw.decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _get(port, path):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as response:
+        return json.loads(response.read())
 
 
 def test_sleep_frees_the_device_memory_and_wake_up_serves_as_before(checkpoints):
@@ -341,3 +353,77 @@ def test_pause_abort_and_wait(checkpoints):
     with pytest.raises(ValueError, match="abort, wait, keep"):
         engine.pause("retract")
     engine.check()
+
+
+def test_http_pause_and_resume(checkpoints, server_loop):
+    """vLLM's POST /pause, /resume, GET /is_paused and SGLang's /pause_generation,
+    /continue_generation (--allow-weight-updates): a completion sent while paused is answered
+    after the resume; "abort" ends a running one; "wait" answers once it has finished."""
+    import threading
+
+    from qwenjax.engine.async_engine import EngineThread
+    from server_harness import Servers
+
+    a, _ = checkpoints
+    lm = load_model(a, tp=1, dtype="float32")
+    thread = EngineThread(Engine(lm, EngineConfig(**CONFIG), warm_up=False, progress=False))
+    servers = Servers(server_loop, thread, port=0, metrics_port=None, http_port=0)
+    prompt = np.random.default_rng(6).integers(0, VOCAB, 16).tolist()
+
+    def complete(max_tokens, answers):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        answers.append(_post(port, "/v1/completions", body))
+
+    def started(max_tokens):
+        answers = []
+        worker = threading.Thread(target=complete, args=(max_tokens, answers))
+        worker.start()
+        while worker.is_alive() and not thread.engine.num_unfinished:  # (until admitted)
+            worker.join(0.01)
+        return worker, answers
+
+    try:
+        port = servers.start(allow_weight_updates=True).http_port
+        assert _get(port, "/is_paused") == {"is_paused": False}
+        assert _post(port, "/pause?mode=keep&clear_cache=false", {}) == (200, {"status": "paused"})
+        assert _get(port, "/is_paused") == {"is_paused": True}
+        worker, answers = started(6)
+        worker.join(1.0)
+        assert worker.is_alive() and thread.engine.num_unfinished == 1  # admitted, waiting
+        assert _post(port, "/resume", {}) == (200, {"status": "resumed"})
+        worker.join(60)
+        status, answer = answers[0]
+        assert status == 200 and answer["usage"]["completion_tokens"] == 6
+        # A running completion: "abort" ends it with what it has.
+        worker, answers = started(200)
+        assert _post(port, "/pause", {}) == (200, {"status": "paused"})
+        worker.join(60)
+        status, answer = answers[0]
+        assert status == 200 and answer["choices"][0]["finish_reason"] == "abort"
+        assert answer["usage"]["completion_tokens"] < 200
+        assert _post(port, "/resume", {})[0] == 200
+        # wait_for_inflight_requests (vLLM's older switch): answered once the request finished.
+        worker, answers = started(12)
+        assert _post(port, "/pause?wait_for_inflight_requests=true", {}) == (200, {"status": "paused"})
+        assert answers and answers[0][1]["usage"]["completion_tokens"] == 12
+        assert _post(port, "/resume", {})[0] == 200
+        worker.join(60)
+        # SGLang's names.
+        assert _post(port, "/pause_generation", {"mode": "retract"}) == (200, "Generation paused successfully.")
+        assert _get(port, "/is_paused") == {"is_paused": True}
+        assert _post(port, "/continue_generation", {}) == (200, "Generation continued successfully.")
+        assert _get(port, "/is_paused") == {"is_paused": False}
+        # Refusals name the field.
+        for path, body, field in (("/pause?mode=later", {}, "mode"), ("/pause?clear_cache=maybe", {}, "clear_cache"),
+                                  ("/pause?level=1", {}, "'level'"),
+                                  ("/pause_generation", {"mode": "keep"}, "abort, retract, in_place"),
+                                  ("/pause_generation", {"modes": "abort"}, "modes")):
+            status, message = _post(port, path, body)
+            assert status == 400 and field in message, (path, message)
+        assert _get(port, "/is_paused") == {"is_paused": False}
+        worker, answers = started(8)
+        worker.join(60)
+        assert answers[0][1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        servers.stop_all()
+        thread.shutdown()
