@@ -4,6 +4,7 @@ from them would, the prefix cache forgets the old K/V, and a checkpoint of anoth
 architecture is refused before anything changes. Also what a trainer's sync uses around it:
 pausing generation (Engine.pause, HTTP /pause, /resume) and sleep mode."""
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -427,3 +428,51 @@ def test_http_pause_and_resume(checkpoints, server_loop):
     finally:
         servers.stop_all()
         thread.shutdown()
+
+
+def test_async_llm_pause_generation(checkpoints):
+    """vLLM's AsyncLLM.pause_generation / resume_generation / is_paused: a stream stops between
+    the two and goes on to the same greedy tokens; a waiting pause overtaken by a resume says so."""
+    a, _ = checkpoints
+    llm = AsyncLLM(str(a), tp=1, dtype="float32", **CONFIG, warm_up=False, progress=False)
+    prompt = np.random.default_rng(7).integers(0, VOCAB, 20).tolist()
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    want = GreedyGenerator(llm.engine.lm).generate([prompt], 30)[0]
+
+    async def run():
+        tokens = []
+
+        async def stream(params=greedy):
+            async for output in llm.generate(prompt, params):
+                tokens.extend(output.delta_token_ids)
+
+        streaming = asyncio.ensure_future(stream())
+        while len(tokens) < 3:
+            await asyncio.sleep(0.005)
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        assert await llm.is_paused()
+        await asyncio.sleep(0.05)  # the step in flight comes back
+        held = len(tokens)
+        await asyncio.sleep(0.3)
+        assert len(tokens) == held < 30
+        await llm.resume_generation()
+        await streaming
+        # A waiting pause while a long request runs, overtaken by a resume.
+        first = list(tokens)
+        streaming = asyncio.ensure_future(stream(dataclasses.replace(greedy, max_tokens=200)))
+        while llm.engine.num_unfinished == 0:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(llm.pause_generation(wait_for_inflight_requests=True))
+        await asyncio.sleep(0.02)
+        assert not waiting.done() and not await llm.is_paused()
+        await llm.resume_generation()
+        with pytest.raises(ValueError, match="resumed before"):
+            await waiting
+        await streaming
+        return first, tokens[len(first):]
+
+    try:
+        first, second = asyncio.run(run())
+    finally:
+        llm.shutdown()
+    assert first == want and len(second) == 200 and not llm.engine.paused
