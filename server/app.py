@@ -254,6 +254,9 @@ class InferenceServer:
         True when all finished within ``timeout`` seconds (default: the config's)."""
         self.gateway.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.gateway.paused:  # (requests held by a pause would never finish)
+            log.warning("draining a paused engine: resuming generation so in-flight requests finish")
+            await self.gateway.resume()
         timeout = self.config.drain_timeout if timeout is None else timeout
         return await self.gateway.wait_idle(timeout)
 

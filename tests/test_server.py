@@ -767,7 +767,7 @@ def test_engine_thread_reports_how_long_its_step_runs():
         def __init__(self):
             self.calls, self.release = 0, threading.Event()
 
-        def has_unfinished(self):
+        def wants_step(self):
             return self.calls < 1
 
         def step(self):

@@ -384,7 +384,8 @@ def test_http_pause_and_resume(checkpoints, server_loop):
         return worker, answers
 
     try:
-        port = servers.start(allow_weight_updates=True).http_port
+        server = servers.start(allow_weight_updates=True)
+        port = server.http_port
         assert _get(port, "/is_paused") == {"is_paused": False}
         assert _post(port, "/pause?mode=keep&clear_cache=false", {}) == (200, {"status": "paused"})
         assert _get(port, "/is_paused") == {"is_paused": True}
@@ -406,9 +407,10 @@ def test_http_pause_and_resume(checkpoints, server_loop):
         # wait_for_inflight_requests (vLLM's older switch): answered once the request finished.
         worker, answers = started(12)
         assert _post(port, "/pause?wait_for_inflight_requests=true", {}) == (200, {"status": "paused"})
-        assert answers and answers[0][1]["usage"]["completion_tokens"] == 12
-        assert _post(port, "/resume", {})[0] == 200
+        assert thread.engine.num_unfinished == 0  # (its answer may still be on the way)
         worker.join(60)
+        assert answers[0][1]["usage"]["completion_tokens"] == 12
+        assert _post(port, "/resume", {})[0] == 200
         # SGLang's names.
         assert _post(port, "/pause_generation", {"mode": "retract"}) == (200, "Generation paused successfully.")
         assert _get(port, "/is_paused") == {"is_paused": True}
@@ -425,6 +427,12 @@ def test_http_pause_and_resume(checkpoints, server_loop):
         worker, answers = started(8)
         worker.join(60)
         assert answers[0][1]["choices"][0]["finish_reason"] == "length"
+        # Draining for shutdown resumes a paused engine: what it held finishes.
+        assert _post(port, "/pause?mode=keep", {})[0] == 200
+        worker, answers = started(5)
+        assert server_loop.run(server.drain(timeout=60), timeout=90) and not thread.paused
+        worker.join(60)
+        assert answers[0][1]["usage"]["completion_tokens"] == 5
     finally:
         servers.stop_all()
         thread.shutdown()
@@ -451,7 +459,9 @@ def test_async_llm_pause_generation(checkpoints):
             await asyncio.sleep(0.005)
         await llm.pause_generation(mode="keep", clear_cache=False)
         assert await llm.is_paused()
-        await asyncio.sleep(0.05)  # the step in flight comes back
+        while llm.engine.wants_step():  # the step in flight comes back
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)
         held = len(tokens)
         await asyncio.sleep(0.3)
         assert len(tokens) == held < 30
