@@ -94,8 +94,6 @@ class LiveState:
             raise
         self.lm.weights = dataclasses.replace(self.lm.weights, lora=lora)
 
-    # ---- new weights while serving ----------------------------------------------------------
-
     def remove_lora(self, name: str) -> None:
         """Unload adapter ``name``; refused while a request still runs or waits on it. Its slot
         is reused by the next load (which overwrites it whole)."""
@@ -157,6 +155,12 @@ class LiveState:
         self.scheduler.reset_prefix_cache()
         self.weights_version += 1
 
+    def update_weights(self, model) -> None:
+        """``set_weights(load_weights(model))`` (SGLang's update_weights_from_disk). The new
+        weights load beside the old ones, so the peak is twice the weight memory; a load that
+        fails leaves the engine serving the old ones."""
+        self.set_weights(self.load_weights(model))
+
     # ---- pause: no steps while a trainer syncs its weights ------------------------------
     @property
     def paused(self) -> bool:
@@ -213,14 +217,6 @@ class LiveState:
         self.scheduler.paused = False
         self.scheduler.release_held()
         self._clear_on_pause = False
-
-    # ---- sleep mode: the device memory handed back while idle --------------------------------
-
-    def update_weights(self, model) -> None:
-        """``set_weights(load_weights(model))`` (SGLang's update_weights_from_disk). The new
-        weights load beside the old ones, so the peak is twice the weight memory; a load that
-        fails leaves the engine serving the old ones."""
-        self.set_weights(self.load_weights(model))
 
     # ---- sleep mode: the device memory handed back while idle ---------------------------
     def reset_prefix_cache(self) -> bool:
