@@ -9,9 +9,13 @@ models and special tokens to others.
 
 ``split_reasoning`` splits a finished output; ``ReasoningStream`` splits one as it streams,
 holding back a tail that may be the start of a tag, so that the streamed pieces add up to
-the finished split.
+the finished split. ``ThinkingBudget`` caps the reasoning of one sequence (vLLM's
+``thinking_token_budget``): past the budget the engine forces the closing tag.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 REASONING_PARSERS = ("deepseek_r1",)
 START, END = "<think>", "</think>"
@@ -69,3 +73,43 @@ class ReasoningStream:
         out = reasoning[self._reasoning:], (content or "")[self._content:]
         self._reasoning, self._content = len(reasoning), len(content or "")
         return out
+
+
+@dataclasses.dataclass
+class ThinkingBudget:
+    """One sequence's ``SamplingParams.thinking_token_budget`` (vLLM's): its reasoning may run
+    ``budget`` tokens; then the closing tag's tokens (``end_ids``) are forced, one a step, and the
+    reply goes on after it. A reply that closes its reasoning sooner is left alone."""
+
+    budget: int
+    end_ids: tuple[int, ...]
+    token_bytes: Callable[[int], bytes] = dataclasses.field(repr=False)
+    counted: int = 0     # reasoning tokens sampled so far
+    forcing: int = -1    # the index in end_ids of the next forced token; -1: none forced
+    done: bool = False   # the reasoning has closed: nothing more to count or force
+    _tail: bytes = b""   # the last bytes of the output, where a closing tag may be forming
+
+    def __post_init__(self):
+        if self.budget <= 0:
+            self.forcing = 0
+
+    @property
+    def forced(self) -> int | None:
+        """The token the next step must sample, or None."""
+        return self.end_ids[self.forcing] if self.forcing >= 0 and not self.done else None
+
+    def take(self, token_id: int) -> None:
+        """Follow a sampled (or forced) token."""
+        if self.done:
+            return
+        if self.forcing >= 0:
+            self.forcing += 1
+            self.done = self.forcing == len(self.end_ids)
+            return
+        self.counted += 1
+        tag = END.encode()
+        self._tail = (self._tail + self.token_bytes(token_id))[-2 * len(tag):]
+        if tag in self._tail:
+            self.done = True
+        elif self.counted >= self.budget:
+            self.forcing = 0

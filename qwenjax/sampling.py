@@ -148,6 +148,9 @@ class SamplingParams:
     # Prefix caching shares KV pages only among requests with the same salt (vLLM's cache_salt:
     # one tenant cannot tell from timing what another sent). None: the unsalted, shared cache.
     cache_salt: str | None = None
+    # vLLM's: a reasoning model (a reasoning parser) may think this many tokens; then "</think>"
+    # is forced and the answer follows. None: no limit.
+    thinking_token_budget: int | None = None
     # vLLM's: False leaves the outputs' text empty (token ids only; no stop strings then).
     detokenize: bool = True
     # vLLM's: only True (Qwen2.5's byte-level tokenizer keeps every space itself).
@@ -265,6 +268,12 @@ class SamplingParams:
                                             or not 1 <= len(self.cache_salt) <= MAX_CACHE_SALT_CHARS):
             raise _fail("cache_salt", f"None or a string of 1 to {MAX_CACHE_SALT_CHARS} chars",
                         self.cache_salt)
+
+        if self.thinking_token_budget is not None:
+            k = self.thinking_token_budget
+            if not is_int(k) or k < 0:
+                raise _fail("thinking_token_budget", "None or an int ≥ 0", k)
+            set_("thinking_token_budget", int(k))
 
         if self.truncate_prompt_tokens is not None:
             k = self.truncate_prompt_tokens

@@ -331,6 +331,13 @@ def mask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
+def only_token_mask(token_id: int, vocab_size: int) -> np.ndarray:
+    """The bitmask that allows ``token_id`` alone (a forced token)."""
+    words = np.zeros(mask_words(vocab_size), np.uint32)
+    words[token_id // 32] = np.uint32(1) << np.uint32(token_id % 32)
+    return words.view(np.int32)
+
+
 @dataclasses.dataclass
 class _Thinking:
     """A reasoning model's output before its grammar starts: the grammar waits until the output

@@ -9,7 +9,8 @@ named function/none (``disable_parallel_tool_use`` → ``parallel_tool_calls`` f
 ``stop_sequences`` → stop. The reply is built back as a message of
 content blocks (``thinking`` with a reasoning parser, ``text``, ``tool_use``), ``stop_reason``
 end_turn / max_tokens / stop_sequence / tool_use, ``usage`` in input/output tokens, and the
-stream's events ``message_start`` … ``message_stop``. Images and documents are refused (the
+stream's events ``message_start`` … ``message_stop``. ``thinking`` enabled, on a server with a
+reasoning parser, caps the reasoning at its ``budget_tokens`` (vLLM's thinking_token_budget). Images and documents are refused (the
 model reads text), as are Anthropic's server-side tools.
 """
 from __future__ import annotations
@@ -35,8 +36,10 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
-def to_chat_body(body: Any) -> dict[str, Any]:
-    """The chat-completions body a Messages request means (ValueError names a bad field)."""
+def to_chat_body(body: Any, reasoning: bool = False) -> dict[str, Any]:
+    """The chat-completions body a Messages request means (ValueError names a bad field).
+    ``reasoning``: the server splits a reasoning model's thinking off (--reasoning-parser), so
+    ``thinking`` enabled is taken: its ``budget_tokens`` is vLLM's thinking_token_budget."""
     if not isinstance(body, Mapping):
         raise ValueError("the request body must be a JSON object")
     unknown = sorted(set(body) - FIELDS)
@@ -44,11 +47,19 @@ def to_chat_body(body: Any) -> dict[str, Any]:
         raise ValueError(f"unknown field(s) for /v1/messages: {', '.join(unknown)}")
     if body.get("max_tokens") is None:
         raise ValueError("max_tokens is required")
-    thinking = body.get("thinking")
-    if thinking is not None and not (isinstance(thinking, Mapping) and thinking.get("type") == "disabled"):
-        raise ValueError("thinking is not supported: serve a reasoning model with "
-                         "--reasoning-parser, whose reasoning comes back as thinking blocks")
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
+    thinking = body.get("thinking")
+    kind = thinking.get("type") if isinstance(thinking, Mapping) else None
+    if thinking is not None and kind not in ("enabled", "disabled"):
+        raise ValueError(f'thinking.type must be "enabled" or "disabled", got {kind!r}')
+    if kind == "enabled":
+        if not reasoning:
+            raise ValueError("thinking is not supported: serve a reasoning model with "
+                             "--reasoning-parser, whose reasoning comes back as thinking blocks")
+        budget = thinking.get("budget_tokens")
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"thinking.budget_tokens must be a positive integer, got {budget!r}")
+        chat["thinking_token_budget"] = budget
     for name in ("model", "max_tokens", "temperature", "top_p", "top_k", "stream"):
         if body.get(name) is not None:
             chat[name] = body[name]

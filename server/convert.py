@@ -21,6 +21,7 @@ _SCALAR_SAMPLING_FIELDS = (
     "n", "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "logprobs", "skip_special_tokens",
     "include_stop_str_in_output", "prompt_logprobs", "truncate_prompt_tokens", "cache_salt",
+    "thinking_token_budget",
 )
 
 

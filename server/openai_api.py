@@ -947,7 +947,8 @@ class OpenAIServer:
         gateway = self.gateway
         gateway.require_engine(generate=True)
         body = await self._body(request)
-        parsed = self._parse_chat(body, aproto.to_chat_body)
+        reasoning = self.reasoning_parser is not None
+        parsed = self._parse_chat(body, lambda b: aproto.to_chat_body(b, reasoning))
         model = self._check_model(parsed.model)
         prompt_ids, _, call = await self._chat_call(parsed)
         message_id = self._request_id(request, parsed, "msg").replace("msg-", "msg_", 1)
@@ -966,7 +967,7 @@ class OpenAIServer:
             body = {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools",
                                                             "tool_choice", "thinking")}
             body["max_tokens"] = 1
-        parsed = self._parse_chat(body, aproto.to_chat_body)
+        parsed = self._parse_chat(body, lambda b: aproto.to_chat_body(b, reasoning=True))
         self._check_model(parsed.model)
         return web.json_response({"input_tokens": len(await self._chat_prompt(parsed))})
 

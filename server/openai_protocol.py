@@ -41,7 +41,8 @@ _RENAMED = {"max_completion_tokens": "max_tokens"}
 _SAMPLING = ("n", "max_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
              "seed", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos",
              "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output", "bad_words",
-             "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens", "cache_salt")
+             "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens", "cache_salt",
+             "thinking_token_budget")
 # vLLM's older names for structured outputs.
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}

@@ -64,6 +64,7 @@ def test_messages_become_the_chat_request_they_mean():
      "image blocks are not supported"),
     ({"max_tokens": 5, "messages": HELLO, "thinking": {"type": "enabled", "budget_tokens": 9}},
      "thinking is not supported"),
+    ({"max_tokens": 5, "messages": HELLO, "thinking": {"type": "on"}}, 'thinking.type must be "enabled"'),
     ({"max_tokens": 5, "messages": HELLO, "tools": [{"type": "web_search_20250305", "name": "w"}]},
      "server tools"),
     ({"max_tokens": 5, "messages": HELLO, "container": "x"}, "unknown field(s) for /v1/messages: container"),
@@ -72,6 +73,19 @@ def test_messages_become_the_chat_request_they_mean():
 def test_bad_messages_are_named(body, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         ap.to_chat_body(body)
+
+
+def test_thinking_budget_on_a_reasoning_server():
+    """thinking enabled, where the server has a reasoning parser: budget_tokens is vLLM's
+    thinking_token_budget (the engine forces </think> there; test_llm.py)."""
+    body = {"max_tokens": 64, "messages": HELLO, "thinking": {"type": "enabled", "budget_tokens": 32}}
+    chat = ap.to_chat_body(body, reasoning=True)
+    assert chat["thinking_token_budget"] == 32
+    assert proto.parse_chat(chat).fields["thinking_token_budget"] == 32
+    assert "thinking_token_budget" not in ap.to_chat_body({**body, "thinking": {"type": "disabled"}})
+    for bad in (0, "32", None, True):
+        with pytest.raises(ValueError, match="thinking.budget_tokens must be a positive integer"):
+            ap.to_chat_body({**body, "thinking": {"type": "enabled", "budget_tokens": bad}}, reasoning=True)
 
 
 # --------------------------------------------------------------------------- real model

@@ -210,6 +210,39 @@ def test_structured_outputs_start_after_the_reasoning(lm):
     assert not matcher.thinking and (matcher.bitmask() == masks[len(think)]).all()
 
 
+def test_thinking_token_budget_forces_the_closing_tag(lm):
+    """vLLM's thinking_token_budget: with a reasoning parser, the reply may think that many
+    tokens, then "</think>" is forced (token by token) and the answer follows; a reply that
+    closed its reasoning in the prompt is not touched; without a parser it is refused."""
+    from qwenjax.reasoning import ThinkingBudget, split_reasoning
+
+    llm = LLM(lm, **SMALL, reasoning_parser="deepseek_r1")
+    end = lm.tokenizer.encode("</think>", add_special_tokens=False)
+    prompt = _chat("What is 2 + 3? Think first.")
+    free = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+    budget = SamplingParams(temperature=0.0, max_tokens=5 + len(end) + 6, thinking_token_budget=5)
+    out = llm.chat(prompt, budget, use_tqdm=False)[0]
+    assert out.token_ids[:5] == free.token_ids[:5] and out.token_ids[5:5 + len(end)] == end
+    reasoning, content = split_reasoning(out.text)
+    assert reasoning == lm.tokenizer.decode(free.token_ids[:5]) and content, out.text
+    assert llm.chat(prompt, dataclasses.replace(budget, thinking_token_budget=0),
+                    use_tqdm=False)[0].token_ids[:len(end)] == end
+    closed = [*prompt, {"role": "assistant", "content": "<think>Five.</think>"}]
+    kwargs = dict(use_tqdm=False, continue_final_message=True, add_generation_prompt=False)
+    assert llm.chat(closed, budget, **kwargs)[0].token_ids == llm.chat(
+        closed, SamplingParams(temperature=0.0, max_tokens=budget.max_tokens), **kwargs)[0].token_ids
+    with pytest.raises(ValueError, match="thinking_token_budget limits a reasoning model"):
+        LLM(lm, **SMALL).chat(prompt, budget, use_tqdm=False)
+    with pytest.raises(ValueError, match="thinking_token_budget"):
+        SamplingParams(thinking_token_budget=-1)
+    # A reply that closes its reasoning by itself is left alone.
+    state = ThinkingBudget(10, tuple(end), lm.tokenizer.token_bytes)
+    for token in lm.tokenizer.encode("ok</think>", add_special_tokens=False):
+        assert state.forced is None
+        state.take(token)
+    assert state.done and state.forced is None
+
+
 def test_tool_calls_auto_and_required(llm):
     """Tools offered through the chat template: the model's reply parses into a call ("auto"),
     and "required" constrains the reply to a list of calls to offered tools."""

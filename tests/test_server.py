@@ -487,6 +487,8 @@ def fuzz_cases(vocab: int, max_len: int):
         ("logprobs", text(logprobs=-1)), ("logprobs", text(logprobs=21)),
         ("prompt_logprobs", text(prompt_logprobs=21)),
         ("truncate_prompt_tokens", text(truncate_prompt_tokens=0)), ("cache_salt", text(cache_salt="")),
+        ("thinking_token_budget", text(thinking_token_budget=-1)),
+        ("thinking_token_budget limits a reasoning model", text(thinking_token_budget=3)),
         ("bad_words", text(bad_words=[""])), ("bad_words", text(bad_words=["w"] * 129)),
         ("structured_outputs must set one", text(structured_outputs=pb.StructuredOutputs())),
         ("tools need the messages input", pb.GenerateRequest(text="hi", tools=[pb.Tool(name="f")])),

@@ -483,7 +483,7 @@ def test_embeddings(client, name, base, server, tokenizer):
         assert status == 400 and field in error["error"]["message"], (body, error)
 
 
-def test_reasoning_parser_splits_chat_replies(start, server, name):
+def test_reasoning_parser_splits_chat_replies(start, server, name, base):
     """A server with --reasoning-parser deepseek_r1 (over the same engine): the reply's text
     before </think> as reasoning (reasoning and reasoning_content), the rest as content, the
     same whether streamed or not, in the Responses API (a reasoning item) and in gRPC's
@@ -515,6 +515,13 @@ def test_reasoning_parser_splits_chat_replies(start, server, name):
             sampling=greedy(30), messages=pb.Messages(messages=[pb.Message(**m) for m in messages])))
         (complete,) = [r.complete for r in responses if r.HasField("complete")]
     assert (complete.reasoning, complete.content) == (reasoning, content)
+    # vLLM's thinking_token_budget reaches the engine (tested there, test_llm.py), which needs
+    # its reasoning parser: this test's shared engine runs without one and says so.
+    status, error = http(base, "/v1/chat/completions", {"messages": messages, "max_tokens": 4,
+                                                        "thinking_token_budget": 2})
+    assert status == 400 and "thinking_token_budget limits a reasoning model" in error["error"]["message"]
+    status, error = http(base, "/v1/chat/completions", {"messages": messages, "thinking_token_budget": -2})
+    assert status == 400 and "thinking_token_budget" in error["error"]["message"]
 
 
 def test_responses_api_text_stream_and_usage(client, name, server, tokenizer):

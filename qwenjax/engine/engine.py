@@ -379,6 +379,11 @@ class Engine(LiveState):
             if t >= vocab:
                 raise ValueError(f"{field} has {t}; token ids must be < {vocab}")
         self._matcher(params)  # a grammar that does not compile (compiled grammars are cached)
+        if getattr(params, "thinking_token_budget", None) is not None \
+                and (self.config.reasoning_parser is None or self.tokenizer is None):
+            raise ValueError("thinking_token_budget limits a reasoning model's thinking: serve it "
+                             "with a reasoning parser (reasoning_parser='deepseek_r1', "
+                             "--reasoning-parser deepseek_r1)")
         # As in vLLM, the last sampled token is returned but never fed back, so it needs no KV
         # slot: a prompt of exactly max_model_len tokens may still sample one token.
         n, limit = len(prompt_ids), self.max_model_len
@@ -409,11 +414,18 @@ class Engine(LiveState):
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
-        if matcher is not None and self.config.reasoning_parser is not None \
-                and not self._reasoning_closed(prompt_ids):
+        reasoning = self.config.reasoning_parser is not None and not self._reasoning_closed(prompt_ids)
+        if matcher is not None and reasoning:
             from qwenjax.reasoning import END
 
             matcher = matcher.after_reasoning(END, self.tokenizer.token_bytes)
+        budget = None
+        if params.thinking_token_budget is not None and reasoning:
+            from qwenjax.reasoning import END, ThinkingBudget
+
+            budget = ThinkingBudget(params.thinking_token_budget,
+                                    tuple(self.tokenizer.encode(END, add_special_tokens=False)),
+                                    self.tokenizer.token_bytes)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if params.n == 1:
@@ -429,7 +441,7 @@ class Engine(LiveState):
         if params.n == 1:
             self._add(request_id, prompt_ids, params, bad_words_ids=bad_words_ids, matcher=matcher,
                       priority=int(priority), lora_name=lora, lora_slot=lora_slot,
-                      lora_load=lora_load, pooling=pooling)
+                      lora_load=lora_load, pooling=pooling, thinking_budget=budget)
             return request_id
         self._groups[request_id] = ids
         leader = None
@@ -442,7 +454,8 @@ class Engine(LiveState):
                                 leader=leader, bad_words_ids=bad_words_ids,
                                 matcher=matcher.copy() if matcher is not None else None,
                                 priority=int(priority), lora_name=lora, lora_slot=lora_slot,
-                      lora_load=lora_load)
+                                lora_load=lora_load,
+                                thinking_budget=None if budget is None else dataclasses.replace(budget))
             leader = leader or request
         return request_id
 
@@ -507,6 +520,8 @@ class Engine(LiveState):
         request = Request(request_id, list(prompt_ids), params, seed, now, speculate=speculate, **fields)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]
+        if request.thinking_budget is not None:
+            request.speculate = False  # (accepted drafts would run past the forced tokens)
         if request.pooling is not None:
             from qwenjax.pooling import PoolState
 
@@ -684,6 +699,8 @@ class Engine(LiveState):
                 delta += track.detokenizer.add([token.token_id])
                 if track.detokenizer.stopped:
                     reason, matched = "stop", track.detokenizer.matched_stop
+            if request.thinking_budget is not None:
+                request.thinking_budget.take(token.token_id)
             if reason is None and request.matcher is not None:
                 if not request.matcher.advance(token.token_id):  # the mask allowed it: a bug if so
                     return self._fail_request(request, f"the grammar refused token {token.token_id}: "

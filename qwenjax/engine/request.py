@@ -74,6 +74,9 @@ class Request:
     pooling: Any = None
     pool: Any = dataclasses.field(default=None, repr=False)
     embedding: Any = dataclasses.field(default=None, repr=False)
+    # params.thinking_token_budget: how far its reasoning has run (qwenjax.reasoning.ThinkingBudget;
+    # None without a budget, or when the prompt closed the reasoning).
+    thinking_budget: Any = None
     # time.monotonic() when the scheduler first admitted it (its queue time ends there).
     first_scheduled_time: float | None = None
     # page_table's copy of ``pages``: (the list it copies, int32 array, entries filled).
@@ -113,9 +116,11 @@ class Request:
     @property
     def needs_known_outputs(self) -> bool:
         """Its next sampling step reads its latest output tokens on the host (a grammar, a bad
-        word of several tokens): the engine reads its step back before scheduling the next (as
-        for n-gram drafts, while the scheduler drafts: ``Scheduler.drafting``)."""
-        return self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
+        word of several tokens, a thinking budget not yet spent): the engine reads its step back
+        before scheduling the next (as for n-gram drafts, while the scheduler drafts:
+        ``Scheduler.drafting``)."""
+        return (self.matcher is not None or any(len(ids) > 1 for ids in self.bad_words_ids)
+                or (self.thinking_budget is not None and not self.thinking_budget.done))
 
     def banned_ids(self, drafted: Sequence[int] = ()) -> tuple[int, ...]:
         """The ids its bad words ban at the next token (its output tokens must all be known),

@@ -505,6 +505,13 @@ class ModelRunner:
                        if c.request.matcher is not None and c.draft}
         for i, position_masks in draft_masks.items():
             masks[i] = position_masks.pop()  # after every draft: the chunk's own sampled row
+        # A thinking budget spent: the closing tag's next token is the only one allowed.
+        for i, c in placed:
+            budget = c.request.thinking_budget
+            if budget is not None and budget.forced is not None:
+                from qwenjax.structured import only_token_mask
+
+                masks[i] = only_token_mask(budget.forced, self.lm.config.vocab_size)
         # Speculative decoding: the sampler rows of each chunk's drafted positions (by its row).
         drafted, draft_rows = None, {}
         if self._has_drafted(prefill_tokens):
