@@ -557,7 +557,7 @@ def test_300_malformed_requests_get_invalid_argument_and_valid_ones_keep_working
     raw_generate = channel.unary_stream("/qwenjax.v1.Inference/Generate",
                                         request_serializer=lambda b: b,
                                         response_deserializer=pb.GenerateResponse.FromString)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(5)  # (a seed whose picks cover every case)
     valid_done, rejected = 0, 0
     for i in range(300):
         if i % 25 == 12:  # a valid request between the bad ones
