@@ -219,18 +219,21 @@ def test_thinking_token_budget_forces_the_closing_tag(lm):
     llm = LLM(lm, **SMALL, reasoning_parser="deepseek_r1")
     end = lm.tokenizer.encode("</think>", add_special_tokens=False)
     prompt = _chat("What is 2 + 3? Think first.")
-    free = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
-    budget = SamplingParams(temperature=0.0, max_tokens=5 + len(end) + 6, thinking_token_budget=5)
+    free = llm.chat(prompt, SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0]
+    budget = SamplingParams(temperature=0.0, max_tokens=5 + len(end) + 3, thinking_token_budget=5)
     out = llm.chat(prompt, budget, use_tqdm=False)[0]
-    assert out.token_ids[:5] == free.token_ids[:5] and out.token_ids[5:5 + len(end)] == end
+    assert out.token_ids[:5] == free.token_ids and out.token_ids[5:5 + len(end)] == end
     reasoning, content = split_reasoning(out.text)
-    assert reasoning == lm.tokenizer.decode(free.token_ids[:5]) and content, out.text
-    assert llm.chat(prompt, dataclasses.replace(budget, thinking_token_budget=0),
-                    use_tqdm=False)[0].token_ids[:len(end)] == end
-    closed = [*prompt, {"role": "assistant", "content": "<think>Five.</think>"}]
-    kwargs = dict(use_tqdm=False, continue_final_message=True, add_generation_prompt=False)
-    assert llm.chat(closed, budget, **kwargs)[0].token_ids == llm.chat(
-        closed, SamplingParams(temperature=0.0, max_tokens=budget.max_tokens), **kwargs)[0].token_ids
+    assert reasoning == lm.tokenizer.decode(free.token_ids) and content, out.text
+    assert llm.chat(prompt, dataclasses.replace(budget, thinking_token_budget=0, max_tokens=len(end)),
+                    use_tqdm=False)[0].token_ids == end
+    # A prompt that closed its reasoning (an assistant turn continued after it) gets no budget.
+    engine = llm.engine
+    engine.add_request(lm.tokenizer.encode("2 + 3? <think>Five.</think>"), budget, request_id="closed")
+    assert engine._requests["closed"].thinking_budget is None
+    engine.abort("closed")
+    while engine.has_unfinished():
+        engine.step()
     with pytest.raises(ValueError, match="thinking_token_budget limits a reasoning model"):
         LLM(lm, **SMALL).chat(prompt, budget, use_tqdm=False)
     with pytest.raises(ValueError, match="thinking_token_budget"):
