@@ -10,8 +10,8 @@ named function/none (``disable_parallel_tool_use`` → ``parallel_tool_calls`` f
 content blocks (``thinking`` with a reasoning parser, ``text``, ``tool_use``), ``stop_reason``
 end_turn / max_tokens / stop_sequence / tool_use, ``usage`` in input/output tokens, and the
 stream's events ``message_start`` … ``message_stop``. ``thinking`` enabled, on a server with a
-reasoning parser, caps the reasoning at its ``budget_tokens`` (vLLM's thinking_token_budget). Images and documents are refused (the
-model reads text), as are Anthropic's server-side tools.
+reasoning parser, caps the reasoning at its ``budget_tokens`` (vLLM's thinking_token_budget).
+Images and documents are refused (the model reads text), as are Anthropic's server-side tools.
 """
 from __future__ import annotations
 

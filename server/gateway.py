@@ -404,15 +404,13 @@ class Gateway:
         """Generation paused until ``resume`` (``Engine.pause``; requests sent meanwhile are
         admitted and wait): INVALID_ARGUMENT for a bad mode, FAILED_PRECONDITION for a waiting
         pause that a resume overtook."""
-        from qwenjax.engine.live_state import PAUSE_MODES
+        from qwenjax.engine.live_state import check_pause
 
         thread = self.require_engine(admitting=False)
-        if mode not in PAUSE_MODES:
-            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of "
-                              f"{', '.join(PAUSE_MODES)}, got {mode!r}", generate=False)
-        if not isinstance(clear_cache, bool):
-            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, f"clear_cache must be true or "
-                              f"false, got {clear_cache!r}", generate=False)
+        try:
+            check_pause(mode, clear_cache)
+        except ValueError as error:
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(error), generate=False) from None
         try:
             await thread.pause(mode, clear_cache)
         except ValueError as error:

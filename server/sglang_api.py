@@ -218,8 +218,7 @@ class SGLangAPI:
         """``{"mode": "abort" | "retract" | "in_place"}`` (SGLang's; default abort): "retract"
         frees the running requests' K/V (recomputed once generation continues), "in_place"
         keeps it (``Engine.pause``)."""
-        body = await self.api._body(request) if request.can_read_body else {}
-        mode = self.api._object(body if body is not None else {}, {"mode"}).get("mode", "abort")
+        mode = (await self._optional_object(request, {"mode"})).get("mode", "abort")
         if not isinstance(mode, str) or mode not in _SGLANG_PAUSE:
             raise self._refuse(ValueError(f"mode must be one of {', '.join(_SGLANG_PAUSE)}, "
                                           f"got {mode!r}"))
@@ -231,9 +230,14 @@ class SGLangAPI:
         await self.gateway.resume()
         return web.Response(text="Generation continued successfully.")
 
-    async def _tags(self, request: web.Request) -> None:
+    async def _optional_object(self, request: web.Request, fields: set[str]) -> dict:
+        """The body of a route whose body may be missing, empty or null: a JSON object of
+        ``fields`` (``{}`` when there is none)."""
         body = await self.api._body(request) if request.can_read_body else {}
-        tags = self.api._object(body if body is not None else {}, {"tags"}).get("tags")
+        return self.api._object(body if body is not None else {}, fields)
+
+    async def _tags(self, request: web.Request) -> None:
+        tags = (await self._optional_object(request, {"tags"})).get("tags")
         if tags is not None and (not isinstance(tags, list) or not set(tags) <= {"weights", "kv_cache",
                                                                                 "cuda_graph"}):
             raise self._refuse(ValueError(f"tags must be a list of 'weights', 'kv_cache' and "

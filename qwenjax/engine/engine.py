@@ -414,7 +414,10 @@ class Engine(LiveState):
         bad_words_ids = self._bad_words_ids(params.bad_words)
         matcher = self._matcher(params)  # compiled now: a bad grammar is refused before admission
         prompt_ids = [int(t) for t in prompt_ids]
-        reasoning = self.config.reasoning_parser is not None and not self._reasoning_closed(prompt_ids)
+        # The reply opens with reasoning, where a grammar waits and a thinking budget counts.
+        reasoning = (self.config.reasoning_parser is not None
+                     and (matcher is not None or params.thinking_token_budget is not None)
+                     and not self._reasoning_closed(prompt_ids))
         if matcher is not None and reasoning:
             from qwenjax.reasoning import END
 
@@ -554,10 +557,14 @@ class Engine(LiveState):
             request = self._requests.get(sequence_id)
             if request is None or request.finished:
                 continue
-            self.scheduler.finish(request, "abort")
-            self._pending.append(self._finish_output(request, "abort", None, "", []))
+            self._abort_sequence(request)
             found = True
         return found
+
+    def _abort_sequence(self, request: Request) -> None:
+        """End one unfinished sequence now; its final output comes from the next step()."""
+        self.scheduler.finish(request, "abort")
+        self._pending.append(self._finish_output(request, "abort", None, "", []))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)

@@ -18,6 +18,14 @@ from qwenjax.loading import LoadedModel
 PAUSE_MODES = ("abort", "wait", "keep")
 
 
+def check_pause(mode: Any, clear_cache: Any) -> None:
+    """Engine.pause's arguments, or ValueError naming the one that does not fit."""
+    if mode not in PAUSE_MODES:
+        raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}; got {mode!r}")
+    if not isinstance(clear_cache, bool):
+        raise ValueError(f"clear_cache must be true or false, got {clear_cache!r}")
+
+
 class LiveState:
     """Engine methods that change its device state between steps (see the module's doc)."""
 
@@ -180,15 +188,11 @@ class LiveState:
         meanwhile wait), and ``paused`` turns True once they have. ``clear_cache``: forget the
         prefix cache, and the K/V of the requests kept, which recompute on resume (under new
         weights if ``set_weights`` came meanwhile, which recomputes them anyway)."""
-        if mode not in PAUSE_MODES:
-            raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}; got {mode!r}")
-        if not isinstance(clear_cache, bool):
-            raise ValueError(f"clear_cache must be true or false, got {clear_cache!r}")
+        check_pause(mode, clear_cache)
         scheduler = self.scheduler
         if mode == "abort":
             for request in [*scheduler.running, *scheduler.waiting, *scheduler.held]:
-                scheduler.finish(request, "abort")
-                self._pending.append(self._finish_output(request, "abort", None, "", []))
+                self._abort_sequence(request)
         self._clear_on_pause = clear_cache or (self.pausing and self._clear_on_pause)
         if mode == "wait" and not scheduler.paused:
             scheduler.holding = True
